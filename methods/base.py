@@ -1,0 +1,110 @@
+"""The reducer contract: what a site hands to a method, and what the method hands back.
+
+A reducer is a pure torch module. It receives the visual tokens at its site plus the signals it asked for
+(`needs`) and returns at most `budget` tokens. It never imports transformers, never holds a reference to the
+model and never installs hooks: `methods/llava.py` (the adapter) is the only code that knows where layers live,
+where the image span sits in the prompt and how positions, masks and the KV cache follow a reduction.
+
+Shape vocabulary used in every method file: B batch, N visual tokens in, K kept, D width, T prompt tokens,
+L layers, H heads.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+
+class Site(enum.Enum):
+    """Where a reducer acts."""
+
+    VISION = "vision"  # before vision-encoder layer `layer`; the adapter keeps the CLS token itself
+    FEATURES = "features"  # on the selected vision features, before the projector (LLaVA: CLS already dropped)
+    LLM = "llm"  # before LLM decoder layer `layer`, during prefill only; layers below keep every token
+
+
+SIGNALS = frozenset({"cls_attn", "keys", "query_attn"})
+
+
+@dataclass
+class Tokens:
+    """What a site hands to a reducer.
+
+    Attributes:
+        x: (B, N, D) the visual tokens only (no CLS, no text).
+        grid: patch grid (rows, cols) of the image before any reduction; N == rows * cols unless an earlier
+            reduction already removed tokens.
+        valid: (B, N) bool, present only when samples carry different numbers of tokens (padding is False).
+        cls_attn: (B, N) CLS -> patch attention at the vision layer that produces the features, heads averaged
+            (vision and features sites; only when the reducer `needs` it).
+        keys: (B, N, Dk) attention keys of that same vision layer, heads concatenated.
+        query_attn: (B, N) attention the last prompt token pays each image token at LLM layer `layer - 1`,
+            heads averaged (LLM site).
+        budget: (B,) long, optional per-sample budgets that override the reducer's own `budget`.
+    """
+
+    x: Tensor
+    grid: tuple[int, int]
+    valid: Tensor | None = None
+    cls_attn: Tensor | None = None
+    keys: Tensor | None = None
+    query_attn: Tensor | None = None
+    budget: Tensor | None = None
+
+
+@dataclass
+class Reduced:
+    """What a reducer returns.
+
+    Attributes:
+        x: (B, K, D) the tokens that go on, K <= budget.
+        keep: (B, K) long source index (into the site's N tokens) of each returned token, -1 where a token is
+            not a single source token (a merged summary token, for instance). None means "all N, unchanged".
+        valid: (B, K) bool, only when per-sample counts differ; False slots are padding and are dropped.
+        aux: training-time extras (e.g. controller logits), ignored by the adapter.
+    """
+
+    x: Tensor
+    keep: Tensor | None = None
+    valid: Tensor | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+
+class TokenReducer(nn.Module):
+    """Base class for every method. Subclasses set `site` and `needs` and implement `forward`.
+
+    Args:
+        budget: the largest number of visual tokens the LLM sees from the reduction point on (>= 1). Methods
+            that never reduce (`full`) accept None.
+        layer: for the VISION and LLM sites, the index of the first layer that sees the reduced tokens.
+    """
+
+    name: ClassVar[str] = ""  # set by @register_reducer
+    site: ClassVar[Site] = Site.FEATURES
+    needs: ClassVar[frozenset[str]] = frozenset()  # subset of SIGNALS
+    uses_budget: ClassVar[bool] = True  # False for methods (like `full`) that run once whatever the budgets
+
+    def __init__(self, budget: int | None, layer: int | None = None) -> None:
+        super().__init__()
+        unknown = set(self.needs) - SIGNALS
+        if unknown:
+            raise ValueError(f"{type(self).__name__} asks for unknown signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
+        if self.uses_budget and (budget is None or int(budget) != budget or budget < 1):
+            raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1, got {budget!r}")
+        if self.site is not Site.FEATURES and (layer is None or layer < 0):
+            raise ValueError(f"{type(self).__name__} acts at site {self.site.value!r} and needs a `layer` index >= 0")
+        self.budget = None if budget is None else int(budget)
+        self.layer = layer
+
+    def method_args(self) -> dict:
+        """Every constructor argument that changes behaviour, for the result rows (override to add more)."""
+        args = {"budget": self.budget}
+        if self.layer is not None:
+            args["layer"] = self.layer
+        return args
+
+    def forward(self, t: Tokens) -> Reduced:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,510 @@
+"""ReducedLlava: run a Hugging Face LLaVA (llava-hf / LLaVA-1.5 format) with a token reducer at its site.
+
+The forward pass is written out over the model's own submodules (nanoGPT style) instead of patching transformers:
+no class attribute is assigned, no hook is installed, so the model is exactly as it was after use. This module is
+the only place that knows where layers live, where the image span sits in the prompt, and how positions, masks
+and the KV cache follow a reduction.
+
+Prefill of a left-padded batch, one image per prompt:
+
+1. Vision: patch embedding, pre-LayerNorm, then the encoder layers up to the deepest one LLaVA reads its features
+   from (`vision_feature_layer`, -2 for LLaVA-1.5). Reference LLaVA also runs the last layer and throws its output
+   away; we do not run it, and the token trace says so. VISION site: before encoder layer `reducer.layer`, the
+   patch tokens are reduced (CLS is always kept); samples with different counts are padded and masked.
+2. Features: the selected hidden state without CLS (`vision_feature_select_strategy="default"`). FEATURES site:
+   the reducer runs here, with `cls_attn`/`keys` computed on demand from the q/k projections of the encoder layer
+   that consumes these features (the layer PruMerge reads; only those two projections run, never the whole layer).
+3. Projector, then the splice: the image span, found in `input_ids` as the processor's run of image tokens (never
+   a constant offset), is replaced by each sample's K_i tokens; prompts are re-packed with left padding and
+   position ids are contiguous, which is what LLaVA does when it is simply handed fewer tokens.
+4. LLM: decoder layers with an explicit additive mask (causal + padding). LLM site: before decoder layer
+   `reducer.layer`, the non-kept image tokens are *removed* from the sequence; original position ids are kept
+   (RoPE sees the gaps, as in FastV); layers below keep the full KV cache, layers from there on the reduced one.
+   `query_attn` is the head-averaged attention of the last prompt token at layer `layer - 1`, computed from that
+   token's query and the layer's cached (post-RoPE) keys: one extra query row, no layer is run twice and the
+   model never switches to eager attention.
+5. `lm_head` on the last position only.
+
+Decoding is greedy with the KV cache: each step runs every layer on one token; each layer attends over its own
+cache with its own padding mask; new positions continue from the original (unreduced) numbering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from methods._ops import gather_tokens, pack_true
+from methods.base import Reduced, Site, TokenReducer, Tokens
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class LlavaLayout:
+    """Geometry of a LLaVA checkpoint, read from its config.
+
+    Attributes:
+        image_token_id: id of the image placeholder token in `input_ids`.
+        grid: patch grid (rows, cols).
+        vision_layers: encoder layers in the checkpoint.
+        feature_layers: indices into the vision hidden states (0 = embeddings after the pre-LayerNorm, i = output of
+            layer i - 1) that LLaVA concatenates into its features.
+        llm_layers: decoder layers of the language model.
+    """
+
+    image_token_id: int
+    grid: tuple[int, int]
+    vision_layers: int
+    feature_layers: tuple[int, ...]
+    llm_layers: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def vision_layers_run(self) -> int:
+        """Encoder layers that must run to produce the features (the rest are skipped)."""
+        return max(self.feature_layers)
+
+    @classmethod
+    def from_config(cls, config) -> LlavaLayout:
+        vc, tc = config.vision_config, config.text_config
+        if getattr(config, "vision_feature_select_strategy", "default") != "default":
+            raise NotImplementedError(
+                f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} is not supported; "
+                "LLaVA-1.5 checkpoints use 'default' (CLS dropped)."
+            )
+        layers = config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        n = vc.num_hidden_layers
+        idx = tuple(i if i >= 0 else n + 1 + i for i in layers)
+        if not all(0 <= i <= n for i in idx):
+            raise ValueError(f"vision_feature_layer {layers} is out of range for a {n}-layer vision encoder")
+        side = vc.image_size // vc.patch_size
+        return cls(
+            image_token_id=config.image_token_id,
+            grid=(side, side),
+            vision_layers=n,
+            feature_layers=idx,
+            llm_layers=tc.num_hidden_layers,
+        )
+
+
+@dataclass
+class TokenTrace:
+    """Per-sample token counts of one batch of B samples: what `flops/` needs and what result rows record.
+
+    Attributes:
+        vision_tokens: (B, Lv) tokens (CLS included) entering each executed vision encoder layer.
+        projector_tokens: (B,) tokens through the projector.
+        llm_tokens: (B, L) real (unpadded) prefill tokens entering each LLM decoder layer.
+        visual_tokens: (B, L) how many of those are visual tokens.
+        kept: (B, M) original patch index of each visual token that reaches the last LLM layer (-1: a merged
+            token with no single source), valid where `kept_valid`.
+        kept_valid: (B, M) bool.
+        generated_tokens: (B,) tokens produced by decoding (end-of-sequence included), set by `generate`.
+    """
+
+    vision_tokens: Tensor
+    projector_tokens: Tensor
+    llm_tokens: Tensor
+    visual_tokens: Tensor
+    kept: Tensor
+    kept_valid: Tensor
+    generated_tokens: Tensor | None = None
+
+    def sample(self, i: int, num_patches: int) -> dict:
+        """Plain-Python record of sample i. `kept_indices` is None when every patch reached the LLM unchanged."""
+        kept = self.kept[i][self.kept_valid[i]].tolist()
+        subset = sorted(k for k in kept if k >= 0)
+        all_kept = len(kept) == num_patches and subset == list(range(num_patches))
+        return {
+            "visual_tokens": int(self.visual_tokens[i, 0]),
+            "visual_tokens_per_layer": self.visual_tokens[i].tolist(),
+            "llm_tokens_per_layer": self.llm_tokens[i].tolist(),
+            "vision_tokens_per_layer": self.vision_tokens[i].tolist(),
+            "projector_tokens": int(self.projector_tokens[i]),
+            "generated_tokens": None if self.generated_tokens is None else int(self.generated_tokens[i]),
+            "kept_indices": None if all_kept else subset,
+        }
+
+
+@dataclass
+class Generation:
+    """Output of `ReducedLlava.generate`.
+
+    Attributes:
+        tokens: (B, S) generated ids; after a sample's end-of-sequence token, `pad_token_id`.
+        lengths: (B,) generated tokens per sample, end-of-sequence included.
+        trace: token counts of the batch.
+        first_logits: (B, V) logits of the last prompt position (float32), for consistency checks.
+    """
+
+    tokens: Tensor
+    lengths: Tensor
+    trace: TokenTrace
+    first_logits: Tensor
+
+
+@dataclass
+class _Decoder:
+    """Decoding state after prefill: cache, one padding mask per group of layers, next positions."""
+
+    cache: object
+    key_masks: list[Tensor]  # per segment: (B, S) bool, True on real keys
+    layer_segment: list[int]  # per LLM layer: index into key_masks
+    next_pos: Tensor  # (B,) position id of the next token
+    logits: Tensor  # (B, V) logits of the last position
+    trace: TokenTrace
+    extras: dict = field(default_factory=dict)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding as in LLaMA: x (B, H, T, hd), cos/sin (B, T, hd)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _additive_mask(key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:
+    """(B, S) real-key mask -> (B, 1, q_len, S) additive mask for the last q_len positions of the sequence.
+
+    Causal over sequence order, padding keys masked. A query may always see itself, so rows of padding queries stay
+    finite (their outputs are never used, but a NaN there would leak through later matmuls).
+    """
+    s = key_mask.size(1)
+    qi = torch.arange(s - q_len, s, device=key_mask.device).unsqueeze(1)  # (q, 1)
+    kj = torch.arange(s, device=key_mask.device).unsqueeze(0)  # (1, S)
+    allowed = ((kj <= qi).unsqueeze(0) & key_mask.unsqueeze(1)) | (kj == qi).unsqueeze(0)  # (B, q, S)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+class ReducedLlava:
+    """A LLaVA model and one reducer, run together. Holds no state between calls; the model is never modified.
+
+    Args:
+        model: a `LlavaForConditionalGeneration` (llava-hf format) with a CLIP-style vision tower and a LLaMA-style
+            language model, attention implementation "sdpa" or "eager".
+        reducer: the token reducer; its `site` and `layer` say where it acts.
+    """
+
+    def __init__(self, model: nn.Module, reducer: TokenReducer) -> None:
+        for path in ("model.vision_tower.embeddings", "model.multi_modal_projector", "model.language_model.layers"):
+            if _get(model, path) is None:
+                raise TypeError(f"expected a llava-hf LlavaForConditionalGeneration, but the model has no `{path}`")
+        if not hasattr(model.model.vision_tower, "pre_layrnorm"):
+            raise NotImplementedError("only CLIP-style vision towers (with a CLS token and pre-LayerNorm) are supported")
+        for part in ("vision_config", "text_config"):
+            impl = getattr(model.config, part)._attn_implementation
+            if impl not in SUPPORTED_ATTENTION:
+                raise ValueError(
+                    f"{part} uses attention {impl!r}; load the model with attn_implementation='sdpa' (or 'eager')"
+                )
+        self.model = model
+        self.reducer = reducer
+        self.layout = LlavaLayout.from_config(model.config)
+        self._check_reducer()
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int = 0,
+        budgets: Tensor | None = None,
+    ) -> Generation:
+        """Greedy decoding with the KV cache.
+
+        Args:
+            input_ids: (B, T) left-padded prompts, each holding one run of `num_patches` image tokens (as the
+                llava-hf processor writes them).
+            attention_mask: (B, T) 1 on real tokens.
+            pixel_values: (B, 3, H, W).
+            max_new_tokens: decoding steps at most.
+            eos_token_id: id or ids that end a sample.
+            pad_token_id: written after a sample has ended.
+            budgets: (B,) optional per-sample budgets passed to the reducer.
+        """
+        state = self.prefill(input_ids, attention_mask, pixel_values, budgets=budgets)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        eos = eos.to(input_ids.device)
+        b = input_ids.size(0)
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        lengths = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+        out = []
+        logits = state.logits
+        for step in range(max_new_tokens):
+            tok = logits.argmax(-1).masked_fill(done, pad_token_id)  # (B,)
+            out.append(tok)
+            lengths += (~done).long()
+            done |= torch.isin(tok, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = self._decode_step(state, tok)
+        state.trace.generated_tokens = lengths
+        tokens = torch.stack(out, 1) if out else input_ids.new_zeros(b, 0)
+        return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float())
+
+    def prefill(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, budgets: Tensor | None = None
+    ) -> _Decoder:
+        """Run the reduced prefill; return the decoding state (cache, masks, last-position logits, token trace)."""
+        m = self.model
+        device = m.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
+        self._image_span(input_ids)  # fail before any compute
+        pixel_values = pixel_values.to(device, m.model.vision_tower.dtype)
+        feats, fvalid, fsrc, vision_tokens = self._encode_images(pixel_values, budgets)  # (B, K, Dv)
+        projected = m.model.multi_modal_projector(feats)  # (B, K, D)
+        projector_tokens = fvalid.sum(1) if fvalid is not None else torch.full_like(fsrc[:, 0], feats.size(1))
+        x, pad, vis, src = self._splice(input_ids, attention_mask, projected, fvalid, fsrc)  # (B, T', D)
+        pos = (pad.long().cumsum(1) - 1).clamp(min=0)  # contiguous positions, like HF with left padding
+        return self._llm_prefill(x, pad, pos, vis, src, budgets, vision_tokens, projector_tokens)
+
+    # ------------------------------------------------------------------ vision
+
+    def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None):
+        """(B, 3, H, W) -> features (B, K, Dv), valid (B, K) or None, source patch (B, K), vision tokens (B, Lv)."""
+        vt, lay, r = self.model.model.vision_tower, self.layout, self.reducer
+        h = vt.pre_layrnorm(vt.embeddings(pixel_values))  # (B, 1+N, Dv)
+        b, n = h.size(0), lay.num_patches
+        if h.size(1) != 1 + n:
+            raise ValueError(f"vision embeddings have {h.size(1)} tokens, expected 1 + {n}; check the image size")
+        src = torch.arange(n, device=h.device).expand(b, n)  # (B, N) original patch index of each token
+        valid, attn_mask = None, None
+        hidden, counts = {0: h}, []
+        for i, layer in enumerate(vt.encoder.layers[: lay.vision_layers_run]):
+            if r.site is Site.VISION and i == r.layer:
+                red = r(Tokens(x=h[:, 1:], grid=lay.grid, valid=valid, budget=budgets))
+                patches, valid, src = self._apply(red, h[:, 1:], valid, src)
+                h = torch.cat([h[:, :1], patches], 1)  # (B, 1+K, Dv): CLS always kept
+                if valid is not None:
+                    key = torch.cat([valid.new_ones(b, 1), valid], 1)  # (B, 1+K)
+                    attn_mask = torch.zeros(key.shape, dtype=h.dtype, device=h.device)
+                    attn_mask = attn_mask.masked_fill(~key, torch.finfo(h.dtype).min)[:, None, None, :]
+            counts.append(h.size(1) if valid is None else 1 + valid.sum(1))
+            h = layer(h, attn_mask)
+            hidden[i + 1] = h
+        feats = torch.cat([hidden[j][:, 1:] for j in lay.feature_layers], dim=-1)  # (B, N, Dv * nf)
+        vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
+        if r.site is Site.FEATURES:
+            sig = self._vision_signals(h, attn_mask) if r.needs else {}
+            red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, **sig))
+            feats, valid, src = self._apply(red, feats, valid, src)
+        return feats, valid, src, vision_tokens
+
+    def _vision_signals(self, h: Tensor, attn_mask: Tensor | None) -> dict[str, Tensor]:
+        """CLS attention and keys from the q/k projections of the encoder layer that consumes the features."""
+        lay, vt = self.layout, self.model.model.vision_tower
+        if lay.vision_layers_run >= lay.vision_layers:
+            raise NotImplementedError(
+                f"{self.reducer.name} needs CLS attention from the layer after the features, but the features come "
+                "from the last vision layer; such signals are defined for vision_feature_layer < -1 (LLaVA-1.5: -2)"
+            )
+        layer = vt.encoder.layers[lay.vision_layers_run]
+        att = layer.self_attn
+        hn = layer.layer_norm1(h)  # (B, S, Dv)
+        q = att.q_proj(hn[:, :1])  # (B, 1, Dv): only the CLS query is needed
+        k = att.k_proj(hn)  # (B, S, Dv)
+        b, s, d = k.shape
+        heads = att.num_heads
+        qh = q.view(b, 1, heads, d // heads).transpose(1, 2)  # (B, H, 1, hd)
+        kh = k.view(b, s, heads, d // heads).transpose(1, 2)  # (B, H, S, hd)
+        scores = (qh @ kh.transpose(-1, -2)).float() * att.scale  # (B, H, 1, S)
+        if attn_mask is not None:
+            scores = scores + attn_mask.float()
+        cls_attn = scores.softmax(-1)[:, :, 0, 1:].mean(1)  # (B, N)
+        return {"cls_attn": cls_attn, "keys": k[:, 1:], "cls_query": q[:, 0], "cls_key": k[:, 0]}
+
+    def _apply(self, red: Reduced, x_in: Tensor, valid: Tensor | None, src: Tensor):
+        """Check a reducer's output and carry the source-patch map through it."""
+        r = self.reducer
+        if not isinstance(red, Reduced):
+            raise TypeError(f"{r.name}.forward must return a Reduced, got {type(red).__name__}")
+        if red.keep is None:
+            if red.x.size(1) != x_in.size(1):
+                raise ValueError(f"{r.name} changed the token count but returned keep=None")
+            return red.x, red.valid if red.valid is not None else valid, src
+        if r.budget is not None:
+            counts = red.keep.size(1) if red.valid is None else red.valid.sum(1)
+            if bool(torch.as_tensor(counts > r.budget).any()):
+                raise ValueError(f"{r.name} returned more than its budget of {r.budget} tokens")
+        new_src = torch.where(red.keep >= 0, src.gather(1, red.keep.clamp(min=0)), -1)  # (B, K)
+        new_valid = red.valid
+        if new_valid is not None and bool(new_valid.all()):
+            new_valid = None
+        return red.x, new_valid, new_src
+
+    # ------------------------------------------------------------------ splice
+
+    def _splice(self, input_ids: Tensor, attention_mask: Tensor, feats: Tensor, fvalid: Tensor | None, fsrc: Tensor):
+        """Replace each prompt's image-token run by its K_i visual tokens and re-pack with left padding.
+
+        Returns x (B, T', D), pad (B, T') True on real tokens, vis (B, T') True on visual tokens, src (B, T')
+        original patch index of visual tokens (-1 elsewhere).
+        """
+        n, emb = self.layout.num_patches, self.model.model.language_model.embed_tokens
+        is_img, start = self._image_span(input_ids)
+        b, t = input_ids.shape
+        k = feats.size(1)
+        q = torch.arange(t - n + k, device=input_ids.device).unsqueeze(0)  # (1, T2)
+        rel = q - start.unsqueeze(1)  # (B, T2) offset into the visual run
+        in_vis = (rel >= 0) & (rel < k)
+        txt_idx = torch.where(rel < 0, q, q - k + n).clamp(0, t - 1)  # (B, T2)
+        vis_idx = rel.clamp(0, k - 1)
+        text = emb(input_ids.masked_fill(is_img, 0))  # (B, T, D); image ids are placeholders only
+        x = torch.where(in_vis.unsqueeze(-1), gather_tokens(feats, vis_idx), gather_tokens(text, txt_idx))
+        fvalid = torch.ones_like(fsrc, dtype=torch.bool) if fvalid is None else fvalid
+        keep = torch.where(in_vis, fvalid.gather(1, vis_idx), attention_mask.gather(1, txt_idx))  # (B, T2)
+        src = torch.where(in_vis, fsrc.gather(1, vis_idx), -1)
+        idx, pad = pack_true(keep, right=True)  # (B, T')
+        return gather_tokens(x, idx), pad, in_vis.gather(1, idx) & pad, src.gather(1, idx)
+
+    def _image_span(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) ids -> image-token mask (B, T) and span start (B,); raises unless one run of N per prompt."""
+        n = self.layout.num_patches
+        is_img = input_ids == self.layout.image_token_id  # (B, T)
+        counts = is_img.sum(1)
+        start = is_img.int().argmax(1) if input_ids.size(1) else counts  # (B,) first image token
+        span = (start.unsqueeze(1) + torch.arange(n, device=input_ids.device)).clamp(max=max(input_ids.size(1) - 1, 0))
+        if bool((counts != n).any()) or not bool(is_img.gather(1, span).all()):
+            raise ValueError(
+                f"each prompt must hold exactly one contiguous run of {n} image tokens (id "
+                f"{self.layout.image_token_id}), found counts {counts.tolist()}; build inputs with the model's "
+                "processor from a prompt with one <image>"
+            )
+        return is_img, start
+
+    # ------------------------------------------------------------------ LLM
+
+    def _llm_prefill(self, x, pad, pos, vis, src, budgets, vision_tokens, projector_tokens) -> _Decoder:
+        lm, r = self.model.model.language_model, self.reducer
+        from transformers import DynamicCache  # local: keep `import methods` light
+
+        cache = DynamicCache(config=lm.config)
+        key_masks, layer_segment = [pad], []
+        llm_tokens, visual_tokens = [], []
+        cos_sin = lm.rotary_emb(x, pos)
+        mask = _additive_mask(pad, x.size(1), x.dtype)
+        h_prev = x
+        for j, layer in enumerate(lm.layers):
+            if r.site is Site.LLM and j == r.layer:
+                x, pad, pos, vis, src = self._reduce_in_llm(j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets)
+                key_masks.append(pad)
+                cos_sin = lm.rotary_emb(x, pos)
+                mask = _additive_mask(pad, x.size(1), x.dtype)
+            llm_tokens.append(pad.sum(1))
+            visual_tokens.append((vis & pad).sum(1))
+            layer_segment.append(len(key_masks) - 1)
+            h_prev = x
+            x = layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                      position_embeddings=cos_sin)  # (B, T', D)
+        logits = self.model.lm_head(lm.norm(x[:, -1:]))[:, 0]  # (B, V): last position only
+        kept, kept_valid = pack_true(vis & pad)
+        trace = TokenTrace(
+            vision_tokens=vision_tokens,
+            projector_tokens=projector_tokens,
+            llm_tokens=torch.stack(llm_tokens, 1),
+            visual_tokens=torch.stack(visual_tokens, 1),
+            kept=src.gather(1, kept),
+            kept_valid=kept_valid,
+        )
+        next_pos = pos[:, -1] + 1  # the last prompt token is real for every left-padded sample
+        return _Decoder(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,
+                        logits=logits, trace=trace)
+
+    def _reduce_in_llm(self, j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets):
+        """Remove non-kept image tokens before decoder layer j (LLM site)."""
+        r = self.reducer
+        vidx, vvalid = pack_true(vis & pad)  # (B, N) positions of the visual tokens, in order
+        sig = {}
+        if "query_attn" in r.needs:
+            probs = self._last_query_attention(j - 1, h_prev, pad, cos_sin, cache)  # (B, T)
+            sig["query_attn"] = probs.gather(1, vidx).masked_fill(~vvalid, 0.0)
+        tokens = Tokens(x=gather_tokens(x, vidx), grid=self.layout.grid,
+                        valid=None if bool(vvalid.all()) else vvalid, budget=budgets, **sig)
+        red = r(tokens)
+        if red.keep is None or bool((red.keep < 0).any()):
+            raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0)")
+        kvalid = red.valid if red.valid is not None else torch.ones_like(red.keep, dtype=torch.bool)
+        kvalid = kvalid & vvalid.gather(1, red.keep)
+        kept_pos = vidx.gather(1, red.keep)  # (B, K) positions in the sequence
+        x = x.scatter(1, kept_pos.unsqueeze(-1).expand(-1, -1, x.size(-1)), red.x)  # a reducer may update values
+        keep = (~vis) & pad
+        keep = keep.scatter(1, kept_pos, kvalid) | keep
+        idx, new_pad = pack_true(keep, right=True)  # (B, T'')
+        return (gather_tokens(x, idx), new_pad, pos.gather(1, idx), vis.gather(1, idx) & new_pad, src.gather(1, idx))
+
+    def _last_query_attention(self, layer_idx: int, h_in: Tensor, pad: Tensor, cos_sin, cache) -> Tensor:
+        """(B, T) head-averaged attention of the last prompt token at decoder layer `layer_idx`.
+
+        Uses the layer's cached post-RoPE keys and recomputes only the last token's query.
+        """
+        layer = self.model.model.language_model.layers[layer_idx]
+        att = layer.self_attn
+        b = h_in.size(0)
+        q = att.q_proj(layer.input_layernorm(h_in[:, -1:]))  # (B, 1, H * hd)
+        q = q.view(b, 1, -1, att.head_dim).transpose(1, 2)  # (B, H, 1, hd)
+        cos, sin = cos_sin
+        q = _rope(q, cos[:, -1:], sin[:, -1:])
+        k = cache.layers[layer_idx].keys  # (B, Hkv, T, hd)
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, H, T, hd)
+        scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, 1, T)
+        scores = scores.masked_fill(~pad[:, None, None, :], float("-inf"))
+        return scores.softmax(-1).mean(1)[:, 0]  # (B, T)
+
+    def _decode_step(self, state: _Decoder, tok: Tensor) -> Tensor:
+        """Feed one token per sample through every layer; return the next logits (B, V)."""
+        lm = self.model.model.language_model
+        x = lm.embed_tokens(tok.unsqueeze(1))  # (B, 1, D)
+        pos = state.next_pos.unsqueeze(1)  # (B, 1)
+        cos_sin = lm.rotary_emb(x, pos)
+        state.key_masks = [torch.cat([km, km.new_ones(km.size(0), 1)], 1) for km in state.key_masks]
+        masks = [_additive_mask(km, 1, x.dtype) for km in state.key_masks]
+        for j, layer in enumerate(lm.layers):
+            x = layer(x, attention_mask=masks[state.layer_segment[j]], position_ids=pos,
+                      past_key_values=state.cache, use_cache=True, position_embeddings=cos_sin)
+        state.next_pos = state.next_pos + 1
+        return self.model.lm_head(lm.norm(x))[:, 0]
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_reducer(self) -> None:
+        r, lay = self.reducer, self.layout
+        if r.site is Site.VISION:
+            if r.needs:
+                raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the vision site")
+            if not 0 <= r.layer < min(lay.feature_layers):
+                raise ValueError(
+                    f"{r.name}: vision layer {r.layer} must be below the feature layer {min(lay.feature_layers)} "
+                    f"of this {lay.vision_layers}-layer encoder"
+                )
+        elif r.site is Site.LLM:
+            low = 1 if "query_attn" in r.needs else 0
+            if not low <= r.layer < lay.llm_layers:
+                raise ValueError(
+                    f"{r.name}: LLM layer {r.layer} must be in [{low}, {lay.llm_layers - 1}] for this "
+                    f"{lay.llm_layers}-layer language model"
+                )
+            if set(r.needs) - {"query_attn"}:
+                raise NotImplementedError(f"{r.name}: only query_attn is provided at the LLM site")
+        elif set(r.needs) - {"cls_attn", "keys"}:
+            raise NotImplementedError(f"{r.name}: only cls_attn and keys are provided at the features site")
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random-weight LLaVA models built from config (no downloads), CPU, seeded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+IMAGE_TOKEN = 5  # id of the image placeholder in the tiny vocabulary
+
+
+def tiny_llava(image_size: int = 32, patch: int = 8, vision_layers: int = 3, llm_layers: int = 3, seed: int = 0,
+               kv_heads: int = 4, attn: str = "sdpa"):
+    """A random LlavaForConditionalGeneration: CLIP-style tower (hidden 32), LLaMA-style LLM (hidden 64, GQA)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch)
+    text = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config._attn_implementation = attn
+    model = LlavaForConditionalGeneration(config).eval()
+    for p in model.parameters():  # larger random weights so greedy outputs vary with the input
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def tiny_batch(model, batch: int, seed: int = 0):
+    """Left-padded prompts of different lengths, each with one run of image tokens, and random pixels."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    prompts = []
+    for i in range(batch):
+        before = torch.randint(6, 96, (1 + (i * 3) % 5,), generator=g).tolist()
+        after = torch.randint(6, 96, (2 + (i * 2) % 4,), generator=g).tolist()
+        prompts.append([1] + before + [IMAGE_TOKEN] * n + after)
+    width = max(map(len, prompts))
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    pixels = torch.randn(batch, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+    return ids, mask, pixels
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return tiny_llava()

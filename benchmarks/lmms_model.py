@@ -1,0 +1,210 @@
+"""`reduced_llava`: an lmms-eval model that runs a llava-hf checkpoint through `methods.llava.ReducedLlava`.
+
+Usable three ways:
+
+* from the runner (`run_bench.py`), which builds one instance per checkpoint and swaps the reducer per cell;
+* from Python: `simple_evaluate(model=ReducedLlavaLMM(pretrained=PATH, method="full"), tasks=[...])`;
+* from lmms-eval's own CLI, registered through the `lmms_eval.models` entry point of this package (no edit to
+  lmms-eval): `python -m lmms_eval --model reduced_llava --model_args pretrained=PATH,method=fastv,budget=64`.
+  Every `model_args` key other than the ones below goes to the method's constructor (e.g. `layer=2`).
+
+Prompts follow LLaVA-1.5: the checkpoint's chat template renders a user turn holding the image and the task's
+text (`USER: <image>\\n{text} ASSISTANT:`); decoding is greedy with the KV cache. Per-sample token traces are kept
+in `records`, keyed by (task, doc_id), for the runner to join with lmms-eval's sample logs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from methods import TokenReducer, create_reducer
+from methods.llava import ReducedLlava
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_NEW_TOKENS = 16
+
+
+def manifests():
+    """Entry point for lmms-eval's model registry (`[project.entry-points."lmms_eval.models"]`)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id="reduced_llava", simple_class_path="benchmarks.lmms_model.ReducedLlavaLMM")]
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' means bfloat16 on CUDA and float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
+    """Load a local llava-hf checkpoint and its processor (offline). Returns (model, processor)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a llava-hf checkpoint folder (no config.json); pass --model PATH")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa", local_files_only=True
+    ).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor.tokenizer.padding_side = "left"  # instance setting: batched prompts are left-padded
+    return model, processor
+
+
+class ReducedLlavaLMM(lmms):
+    """lmms-eval model: a LLaVA checkpoint with one token reducer.
+
+    Args:
+        pretrained: local llava-hf checkpoint folder.
+        method: registered reducer name (`python run_bench.py --list`).
+        budget: visual tokens the LLM sees (ignored by `full`).
+        batch_size: prompts per forward pass (left-padded; predictions do not depend on it).
+        device: "cpu", "cuda", "cuda:1", ...
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+        max_new_tokens: default when a task does not set it.
+        **method_args: extra constructor arguments of the method (e.g. `layer=2`).
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        method: str = "full",
+        budget: int | None = None,
+        batch_size: int | str = 1,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_batch_size: int | None = None,
+        model=None,
+        processor=None,
+        **method_args,
+    ) -> None:
+        super().__init__()
+        if model is None:
+            model, processor = load_llava(pretrained, device=device, dtype=dtype)
+        self.pretrained = str(pretrained)
+        self.model, self.processor = model, processor
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.max_new_tokens = int(max_new_tokens)
+        self.records: dict[tuple[str, int], dict] = {}
+        self._warned_sampling = False
+        self.set_reducer(create_reducer(method, budget, **method_args))
+
+    # ------------------------------------------------------------------ configuration
+
+    def set_reducer(self, reducer: TokenReducer) -> None:
+        """Swap the reducer (the loaded model is reused)."""
+        self.reducer = reducer.to(self.model.device).eval()
+        self.runner = ReducedLlava(self.model, self.reducer)
+
+    @property
+    def num_patches(self) -> int:
+        return self.runner.layout.num_patches
+
+    def clean(self) -> None:
+        """lmms-eval 0.7.3 deletes the model's modules after each run; keep them so one load serves many cells."""
+
+    # ------------------------------------------------------------------ prompts
+
+    def build_prompt(self, context: str) -> str:
+        """LLaVA-1.5 prompt with one image, through the checkpoint's chat template when it has one."""
+        context = context.replace("<image>", "").lstrip("\n")
+        if getattr(self.processor, "chat_template", None):
+            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": context}]}]
+            return self.processor.apply_chat_template(conv, add_generation_prompt=True)
+        return f"USER: <image>\n{context} ASSISTANT:"
+
+    def _eos_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        tok = self.processor.tokenizer.eos_token_id
+        return sorted(set(ids + ([tok] if tok is not None else [])))
+
+    # ------------------------------------------------------------------ lmms-eval API
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        settings = [self._gen_settings(r.args[1]) for r in requests]
+        # batches share decoding settings (so a sample's output never depends on its batch-mates); similar lengths
+        order = sorted(range(len(requests)), key=lambda i: (repr(settings[i]), len(requests[i].args[0])))
+        batches = []
+        for _, group in itertools.groupby(order, key=lambda i: repr(settings[i])):
+            group = list(group)
+            batches += [group[s : s + self.batch_size] for s in range(0, len(group), self.batch_size)]
+        tok = self.processor.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        with tqdm(total=len(requests), desc=f"{self.reducer.name} b={self.reducer.budget}", leave=False,
+                  disable=self.rank != 0) as bar:
+            for idx in batches:
+                chunk = [requests[i] for i in idx]
+                prompts, images = self._prepare(chunk)
+                gen = settings[idx[0]]
+                inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+                out = self.runner.generate(
+                    inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                    max_new_tokens=gen["max_new_tokens"], eos_token_id=self._eos_ids(), pad_token_id=pad_id,
+                )
+                for j, req in enumerate(chunk):
+                    n = int(out.lengths[j])
+                    text = tok.decode(out.tokens[j, :n], skip_special_tokens=True)
+                    for stop in gen["until"]:
+                        if stop and stop in text:
+                            text = text.split(stop)[0]
+                    text = text.strip()
+                    _, _, _, doc_id, task, _ = req.args
+                    rec = out.trace.sample(j, self.num_patches)
+                    self.records[(task, doc_id)] = rec
+                    counts = TokenCounts(input_tokens=rec["llm_tokens_per_layer"][0], output_tokens=n)
+                    results[idx[j]] = GenerationResult(text=text, token_counts=counts)
+                bar.update(len(chunk))
+        return results
+
+    def _prepare(self, chunk: list[Instance]) -> tuple[list[str], list]:
+        prompts, images = [], []
+        for req in chunk:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+            visuals = [v for v in (visuals or []) if v is not None]
+            if len(visuals) != 1:
+                raise ValueError(
+                    f"{task} doc {doc_id}: {len(visuals)} images; reduced_llava evaluates LLaVA-1.5-style "
+                    "single-image prompts only"
+                )
+            images.append(visuals[0].convert("RGB"))
+            prompts.append(self.build_prompt(context))
+        return prompts, images
+
+    def _gen_settings(self, gen_kwargs: dict) -> dict:
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        if (gen_kwargs.get("do_sample") or (gen_kwargs.get("temperature") or 0) > 0) and not self._warned_sampling:
+            log.warning("reduced_llava decodes greedily; the task's sampling settings are ignored")
+            self._warned_sampling = True
+        return {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens), "until": until}
+
+    def loglikelihood(self, requests: list[Instance]):
+        raise NotImplementedError(
+            "reduced_llava implements generate_until only; use the generation variant of the task "
+            "(all of gqa, pope, mme, textvqa_val, scienceqa_img, mmbench_en_dev_static generate)"
+        )
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("reduced_llava does not implement multi-round generation")

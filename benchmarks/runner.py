@@ -1,0 +1,347 @@
+"""The sweep: every (task, method, budget) cell evaluated through lmms-eval, results written cell by cell.
+
+Output directory layout (documented for users in results/README.md):
+
+* `cells/<task>__<method>__<budget>__<fingerprint>.json`: one finished cell (its summary rows and sample records),
+  written atomically (temporary file + rename). A sweep killed part-way keeps every finished cell; the same command
+  afterwards skips cells whose file exists with the same fingerprint (model, method arguments, limit, seed).
+* `summary.csv`: one flat row per (task, method, budget, metric), rebuilt from `cells/` after every cell.
+* `samples.jsonl`: one record per (task, method, budget, sample), rebuilt the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from methods import get_reducer_class, list_reducers
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "checkpoint"
+SYNTH_TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
+SMOKE_TASKS = ("synth_vqa",)
+DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
+SUMMARY_COLUMNS = [
+    "task", "method", "budget", "metric", "value", "n", "visual_tokens_mean", "visual_tokens_max",
+    "llm_prefill_tokens_mean", "generated_tokens_mean", "wall_s", "samples_per_s", "model", "method_args",
+    "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
+    "lmms_eval_version", "time_utc",
+]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work and of storage."""
+
+    task: str
+    method: str
+    budget: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}__{self.method}__{self.budget}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A sweep, validated on construction. `budgets` empty means the default fractions of the patch count."""
+
+    model: Path = SMOKE_MODEL
+    methods: tuple[str, ...] = ()
+    budgets: tuple[int, ...] = ()
+    tasks: tuple[str, ...] = SMOKE_TASKS
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    output: Path = REPO / "results" / "runs" / "smoke"
+    include_paths: tuple[Path, ...] = ()
+    device: str = "cpu"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", expand_methods(self.methods or tuple(list_reducers())))
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        for b in self.budgets:
+            if b < 1:
+                raise ValueError(f"budgets are numbers of visual tokens >= 1, got {b}")
+        if not self.tasks:
+            raise ValueError("give at least one task")
+
+    def cells(self, num_patches: int) -> tuple[list[Cell], list[str]]:
+        """Expand methods x budgets x tasks. Returns the cells and notes for the printed plan.
+
+        `full` and budgets >= the patch count mean no pruning: they become one `full` cell per task.
+        """
+        budgets = sorted(set(self.budgets)) or sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
+        notes = []
+        if len(set(self.budgets)) != len(self.budgets):
+            notes.append(f"duplicate budgets removed: {budgets}")
+        over = [b for b in budgets if b >= num_patches]
+        if over:
+            notes.append(f"budgets {over} >= the {num_patches} patches mean no pruning: run once, as `full`")
+        budgets = [b for b in budgets if b < num_patches]
+        pairs: list[tuple[str, int]] = []
+        for m in self.methods:
+            if not get_reducer_class(m).uses_budget:
+                pairs.append((m, num_patches))
+            else:
+                pairs += [(m, b) for b in budgets]
+        if over or "full" in self.methods:
+            pairs.append(("full", num_patches))
+        pairs = list(dict.fromkeys(pairs))
+        return [Cell(t, m, b) for t in self.tasks for m, b in pairs], notes
+
+
+def expand_methods(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Registered names stay; a family prefix (`adaptive` -> `adaptive_a`, `adaptive_b`) expands; others raise."""
+    out: list[str] = []
+    for name in names:
+        family = list_reducers(f"{name}_*")
+        if name in list_reducers():
+            out.append(name)
+        elif family:
+            out += family
+        else:
+            get_reducer_class(name)  # raises with close matches and the list of names
+    return tuple(dict.fromkeys(out))
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ResultStore:
+    """Finished cells on disk, and the combined files rebuilt from them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.cells_dir = self.root / "cells"
+
+    def prepare(self) -> None:
+        try:
+            self.cells_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.cells_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise PermissionError(f"cannot write to output directory {self.root}: {e.strerror}; pass --output DIR") from e
+
+    def path(self, cell: Cell, fingerprint: str) -> Path:
+        return self.cells_dir / f"{cell.name}__{fingerprint}.json"
+
+    def done(self, cell: Cell, fingerprint: str) -> bool:
+        return self.path(cell, fingerprint).is_file()
+
+    def save(self, cell: Cell, fingerprint: str, rows: list[dict], samples: list[dict]) -> None:
+        _atomic_write(self.path(cell, fingerprint), json.dumps({"rows": rows, "samples": samples}))
+
+    def load_all(self) -> tuple[list[dict], list[dict]]:
+        rows, samples = [], []
+        for f in sorted(self.cells_dir.glob("*.json")):
+            data = json.loads(f.read_text())
+            rows += data["rows"]
+            samples += data["samples"]
+        return rows, samples
+
+    def rebuild(self) -> list[dict]:
+        """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows."""
+        import csv
+        import io
+
+        rows, samples = self.load_all()
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write(self.root / "summary.csv", buf.getvalue())
+        _atomic_write(self.root / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+
+
+def provenance(spec: RunSpec, device: str) -> dict:
+    import lmms_eval
+    import torch
+    import transformers
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    if device.startswith("cuda"):
+        dev = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    else:
+        dev = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "model": str(spec.model),
+        "limit": spec.limit,
+        "seed": spec.seed,
+        "batch_size": spec.batch_size,
+        "device": dev,
+        "dtype": spec.dtype,
+        "git_sha": sha,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "lmms_eval_version": getattr(lmms_eval, "__version__", None) or _dist_version("lmms-eval"),
+    }
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def fingerprint(spec: RunSpec, method_args: dict) -> str:
+    key = json.dumps([str(Path(spec.model).resolve()), method_args, spec.limit, spec.seed], sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+
+def task_manager(spec: RunSpec):
+    """A TaskManager that knows our tasks and the user's include paths; lmms-eval's defaults only if needed."""
+    from lmms_eval.tasks import TaskManager
+
+    paths = [str(SYNTH_TASKS)] + [str(p) for p in spec.include_paths]
+    for p in spec.include_paths:
+        if not Path(p).is_dir():
+            raise FileNotFoundError(f"--include-path {p} is not a directory of lmms-eval task YAMLs")
+    tm = TaskManager(include_defaults=False, include_path=paths)
+    if not all(t in tm.all_tasks for t in spec.tasks):
+        tm = TaskManager(include_path=paths)
+    unknown = [t for t in spec.tasks if t not in tm.all_tasks]
+    if unknown:
+        hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=3) for t in unknown}
+        msg = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
+        raise KeyError(f"unknown task {msg}. Our tasks: {', '.join(SMOKE_TASKS)}; `run_bench.py --list` lists them")
+    return tm
+
+
+def ensure_task_data(tasks: tuple[str, ...]) -> None:
+    """Our synthetic benchmark is generated on first use (deterministic, seeded)."""
+    if any(t.startswith("synth_") for t in tasks):
+        from benchmarks.synthetic.generate import ensure_test_data
+
+        ensure_test_data()
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, prov: dict) -> tuple[list[dict], list[dict]]:
+    """Run one cell through lmms-eval; return its summary rows and sample records."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    from methods import create_reducer
+
+    reducer = create_reducer(cell.method, cell.budget if get_reducer_class(cell.method).uses_budget else None)
+    lm.set_reducer(reducer)
+    lm.records.clear()
+    t0 = time.perf_counter()
+    res = simple_evaluate(
+        model=lm, tasks=[cell.task], limit=spec.limit, log_samples=True, bootstrap_iters=0, task_manager=tm,
+        random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
+        fewshot_random_seed=spec.seed, datetime_str=time.strftime("%Y%m%d_%H%M%S"), verbosity="WARNING",
+    )
+    wall = time.perf_counter() - t0
+    if res is None:
+        raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
+    docs = res["samples"][cell.task]
+    metric_list = res["configs"][cell.task].get("metric_list") or [{}]
+    primary = metric_list[0].get("metric")
+    samples = []
+    for d in docs:
+        rec = lm.records.get((cell.task, d["doc_id"]), {})
+        pred = d["filtered_resps"][0] if d.get("filtered_resps") else None
+        correct = d.get(primary)
+        samples.append({
+            "task": cell.task, "method": cell.method, "budget": cell.budget, "doc_id": d["doc_id"],
+            "prediction": pred, "target": d.get("target"),
+            "correct": None if not isinstance(correct, (int, float)) else float(correct),
+            **rec,
+        })
+    visual = [s["visual_tokens"] for s in samples if "visual_tokens" in s]
+    prefill = [s["llm_tokens_per_layer"][0] for s in samples if "llm_tokens_per_layer" in s]
+    generated = [s["generated_tokens"] for s in samples if s.get("generated_tokens") is not None]
+    common = {
+        "task": cell.task, "method": cell.method, "budget": cell.budget,
+        "visual_tokens_mean": _mean(visual), "visual_tokens_max": max(visual) if visual else None,
+        "llm_prefill_tokens_mean": _mean(prefill), "generated_tokens_mean": _mean(generated),
+        "wall_s": round(wall, 3), "samples_per_s": round(len(docs) / wall, 3) if wall > 0 else None,
+        "method_args": json.dumps(reducer.method_args(), sort_keys=True),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **prov,
+    }
+    rows = []
+    for key, value in res["results"][cell.task].items():
+        metric, _, _ = key.partition(",")
+        if metric == "alias" or "_stderr" in metric or not isinstance(value, (int, float)):
+            continue
+        n = sum(1 for d in docs if d.get(metric) is not None) or res["n-samples"][cell.task]["effective"]
+        rows.append({**common, "metric": metric, "value": float(value), "n": n})
+    return rows, samples
+
+
+def _mean(xs: list) -> float | None:
+    return round(sum(xs) / len(xs), 3) if xs else None
+
+
+def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:
+    """Evaluate every missing cell of `spec`; return all summary rows of the output directory."""
+    from tqdm import tqdm
+
+    from benchmarks.lmms_model import ReducedLlavaLMM
+
+    store = ResultStore(spec.output)
+    store.prepare()
+    tm = task_manager(spec)
+    ensure_task_data(spec.tasks)
+    if lm is None:
+        lm = ReducedLlavaLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size,
+                             device=spec.device, dtype=spec.dtype)
+    cells, _ = spec.cells(lm.num_patches)
+    prov = provenance(spec, spec.device)
+    todo = []
+    for cell in cells:
+        budget = cell.budget if get_reducer_class(cell.method).uses_budget else None
+        from methods import create_reducer
+
+        fp = fingerprint(spec, {"method": cell.method, **create_reducer(cell.method, budget).method_args()})
+        if not store.done(cell, fp):
+            todo.append((cell, fp))
+    skipped = len(cells) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(cells)} cells already in {spec.output}: skipped")
+    for cell, fp in tqdm(todo, desc="cells", disable=not progress):
+        rows, samples = evaluate_cell(lm, cell, spec, tm, prov)
+        store.save(cell, fp, rows, samples)
+        store.rebuild()
+    return store.rebuild()
+
+
+def dataclass_dict(spec: RunSpec) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(spec).items()}

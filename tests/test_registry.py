@@ -1,0 +1,83 @@
+"""The registry: names, duplicates, helpful errors, family expansion; and the contract every reducer keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import methods
+from methods import Reduced, Site, TokenReducer, Tokens, UnknownReducerError, create_reducer, list_reducers
+from methods._registry import _REDUCERS, register_reducer
+from benchmarks.runner import RunSpec, expand_methods
+
+
+def test_full_is_registered_and_is_identity():
+    assert "full" in list_reducers()
+    r = create_reducer("full")
+    x = torch.randn(4, 9, 8)
+    out = r(Tokens(x=x, grid=(3, 3)))
+    assert out.x is x and out.keep is None and r.site is Site.FEATURES
+
+
+def test_unknown_name_suggests_close_matches_and_lists_all():
+    with pytest.raises(UnknownReducerError) as err:
+        create_reducer("ful")
+    msg = str(err.value)
+    assert "Did you mean full?" in msg and "Available: " in msg and "full" in msg.split("Available: ")[1]
+
+
+def test_registering_twice_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        register_reducer("full")(type("Other", (TokenReducer,), {}))
+
+
+def test_register_and_expand_family(monkeypatch):
+    monkeypatch.setattr("methods._registry._REDUCERS", dict(_REDUCERS))
+
+    for suffix in ("a", "b"):
+        register_reducer(f"demo_{suffix}")(type(f"Demo{suffix}", (TokenReducer,), {"forward": lambda s, t: t}))
+    assert expand_methods(("demo",)) == ("demo_a", "demo_b")
+    assert expand_methods(("full", "demo_b", "full")) == ("full", "demo_b")
+    with pytest.raises(UnknownReducerError, match="Did you mean demo_"):
+        expand_methods(("demo_c",))
+
+
+def test_budget_validation():
+    class Keep(TokenReducer):
+        def forward(self, t: Tokens) -> Reduced:
+            return Reduced(x=t.x[:, : self.budget], keep=torch.arange(self.budget).expand(t.x.size(0), -1))
+
+    for bad in (0, -3, 2.5, None):
+        with pytest.raises(ValueError, match="budget must be an integer >= 1"):
+            Keep(budget=bad)
+    with pytest.raises(ValueError, match="needs a `layer`"):
+        type("L", (Keep,), {"site": Site.LLM})(budget=3)
+
+
+def test_plan_full_runs_once_and_large_budgets_collapse():
+    spec = RunSpec(methods=("full",), budgets=(16, 144, 600, 16), tasks=("synth_vqa",))
+    cells, notes = spec.cells(144)
+    assert [(c.method, c.budget) for c in cells] == [("full", 144)]
+    assert any("no pruning" in n for n in notes) and any("duplicate" in n for n in notes)
+
+
+@pytest.mark.parametrize("name", list_reducers())
+def test_contract_batch_of_four_independent_samples(name):
+    """Every registered FEATURES reducer: shapes, budget, and one sample's output never depends on another's."""
+    cls = methods.get_reducer_class(name)
+    if cls.site is not Site.FEATURES:
+        pytest.skip("covered by the adapter tests")
+    r = create_reducer(name, 4 if cls.uses_budget else None).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 8, generator=g)
+    sig = {"cls_attn": torch.rand(4, 16, generator=g).softmax(1), "keys": torch.randn(4, 16, 8, generator=g)}
+    t = Tokens(x=x, grid=(4, 4), **{k: v for k, v in sig.items() if k in cls.needs})
+    out = r(t)
+    x2 = x.clone()
+    x2[1] = torch.randn(16, 8, generator=g)
+    out2 = r(Tokens(x=x2, grid=(4, 4), **{k: v for k, v in sig.items() if k in cls.needs}))
+    assert out.x.shape[0] == 4 and out.x.shape[-1] == 8
+    if cls.uses_budget:
+        assert out.x.shape[1] <= 4
+    for i in (0, 2, 3):
+        torch.testing.assert_close(out.x[i], out2.x[i])

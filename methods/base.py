@@ -38,9 +38,10 @@ class Tokens:
         grid: patch grid (rows, cols) of the image before any reduction; N == rows * cols unless an earlier
             reduction already removed tokens.
         valid: (B, N) bool, present only when samples carry different numbers of tokens (padding is False).
-        cls_attn: (B, N) CLS -> patch attention at the vision layer that produces the features, heads averaged
-            (vision and features sites; only when the reducer `needs` it).
-        keys: (B, N, Dk) attention keys of that same vision layer, heads concatenated.
+        cls_attn: (B, N) CLS -> patch attention of the vision layer that consumes the features (features site;
+            only when the reducer `needs` it), as PruMerge computes it: one fused head over the full q/k width,
+            scaled by 1/sqrt(width), softmax over CLS and all patches.
+        keys: (B, N, Dk) that layer's key projections of the patches (full width, before any head split).
         query_attn: (B, N) attention the last prompt token pays each image token at LLM layer `layer - 1`,
             heads averaged (LLM site).
         budget: (B,) long, optional per-sample budgets that override the reducer's own `budget`.

@@ -304,7 +304,12 @@ class ReducedLlava:
         return feats, valid, src, vision_tokens
 
     def _vision_signals(self, h: Tensor, attn_mask: Tensor | None) -> dict[str, Tensor]:
-        """CLS attention and keys from the q/k projections of the encoder layer that consumes the features."""
+        """CLS attention and keys from the q/k projections of the encoder layer that consumes the features.
+
+        As PruMerge's reference computes them: q and k are that layer's projections of LayerNorm(features) before
+        any head split or scaling; `cls_attn` = softmax(q_cls . k^T / sqrt(width)) over CLS and every patch, taken
+        at the patches (one fused head over the full width, not a head average).
+        """
         lay, vt = self.layout, self.model.model.vision_tower
         if lay.vision_layers_run >= lay.vision_layers:
             raise NotImplementedError(
@@ -312,19 +317,13 @@ class ReducedLlava:
                 "from the last vision layer; such signals are defined for vision_feature_layer < -1 (LLaVA-1.5: -2)"
             )
         layer = vt.encoder.layers[lay.vision_layers_run]
-        att = layer.self_attn
         hn = layer.layer_norm1(h)  # (B, S, Dv)
-        q = att.q_proj(hn[:, :1])  # (B, 1, Dv): only the CLS query is needed
-        k = att.k_proj(hn)  # (B, S, Dv)
-        b, s, d = k.shape
-        heads = att.num_heads
-        qh = q.view(b, 1, heads, d // heads).transpose(1, 2)  # (B, H, 1, hd)
-        kh = k.view(b, s, heads, d // heads).transpose(1, 2)  # (B, H, S, hd)
-        scores = (qh @ kh.transpose(-1, -2)).float() * att.scale  # (B, H, 1, S)
+        q = layer.self_attn.q_proj(hn[:, :1])  # (B, 1, Dv): only the CLS query is needed
+        k = layer.self_attn.k_proj(hn)  # (B, S, Dv)
+        scores = (q @ k.transpose(1, 2)).float() / k.size(-1) ** 0.5  # (B, 1, S)
         if attn_mask is not None:
-            scores = scores + attn_mask.float()
-        cls_attn = scores.softmax(-1)[:, :, 0, 1:].mean(1)  # (B, N)
-        return {"cls_attn": cls_attn, "keys": k[:, 1:], "cls_query": q[:, 0], "cls_key": k[:, 0]}
+            scores = scores + attn_mask[:, 0].float()
+        return {"cls_attn": scores.softmax(-1)[:, 0, 1:], "keys": k[:, 1:]}  # (B, N), (B, N, Dv)
 
     def _apply(self, red: Reduced, x_in: Tensor, valid: Tensor | None, src: Tensor):
         """Check a reducer's output and carry the source-patch map through it."""

@@ -209,3 +209,33 @@ def test_bad_inputs_say_what_to_do(tiny_model):
         ReducedLlava(tiny_model, LlmTopQuery(budget=2, layer=3))
     with pytest.raises(ValueError, match="vision layer 2 must be below"):
         ReducedLlava(tiny_model, VisionKeepLast(budget=2, layer=2))
+
+
+def test_features_site_signals_match_hooked_reference(tiny_model):
+    """cls_attn / keys equal what PruMerge's reference reads with hooks on the q/k projections of the layer that
+    consumes the features (one fused head, 1/sqrt(width), softmax over CLS + patches)."""
+    ids, mask, pixels = tiny_batch(tiny_model, 3, seed=9)
+    seen = {}
+
+    class Spy(TokenReducer):
+        needs = frozenset({"cls_attn", "keys"})
+
+        def forward(self, t):
+            seen.update(cls_attn=t.cls_attn, keys=t.keys)
+            return Reduced(x=t.x[:, : self.budget], keep=torch.arange(self.budget).expand(t.x.size(0), -1))
+
+    ReducedLlava(tiny_model, Spy(budget=4)).prefill(ids, mask, pixels)
+    captured = {}
+    layer = tiny_model.model.vision_tower.encoder.layers[2]  # features = hidden_states[-2] = input of layer 2
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
+             layer.self_attn.k_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("k", o))]
+    try:
+        with torch.no_grad():
+            tiny_model.model.vision_tower(pixels)
+    finally:
+        for h in hooks:
+            h.remove()
+    q, k = captured["q"], captured["k"]
+    attn = (q @ k.transpose(1, 2) / k.size(-1) ** 0.5).softmax(-1)[:, 0, 1:]
+    torch.testing.assert_close(seen["cls_attn"], attn, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(seen["keys"], k[:, 1:])

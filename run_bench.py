@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=[], metavar="NAME", help="methods or families (default: all)")
     p.add_argument("--budgets", nargs="+", type=_budget, default=[], metavar="N",
-                   help="visual tokens the LLM sees (default: ~1/9, 1/4, 1/3 of the patches)")
+                   help="visual tokens the LLM sees, or 'auto' for methods that choose their own count (prumerge); "
+                   "default: ~1/9, 1/4, 1/3 of the patches")
     p.add_argument("--tasks", nargs="+", default=list(d["tasks"].default), metavar="TASK",
                    help="lmms-eval task names (default: synth_vqa)")
     p.add_argument("--model", type=Path, default=d["model"].default,
@@ -52,11 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _budget(text: str) -> int:
+def _budget(text: str) -> int | str:
+    if text == "auto":
+        return text
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a whole number of visual tokens") from None
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a whole number of visual tokens or 'auto'") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"budget {value} must be >= 1 (visual tokens the LLM sees)")
     return value
@@ -109,6 +112,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"  note: {note}")
     for c in cells:
         print(f"  {c.task:14s} {c.method:14s} budget {c.budget}")
+    if not cells:
+        raise ValueError("the plan is empty: give methods and budgets that apply to each other")
     if args.dry_run:
         return 0
     _quiet_lmms_eval()
@@ -144,7 +149,8 @@ def print_table(rows: list[dict]) -> None:
         return
     df = pd.DataFrame(rows)
     df["column"] = df["method"] + "@" + df["budget"].astype(str)
-    order = df.sort_values(["method", "budget"])["column"].unique()
+    df["order"] = pd.to_numeric(df["budget"], errors="coerce").fillna(float("inf"))  # "auto" last
+    order = df.sort_values(["method", "order"])["column"].unique()
     table = df.pivot_table(index=["task", "metric"], columns="column", values="value", aggfunc="first")
     print()
     print(table[order].round(3).to_string())

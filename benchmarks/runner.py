@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from methods import get_reducer_class, list_reducers
+from methods import TokenReducer, create_reducer, get_reducer_class, list_reducers
+from methods.base import AUTO
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "checkpoint"
@@ -43,7 +44,7 @@ class Cell:
 
     task: str
     method: str
-    budget: int
+    budget: int | str  # visual tokens, or "auto" for methods that choose their own count
 
     @property
     def name(self) -> str:
@@ -56,7 +57,7 @@ class RunSpec:
 
     model: Path = SMOKE_MODEL
     methods: tuple[str, ...] = ()
-    budgets: tuple[int, ...] = ()
+    budgets: tuple[int | str, ...] = ()
     tasks: tuple[str, ...] = SMOKE_TASKS
     limit: int | None = None
     seed: int = 0
@@ -73,8 +74,8 @@ class RunSpec:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         for b in self.budgets:
-            if b < 1:
-                raise ValueError(f"budgets are numbers of visual tokens >= 1, got {b}")
+            if b != AUTO and (not isinstance(b, int) or b < 1):
+                raise ValueError(f"budgets are numbers of visual tokens >= 1 or {AUTO!r}, got {b!r}")
         if not self.tasks:
             raise ValueError("give at least one task")
 
@@ -83,20 +84,25 @@ class RunSpec:
 
         `full` and budgets >= the patch count mean no pruning: they become one `full` cell per task.
         """
-        budgets = sorted(set(self.budgets)) or sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
+        numeric = sorted({b for b in self.budgets if b != AUTO})
+        if not self.budgets:
+            numeric = sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
         notes = []
         if len(set(self.budgets)) != len(self.budgets):
-            notes.append(f"duplicate budgets removed: {budgets}")
-        over = [b for b in budgets if b >= num_patches]
+            notes.append(f"duplicate budgets removed: {sorted(set(self.budgets), key=str)}")
+        over = [b for b in numeric if b >= num_patches]
         if over:
             notes.append(f"budgets {over} >= the {num_patches} patches mean no pruning: run once, as `full`")
-        budgets = [b for b in budgets if b < num_patches]
-        pairs: list[tuple[str, int]] = []
+        budgets: list[int | str] = [b for b in numeric if b < num_patches] + ([AUTO] if AUTO in self.budgets else [])
+        pairs: list[tuple[str, int | str]] = []
         for m in self.methods:
-            if not get_reducer_class(m).uses_budget:
+            cls = get_reducer_class(m)
+            if not cls.uses_budget:
                 pairs.append((m, num_patches))
-            else:
-                pairs += [(m, b) for b in budgets]
+                continue
+            pairs += [(m, b) for b in budgets if b != AUTO or cls.supports_auto]
+            if AUTO in budgets and not cls.supports_auto:
+                notes.append(f"{m} has no {AUTO!r} budget: runs at the numeric budgets only")
         if over or "full" in self.methods:
             pairs.append(("full", num_patches))
         pairs = list(dict.fromkeys(pairs))
@@ -252,13 +258,15 @@ def ensure_task_data(tasks: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------------------------------------- running
 
 
-def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, prov: dict) -> tuple[list[dict], list[dict]]:
+def make_reducer(cell: Cell) -> TokenReducer:
+    """The cell's reducer, with the method's default arguments."""
+    return create_reducer(cell.method, cell.budget if get_reducer_class(cell.method).uses_budget else None)
+
+
+def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov: dict) -> tuple[list[dict], list[dict]]:
     """Run one cell through lmms-eval; return its summary rows and sample records."""
     from lmms_eval.evaluator import simple_evaluate
 
-    from methods import create_reducer
-
-    reducer = create_reducer(cell.method, cell.budget if get_reducer_class(cell.method).uses_budget else None)
     lm.set_reducer(reducer)
     lm.records.clear()
     t0 = time.perf_counter()
@@ -327,17 +335,15 @@ def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:
     prov = provenance(spec, spec.device)
     todo = []
     for cell in cells:
-        budget = cell.budget if get_reducer_class(cell.method).uses_budget else None
-        from methods import create_reducer
-
-        fp = fingerprint(spec, {"method": cell.method, **create_reducer(cell.method, budget).method_args()})
+        reducer = make_reducer(cell)
+        fp = fingerprint(spec, {"method": cell.method, **reducer.method_args()})
         if not store.done(cell, fp):
-            todo.append((cell, fp))
+            todo.append((cell, reducer, fp))
     skipped = len(cells) - len(todo)
     if skipped:
         print(f"{skipped} of {len(cells)} cells already in {spec.output}: skipped")
-    for cell, fp in tqdm(todo, desc="cells", disable=not progress):
-        rows, samples = evaluate_cell(lm, cell, spec, tm, prov)
+    for cell, reducer, fp in tqdm(todo, desc="cells", disable=not progress):
+        rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov)
         store.save(cell, fp, rows, samples)
         store.rebuild()
     return store.rebuild()

@@ -39,3 +39,54 @@ def pack_true(mask: Tensor, right: bool = False) -> tuple[Tensor, Tensor]:
 def topk_sorted(scores: Tensor, k: int) -> Tensor:
     """(B, N) scores -> (B, k) indices of the k largest per row, sorted ascending (original token order)."""
     return scores.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def sample_budgets(budget: int, per_sample: Tensor | None, n: int, batch: int, device: torch.device) -> Tensor:
+    """(B,) tokens to keep per sample: the per-sample override if given, else `budget`; clamped to [1, n]."""
+    k = per_sample if per_sample is not None else torch.full((batch,), budget, device=device)
+    return k.to(device=device, dtype=torch.long).clamp(1, n)
+
+
+def select_top(scores: Tensor, k: Tensor | int, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Keep the k highest-scoring tokens of each row, returned in original token order.
+
+    Args:
+        scores: (B, N).
+        k: int, or (B,) long per-sample counts (output is padded to the largest; one host sync to size it).
+        valid: (B, N) bool; invalid tokens are never kept.
+
+    Returns:
+        keep: (B, K) ascending source indices.
+        keep_valid: (B, K) bool, or None when every row keeps K tokens.
+    """
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    kmax = k if isinstance(k, int) else int(k.max())
+    kmax = min(kmax, scores.size(1))
+    top = scores.topk(kmax, dim=1).indices  # (B, K) best first
+    if isinstance(k, int) and valid is None:
+        return top.sort(dim=1).values, None
+    rank_ok = torch.arange(kmax, device=scores.device).unsqueeze(0) < torch.as_tensor(k, device=scores.device).view(-1, 1)
+    if valid is not None:
+        rank_ok = rank_ok & valid.gather(1, top)
+    order = torch.where(rank_ok, top, top + scores.size(1)).argsort(dim=1)  # kept ones first, by position
+    keep, keep_valid = top.gather(1, order), rank_ok.gather(1, order)
+    return keep, None if bool(keep_valid.all()) else keep_valid
+
+
+def mix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values: a bijective bit mixer."""
+    m = 0xFFFFFFFF
+    h = h & m
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & m  # int64 products wrap; the low 32 bits are exact
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & m
+    return h ^ (h >> 16)
+
+
+def pixel_key(pixel_values: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B,) int64 key computed exactly from each image's pixels (identical in any batch)."""
+    q = (pixel_values.float() * 255).round().long().flatten(1) % 65521  # (B, P)
+    w = torch.arange(q.size(1), device=q.device) % 65519 + 1
+    return mix32((q * w).sum(1))

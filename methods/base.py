@@ -27,6 +27,7 @@ class Site(enum.Enum):
 
 
 SIGNALS = frozenset({"cls_attn", "keys", "query_attn"})
+AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Tokens:
         query_attn: (B, N) attention the last prompt token pays each image token at LLM layer `layer - 1`,
             heads averaged (LLM site).
         budget: (B,) long, optional per-sample budgets that override the reducer's own `budget`.
+        sample_key: (B,) long, a key derived from each sample's exact inputs (its pixels), for methods that need
+            per-sample randomness that does not depend on the batch a sample lands in.
     """
 
     x: Tensor
@@ -54,6 +57,7 @@ class Tokens:
     keys: Tensor | None = None
     query_attn: Tensor | None = None
     budget: Tensor | None = None
+    sample_key: Tensor | None = None
 
 
 @dataclass
@@ -87,13 +91,19 @@ class TokenReducer(nn.Module):
     site: ClassVar[Site] = Site.FEATURES
     needs: ClassVar[frozenset[str]] = frozenset()  # subset of SIGNALS
     uses_budget: ClassVar[bool] = True  # False for methods (like `full`) that run once whatever the budgets
+    supports_auto: ClassVar[bool] = False  # True when the method can choose its own count (budget "auto")
 
-    def __init__(self, budget: int | None, layer: int | None = None) -> None:
+    def __init__(self, budget: int | str | None, layer: int | None = None) -> None:
         super().__init__()
         unknown = set(self.needs) - SIGNALS
         if unknown:
             raise ValueError(f"{type(self).__name__} asks for unknown signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
-        if self.uses_budget and (budget is None or int(budget) != budget or budget < 1):
+        self.auto = budget == AUTO
+        if self.auto and not self.supports_auto:
+            raise ValueError(f"{type(self).__name__} has no {AUTO!r} budget; give a number of visual tokens")
+        if self.auto:
+            budget = None
+        elif self.uses_budget and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
             raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1, got {budget!r}")
         if self.site is not Site.FEATURES and (layer is None or layer < 0):
             raise ValueError(f"{type(self).__name__} acts at site {self.site.value!r} and needs a `layer` index >= 0")
@@ -102,7 +112,7 @@ class TokenReducer(nn.Module):
 
     def method_args(self) -> dict:
         """Every constructor argument that changes behaviour, for the result rows (override to add more)."""
-        args = {"budget": self.budget}
+        args = {"budget": AUTO if self.auto else self.budget}
         if self.layer is not None:
             args["layer"] = self.layer
         return args

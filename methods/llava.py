@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from methods._ops import gather_tokens, pack_true
+from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Reduced, Site, TokenReducer, Tokens
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -264,16 +264,17 @@ class ReducedLlava:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
         self._image_span(input_ids)  # fail before any compute
         pixel_values = pixel_values.to(device, m.model.vision_tower.dtype)
-        feats, fvalid, fsrc, vision_tokens = self._encode_images(pixel_values, budgets)  # (B, K, Dv)
+        key = pixel_key(pixel_values)  # (B,)
+        feats, fvalid, fsrc, vision_tokens = self._encode_images(pixel_values, budgets, key)  # (B, K, Dv)
         projected = m.model.multi_modal_projector(feats)  # (B, K, D)
         projector_tokens = fvalid.sum(1) if fvalid is not None else torch.full_like(fsrc[:, 0], feats.size(1))
         x, pad, vis, src = self._splice(input_ids, attention_mask, projected, fvalid, fsrc)  # (B, T', D)
         pos = (pad.long().cumsum(1) - 1).clamp(min=0)  # contiguous positions, like HF with left padding
-        return self._llm_prefill(x, pad, pos, vis, src, budgets, vision_tokens, projector_tokens)
+        return self._llm_prefill(x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens)
 
     # ------------------------------------------------------------------ vision
 
-    def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None):
+    def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor):
         """(B, 3, H, W) -> features (B, K, Dv), valid (B, K) or None, source patch (B, K), vision tokens (B, Lv)."""
         vt, lay, r = self.model.model.vision_tower, self.layout, self.reducer
         h = vt.pre_layrnorm(vt.embeddings(pixel_values))  # (B, 1+N, Dv)
@@ -285,7 +286,7 @@ class ReducedLlava:
         hidden, counts = {0: h}, []
         for i, layer in enumerate(vt.encoder.layers[: lay.vision_layers_run]):
             if r.site is Site.VISION and i == r.layer:
-                red = r(Tokens(x=h[:, 1:], grid=lay.grid, valid=valid, budget=budgets))
+                red = r(Tokens(x=h[:, 1:], grid=lay.grid, valid=valid, budget=budgets, sample_key=key))
                 patches, valid, src = self._apply(red, h[:, 1:], valid, src)
                 h = torch.cat([h[:, :1], patches], 1)  # (B, 1+K, Dv): CLS always kept
                 if valid is not None:
@@ -299,7 +300,7 @@ class ReducedLlava:
         vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
         if r.site is Site.FEATURES:
             sig = self._vision_signals(h, attn_mask) if r.needs else {}
-            red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, **sig))
+            red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, **sig))
             feats, valid, src = self._apply(red, feats, valid, src)
         return feats, valid, src, vision_tokens
 
@@ -338,11 +339,14 @@ class ReducedLlava:
             counts = red.keep.size(1) if red.valid is None else red.valid.sum(1)
             if bool(torch.as_tensor(counts > r.budget).any()):
                 raise ValueError(f"{r.name} returned more than its budget of {r.budget} tokens")
+        x = red.x
         new_src = torch.where(red.keep >= 0, src.gather(1, red.keep.clamp(min=0)), -1)  # (B, K)
         new_valid = red.valid
-        if new_valid is not None and bool(new_valid.all()):
-            new_valid = None
-        return red.x, new_valid, new_src
+        if new_valid is not None:  # drop padding slots now, so later layers and the projector skip them
+            idx, new_valid = pack_true(new_valid)  # (B, K')
+            x, new_src = gather_tokens(x, idx), new_src.gather(1, idx)
+            new_valid = None if bool(new_valid.all()) else new_valid
+        return x, new_valid, new_src
 
     # ------------------------------------------------------------------ splice
 
@@ -386,7 +390,7 @@ class ReducedLlava:
 
     # ------------------------------------------------------------------ LLM
 
-    def _llm_prefill(self, x, pad, pos, vis, src, budgets, vision_tokens, projector_tokens) -> _Decoder:
+    def _llm_prefill(self, x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens) -> _Decoder:
         lm, r = self.model.model.language_model, self.reducer
         from transformers import DynamicCache  # local: keep `import methods` light
 
@@ -398,7 +402,8 @@ class ReducedLlava:
         h_prev = x
         for j, layer in enumerate(lm.layers):
             if r.site is Site.LLM and j == r.layer:
-                x, pad, pos, vis, src = self._reduce_in_llm(j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets)
+                x, pad, pos, vis, src = self._reduce_in_llm(j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets,
+                                                            key)
                 key_masks.append(pad)
                 cos_sin = lm.rotary_emb(x, pos)
                 mask = _additive_mask(pad, x.size(1), x.dtype)
@@ -422,7 +427,7 @@ class ReducedLlava:
         return _Decoder(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,
                         logits=logits, trace=trace)
 
-    def _reduce_in_llm(self, j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets):
+    def _reduce_in_llm(self, j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets, key):
         """Remove non-kept image tokens before decoder layer j (LLM site)."""
         r = self.reducer
         vidx, vvalid = pack_true(vis & pad)  # (B, N) positions of the visual tokens, in order
@@ -431,7 +436,7 @@ class ReducedLlava:
             probs = self._last_query_attention(j - 1, h_prev, pad, cos_sin, cache)  # (B, T)
             sig["query_attn"] = probs.gather(1, vidx).masked_fill(~vvalid, 0.0)
         tokens = Tokens(x=gather_tokens(x, vidx), grid=self.layout.grid,
-                        valid=None if bool(vvalid.all()) else vvalid, budget=budgets, **sig)
+                        valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, **sig)
         red = r(tokens)
         if red.keep is None or bool((red.keep < 0).any()):
             raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0)")

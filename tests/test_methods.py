@@ -1,0 +1,119 @@
+"""Hand-computed cases pinning each method's steps, and each method run end to end through the adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from methods import Tokens, create_reducer
+from methods.llava import ReducedLlava
+from methods.prumerge import extra_token, iqr_outlier_count, merge_neighbours, plus_stride
+from methods._ops import pixel_key
+from methods.random import hashed_scores
+from tests.conftest import tiny_batch
+
+
+# ---------------------------------------------------------------------------------------------- PruMerge
+
+
+def test_iqr_count_per_image():
+    # row 0: 1..7 and 100. numpy-style linear quartiles: Q1 = 2.75, Q3 = 6.25, fence = 6.25 + 1.5 * 3.5 = 11.5
+    # row 1: 1..6, 20, 30 -> Q1 = 2.75, Q3 = 6 + 0.25 * 14 = 9.5, fence = 9.5 + 1.5 * 6.75 = 19.625 -> 20 and 30
+    a = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 100], [1, 2, 3, 4, 5, 6, 20, 30]], dtype=torch.float)
+    assert iqr_outlier_count(a).tolist() == [1, 2]
+    # per image: the count of row 0 does not change when row 1 changes (the reference pools the batch)
+    assert iqr_outlier_count(a[:1]).tolist() == [1]
+
+
+def test_neighbours_weights_and_extra_token():
+    # 5 tokens, keys on a circle so that cosine neighbours are known: token 0's nearest are 1 then 4
+    ang = torch.tensor([0.0, 0.3, 2.0, 3.0, -0.5])
+    keys = torch.stack([ang.cos(), ang.sin()], -1).unsqueeze(0)  # (1, 5, 2)
+    x = torch.arange(5, dtype=torch.float).mul(10).add(1).view(1, 5, 1)  # features 1, 11, 21, 31, 41
+    a = torch.tensor([[0.4, 0.1, 0.2, 0.2, 0.1]])
+    out = merge_neighbours(x, keys, a, torch.tensor([[0]]), neighbours=2)
+    assert out.item() == pytest.approx(1 + 0.1 * 11 + 0.1 * 41)  # unnormalised: centre + sum a_j x_j
+    kept = torch.tensor([[True, False, False, True, False]])
+    assert extra_token(x, a, kept).item() == pytest.approx(0.1 * 11 + 0.2 * 21 + 0.1 * 41)
+
+
+def test_prumerge_plus_indices_and_stride_zero_case():
+    n = 36
+    a = torch.full((1, n), 0.01)
+    a[0, 19] = 0.5  # one outlier -> k = 1, ratio = 1/36, int(int(36) / 3) = 12: grid 0, 12, 24 (35 never reached)
+    assert plus_stride(torch.tensor([1]), n).tolist() == [12]
+    keep, valid = create_reducer("prumerge_plus", "auto").select(a)
+    assert keep[0][valid[0]].tolist() == [19, 0, 12, 24]
+    assert plus_stride(torch.tensor([18]), n).tolist() == [1]  # ratio 1/2: int(2 / 3) = 0 in the reference -> 1
+
+
+def test_prumerge_fixed_budget_gives_exactly_budget_tokens_in_attention_order():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 36, generator=g).softmax(1)
+    t = Tokens(x=torch.randn(3, 36, 4, generator=g), grid=(6, 6), cls_attn=a, keys=torch.randn(3, 36, 4, generator=g))
+    for name in ("prumerge", "prumerge_plus"):
+        out = create_reducer(name, 9)(t)
+        assert out.x.shape == (3, 9, 4) and out.valid is None
+        assert (out.keep[:, -1] == -1).all()  # the extra token is last
+    out = create_reducer("prumerge", 9)(t)
+    ranked = a.gather(1, out.keep[:, :-1])
+    assert (ranked[:, :-1] >= ranked[:, 1:]).all()  # descending attention, as the reference
+    assert set(out.keep[0, :-1].tolist()) == set(a[0].topk(8).indices.tolist())
+
+
+# ---------------------------------------------------------------------------------------------- FastV, random
+
+
+def test_fastv_keeps_the_most_attended_tokens_in_order():
+    q = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05], [0.4, 0.1, 0.1, 0.1, 0.3]])
+    x = torch.arange(10, dtype=torch.float).view(2, 5, 1)
+    out = create_reducer("fastv", 2, layer=1)(Tokens(x=x, grid=(1, 5), query_attn=q))
+    assert out.keep.tolist() == [[1, 3], [0, 4]]
+    assert out.x.squeeze(-1).tolist() == [[1, 3], [5, 9]]
+    r = create_reducer("fastv", layer=1, ratio=0.6)  # R = share dropped: round(5 * 0.4) = 2 kept
+    assert r(Tokens(x=x, grid=(1, 5), query_attn=q)).keep.tolist() == [[1, 3], [0, 4]]
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        create_reducer("fastv", 2, ratio=0.5)
+
+
+def test_random_is_exact_seeded_and_batch_invariant():
+    x = torch.randn(4, 144, 16, generator=torch.Generator().manual_seed(1))
+    key = pixel_key(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)))
+    r = create_reducer("random", 18)
+    out = r(Tokens(x=x, grid=(12, 12), sample_key=key))
+    assert out.keep.shape == (4, 18) and all(len(set(row)) == 18 for row in out.keep.tolist())
+    assert torch.equal(r(Tokens(x=x[2:3], grid=(12, 12), sample_key=key[2:3])).keep[0], out.keep[2])
+    assert not torch.equal(create_reducer("random", 18, seed=1)(Tokens(x=x, grid=(12, 12), sample_key=key)).keep,
+                           out.keep)
+    # uniform: over many images, every patch is kept about equally often (18 / 144 = 1/8 of the time)
+    keys = torch.arange(4000) * 7919
+    kept = hashed_scores(keys, 144, 0).argsort(1)[:, :18]
+    freq = torch.bincount(kept.flatten(), minlength=144) / 4000
+    assert (freq - 0.125).abs().max() < 0.03
+
+
+# ---------------------------------------------------------------------------------------------- through the adapter
+
+
+@pytest.mark.parametrize("name,budget,kw", [("prumerge", 5, {}), ("prumerge_plus", 7, {}), ("random", 4, {}),
+                                            ("fastv", 3, {"layer": 1}), ("prumerge", "auto", {})])
+def test_methods_run_through_the_adapter_batch_invariant(tiny_model, name, budget, kw):
+    ids, mask, pixels = tiny_batch(tiny_model, 4, seed=11)
+    red = ReducedLlava(tiny_model, create_reducer(name, budget, **kw))
+    batched = red.generate(ids, mask, pixels, 4, eos_token_id=2)
+    seen = batched.trace.visual_tokens[:, -1]
+    if budget != "auto":
+        assert seen.tolist() == [budget] * 4
+    for i in (0, 3):
+        row = mask[i].bool()
+        one = red.generate(ids[i:i + 1, row], mask[i:i + 1, row], pixels[i:i + 1], 4, eos_token_id=2)
+        assert one.tokens[0].tolist() == batched.tokens[i, : one.tokens.size(1)].tolist()
+        assert one.trace.sample(0, 16)["kept_indices"] == batched.trace.sample(i, 16)["kept_indices"]
+
+
+def test_fastv_with_every_token_equals_full(tiny_model):
+    ids, mask, pixels = tiny_batch(tiny_model, 3, seed=12)
+    full = ReducedLlava(tiny_model, create_reducer("full")).generate(ids, mask, pixels, 6, eos_token_id=2)
+    fastv = ReducedLlava(tiny_model, create_reducer("fastv", 16, layer=2)).generate(ids, mask, pixels, 6, eos_token_id=2)
+    assert torch.equal(full.tokens, fastv.tokens)
+    torch.testing.assert_close(full.first_logits, fastv.first_logits, atol=1e-5, rtol=1e-5)

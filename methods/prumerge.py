@@ -98,13 +98,18 @@ class _PruMergeBase(TokenReducer):
     def forward(self, t: Tokens) -> Reduced:
         if t.valid is not None:
             raise NotImplementedError(f"{self.name} expects every image to arrive with all its patches")
-        keep, valid = self.select(t.cls_attn)  # (B, M)
+        keep, valid = self.select(t.cls_attn)  # (B, M); M static: budget - 1, or N in auto mode (then padded)
         merged = merge_neighbours(t.x, t.keys, t.cls_attn, keep, self.neighbours)  # (B, M, D)
         kept_mask = torch.zeros_like(t.cls_attn, dtype=torch.bool).scatter(1, keep, valid)  # (B, N)
         x = torch.cat([merged, extra_token(t.x, t.cls_attn, kept_mask)], 1)  # (B, M + 1, D)
         keep = torch.cat([keep, keep.new_full((keep.size(0), 1), -1)], 1)  # the extra token has no single source
-        valid = torch.cat([valid, valid.new_ones(valid.size(0), 1)], 1)
-        return Reduced(x=x, keep=keep, valid=None if bool(valid.all()) else valid)
+        if not self.auto:  # exactly budget - 1 chosen per image: no padding, and no host sync to find out
+            return Reduced(x=x, keep=keep)
+        return Reduced(x=x, keep=keep, valid=torch.cat([valid, valid.new_ones(valid.size(0), 1)], 1))
+
+    def _slots(self, n: int) -> int:
+        """Output slots before the extra token: budget - 1, or all N in auto mode (padding marked invalid)."""
+        return n if self.auto else min(self.budget - 1, n)
 
     def _counts(self, cls_attn: Tensor) -> Tensor:
         """(B,) tokens chosen by attention: the IQR outlier count (auto), at least 1, or budget - 1."""
@@ -113,9 +118,8 @@ class _PruMergeBase(TokenReducer):
         return torch.full(cls_attn.shape[:1], self.budget - 1, device=cls_attn.device).clamp(max=cls_attn.size(1))
 
 
-def _ordered(keys: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort by `keys` (B, N) ascending and put the `chosen` (B, N) entries first; trim to the largest count."""
-    m = int(chosen.sum(1).max())
+def _ordered(keys: Tensor, chosen: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The `chosen` (B, N) entries first, sorted by `keys` (B, N) ascending; the first m slots and their validity."""
     order = torch.where(chosen, keys, keys + 4 * keys.size(1)).argsort(dim=1)[:, :m]  # (B, M)
     return order, chosen.gather(1, order)
 
@@ -127,7 +131,7 @@ class PruMerge(_PruMergeBase):
     def select(self, cls_attn: Tensor) -> tuple[Tensor, Tensor]:
         rank = cls_attn.argsort(dim=1, descending=True).argsort(dim=1)  # (B, N) 0 = most attended
         chosen = rank < self._counts(cls_attn).unsqueeze(1)
-        return _ordered(rank.double(), chosen)
+        return _ordered(rank.double(), chosen, self._slots(cls_attn.size(1)))
 
 
 @register_reducer("prumerge_plus")
@@ -143,10 +147,10 @@ class PruMergePlus(_PruMergeBase):
             top = rank < k.unsqueeze(1)
             grid = (idx % plus_stride(k, n).unsqueeze(1) == 0) & (idx < n - 1) & ~top
         else:
-            total = min(self.budget - 1, n)
-            k = torch.full((b,), -(-total // 4), device=cls_attn.device)  # ceil((B - 1) / 4)
-            top = rank < k.unsqueeze(1)
-            spatial = total - int(k[0])
+            total = self._slots(n)
+            k_attn = -(-total // 4)  # ceil((B - 1) / 4)
+            top = rank < k_attn
+            spatial = total - k_attn
             step = max(1, (n - 1) // max(spatial, 1))
             on_grid = (idx % step == 0) & (idx < n - 1) & ~top
             # spatial picks: grid tokens, lowest index first, then (if the grid ran short) the next by attention
@@ -154,4 +158,4 @@ class PruMergePlus(_PruMergeBase):
             grid = prio.argsort(dim=1).argsort(dim=1) < spatial
             grid = grid & ~top
         keys = torch.where(top, rank.double(), n + idx.double())  # attention-ranked first, then spatial by index
-        return _ordered(keys, top | grid)
+        return _ordered(keys, top | grid, self._slots(n))

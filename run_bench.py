@@ -13,7 +13,7 @@ from pathlib import Path
 
 EPILOG = """examples:
   python run_bench.py                                    # smoke benchmark, every method, default budgets
-  python run_bench.py --methods full fastv --budgets 16 36 --limit 100
+  python run_bench.py --methods full fastv --budgets 16 36 --limit 100 --method-args fastv.layer=1
   python run_bench.py --model /ckpt/llava-1.5-7b-hf --methods adaptive fastv --budgets 64 576 --tasks gqa pope
   python run_bench.py --list                             # methods (name, site, defaults) and our tasks
   python run_bench.py --dry-run                          # print the (task, method, budget) plan and exit
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=d["output"].default, help="results directory")
     p.add_argument("--include-path", nargs="+", type=Path, default=[], metavar="DIR",
                    help="extra folders of lmms-eval task YAMLs")
+    p.add_argument("--method-args", nargs="+", type=_method_arg, default=[], metavar="METHOD.ARG=VALUE",
+                   help="constructor arguments of a method, e.g. fastv.layer=1 random.seed=3")
     p.add_argument("--list", action="store_true", help="list methods and tasks, then exit")
     p.add_argument("--dry-run", action="store_true", help="print the plan, then exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -63,6 +65,20 @@ def _budget(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"budget {value} must be >= 1 (visual tokens the LLM sees)")
     return value
+
+
+def _method_arg(text: str) -> tuple[str, str, object]:
+    import ast
+
+    head, sep, value = text.partition("=")
+    method, dot, arg = head.partition(".")
+    if not (sep and dot and method and arg):
+        raise argparse.ArgumentTypeError(f"{text!r}: write METHOD.ARG=VALUE, e.g. fastv.layer=1")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value  # a plain string, e.g. a path
+    return method, arg, parsed
 
 
 def list_everything() -> None:
@@ -98,11 +114,12 @@ def _main(args: argparse.Namespace) -> int:
     if args.list:
         list_everything()
         return 0
-    from benchmarks.runner import RunSpec, run
+    from benchmarks.runner import RunSpec, make_reducer, run
 
     spec = RunSpec(model=args.model, methods=tuple(args.methods), budgets=tuple(args.budgets),
                    tasks=tuple(args.tasks), limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-                   output=args.output, include_paths=tuple(args.include_path), device=args.device, dtype=args.dtype)
+                   output=args.output, include_paths=tuple(args.include_path), device=args.device, dtype=args.dtype,
+                   method_kwargs=tuple(args.method_args))
     if not (Path(spec.model) / "config.json").is_file():
         raise FileNotFoundError(f"--model {spec.model} is not a llava-hf checkpoint folder (no config.json)")
     num_patches = _num_patches(spec.model)
@@ -114,6 +131,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"  {c.task:14s} {c.method:14s} budget {c.budget}")
     if not cells:
         raise ValueError("the plan is empty: give methods and budgets that apply to each other")
+    for c in cells:  # every method argument is checked before anything expensive starts
+        make_reducer(c, spec)
     if args.dry_run:
         return 0
     _quiet_lmms_eval()

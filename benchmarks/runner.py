@@ -66,6 +66,7 @@ class RunSpec:
     include_paths: tuple[Path, ...] = ()
     device: str = "cpu"
     dtype: str = "auto"
+    method_kwargs: tuple[tuple[str, str, object], ...] = ()  # (method, argument, value), from --method-args
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", expand_methods(self.methods or tuple(list_reducers())))
@@ -78,6 +79,13 @@ class RunSpec:
                 raise ValueError(f"budgets are numbers of visual tokens >= 1 or {AUTO!r}, got {b!r}")
         if not self.tasks:
             raise ValueError("give at least one task")
+        for method, arg, _ in self.method_kwargs:
+            if method not in self.methods:
+                raise ValueError(f"--method-args names {method}.{arg}, but {method} is not among the methods run")
+
+    def kwargs_for(self, method: str) -> dict:
+        """Constructor arguments given on the command line for `method`."""
+        return {arg: value for m, arg, value in self.method_kwargs if m == method}
 
     def cells(self, num_patches: int) -> tuple[list[Cell], list[str]]:
         """Expand methods x budgets x tasks. Returns the cells and notes for the printed plan.
@@ -258,9 +266,13 @@ def ensure_task_data(tasks: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------------------------------------- running
 
 
-def make_reducer(cell: Cell) -> TokenReducer:
-    """The cell's reducer, with the method's default arguments."""
-    return create_reducer(cell.method, cell.budget if get_reducer_class(cell.method).uses_budget else None)
+def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:
+    """The cell's reducer: the method's defaults, overridden by --method-args."""
+    budget = cell.budget if get_reducer_class(cell.method).uses_budget else None
+    try:
+        return create_reducer(cell.method, budget, **spec.kwargs_for(cell.method))
+    except TypeError as e:  # an argument the constructor does not take
+        raise ValueError(f"{cell.method}: {e}; see the method's docstring for its arguments") from None
 
 
 def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov: dict) -> tuple[list[dict], list[dict]]:
@@ -335,7 +347,7 @@ def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:
     prov = provenance(spec, spec.device)
     todo = []
     for cell in cells:
-        reducer = make_reducer(cell)
+        reducer = make_reducer(cell, spec)
         fp = fingerprint(spec, {"method": cell.method, **reducer.method_args()})
         if not store.done(cell, fp):
             todo.append((cell, reducer, fp))

@@ -70,6 +70,11 @@ def test_dry_run_and_bad_input(tiny_ckpt, tmp_path, capsys):
     assert run_bench.main(["--model", str(tiny_ckpt), "--budgets", "16", "200", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "no pruning" in out and "full" in out
+    assert run_bench.main(["--model", str(tiny_ckpt), "--methods", "fastv", "--budgets", "8", "--dry-run",
+                           "--method-args", "fastv.layer=1"]) == 0
+    assert run_bench.main(["--model", str(tiny_ckpt), "--methods", "fastv", "--budgets", "8", "--dry-run",
+                           "--method-args", "fastv.depth=1"]) == 2
+    assert "unexpected keyword argument 'depth'" in capsys.readouterr().err
     assert run_bench.main(["--model", str(tmp_path / "nope"), "--dry-run"]) == 2
     assert "not a llava-hf checkpoint" in capsys.readouterr().err
     assert run_bench.main(["--model", str(tiny_ckpt), "--tasks", "synth_vq", "--output", str(tmp_path / "x")]) == 2

@@ -25,7 +25,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from methods import TokenReducer, create_reducer
-from methods.llava import ReducedLlava
+from methods.llava import ReducedLlava, llava_prompt
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,8 @@ class ReducedLlavaLMM(lmms):
     # ------------------------------------------------------------------ prompts
 
     def build_prompt(self, context: str) -> str:
-        """LLaVA-1.5 prompt with one image, through the checkpoint's chat template when it has one."""
-        context = context.replace("<image>", "").lstrip("\n")
-        if getattr(self.processor, "chat_template", None):
-            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": context}]}]
-            return self.processor.apply_chat_template(conv, add_generation_prompt=True)
-        return f"USER: <image>\n{context} ASSISTANT:"
+        """LLaVA-1.5 prompt with one image (`methods.llava.llava_prompt`)."""
+        return llava_prompt(self.processor, context)
 
     def _eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id

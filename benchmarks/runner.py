@@ -69,7 +69,9 @@ class RunSpec:
     method_kwargs: tuple[tuple[str, str, object], ...] = ()  # (method, argument, value), from --method-args
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", expand_methods(self.methods or tuple(list_reducers())))
+        # default: every registered method that can run on this model (learned ones need a trained controller)
+        default = tuple(m for m in list_reducers() if not needs_checkpoint(m) or self.controller(m).is_dir())
+        object.__setattr__(self, "methods", expand_methods(self.methods or default))
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
@@ -84,8 +86,15 @@ class RunSpec:
                 raise ValueError(f"--method-args names {method}.{arg}, but {method} is not among the methods run")
 
     def kwargs_for(self, method: str) -> dict:
-        """Constructor arguments given on the command line for `method`."""
-        return {arg: value for m, arg, value in self.method_kwargs if m == method}
+        """Constructor arguments for `method`: the command line's, plus the model's trained controller if any."""
+        kwargs = {arg: value for m, arg, value in self.method_kwargs if m == method}
+        if needs_checkpoint(method) and "checkpoint" not in kwargs and self.controller(method).is_dir():
+            kwargs["checkpoint"] = str(self.controller(method))
+        return kwargs
+
+    def controller(self, method: str) -> Path:
+        """Where a learned method's controller for this model lives by default: MODEL/controllers/METHOD."""
+        return Path(self.model) / "controllers" / method
 
     def cells(self, num_patches: int) -> tuple[list[Cell], list[str]]:
         """Expand methods x budgets x tasks. Returns the cells and notes for the printed plan.
@@ -115,6 +124,11 @@ class RunSpec:
             pairs.append(("full", num_patches))
         pairs = list(dict.fromkeys(pairs))
         return [Cell(t, m, b) for t in self.tasks for m, b in pairs], notes
+
+
+def needs_checkpoint(method: str) -> bool:
+    """True for learned methods, which run from a trained controller."""
+    return getattr(get_reducer_class(method), "needs_checkpoint", False)
 
 
 def expand_methods(names: tuple[str, ...]) -> tuple[str, ...]:

@@ -3,7 +3,7 @@
 Importing this package imports every method module, so their `@register_reducer` decorators run.
 """
 
-from methods import fastv, full, prumerge, random  # noqa: F401  (registers the methods)
+from methods import adaptive, fastv, full, prumerge, random  # noqa: F401  (registers the methods)
 from methods._registry import (
     UnknownReducerError,
     create_reducer,

@@ -48,6 +48,8 @@ class Tokens:
         budget: (B,) long, optional per-sample budgets that override the reducer's own `budget`.
         sample_key: (B,) long, a key derived from each sample's exact inputs (its pixels), for methods that need
             per-sample randomness that does not depend on the batch a sample lands in.
+        extra: (B, E, Dv) at the features site, the feature-layer outputs of the tokens the reducer appended to
+            the vision encoder's input with `extra_vision_tokens` (they are not among `x`).
     """
 
     x: Tensor
@@ -58,6 +60,7 @@ class Tokens:
     query_attn: Tensor | None = None
     budget: Tensor | None = None
     sample_key: Tensor | None = None
+    extra: Tensor | None = None
 
 
 @dataclass
@@ -116,6 +119,12 @@ class TokenReducer(nn.Module):
         if self.layer is not None:
             args["layer"] = self.layer
         return args
+
+    def extra_vision_tokens(self, batch: int, num_patches: int, budgets: Tensor | None) -> Tensor | None:
+        """(B, E, Dv) tokens to append to the vision encoder's input (after the patch and position embeddings,
+        before the encoder's pre-LayerNorm), or None. They run through the encoder layers with the patches and come
+        back, at the features site, as `Tokens.extra`."""
+        return None
 
     def forward(self, t: Tokens) -> Reduced:  # pragma: no cover - abstract
         raise NotImplementedError

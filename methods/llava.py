@@ -31,7 +31,7 @@ cache with its own padding mask; new positions continue from the original (unred
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,16 @@ from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Reduced, Site, TokenReducer, Tokens
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def llava_prompt(processor, text: str) -> str:
+    """LLaVA-1.5 prompt for one image and `text`, through the checkpoint's chat template when it has one:
+    `USER: <image>\\n{text} ASSISTANT:`. An `<image>` already in `text` is moved to the front."""
+    text = text.replace("<image>", "").lstrip("\n")
+    if getattr(processor, "chat_template", None):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(conv, add_generation_prompt=True)
+    return f"USER: <image>\n{text} ASSISTANT:"
 
 
 @dataclass(frozen=True)
@@ -160,7 +170,7 @@ class _Decoder:
     next_pos: Tensor  # (B,) position id of the next token
     logits: Tensor  # (B, V) logits of the last position
     trace: TokenTrace
-    extras: dict = field(default_factory=dict)
+    tail_logits: Tensor | None = None  # (B, m, V) logits of the last m positions, when prefill was asked for them
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -256,9 +266,14 @@ class ReducedLlava:
         return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float())
 
     def prefill(
-        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, budgets: Tensor | None = None
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, budgets: Tensor | None = None,
+        tail: int = 1,
     ) -> _Decoder:
-        """Run the reduced prefill; return the decoding state (cache, masks, last-position logits, token trace)."""
+        """Run the reduced prefill; return the decoding state (cache, masks, last-position logits, token trace).
+
+        Differentiable (no `no_grad` here): training computes a loss on `tail_logits`, the logits of the last `tail`
+        positions (with left padding, a teacher-forced answer sits at the end of every row).
+        """
         m = self.model
         device = m.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
@@ -270,22 +285,29 @@ class ReducedLlava:
         projector_tokens = fvalid.sum(1) if fvalid is not None else torch.full_like(fsrc[:, 0], feats.size(1))
         x, pad, vis, src = self._splice(input_ids, attention_mask, projected, fvalid, fsrc)  # (B, T', D)
         pos = (pad.long().cumsum(1) - 1).clamp(min=0)  # contiguous positions, like HF with left padding
-        return self._llm_prefill(x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens)
+        return self._llm_prefill(x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens, tail)
 
     # ------------------------------------------------------------------ vision
 
     def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor):
         """(B, 3, H, W) -> features (B, K, Dv), valid (B, K) or None, source patch (B, K), vision tokens (B, Lv)."""
         vt, lay, r = self.model.model.vision_tower, self.layout, self.reducer
-        h = vt.pre_layrnorm(vt.embeddings(pixel_values))  # (B, 1+N, Dv)
+        h = vt.embeddings(pixel_values)  # (B, 1+N, Dv)
         b, n = h.size(0), lay.num_patches
         if h.size(1) != 1 + n:
             raise ValueError(f"vision embeddings have {h.size(1)} tokens, expected 1 + {n}; check the image size")
+        extra = r.extra_vision_tokens(b, n, budgets)  # (B, E, Dv) or None, e.g. Option A's budget token
+        e = 0 if extra is None else extra.size(1)
+        if e:
+            h = torch.cat([h, extra.to(h.dtype)], 1)  # (B, 1+N+E, Dv): [CLS, P1..PN, extras]
+        h = vt.pre_layrnorm(h)
         src = torch.arange(n, device=h.device).expand(b, n)  # (B, N) original patch index of each token
         valid, attn_mask = None, None
         hidden, counts = {0: h}, []
         for i, layer in enumerate(vt.encoder.layers[: lay.vision_layers_run]):
             if r.site is Site.VISION and i == r.layer:
+                if e:
+                    raise NotImplementedError(f"{r.name}: extra vision tokens are supported at the features site only")
                 red = r(Tokens(x=h[:, 1:], grid=lay.grid, valid=valid, budget=budgets, sample_key=key))
                 patches, valid, src = self._apply(red, h[:, 1:], valid, src)
                 h = torch.cat([h[:, :1], patches], 1)  # (B, 1+K, Dv): CLS always kept
@@ -296,11 +318,12 @@ class ReducedLlava:
             counts.append(h.size(1) if valid is None else 1 + valid.sum(1))
             h = layer(h, attn_mask)
             hidden[i + 1] = h
-        feats = torch.cat([hidden[j][:, 1:] for j in lay.feature_layers], dim=-1)  # (B, N, Dv * nf)
+        feats = torch.cat([hidden[j][:, 1 : hidden[j].size(1) - e] for j in lay.feature_layers], dim=-1)  # (B, N, Dv*nf)
+        extra_out = hidden[max(lay.feature_layers)][:, hidden[max(lay.feature_layers)].size(1) - e :] if e else None
         vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
         if r.site is Site.FEATURES:
-            sig = self._vision_signals(h, attn_mask) if r.needs else {}
-            red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, **sig))
+            sig = self._vision_signals(h[:, : h.size(1) - e], attn_mask) if r.needs else {}
+            red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
             feats, valid, src = self._apply(red, feats, valid, src)
         return feats, valid, src, vision_tokens
 
@@ -390,7 +413,7 @@ class ReducedLlava:
 
     # ------------------------------------------------------------------ LLM
 
-    def _llm_prefill(self, x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens) -> _Decoder:
+    def _llm_prefill(self, x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens, tail) -> _Decoder:
         lm, r = self.model.model.language_model, self.reducer
         from transformers import DynamicCache  # local: keep `import methods` light
 
@@ -413,7 +436,7 @@ class ReducedLlava:
             h_prev = x
             x = layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                       position_embeddings=cos_sin)  # (B, T', D)
-        logits = self.model.lm_head(lm.norm(x[:, -1:]))[:, 0]  # (B, V): last position only
+        logits = self.model.lm_head(lm.norm(x[:, -tail:]))  # (B, tail, V): the last position(s) only
         kept, kept_valid = pack_true(vis & pad)
         trace = TokenTrace(
             vision_tokens=vision_tokens,
@@ -425,7 +448,7 @@ class ReducedLlava:
         )
         next_pos = pos[:, -1] + 1  # the last prompt token is real for every left-padded sample
         return _Decoder(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,
-                        logits=logits, trace=trace)
+                        logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None)
 
     def _reduce_in_llm(self, j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets, key):
         """Remove non-kept image tokens before decoder layer j (LLM site)."""

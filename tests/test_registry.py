@@ -8,7 +8,8 @@ import torch
 import methods
 from methods import Reduced, Site, TokenReducer, Tokens, UnknownReducerError, create_reducer, list_reducers
 from methods._registry import _REDUCERS, register_reducer
-from benchmarks.runner import RunSpec, expand_methods
+from benchmarks.runner import RunSpec, expand_methods, needs_checkpoint
+from methods.adaptive import ControllerConfig
 
 
 def test_full_is_registered_and_is_identity():
@@ -69,16 +70,21 @@ def test_contract_batch_of_four_independent_samples(name):
     """Every FEATURES reducer: shapes, budget, and one sample's output never depends on another's (methods at the
     other sites run through the adapter in test_methods.py)."""
     cls = methods.get_reducer_class(name)
-    r = create_reducer(name, 4 if cls.uses_budget else None).eval()
+    kwargs = {"config": ControllerConfig(method=name, dim=8, num_patches=16)} if needs_checkpoint(name) else {}
+    r = create_reducer(name, 4 if cls.uses_budget else None, **kwargs).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, 8, generator=g)
     sig = {"cls_attn": torch.rand(4, 16, generator=g).softmax(1), "keys": torch.randn(4, 16, 8, generator=g)}
+    extra = r.extra_vision_tokens(4, 16, None)  # as if the encoder were the identity
+    if extra is not None:
+        sig["extra"] = extra.detach()
     key = torch.arange(4) * 7919
-    t = Tokens(x=x, grid=(4, 4), sample_key=key, **{k: v for k, v in sig.items() if k in cls.needs})
+    wanted = set(cls.needs) | {"extra"}
+    t = Tokens(x=x, grid=(4, 4), sample_key=key, **{k: v for k, v in sig.items() if k in wanted})
     out = r(t)
     x2 = x.clone()
     x2[1] = torch.randn(16, 8, generator=g)
-    out2 = r(Tokens(x=x2, grid=(4, 4), sample_key=key, **{k: v for k, v in sig.items() if k in cls.needs}))
+    out2 = r(Tokens(x=x2, grid=(4, 4), sample_key=key, **{k: v for k, v in sig.items() if k in wanted}))
     assert out.x.shape[0] == 4 and out.x.shape[-1] == 8
     if cls.uses_budget:
         assert out.x.shape[1] <= 4

@@ -1,0 +1,253 @@
+"""Adaptive, budget-conditioned token pruning: a learned controller picks exactly K patch tokens per sample.
+
+This project's method (the user's SEED_PLAN), built on AdaLLaVA's recipe (Xu, Nguyen et al., "Learning to Inference
+Adaptively for Multimodal Large Language Models", arXiv 2503.10905): a scalar budget is encoded (sinusoidal, 128
+frequencies, then an MLP), fused with the image content, and a head scores every patch; "how many" is the budget
+itself (K = budget), "which" comes from the scores. Selection is K rounds of masked Gumbel-softmax without
+replacement with the straight-through trick in training (tau = 5), plain top-K in eval. Trained with the LM loss
+only and a random budget per batch (`python -m methods.train_adaptive`).
+
+Site: features. The kept patches go to the projector in their original order (CLS is dropped before the
+controller, as LLaVA's "default" feature selection does); the LLM sees exactly K visual tokens.
+
+* `adaptive_b` (Option B): the vision encoder runs unchanged; the budget embedding attends to the patch features
+  (one cross-attention, budget as query) and the fused vector conditions the scores.
+* `adaptive_a` (Option A): a budget token (budget embedding + its own learned position embedding) is appended as the
+  last position of the vision encoder's input, [CLS, P1..PN, BUDGET], and goes through the same encoder layers
+  (the checkpoint's weights, unchanged); its output at the feature layer conditions the scores. It is appended
+  after the patch and position embeddings and before the encoder's pre-LayerNorm, so it is normalised like the
+  other tokens. The encoder runs on N + 2 tokens (counted in the token trace).
+* `budget_blind`: the ablation; the same scorer with no budget input (content only).
+
+Differs from AdaLLaVA: the budget is a token count, encoded as the ratio K / N in [0, 1] (AdaLLaVA quantises a
+latency to a layer count); the controller selects tokens, not layers or heads. The budget embedding's MLP is
+LayerNorm(256) -> Linear -> GELU -> Linear as in AdaLLaVA, with a narrower hidden width (`hidden`, default 256).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods._ops import gather_tokens, sample_budgets
+from methods._registry import register_reducer
+from methods.base import Reduced, TokenReducer, Tokens
+
+CONFIG_FILE = "controller.json"
+WEIGHTS_FILE = "controller.safetensors"
+
+
+def budget_encoding(ratio: Tensor, num_freqs: int = 128) -> Tensor:
+    """(B,) ratios in [0, 1] -> (B, 2 * num_freqs): [sin(s f), cos(s f)], s = 2 pi ratio, f_i = 10000^(-i/num_freqs)."""
+    freqs = 10000.0 ** (-torch.arange(num_freqs, device=ratio.device, dtype=torch.float32) / num_freqs)
+    s = 2 * math.pi * ratio.float().unsqueeze(1) * freqs  # (B, F)
+    return torch.cat([s.sin(), s.cos()], dim=1)
+
+
+class BudgetEmbedding(nn.Module):
+    """Scalar budget ratio -> vector of width `dim` (sinusoidal encoding, then LayerNorm -> Linear -> GELU -> Linear)."""
+
+    def __init__(self, dim: int, num_freqs: int = 128, hidden: int = 256) -> None:
+        super().__init__()
+        self.num_freqs = num_freqs
+        self.mlp = nn.Sequential(nn.LayerNorm(2 * num_freqs), nn.Linear(2 * num_freqs, hidden), nn.GELU(),
+                                 nn.Linear(hidden, dim))
+
+    def forward(self, ratio: Tensor) -> Tensor:
+        return self.mlp(budget_encoding(ratio, self.num_freqs))  # (B, D)
+
+
+def gumbel_topk(logits: Tensor, k: Tensor, tau: float = 5.0, training: bool = True) -> Tensor:
+    """Exactly k[b] items per row: AdaLLaVA's `n_times_gumbel_softmax`, vectorised over the batch.
+
+    Training: K rounds; each adds Gumbel(0, 1) noise once (shared by the rounds, so the result is a draw without
+    replacement), masks the items already picked, and takes the hard one-hot of the softmax's argmax with the
+    straight-through trick (y_hard - stopgrad(y_soft) + y_soft, y_soft = softmax((logits + g) / tau)). Eval: top-k.
+
+    Args:
+        logits: (B, N) scores.
+        k: (B,) long, items per row (1 <= k <= N).
+
+    Returns:
+        (B, N) mask with exactly k[b] ones per row going forward (gradients flow to `logits` in training).
+    """
+    b, n = logits.shape
+    kmax = int(k.max())
+    if not training:
+        top = logits.topk(kmax, dim=1).indices  # (B, K)
+        ranked = torch.arange(kmax, device=logits.device).unsqueeze(0) < k.unsqueeze(1)
+        return torch.zeros_like(logits).scatter(1, top, ranked.to(logits.dtype))
+    gumbel = -torch.empty_like(logits).exponential_().log()
+    z = (logits + gumbel) / tau  # (B, N)
+    picked = torch.zeros(b, n, dtype=torch.bool, device=logits.device)
+    total = torch.zeros_like(logits)
+    for i in range(kmax):
+        active = (i < k).unsqueeze(1)  # (B, 1): rows that still pick
+        y_soft = z.masked_fill(picked, float("-inf")).softmax(dim=1)  # (B, N)
+        y_hard = F.one_hot(y_soft.argmax(dim=1), n).to(logits.dtype)
+        total = total + torch.where(active, y_hard - y_soft.detach() + y_soft, torch.zeros_like(y_soft))
+        picked = picked | (y_hard.bool() & active)
+    return total
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """What a trained controller needs to be rebuilt: saved next to its weights."""
+
+    method: str
+    dim: int  # vision feature width (LLaVA-1.5: 1024)
+    num_patches: int
+    hidden: int = 256
+    heads: int = 4
+    tau: float = 5.0
+
+
+class _Adaptive(TokenReducer):
+    """Shared body: scorer, Gumbel top-K, saving and loading. Subclasses say where the budget meets the content."""
+
+    conditioning: ClassVar[str] = ""  # "cross_attention", "budget_token" or "none"
+    needs_checkpoint: ClassVar[bool] = True  # the runner looks in MODEL/controllers/<name> by default
+
+    def __init__(self, budget: int | None = None, checkpoint: str | Path | None = None,
+                 config: ControllerConfig | None = None) -> None:
+        super().__init__(budget if budget is not None else 1)
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        if (checkpoint is None) == (config is None):
+            raise ValueError(f"{self.name}: no trained controller; train one with `python -m methods.train_adaptive "
+                             f"--model MODEL --method {self.name}` (it lands in MODEL/controllers/{self.name}) or "
+                             f"pass --method-args {self.name}.checkpoint=DIR")
+        if checkpoint is not None:
+            config = load_config(checkpoint, self.name)
+        self.config = config
+        d, h = config.dim, config.hidden
+        self.budget_embedding = BudgetEmbedding(d, hidden=h) if self.conditioning != "none" else None
+        self.norm = nn.LayerNorm(d)
+        self.content = nn.Linear(d, h)
+        self.condition = nn.Linear(d, h) if self.conditioning != "none" else None
+        self.head = nn.Sequential(nn.GELU(), nn.Linear(h, 1))
+        self.build_fusion(config)
+        if checkpoint is not None:
+            from safetensors.torch import load_file
+
+            state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
+            missing, unexpected = self.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{checkpoint} does not match {self.name}: missing {missing}, unexpected {unexpected}")
+
+    def build_fusion(self, config: ControllerConfig) -> None:
+        """Create the modules where budget and content meet (subclasses)."""
+
+    def method_args(self) -> dict:
+        return {**super().method_args(), "checkpoint": self.checkpoint, "tau": self.config.tau}
+
+    def ratio(self, k: Tensor, n: int) -> Tensor:
+        return k.float() / n  # (B,) the budget as a share of the patches, in [0, 1]
+
+    def budgets(self, t: Tokens) -> Tensor:
+        b, n, _ = t.x.shape
+        return sample_budgets(self.budget, t.budget, n, b, t.x.device)  # (B,)
+
+    def fused(self, t: Tokens, k: Tensor) -> Tensor | None:
+        """(B, D) the budget-and-content vector that conditions the scores (None: content only)."""
+        raise NotImplementedError
+
+    def scores(self, t: Tokens, k: Tensor) -> Tensor:
+        """(B, N) keep logits."""
+        h = self.content(self.norm(t.x))  # (B, N, H)
+        f = self.fused(t, k)
+        if f is not None:
+            h = h + self.condition(f).unsqueeze(1)
+        return self.head(h).squeeze(-1)
+
+    def forward(self, t: Tokens) -> Reduced:
+        if t.valid is not None:
+            raise NotImplementedError(f"{self.name} expects every image to arrive with all its patches")
+        k = self.budgets(t)  # (B,)
+        logits = self.scores(t, k)  # (B, N)
+        mask = gumbel_topk(logits, k, self.config.tau, self.training)  # (B, N), exactly k ones
+        kmax = int(k.max())
+        keep = (mask.detach() > 0.5).float().topk(kmax, dim=1, sorted=False).indices.sort(dim=1).values  # (B, K)
+        x = gather_tokens(t.x, keep) * mask.gather(1, keep).unsqueeze(-1).to(t.x.dtype)  # (B, K, D): 1 x going on
+        valid = torch.arange(kmax, device=k.device).unsqueeze(0) < k.unsqueeze(1)
+        if bool(valid.all()):
+            return Reduced(x=x, keep=keep, aux={"logits": logits})
+        # rows with fewer picks: their last slots hold unpicked tokens; mark them and move picked ones first
+        picked = mask.detach().gather(1, keep) > 0.5
+        order = (~picked).to(torch.int8).argsort(dim=1, stable=True)
+        return Reduced(x=gather_tokens(x, order), keep=keep.gather(1, order), valid=picked.gather(1, order),
+                       aux={"logits": logits})
+
+    def save(self, directory: str | Path) -> None:
+        """Write the controller's weights and config (small files) to `directory`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+
+def load_config(checkpoint: str | Path, method: str) -> ControllerConfig:
+    path = Path(checkpoint) / CONFIG_FILE
+    if not path.is_file() or not (Path(checkpoint) / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a trained controller folder ({CONFIG_FILE} + {WEIGHTS_FILE}); "
+                                f"train one with `python -m methods.train_adaptive --method {method}`")
+    try:
+        config = ControllerConfig(**json.loads(path.read_text()))
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a controller config this version understands: {e}") from None
+    if config.method != method:
+        raise ValueError(f"{checkpoint} holds a {config.method} controller, not {method}")
+    return config
+
+
+@register_reducer("adaptive_b")
+class AdaptiveB(_Adaptive):
+    """Option B: budget embedding cross-attends to the patch features after the encoder; fused vector conditions."""
+
+    conditioning = "cross_attention"
+
+    def build_fusion(self, config: ControllerConfig) -> None:
+        self.attend = nn.MultiheadAttention(config.dim, config.heads, batch_first=True)
+
+    def fused(self, t: Tokens, k: Tensor) -> Tensor:
+        q = self.budget_embedding(self.ratio(k, t.x.size(1))).unsqueeze(1).to(t.x.dtype)  # (B, 1, D)
+        kv = self.norm(t.x)
+        return self.attend(q, kv, kv, need_weights=False)[0][:, 0]  # (B, D)
+
+
+@register_reducer("adaptive_a")
+class AdaptiveA(_Adaptive):
+    """Option A: a budget token goes through the vision encoder with the patches; its output conditions."""
+
+    conditioning = "budget_token"
+
+    def build_fusion(self, config: ControllerConfig) -> None:
+        self.position = nn.Parameter(torch.zeros(1, 1, config.dim))  # the budget token's own position embedding
+
+    def extra_vision_tokens(self, batch: int, num_patches: int, budgets: Tensor | None) -> Tensor:
+        k = sample_budgets(self.budget, budgets, num_patches, batch, self.position.device)
+        return self.budget_embedding(self.ratio(k, num_patches)).unsqueeze(1) + self.position  # (B, 1, D)
+
+    def fused(self, t: Tokens, k: Tensor) -> Tensor:
+        if t.extra is None:
+            raise ValueError("adaptive_a needs the budget token's encoder output (Tokens.extra); run it through "
+                             "methods.llava.ReducedLlava")
+        return t.extra[:, -1]  # (B, D) the budget token after the encoder layers
+
+
+@register_reducer("budget_blind")
+class BudgetBlind(_Adaptive):
+    """Ablation: the same learned scorer with no budget input (content only); K still comes from the budget."""
+
+    conditioning = "none"
+
+    def fused(self, t: Tokens, k: Tensor) -> None:
+        return None

@@ -309,7 +309,7 @@ class ReducedLlava:
                 if e:
                     raise NotImplementedError(f"{r.name}: extra vision tokens are supported at the features site only")
                 red = r(Tokens(x=h[:, 1:], grid=lay.grid, valid=valid, budget=budgets, sample_key=key))
-                patches, valid, src = self._apply(red, h[:, 1:], valid, src)
+                patches, valid, src = self._apply(red, h[:, 1:], valid, src, budgets)
                 h = torch.cat([h[:, :1], patches], 1)  # (B, 1+K, Dv): CLS always kept
                 if valid is not None:
                     key = torch.cat([valid.new_ones(b, 1), valid], 1)  # (B, 1+K)
@@ -324,7 +324,7 @@ class ReducedLlava:
         if r.site is Site.FEATURES:
             sig = self._vision_signals(h[:, : h.size(1) - e], attn_mask) if r.needs else {}
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
-            feats, valid, src = self._apply(red, feats, valid, src)
+            feats, valid, src = self._apply(red, feats, valid, src, budgets)
         return feats, valid, src, vision_tokens
 
     def _vision_signals(self, h: Tensor, attn_mask: Tensor | None) -> dict[str, Tensor]:
@@ -349,8 +349,8 @@ class ReducedLlava:
             scores = scores + attn_mask[:, 0].float()
         return {"cls_attn": scores.softmax(-1)[:, 0, 1:], "keys": k[:, 1:]}  # (B, N), (B, N, Dv)
 
-    def _apply(self, red: Reduced, x_in: Tensor, valid: Tensor | None, src: Tensor):
-        """Check a reducer's output and carry the source-patch map through it."""
+    def _apply(self, red: Reduced, x_in: Tensor, valid: Tensor | None, src: Tensor, budgets: Tensor | None):
+        """Check a reducer's output against its budget and carry the source-patch map through it."""
         r = self.reducer
         if not isinstance(red, Reduced):
             raise TypeError(f"{r.name}.forward must return a Reduced, got {type(red).__name__}")
@@ -358,10 +358,11 @@ class ReducedLlava:
             if red.x.size(1) != x_in.size(1):
                 raise ValueError(f"{r.name} changed the token count but returned keep=None")
             return red.x, red.valid if red.valid is not None else valid, src
-        if r.budget is not None:
+        limit = budgets.clamp(min=1) if budgets is not None else r.budget  # a budget <= 0 still keeps one token
+        if limit is not None:
             counts = red.keep.size(1) if red.valid is None else red.valid.sum(1)
-            if bool(torch.as_tensor(counts > r.budget).any()):
-                raise ValueError(f"{r.name} returned more than its budget of {r.budget} tokens")
+            if bool(torch.as_tensor(counts > torch.as_tensor(limit, device=red.keep.device)).any()):
+                raise ValueError(f"{r.name} returned more tokens than its budget ({limit})")
         x = red.x
         new_src = torch.where(red.keep >= 0, src.gather(1, red.keep.clamp(min=0)), -1)  # (B, K)
         new_valid = red.valid

@@ -1,0 +1,261 @@
+"""Train an adaptive token-pruning controller with the LM loss only and a random budget per batch.
+
+    python -m methods.train_adaptive --model benchmarks/smoke_model/checkpoint --method adaptive_b
+    accelerate launch --num_processes 8 -m methods.train_adaptive --model /ckpt/llava-1.5-7b-hf --method adaptive_a \\
+        --data /data/llava_v1_5_mix665k.json --image-folder /data/images --budget-range 0.05 0.5
+
+The vision encoder and the LLM are frozen by default; `--train-projector` and `--lora-rank R` (peft LoRA on the LLM's
+attention projections) unfreeze more. Each batch draws one budget K uniformly from `--budget-range` (as a share of
+the patches); the controller must pick exactly K patches; the loss is the answer tokens' cross-entropy, nothing
+else. Only the new modules are saved (the controller's weights and config, a few hundred KB), into
+`--out` (default MODEL/controllers/METHOD, where the runner finds them). With `--train-projector` or LoRA, the
+trained model is also saved as a llava-hf folder in OUT/model; evaluate with `--model OUT/model`.
+A killed run resumes from OUT/train_state.pt when started again with the same command.
+
+Data: `--data synth` (the project's synthetic train split, generated on the fly) or a LLaVA-format JSON list of
+{"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}
+(the first human/gpt turn is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from methods import create_reducer
+from methods.adaptive import ControllerConfig
+from methods.llava import ReducedLlava, llava_prompt
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m methods.train_adaptive", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", type=Path, required=True, help="local llava-hf checkpoint folder")
+    p.add_argument("--method", required=True, choices=["adaptive_a", "adaptive_b", "budget_blind"])
+    p.add_argument("--data", default="synth", help="'synth' or a LLaVA-format JSON file")
+    p.add_argument("--image-folder", type=Path, default=None, help="folder the JSON's image paths are relative to")
+    p.add_argument("--synth-samples", type=int, default=20000, help="size of the synthetic train split")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: MODEL/controllers/METHOD)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--budget-range", type=float, nargs=2, default=(0.05, 0.5), metavar=("MIN", "MAX"),
+                   help="budgets drawn per batch, as shares of the patches (default 0.05 0.5)")
+    p.add_argument("--hidden", type=int, default=256, help="controller width")
+    p.add_argument("--tau", type=float, default=5.0, help="Gumbel-softmax temperature (AdaLLaVA: 5)")
+    p.add_argument("--train-projector", action="store_true", help="also train the multimodal projector")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM frozen)")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: accelerate's choice (cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class SynthTrain(torch.utils.data.Dataset):
+    """The synthetic benchmark's train split (held out from the test split by its seed), made on the fly."""
+
+    def __init__(self, n: int) -> None:
+        from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
+        from benchmarks.synthetic.tasks.utils import doc_to_text
+
+        self.n, self.seed, self.make, self.text = n, SPLIT_SEEDS["train"], generate_sample, doc_to_text
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple:
+        from PIL import Image
+
+        s = self.make(self.seed, i)
+        return Image.fromarray(s.image), self.text({"question": s.question}), s.answer
+
+
+class LlavaJson(torch.utils.data.Dataset):
+    """LLaVA-format conversations; the first human/gpt turn of each record that has an image."""
+
+    def __init__(self, path: Path, image_folder: Path | None) -> None:
+        records = json.loads(Path(path).read_text())
+        self.items = []
+        for r in records:
+            turns = r.get("conversations", [])
+            if "image" in r and len(turns) >= 2 and turns[0]["from"] == "human" and turns[1]["from"] == "gpt":
+                self.items.append((r["image"], turns[0]["value"], turns[1]["value"]))
+        if not self.items:
+            raise ValueError(f"{path} holds no LLaVA-format records with an image and a human/gpt turn")
+        self.folder = image_folder or Path(path).parent
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple:
+        from PIL import Image
+
+        image, question, answer = self.items[i]
+        return Image.open(self.folder / image).convert("RGB"), question, answer
+
+
+class Collate:
+    """Prompt + answer + end-of-sequence, left-padded; `answer_len` counts the answer's tokens (eos included)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        self.eos = processor.tokenizer.eos_token or ""
+
+    def __call__(self, batch: list[tuple]) -> dict:
+        images, questions, answers = zip(*batch)
+        prompts = [llava_prompt(self.processor, q) for q in questions]
+        full = [f"{p} {a}{self.eos}" for p, a in zip(prompts, answers)]
+        tok = self.processor.tokenizer
+        lens = [len(tok(f).input_ids) - len(tok(p).input_ids) for p, f in zip(prompts, full)]
+        inputs = self.processor(images=list(images), text=full, return_tensors="pt", padding=True)
+        return {**inputs, "answer_len": torch.tensor(lens)}
+
+
+def answer_loss(tail_logits: torch.Tensor, input_ids: torch.Tensor, answer_len: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the answer tokens. tail_logits (B, M+1, V) are the logits of the last M+1 positions."""
+    m = tail_logits.size(1) - 1
+    targets = input_ids[:, -m:]  # (B, M)
+    is_answer = torch.arange(m, device=targets.device).unsqueeze(0) >= (m - answer_len.to(targets.device)).unsqueeze(1)
+    logits = tail_logits[:, :-1].float()  # position t predicts token t + 1
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return (loss.view_as(targets) * is_answer).sum() / is_answer.sum()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(args: argparse.Namespace) -> Path:
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from benchmarks.lmms_model import load_llava  # the same loader the runner uses
+
+    acc = Accelerator(cpu=args.device == "cpu")
+    device = args.device or str(acc.device)
+    out = args.out or args.model / "controllers" / args.method
+    torch.manual_seed(args.seed + acc.process_index)
+    random.seed(args.seed)
+    model, processor = load_llava(args.model, device=device, dtype=args.dtype)
+    model.requires_grad_(False)
+    trained = []
+    if args.train_projector:
+        model.model.multi_modal_projector.requires_grad_(True)
+        trained += list(model.model.multi_modal_projector.parameters())
+    if args.lora_rank:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        inject_adapter_in_model(lora, model.model.language_model)  # LoRA layers inside the LLM's own modules
+        for name, p in model.model.language_model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        trained += [p for name, p in model.model.language_model.named_parameters() if "lora_" in name]
+    cfg = model.config.vision_config
+    n = (cfg.image_size // cfg.patch_size) ** 2
+    controller = create_reducer(args.method, 1, config=ControllerConfig(
+        method=args.method, dim=cfg.hidden_size, num_patches=n, hidden=args.hidden, tau=args.tau)).to(device)
+    params = list(controller.parameters()) + trained
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    data = SynthTrain(args.synth_samples) if args.data == "synth" else LlavaJson(Path(args.data), args.image_folder)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, collate_fn=Collate(processor),
+                                         generator=torch.Generator().manual_seed(args.seed), drop_last=True)
+    loader = acc.prepare(loader)
+    step = 0
+    state_path = out / STATE_FILE
+    if state_path.is_file():  # resume
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        controller.load_state_dict(state["controller"])
+        opt.load_state_dict(state["optimizer"])
+        for p, saved in zip(trained, state["trained"]):
+            p.data.copy_(saved)
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        acc.print(f"resumed from {state_path} at step {step}")
+    lo, hi = (max(1, round(f * n)) for f in args.budget_range)
+    runner = ReducedLlava(model, controller)
+    controller.train()
+    bar = tqdm(total=args.steps, initial=step, desc=f"train {args.method}", disable=not acc.is_main_process)
+    t0 = time.perf_counter()
+    while step < args.steps:
+        for batch in loader:
+            if step >= args.steps:
+                break
+            k = torch.randint(lo, hi + 1, (1,)).item()  # one budget per batch
+            budgets = torch.full((batch["input_ids"].size(0),), k, device=device)
+            state = runner.prefill(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                   budgets=budgets, tail=int(batch["answer_len"].max()) + 1)
+            loss = answer_loss(state.tail_logits, batch["input_ids"].to(device), batch["answer_len"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in params:  # average gradients over processes (the controller is small: no DDP wrapper needed)
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", k=k)
+            if acc.is_main_process:
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / LOG_FILE, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": round(loss.item(), 5), "budget": k,
+                                        "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
+                if step % args.save_every == 0 or step == args.steps:
+                    save(out, controller, opt, trained, step, model, processor, args)
+    bar.close()
+    return out
+
+
+def save(out: Path, controller, opt, trained, step: int, model, processor, args) -> None:
+    """Controller weights + config (what the runner loads), and the resumable training state (atomic)."""
+    controller.save(out)
+    state = {"controller": controller.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "trained": [p.detach().cpu() for p in trained], "rng": torch.get_rng_state(), "args": vars(args)}
+    tmp = out / f".{STATE_FILE}.{os.getpid()}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE_FILE)
+    (out / "train_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2) + "\n")
+    if trained and step == args.steps:
+        if args.lora_rank:  # merge, so OUT/model is a plain llava-hf folder
+            merge_lora(model.model.language_model)
+        model.save_pretrained(out / "model")
+        processor.save_pretrained(out / "model")
+
+
+def merge_lora(module: torch.nn.Module) -> None:
+    """Fold injected LoRA layers back into their base linear layers, leaving plain modules."""
+    for name, child in list(module.named_children()):
+        if hasattr(child, "merge") and hasattr(child, "base_layer"):
+            child.merge()
+            setattr(module, name, child.base_layer)
+        else:
+            merge_lora(child)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    args = parse_args(argv)
+    lo, hi = args.budget_range
+    if not 0 < lo <= hi <= 1:
+        raise SystemExit(f"error: --budget-range {lo} {hi}: need 0 < MIN <= MAX <= 1 (shares of the patches)")
+    out = train(args)
+    print(f"saved the controller to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,7 +32,8 @@ SMOKE_TASKS = ("synth_vqa",)
 DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
 SUMMARY_COLUMNS = [
     "task", "method", "budget", "metric", "value", "n", "visual_tokens_mean", "visual_tokens_max",
-    "llm_prefill_tokens_mean", "generated_tokens_mean", "wall_s", "samples_per_s", "model", "method_args",
+    "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
+    "total_tflops_mean", "wall_s", "samples_per_s", "model", "method_args",
     "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
     "lmms_eval_version", "time_utc",
 ]
@@ -304,6 +305,9 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
     wall = time.perf_counter() - t0
     if res is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
+    from flops.analytic import ModelShape, count
+
+    shape = ModelShape.from_config(lm.model.config)
     docs = res["samples"][cell.task]
     metric_list = res["configs"][cell.task].get("metric_list") or [{}]
     primary = metric_list[0].get("metric")
@@ -312,11 +316,15 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
         rec = lm.records.get((cell.task, d["doc_id"]), {})
         pred = d["filtered_resps"][0] if d.get("filtered_resps") else None
         correct = d.get(primary)
+        macs = count(rec, shape) if rec else None
         samples.append({
             "task": cell.task, "method": cell.method, "budget": cell.budget, "doc_id": d["doc_id"],
             "prediction": pred, "target": d.get("target"),
             "correct": None if not isinstance(correct, (int, float)) else float(correct),
             **rec,
+            "prefill_gmacs": None if macs is None else round(macs.prefill / 1e9, 6),
+            "llm_prefill_gmacs": None if macs is None else round(macs.llm_prefill / 1e9, 6),
+            "total_gmacs": None if macs is None else round(macs.total / 1e9, 6),
         })
     visual = [s["visual_tokens"] for s in samples if "visual_tokens" in s]
     prefill = [s["llm_tokens_per_layer"][0] for s in samples if "llm_tokens_per_layer" in s]
@@ -325,6 +333,8 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
         "task": cell.task, "method": cell.method, "budget": cell.budget,
         "visual_tokens_mean": _mean(visual), "visual_tokens_max": max(visual) if visual else None,
         "llm_prefill_tokens_mean": _mean(prefill), "generated_tokens_mean": _mean(generated),
+        **{f"{k}_tflops_mean": _mean([2e-3 * s[f"{k}_gmacs"] for s in samples if s.get(f"{k}_gmacs") is not None], 6)
+           for k in ("prefill", "llm_prefill", "total")},
         "wall_s": round(wall, 3), "samples_per_s": round(len(docs) / wall, 3) if wall > 0 else None,
         "method_args": json.dumps(reducer.method_args(), sort_keys=True),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -340,8 +350,8 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
     return rows, samples
 
 
-def _mean(xs: list) -> float | None:
-    return round(sum(xs) / len(xs), 3) if xs else None
+def _mean(xs: list, digits: int = 3) -> float | None:
+    return round(sum(xs) / len(xs), digits) if xs else None
 
 
 def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:

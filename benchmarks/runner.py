@@ -33,7 +33,7 @@ DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 o
 SUMMARY_COLUMNS = [
     "task", "method", "budget", "metric", "value", "n", "visual_tokens_mean", "visual_tokens_max",
     "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
-    "total_tflops_mean", "wall_s", "samples_per_s", "model", "method_args",
+    "total_tflops_mean", "relevant_precision_mean", "relevant_recall_mean", "wall_s", "samples_per_s", "model", "method_args",
     "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
     "lmms_eval_version", "time_utc",
 ]
@@ -305,41 +305,67 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
     wall = time.perf_counter() - t0
     if res is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
+    samples = sample_records(res, cell, lm)
+    return summary_rows(res, cell, samples, reducer, wall, prov), samples
+
+
+def sample_records(res: dict, cell: Cell, lm) -> list[dict]:
+    """One record per scored doc: lmms-eval's prediction and score joined with the model's token trace and MACs.
+
+    When the doc records which patches its question is about (`relevant_patches`, the synthetic benchmark does),
+    the record also says how well the kept patches cover them: `relevant_precision` (share of kept patches that
+    are relevant) and `relevant_recall` (share of relevant patches kept).
+    """
     from flops.analytic import ModelShape, count
 
     shape = ModelShape.from_config(lm.model.config)
-    docs = res["samples"][cell.task]
-    metric_list = res["configs"][cell.task].get("metric_list") or [{}]
-    primary = metric_list[0].get("metric")
+    primary = (res["configs"][cell.task].get("metric_list") or [{}])[0].get("metric")
     samples = []
-    for d in docs:
+    for d in res["samples"][cell.task]:
         rec = lm.records.get((cell.task, d["doc_id"]), {})
-        pred = d["filtered_resps"][0] if d.get("filtered_resps") else None
         correct = d.get(primary)
         macs = count(rec, shape) if rec else None
-        samples.append({
+        out = {
             "task": cell.task, "method": cell.method, "budget": cell.budget, "doc_id": d["doc_id"],
-            "prediction": pred, "target": d.get("target"),
-            "correct": None if not isinstance(correct, (int, float)) else float(correct),
+            "prediction": d["filtered_resps"][0] if d.get("filtered_resps") else None, "target": d.get("target"),
+            "correct": float(correct) if isinstance(correct, (int, float)) else None,
             **rec,
             "prefill_gmacs": None if macs is None else round(macs.prefill / 1e9, 6),
             "llm_prefill_gmacs": None if macs is None else round(macs.llm_prefill / 1e9, 6),
             "total_gmacs": None if macs is None else round(macs.total / 1e9, 6),
-        })
+        }
+        relevant = (d.get("doc") or {}).get("relevant_patches")
+        if relevant is not None and rec:
+            kept = set(range(shape.num_patches)) if rec["kept_indices"] is None else set(rec["kept_indices"])
+            hit = len(kept & set(relevant))
+            out["relevant_precision"] = round(hit / len(kept), 4) if kept else None
+            out["relevant_recall"] = round(hit / len(relevant), 4) if relevant else None
+        samples.append(out)
+    return samples
+
+
+def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReducer, wall: float,
+                 prov: dict) -> list[dict]:
+    """One flat row per metric of the cell, with the cell's token, FLOPs and timing means."""
+
+    def mean_of(key: str, scale: float = 1.0, digits: int = 3) -> float | None:
+        return _mean([scale * s[key] for s in samples if s.get(key) is not None], digits)
+
     visual = [s["visual_tokens"] for s in samples if "visual_tokens" in s]
-    prefill = [s["llm_tokens_per_layer"][0] for s in samples if "llm_tokens_per_layer" in s]
-    generated = [s["generated_tokens"] for s in samples if s.get("generated_tokens") is not None]
     common = {
         "task": cell.task, "method": cell.method, "budget": cell.budget,
         "visual_tokens_mean": _mean(visual), "visual_tokens_max": max(visual) if visual else None,
-        "llm_prefill_tokens_mean": _mean(prefill), "generated_tokens_mean": _mean(generated),
-        **{f"{k}_tflops_mean": _mean([2e-3 * s[f"{k}_gmacs"] for s in samples if s.get(f"{k}_gmacs") is not None], 6)
-           for k in ("prefill", "llm_prefill", "total")},
-        "wall_s": round(wall, 3), "samples_per_s": round(len(docs) / wall, 3) if wall > 0 else None,
+        "llm_prefill_tokens_mean": _mean([s["llm_tokens_per_layer"][0] for s in samples if "llm_tokens_per_layer" in s]),
+        "generated_tokens_mean": mean_of("generated_tokens"),
+        **{f"{k}_tflops_mean": mean_of(f"{k}_gmacs", 2e-3, 6) for k in ("prefill", "llm_prefill", "total")},
+        "relevant_precision_mean": mean_of("relevant_precision", digits=4),
+        "relevant_recall_mean": mean_of("relevant_recall", digits=4),
+        "wall_s": round(wall, 3), "samples_per_s": round(len(samples) / wall, 3) if wall > 0 else None,
         "method_args": json.dumps(reducer.method_args(), sort_keys=True),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **prov,
     }
+    docs = res["samples"][cell.task]
     rows = []
     for key, value in res["results"][cell.task].items():
         metric, _, _ = key.partition(",")
@@ -347,7 +373,7 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
             continue
         n = sum(1 for d in docs if d.get(metric) is not None) or res["n-samples"][cell.task]["effective"]
         rows.append({**common, "metric": metric, "value": float(value), "n": n})
-    return rows, samples
+    return rows
 
 
 def _mean(xs: list, digits: int = 3) -> float | None:

@@ -1,0 +1,52 @@
+"""The committed smoke model on the synthetic benchmark: every method is batch-invariant, budgets are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.lmms_model import load_llava
+from benchmarks.runner import SMOKE_MODEL, RunSpec, make_reducer
+from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.synthetic.tasks.utils import doc_to_text
+from methods.llava import ReducedLlava, llava_prompt
+
+METHODS = RunSpec().methods  # every method that can run on the smoke model (learned ones need its controllers)
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    model, processor = load_llava(SMOKE_MODEL)
+    samples = [generate_sample(SPLIT_SEEDS["test"], i) for i in range(12)]
+    from PIL import Image
+
+    prompts = [llava_prompt(processor, doc_to_text({"question": s.question})) for s in samples]
+    inputs = processor(images=[Image.fromarray(s.image) for s in samples], text=prompts, return_tensors="pt",
+                       padding=True)
+    return model, processor, inputs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_predictions_identical_at_batch_1_and_4(smoke, method):
+    from benchmarks.runner import Cell
+
+    model, processor, inputs = smoke
+    n = 144
+    budget = n if method == "full" else (36 if method != "prumerge" else "auto")
+    run = ReducedLlava(model, make_reducer(Cell("synth_vqa", method, budget), RunSpec()))
+    eos = model.generation_config.eos_token_id
+
+    def generate(rows):
+        ids, mask = inputs["input_ids"][rows], inputs["attention_mask"][rows]
+        keep = mask.any(0)  # drop columns that are padding for every row of this batch
+        return run.generate(ids[:, keep], mask[:, keep], inputs["pixel_values"][rows], 4, eos_token_id=eos)
+
+    ones = [generate(slice(i, i + 1)) for i in range(12)]
+    fours = [generate(slice(i, i + 4)) for i in range(0, 12, 4)]
+    for i, one in enumerate(ones):
+        four = fours[i // 4]
+        length = int(one.lengths[0])
+        assert one.tokens[0, :length].tolist() == four.tokens[i % 4, :length].tolist()
+        assert one.trace.sample(0, n)["kept_indices"] == four.trace.sample(i % 4, n)["kept_indices"]
+        if budget not in (n, "auto"):
+            assert one.trace.visual_tokens[0, -1] == budget

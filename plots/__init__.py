@@ -1,5 +1,5 @@
-"""Accuracy-FLOPs curves and tables regenerated from stored results (never imports torch).
+"""Curves and tables regenerated from stored results (`python -m plots RESULTS_DIR`); never imports torch.
 
-Not implemented yet: tracked by the results-and-plots issue. Results live in the run directory's summary.csv and
-samples.jsonl (see results/README.md).
+So far: accuracy vs prefill FLOPs per task (`plots.pareto`). Latency curves, tables and token-selection pictures
+are tracked by the results-and-plots issue.
 """

@@ -1,0 +1,89 @@
+"""Tests for the smoke model: build, prompt format, training splice, a scaled-down retrain, the committed checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.smoke_model import build, train
+from benchmarks.synthetic import generate as g
+from benchmarks.synthetic.tasks.utils import doc_to_text
+
+CHECKPOINT = Path(build.__file__).resolve().parent / "checkpoint"
+EXPECTED_PROMPT = (
+    "USER: <image>\nWhat color is the circle?\nAnswer the question using a single word or phrase. ASSISTANT:"
+)
+
+
+def test_prompt_and_tokenizer() -> None:
+    proc = build.build_processor()
+    assert build.chat_prompt(proc, doc_to_text({"question": "What color is the circle?"})) == EXPECTED_PROMPT
+    plain = proc.apply_chat_template([{"role": "user", "content": "<image>\nhi"}], add_generation_prompt=True)
+    assert plain == "USER: <image>\nhi ASSISTANT:"
+    tok = proc.tokenizer
+    assert tok.padding_side == "left" and tok.pad_token == "<pad>" and tok.eos_token == "</s>"
+    for word in g.ANSWERS:
+        ids = tok(" " + word, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and ids[0] != tok.unk_token_id, word
+        assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == word
+    enc = proc(images=[Image.new("RGB", (96, 96))], text=[EXPECTED_PROMPT], return_tensors="pt")
+    assert int((enc.input_ids == proc.image_token_id).sum()) == g.NUM_PATCHES
+    assert enc.pixel_values.shape == (1, 3, 96, 96)
+
+
+def test_training_splice_equals_hf_forward() -> None:
+    """With all 144 tokens, the training path (cached features + splice) gives HF's own logits."""
+    torch.manual_seed(0)
+    proc = build.build_processor()
+    model = build.build_model(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2,
+                              text_heads=2, seed=1)
+    samples = [g.generate_sample(g.SPLIT_SEEDS["val"], i) for i in range(3)]
+    prompts = train.tokenize_prompts(proc, samples)
+    feats = train.cache_features(model, torch.from_numpy(np.stack([s.image for s in samples])))
+    emb, mask, pos, tgt = train.splice_batch(model, prompts, [0, 1, 2], feats.float(), proc.image_token_id,
+                                             proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
+        ours = model.lm_head(hidden[:, -2])  # (B, V) logits where the answer is predicted
+        texts = [build.chat_prompt(proc, doc_to_text({"question": s.question})) for s in samples]
+        inputs = proc(images=[Image.fromarray(s.image) for s in samples], text=texts, padding=True,
+                      return_tensors="pt")
+        hf = model(**inputs).logits[:, -1]  # (B, V)
+    # fp16 feature cache -> small differences only
+    torch.testing.assert_close(ours, hf, atol=2e-3, rtol=1e-3)
+    assert tgt[0].tolist() == [emb.shape[1] - 2, emb.shape[1] - 1]
+
+
+def test_tiny_retrain_loss_falls(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = replace(train.TrainConfig.tiny(), n_test=10)
+    out = train.train(cfg, tmp_path / "ckpt")
+    s1 = [r["loss"] for r in out["log"] if r["stage"] == 1]
+    s2 = [r["loss"] for r in out["log"] if r["stage"] == 2]
+    assert len(s1) == cfg.stage1_steps and len(s2) == cfg.stage2_steps
+    assert sum(s1[-5:]) / 5 < 0.8 * sum(s1[:5]) / 5, s1
+    assert sum(s2[-5:]) / 5 < 0.8 * sum(s2[:5]) / 5, s2
+    assert any(r["k"] < g.NUM_PATCHES for r in out["log"] if r["stage"] == 2), "no batch dropped image tokens"
+    assert (tmp_path / "ckpt" / "model.safetensors").exists() and (tmp_path / "ckpt" / "eval.json").exists()
+
+
+@pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="checkpoint not trained yet")
+def test_committed_checkpoint_reloads_and_answers() -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    size = sum(f.stat().st_size for f in CHECKPOINT.iterdir() if f.is_file())
+    assert size <= 20 * 2**20, f"checkpoint is {size / 2**20:.1f} MiB; the limit is 20"
+    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT, local_files_only=True)
+    proc = AutoProcessor.from_pretrained(CHECKPOINT, local_files_only=True)
+    assert build.chat_prompt(proc, doc_to_text({"question": "What color is the circle?"})) == EXPECTED_PROMPT
+    assert proc.tokenizer.padding_side == "left"
+    samples = [g.generate_sample(g.SPLIT_SEEDS["test"], i) for i in range(40)]
+    full = train.evaluate(model, proc, samples)
+    blind = train.evaluate(model, proc, samples, keep=0)
+    assert full["overall"] >= 0.75, full  # the full 1000-question score is in MODEL_CARD.md
+    assert full["overall"] > blind["overall"] + 0.2, (full, blind)

@@ -8,7 +8,11 @@ replacement with the straight-through trick in training (tau = 5), plain top-K i
 only and a random budget per batch (`python -m methods.train_adaptive`).
 
 Site: features. The kept patches go to the projector in their original order (CLS is dropped before the
-controller, as LLaVA's "default" feature selection does); the LLM sees exactly K visual tokens.
+controller, as LLaVA's "default" feature selection does); the LLM sees exactly K visual tokens. In training, as
+AdaLLaVA multiplies skipped layers by a zero mask instead of skipping them, every patch stays in the sequence and
+its projected token is multiplied by the straight-through mask (1 kept, 0 dropped), so the loss has a gradient for
+the dropped tokens too; a first version that fed only the K selected tokens (gradient for those alone) learned to
+pick the same background patches for every image.
 
 * `adaptive_b` (Option B): the vision encoder runs unchanged; the budget embedding attends to the patch features
   (one cross-attention, budget as query) and the fused vector conditions the scores.
@@ -172,9 +176,12 @@ class _Adaptive(TokenReducer):
         k = self.budgets(t)  # (B,)
         logits = self.scores(t, k)  # (B, N)
         mask = gumbel_topk(logits, k, self.config.tau, self.training)  # (B, N), exactly k ones
+        if self.training:  # every token stays, scaled by the straight-through mask after the projector
+            keep = torch.arange(t.x.size(1), device=t.x.device).expand(t.x.size(0), -1)
+            return Reduced(x=t.x, keep=keep, scale=mask, aux={"logits": logits})
         kmax = int(k.max())
         keep = (mask.detach() > 0.5).float().topk(kmax, dim=1, sorted=False).indices.sort(dim=1).values  # (B, K)
-        x = gather_tokens(t.x, keep) * mask.gather(1, keep).unsqueeze(-1).to(t.x.dtype)  # (B, K, D): 1 x going on
+        x = gather_tokens(t.x, keep)  # (B, K, D)
         valid = torch.arange(kmax, device=k.device).unsqueeze(0) < k.unsqueeze(1)
         if bool(valid.all()):
             return Reduced(x=x, keep=keep, aux={"logits": logits})

@@ -280,8 +280,10 @@ class ReducedLlava:
         self._image_span(input_ids)  # fail before any compute
         pixel_values = pixel_values.to(device, m.model.vision_tower.dtype)
         key = pixel_key(pixel_values)  # (B,)
-        feats, fvalid, fsrc, vision_tokens = self._encode_images(pixel_values, budgets, key)  # (B, K, Dv)
+        feats, fvalid, fsrc, vision_tokens, scale = self._encode_images(pixel_values, budgets, key)  # (B, K, Dv)
         projected = m.model.multi_modal_projector(feats)  # (B, K, D)
+        if scale is not None:  # training-time straight-through selection mask (see Reduced.scale)
+            projected = projected * scale.unsqueeze(-1).to(projected.dtype)
         projector_tokens = fvalid.sum(1) if fvalid is not None else torch.full_like(fsrc[:, 0], feats.size(1))
         x, pad, vis, src = self._splice(input_ids, attention_mask, projected, fvalid, fsrc)  # (B, T', D)
         pos = (pad.long().cumsum(1) - 1).clamp(min=0)  # contiguous positions, like HF with left padding
@@ -321,11 +323,13 @@ class ReducedLlava:
         feats = torch.cat([hidden[j][:, 1 : hidden[j].size(1) - e] for j in lay.feature_layers], dim=-1)  # (B, N, Dv*nf)
         extra_out = hidden[max(lay.feature_layers)][:, hidden[max(lay.feature_layers)].size(1) - e :] if e else None
         vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
+        scale = None
         if r.site is Site.FEATURES:
             sig = self._vision_signals(h[:, : h.size(1) - e], attn_mask) if r.needs else {}
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
             feats, valid, src = self._apply(red, feats, valid, src, budgets)
-        return feats, valid, src, vision_tokens
+            scale = red.scale
+        return feats, valid, src, vision_tokens, scale
 
     def _vision_signals(self, h: Tensor, attn_mask: Tensor | None) -> dict[str, Tensor]:
         """CLS attention and keys from the q/k projections of the encoder layer that consumes the features.
@@ -361,11 +365,15 @@ class ReducedLlava:
         limit = budgets.clamp(min=1) if budgets is not None else r.budget  # a budget <= 0 still keeps one token
         if limit is not None:
             counts = red.keep.size(1) if red.valid is None else red.valid.sum(1)
+            if red.scale is not None:
+                counts = (red.scale.detach() > 0.5).sum(1)
             if bool(torch.as_tensor(counts > torch.as_tensor(limit, device=red.keep.device)).any()):
                 raise ValueError(f"{r.name} returned more tokens than its budget ({limit})")
         x = red.x
         new_src = torch.where(red.keep >= 0, src.gather(1, red.keep.clamp(min=0)), -1)  # (B, K)
         new_valid = red.valid
+        if new_valid is not None and red.scale is not None:
+            raise ValueError(f"{r.name}: a training-time scale cannot be combined with padding slots")
         if new_valid is not None:  # drop padding slots now, so later layers and the projector skip them
             idx, new_valid = pack_true(new_valid)  # (B, K')
             x, new_src = gather_tokens(x, idx), new_src.gather(1, idx)

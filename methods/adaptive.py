@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods._ops import gather_tokens, sample_budgets
+from methods._ops import gather_tokens, sample_budgets, select_top
 from methods._registry import register_reducer
 from methods.base import Reduced, TokenReducer, Tokens
 
@@ -175,21 +175,12 @@ class _Adaptive(TokenReducer):
             raise NotImplementedError(f"{self.name} expects every image to arrive with all its patches")
         k = self.budgets(t)  # (B,)
         logits = self.scores(t, k)  # (B, N)
-        mask = gumbel_topk(logits, k, self.config.tau, self.training)  # (B, N), exactly k ones
         if self.training:  # every token stays, scaled by the straight-through mask after the projector
+            mask = gumbel_topk(logits, k, self.config.tau, training=True)  # (B, N), exactly k ones
             keep = torch.arange(t.x.size(1), device=t.x.device).expand(t.x.size(0), -1)
             return Reduced(x=t.x, keep=keep, scale=mask, aux={"logits": logits})
-        kmax = int(k.max())
-        keep = (mask.detach() > 0.5).float().topk(kmax, dim=1, sorted=False).indices.sort(dim=1).values  # (B, K)
-        x = gather_tokens(t.x, keep)  # (B, K, D)
-        valid = torch.arange(kmax, device=k.device).unsqueeze(0) < k.unsqueeze(1)
-        if bool(valid.all()):
-            return Reduced(x=x, keep=keep, aux={"logits": logits})
-        # rows with fewer picks: their last slots hold unpicked tokens; mark them and move picked ones first
-        picked = mask.detach().gather(1, keep) > 0.5
-        order = (~picked).to(torch.int8).argsort(dim=1, stable=True)
-        return Reduced(x=gather_tokens(x, order), keep=keep.gather(1, order), valid=picked.gather(1, order),
-                       aux={"logits": logits})
+        keep, valid = select_top(logits, k)  # (B, K) ascending: eval is plain top-K (= gumbel_topk's eval mode)
+        return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=valid, aux={"logits": logits})
 
     def save(self, directory: str | Path) -> None:
         """Write the controller's weights and config (small files) to `directory`."""

@@ -292,7 +292,8 @@ class ReducedLlava:
     # ------------------------------------------------------------------ vision
 
     def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor):
-        """(B, 3, H, W) -> features (B, K, Dv), valid (B, K) or None, source patch (B, K), vision tokens (B, Lv)."""
+        """(B, 3, H, W) -> features (B, K, Dv), valid (B, K) or None, source patch (B, K), vision tokens (B, Lv),
+        and the reducer's training-time scale (B, K) or None."""
         vt, lay, r = self.model.model.vision_tower, self.layout, self.reducer
         h = vt.embeddings(pixel_values)  # (B, 1+N, Dv)
         b, n = h.size(0), lay.num_patches
@@ -314,9 +315,9 @@ class ReducedLlava:
                 patches, valid, src = self._apply(red, h[:, 1:], valid, src, budgets)
                 h = torch.cat([h[:, :1], patches], 1)  # (B, 1+K, Dv): CLS always kept
                 if valid is not None:
-                    key = torch.cat([valid.new_ones(b, 1), valid], 1)  # (B, 1+K)
-                    attn_mask = torch.zeros(key.shape, dtype=h.dtype, device=h.device)
-                    attn_mask = attn_mask.masked_fill(~key, torch.finfo(h.dtype).min)[:, None, None, :]
+                    real = torch.cat([valid.new_ones(b, 1), valid], 1)  # (B, 1+K) CLS + kept patches
+                    attn_mask = torch.zeros(real.shape, dtype=h.dtype, device=h.device)
+                    attn_mask = attn_mask.masked_fill(~real, torch.finfo(h.dtype).min)[:, None, None, :]
             counts.append(h.size(1) if valid is None else 1 + valid.sum(1))
             h = layer(h, attn_mask)
             hidden[i + 1] = h

@@ -15,6 +15,7 @@ in `records`, keyed by (task, doc_id), for the runner to join with lmms-eval's s
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from pathlib import Path
@@ -103,7 +104,8 @@ class ReducedLlavaLMM(lmms):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
-        self.records: dict[tuple[str, int], dict] = {}
+        self.records: dict[tuple[str, int], dict] = {}  # (task, doc_id) -> token trace and times of the sample
+        self.batch_times: list[dict] = []  # per batch, in run order: `methods.llava.Timing` fields and the size
         self._warned_sampling = False
         self.set_reducer(create_reducer(method, budget, **method_args))
 
@@ -157,6 +159,14 @@ class ReducedLlavaLMM(lmms):
                     inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                     max_new_tokens=gen["max_new_tokens"], eos_token_id=self._eos_ids(), pad_token_id=pad_id,
                 )
+                t = out.timing
+                self.batch_times.append({**dataclasses.asdict(t), "batch": len(chunk)})
+                times = {  # per sample, amortised over the batch
+                    "prefill_ms": round(1e3 * t.prefill_s / len(chunk), 4),
+                    "decode_ms_per_token": round(1e3 * t.decode_s / (t.decode_steps * len(chunk)), 4)
+                    if t.decode_steps else None,
+                    "reducer_ms": round(1e3 * t.reducer_s / len(chunk), 4),
+                }
                 for j, req in enumerate(chunk):
                     n = int(out.lengths[j])
                     text = tok.decode(out.tokens[j, :n], skip_special_tokens=True)
@@ -165,7 +175,7 @@ class ReducedLlavaLMM(lmms):
                             text = text.split(stop)[0]
                     text = text.strip()
                     _, _, _, doc_id, task, _ = req.args
-                    rec = out.trace.sample(j, self.num_patches)
+                    rec = {**out.trace.sample(j, self.num_patches), **times}
                     self.records[(task, doc_id)] = rec
                     counts = TokenCounts(input_tokens=rec["llm_tokens_per_layer"][0], output_tokens=n)
                     results[idx[j]] = GenerationResult(text=text, token_counts=counts)

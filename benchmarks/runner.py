@@ -17,7 +17,9 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,9 @@ DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 o
 SUMMARY_COLUMNS = [
     "task", "method", "budget", "metric", "value", "n", "visual_tokens_mean", "visual_tokens_max",
     "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
-    "total_tflops_mean", "relevant_precision_mean", "relevant_recall_mean", "wall_s", "samples_per_s", "model", "method_args",
+    "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean", "relevant_recall_mean",
+    "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
+    "wall_s", "samples_per_s", "model", "method_args",
     "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
     "lmms_eval_version", "time_utc",
 ]
@@ -292,10 +296,15 @@ def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:
 
 def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov: dict) -> tuple[list[dict], list[dict]]:
     """Run one cell through lmms-eval; return its summary rows and sample records."""
+    import torch
     from lmms_eval.evaluator import simple_evaluate
 
     lm.set_reducer(reducer)
     lm.records.clear()
+    lm.batch_times.clear()
+    cuda = lm.model.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(lm.model.device)
     t0 = time.perf_counter()
     res = simple_evaluate(
         model=lm, tasks=[cell.task], limit=spec.limit, log_samples=True, bootstrap_iters=0, task_manager=tm,
@@ -306,7 +315,36 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
     if res is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
     samples = sample_records(res, cell, lm)
-    return summary_rows(res, cell, samples, reducer, wall, prov), samples
+    times = cell_times(lm.batch_times)
+    times["peak_memory_mb"] = round((torch.cuda.max_memory_allocated(lm.model.device) if cuda else _peak_rss()) / 2**20, 1)
+    return summary_rows(res, cell, samples, reducer, wall, {**times, **prov}), samples
+
+
+def cell_times(batches: list[dict]) -> dict:
+    """Medians over a cell's batches of the per-sample times (batch time / batch size), after a warm-up batch.
+
+    The first batch is the warm-up (allocator, kernel selection, caches) and is left out when there are others.
+    """
+    kept = batches[1:] if len(batches) > 1 else batches
+
+    def median(values: list[float]) -> float | None:
+        return round(statistics.median(values), 4) if values else None
+
+    return {
+        "prefill_ms_median": median([1e3 * b["prefill_s"] / b["batch"] for b in kept]),
+        "decode_ms_per_token_median": median([1e3 * b["decode_s"] / (b["decode_steps"] * b["batch"])
+                                               for b in kept if b["decode_steps"]]),
+        "reducer_ms_median": median([1e3 * b["reducer_s"] / b["batch"] for b in kept]),
+        "timed_batches": len(kept),
+    }
+
+
+def _peak_rss() -> int:
+    """Bytes: this process's peak resident set so far (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def sample_records(res: dict, cell: Cell, lm) -> list[dict]:
@@ -332,6 +370,7 @@ def sample_records(res: dict, cell: Cell, lm) -> list[dict]:
             **rec,
             "prefill_gmacs": None if macs is None else round(macs.prefill / 1e9, 6),
             "llm_prefill_gmacs": None if macs is None else round(macs.llm_prefill / 1e9, 6),
+            "reducer_gmacs": None if macs is None else round(macs.reducer / 1e9, 6),
             "total_gmacs": None if macs is None else round(macs.total / 1e9, 6),
         }
         relevant = (d.get("doc") or {}).get("relevant_patches")
@@ -357,7 +396,7 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
         "visual_tokens_mean": _mean(visual), "visual_tokens_max": max(visual) if visual else None,
         "llm_prefill_tokens_mean": _mean([s["llm_tokens_per_layer"][0] for s in samples if "llm_tokens_per_layer" in s]),
         "generated_tokens_mean": mean_of("generated_tokens"),
-        **{f"{k}_tflops_mean": mean_of(f"{k}_gmacs", 2e-3, 6) for k in ("prefill", "llm_prefill", "total")},
+        **{f"{k}_tflops_mean": mean_of(f"{k}_gmacs", 2e-3, 6) for k in ("prefill", "llm_prefill", "reducer", "total")},
         "relevant_precision_mean": mean_of("relevant_precision", digits=4),
         "relevant_recall_mean": mean_of("relevant_recall", digits=4),
         "wall_s": round(wall, 3), "samples_per_s": round(len(samples) / wall, 3) if wall > 0 else None,

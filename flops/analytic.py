@@ -15,7 +15,9 @@ Conventions (one place, tested):
 * Decode: a sample that generated G tokens ran G - 1 decode steps (the first token comes from the prefill logits).
   Step i feeds one token per layer attending over c_l + i keys, c_l = that layer's prefill length:
   2 d^2 + 2 d d_kv + 2 (c_l + i) d + 3 d m, plus lm_head.
-* Not counted here: the reducer's own work (scoring, merging), which `flops.counted` measures as the gap.
+* Reducer: its own matmul-like work (a controller, a cross-attention, similarity and merging matmuls) plus the
+  signals the adapter computes for it (CLS query and keys, FastV's ranking row), per sample, as the trace's
+  `reducer_macs`; each method states its formula where it computes it (`Reduced.macs`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class MacReport:
     """MACs of one sample, by part. `flops` = 2 x MACs."""
 
     vision: int
+    reducer: int
     projector: int
     llm_prefill: int
     lm_head_prefill: int
@@ -65,8 +68,8 @@ class MacReport:
 
     @property
     def prefill(self) -> int:
-        """Everything up to the first generated token: vision + projector + LLM prefill + lm_head."""
-        return self.vision + self.projector + self.llm_prefill + self.lm_head_prefill
+        """Everything up to the first generated token: vision + reducer + projector + LLM prefill + lm_head."""
+        return self.vision + self.reducer + self.projector + self.llm_prefill + self.lm_head_prefill
 
     @property
     def total(self) -> int:
@@ -85,7 +88,7 @@ def llm_layer_macs(n: int, s: ModelShape) -> int:
 
 def count(record: dict, s: ModelShape) -> MacReport:
     """MACs of one sample from its token trace (a `TokenTrace.sample` record: `vision_tokens_per_layer`,
-    `projector_tokens`, `llm_tokens_per_layer`, `generated_tokens`)."""
+    `projector_tokens`, `llm_tokens_per_layer`, `reducer_macs`, `generated_tokens`)."""
     embed = s.num_patches * s.vision_channels * s.patch * s.patch * s.vision_width  # the patch convolution
     vision = embed + sum(vision_layer_macs(n, s) for n in record["vision_tokens_per_layer"])
     projector = record["projector_tokens"] * (s.vision_width * s.feature_layers * s.width + s.width * s.width)
@@ -96,5 +99,5 @@ def count(record: dict, s: ModelShape) -> MacReport:
     d = s.width
     per_step_fixed = s.layers * (2 * d * d + 2 * d * s.kv_width + 3 * d * s.mlp) + head
     attention = sum(2 * d * (c + i) for c in lengths for i in range(1, steps + 1))
-    return MacReport(vision=vision, projector=projector, llm_prefill=prefill, lm_head_prefill=head,
-                     decode=steps * per_step_fixed + attention)
+    return MacReport(vision=vision, reducer=int(record.get("reducer_macs") or 0), projector=projector,
+                     llm_prefill=prefill, lm_head_prefill=head, decode=steps * per_step_fixed + attention)

@@ -75,6 +75,9 @@ class Reduced:
         scale: (B, K) training-time multiplier of each token after the projector (a straight-through selection
             mask: 1 on selected tokens, 0 on the others, which then stay in the sequence as zero vectors so that the
             loss has a gradient for them too). None at evaluation; the budget applies to the tokens scaled by 1.
+        macs: (B,) long, multiply-accumulates of the reducer's own matmul-like work per sample (scoring, merging,
+            a controller), on the conventions of `flops/analytic.py`; None means none. The signals the adapter
+            computes for the reducer (`needs`) are counted by the adapter, not here.
         aux: training-time extras (e.g. controller logits), ignored by the adapter.
     """
 
@@ -82,6 +85,7 @@ class Reduced:
     keep: Tensor | None = None
     valid: Tensor | None = None
     scale: Tensor | None = None
+    macs: Tensor | None = None
     aux: dict[str, Tensor] = field(default_factory=dict)
 
 

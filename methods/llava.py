@@ -31,6 +31,7 @@ cache with its own padding mask; new positions continue from the original (unred
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,18 @@ from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Reduced, Site, TokenReducer, Tokens
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def cls_signal_macs(tokens: int | Tensor, width: int) -> int | Tensor:
+    """MACs of the features-site signals for one image of `tokens` (CLS + patches): the CLS query (width^2), every
+    token's key (tokens width^2) and the CLS scores (tokens width)."""
+    return width * width + tokens * (width * width + width)
+
+
+def query_row_macs(seq_len: int | Tensor, width: int, q_width: int) -> int | Tensor:
+    """MACs of FastV's ranking row for one sample: the last token's query (width q_width) and its scores over the
+    `seq_len` cached keys (seq_len q_width)."""
+    return width * q_width + seq_len * q_width
 
 
 def llava_prompt(processor, text: str) -> str:
@@ -116,6 +129,7 @@ class TokenTrace:
         kept: (B, M) original patch index of each visual token that reaches the last LLM layer (-1: a merged
             token with no single source), valid where `kept_valid`.
         kept_valid: (B, M) bool.
+        reducer_macs: (B,) MACs of the reducer's own work: its `Reduced.macs` plus the signals computed for it.
         generated_tokens: (B,) tokens produced by decoding (end-of-sequence included), set by `generate`.
     """
 
@@ -125,6 +139,7 @@ class TokenTrace:
     visual_tokens: Tensor
     kept: Tensor
     kept_valid: Tensor
+    reducer_macs: Tensor
     generated_tokens: Tensor | None = None
 
     def sample(self, i: int, num_patches: int) -> dict:
@@ -138,9 +153,27 @@ class TokenTrace:
             "llm_tokens_per_layer": self.llm_tokens[i].tolist(),
             "vision_tokens_per_layer": self.vision_tokens[i].tolist(),
             "projector_tokens": int(self.projector_tokens[i]),
+            "reducer_macs": int(self.reducer_macs[i]),
             "generated_tokens": None if self.generated_tokens is None else int(self.generated_tokens[i]),
             "kept_indices": None if all_kept else subset,
         }
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of one batch (synchronised on CUDA before each reading).
+
+    Attributes:
+        prefill_s: everything up to the first generated token (vision, reducer, projector, LLM prefill, lm_head).
+        decode_s: the decoding steps after it.
+        decode_steps: how many steps that was (the longest sample's length - 1).
+        reducer_s: the part of `prefill_s` spent in the reducer and the signals computed for it.
+    """
+
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    reducer_s: float
 
 
 @dataclass
@@ -152,12 +185,14 @@ class Generation:
         lengths: (B,) generated tokens per sample, end-of-sequence included.
         trace: token counts of the batch.
         first_logits: (B, V) logits of the last prompt position (float32), for consistency checks.
+        timing: wall-clock times of the batch.
     """
 
     tokens: Tensor
     lengths: Tensor
     trace: TokenTrace
     first_logits: Tensor
+    timing: Timing
 
 
 @dataclass
@@ -218,6 +253,7 @@ class ReducedLlava:
         self.model = model
         self.reducer = reducer
         self.layout = LlavaLayout.from_config(model.config)
+        self._reducer_s = 0.0
         self._check_reducer()
 
     # ------------------------------------------------------------------ public API
@@ -245,7 +281,10 @@ class ReducedLlava:
             pad_token_id: written after a sample has ended.
             budgets: (B,) optional per-sample budgets passed to the reducer.
         """
+        t0 = self._clock()
         state = self.prefill(input_ids, attention_mask, pixel_values, budgets=budgets)
+        t1 = self._clock()
+        steps = 0
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         eos = eos.to(input_ids.device)
         b = input_ids.size(0)
@@ -261,9 +300,18 @@ class ReducedLlava:
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             logits = self._decode_step(state, tok)
+            steps += 1
         state.trace.generated_tokens = lengths
         tokens = torch.stack(out, 1) if out else input_ids.new_zeros(b, 0)
-        return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float())
+        timing = Timing(prefill_s=t1 - t0, decode_s=self._clock() - t1, decode_steps=steps, reducer_s=self._reducer_s)
+        return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float(),
+                          timing=timing)
+
+    def _clock(self) -> float:
+        """perf_counter after the device's queued work is done (CUDA kernels run asynchronously)."""
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
 
     def prefill(
         self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, budgets: Tensor | None = None,
@@ -276,24 +324,25 @@ class ReducedLlava:
         """
         m = self.model
         device = m.device
+        self._reducer_s = 0.0  # time in the reducer and its signals, for `Timing`
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
         self._image_span(input_ids)  # fail before any compute
         pixel_values = pixel_values.to(device, m.model.vision_tower.dtype)
         key = pixel_key(pixel_values)  # (B,)
-        feats, fvalid, fsrc, vision_tokens, scale = self._encode_images(pixel_values, budgets, key)  # (B, K, Dv)
+        feats, fvalid, fsrc, vision_tokens, scale, own = self._encode_images(pixel_values, budgets, key)  # (B, K, Dv)
         projected = m.model.multi_modal_projector(feats)  # (B, K, D)
         if scale is not None:  # training-time straight-through selection mask (see Reduced.scale)
             projected = projected * scale.unsqueeze(-1).to(projected.dtype)
         projector_tokens = fvalid.sum(1) if fvalid is not None else torch.full_like(fsrc[:, 0], feats.size(1))
         x, pad, vis, src = self._splice(input_ids, attention_mask, projected, fvalid, fsrc)  # (B, T', D)
         pos = (pad.long().cumsum(1) - 1).clamp(min=0)  # contiguous positions, like HF with left padding
-        return self._llm_prefill(x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens, tail)
+        return self._llm_prefill(x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens, own, tail)
 
     # ------------------------------------------------------------------ vision
 
     def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor):
         """(B, 3, H, W) -> features (B, K, Dv), valid (B, K) or None, source patch (B, K), vision tokens (B, Lv),
-        and the reducer's training-time scale (B, K) or None."""
+        the reducer's training-time scale (B, K) or None, and the reducer's own MACs so far (B,)."""
         vt, lay, r = self.model.model.vision_tower, self.layout, self.reducer
         h = vt.embeddings(pixel_values)  # (B, 1+N, Dv)
         b, n = h.size(0), lay.num_patches
@@ -307,12 +356,16 @@ class ReducedLlava:
         src = torch.arange(n, device=h.device).expand(b, n)  # (B, N) original patch index of each token
         valid, attn_mask = None, None
         hidden, counts = {0: h}, []
+        own = torch.zeros(b, dtype=torch.long, device=h.device)  # (B,) the reducer's MACs
         for i, layer in enumerate(vt.encoder.layers[: lay.vision_layers_run]):
             if r.site is Site.VISION and i == r.layer:
                 if e:
                     raise NotImplementedError(f"{r.name}: extra vision tokens are supported at the features site only")
+                t0 = self._clock()
                 red = r(Tokens(x=h[:, 1:], grid=lay.grid, valid=valid, budget=budgets, sample_key=key))
+                self._reducer_s += self._clock() - t0
                 patches, valid, src = self._apply(red, h[:, 1:], valid, src, budgets)
+                own = own + (0 if red.macs is None else red.macs)
                 h = torch.cat([h[:, :1], patches], 1)  # (B, 1+K, Dv): CLS always kept
                 if valid is not None:
                     real = torch.cat([valid.new_ones(b, 1), valid], 1)  # (B, 1+K) CLS + kept patches
@@ -326,11 +379,16 @@ class ReducedLlava:
         vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
         scale = None
         if r.site is Site.FEATURES:
+            t0 = self._clock()
             sig = self._vision_signals(h[:, : h.size(1) - e], attn_mask) if r.needs else {}
+            if sig:
+                own = own + cls_signal_macs(torch.as_tensor(counts[-1], device=h.device) - e, h.size(-1))
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
+            self._reducer_s += self._clock() - t0
             feats, valid, src = self._apply(red, feats, valid, src, budgets)
             scale = red.scale
-        return feats, valid, src, vision_tokens, scale
+            own = own + (0 if red.macs is None else red.macs)
+        return feats, valid, src, vision_tokens, scale, own
 
     def _vision_signals(self, h: Tensor, attn_mask: Tensor | None) -> dict[str, Tensor]:
         """CLS attention and keys from the q/k projections of the encoder layer that consumes the features.
@@ -423,7 +481,7 @@ class ReducedLlava:
 
     # ------------------------------------------------------------------ LLM
 
-    def _llm_prefill(self, x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens, tail) -> _Decoder:
+    def _llm_prefill(self, x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens, own, tail) -> _Decoder:
         lm, r = self.model.model.language_model, self.reducer
         from transformers import DynamicCache  # local: keep `import methods` light
 
@@ -435,8 +493,9 @@ class ReducedLlava:
         h_prev = x
         for j, layer in enumerate(lm.layers):
             if r.site is Site.LLM and j == r.layer:
-                x, pad, pos, vis, src = self._reduce_in_llm(j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets,
-                                                            key)
+                x, pad, pos, vis, src, macs = self._reduce_in_llm(j, x, h_prev, pad, pos, vis, src, cache, cos_sin,
+                                                                  budgets, key)
+                own = own + macs
                 key_masks.append(pad)
                 cos_sin = lm.rotary_emb(x, pos)
                 mask = _additive_mask(pad, x.size(1), x.dtype)
@@ -455,22 +514,28 @@ class ReducedLlava:
             visual_tokens=torch.stack(visual_tokens, 1),
             kept=src.gather(1, kept),
             kept_valid=kept_valid,
+            reducer_macs=own,
         )
         next_pos = pos[:, -1] + 1  # the last prompt token is real for every left-padded sample
         return _Decoder(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,
                         logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None)
 
     def _reduce_in_llm(self, j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets, key):
-        """Remove non-kept image tokens before decoder layer j (LLM site)."""
+        """Remove non-kept image tokens before decoder layer j (LLM site); also returns the reducer's MACs (B,)."""
         r = self.reducer
+        t0 = self._clock()
         vidx, vvalid = pack_true(vis & pad)  # (B, N) positions of the visual tokens, in order
-        sig = {}
+        sig, macs = {}, torch.zeros(x.size(0), dtype=torch.long, device=x.device)
         if "query_attn" in r.needs:
             probs = self._last_query_attention(j - 1, h_prev, pad, cos_sin, cache)  # (B, T)
             sig["query_attn"] = probs.gather(1, vidx).masked_fill(~vvalid, 0.0)
+            q_width = self.model.model.language_model.layers[j - 1].self_attn.q_proj.out_features
+            macs = macs + query_row_macs(pad.sum(1), x.size(-1), q_width)
         tokens = Tokens(x=gather_tokens(x, vidx), grid=self.layout.grid,
                         valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, **sig)
         red = r(tokens)
+        self._reducer_s += self._clock() - t0
+        macs = macs + (0 if red.macs is None else red.macs)
         if red.keep is None or bool((red.keep < 0).any()):
             raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0)")
         kvalid = red.valid if red.valid is not None else torch.ones_like(red.keep, dtype=torch.bool)
@@ -480,7 +545,8 @@ class ReducedLlava:
         keep = (~vis) & pad
         keep = keep.scatter(1, kept_pos, kvalid) | keep
         idx, new_pad = pack_true(keep, right=True)  # (B, T'')
-        return (gather_tokens(x, idx), new_pad, pos.gather(1, idx), vis.gather(1, idx) & new_pad, src.gather(1, idx))
+        return (gather_tokens(x, idx), new_pad, pos.gather(1, idx), vis.gather(1, idx) & new_pad, src.gather(1, idx),
+                macs)
 
     def _last_query_attention(self, layer_idx: int, h_in: Tensor, pad: Tensor, cos_sin, cache) -> Tensor:
         """(B, T) head-averaged attention of the last prompt token at decoder layer `layer_idx`.

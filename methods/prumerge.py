@@ -67,9 +67,16 @@ def merge_neighbours(x: Tensor, keys: Tensor, cls_attn: Tensor, keep: Tensor, ne
     sim = sim.scatter(2, keep.unsqueeze(-1), float("-inf"))  # not itself
     nb = sim.topk(min(neighbours, x.size(1) - 1), dim=2).indices  # (B, K, M)
     b, k, m = nb.shape
-    weights = cls_attn.gather(1, nb.flatten(1)).view(b, k, m, 1).to(x.dtype)  # (B, K, M, 1)
+    weights = cls_attn.gather(1, nb.flatten(1)).view(b, k, 1, m).to(x.dtype)  # (B, K, 1, M)
     pulled = gather_tokens(x, nb.flatten(1)).view(b, k, m, -1)  # (B, K, M, D)
-    return gather_tokens(x, keep) + (weights * pulled).sum(2)
+    return gather_tokens(x, keep) + (weights @ pulled).squeeze(2)
+
+
+def merge_macs(n: int, kept: Tensor, dim: int, key_dim: int, neighbours: int) -> Tensor:
+    """(B,) MACs of `merge_neighbours` + `extra_token` for `kept` (B,) chosen tokens of n: similarities K N Dk,
+    neighbour sums K M D, the extra token N D."""
+    m = min(neighbours, n - 1)
+    return kept * (n * key_dim + m * dim) + n * dim
 
 
 def extra_token(x: Tensor, cls_attn: Tensor, kept: Tensor) -> Tensor:
@@ -98,18 +105,20 @@ class _PruMergeBase(TokenReducer):
     def forward(self, t: Tokens) -> Reduced:
         if t.valid is not None:
             raise NotImplementedError(f"{self.name} expects every image to arrive with all its patches")
-        keep, valid = self.select(t.cls_attn)  # (B, M); M static: budget - 1, or N in auto mode (then padded)
+        keep, valid = self.select(t.cls_attn)  # (B, M); M: budget - 1, or the largest IQR count (then padded)
         merged = merge_neighbours(t.x, t.keys, t.cls_attn, keep, self.neighbours)  # (B, M, D)
         kept_mask = torch.zeros_like(t.cls_attn, dtype=torch.bool).scatter(1, keep, valid)  # (B, N)
         x = torch.cat([merged, extra_token(t.x, t.cls_attn, kept_mask)], 1)  # (B, M + 1, D)
         keep = torch.cat([keep, keep.new_full((keep.size(0), 1), -1)], 1)  # the extra token has no single source
-        if not self.auto:  # exactly budget - 1 chosen per image: no padding, and no host sync to find out
-            return Reduced(x=x, keep=keep)
-        return Reduced(x=x, keep=keep, valid=torch.cat([valid, valid.new_ones(valid.size(0), 1)], 1))
+        macs = merge_macs(t.x.size(1), valid.sum(1), t.x.size(2), t.keys.size(2), self.neighbours)  # (B,)
+        if not self.auto:  # exactly budget - 1 chosen per image: no padding
+            return Reduced(x=x, keep=keep, macs=macs)
+        return Reduced(x=x, keep=keep, valid=torch.cat([valid, valid.new_ones(valid.size(0), 1)], 1), macs=macs)
 
-    def _slots(self, n: int) -> int:
-        """Output slots before the extra token: budget - 1, or all N in auto mode (padding marked invalid)."""
-        return n if self.auto else min(self.budget - 1, n)
+    def _slots(self, n: int, counts: Tensor | None = None) -> int:
+        """Output slots before the extra token: budget - 1, or in auto mode the largest count of the batch (one host
+        sync; shorter rows are padded and marked invalid)."""
+        return int(counts.max()) if self.auto else min(self.budget - 1, n)
 
     def _counts(self, cls_attn: Tensor) -> Tensor:
         """(B,) tokens chosen by attention: the IQR outlier count (auto), at least 1, or budget - 1."""
@@ -130,8 +139,8 @@ class PruMerge(_PruMergeBase):
 
     def select(self, cls_attn: Tensor) -> tuple[Tensor, Tensor]:
         rank = cls_attn.argsort(dim=1, descending=True).argsort(dim=1)  # (B, N) 0 = most attended
-        chosen = rank < self._counts(cls_attn).unsqueeze(1)
-        return _ordered(rank.double(), chosen, self._slots(cls_attn.size(1)))
+        counts = self._counts(cls_attn)  # (B,)
+        return _ordered(rank.double(), rank < counts.unsqueeze(1), self._slots(n=cls_attn.size(1), counts=counts))
 
 
 @register_reducer("prumerge_plus")
@@ -146,6 +155,7 @@ class PruMergePlus(_PruMergeBase):
             k = self._counts(cls_attn)  # (B,)
             top = rank < k.unsqueeze(1)
             grid = (idx % plus_stride(k, n).unsqueeze(1) == 0) & (idx < n - 1) & ~top
+            total = self._slots(n, (top | grid).sum(1))
         else:
             total = self._slots(n)
             k_attn = -(-total // 4)  # ceil((B - 1) / 4)
@@ -158,4 +168,4 @@ class PruMergePlus(_PruMergeBase):
             grid = prio.argsort(dim=1).argsort(dim=1) < spatial
             grid = grid & ~top
         keys = torch.where(top, rank.double(), n + idx.double())  # attention-ranked first, then spatial by index
-        return _ordered(keys, top | grid, self._slots(n))
+        return _ordered(keys, top | grid, total)

@@ -1,15 +1,37 @@
-"""The analytic counter: hand-computed numbers, and agreement with torch's FlopCounterMode on real runs."""
+"""The analytic counter: hand-computed numbers, exact agreement with fvcore and FlopCounterMode on real runs of every
+method (tiny, smoke and LLaVA-1.5-7B-shaped models), shape-only traces equal to real ones, and the paper numbers."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from flops.analytic import ModelShape, count, llm_layer_macs, vision_layer_macs
-from methods import create_reducer
+from flops.measured import UncountedOpError, flop_counter_macs, fvcore_prefill_macs
+from flops.shapes import load_config, shape_record
+from methods import create_reducer, get_reducer_class, list_reducers
+from methods.adaptive import ControllerConfig
 from methods.llava import ReducedLlava
 from tests.conftest import tiny_batch, tiny_llava
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = [m for m in list_reducers() if get_reducer_class(m).__module__.startswith("methods.")]
+
+
+def make(method: str, budget, config, **kw):
+    """The method at `budget`; learned controllers get an untrained one of the default shape (same MACs)."""
+    cls = get_reducer_class(method)
+    if getattr(cls, "needs_checkpoint", False):
+        vc = config.vision_config
+        kw["config"] = ControllerConfig(method=method, dim=vc.hidden_size, num_patches=(vc.image_size // vc.patch_size) ** 2)
+    if method == "fastv":
+        kw.setdefault("layer", 1)
+    return create_reducer(method, budget if cls.uses_budget else None, **kw).eval()
 
 
 def test_layer_formulas_by_hand():
@@ -19,31 +41,180 @@ def test_layer_formulas_by_hand():
     assert llm_layer_macs(5, s) == 2 * 5 * 64 + 2 * 5 * 8 * 4 + 2 * 25 * 8 + 3 * 5 * 8 * 16
 
 
-@pytest.mark.parametrize("method,budget,kw", [("full", None, {}), ("fastv", 3, {"layer": 1}), ("random", 5, {})])
-def test_analytic_prefill_equals_flop_counter(method, budget, kw):
-    model = tiny_llava(attn="eager", kv_heads=2, seed=1)
+def test_reducer_macs_by_hand():
+    """PruMerge at budget 5 on 16 patches of width 32 (tiny model): CLS signals + 4 kept x (16 x 32 similarities +
+    15 neighbours x 32) + the extra token 16 x 32. adaptive_b with hidden 24 over 16 patches of width 32."""
+    model = tiny_llava(kv_heads=2, seed=1)
     ids, mask, pixels = tiny_batch(model, 1, seed=5)
-    run = ReducedLlava(model, create_reducer(method, budget, **kw))
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        state = run.prefill(ids, mask, pixels)
-    rec = state.trace.sample(0, 16)
-    rec["generated_tokens"] = 1
-    macs = count(rec, ModelShape.from_config(model.config))
-    measured = fc.get_total_flops() / 2
-    # FastV's ranking row (one query against the cached keys) is the reducer's own work, not in the analytic count
-    assert macs.prefill == pytest.approx(measured, rel=0.01)
-    if method == "full":
-        assert macs.prefill == measured
+    rec = ReducedLlava(model, create_reducer("prumerge", 5)).prefill(ids, mask, pixels).trace.sample(0, 16)
+    signals = 32 * 32 + 17 * (32 * 32 + 32)
+    assert rec["reducer_macs"] == signals + 4 * (16 * 32 + 15 * 32) + 16 * 32
+    b = create_reducer("adaptive_b", 5, config=ControllerConfig("adaptive_b", dim=32, num_patches=16, hidden=24))
+    content, head, budget_path = 16 * 32 * 24, 16 * 24, 256 * 24 + 24 * 32 + 32 * 24
+    attention = 2 * 32 * 32 + 2 * 16 * 32 * 32 + 2 * 16 * 32
+    assert b.macs(16) == content + head + budget_path + attention
 
 
-@pytest.mark.parametrize("method,budget,kw", [("full", None, {}), ("fastv", 3, {"layer": 2})])
-def test_analytic_decode_equals_flop_counter_around_generate(method, budget, kw):
+@pytest.mark.parametrize("method,budget", [(m, b) for m in METHODS for b in (3, 9, "auto")
+                                           if b != "auto" or get_reducer_class(m).supports_auto])
+def test_analytic_equals_fvcore_and_flop_counter_tiny(method, budget):
+    model = tiny_llava(kv_heads=2, seed=1)  # sdpa attention, grouped-query
+    ids, mask, pixels = tiny_batch(model, 1, seed=5)
+    run = ReducedLlava(model, make(method, budget, model.config))
+    with torch.no_grad():
+        measured, state = flop_counter_macs(lambda: run.prefill(ids, mask, pixels))
+        traced = fvcore_prefill_macs(run, ids, mask, pixels)
+    analytic = count(state.trace.sample(0, 16), ModelShape.from_config(model.config)).prefill
+    assert analytic == measured == traced
+
+
+@pytest.mark.parametrize("method", ["full", "fastv", "prumerge_plus", "adaptive_b"])
+def test_analytic_equals_flop_counter_around_generate(method):
     model = tiny_llava(attn="eager", kv_heads=2, seed=2)
     ids, mask, pixels = tiny_batch(model, 1, seed=6)
-    run = ReducedLlava(model, create_reducer(method, budget, **kw))
-    with FlopCounterMode(display=False) as fc:
-        gen = run.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=None)
+    run = ReducedLlava(model, make(method, 5, model.config, **({"layer": 2} if method == "fastv" else {})))
+    measured, gen = flop_counter_macs(lambda: run.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=None))
     rec = gen.trace.sample(0, 16)
     assert rec["generated_tokens"] == 5
-    macs = count(rec, ModelShape.from_config(model.config))
-    assert macs.total == pytest.approx(fc.get_total_flops() / 2, rel=0.005)
+    assert count(rec, ModelShape.from_config(model.config)).total == measured
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shape_only_record_equals_real_trace(method):
+    model = tiny_llava(kv_heads=2, seed=1)
+    ids, mask, pixels = tiny_batch(model, 1, seed=5)
+    reducer = make(method, 6, model.config)
+    with torch.no_grad():
+        rec = ReducedLlava(model, reducer).prefill(ids, mask, pixels).trace.sample(0, 16)
+    shaped = shape_record(model.config, reducer, text_tokens=int(mask.sum()) - 16)
+    assert {k: rec[k] for k in shaped if k != "generated_tokens"} == {
+        k: v for k, v in shaped.items() if k != "generated_tokens"}
+
+
+def test_fvcore_check_fails_loudly_on_an_uncounted_matmul():
+    class Odd(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.aten._weight_int8pack_mm(x, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4))
+
+    class Runner:  # what fvcore_prefill_macs needs from a ReducedLlava
+        model, reducer = Odd(), torch.nn.Identity()
+
+        def prefill(self, a, b, c):
+            return type("S", (), {"logits": self.model(c)})()
+
+    with pytest.raises(UncountedOpError, match="_weight_int8pack_mm"):
+        fvcore_prefill_macs(Runner(), torch.zeros(1), torch.zeros(1), torch.randn(2, 8))
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    from benchmarks.lmms_model import load_llava
+    from benchmarks.runner import SMOKE_MODEL
+
+    return load_llava(SMOKE_MODEL, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("method,budget", [("full", None), ("fastv", 16), ("prumerge", 16), ("prumerge", "auto"),
+                                           ("prumerge_plus", 36), ("random", 36), ("adaptive_a", 16),
+                                           ("adaptive_b", 48), ("budget_blind", 16)])
+def test_analytic_equals_fvcore_smoke_model(smoke, method, budget):
+    from PIL import Image
+
+    from benchmarks.synthetic.generate import generate_sample
+    from methods.llava import llava_prompt
+
+    model, processor = smoke
+    s = generate_sample(3, 7)
+    inputs = processor(images=[Image.fromarray(s.image)], text=[llava_prompt(processor, s.question)],
+                       return_tensors="pt")
+    run = ReducedLlava(model, make(method, budget, model.config))
+    args = (inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    with torch.no_grad():
+        state = run.prefill(*args)
+        traced = fvcore_prefill_macs(run, *args)
+    n = model.config.image_seq_length
+    analytic = count(state.trace.sample(0, n), ModelShape.from_config(model.config)).prefill
+    assert analytic == pytest.approx(traced, rel=0.005)
+    assert analytic == traced
+
+
+@pytest.fixture(scope="module")
+def llava7b_shaped():
+    """LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches) with the depth cut to 2
+    vision and 2 LLM layers; random weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = load_config("llava-1.5-7b")
+    config.vision_config.num_hidden_layers = 2
+    config.text_config.num_hidden_layers = 2
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).float().eval()
+
+
+@pytest.mark.parametrize("method", ["full", "fastv", "prumerge", "prumerge_plus", "random", "adaptive_a",
+                                    "adaptive_b"])
+def test_analytic_equals_fvcore_llava7b_shaped(llava7b_shaped, method):
+    model = llava7b_shaped
+    n = 576
+    ids = torch.tensor([[1] + [7] * 5 + [32000] * n + [9] * 10])
+    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    run = ReducedLlava(model, make(method, 64, model.config))
+    with torch.no_grad():
+        state = run.prefill(ids, torch.ones_like(ids), pixels)
+        traced = fvcore_prefill_macs(run, ids, torch.ones_like(ids), pixels)
+    analytic = count(state.trace.sample(0, n), ModelShape.from_config(model.config)).prefill
+    assert analytic == pytest.approx(traced, rel=0.005)
+
+
+def run_flops(capsys, *args: str) -> tuple[int, str, str]:
+    from flops.__main__ import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_reproduces_paper_numbers(capsys):
+    def row(*args: str) -> dict:
+        code, out, err = run_flops(capsys, *args, "--json")
+        assert code == 0, err
+        return json.loads(out)[0]
+
+    # LLaVA-1.5-7B, 576 visual + 64 text tokens: 4.25 TMACs = 8.50 TFLOPs of LLM prefill
+    full = row("--model-config", "llava-1.5-7b", "--text-tokens", "64", "--methods", "full")
+    assert full["llm_prefill_tmacs"] == pytest.approx(4.252, abs=5e-4)
+    assert full["llm_prefill_tflops"] == pytest.approx(8.504, abs=1e-3)
+    # FastV K=2, R=50%: 57.2% of that; FastV README: "57%" for K=3 R=50% (about 40 text tokens)
+    k2 = row("--text-tokens", "64", "--methods", "fastv", "--method-args", "fastv.layer=2", "fastv.ratio=0.5")
+    assert k2["llm_prefill_ratio"] == pytest.approx(0.572, abs=5e-4)
+    k3 = row("--text-tokens", "40", "--methods", "fastv", "--method-args", "fastv.layer=3", "fastv.ratio=0.5")
+    assert round(k3["llm_prefill_ratio"], 2) == 0.57
+    # 576 visual tokens, no text: LLM-Viewer's 7.64 T (FLOPs; it adds norms and softmax) and PyramidDrop's
+    # 3.82 "TFLOPs" (which are MACs)
+    bare = row("--text-tokens", "0", "--methods", "full")
+    assert bare["llm_prefill_tflops"] == pytest.approx(7.64, abs=0.01)
+    assert round(bare["llm_prefill_tmacs"], 2) == 3.82
+
+
+def test_cli_table_and_errors(capsys, tmp_path):
+    code, out, err = run_flops(capsys, "--model-config", "llava-1.5-13b", "--methods", "full", "fastv", "prumerge",
+                               "--budgets", "64", "576")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[1].split()[:3] == ["method", "budget", "visual_tokens"]
+    assert [ln.split()[:2] for ln in lines[2:]] == [["full", "576"], ["fastv", "64"], ["prumerge", "64"]]
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    for args, message in [(["--model-config", str(bad)], "not a LLaVA config"),
+                          (["--model-config", "llava-9b"], "no such config"),
+                          (["--methods", "prumerge", "--budgets", "auto"], "depends on the image"),
+                          (["--methods", "fastvv", "--budgets", "8"], "Did you mean fastv")]:
+        code, out, err = run_flops(capsys, *args)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+
+
+def test_cli_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "flops", "--methods", "full", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["visual_tokens"] == 576

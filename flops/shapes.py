@@ -1,0 +1,111 @@
+"""Token traces from shapes alone: what a method does to the token counts of a model, without the model's weights.
+
+`shape_record` builds the same record `methods.llava.TokenTrace.sample` writes for a real run, for one sample with
+`text_tokens` prompt tokens besides the image, so `flops.analytic.count` can price any method at any budget on any
+LLaVA config (LLaVA-1.5-7B/13B included) in milliseconds. The reducer itself runs once on random tokens of the
+right shapes (a few small matmuls, no model) so that its own MACs come from the same code as in real runs; the
+signals the adapter would compute for it use the adapter's own formulas.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from methods.base import Site, TokenReducer, Tokens
+from methods.llava import LlavaLayout, cls_signal_macs, query_row_macs
+
+CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b
+
+
+def load_config(name_or_path: str | Path):
+    """A `LlavaConfig` from a named shape (``llava-1.5-7b``, ``llava-1.5-13b``), a config.json, or a checkpoint folder.
+
+    Raises:
+        FileNotFoundError: neither a known name nor an existing path.
+        ValueError: the file is not a LLaVA config.
+    """
+    from transformers import LlavaConfig
+
+    path = Path(name_or_path)
+    if (CONFIGS / f"{name_or_path}.json").is_file():
+        path = CONFIGS / f"{name_or_path}.json"
+    elif path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
+        raise FileNotFoundError(f"{name_or_path}: no such config; give one of {known}, a config.json or a llava-hf "
+                                "checkpoint folder")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if raw.get("model_type") != "llava" or "vision_config" not in raw or "text_config" not in raw:
+        raise ValueError(f"{path} is not a LLaVA config (needs model_type 'llava' with vision_config and "
+                         f"text_config; got model_type {raw.get('model_type')!r})")
+    return LlavaConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+
+
+@torch.no_grad()
+def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_tokens: int = 1, seed: int = 0) -> dict:
+    """The token-trace record of one sample: `text_tokens` prompt tokens plus the image, reduced by `reducer`.
+
+    Args:
+        config: a `LlavaConfig`.
+        reducer: the method; a data-dependent count (PruMerge's ``auto``) has no shape-only answer.
+        text_tokens: prompt tokens other than the image's.
+        generated_tokens: answer length, end-of-sequence included.
+        seed: seed of the random stand-in tokens (only a data-dependent reducer would notice).
+
+    Returns:
+        A record for `flops.analytic.count`.
+    """
+    if getattr(reducer, "auto", False):
+        raise ValueError(f"{reducer.name}: an 'auto' budget depends on the image; give a number of visual tokens")
+    lay = LlavaLayout.from_config(config)
+    vc, tc = config.vision_config, config.text_config
+    n, dv = lay.num_patches, vc.hidden_size * len(lay.feature_layers)
+    g = torch.Generator().manual_seed(seed)
+    extra = reducer.extra_vision_tokens(1, n, None)
+    e = 0 if extra is None else extra.size(1)
+    vision = [1 + n + e] * lay.vision_layers_run
+    visual = n
+    own = 0
+    if reducer.site is Site.VISION:
+        red = reducer(Tokens(x=torch.randn(1, n, vc.hidden_size, generator=g), grid=lay.grid,
+                             sample_key=torch.zeros(1, dtype=torch.long)))
+        visual = red.x.size(1)
+        vision = [1 + n] * reducer.layer + [1 + visual] * (lay.vision_layers_run - reducer.layer)
+        own += 0 if red.macs is None else int(red.macs[0])
+    elif reducer.site is Site.FEATURES:
+        attn = torch.rand(1, n, generator=g).softmax(-1)
+        sig = {"cls_attn": attn, "keys": torch.randn(1, n, vc.hidden_size, generator=g)} if reducer.needs else {}
+        if sig:
+            own += cls_signal_macs(1 + n, vc.hidden_size)
+        extra_out = None if extra is None else torch.randn(1, e, vc.hidden_size, generator=g)
+        red = reducer(Tokens(x=torch.randn(1, n, dv, generator=g), grid=lay.grid, extra=extra_out,
+                             sample_key=torch.zeros(1, dtype=torch.long), **sig))
+        visual = red.x.size(1) if red.valid is None else int(red.valid.sum())
+        own += 0 if red.macs is None else int(red.macs[0])
+    seq = text_tokens + visual
+    llm = [seq] * lay.llm_layers
+    if reducer.site is Site.LLM:
+        sig = {"query_attn": torch.rand(1, n, generator=g)} if "query_attn" in reducer.needs else {}
+        red = reducer(Tokens(x=torch.randn(1, n, tc.hidden_size, generator=g), grid=lay.grid,
+                             sample_key=torch.zeros(1, dtype=torch.long), **sig))
+        kept = red.x.size(1)
+        llm = [seq] * reducer.layer + [text_tokens + kept] * (lay.llm_layers - reducer.layer)
+        heads = tc.num_attention_heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        if sig:
+            own += query_row_macs(seq, tc.hidden_size, heads * head_dim)
+        own += 0 if red.macs is None else int(red.macs[0])
+    return {
+        "vision_tokens_per_layer": vision,
+        "projector_tokens": visual,
+        "llm_tokens_per_layer": llm,
+        "reducer_macs": own,
+        "generated_tokens": generated_tokens,
+    }

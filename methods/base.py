@@ -72,9 +72,6 @@ class Reduced:
         keep: (B, K) long source index (into the site's N tokens) of each returned token, -1 where a token is
             not a single source token (a merged summary token, for instance). None means "all N, unchanged".
         valid: (B, K) bool, only when per-sample counts differ; False slots are padding and are dropped.
-        scale: (B, K) training-time multiplier of each token after the projector (a straight-through selection
-            mask: 1 on selected tokens, 0 on the others, which then stay in the sequence as zero vectors so that the
-            loss has a gradient for them too). None at evaluation; the budget applies to the tokens scaled by 1.
         macs: (B,) long, multiply-accumulates of the reducer's own matmul-like work per sample (scoring, merging,
             a controller), on the conventions of `flops/analytic.py`; None means none. The signals the adapter
             computes for the reducer (`needs`) are counted by the adapter, not here.
@@ -84,7 +81,6 @@ class Reduced:
     x: Tensor
     keep: Tensor | None = None
     valid: Tensor | None = None
-    scale: Tensor | None = None
     macs: Tensor | None = None
     aux: dict[str, Tensor] = field(default_factory=dict)
 

@@ -329,10 +329,8 @@ class ReducedLlava:
         self._image_span(input_ids)  # fail before any compute
         pixel_values = pixel_values.to(device, m.model.vision_tower.dtype)
         key = pixel_key(pixel_values)  # (B,)
-        feats, fvalid, fsrc, vision_tokens, scale, own = self._encode_images(pixel_values, budgets, key)  # (B, K, Dv)
+        feats, fvalid, fsrc, vision_tokens, own = self._encode_images(pixel_values, budgets, key)  # (B, K, Dv)
         projected = m.model.multi_modal_projector(feats)  # (B, K, D)
-        if scale is not None:  # training-time straight-through selection mask (see Reduced.scale)
-            projected = projected * scale.unsqueeze(-1).to(projected.dtype)
         projector_tokens = fvalid.sum(1) if fvalid is not None else torch.full_like(fsrc[:, 0], feats.size(1))
         x, pad, vis, src = self._splice(input_ids, attention_mask, projected, fvalid, fsrc)  # (B, T', D)
         pos = (pad.long().cumsum(1) - 1).clamp(min=0)  # contiguous positions, like HF with left padding
@@ -342,7 +340,7 @@ class ReducedLlava:
 
     def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor):
         """(B, 3, H, W) -> features (B, K, Dv), valid (B, K) or None, source patch (B, K), vision tokens (B, Lv),
-        the reducer's training-time scale (B, K) or None, and the reducer's own MACs so far (B,)."""
+        and the reducer's own MACs so far (B,)."""
         vt, lay, r = self.model.model.vision_tower, self.layout, self.reducer
         h = vt.embeddings(pixel_values)  # (B, 1+N, Dv)
         b, n = h.size(0), lay.num_patches
@@ -377,7 +375,6 @@ class ReducedLlava:
         feats = torch.cat([hidden[j][:, 1 : hidden[j].size(1) - e] for j in lay.feature_layers], dim=-1)  # (B, N, Dv*nf)
         extra_out = hidden[max(lay.feature_layers)][:, hidden[max(lay.feature_layers)].size(1) - e :] if e else None
         vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
-        scale = None
         if r.site is Site.FEATURES:
             t0 = self._clock()
             sig = self._vision_signals(h[:, : h.size(1) - e], attn_mask) if r.needs else {}
@@ -386,9 +383,8 @@ class ReducedLlava:
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
             self._reducer_s += self._clock() - t0
             feats, valid, src = self._apply(red, feats, valid, src, budgets)
-            scale = red.scale
             own = own + (0 if red.macs is None else red.macs)
-        return feats, valid, src, vision_tokens, scale, own
+        return feats, valid, src, vision_tokens, own
 
     def _vision_signals(self, h: Tensor, attn_mask: Tensor | None) -> dict[str, Tensor]:
         """CLS attention and keys from the q/k projections of the encoder layer that consumes the features.
@@ -424,15 +420,11 @@ class ReducedLlava:
         limit = budgets.clamp(min=1) if budgets is not None else r.budget  # a budget <= 0 still keeps one token
         if limit is not None:
             counts = red.keep.size(1) if red.valid is None else red.valid.sum(1)
-            if red.scale is not None:
-                counts = (red.scale.detach() > 0.5).sum(1)
             if bool(torch.as_tensor(counts > torch.as_tensor(limit, device=red.keep.device)).any()):
                 raise ValueError(f"{r.name} returned more tokens than its budget ({limit})")
         x = red.x
         new_src = torch.where(red.keep >= 0, src.gather(1, red.keep.clamp(min=0)), -1)  # (B, K)
         new_valid = red.valid
-        if new_valid is not None and red.scale is not None:
-            raise ValueError(f"{r.name}: a training-time scale cannot be combined with padding slots")
         if new_valid is not None:  # drop padding slots now, so later layers and the projector skip them
             idx, new_valid = pack_true(new_valid)  # (B, K')
             x, new_src = gather_tokens(x, idx), new_src.gather(1, idx)

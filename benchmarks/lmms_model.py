@@ -15,7 +15,6 @@ in `records`, keyed by (task, doc_id), for the runner to join with lmms-eval's s
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 from pathlib import Path
@@ -26,7 +25,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from methods import TokenReducer, create_reducer
-from methods.llava import ReducedLlava, llava_prompt
+from methods.llava import ReducedLlava, Timing, llava_prompt
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,15 @@ def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     processor.tokenizer.padding_side = "left"  # instance setting: batched prompts are left-padded
     return model, processor
+
+
+def per_sample_ms(t: Timing, batch: int) -> dict:
+    """A batch's times per sample (batch time / batch size), in milliseconds."""
+    return {
+        "prefill_ms": round(1e3 * t.prefill_s / batch, 4),
+        "decode_ms_per_token": round(1e3 * t.decode_s / (t.decode_steps * batch), 4) if t.decode_steps else None,
+        "reducer_ms": round(1e3 * t.reducer_s / batch, 4),
+    }
 
 
 class ReducedLlavaLMM(lmms):
@@ -105,7 +113,7 @@ class ReducedLlavaLMM(lmms):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
         self.records: dict[tuple[str, int], dict] = {}  # (task, doc_id) -> token trace and times of the sample
-        self.batch_times: list[dict] = []  # per batch, in run order: `methods.llava.Timing` fields and the size
+        self.batch_times: list[dict] = []  # per batch, in run order: its `per_sample_ms` times
         self._warned_sampling = False
         self.set_reducer(create_reducer(method, budget, **method_args))
 
@@ -159,14 +167,8 @@ class ReducedLlavaLMM(lmms):
                     inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                     max_new_tokens=gen["max_new_tokens"], eos_token_id=self._eos_ids(), pad_token_id=pad_id,
                 )
-                t = out.timing
-                self.batch_times.append({**dataclasses.asdict(t), "batch": len(chunk)})
-                times = {  # per sample, amortised over the batch
-                    "prefill_ms": round(1e3 * t.prefill_s / len(chunk), 4),
-                    "decode_ms_per_token": round(1e3 * t.decode_s / (t.decode_steps * len(chunk)), 4)
-                    if t.decode_steps else None,
-                    "reducer_ms": round(1e3 * t.reducer_s / len(chunk), 4),
-                }
+                times = per_sample_ms(out.timing, len(chunk))
+                self.batch_times.append(times)
                 for j, req in enumerate(chunk):
                     n = int(out.lengths[j])
                     text = tok.decode(out.tokens[j, :n], skip_special_tokens=True)

@@ -321,22 +321,18 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
 
 
 def cell_times(batches: list[dict]) -> dict:
-    """Medians over a cell's batches of the per-sample times (batch time / batch size), after a warm-up batch.
+    """Medians over a cell's batches of their per-sample times (`lmms_model.per_sample_ms`), after a warm-up batch.
 
     The first batch is the warm-up (allocator, kernel selection, caches) and is left out when there are others.
     """
     kept = batches[1:] if len(batches) > 1 else batches
 
-    def median(values: list[float]) -> float | None:
+    def median(key: str) -> float | None:
+        values = [b[key] for b in kept if b[key] is not None]
         return round(statistics.median(values), 4) if values else None
 
-    return {
-        "prefill_ms_median": median([1e3 * b["prefill_s"] / b["batch"] for b in kept]),
-        "decode_ms_per_token_median": median([1e3 * b["decode_s"] / (b["decode_steps"] * b["batch"])
-                                               for b in kept if b["decode_steps"]]),
-        "reducer_ms_median": median([1e3 * b["reducer_s"] / b["batch"] for b in kept]),
-        "timed_batches": len(kept),
-    }
+    return {f"{k}_median": median(k) for k in ("prefill_ms", "decode_ms_per_token", "reducer_ms")} | {
+        "timed_batches": len(kept)}
 
 
 def _peak_rss() -> int:

@@ -37,9 +37,7 @@ def speedup(args: argparse.Namespace) -> list[dict]:
     from transformers import LlavaForConditionalGeneration
 
     from flops.analytic import ModelShape, count
-    from flops.shapes import load_config
-    from methods import create_reducer, get_reducer_class
-    from methods.adaptive import ControllerConfig
+    from flops.shapes import load_config, stand_in_reducer
     from methods.llava import ReducedLlava
 
     config = load_config("llava-1.5-7b")
@@ -56,10 +54,7 @@ def speedup(args: argparse.Namespace) -> list[dict]:
     print(f"LLaVA-1.5-7B shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, batch 1, "
           f"{args.text_tokens} text tokens, {args.dtype} on {machine()}; median of {args.repeats} after 1 warm-up")
     for method, budget, kw in PLAN:
-        cls = get_reducer_class(method)
-        if getattr(cls, "needs_checkpoint", False):
-            kw = {**kw, "config": ControllerConfig(method=method, dim=1024, num_patches=n)}
-        reducer = create_reducer(method, budget if isinstance(budget, int) else None, **kw).to(args.device).eval()
+        reducer = stand_in_reducer(method, budget if isinstance(budget, int) else None, config, **kw).to(args.device)
         run = ReducedLlava(model, reducer)
         times = []
         with torch.no_grad():

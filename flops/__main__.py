@@ -37,9 +37,8 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     """One row per (method, budget), with MACs from `flops.analytic.count` on `flops.shapes.shape_record`."""
     from benchmarks.runner import expand_methods
     from flops.analytic import ModelShape, count
-    from flops.shapes import load_config, shape_record
+    from flops.shapes import load_config, shape_record, stand_in_reducer
     from methods import create_reducer, get_reducer_class
-    from methods.adaptive import ControllerConfig
 
     if args.text_tokens < 0 or args.generated_tokens < 1:
         raise ValueError("--text-tokens must be >= 0 and --generated-tokens >= 1")
@@ -53,9 +52,6 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     for method in expand_methods(tuple(args.methods)):
         cls = get_reducer_class(method)
         kw = dict(kwargs.get(method, {}))
-        if getattr(cls, "needs_checkpoint", False):  # an untrained controller of the default shape: same MACs
-            kw.setdefault("config", ControllerConfig(method=method, dim=config.vision_config.hidden_size,
-                                                     num_patches=n))
         if not cls.uses_budget:
             plan.append((method, n, None, kw))
         elif "ratio" in kw:
@@ -66,14 +62,14 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
             plan += [(method, b, b, kw) for b in args.budgets if b == "auto" or b < n]
             if any(b != "auto" and b >= n for b in args.budgets):
                 plan.append(("full", n, None, {}))
-    rows, seen, base = [], set(), None
+    rows, seen = [], set()
     for method, label, budget, kw in plan:
         if (method, label) in seen:
             continue
         seen.add((method, label))
         if budget == "auto":
             raise ValueError(f"{method}: an 'auto' budget depends on the image; give numbers of visual tokens")
-        reducer = create_reducer(method, budget, **kw).eval()
+        reducer = stand_in_reducer(method, budget, config, **kw)
         rec = shape_record(config, reducer, args.text_tokens, args.generated_tokens)
         macs = count(rec, shape)
         rows.append({"method": method, "budget": label, "visual_tokens": rec["llm_tokens_per_layer"][-1]

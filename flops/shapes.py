@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from methods import create_reducer, get_reducer_class
 from methods.base import Site, TokenReducer, Tokens
 from methods.llava import LlavaLayout, cls_signal_macs, query_row_macs
 
@@ -46,6 +47,19 @@ def load_config(name_or_path: str | Path):
         raise ValueError(f"{path} is not a LLaVA config (needs model_type 'llava' with vision_config and "
                          f"text_config; got model_type {raw.get('model_type')!r})")
     return LlavaConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+
+
+def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) -> TokenReducer:
+    """The method at `budget` (ignored by methods without one), in eval mode. A learned method given no `checkpoint`
+    gets an untrained controller of the default shape for `config`: its MACs and time do not depend on its weights."""
+    from methods.adaptive import ControllerConfig
+
+    cls = get_reducer_class(method)
+    if getattr(cls, "needs_checkpoint", False) and "checkpoint" not in kwargs:
+        lay = LlavaLayout.from_config(config)
+        dim = config.vision_config.hidden_size * len(lay.feature_layers)
+        kwargs.setdefault("config", ControllerConfig(method=method, dim=dim, num_patches=lay.num_patches))
+    return create_reducer(method, budget if cls.uses_budget else None, **kwargs).eval()
 
 
 @torch.no_grad()

@@ -284,7 +284,6 @@ class ReducedLlava:
         t0 = self._clock()
         state = self.prefill(input_ids, attention_mask, pixel_values, budgets=budgets)
         t1 = self._clock()
-        steps = 0
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         eos = eos.to(input_ids.device)
         b = input_ids.size(0)
@@ -300,10 +299,10 @@ class ReducedLlava:
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             logits = self._decode_step(state, tok)
-            steps += 1
         state.trace.generated_tokens = lengths
         tokens = torch.stack(out, 1) if out else input_ids.new_zeros(b, 0)
-        timing = Timing(prefill_s=t1 - t0, decode_s=self._clock() - t1, decode_steps=steps, reducer_s=self._reducer_s)
+        timing = Timing(prefill_s=t1 - t0, decode_s=self._clock() - t1, decode_steps=max(len(out) - 1, 0),
+                        reducer_s=self._reducer_s)
         return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float(),
                           timing=timing)
 

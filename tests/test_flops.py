@@ -13,7 +13,7 @@ import torch
 
 from flops.analytic import ModelShape, count, llm_layer_macs, vision_layer_macs
 from flops.measured import UncountedOpError, flop_counter_macs, fvcore_prefill_macs
-from flops.shapes import load_config, shape_record
+from flops.shapes import load_config, shape_record, stand_in_reducer
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
 from methods.llava import ReducedLlava
@@ -25,13 +25,9 @@ METHODS = [m for m in list_reducers() if get_reducer_class(m).__module__.startsw
 
 def make(method: str, budget, config, **kw):
     """The method at `budget`; learned controllers get an untrained one of the default shape (same MACs)."""
-    cls = get_reducer_class(method)
-    if getattr(cls, "needs_checkpoint", False):
-        vc = config.vision_config
-        kw["config"] = ControllerConfig(method=method, dim=vc.hidden_size, num_patches=(vc.image_size // vc.patch_size) ** 2)
     if method == "fastv":
         kw.setdefault("layer", 1)
-    return create_reducer(method, budget if cls.uses_budget else None, **kw).eval()
+    return stand_in_reducer(method, budget, config, **kw)
 
 
 def test_layer_formulas_by_hand():

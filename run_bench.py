@@ -15,6 +15,8 @@ EPILOG = """examples:
   python run_bench.py                                    # smoke benchmark, every method, default budgets
   python run_bench.py --methods full fastv --budgets 16 36 --limit 100 --method-args fastv.layer=1
   python run_bench.py --model /ckpt/llava-1.5-7b-hf --methods adaptive fastv --budgets 64 576 --tasks gqa pope
+  python run_bench.py --model /ckpt/llava-1.5-7b-hf --methods full --tasks pope gqa \\
+      --task-data pope=/data/POPE gqa=/data/GQA          # lmms-eval's tasks on local dataset copies, offline
   python run_bench.py --list                             # methods (name, site, defaults) and our tasks
   python run_bench.py --dry-run                          # print the (task, method, budget) plan and exit
 
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra folders of lmms-eval task YAMLs")
     p.add_argument("--method-args", nargs="+", type=_method_arg, default=[], metavar="METHOD.ARG=VALUE",
                    help="constructor arguments of a method, e.g. fastv.layer=1 random.seed=3")
+    p.add_argument("--task-data", nargs="+", action="extend", default=[], metavar="TASK=PATH",
+                   help="run lmms-eval's TASK on a local copy of its dataset (a save_to_disk folder or an "
+                   "`hf download` snapshot), offline; repeatable; see docs/standard_tasks.md")
     p.add_argument("--list", action="store_true", help="list methods and tasks, then exit")
     p.add_argument("--dry-run", action="store_true", help="print the plan, then exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -90,7 +95,9 @@ def list_everything() -> None:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"  {name:16s} {cls.site.value:9s} {doc}")
     print("\ntasks of this project: synth_vqa (synthetic VQA; per-type metrics acc_color, acc_shape, acc_count, "
-          "acc_exists, acc_position)\nany lmms-eval task name also works, e.g. gqa pope mme textvqa_val")
+          "acc_exists, acc_position)\nany lmms-eval task name also works, e.g. gqa pope mme textvqa_val "
+          "scienceqa_img mmbench_en_dev_static;\noffline, point each at a local copy of its dataset with "
+          "--task-data TASK=PATH (docs/standard_tasks.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,11 +122,13 @@ def _main(args: argparse.Namespace) -> int:
         list_everything()
         return 0
     from benchmarks.runner import RunSpec, make_reducer, run
+    from benchmarks.standard_tasks import parse_task_data
 
     spec = RunSpec(model=args.model, methods=tuple(args.methods), budgets=tuple(args.budgets),
                    tasks=tuple(args.tasks), limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                    output=args.output, include_paths=tuple(args.include_path), device=args.device, dtype=args.dtype,
-                   method_kwargs=tuple(args.method_args))
+                   method_kwargs=tuple(args.method_args),
+                   task_data=tuple(parse_task_data(t) for t in args.task_data))
     if not (Path(spec.model) / "config.json").is_file():
         raise FileNotFoundError(f"--model {spec.model} is not a llava-hf checkpoint folder (no config.json)")
     num_patches = _num_patches(spec.model)
@@ -142,6 +151,16 @@ def _main(args: argparse.Namespace) -> int:
     rows = run(spec)
     print_table(rows)
     print(f"\nwrote {spec.output / 'summary.csv'} and {spec.output / 'samples.jsonl'}")
+    from plots.__main__ import make_all
+    from plots.data import ResultsError
+
+    try:
+        figures = make_all([spec.output])
+        print(f"wrote {len(figures)} figures and tables (python -m plots {spec.output} redraws them), e.g. "
+              f"{figures[0] if figures else '-'}")
+    except (ResultsError, OSError, ValueError) as e:  # the results are safe; only the drawing failed
+        print(f"warning: results written, but the plots failed: {e}; retry with `python -m plots {spec.output}`",
+              file=sys.stderr)
     return 0
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_NEW_TOKENS = 16
+PICTURE_DOCS = 4  # docs 0..3 of each task keep their model-input image, for the token-selection pictures
 
 
 def manifests():
@@ -114,6 +115,7 @@ class ReducedLlavaLMM(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self.records: dict[tuple[str, int], dict] = {}  # (task, doc_id) -> token trace and times of the sample
         self.batch_times: list[dict] = []  # per batch, in run order: its `per_sample_ms` times
+        self.pictures: dict[tuple[str, int], dict] = {}  # (task, doc_id) -> the image the patches cut, for plots
         self._warned_sampling = False
         self.set_reducer(create_reducer(method, budget, **method_args))
 
@@ -179,10 +181,20 @@ class ReducedLlavaLMM(lmms):
                     _, _, _, doc_id, task, _ = req.args
                     rec = {**out.trace.sample(j, self.num_patches), **times}
                     self.records[(task, doc_id)] = rec
+                    if doc_id < PICTURE_DOCS and (task, doc_id) not in self.pictures:
+                        self.pictures[(task, doc_id)] = {"image": self._model_image(inputs["pixel_values"][j]),
+                                                         "question": req.args[0], "grid": list(self.runner.layout.grid)}
                     counts = TokenCounts(input_tokens=rec["llm_tokens_per_layer"][0], output_tokens=n)
                     results[idx[j]] = GenerationResult(text=text, token_counts=counts)
                 bar.update(len(chunk))
         return results
+
+    def _model_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) normalised pixels -> (H, W, 3) uint8: the resized, cropped image the patch grid is cut from."""
+        ip = self.processor.image_processor
+        mean = torch.tensor(ip.image_mean).view(3, 1, 1)
+        std = torch.tensor(ip.image_std).view(3, 1, 1)
+        return (pixels.float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
 
     def _prepare(self, chunk: list[Instance]) -> tuple[list[str], list]:
         prompts, images = [], []

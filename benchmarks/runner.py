@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.standard_tasks import check_task_data, load_error, package_dirs, submission_args, task_config
 from methods import TokenReducer, create_reducer, get_reducer_class, list_reducers
 from methods.base import AUTO
 
@@ -33,7 +34,7 @@ SYNTH_TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
 SMOKE_TASKS = ("synth_vqa",)
 DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
 SUMMARY_COLUMNS = [
-    "task", "method", "budget", "metric", "value", "n", "visual_tokens_mean", "visual_tokens_max",
+    "task", "method", "budget", "metric", "value", "primary", "n", "visual_tokens_mean", "visual_tokens_max",
     "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
     "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean", "relevant_recall_mean",
     "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
@@ -72,6 +73,7 @@ class RunSpec:
     device: str = "cpu"
     dtype: str = "auto"
     method_kwargs: tuple[tuple[str, str, object], ...] = ()  # (method, argument, value), from --method-args
+    task_data: tuple[tuple[str, Path], ...] = ()  # (task, local dataset copy), from --task-data
 
     def __post_init__(self) -> None:
         # default: every registered method that can run on this model (learned ones need a trained controller)
@@ -89,6 +91,11 @@ class RunSpec:
         for method, arg, _ in self.method_kwargs:
             if method not in self.methods:
                 raise ValueError(f"--method-args names {method}.{arg}, but {method} is not among the methods run")
+        check_task_data(self.tasks, self.task_data, self.limit)
+
+    def data_path(self, task: str) -> Path | None:
+        """The local dataset copy given for `task` with --task-data, or None (lmms-eval's own loading)."""
+        return next((Path(p) for t, p in self.task_data if t == task), None)
 
     def kwargs_for(self, method: str) -> dict:
         """Constructor arguments for `method`: the command line's, plus the model's trained controller if any."""
@@ -165,6 +172,7 @@ class ResultStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.cells_dir = self.root / "cells"
+        self.pictures_dir = self.root / "pictures"
 
     def prepare(self) -> None:
         try:
@@ -183,6 +191,21 @@ class ResultStore:
 
     def save(self, cell: Cell, fingerprint: str, rows: list[dict], samples: list[dict]) -> None:
         _atomic_write(self.path(cell, fingerprint), json.dumps({"rows": rows, "samples": samples}))
+
+    def save_pictures(self, pictures: dict[tuple[str, int], dict]) -> None:
+        """Write each captured model-input image once: pictures/<task>__<doc_id>.png and .json (question, grid)."""
+        from PIL import Image
+
+        for (task, doc_id), pic in pictures.items():
+            stem = self.pictures_dir / f"{task}__{doc_id}"
+            if stem.with_suffix(".json").is_file():
+                continue
+            self.pictures_dir.mkdir(parents=True, exist_ok=True)
+            tmp = stem.with_name(f".{stem.name}.{os.getpid()}.png")
+            Image.fromarray(pic["image"].numpy()).save(tmp)
+            os.replace(tmp, stem.with_suffix(".png"))
+            meta = {"task": task, "doc_id": doc_id, "question": pic["question"], "grid": pic["grid"]}
+            _atomic_write(stem.with_suffix(".json"), json.dumps(meta))  # last: marks the picture complete
 
     def load_all(self) -> tuple[list[dict], list[dict]]:
         rows, samples = [], []
@@ -247,8 +270,12 @@ def _dist_version(name: str) -> str:
         return "unknown"
 
 
-def fingerprint(spec: RunSpec, method_args: dict) -> str:
-    key = json.dumps([str(Path(spec.model).resolve()), method_args, spec.limit, spec.seed], sort_keys=True)
+def fingerprint(spec: RunSpec, method_args: dict, task: str | None = None) -> str:
+    parts = [str(Path(spec.model).resolve()), method_args, spec.limit, spec.seed]
+    data = spec.data_path(task) if task else None
+    if data is not None:  # only then: cells run on lmms-eval's own data keep their earlier fingerprints
+        parts.append(str(data.expanduser().resolve()))
+    key = json.dumps(parts, sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -259,7 +286,7 @@ def task_manager(spec: RunSpec):
     """A TaskManager that knows our tasks and the user's include paths; lmms-eval's defaults only if needed."""
     from lmms_eval.tasks import TaskManager
 
-    paths = [str(SYNTH_TASKS)] + [str(p) for p in spec.include_paths]
+    paths = [str(SYNTH_TASKS)] + [str(p) for p in spec.include_paths] + package_dirs(spec.tasks)
     for p in spec.include_paths:
         if not Path(p).is_dir():
             raise FileNotFoundError(f"--include-path {p} is not a directory of lmms-eval task YAMLs")
@@ -286,10 +313,10 @@ def ensure_task_data(tasks: tuple[str, ...]) -> None:
 
 
 def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:
-    """The cell's reducer: the method's defaults, overridden by --method-args."""
+    """The cell's reducer, in eval mode: the method's defaults, overridden by --method-args."""
     budget = cell.budget if get_reducer_class(cell.method).uses_budget else None
     try:
-        return create_reducer(cell.method, budget, **spec.kwargs_for(cell.method))
+        return create_reducer(cell.method, budget, **spec.kwargs_for(cell.method)).eval()
     except TypeError as e:  # an argument the constructor does not take
         raise ValueError(f"{cell.method}: {e}; see the method's docstring for its arguments") from None
 
@@ -305,12 +332,18 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
     cuda = lm.model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(lm.model.device)
+    from tenacity import RetryError
+
     t0 = time.perf_counter()
-    res = simple_evaluate(
-        model=lm, tasks=[cell.task], limit=spec.limit, log_samples=True, bootstrap_iters=0, task_manager=tm,
-        random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
-        fewshot_random_seed=spec.seed, datetime_str=time.strftime("%Y%m%d_%H%M%S"), verbosity="WARNING",
-    )
+    try:
+        res = simple_evaluate(
+            model=lm, tasks=[task_config(cell.task, spec.data_path(cell.task))], limit=spec.limit,
+            log_samples=True, bootstrap_iters=0, task_manager=tm, cli_args=submission_args(spec.output),
+            random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
+            fewshot_random_seed=spec.seed, datetime_str=time.strftime("%Y%m%d_%H%M%S"), verbosity="WARNING",
+        )
+    except RetryError as e:  # lmms-eval's retried dataset load failed
+        raise load_error(cell.task, spec.data_path(cell.task), e) from e
     wall = time.perf_counter() - t0
     if res is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
@@ -401,13 +434,14 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
         **prov,
     }
     docs = res["samples"][cell.task]
+    primary = (res["configs"][cell.task].get("metric_list") or [{}])[0].get("metric")
     rows = []
     for key, value in res["results"][cell.task].items():
         metric, _, _ = key.partition(",")
         if metric == "alias" or "_stderr" in metric or not isinstance(value, (int, float)):
             continue
         n = sum(1 for d in docs if d.get(metric) is not None) or res["n-samples"][cell.task]["effective"]
-        rows.append({**common, "metric": metric, "value": float(value), "n": n})
+        rows.append({**common, "metric": metric, "value": float(value), "primary": metric == primary, "n": n})
     return rows
 
 
@@ -433,7 +467,7 @@ def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:
     todo = []
     for cell in cells:
         reducer = make_reducer(cell, spec)
-        fp = fingerprint(spec, {"method": cell.method, **reducer.method_args()})
+        fp = fingerprint(spec, {"method": cell.method, **reducer.method_args()}, cell.task)
         if not store.done(cell, fp):
             todo.append((cell, reducer, fp))
     skipped = len(cells) - len(todo)
@@ -442,6 +476,7 @@ def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:
     for cell, reducer, fp in tqdm(todo, desc="cells", disable=not progress):
         rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov)
         store.save(cell, fp, rows, samples)
+        store.save_pictures(lm.pictures)
         store.rebuild()
     return store.rebuild()
 

@@ -6,8 +6,8 @@ harness itself cost?
 
 `speedup` builds LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches) with the depths
 cut (`--vision-layers`, `--llm-layers`) and random weights, and times one sample's reduced prefill per method and
-budget: median of `--repeats` runs after a warm-up run. It prints the analytic prefill FLOPs ratio to `full`, the
-measured time ratio, and realised speed-up / FLOPs-predicted speed-up (1.0 = time follows FLOPs exactly).
+budget: median of `--repeats` rounds after a warm-up round, the methods interleaved within each round. It prints
+the analytic prefill FLOPs ratio to `full`, the measured time ratio, and realised speed-up / FLOPs-predicted speed-up (1.0 = time follows FLOPs exactly).
 Learned controllers are untrained here: their cost does not depend on their weights.
 """
 
@@ -50,24 +50,27 @@ def speedup(args: argparse.Namespace) -> list[dict]:
     mask = torch.ones_like(ids)
     pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
     shape = ModelShape.from_config(config)
-    rows = []
     print(f"LLaVA-1.5-7B shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, batch 1, "
-          f"{args.text_tokens} text tokens, {args.dtype} on {machine()}; median of {args.repeats} after 1 warm-up")
-    for method, budget, kw in PLAN:
-        reducer = stand_in_reducer(method, budget if isinstance(budget, int) else None, config, **kw).to(args.device)
-        run = ReducedLlava(model, reducer)
-        times = []
-        with torch.no_grad():
-            for i in range(args.repeats + 1):
-                gen = run.generate(ids, mask, pixels, max_new_tokens=1)
+          f"{args.text_tokens} text tokens, {args.dtype} on {machine()}; median of {args.repeats} rounds after 1 "
+          "warm-up round, methods interleaved within each round (slow drifts of a shared machine hit all alike)")
+    runs = [ReducedLlava(model, stand_in_reducer(method, budget if isinstance(budget, int) else None, config, **kw)
+                         .to(args.device)) for method, budget, kw in PLAN]
+    times: list[list[float]] = [[] for _ in PLAN]
+    gens = [None] * len(PLAN)
+    with torch.no_grad():
+        for i in range(args.repeats + 1):
+            for j, run in enumerate(runs):
+                gens[j] = run.generate(ids, mask, pixels, max_new_tokens=1)
                 if i:
-                    times.append(gen.timing.prefill_s)
-        macs = count(gen.trace.sample(0, n), shape).prefill
-        rows.append({"method": method, "budget": budget if budget is not None else n, "prefill_gmacs": macs / 1e9,
-                     "prefill_s": statistics.median(times), "reducer_s": gen.timing.reducer_s})
+                    times[j].append(gens[j].timing.prefill_s)
+    rows = []
+    for (method, budget, _), gen, ts in zip(PLAN, gens, times, strict=True):
+        rows.append({"method": method, "budget": budget if budget is not None else n,
+                     "prefill_gmacs": count(gen.trace.sample(0, n), shape).prefill / 1e9,
+                     "prefill_s": statistics.median(ts), "reducer_s": gen.timing.reducer_s})
         r = rows[-1]
         print(f"  {method:14s} {str(r['budget']):>6s}  {r['prefill_gmacs']:8.1f} GMACs  {1e3 * r['prefill_s']:8.1f} ms"
-              f"  (reducer {1e3 * r['reducer_s']:.1f} ms)", flush=True)
+              f"  (reducer {1e3 * r['reducer_s']:.1f} ms; spread {1e3 * min(ts):.0f}-{1e3 * max(ts):.0f} ms)")
     base = rows[0]
     print(f"\n| method | budget | prefill GMACs | FLOPs ratio | prefill ms | time ratio | realised / predicted speed-up |")
     print("|---|---|---|---|---|---|---|")
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--vision-layers", type=int, default=4)
     s.add_argument("--llm-layers", type=int, default=4)
     s.add_argument("--text-tokens", type=int, default=64)
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     o = sub.add_parser("overhead", help="run_bench.py vs a bare HF generate loop, smoke model")

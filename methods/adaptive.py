@@ -3,20 +3,27 @@
 This project's method (the user's SEED_PLAN), built on AdaLLaVA's recipe (Xu, Nguyen et al., "Learning to Inference
 Adaptively for Multimodal Large Language Models", arXiv 2503.10905): a scalar budget is encoded (sinusoidal, 128
 frequencies, then an MLP), fused with the image content, and a head scores every patch; "how many" is the budget
-itself (K = budget), "which" comes from the scores. Selection is K rounds of masked Gumbel-softmax without
-replacement with the straight-through trick in training (tau = 5), plain top-K in eval. Trained with the LM loss
-only and a random budget per batch (`python -m methods.train_adaptive`).
+itself (K = budget), "which" comes from the scores. Selection is Gumbel top-K in training (exactly K patches per
+sample, drawn without replacement from the scores' softmax) and plain top-K in eval. Trained with the LM loss only
+and a random budget per batch (`python -m methods.train_adaptive`).
 
 Site: features. The kept patches go to the projector in their original order (CLS is dropped before the
-controller, as LLaVA's "default" feature selection does); the LLM sees exactly K visual tokens. In training the same
-K patches go on (the forward pass equals evaluation's), each as ref + m (x - ref) with m its straight-through mask
-value (1 forward) and ref the batch's mean patch feature (detached), so the mask's gradient is the loss's
-directional derivative from "this patch" towards "an average patch". Measured on the smoke model (2-core CPU,
-400-600 steps, held-out accuracy at K = 16 / 36 of 144): scaling the patch by m (ref = 0, before or after the
-projector) learned to *avoid* the question's objects (kept-on-object share 0.000-0.003, 33-35 %, below `random`'s
-48 / 61 %), and training it with the loss's sign flipped picked objects (73.5 / 77.0 %): the scaling derivative is
-a sensitivity, not a usefulness, signal. With the mean reference: 53.2 / 58.5 % (share 0.098 / 0.061). Not yet at
-PruMerge's 73.8 / 77.5 %.
+controller, as LLaVA's "default" feature selection does); the LLM sees exactly K visual tokens, in training as in
+eval.
+
+**Gradient estimator: a deviation from the plan, measured.** The plan (and AdaLLaVA) use K rounds of masked
+Gumbel-softmax with the straight-through trick (tau = 5). AdaLLaVA's mask switches whole layers or heads, whose
+"off" state is exact; a dropped *token* has no such state, and the mask's straight-through gradient then measures
+how sensitive the loss is to a patch, not whether keeping it helps. On the smoke model (2-core CPU, 400-600 steps,
+held-out accuracy at K = 16 / 36 of 144) it learned to avoid the question's objects whichever way the mask acted:
+scaling the patch by m before or after the projector, 33-35 % (kept-on-object share 0.000-0.003; `random` 48 /
+61 %); interpolating from the batch's mean patch, ref + m (x - ref), 53 / 58 %. The default estimator is therefore
+the score function (REINFORCE): the Gumbel top-K draw is a Plackett-Luce sample whose log-probability is exact
+(`plackett_luce_topk`); each question is run with S draws (default 4) and a draw's advantage is how much lower its
+answer loss is than the other draws' mean (leave-one-out baseline). The LLM and the features need no gradient, so a
+step is S forward passes and no backward through the model. The loss is still the LM loss alone (no FLOPs or
+sparsity term), one budget per batch. The straight-through estimator stays available (`--estimator
+straight_through`, the mean-reference variant) to reproduce the plan as written.
 
 * `adaptive_b` (Option B): the vision encoder runs unchanged; the budget embedding attends to the patch features
   (one cross-attention, budget as query) and the fused vector conditions the scores.
@@ -49,6 +56,7 @@ from methods._registry import register_reducer
 from methods.base import Reduced, TokenReducer, Tokens
 
 CONFIG_FILE = "controller.json"
+ESTIMATORS = ("reinforce", "straight_through")
 WEIGHTS_FILE = "controller.safetensors"
 
 
@@ -105,6 +113,32 @@ def gumbel_topk(logits: Tensor, k: Tensor, tau: float = 5.0, training: bool = Tr
     return total
 
 
+def plackett_luce_topk(logits: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Draw exactly k[b] items per row without replacement, and the log-probability of the draw.
+
+    The draw is the Gumbel top-K of `logits` (add Gumbel(0, 1) noise once, keep the k largest), which is a sample of
+    the first k places of a Plackett-Luce ranking with weights exp(logits); its log-probability (of that ordered
+    draw) is sum_r [l_(r) - logsumexp(l_(r)..l_(N))] over the first k ranks. This is what the score-function
+    (REINFORCE) estimator differentiates.
+
+    Args:
+        logits: (B, N) scores.
+        k: (B,) long, items per row (1 <= k <= N).
+
+    Returns:
+        mask: (B, N) float, exactly k[b] ones per row (no gradient).
+        log_prob: (B,) log-probability of the drawn ordered selection (differentiable in `logits`).
+    """
+    gumbel = -torch.empty_like(logits).exponential_().log()
+    order = (logits.detach() + gumbel).argsort(dim=1, descending=True)  # (B, N) a drawn ranking
+    ranked = logits.gather(1, order)  # (B, N) logits in drawn order
+    rest = ranked.flip(1).logcumsumexp(1).flip(1)  # (B, N) logsumexp of ranked[r:], the items still available
+    first_k = torch.arange(logits.size(1), device=logits.device).unsqueeze(0) < k.unsqueeze(1)  # (B, N)
+    log_prob = ((ranked - rest) * first_k).sum(1)  # (B,)
+    mask = torch.zeros_like(logits).scatter(1, order, first_k.to(logits.dtype)).detach()
+    return mask, log_prob
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     """What a trained controller needs to be rebuilt: saved next to its weights."""
@@ -114,7 +148,12 @@ class ControllerConfig:
     num_patches: int
     hidden: int = 256
     heads: int = 4
-    tau: float = 5.0
+    tau: float = 5.0  # Gumbel-softmax temperature; only the straight-through estimator uses it
+    estimator: str = "reinforce"  # how training gets gradients to the scores: one of ESTIMATORS
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {self.estimator!r} is not one of {ESTIMATORS}")
 
 
 class _Adaptive(TokenReducer):
@@ -179,7 +218,12 @@ class _Adaptive(TokenReducer):
             raise NotImplementedError(f"{self.name} expects every image to arrive with all its patches")
         k = self.budgets(t)  # (B,)
         logits = self.scores(t, k)  # (B, N)
-        if self.training:  # the K selected patches, multiplied by their straight-through mask values (1 forward)
+        if self.training and self.config.estimator == "reinforce":  # score function: the LLM needs no graph
+            mask, log_prob = plackett_luce_topk(logits, k)  # (B, N) exactly k ones, (B,)
+            keep, valid = select_top(mask, k)  # (B, K) ascending, as in eval
+            return Reduced(x=gather_tokens(t.x.detach(), keep), keep=keep, valid=valid,
+                           aux={"logits": logits, "log_prob": log_prob})
+        if self.training:  # straight-through: the K patches, each moved by its mask value (1 forward)
             mask = gumbel_topk(logits, k, self.config.tau, training=True)  # (B, N), exactly k ones
             keep, valid = select_top(mask.detach(), k)  # (B, K) ascending, as in eval
             ref = t.x.mean((0, 1), keepdim=True).detach()  # (1, 1, D) the "absent" reference: the mean patch

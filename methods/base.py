@@ -75,7 +75,8 @@ class Reduced:
         macs: (B,) long, multiply-accumulates of the reducer's own matmul-like work per sample (scoring, merging,
             a controller), on the conventions of `flops/analytic.py`; None means none. The signals the adapter
             computes for the reducer (`needs`) are counted by the adapter, not here.
-        aux: training-time extras (e.g. controller logits), ignored by the adapter.
+        aux: training-time extras (e.g. controller logits, the log-probability of a sampled selection); the
+            adapter hands them to the caller of `prefill` unchanged.
     """
 
     x: Tensor

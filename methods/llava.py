@@ -32,7 +32,7 @@ cache with its own padding mask; new positions continue from the original (unred
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -206,6 +206,7 @@ class _Decoder:
     logits: Tensor  # (B, V) logits of the last position
     trace: TokenTrace
     tail_logits: Tensor | None = None  # (B, m, V) logits of the last m positions, when prefill was asked for them
+    aux: dict[str, Tensor] = field(default_factory=dict)  # the reducer's training-time extras (`Reduced.aux`)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -254,6 +255,7 @@ class ReducedLlava:
         self.reducer = reducer
         self.layout = LlavaLayout.from_config(model.config)
         self._reducer_s = 0.0
+        self._aux: dict[str, Tensor] = {}
         self._check_reducer()
 
     # ------------------------------------------------------------------ public API
@@ -324,6 +326,7 @@ class ReducedLlava:
         m = self.model
         device = m.device
         self._reducer_s = 0.0  # time in the reducer and its signals, for `Timing`
+        self._aux = {}  # the reducer's `Reduced.aux`, handed to the caller (training)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
         self._image_span(input_ids)  # fail before any compute
         pixel_values = pixel_values.to(device, m.model.vision_tower.dtype)
@@ -361,6 +364,7 @@ class ReducedLlava:
                 t0 = self._clock()
                 red = r(Tokens(x=h[:, 1:], grid=lay.grid, valid=valid, budget=budgets, sample_key=key))
                 self._reducer_s += self._clock() - t0
+                self._aux = red.aux
                 patches, valid, src = self._apply(red, h[:, 1:], valid, src, budgets)
                 own = own + (0 if red.macs is None else red.macs)
                 h = torch.cat([h[:, :1], patches], 1)  # (B, 1+K, Dv): CLS always kept
@@ -381,6 +385,7 @@ class ReducedLlava:
                 own = own + cls_signal_macs(torch.as_tensor(counts[-1], device=h.device) - e, h.size(-1))
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
             self._reducer_s += self._clock() - t0
+            self._aux = red.aux
             feats, valid, src = self._apply(red, feats, valid, src, budgets)
             own = own + (0 if red.macs is None else red.macs)
         return feats, valid, src, vision_tokens, own
@@ -509,7 +514,7 @@ class ReducedLlava:
         )
         next_pos = pos[:, -1] + 1  # the last prompt token is real for every left-padded sample
         return _Decoder(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,
-                        logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None)
+                        logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None, aux=self._aux)
 
     def _reduce_in_llm(self, j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets, key):
         """Remove non-kept image tokens before decoder layer j (LLM site); also returns the reducer's MACs (B,)."""
@@ -526,6 +531,7 @@ class ReducedLlava:
                         valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, **sig)
         red = r(tokens)
         self._reducer_s += self._clock() - t0
+        self._aux = red.aux
         macs = macs + (0 if red.macs is None else red.macs)
         if red.keep is None or bool((red.keep < 0).any()):
             raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0)")

@@ -6,9 +6,13 @@
 
 The vision encoder and the LLM are frozen by default; `--train-projector` and `--lora-rank R` (peft LoRA on the LLM's
 attention projections) unfreeze more. Each batch draws one budget K uniformly from `--budget-range` (as a share of
-the patches); the controller must pick exactly K patches; the loss is the answer tokens' cross-entropy, nothing
-else. Only the new modules are saved (the controller's weights and config, a few hundred KB), into
-`--out` (default MODEL/controllers/METHOD, where the runner finds them). With `--train-projector` or LoRA, the
+the patches); the controller must pick exactly K patches; the answer tokens' cross-entropy is the only training
+signal (no FLOPs or sparsity term). By default it reaches the controller through the score function (REINFORCE):
+every question runs with `--samples` Gumbel top-K draws, each draw's advantage is the other draws' mean answer loss
+minus its own, and the loss is -advantage x log-probability of the draw; the model itself needs no backward pass.
+`--estimator straight_through` uses the plan's straight-through Gumbel-softmax instead (see methods/adaptive.py for
+why it is not the default). Only the new modules are saved (the controller's weights and config, a few hundred
+KB), into `--out` (default MODEL/controllers/METHOD, where the runner finds them). With `--train-projector` or LoRA, the
 trained model is also saved as a llava-hf folder in OUT/model; evaluate with `--model OUT/model`.
 A killed run resumes from OUT/train_state.pt when started again with the same command.
 
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from methods import create_reducer
-from methods.adaptive import ControllerConfig
+from methods.adaptive import ESTIMATORS, ControllerConfig
 from methods.llava import ReducedLlava, llava_prompt
 
 STATE_FILE = "train_state.pt"
@@ -52,7 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-range", type=float, nargs=2, default=(0.05, 0.5), metavar=("MIN", "MAX"),
                    help="budgets drawn per batch, as shares of the patches (default 0.05 0.5)")
     p.add_argument("--hidden", type=int, default=256, help="controller width")
-    p.add_argument("--tau", type=float, default=5.0, help="Gumbel-softmax temperature (AdaLLaVA: 5)")
+    p.add_argument("--estimator", default="reinforce", choices=ESTIMATORS,
+                   help="gradient estimator for the selection (default reinforce; see methods/adaptive.py)")
+    p.add_argument("--samples", type=int, default=4,
+                   help="reinforce: selections drawn per question, for the leave-one-out baseline (default 4)")
+    p.add_argument("--tau", type=float, default=5.0,
+                   help="Gumbel-softmax temperature of the straight-through estimator (AdaLLaVA: 5)")
     p.add_argument("--train-projector", action="store_true", help="also train the multimodal projector")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM frozen)")
     p.add_argument("--save-every", type=int, default=100)
@@ -125,14 +134,44 @@ class Collate:
         return {**inputs, "answer_len": torch.tensor(lens)}
 
 
-def answer_loss(tail_logits: torch.Tensor, input_ids: torch.Tensor, answer_len: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the answer tokens. tail_logits (B, M+1, V) are the logits of the last M+1 positions."""
+def answer_losses(tail_logits: torch.Tensor, input_ids: torch.Tensor, answer_len: torch.Tensor) -> torch.Tensor:
+    """(B,) mean cross-entropy of each sample's answer tokens. tail_logits (B, M+1, V): the last M+1 positions."""
     m = tail_logits.size(1) - 1
     targets = input_ids[:, -m:]  # (B, M)
     is_answer = torch.arange(m, device=targets.device).unsqueeze(0) >= (m - answer_len.to(targets.device)).unsqueeze(1)
     logits = tail_logits[:, :-1].float()  # position t predicts token t + 1
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    return (loss.view_as(targets) * is_answer).sum() / is_answer.sum()
+    return (loss.view_as(targets) * is_answer).sum(1) / is_answer.sum(1)
+
+
+def step_loss(runner: ReducedLlava, batch: dict, budgets: torch.Tensor, estimator: str, samples: int
+              ) -> tuple[torch.Tensor, float]:
+    """The loss to minimise for one batch, and the mean answer loss of the selections drawn (for the log).
+
+    straight_through: the answer loss itself; its gradient reaches the scores through the Gumbel-softmax mask.
+    reinforce: each question is run with `samples` independent selections; a selection's advantage is how much
+    lower its answer loss is than the mean of the other draws for the same question (leave-one-out baseline), and
+    the loss is -advantage x log-probability of the selection. The LM loss is the only signal either way.
+    """
+    ids, answer_len = batch["input_ids"].to(budgets.device), batch["answer_len"]
+    tail = int(answer_len.max()) + 1
+    if estimator == "straight_through":
+        state = runner.prefill(ids, batch["attention_mask"], batch["pixel_values"], budgets=budgets, tail=tail)
+        loss = answer_losses(state.tail_logits, ids, answer_len).mean()
+        return loss, loss.item()
+
+    def rep(x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (S * B, ...): draw s of question b at row s * B + b
+        return x.repeat(samples, *[1] * (x.dim() - 1))
+
+    state = runner.prefill(rep(ids), rep(batch["attention_mask"]), rep(batch["pixel_values"]), budgets=rep(budgets),
+                           tail=tail)
+    per = answer_losses(state.tail_logits, rep(ids), rep(answer_len))  # (S * B,)
+    lm = per.detach().view(samples, -1)  # (S, B)
+    advantage = (lm.sum(0, keepdim=True) - lm) / (samples - 1) - lm  # (S, B) the other draws' mean loss minus this one
+    loss = -(advantage * state.aux["log_prob"].view(samples, -1)).mean()
+    if per.requires_grad:  # a trained projector or LoRA learns from the answer loss directly
+        loss = loss + per.mean()
+    return loss, lm.mean().item()
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -167,7 +206,8 @@ def train(args: argparse.Namespace) -> Path:
     cfg = model.config.vision_config
     n = (cfg.image_size // cfg.patch_size) ** 2
     controller = create_reducer(args.method, 1, config=ControllerConfig(
-        method=args.method, dim=cfg.hidden_size, num_patches=n, hidden=args.hidden, tau=args.tau)).to(device)
+        method=args.method, dim=cfg.hidden_size, num_patches=n, hidden=args.hidden, tau=args.tau,
+        estimator=args.estimator)).to(device)
     params = list(controller.parameters()) + trained
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     data = SynthTrain(args.synth_samples) if args.data == "synth" else LlavaJson(Path(args.data), args.image_folder)
@@ -196,9 +236,7 @@ def train(args: argparse.Namespace) -> Path:
                 break
             k = torch.randint(lo, hi + 1, (1,)).item()  # one budget per batch
             budgets = torch.full((batch["input_ids"].size(0),), k, device=device)
-            state = runner.prefill(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                   budgets=budgets, tail=int(batch["answer_len"].max()) + 1)
-            loss = answer_loss(state.tail_logits, batch["input_ids"].to(device), batch["answer_len"])
+            loss, lm_loss = step_loss(runner, batch, budgets, args.estimator, args.samples)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for p in params:  # average gradients over processes (the controller is small: no DDP wrapper needed)
@@ -207,11 +245,11 @@ def train(args: argparse.Namespace) -> Path:
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", k=k)
+            bar.set_postfix(lm_loss=f"{lm_loss:.3f}", k=k)
             if acc.is_main_process:
                 out.mkdir(parents=True, exist_ok=True)
                 with open(out / LOG_FILE, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": round(loss.item(), 5), "budget": k,
+                    f.write(json.dumps({"step": step, "lm_loss": round(lm_loss, 5), "loss": round(loss.item(), 5), "budget": k,
                                         "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
                 if step % args.save_every == 0 or step == args.steps:
                     save(out, controller, opt, trained, step, model, processor, args)
@@ -252,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = args.budget_range
     if not 0 < lo <= hi <= 1:
         raise SystemExit(f"error: --budget-range {lo} {hi}: need 0 < MIN <= MAX <= 1 (shares of the patches)")
+    if args.estimator == "reinforce" and args.samples < 2:
+        raise SystemExit(f"error: --samples {args.samples}: reinforce needs at least 2 selections per question")
     out = train(args)
     print(f"saved the controller to {out}")
     return 0

@@ -1,5 +1,6 @@
-"""Curves and tables regenerated from stored results (`python -m plots RESULTS_DIR`); never imports torch.
+"""Figures and tables regenerated from stored results (`python -m plots RESULTS_DIR`); never imports torch.
 
-So far: accuracy vs prefill FLOPs per task (`plots.pareto`). Latency curves, tables and token-selection pictures
-are tracked by the results-and-plots issue.
+`plots.data` reads and combines results directories, `plots.curves` draws accuracy against prefill FLOPs and
+latency (with the Pareto frontier), the average relative to `full` and visual tokens per LLM layer,
+`plots.tables` writes Markdown / CSV / LaTeX tables, `plots.pictures` the token-selection pictures.
 """

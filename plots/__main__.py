@@ -1,25 +1,50 @@
-"""python -m plots RESULTS_DIR: redraw the accuracy-FLOPs curves from a run's summary.csv (no model, no torch)."""
+"""python -m plots RESULTS_DIR [MORE_DIRS...]: redraw every figure and table from stored results (no model, no torch).
+
+Writes into the first directory (or --out): accuracy_vs_flops_<task>.png, accuracy_vs_latency_<task>.png,
+relative_to_full.png, table.md / table.csv / table.tex, selection_<task>_doc<i>.png and, for methods that act
+inside the LLM, tokens_per_layer_<task>.png. Several directories are combined (the newest row wins).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-from plots.pareto import plot_accuracy_flops
+from plots.data import ResultsError, load
+
+
+def make_all(dirs: list[Path], out: Path | None = None) -> list[Path]:
+    """Every figure and table for the results in `dirs`; returns the written paths."""
+    from plots.curves import accuracy_curves, relative_average, tokens_per_layer
+    from plots.pictures import selection_pictures
+    from plots.tables import write_tables
+
+    res = load(dirs)
+    out = Path(out or dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    written = accuracy_curves(res, out)
+    rel = relative_average(res, out)
+    written += ([rel] if rel else []) + write_tables(res, out) + selection_pictures(res, out)
+    return written + tokens_per_layer(res, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m plots", description=__doc__)
-    p.add_argument("results", type=Path, help="a run directory holding summary.csv")
-    p.add_argument("--metric", default="exact_match", help="metric on the y axis (default: exact_match)")
+    p = argparse.ArgumentParser(prog="python -m plots", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("results", type=Path, nargs="+", help="results directories written by run_bench.py --output")
+    p.add_argument("--out", type=Path, default=None, help="where to write (default: the first results directory)")
     args = p.parse_args(argv)
-    summary = args.results / "summary.csv"
-    if not summary.is_file():
-        print(f"error: {summary} not found; give a directory written by run_bench.py", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        written = make_all(args.results, args.out)
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    for path in plot_accuracy_flops(summary, args.metric):
+    for path in written:
         print(f"wrote {path}")
+    print(f"{len(written)} files in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

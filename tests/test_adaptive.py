@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from methods import Tokens, create_reducer
-from methods.adaptive import ControllerConfig, budget_encoding, gumbel_topk
+from methods.adaptive import ControllerConfig, budget_encoding, gumbel_topk, plackett_luce_topk
 from methods.llava import ReducedLlava
 from tests.conftest import tiny_batch
 
@@ -35,6 +35,41 @@ def test_gumbel_samples_without_replacement_follow_the_logits():
     picks = gumbel_topk(logits, torch.full((4000,), 1), training=True).sum(0) / 4000
     p = logits[0].softmax(0)  # one Gumbel-max draw is a softmax sample
     assert torch.allclose(picks, p, atol=0.03)
+
+
+def test_plackett_luce_draw_and_log_probability_hand_computed():
+    # weights 1, 2, 3 and k = 2: the set {b, c} comes from the ordered draws (c, b), probability 3/6 * 2/3 = 1/3,
+    # and (b, c), probability 2/6 * 3/4 = 1/4; together 7/12, and log_prob is the log of one of the two
+    torch.manual_seed(0)
+    n = 20000
+    logits = torch.tensor([1.0, 2.0, 3.0]).log().expand(n, 3).clone().requires_grad_(True)
+    mask, log_prob = plackett_luce_topk(logits, torch.full((n,), 2))
+    assert mask.sum(1).eq(2).all() and not mask.requires_grad
+    bc = mask[:, 1:].sum(1).eq(2)
+    assert abs(bc.float().mean().item() - 7 / 12) < 0.015
+    lp = log_prob[bc].detach()
+    is_cb = torch.isclose(lp, torch.tensor(1 / 3).log())
+    assert (is_cb | torch.isclose(lp, torch.tensor(1 / 4).log())).all()
+    assert abs(is_cb.float().mean().item() - 4 / 7) < 0.02  # P(order c, b | set {b, c}) = (1/3) / (7/12)
+    log_prob.sum().backward()  # the score function has mean zero: E[d log p / d logits] = 0
+    assert logits.grad.mean(0).abs().max() < 0.02
+
+
+def test_reinforce_with_leave_one_out_baseline_finds_the_best_items():
+    # a bandit: a selection's loss is minus its items' summed value; advantage as in train_adaptive.step_loss
+    torch.manual_seed(0)
+    value = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0, 0.9, 0.0, 0.0])
+    logits = torch.zeros(1, 8, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    s, k = 4, torch.full((4,), 3)
+    for _ in range(300):
+        mask, log_prob = plackett_luce_topk(logits.expand(s, 8), k)
+        cost = -(mask * value).sum(1)  # (S,) lower is better, as a loss
+        advantage = (cost.sum() - cost) / (s - 1) - cost
+        opt.zero_grad()
+        (-(advantage * log_prob).mean()).backward()
+        opt.step()
+    assert set(logits[0].topk(3).indices.tolist()) == {1, 3, 5}
 
 
 def test_budget_encoding_hand_computed():
@@ -84,3 +119,30 @@ def test_save_and_load_roundtrip(tmp_path):
         create_reducer("adaptive_b", 4, checkpoint=tmp_path)
     with pytest.raises(ValueError, match="no trained controller"):
         create_reducer("adaptive_b", 4)
+
+
+@pytest.mark.parametrize("estimator", ["reinforce", "straight_through"])
+def test_training_command_saves_loads_and_resumes(tmp_path, estimator):
+    import json
+
+    from benchmarks.runner import SMOKE_MODEL
+    from methods import train_adaptive
+
+    out = tmp_path / "ctrl"
+    common = ["--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out), "--batch-size", "4",
+              "--synth-samples", "16", "--device", "cpu", "--save-every", "1", "--estimator", estimator]
+    assert train_adaptive.main([*common, "--steps", "2"]) == 0
+    saved = create_reducer("adaptive_b", 9, checkpoint=out)
+    assert saved.config.estimator == estimator
+    assert train_adaptive.main([*common, "--steps", "3"]) == 0  # resumes at step 2: one more step
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r["lm_loss"] > 0 and 2 <= r["budget"] <= 72 for r in log)
+    assert not torch.equal(create_reducer("adaptive_b", 9, checkpoint=out).head[1].weight, saved.head[1].weight)
+
+
+def test_training_command_rejects_one_sample_for_reinforce(tmp_path):
+    from methods import train_adaptive
+
+    with pytest.raises(SystemExit, match="at least 2"):
+        train_adaptive.main(["--model", "x", "--method", "adaptive_b", "--samples", "1"])

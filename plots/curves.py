@@ -1,0 +1,160 @@
+"""Accuracy against compute: per task against prefill FLOPs and against measured prefill latency, and the average
+over tasks relative to `full`. One line per method, points labelled with their budget, the Pareto frontier marked
+(the points no other point beats on both accuracy and cost), `full` as a dashed reference line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from plots.data import Results  # noqa: E402
+
+REFERENCE = "full"
+
+
+def colours(methods) -> dict[str, tuple]:
+    """One fixed colour per method name (the same in every figure of a run)."""
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(sorted(set(methods) - {REFERENCE}))} | {REFERENCE: (0, 0, 0, 1)}
+
+
+def pareto(x: pd.Series, y: pd.Series) -> list[int]:
+    """Index labels of the points on the frontier: lowest cost first, each more accurate than every cheaper one."""
+    best, front = float("-inf"), []
+    for i in sorted(x.index, key=lambda i: (x[i], -y[i])):
+        if y[i] > best:
+            best = y[i]
+            front.append(i)
+    return front
+
+
+def flops_axis(df: pd.DataFrame, column: str = "prefill_tflops_mean") -> tuple[pd.Series, str]:
+    """Prefill FLOPs per sample in TFLOPs, or GFLOPs when every value is below 0.1 TFLOPs (small models)."""
+    if df[column].max() < 0.1:
+        return df[column] * 1e3, "GFLOPs"
+    return df[column], "TFLOPs"
+
+
+def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> None:
+    """Method lines with budget labels, the reference line, the Pareto frontier."""
+    offsets = [(4, 4), (4, -11), (-12, 6), (-12, -11)]  # methods take turns, so close curves' labels do not collide
+    for j, (method, rows) in enumerate(df[df["method"] != REFERENCE].groupby("method")):
+        idx = rows.sort_values("budget_tokens").index
+        ax.plot(x[idx], y[idx], marker="o", color=colour[method], label=method, linewidth=1.6, markersize=5)
+        for i in idx:
+            ax.annotate(str(df.at[i, "budget"]), (x[i], y[i]), textcoords="offset points", xytext=offsets[j % 4],
+                        fontsize=8, color=colour[method])
+    for i in df.index[df["method"] == REFERENCE]:
+        ax.axhline(y[i], color="black", linestyle="--", linewidth=1, label=f"{REFERENCE} ({df.at[i, 'budget']} tokens)")
+        ax.plot([x[i]], [y[i]], marker="*", color="black", markersize=12, linestyle="none")
+    front = pareto(x, y)
+    ax.plot(x[front], y[front], color="grey", linewidth=4, alpha=0.25, drawstyle="steps-post", zorder=0,
+            label="Pareto frontier")
+    ax.scatter(x[front], y[front], s=110, facecolors="none", edgecolors="grey", linewidths=1.2, zorder=3)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+
+
+def _footer(fig, df: pd.DataFrame) -> None:
+    first = df.iloc[0]
+    where = f"{first.get('device', '?')}, {first.get('dtype', '?')}, batch {first.get('batch_size', '?')}"
+    model = "/".join(Path(str(first.get("model", "?"))).parts[-2:])
+    fig.text(0.01, 0.01, f"{model} on {where}; n = {int(df['n'].max())} per point",
+             fontsize=7, color="grey")
+
+
+def accuracy_curves(res: Results, out: Path) -> list[Path]:
+    """Per task: accuracy vs prefill FLOPs and vs measured prefill latency (two PNGs)."""
+    written = []
+    for task, metric in res.primary.items():
+        df = res.main_rows(task)
+        colour = colours(res.summary["method"])
+        y = 100 * df["value"]
+        axes = [("flops", *flops_axis(df)), ("latency", df.get("prefill_ms_median"), "ms")]
+        for kind, x, unit in axes:
+            if x is None or x.isna().all():
+                continue
+            keep = x.notna()
+            fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
+            _draw(ax, df[keep], x[keep], y[keep], colour)
+            what = f"prefill {unit} per sample (vision + reducer + projector + LLM prefill)" if kind == "flops" \
+                else "measured prefill latency per sample (ms, median over batches)"
+            ax.set_xlabel(what)
+            ax.set_ylabel(f"{metric} (%)")
+            ax.set_title(f"{task}: {metric} vs {'compute' if kind == 'flops' else 'latency'} (labels: visual tokens)",
+                         fontsize=10)
+            _footer(fig, df)
+            fig.tight_layout(rect=(0, 0.03, 1, 1))
+            path = out / f"accuracy_vs_{kind}_{task}.png"
+            fig.savefig(path)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def relative_average(res: Results, out: Path) -> Path | None:
+    """Mean over tasks of accuracy / full's accuracy (%), against mean prefill FLOPs / full's (%).
+
+    Only tasks with a `full` row count; a (method, budget) enters the average only if it ran on all of them.
+    """
+    rows = res.main_rows()
+    full = rows[rows["method"] == REFERENCE].drop_duplicates("task").set_index("task")
+    rows = rows[rows["task"].isin(full.index)]
+    if rows.empty:
+        return None
+    rel = rows.assign(acc_rel=100 * rows["value"] / rows["task"].map(full["value"]),
+                      flops_rel=100 * rows["prefill_tflops_mean"] / rows["task"].map(full["prefill_tflops_mean"]))
+    n_tasks = len(full)
+    agg = rel.groupby(["method", "budget"], as_index=False).agg(
+        acc_rel=("acc_rel", "mean"), flops_rel=("flops_rel", "mean"), tasks=("task", "nunique"),
+        budget_tokens=("budget_tokens", "first"))
+    agg = agg[agg["tasks"] == n_tasks].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
+    _draw(ax, agg, agg["flops_rel"], agg["acc_rel"], colours(res.summary["method"]))
+    ax.set_xlabel(f"prefill FLOPs relative to {REFERENCE} (%)")
+    ax.set_ylabel(f"accuracy relative to {REFERENCE} (%), mean over tasks")
+    ax.set_title(f"average over {n_tasks} task(s): {', '.join(full.index)}", fontsize=10)
+    fig.tight_layout()
+    path = out / "relative_to_full.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def tokens_per_layer(res: Results, out: Path) -> list[Path]:
+    """Per task: mean visual tokens at each LLM layer, for the methods whose count changes inside the LLM."""
+    written = []
+    for task in res.primary:
+        series = {k: v for k, v in res.layers.items() if k[0] == task}
+        inside = {k: v for k, v in series.items() if max(v) != min(v)}
+        if not inside:
+            continue
+        colour = colours(res.summary["method"])
+        fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=130)
+        styles = ["-", "--", ":", "-."]
+        for (_, method, budget), v in series.items():
+            if method == REFERENCE:
+                ax.plot(range(len(v)), v, color="black", linestyle="--", linewidth=1, drawstyle="steps-mid",
+                        label=REFERENCE)
+        for j, ((_, method, budget), v) in enumerate(sorted(inside.items(), key=lambda kv: (kv[0][1], kv[1][-1]))):
+            ax.plot(range(len(v)), v, marker="o", color=colour[method], linestyle=styles[j % len(styles)],
+                    drawstyle="steps-mid", label=f"{method}, budget {budget}")
+        ax.set_xlabel("LLM decoder layer")
+        ax.set_ylabel("visual tokens entering the layer (mean per sample)")
+        ax.set_title(f"{task}: visual tokens through the LLM (prefill)", fontsize=10)
+        ax.set_xticks(range(len(next(iter(inside.values())))))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"tokens_per_layer_{task}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,117 @@
+"""Read what `run_bench.py` wrote (one or several results directories) into one table, without torch.
+
+A results directory holds `summary.csv` (one row per task, method, budget and metric), `samples.jsonl` (one record
+per sample) and `pictures/` (the model-input images of a few fixed samples); `results/README.md` documents them.
+Several directories combine: rows for the same (task, method, method arguments, budget, metric) keep the newest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+REQUIRED = ("task", "method", "budget", "metric", "value", "prefill_tflops_mean", "visual_tokens_mean")
+PICTURE_DOCS = 4  # docs 0..3 of each task have pictures (benchmarks.lmms_model.PICTURE_DOCS)
+
+
+class ResultsError(ValueError):
+    """A directory that holds no usable results; the message says what to do."""
+
+
+@dataclass
+class Results:
+    """Everything the plots need.
+
+    Attributes:
+        summary: one row per (task, method, budget, metric), `budget_tokens` numeric for sorting.
+        primary: task -> its main metric (the task's first metric in lmms-eval's metric list).
+        kept: (task, method, budget, doc_id) -> kept patch indices (None: all), for the picture docs.
+        layers: (task, method, budget) -> mean visual tokens per LLM layer.
+        pictures: (task, doc_id) -> (png path, meta dict with `question`, `grid`).
+    """
+
+    summary: pd.DataFrame
+    primary: dict[str, str]
+    kept: dict[tuple, list[int] | None] = field(default_factory=dict)
+    layers: dict[tuple, list[float]] = field(default_factory=dict)
+    pictures: dict[tuple, tuple[Path, dict]] = field(default_factory=dict)
+
+    def main_rows(self, task: str | None = None) -> pd.DataFrame:
+        """Rows of each task's main metric (or one task's)."""
+        df = self.summary[self.summary["metric"] == self.summary["task"].map(self.primary)]
+        return df if task is None else df[df["task"] == task]
+
+
+def load(dirs: list[Path]) -> Results:
+    """Read and combine results directories. Raises ResultsError for an empty or foreign directory."""
+    frames = []
+    for d in dirs:
+        path = Path(d) / "summary.csv"
+        if not Path(d).is_dir():
+            raise ResultsError(f"{d} is not a directory; give a results directory written by run_bench.py --output")
+        if not path.is_file():
+            raise ResultsError(f"{d} holds no summary.csv; run `python run_bench.py --output {d}` first")
+        try:
+            df = pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise ResultsError(f"{path} is not a run_bench.py summary ({e}); rerun run_bench.py --output {d}") from None
+        missing = [c for c in REQUIRED if c not in df.columns]
+        if missing:
+            raise ResultsError(f"{path} is not a run_bench.py summary: no column(s) {', '.join(missing)}")
+        if df.empty:
+            raise ResultsError(f"{path} has no rows yet; let run_bench.py finish at least one cell")
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    for col in ("method_args", "time_utc"):
+        if col not in df.columns:
+            df[col] = ""
+    df["budget"] = df["budget"].astype(str)
+    df = (df.sort_values("time_utc", kind="stable")
+            .drop_duplicates(["task", "method", "method_args", "budget", "metric"], keep="last"))
+    df["budget_tokens"] = pd.to_numeric(df["budget"], errors="coerce").fillna(df["visual_tokens_mean"])
+    df = df.sort_values(["task", "method", "budget_tokens"], kind="stable").reset_index(drop=True)
+    primary = {}
+    for task, rows in df.groupby("task", sort=False):
+        flagged = rows[rows["primary"].astype(str) == "True"] if "primary" in rows.columns else rows.iloc[:0]
+        primary[task] = flagged["metric"].iloc[0] if len(flagged) else rows["metric"].iloc[0]
+    res = Results(summary=df, primary=primary)
+    for d in dirs:
+        _read_samples(Path(d) / "samples.jsonl", res)
+        _read_pictures(Path(d) / "pictures", res)
+    return res
+
+
+def _read_samples(path: Path, res: Results) -> None:
+    """Kept patches of the picture docs, and per-layer visual-token means, streamed from samples.jsonl."""
+    if not path.is_file():
+        return
+    sums: dict[tuple, list[float]] = defaultdict(list)
+    counts: dict[tuple, int] = defaultdict(int)
+    with open(path) as f:
+        for line in f:
+            s = json.loads(line)
+            key = (s["task"], s["method"], str(s["budget"]))
+            per_layer = s.get("visual_tokens_per_layer")
+            if per_layer:
+                acc = sums[key]
+                if not acc:
+                    acc.extend([0.0] * len(per_layer))
+                if len(acc) == len(per_layer):
+                    for i, v in enumerate(per_layer):
+                        acc[i] += v
+                    counts[key] += 1
+            if s.get("doc_id", PICTURE_DOCS) < PICTURE_DOCS:
+                res.kept[(*key, s["doc_id"])] = s.get("kept_indices")
+    res.layers.update({k: [v / counts[k] for v in acc] for k, acc in sums.items() if counts[k]})
+
+
+def _read_pictures(folder: Path, res: Results) -> None:
+    for meta_path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        meta = json.loads(meta_path.read_text())
+        png = meta_path.with_suffix(".png")
+        if png.is_file():
+            res.pictures[(meta["task"], meta["doc_id"])] = (png, meta)

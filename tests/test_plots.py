@@ -1,0 +1,114 @@
+"""Figures and tables from stored results: no torch, every figure written, runs combined, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from plots.__main__ import main
+from plots.curves import pareto
+from plots.data import load
+from plots.pictures import selection_image
+from plots.tables import table, to_latex
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_run(root: Path, cells: list[tuple], time_utc: str = "2026-01-01T00:00:00Z", layers: int = 3) -> Path:
+    """A results directory like run_bench.py writes: cells are (task, method, budget, accuracy, tflops, ms)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows, samples = [], []
+    for task, method, budget, acc, tflops, ms in cells:
+        common = {"task": task, "method": method, "budget": budget, "n": 10, "visual_tokens_mean": float(budget),
+                  "prefill_tflops_mean": tflops, "prefill_ms_median": ms, "relevant_precision_mean": 0.25,
+                  "method_args": json.dumps({"budget": budget}), "time_utc": time_utc, "model": "/m/smoke/checkpoint",
+                  "device": "cpu", "dtype": "float32", "batch_size": 4}
+        rows.append({**common, "metric": "exact_match", "value": acc, "primary": True})
+        rows.append({**common, "metric": "acc_color", "value": acc / 2, "primary": False})
+        per_layer = [budget] * layers if method != "fastv" else [16] + [budget] * (layers - 1)
+        for doc in range(2):
+            samples.append({"task": task, "method": method, "budget": budget, "doc_id": doc,
+                            "kept_indices": None if method == "full" else list(range(budget)),
+                            "visual_tokens_per_layer": per_layer})
+    pd.DataFrame(rows).to_csv(root / "summary.csv", index=False)
+    (root / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    pics = root / "pictures"
+    pics.mkdir(exist_ok=True)
+    for task in {c[0] for c in cells}:
+        Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(pics / f"{task}__0.png")
+        (pics / f"{task}__0.json").write_text(json.dumps({"task": task, "doc_id": 0, "question": "What colour?",
+                                                          "grid": [4, 4]}))
+    return root
+
+
+CELLS = [("synth_vqa", "full", 16, 0.9, 0.30, 10.0), ("synth_vqa", "prumerge", 4, 0.7, 0.12, 5.0),
+         ("synth_vqa", "prumerge", 8, 0.8, 0.15, 6.0), ("synth_vqa", "fastv", 4, 0.75, 0.25, 8.0),
+         ("other", "full", 16, 0.6, 0.30, 10.0), ("other", "prumerge", 4, 0.3, 0.12, 5.0)]
+
+
+def test_every_figure_and_table_without_torch_in_seconds(tmp_path):
+    run = write_run(tmp_path / "run", CELLS)
+    code = ("import sys, time; t = time.time(); from plots.__main__ import main; rc = main([sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'plots imported torch'; print('SECONDS', time.time() - t); "
+            "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(run)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split("SECONDS")[1]) < 10
+    names = {p.name for p in run.iterdir()}
+    for task in ("synth_vqa", "other"):
+        assert {f"accuracy_vs_flops_{task}.png", f"accuracy_vs_latency_{task}.png", f"selection_{task}_doc0.png"} <= names
+    assert {"relative_to_full.png", "table.md", "table.csv", "table.tex", "tokens_per_layer_synth_vqa.png"} <= names
+    assert "tokens_per_layer_other.png" not in names  # no method acts inside the LLM there
+
+
+def test_pareto_frontier_hand_computed():
+    x = pd.Series([1.0, 2.0, 3.0, 3.0, 4.0])
+    y = pd.Series([50.0, 40.0, 55.0, 60.0, 60.0])
+    assert pareto(x, y) == [0, 3]  # (2, 40) is beaten by (1, 50); (3, 60) beats (3, 55); (4, 60) adds nothing
+
+
+def test_selection_image_dims_exactly_the_dropped_patches():
+    image = np.full((4, 4, 3), 200, np.uint8)
+    out = selection_image(image, (2, 2), [0, 3])
+    assert out[:2, :2].min() == 200 and out[2:, 2:].min() == 200  # patches 0 and 3 kept
+    assert out[:2, 2:].max() == 50 and out[2:, :2].max() == 50  # patches 1 and 2 dimmed to 25 %
+    assert selection_image(image, (2, 2), None) is image
+
+
+def test_runs_combine_newest_row_wins_and_partial_sweeps_plot(tmp_path):
+    a = write_run(tmp_path / "a", CELLS[:3])
+    b = write_run(tmp_path / "b", [("synth_vqa", "prumerge", 8, 0.85, 0.15, 6.0), ("synth_vqa", "random", 8, 0.5, 0.15,
+                                                                                    6.0)], time_utc="2026-02-01T00:00:00Z")
+    t = table(load([a, b])).set_index(["method", "budget"])
+    assert t.loc[("prumerge", "8"), "accuracy_pct"] == 85.0  # the newer run's row
+    assert t.loc[("random", "8"), "relative_to_full_pct"] == pytest.approx(100 * 0.5 / 0.9, abs=0.05)
+    assert t.loc[("prumerge", "4"), "prefill_tflops"] == 0.12
+    assert main([str(b)]) == 0  # no `full` in it: no relative plot, the rest still drawn
+    assert not (b / "relative_to_full.png").exists() and (b / "accuracy_vs_flops_synth_vqa.png").exists()
+
+
+def test_latex_table_escapes_and_aligns():
+    df = pd.DataFrame({"method": ["prumerge_plus"], "accuracy_pct": [71.8]})
+    tex = to_latex(df)
+    assert r"prumerge\_plus & 71.8 \\" in tex and r"\begin{tabular}{ll}" in tex and r"accuracy\_pct" in tex
+
+
+@pytest.mark.parametrize("case", ["empty", "foreign", "missing"])
+def test_unusable_directories_get_one_line_errors(tmp_path, capsys, case):
+    d = tmp_path / "d"
+    d.mkdir()
+    if case == "foreign":
+        (d / "summary.csv").write_text("name,score\nx,1\n")
+    target = d if case != "missing" else tmp_path / "nope"
+    assert main([str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert {"empty": "run `python run_bench.py", "foreign": "not a run_bench.py summary",
+            "missing": "not a directory"}[case] in err

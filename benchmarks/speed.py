@@ -46,28 +46,30 @@ def speedup(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).to(dtype=getattr(torch, args.dtype), device=args.device).eval()
     n = 576
-    ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * (args.text_tokens - 6)])
+    bs = args.batch_size
+    ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * (args.text_tokens - 6)] * bs)
     mask = torch.ones_like(ids)
-    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(bs, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    plan = [p for p in PLAN if p[0] == "full" or not args.budgets or str(p[1]) in args.budgets]
     shape = ModelShape.from_config(config)
-    print(f"LLaVA-1.5-7B shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, batch 1, "
+    print(f"LLaVA-1.5-7B shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, batch {bs}, "
           f"{args.text_tokens} text tokens, {args.dtype} on {machine()}; median of {args.repeats} rounds after 1 "
           "warm-up round, methods interleaved within each round (slow drifts of a shared machine hit all alike)")
     runs = [ReducedLlava(model, stand_in_reducer(method, budget if isinstance(budget, int) else None, config, **kw)
-                         .to(args.device)) for method, budget, kw in PLAN]
-    times: list[list[float]] = [[] for _ in PLAN]
-    gens = [None] * len(PLAN)
+                         .to(args.device)) for method, budget, kw in plan]
+    times: list[list[float]] = [[] for _ in plan]
+    gens = [None] * len(plan)
     with torch.no_grad():
         for i in range(args.repeats + 1):
             for j, run in enumerate(runs):
                 gens[j] = run.generate(ids, mask, pixels, max_new_tokens=1)
                 if i:
-                    times[j].append(gens[j].timing.prefill_s)
+                    times[j].append(gens[j].timing.prefill_s / bs)  # per sample
     rows = []
-    for (method, budget, _), gen, ts in zip(PLAN, gens, times, strict=True):
+    for (method, budget, _), gen, ts in zip(plan, gens, times, strict=True):
         rows.append({"method": method, "budget": budget if budget is not None else n,
                      "prefill_gmacs": count(gen.trace.sample(0, n), shape).prefill / 1e9,
-                     "prefill_s": statistics.median(ts), "reducer_s": gen.timing.reducer_s})
+                     "prefill_s": statistics.median(ts), "reducer_s": gen.timing.reducer_s / bs})
         r = rows[-1]
         print(f"  {method:14s} {str(r['budget']):>6s}  {r['prefill_gmacs']:8.1f} GMACs  {1e3 * r['prefill_s']:8.1f} ms"
               f"  (reducer {1e3 * r['reducer_s']:.1f} ms; spread {1e3 * min(ts):.0f}-{1e3 * max(ts):.0f} ms)")
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--llm-layers", type=int, default=4)
     s.add_argument("--text-tokens", type=int, default=64)
     s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--batch-size", type=int, default=1, help="samples per prefill (times are per sample)")
+    s.add_argument("--budgets", nargs="*", default=[], help="only these plan budgets (e.g. 64 R=0.5); full always")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     o = sub.add_parser("overhead", help="run_bench.py vs a bare HF generate loop, smoke model")

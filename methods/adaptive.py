@@ -183,8 +183,13 @@ class _Adaptive(TokenReducer):
         if checkpoint is not None:
             from safetensors.torch import load_file
 
-            state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
-            missing, unexpected = self.load_state_dict(state, strict=False)
+            try:
+                state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
+                missing, unexpected = self.load_state_dict(state, strict=False)
+            except Exception as e:  # unreadable file, or tensors of another shape
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"{checkpoint}: cannot load the {self.name} controller ({first}); retrain it with "
+                                 f"`python -m methods.train_adaptive --method {self.name}`") from None
             if missing or unexpected:
                 raise ValueError(f"{checkpoint} does not match {self.name}: missing {missing}, unexpected {unexpected}")
 
@@ -216,6 +221,10 @@ class _Adaptive(TokenReducer):
     def forward(self, t: Tokens) -> Reduced:
         if t.valid is not None:
             raise NotImplementedError(f"{self.name} expects every image to arrive with all its patches")
+        if t.x.shape[1:] != (self.config.num_patches, self.config.dim):
+            raise ValueError(f"{self.name}: this controller was trained for {self.config.num_patches} patches of width "
+                             f"{self.config.dim}, the model gives {t.x.size(1)} of width {t.x.size(2)}; train one for "
+                             f"this model with `python -m methods.train_adaptive --method {self.name}`")
         k = self.budgets(t)  # (B,)
         logits = self.scores(t, k)  # (B, N)
         if self.training and self.config.estimator == "reinforce":  # score function: the LLM needs no graph

@@ -24,6 +24,13 @@ def colours(methods) -> dict[str, tuple]:
     return {m: cmap(i % 10) for i, m in enumerate(sorted(set(methods) - {REFERENCE}))} | {REFERENCE: (0, 0, 0, 1)}
 
 
+def save(fig, path: Path) -> Path:
+    """Write a figure and free it."""
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def pareto(x: pd.Series, y: pd.Series) -> list[int]:
     """Index labels of the points on the frontier: lowest cost first, each more accurate than every cheaper one."""
     best, front = float("-inf"), []
@@ -91,10 +98,7 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
                          fontsize=10)
             _footer(fig, df)
             fig.tight_layout(rect=(0, 0.03, 1, 1))
-            path = out / f"accuracy_vs_{kind}_{task}.png"
-            fig.savefig(path)
-            plt.close(fig)
-            written.append(path)
+            written.append(save(fig, out / f"accuracy_vs_{kind}_{task}.png"))
     return written
 
 
@@ -121,10 +125,7 @@ def relative_average(res: Results, out: Path) -> Path | None:
     ax.set_ylabel(f"accuracy relative to {REFERENCE} (%), mean over tasks")
     ax.set_title(f"average over {n_tasks} task(s): {', '.join(full.index)}", fontsize=10)
     fig.tight_layout()
-    path = out / "relative_to_full.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, out / "relative_to_full.png")
 
 
 def tokens_per_layer(res: Results, out: Path) -> list[Path]:
@@ -153,8 +154,5 @@ def tokens_per_layer(res: Results, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / f"tokens_per_layer_{task}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out / f"tokens_per_layer_{task}.png"))
     return written

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from plots.curves import REFERENCE  # noqa: E402
+from plots.curves import REFERENCE, save  # noqa: E402
 from plots.data import Results  # noqa: E402
 
 DIM = 0.25  # brightness of the patches that were dropped
@@ -69,10 +69,7 @@ def selection_pictures(res: Results, out: Path, max_docs: int = 2) -> list[Path]
         question = " ".join(meta["question"].split())
         fig.suptitle(f"{task}, doc {doc_id}: " + "\n".join(textwrap.wrap(question, 90)[:2]), fontsize=9)
         fig.tight_layout()
-        path = out / f"selection_{task}_doc{doc_id}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out / f"selection_{task}_doc{doc_id}.png"))
     return written
 
 

@@ -186,7 +186,7 @@ def train(args: argparse.Namespace) -> Path:
     acc = Accelerator(cpu=args.device == "cpu")
     device = args.device or str(acc.device)
     out = args.out or args.model / "controllers" / args.method
-    torch.manual_seed(args.seed + acc.process_index)
+    torch.manual_seed(args.seed)  # the same initial weights (controller, LoRA) in every process
     random.seed(args.seed)
     model, processor = load_llava(args.model, device=device, dtype=args.dtype)
     model.requires_grad_(False)
@@ -208,6 +208,8 @@ def train(args: argparse.Namespace) -> Path:
     controller = create_reducer(args.method, 1, config=ControllerConfig(
         method=args.method, dim=cfg.hidden_size, num_patches=n, hidden=args.hidden, tau=args.tau,
         estimator=args.estimator)).to(device)
+    if acc.process_index:  # each further process draws its own budgets and Gumbel noise (process 0 keeps the stream)
+        torch.manual_seed(args.seed + acc.process_index)
     params = list(controller.parameters()) + trained
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     data = SynthTrain(args.synth_samples) if args.data == "synth" else LlavaJson(Path(args.data), args.image_folder)
@@ -223,7 +225,9 @@ def train(args: argparse.Namespace) -> Path:
         for p, saved in zip(trained, state["trained"]):
             p.data.copy_(saved)
         step = state["step"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"])  # the main process's state; the others get their own below
+        if acc.process_index:
+            torch.manual_seed(args.seed + acc.process_index + 7919 * step)
         acc.print(f"resumed from {state_path} at step {step}")
     lo, hi = (max(1, round(f * n)) for f in args.budget_range)
     runner = ReducedLlava(model, controller)

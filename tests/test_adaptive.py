@@ -146,3 +146,24 @@ def test_training_command_rejects_one_sample_for_reinforce(tmp_path):
 
     with pytest.raises(SystemExit, match="at least 2"):
         train_adaptive.main(["--model", "x", "--method", "adaptive_b", "--samples", "1"])
+
+
+def test_training_runs_under_accelerate_with_two_processes(tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo): both processes train one controller; rank 0 saves it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.runner import SMOKE_MODEL
+
+    out = tmp_path / "ctrl"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "methods.train_adaptive",
+           "--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out), "--batch-size", "4",
+           "--synth-samples", "32", "--steps", "2", "--device", "cpu", "--save-every", "1"]
+    res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]  # written by the main process only
+    assert create_reducer("adaptive_b", 9, checkpoint=out).config.estimator == "reinforce"

@@ -19,6 +19,8 @@ EPILOG = """examples:
       --task-data pope=/data/POPE gqa=/data/GQA          # lmms-eval's tasks on local dataset copies, offline
   python run_bench.py --list                             # methods (name, site, defaults) and our tasks
   python run_bench.py --dry-run                          # print the (task, method, budget) plan and exit
+  accelerate launch --multi_gpu --num_processes 4 run_bench.py --device cuda ...   # one shard per GPU
+  accelerate launch --multi_gpu --num_processes 2 run_bench.py --device cpu ...    # CPU processes (gloo)
 
 A method name that is a family prefix expands to the family: `adaptive` runs adaptive_a and adaptive_b.
 `full`, and any budget >= the model's patch count, mean no pruning and run once per task, as `full`.
@@ -121,6 +123,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.list:
         list_everything()
         return 0
+    from benchmarks.distributed import is_main_process
     from benchmarks.runner import RunSpec, make_reducer, run
     from benchmarks.standard_tasks import parse_task_data
 
@@ -133,11 +136,12 @@ def _main(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--model {spec.model} is not a llava-hf checkpoint folder (no config.json)")
     num_patches = _num_patches(spec.model)
     cells, notes = spec.cells(num_patches)
-    print(f"plan: {len(cells)} cells on {spec.model} ({num_patches} patches) -> {spec.output}")
+    say = print if is_main_process() else (lambda *_: None)  # several processes: rank 0 speaks
+    say(f"plan: {len(cells)} cells on {spec.model} ({num_patches} patches) -> {spec.output}")
     for note in notes:
-        print(f"  note: {note}")
+        say(f"  note: {note}")
     for c in cells:
-        print(f"  {c.task:14s} {c.method:14s} budget {c.budget}")
+        say(f"  {c.task:14s} {c.method:14s} budget {c.budget}")
     if not cells:
         raise ValueError("the plan is empty: give methods and budgets that apply to each other")
     for c in cells:  # every method argument is checked before anything expensive starts
@@ -149,6 +153,8 @@ def _main(args: argparse.Namespace) -> int:
 
     torch.manual_seed(spec.seed)
     rows = run(spec)
+    if not is_main_process():
+        return 0  # rank 0 has written the results
     print_table(rows)
     print(f"\nwrote {spec.output / 'summary.csv'} and {spec.output / 'samples.jsonl'}")
     from plots.__main__ import make_all

@@ -24,6 +24,7 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+from benchmarks.distributed import current_world
 from methods import TokenReducer, create_reducer
 from methods.llava import ReducedLlava, Timing, llava_prompt
 
@@ -62,7 +63,35 @@ def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
     ).to(device).eval()
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     processor.tokenizer.padding_side = "left"  # instance setting: batched prompts are left-padded
+    complete_processor(processor, model.config)
     return model, processor
+
+
+def complete_processor(processor, config) -> None:
+    """Make the processor expand `<image>` into as many tokens as the model has patches, or say what is wrong.
+
+    Older llava-hf snapshots save no `patch_size` in processor_config.json (transformers then fails deep inside the
+    processor): it is filled in from the model config, with CLIP's one extra (CLS) token and the config's feature
+    selection strategy, as current llava-hf snapshots have them.
+    """
+    vc = config.vision_config
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = vc.patch_size
+        processor.num_additional_image_tokens = 1  # CLIP's CLS token
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    ip = processor.image_processor
+    crop = (getattr(ip, "crop_size", None) or {}) if getattr(ip, "do_center_crop", False) else {}
+    if not (crop.get("height") and crop.get("width")):
+        return  # no fixed crop: the adapter checks each batch's image span
+    tokens = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    tokens += processor.num_additional_image_tokens - (processor.vision_feature_select_strategy == "default")
+    patches = (vc.image_size // vc.patch_size) ** 2
+    if tokens != patches:
+        raise ValueError(
+            f"the processor expands <image> into {tokens} tokens but the model has {patches} patches "
+            f"(crop {crop['height']}x{crop['width']}, patch_size {processor.patch_size}); set patch_size, "
+            "num_additional_image_tokens and vision_feature_select_strategy in the checkpoint's processor_config.json"
+        )
 
 
 def per_sample_ms(t: Timing, batch: int) -> dict:
@@ -82,7 +111,8 @@ class ReducedLlavaLMM(lmms):
         method: registered reducer name (`python run_bench.py --list`).
         budget: visual tokens the LLM sees (ignored by `full`).
         batch_size: prompts per forward pass (left-padded; predictions do not depend on it).
-        device: "cpu", "cuda", "cuda:1", ...
+        device: "cpu", "cuda", "cuda:1", ...; under several processes (`benchmarks.distributed`) "cuda" means
+            each process's own GPU, cuda:LOCAL_RANK.
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
         max_new_tokens: default when a task does not set it.
         **method_args: extra constructor arguments of the method (e.g. `layer=2`).
@@ -105,6 +135,13 @@ class ReducedLlavaLMM(lmms):
         **method_args,
     ) -> None:
         super().__init__()
+        world = current_world(device)  # several processes (accelerate launch / torchrun): one shard each
+        device = world.device_for(device)
+        if world.size > 1:  # lmms-eval's evaluator gathers its counters across processes through `accelerator`
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=not device.startswith("cuda"))
+            self._rank, self._world_size = world.rank, world.size
         if model is None:
             model, processor = load_llava(pretrained, device=device, dtype=dtype)
         self.pretrained = str(pretrained)
@@ -125,6 +162,11 @@ class ReducedLlavaLMM(lmms):
         """Swap the reducer (the loaded model is reused)."""
         self.reducer = reducer.to(self.model.device).eval()
         self.runner = ReducedLlava(self.model, self.reducer)
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (lmms-eval's evaluator puts its cross-process request counts there)."""
+        return self.model.device
 
     @property
     def num_patches(self) -> int:

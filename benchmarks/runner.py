@@ -238,15 +238,22 @@ def provenance(spec: RunSpec, device: str) -> dict:
     import torch
     import transformers
 
+    from benchmarks.distributed import launched_world_size
+
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=5).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha += "-dirty" if dirty and sha != "unknown" else ""  # uncommitted changes to tracked files
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"
     if device.startswith("cuda"):
         dev = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     else:
         dev = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if launched_world_size() > 1:
+        dev += f" x {launched_world_size()} processes"
     return {
         "model": str(spec.model),
         "limit": spec.limit,
@@ -326,6 +333,8 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
     import torch
     from lmms_eval.evaluator import simple_evaluate
 
+    from benchmarks.distributed import gather_model_state
+
     lm.set_reducer(reducer)
     lm.records.clear()
     lm.batch_times.clear()
@@ -345,11 +354,15 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
     except RetryError as e:  # lmms-eval's retried dataset load failed
         raise load_error(cell.task, spec.data_path(cell.task), e) from e
     wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(lm.model.device) if cuda else _peak_rss()
+    peak = gather_model_state(lm, peak)  # several processes: rank 0 gets every shard's token traces and times
+    if lm.rank != 0:
+        return [], []  # lmms-eval returns results on rank 0 only, and rank 0 writes them
     if res is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
     samples = sample_records(res, cell, lm)
     times = cell_times(lm.batch_times)
-    times["peak_memory_mb"] = round((torch.cuda.max_memory_allocated(lm.model.device) if cuda else _peak_rss()) / 2**20, 1)
+    times["peak_memory_mb"] = round(peak / 2**20, 1)
     return summary_rows(res, cell, samples, reducer, wall, {**times, **prov}), samples
 
 
@@ -388,7 +401,7 @@ def sample_records(res: dict, cell: Cell, lm) -> list[dict]:
     shape = ModelShape.from_config(lm.model.config)
     primary = (res["configs"][cell.task].get("metric_list") or [{}])[0].get("metric")
     samples = []
-    for d in res["samples"][cell.task]:
+    for d in sorted(res["samples"][cell.task], key=lambda d: d["doc_id"]):  # several processes: rank by rank
         rec = lm.records.get((cell.task, d["doc_id"]), {})
         correct = d.get(primary)
         macs = count(rec, shape) if rec else None
@@ -453,32 +466,40 @@ def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:
     """Evaluate every missing cell of `spec`; return all summary rows of the output directory."""
     from tqdm import tqdm
 
+    from benchmarks.distributed import current_world
     from benchmarks.lmms_model import ReducedLlavaLMM
 
+    world = current_world(spec.device)  # several processes: each evaluates a shard, rank 0 writes
     store = ResultStore(spec.output)
-    store.prepare()
+    if world.is_main:
+        store.prepare()
     tm = task_manager(spec)
-    ensure_task_data(spec.tasks)
+    if world.is_main:
+        ensure_task_data(spec.tasks)
+    world.barrier()
     if lm is None:
         lm = ReducedLlavaLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size,
                              device=spec.device, dtype=spec.dtype)
     cells, _ = spec.cells(lm.num_patches)
     prov = provenance(spec, spec.device)
-    todo = []
+    planned = []
     for cell in cells:
         reducer = make_reducer(cell, spec)
-        fp = fingerprint(spec, {"method": cell.method, **reducer.method_args()}, cell.task)
-        if not store.done(cell, fp):
-            todo.append((cell, reducer, fp))
+        planned.append((cell, reducer, fingerprint(spec, {"method": cell.method, **reducer.method_args()}, cell.task)))
+    done = world.broadcast([store.done(cell, fp) for cell, _, fp in planned])  # rank 0's files decide, for all
+    todo = [p for p, d in zip(planned, done, strict=True) if not d]
     skipped = len(cells) - len(todo)
-    if skipped:
+    if skipped and world.is_main:
         print(f"{skipped} of {len(cells)} cells already in {spec.output}: skipped")
-    for cell, reducer, fp in tqdm(todo, desc="cells", disable=not progress):
+    for cell, reducer, fp in tqdm(todo, desc="cells", disable=not progress or not world.is_main):
         rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov)
-        store.save(cell, fp, rows, samples)
-        store.save_pictures(lm.pictures)
-        store.rebuild()
-    return store.rebuild()
+        if world.is_main:
+            store.save(cell, fp, rows, samples)
+            store.save_pictures(lm.pictures)
+            store.rebuild()
+    rows = store.rebuild() if world.is_main else []
+    world.barrier()  # the other processes end when rank 0 has written everything
+    return rows
 
 
 def dataclass_dict(spec: RunSpec) -> dict:

@@ -230,6 +230,8 @@ def train(args: argparse.Namespace) -> Path:
             torch.manual_seed(args.seed + acc.process_index + 7919 * step)
         acc.print(f"resumed from {state_path} at step {step}")
     lo, hi = (max(1, round(f * n)) for f in args.budget_range)
+    acc.print(f"training on {acc.num_processes} process{'es' if acc.num_processes > 1 else ''} ({device}), "
+              f"budgets {lo}-{hi} of {n} patches")
     runner = ReducedLlava(model, controller)
     controller.train()
     bar = tqdm(total=args.steps, initial=step, desc=f"train {args.method}", disable=not acc.is_main_process)

@@ -149,8 +149,10 @@ def test_training_command_rejects_one_sample_for_reinforce(tmp_path):
 
 
 def test_training_runs_under_accelerate_with_two_processes(tmp_path):
-    """`accelerate launch --num_processes 2` (CPU, gloo): both processes train one controller; rank 0 saves it."""
+    """Two CPU processes (gloo) train one controller; the main process logs and saves it. Launched with
+    `--multi_gpu` because `accelerate launch --cpu` starts a single process (see tests/test_accelerate.py)."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -158,12 +160,15 @@ def test_training_runs_under_accelerate_with_two_processes(tmp_path):
     from benchmarks.runner import SMOKE_MODEL
 
     out = tmp_path / "ctrl"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "methods.train_adaptive",
-           "--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out), "--batch-size", "4",
-           "--synth-samples", "32", "--steps", "2", "--device", "cpu", "--save-every", "1"]
-    res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}  # no accelerate default_config.yaml is read
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "methods.train_adaptive", "--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out),
+           "--batch-size", "4", "--synth-samples", "32", "--steps", "2", "--device", "cpu", "--save-every", "1"]
+    res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "training on 2 processes" in res.stdout
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]  # written by the main process only
     assert create_reducer("adaptive_b", 9, checkpoint=out).config.estimator == "reinforce"

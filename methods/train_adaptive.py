@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM frozen)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: accelerate's choice (cuda if available)")
+    p.add_argument("--device", default=None, help="cpu or cuda (each process uses its own GPU); default: accelerate's choice")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     return p.parse_args(argv)
 
@@ -184,7 +184,7 @@ def train(args: argparse.Namespace) -> Path:
     from benchmarks.lmms_model import load_llava  # the same loader the runner uses
 
     acc = Accelerator(cpu=args.device == "cpu")
-    device = args.device or str(acc.device)
+    device = "cpu" if args.device == "cpu" else str(acc.device)  # cuda: this process's own GPU (cuda:LOCAL_RANK)
     out = args.out or args.model / "controllers" / args.method
     torch.manual_seed(args.seed)  # the same initial weights (controller, LoRA) in every process
     random.seed(args.seed)

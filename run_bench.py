@@ -28,11 +28,18 @@ Finished cells are kept in OUTPUT/cells; rerunning the same command computes onl
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line (what is wrong, where the options are listed) and exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message}; `python run_bench.py --help` lists the options\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from benchmarks.runner import RunSpec
 
     d = RunSpec.__dataclass_fields__
-    p = argparse.ArgumentParser(prog="run_bench.py", description=__doc__.splitlines()[0], epilog=EPILOG,
+    p = _Parser(prog="run_bench.py", description=__doc__.splitlines()[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=[], metavar="NAME", help="methods or families (default: all)")
     p.add_argument("--budgets", nargs="+", type=_budget, default=[], metavar="N",
@@ -103,6 +110,8 @@ def list_everything() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.runner import OutputBusyError
+
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished cells are kept; rerun the same command to continue", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, PermissionError, NotImplementedError) as e:
+    except (ValueError, KeyError, FileNotFoundError, PermissionError, NotImplementedError, OutputBusyError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -134,7 +143,7 @@ def _main(args: argparse.Namespace) -> int:
                    task_data=tuple(parse_task_data(t) for t in args.task_data))
     if not (Path(spec.model) / "config.json").is_file():
         raise FileNotFoundError(f"--model {spec.model} is not a llava-hf checkpoint folder (no config.json)")
-    num_patches = _num_patches(spec.model)
+    num_patches, feature_width = _features(spec.model)
     cells, notes = spec.cells(num_patches)
     say = print if is_main_process() else (lambda *_: None)  # several processes: rank 0 speaks
     say(f"plan: {len(cells)} cells on {spec.model} ({num_patches} patches) -> {spec.output}")
@@ -144,8 +153,8 @@ def _main(args: argparse.Namespace) -> int:
         say(f"  {c.task:14s} {c.method:14s} budget {c.budget}")
     if not cells:
         raise ValueError("the plan is empty: give methods and budgets that apply to each other")
-    for c in cells:  # every method argument is checked before anything expensive starts
-        make_reducer(c, spec)
+    for c in cells:  # every method argument, and each method against the model, before anything expensive starts
+        make_reducer(c, spec).check_model(num_patches, feature_width)
     if args.dry_run:
         return 0
     _quiet_lmms_eval()
@@ -170,11 +179,20 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _num_patches(model: Path) -> int:
+def _features(model: Path) -> tuple[int, int]:
+    """(patches, feature width) of a llava-hf checkpoint's vision features, from its config.json."""
     from transformers import AutoConfig
 
-    vc = AutoConfig.from_pretrained(model, local_files_only=True).vision_config
-    return (vc.image_size // vc.patch_size) ** 2
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises several kinds for a bad or foreign config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--model {model}: config.json cannot be read as a model config ({first})") from None
+    if config.model_type != "llava":
+        raise ValueError(f"--model {model} is a {config.model_type!r} checkpoint; run_bench.py needs a llava-hf one "
+                         "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf)")
+    vc, layers = config.vision_config, config.vision_feature_layer
+    return (vc.image_size // vc.patch_size) ** 2, vc.hidden_size * (len(layers) if isinstance(layers, list) else 1)
 
 
 def _quiet_lmms_eval() -> None:

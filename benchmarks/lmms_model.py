@@ -58,13 +58,22 @@ def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a llava-hf checkpoint folder (no config.json); pass --model PATH")
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa", local_files_only=True
-    ).to(device).eval()
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa", local_files_only=True
+        ).to(device).eval()
+    except Exception as e:  # noqa: BLE001 - a corrupt file raises safetensors' own error type
+        raise ValueError(f"--model {path}: the weights cannot be loaded ({_first_line(e)}); re-save or re-download "
+                         "the checkpoint") from None
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     processor.tokenizer.padding_side = "left"  # instance setting: batched prompts are left-padded
     complete_processor(processor, model.config)
     return model, processor
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def complete_processor(processor, config) -> None:

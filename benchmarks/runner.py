@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -98,10 +99,13 @@ class RunSpec:
         return next((Path(p) for t, p in self.task_data if t == task), None)
 
     def kwargs_for(self, method: str) -> dict:
-        """Constructor arguments for `method`: the command line's, plus the model's trained controller if any."""
+        """Constructor arguments for `method`: the command line's, the model's trained controller if any, and
+        --seed for methods that draw at random (a `seed` argument), unless --method-args sets it."""
         kwargs = {arg: value for m, arg, value in self.method_kwargs if m == method}
         if needs_checkpoint(method) and "checkpoint" not in kwargs and self.controller(method).is_dir():
             kwargs["checkpoint"] = str(self.controller(method))
+        if "seed" in inspect.signature(get_reducer_class(method).__init__).parameters:
+            kwargs.setdefault("seed", self.seed)
         return kwargs
 
     def controller(self, method: str) -> Path:
@@ -166,13 +170,32 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class OutputBusyError(RuntimeError):
+    """Another run is writing to the same output directory."""
+
+
 class ResultStore:
-    """Finished cells on disk, and the combined files rebuilt from them."""
+    """Finished cells on disk, and the combined files rebuilt from them. One writer at a time: `prepare` takes an
+    exclusive lock on OUTPUT/.lock (released when the process ends, however it ends), and a second run refuses."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.cells_dir = self.root / "cells"
         self.pictures_dir = self.root / "pictures"
+        self._lock = None
+
+    def check_writable(self) -> None:
+        """Raise PermissionError unless the output directory exists and is writable, or could be created."""
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write to output directory {self.root}: {existing} is not a writable "
+                                  "directory; pass --output DIR")
+        if (self.root / ".lock").is_file():  # another run holds it: say so now, not after loading the model
+            self._take_lock()
+            self.release()
+
 
     def prepare(self) -> None:
         try:
@@ -181,7 +204,32 @@ class ResultStore:
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise PermissionError(f"cannot write to output directory {self.root}: {e.strerror}; pass --output DIR") from e
+            raise PermissionError(
+                f"cannot write to output directory {self.root}: {e.strerror}; pass --output DIR") from e
+        self._take_lock()
+
+    def _take_lock(self) -> None:
+        import fcntl
+
+        f = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open until release() or the process ends
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise OutputBusyError(f"{self.root} is in use by another run_bench.py ({holder}); wait for it to "
+                                  "finish or pass another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}")
+        f.flush()
+        self._lock = f  # the file stays; only the lock on it says whether a run is writing
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def path(self, cell: Cell, fingerprint: str) -> Path:
         return self.cells_dir / f"{cell.name}__{fingerprint}.json"
@@ -277,8 +325,22 @@ def _dist_version(name: str) -> str:
         return "unknown"
 
 
+def file_identity(path: str | Path) -> list:
+    """[name, size, mtime_ns] of a checkpoint's weight and config files (a folder's, or one file's)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in {".safetensors", ".bin", ".json"})
+    else:
+        files = [p] if p.is_file() else []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def fingerprint(spec: RunSpec, method_args: dict, task: str | None = None) -> str:
-    parts = [str(Path(spec.model).resolve()), method_args, spec.limit, spec.seed]
+    """A cell's identity: model (path and its files, so a checkpoint rewritten in place is not reused), method
+    arguments (and a controller checkpoint's files), --limit, --seed and the task's local data path."""
+    parts = [str(Path(spec.model).resolve()), file_identity(spec.model), method_args, spec.limit, spec.seed]
+    if method_args.get("checkpoint"):
+        parts.append(file_identity(method_args["checkpoint"]))
     data = spec.data_path(task) if task else None
     if data is not None:  # only then: cells run on lmms-eval's own data keep their earlier fingerprints
         parts.append(str(data.expanduser().resolve()))
@@ -328,7 +390,8 @@ def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:
         raise ValueError(f"{cell.method}: {e}; see the method's docstring for its arguments") from None
 
 
-def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov: dict) -> tuple[list[dict], list[dict]]:
+def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm,
+                  prov: dict) -> tuple[list[dict], list[dict]]:
     """Run one cell through lmms-eval; return its summary rows and sample records."""
     import torch
     from lmms_eval.evaluator import simple_evaluate
@@ -436,7 +499,8 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
     common = {
         "task": cell.task, "method": cell.method, "budget": cell.budget,
         "visual_tokens_mean": _mean(visual), "visual_tokens_max": max(visual) if visual else None,
-        "llm_prefill_tokens_mean": _mean([s["llm_tokens_per_layer"][0] for s in samples if "llm_tokens_per_layer" in s]),
+        "llm_prefill_tokens_mean": _mean([s["llm_tokens_per_layer"][0] for s in samples
+                                          if "llm_tokens_per_layer" in s]),
         "generated_tokens_mean": mean_of("generated_tokens"),
         **{f"{k}_tflops_mean": mean_of(f"{k}_gmacs", 2e-3, 6) for k in ("prefill", "llm_prefill", "reducer", "total")},
         "relevant_precision_mean": mean_of("relevant_precision", digits=4),
@@ -472,14 +536,15 @@ def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:
     world = current_world(spec.device)  # several processes: each evaluates a shard, rank 0 writes
     store = ResultStore(spec.output)
     if world.is_main:
-        store.prepare()
+        store.check_writable()  # fail before the model loads, without creating anything
     tm = task_manager(spec)
-    if world.is_main:
-        ensure_task_data(spec.tasks)
-    world.barrier()
-    if lm is None:
+    if lm is None:  # a model that cannot be loaded fails here, before the output directory is touched
         lm = ReducedLlavaLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size,
                              device=spec.device, dtype=spec.dtype)
+    if world.is_main:
+        store.prepare()
+        ensure_task_data(spec.tasks)
+    world.barrier()
     cells, _ = spec.cells(lm.num_patches)
     prov = provenance(spec, spec.device)
     planned = []
@@ -498,6 +563,7 @@ def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:
             store.save_pictures(lm.pictures)
             store.rebuild()
     rows = store.rebuild() if world.is_main else []
+    store.release()
     world.barrier()  # the other processes end when rank 0 has written everything
     return rows
 

@@ -7,7 +7,8 @@ harness itself cost?
 `speedup` builds LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches) with the depths
 cut (`--vision-layers`, `--llm-layers`) and random weights, and times one sample's reduced prefill per method and
 budget: median of `--repeats` rounds after a warm-up round, the methods interleaved within each round. It prints
-the analytic prefill FLOPs ratio to `full`, the measured time ratio, and realised speed-up / FLOPs-predicted speed-up (1.0 = time follows FLOPs exactly).
+the analytic prefill FLOPs ratio to `full`, the measured time ratio, and realised speed-up / FLOPs-predicted speed-up
+(1.0 = time follows FLOPs exactly).
 Learned controllers are untrained here: their cost does not depend on their weights.
 """
 
@@ -52,9 +53,10 @@ def speedup(args: argparse.Namespace) -> list[dict]:
     pixels = torch.randn(bs, 3, 336, 336, generator=torch.Generator().manual_seed(0))
     plan = [p for p in PLAN if p[0] == "full" or not args.budgets or str(p[1]) in args.budgets]
     shape = ModelShape.from_config(config)
-    print(f"LLaVA-1.5-7B shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, batch {bs}, "
-          f"{args.text_tokens} text tokens, {args.dtype} on {machine()}; median of {args.repeats} rounds after 1 "
-          "warm-up round, methods interleaved within each round (slow drifts of a shared machine hit all alike)")
+    print(f"LLaVA-1.5-7B shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, "
+          f"batch {bs}, {args.text_tokens} text tokens, {args.dtype} on {machine()}; median of {args.repeats} rounds "
+          "after 1 warm-up round, methods interleaved within each round (slow drifts of a shared machine hit all "
+          "alike)")
     runs = [ReducedLlava(model, stand_in_reducer(method, budget if isinstance(budget, int) else None, config, **kw)
                          .to(args.device)) for method, budget, kw in plan]
     times: list[list[float]] = [[] for _ in plan]
@@ -74,7 +76,8 @@ def speedup(args: argparse.Namespace) -> list[dict]:
         print(f"  {method:14s} {str(r['budget']):>6s}  {r['prefill_gmacs']:8.1f} GMACs  {1e3 * r['prefill_s']:8.1f} ms"
               f"  (reducer {1e3 * r['reducer_s']:.1f} ms; spread {1e3 * min(ts):.0f}-{1e3 * max(ts):.0f} ms)")
     base = rows[0]
-    print(f"\n| method | budget | prefill GMACs | FLOPs ratio | prefill ms | time ratio | realised / predicted speed-up |")
+    print("\n| method | budget | prefill GMACs | FLOPs ratio | prefill ms | time ratio "
+          "| realised / predicted speed-up |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         flops_ratio, time_ratio = r["prefill_gmacs"] / base["prefill_gmacs"], r["prefill_s"] / base["prefill_s"]
@@ -132,7 +135,7 @@ def overhead(args: argparse.Namespace) -> float:
     end_to_end = (h[1] / sizes[1]) / (b[1] / sizes[1])
     marginal = ((h[1] - h[0]) / (sizes[1] - sizes[0])) / ((b[1] - b[0]) / (sizes[1] - sizes[0]))
     print(f"smoke model, synth_vqa, batch {bs}, {machine()}")
-    for n, tb, th in zip(sizes, b, h):
+    for n, tb, th in zip(sizes, b, h, strict=True):
         print(f"  {n:5d} samples: bare HF generate loop {tb:.2f} s, run_bench `full` {th:.2f} s")
     print(f"end to end at {sizes[1]}: {1e3 * h[1] / sizes[1]:.2f} vs {1e3 * b[1] / sizes[1]:.2f} ms/sample, ratio "
           f"{end_to_end:.3f}; marginal per sample (slope between the sizes): ratio {marginal:.3f}; harness fixed "

@@ -1,7 +1,8 @@
 """Print MACs and FLOPs per method and budget for a LLaVA config, from shapes alone (no weights, no data).
 
     python -m flops --model-config llava-1.5-7b --text-tokens 64 --methods full fastv --budgets 64 576
-    python -m flops --model-config llava-1.5-7b --text-tokens 40 --methods fastv --method-args fastv.layer=3 fastv.ratio=0.5
+    python -m flops --model-config llava-1.5-7b --text-tokens 40 --methods fastv \\
+        --method-args fastv.layer=3 fastv.ratio=0.5
     python -m flops --model-config /ckpt/llava-1.5-13b-hf --methods prumerge adaptive --budgets 32 144 --json
 """
 
@@ -101,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
           "1 MAC = 1 multiply-add, FLOPs = 2 x MACs; prefill = vision + reducer + projector + LLM + lm_head (last "
           "position); ratios are to full")
     widths = [max(len(c), 10) for c in TABLE]
-    print("  ".join(c.rjust(w) for c, w in zip(TABLE, widths)))
+    print("  ".join(c.rjust(w) for c, w in zip(TABLE, widths, strict=True)))
     for r in rows:
         cells = [r[c] if isinstance(r[c], str) else (f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]))
                  for c in TABLE]
-        print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths)))
+        print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)))
     return 0
 
 

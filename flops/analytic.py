@@ -49,7 +49,8 @@ class ModelShape:
         kv_heads = getattr(tc, "num_key_value_heads", None) or heads
         fl = config.vision_feature_layer
         return cls(
-            num_patches=(vc.image_size // vc.patch_size) ** 2, vision_width=vc.hidden_size, vision_mlp=vc.intermediate_size, vision_channels=vc.num_channels,
+            num_patches=(vc.image_size // vc.patch_size) ** 2, vision_width=vc.hidden_size,
+            vision_mlp=vc.intermediate_size, vision_channels=vc.num_channels,
             patch=vc.patch_size, feature_layers=1 if isinstance(fl, int) else len(fl), width=tc.hidden_size,
             mlp=tc.intermediate_size, kv_width=kv_heads * head_dim, layers=tc.num_hidden_layers, vocab=tc.vocab_size,
         )

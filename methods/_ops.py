@@ -66,7 +66,8 @@ def select_top(scores: Tensor, k: Tensor | int, valid: Tensor | None = None) -> 
     top = scores.topk(kmax, dim=1).indices  # (B, K) best first
     if isinstance(k, int) and valid is None:
         return top.sort(dim=1).values, None
-    rank_ok = torch.arange(kmax, device=scores.device).unsqueeze(0) < torch.as_tensor(k, device=scores.device).view(-1, 1)
+    rank_ok = (torch.arange(kmax, device=scores.device).unsqueeze(0)
+               < torch.as_tensor(k, device=scores.device).view(-1, 1))
     if valid is not None:
         rank_ok = rank_ok & valid.gather(1, top)
     order = torch.where(rank_ok, top, top + scores.size(1)).argsort(dim=1)  # kept ones first, by position

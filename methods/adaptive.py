@@ -68,7 +68,10 @@ def budget_encoding(ratio: Tensor, num_freqs: int = 128) -> Tensor:
 
 
 class BudgetEmbedding(nn.Module):
-    """Scalar budget ratio -> vector of width `dim` (sinusoidal encoding, then LayerNorm -> Linear -> GELU -> Linear)."""
+    """Scalar budget ratio -> vector of width `dim`.
+
+    Sinusoidal encoding, then LayerNorm -> Linear -> GELU -> Linear.
+    """
 
     def __init__(self, dim: int, num_freqs: int = 128, hidden: int = 256) -> None:
         super().__init__()
@@ -196,6 +199,12 @@ class _Adaptive(TokenReducer):
     def build_fusion(self, config: ControllerConfig) -> None:
         """Create the modules where budget and content meet (subclasses)."""
 
+    def check_model(self, num_patches: int, feature_width: int) -> None:
+        if (num_patches, feature_width) != (self.config.num_patches, self.config.dim):
+            raise ValueError(f"{self.name}: this controller was trained for {self.config.num_patches} patches of width "
+                             f"{self.config.dim}, the model gives {num_patches} of width {feature_width}; train one "
+                             f"for this model with `python -m methods.train_adaptive --method {self.name}`")
+
     def method_args(self) -> dict:
         return {**super().method_args(), "checkpoint": self.checkpoint, "tau": self.config.tau}
 
@@ -221,10 +230,7 @@ class _Adaptive(TokenReducer):
     def forward(self, t: Tokens) -> Reduced:
         if t.valid is not None:
             raise NotImplementedError(f"{self.name} expects every image to arrive with all its patches")
-        if t.x.shape[1:] != (self.config.num_patches, self.config.dim):
-            raise ValueError(f"{self.name}: this controller was trained for {self.config.num_patches} patches of width "
-                             f"{self.config.dim}, the model gives {t.x.size(1)} of width {t.x.size(2)}; train one for "
-                             f"this model with `python -m methods.train_adaptive --method {self.name}`")
+        self.check_model(t.x.size(1), t.x.size(2))
         k = self.budgets(t)  # (B,)
         logits = self.scores(t, k)  # (B, N)
         if self.training and self.config.estimator == "reinforce":  # score function: the LLM needs no graph
@@ -261,7 +267,8 @@ class _Adaptive(TokenReducer):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / WEIGHTS_FILE))
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
 

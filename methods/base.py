@@ -105,7 +105,8 @@ class TokenReducer(nn.Module):
         super().__init__()
         unknown = set(self.needs) - SIGNALS
         if unknown:
-            raise ValueError(f"{type(self).__name__} asks for unknown signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
+            raise ValueError(f"{type(self).__name__} asks for unknown signals {sorted(unknown)}; "
+                             f"known: {sorted(SIGNALS)}")
         self.auto = budget == AUTO
         if self.auto and not self.supports_auto:
             raise ValueError(f"{type(self).__name__} has no {AUTO!r} budget; give a number of visual tokens")
@@ -117,6 +118,10 @@ class TokenReducer(nn.Module):
             raise ValueError(f"{type(self).__name__} acts at site {self.site.value!r} and needs a `layer` index >= 0")
         self.budget = None if budget is None else int(budget)
         self.layer = layer
+
+    def check_model(self, num_patches: int, feature_width: int) -> None:
+        """Raise ValueError (saying what to do) if this reducer cannot run on a model with `num_patches` patches of
+        `feature_width` channels at the features site; called before a run starts. Most methods run on any model."""
 
     def method_args(self) -> dict:
         """Every constructor argument that changes behaviour, for the result rows (override to add more)."""

@@ -244,7 +244,8 @@ class ReducedLlava:
             if _get(model, path) is None:
                 raise TypeError(f"expected a llava-hf LlavaForConditionalGeneration, but the model has no `{path}`")
         if not hasattr(model.model.vision_tower, "pre_layrnorm"):
-            raise NotImplementedError("only CLIP-style vision towers (with a CLS token and pre-LayerNorm) are supported")
+            raise NotImplementedError("only CLIP-style vision towers (with a CLS token and pre-LayerNorm) "
+                                      "are supported")
         for part in ("vision_config", "text_config"):
             impl = getattr(model.config, part)._attn_implementation
             if impl not in SUPPORTED_ATTENTION:
@@ -375,7 +376,8 @@ class ReducedLlava:
             counts.append(h.size(1) if valid is None else 1 + valid.sum(1))
             h = layer(h, attn_mask)
             hidden[i + 1] = h
-        feats = torch.cat([hidden[j][:, 1 : hidden[j].size(1) - e] for j in lay.feature_layers], dim=-1)  # (B, N, Dv*nf)
+        # (B, N, Dv*nf)
+        feats = torch.cat([hidden[j][:, 1 : hidden[j].size(1) - e] for j in lay.feature_layers], dim=-1)
         extra_out = hidden[max(lay.feature_layers)][:, hidden[max(lay.feature_layers)].size(1) - e :] if e else None
         vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
         if r.site is Site.FEATURES:

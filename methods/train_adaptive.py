@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM frozen)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (each process uses its own GPU); default: accelerate's choice")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (each process uses its own GPU); default: accelerate's choice")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     return p.parse_args(argv)
 
@@ -125,11 +126,11 @@ class Collate:
         self.eos = processor.tokenizer.eos_token or ""
 
     def __call__(self, batch: list[tuple]) -> dict:
-        images, questions, answers = zip(*batch)
+        images, questions, answers = zip(*batch, strict=True)
         prompts = [llava_prompt(self.processor, q) for q in questions]
-        full = [f"{p} {a}{self.eos}" for p, a in zip(prompts, answers)]
+        full = [f"{p} {a}{self.eos}" for p, a in zip(prompts, answers, strict=True)]
         tok = self.processor.tokenizer
-        lens = [len(tok(f).input_ids) - len(tok(p).input_ids) for p, f in zip(prompts, full)]
+        lens = [len(tok(f).input_ids) - len(tok(p).input_ids) for p, f in zip(prompts, full, strict=True)]
         inputs = self.processor(images=list(images), text=full, return_tensors="pt", padding=True)
         return {**inputs, "answer_len": torch.tensor(lens)}
 
@@ -222,7 +223,7 @@ def train(args: argparse.Namespace) -> Path:
         state = torch.load(state_path, map_location=device, weights_only=False)
         controller.load_state_dict(state["controller"])
         opt.load_state_dict(state["optimizer"])
-        for p, saved in zip(trained, state["trained"]):
+        for p, saved in zip(trained, state["trained"], strict=True):
             p.data.copy_(saved)
         step = state["step"]
         torch.set_rng_state(state["rng"])  # the main process's state; the others get their own below
@@ -255,8 +256,8 @@ def train(args: argparse.Namespace) -> Path:
             if acc.is_main_process:
                 out.mkdir(parents=True, exist_ok=True)
                 with open(out / LOG_FILE, "a") as f:
-                    f.write(json.dumps({"step": step, "lm_loss": round(lm_loss, 5), "loss": round(loss.item(), 5), "budget": k,
-                                        "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
+                    f.write(json.dumps({"step": step, "lm_loss": round(lm_loss, 5), "loss": round(loss.item(), 5),
+                                        "budget": k, "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
                 if step % args.save_every == 0 or step == args.steps:
                     save(out, controller, opt, trained, step, model, processor, args)
     bar.close()

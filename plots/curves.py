@@ -139,7 +139,7 @@ def tokens_per_layer(res: Results, out: Path) -> list[Path]:
         colour = colours(res.summary["method"])
         fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=130)
         styles = ["-", "--", ":", "-."]
-        for (_, method, budget), v in series.items():
+        for (_, method, _), v in series.items():
             if method == REFERENCE:
                 ax.plot(range(len(v)), v, color="black", linestyle="--", linewidth=1, drawstyle="steps-mid",
                         label=REFERENCE)

@@ -111,7 +111,7 @@ def test_save_and_load_roundtrip(tmp_path):
         r = make(name, dim=32)
         r.save(tmp_path / name)
         loaded = create_reducer(name, 4, checkpoint=tmp_path / name)
-        for (k1, v1), (k2, v2) in zip(r.state_dict().items(), loaded.state_dict().items()):
+        for (k1, v1), (k2, v2) in zip(r.state_dict().items(), loaded.state_dict().items(), strict=True):
             assert k1 == k2 and torch.equal(v1, v2)
     with pytest.raises(ValueError, match="holds a adaptive_a controller"):
         create_reducer("adaptive_b", 4, checkpoint=tmp_path / "adaptive_a")

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from methods import Tokens, create_reducer
+from methods._ops import pixel_key
 from methods.llava import ReducedLlava
 from methods.prumerge import extra_token, iqr_outlier_count, merge_neighbours, plus_stride
-from methods._ops import pixel_key
 from methods.random import hashed_scores
 from tests.conftest import tiny_batch
-
 
 # ---------------------------------------------------------------------------------------------- PruMerge
 
@@ -114,6 +113,7 @@ def test_methods_run_through_the_adapter_batch_invariant(tiny_model, name, budge
 def test_fastv_with_every_token_equals_full(tiny_model):
     ids, mask, pixels = tiny_batch(tiny_model, 3, seed=12)
     full = ReducedLlava(tiny_model, create_reducer("full")).generate(ids, mask, pixels, 6, eos_token_id=2)
-    fastv = ReducedLlava(tiny_model, create_reducer("fastv", 16, layer=2)).generate(ids, mask, pixels, 6, eos_token_id=2)
+    fastv = ReducedLlava(tiny_model, create_reducer("fastv", 16, layer=2)).generate(ids, mask, pixels, 6,
+                                                                                   eos_token_id=2)
     assert torch.equal(full.tokens, fastv.tokens)
     torch.testing.assert_close(full.first_logits, fastv.first_logits, atol=1e-5, rtol=1e-5)

@@ -63,7 +63,8 @@ def test_every_figure_and_table_without_torch_in_seconds(tmp_path):
     assert float(out.stdout.split("SECONDS")[1]) < 10
     names = {p.name for p in run.iterdir()}
     for task in ("synth_vqa", "other"):
-        assert {f"accuracy_vs_flops_{task}.png", f"accuracy_vs_latency_{task}.png", f"selection_{task}_doc0.png"} <= names
+        assert {f"accuracy_vs_flops_{task}.png", f"accuracy_vs_latency_{task}.png",
+                f"selection_{task}_doc0.png"} <= names
     assert {"relative_to_full.png", "table.md", "table.csv", "table.tex", "tokens_per_layer_synth_vqa.png"} <= names
     assert "tokens_per_layer_other.png" not in names  # no method acts inside the LLM there
 
@@ -84,8 +85,8 @@ def test_selection_image_dims_exactly_the_dropped_patches():
 
 def test_runs_combine_newest_row_wins_and_partial_sweeps_plot(tmp_path):
     a = write_run(tmp_path / "a", CELLS[:3])
-    b = write_run(tmp_path / "b", [("synth_vqa", "prumerge", 8, 0.85, 0.15, 6.0), ("synth_vqa", "random", 8, 0.5, 0.15,
-                                                                                    6.0)], time_utc="2026-02-01T00:00:00Z")
+    b = write_run(tmp_path / "b", [("synth_vqa", "prumerge", 8, 0.85, 0.15, 6.0),
+                                   ("synth_vqa", "random", 8, 0.5, 0.15, 6.0)], time_utc="2026-02-01T00:00:00Z")
     t = table(load([a, b])).set_index(["method", "budget"])
     assert t.loc[("prumerge", "8"), "accuracy_pct"] == 85.0  # the newer run's row
     assert t.loc[("random", "8"), "relative_to_full_pct"] == pytest.approx(100 * 0.5 / 0.9, abs=0.05)

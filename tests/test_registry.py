@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import methods
+from benchmarks.runner import RunSpec, expand_methods, needs_checkpoint
 from methods import Reduced, Site, TokenReducer, Tokens, UnknownReducerError, create_reducer, list_reducers
 from methods._registry import _REDUCERS, register_reducer
-from benchmarks.runner import RunSpec, expand_methods, needs_checkpoint
 from methods.adaptive import ControllerConfig
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks.lmms_model import load_llava
 from benchmarks.runner import SMOKE_MODEL, RunSpec, make_reducer

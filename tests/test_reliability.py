@@ -1,0 +1,171 @@
+"""Reliability: bad input fails in one line and touches nothing, a killed sweep loses nothing, reruns are identical,
+and two sweeps never write one directory at once."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import run_bench
+
+REPO = Path(run_bench.__file__).resolve().parent
+MEASURED = {"prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
+            "wall_s", "samples_per_s", "time_utc", "git_sha", "prefill_ms", "decode_ms_per_token", "reducer_ms"}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from benchmarks.smoke_model.build import build_model, build_processor
+
+    path = tmp_path_factory.mktemp("tiny_llava")
+    build_model(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2, seed=1).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path
+
+
+def unmeasured(out: Path) -> tuple[list[dict], list[dict]]:
+    """summary.csv rows and samples.jsonl records without the measured (timing, time stamp) columns."""
+    rows = [{k: v for k, v in r.items() if k not in MEASURED} for r in csv.DictReader(open(out / "summary.csv"))]
+    samples = [{k: v for k, v in json.loads(line).items() if k not in MEASURED} for line in open(out / "samples.jsonl")]
+    return rows, samples
+
+
+def bench(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "run_bench.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (extra arguments, a phrase the one-line error must contain)."""
+    not_llava = tmp / "not_llava"
+    not_llava.mkdir()
+    (not_llava / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    corrupt = tmp / "corrupt"
+    corrupt.mkdir()
+    for f in tiny.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 64)
+    other = tmp / "ctrl_a"
+    from methods import create_reducer
+    from methods.adaptive import ControllerConfig
+
+    create_reducer("adaptive_a", 4, config=ControllerConfig("adaptive_a", dim=32, num_patches=144)).save(other)
+    wrong_grid = tmp / "ctrl_b"
+    create_reducer("adaptive_b", 4, config=ControllerConfig("adaptive_b", dim=8, num_patches=16)).save(wrong_grid)
+    blocker = tmp / "a_file"
+    blocker.write_text("")
+    return {
+        "unknown method": (["--methods", "prumerg"], "Did you mean prumerge"),
+        "unknown task": (["--tasks", "synth_vq"], "did you mean synth_vqa"),
+        "zero budget": (["--budgets", "0"], "must be >= 1"),
+        "negative budget": (["--budgets", "-3"], "must be >= 1"),
+        "budget not a number": (["--budgets", "many"], "not a whole number"),
+        "model path missing": (["--model", str(tmp / "nope")], "not a llava-hf checkpoint"),
+        "not llava-hf": (["--model", str(not_llava)], "'llama' checkpoint"),
+        "corrupt weights": (["--model", str(corrupt), "--methods", "full"], "weights cannot be loaded"),
+        "controller missing": (["--methods", "adaptive_b", "--method-args",
+                                f"adaptive_b.checkpoint={tmp / 'none'}"], "not a trained controller folder"),
+        "controller of another method": (["--methods", "adaptive_b", "--method-args",
+                                          f"adaptive_b.checkpoint={other}"], "holds a adaptive_a controller"),
+        "controller for another model": (["--methods", "adaptive_b", "--budgets", "4", "--method-args",
+                                          f"adaptive_b.checkpoint={wrong_grid}"], "trained for 16 patches"),
+        "output not writable": (["--methods", "full", "--output", str(blocker / "sub")], "cannot write to output"),
+        "limit 0": (["--limit", "0"], "--limit must be >= 1"),
+    }
+
+
+def test_every_bad_input_gets_one_line_and_leaves_results_untouched(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "summary.csv").write_text("task,method\nkept,untouched\n")
+    def snapshot() -> dict:
+        return {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
+
+    before = snapshot()
+    for name, (extra, phrase) in bad_cases(tiny_ckpt, tmp_path).items():
+        argv = ["--model", str(tiny_ckpt), "--limit", "2", "--output", str(out), *extra]
+        try:
+            code = run_bench.main(argv)
+        except SystemExit as e:  # argparse's own checks (our parser prints one line)
+            code = e.code
+        err = capsys.readouterr().err.strip()
+        assert code == 2, name
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (name, err)
+        assert phrase in err, (name, err)
+        assert snapshot() == before, name  # nothing created, changed or removed
+    assert run_bench.main(["--model", str(tiny_ckpt), "--budgets", "8", "8", "4", "--dry-run"]) == 0
+    assert "duplicate budgets removed" in capsys.readouterr().out  # a note, not an error
+
+
+def test_a_traceback_only_with_debug(tiny_ckpt):
+    quiet = bench("--model", str(tiny_ckpt), "--methods", "prumerg")
+    assert quiet.wait(120) == 2 and "Traceback" not in quiet.stderr.read()
+    loud = bench("--model", str(tiny_ckpt), "--methods", "prumerg", "--debug")
+    assert loud.wait(120) != 0 and "Traceback" in loud.stderr.read()
+
+
+SWEEP = ["--methods", "full", "random", "prumerge", "--budgets", "4", "8", "12", "--limit", "20", "--batch-size", "4"]
+
+
+def test_sigkill_mid_sweep_loses_no_finished_cell_and_the_rerun_completes_it(tiny_ckpt, tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = ["--model", str(tiny_ckpt), *SWEEP]
+    proc = bench(*args, "--output", str(killed))
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((killed / "cells").glob("*.json"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    cells = list((killed / "cells").glob("*.json"))
+    assert 2 <= len(cells) < 7, "the kill must land mid-sweep"
+    for f in cells:
+        json.loads(f.read_text())  # every finished cell is whole
+    rows = list(csv.DictReader(open(killed / "summary.csv")))
+    assert {r["method"] + r["budget"] for r in rows} <= {c.name.split("__")[1] + c.name.split("__")[2] for c in cells}
+
+    rerun = bench(*args, "--output", str(killed))
+    stdout, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr[-2000:]
+    assert f"{len(cells)} of 7 cells already" in stdout
+    assert run_bench.main([*args, "--output", str(clean)]) == 0
+    assert unmeasured(killed) == unmeasured(clean)
+
+
+def test_same_command_same_numbers_and_the_seed_changes_only_what_is_random(tiny_ckpt, tmp_path):
+    args = ["--model", str(tiny_ckpt), "--methods", "full", "random", "--budgets", "6", "--limit", "12"]
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert run_bench.main([*args, "--seed", seed, "--output", str(tmp_path / name)]) == 0
+    a, b, c = (unmeasured(tmp_path / n) for n in "abc")
+    assert a == b  # summary values and predictions identical
+    by = {n: {(s["method"], s["doc_id"]): s for s in x[1]} for n, x in (("a", a), ("c", c))}
+    full_a = [s for k, s in by["a"].items() if k[0] == "full"]
+    assert all(by["c"][("full", s["doc_id"])]["prediction"] == s["prediction"] for s in full_a)
+    kept_a = [s["kept_indices"] for k, s in sorted(by["a"].items()) if k[0] == "random"]
+    kept_c = [s["kept_indices"] for k, s in sorted(by["c"].items()) if k[0] == "random"]
+    assert kept_a != kept_c  # the random method draws other patches
+
+
+def test_a_second_sweep_into_the_same_directory_refuses(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "shared"
+    first = bench("--model", str(tiny_ckpt), *SWEEP, "--output", str(out))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / ".lock").is_file():
+        time.sleep(0.02)
+    time.sleep(0.5)
+    assert first.poll() is None, "the first sweep ended before the second could start"
+    assert run_bench.main(["--model", str(tiny_ckpt), "--methods", "full", "--limit", "2", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "in use by another run_bench.py (pid" in err and "\n" not in err
+    assert first.wait(600) == 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len({(r["method"], r["budget"]) for r in rows}) == 7  # the first sweep's cells only, none interleaved
+    assert run_bench.main(["--model", str(tiny_ckpt), *SWEEP, "--output", str(out)]) == 0  # the lock was released

@@ -172,3 +172,21 @@ def test_training_runs_under_accelerate_with_two_processes(tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]  # written by the main process only
     assert create_reducer("adaptive_b", 9, checkpoint=out).config.estimator == "reinforce"
+
+
+def test_training_with_lora_and_projector_saves_a_plain_llava_model(tmp_path):
+    from benchmarks.lmms_model import load_llava
+    from benchmarks.runner import SMOKE_MODEL
+    from methods import train_adaptive
+
+    out = tmp_path / "ctrl"
+    assert train_adaptive.main(["--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out),
+                                "--batch-size", "4", "--synth-samples", "8", "--device", "cpu", "--steps", "2",
+                                "--lora-rank", "2", "--train-projector"]) == 0
+    model, _ = load_llava(out / "model")  # LoRA merged back: a plain llava-hf folder
+    base, _ = load_llava(SMOKE_MODEL)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    changed = {n for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters(), strict=True)
+               if not torch.equal(p, q)}
+    assert any("multi_modal_projector" in n for n in changed) and any("language_model" in n for n in changed)
+    assert not any("vision_tower" in n for n in changed)

@@ -83,27 +83,42 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def test_every_bad_input_gets_one_line_and_leaves_results_untouched(tiny_ckpt, tmp_path, capsys):
+BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budget not a number", "model path missing",
+       "not llava-hf", "corrupt weights", "controller missing", "controller of another method",
+       "controller for another model", "output not writable", "limit 0"]
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_ckpt, tmp_path_factory):
+    return bad_cases(tiny_ckpt, tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_gets_one_line_and_leaves_results_untouched(tiny_ckpt, cases, tmp_path, capsys, name):
     out = tmp_path / "results"
     out.mkdir()
     (out / "summary.csv").write_text("task,method\nkept,untouched\n")
+
     def snapshot() -> dict:
         return {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
 
     before = snapshot()
-    for name, (extra, phrase) in bad_cases(tiny_ckpt, tmp_path).items():
-        argv = ["--model", str(tiny_ckpt), "--limit", "2", "--output", str(out), *extra]
-        try:
-            code = run_bench.main(argv)
-        except SystemExit as e:  # argparse's own checks (our parser prints one line)
-            code = e.code
-        err = capsys.readouterr().err.strip()
-        assert code == 2, name
-        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (name, err)
-        assert phrase in err, (name, err)
-        assert snapshot() == before, name  # nothing created, changed or removed
+    extra, phrase = cases[name]
+    argv = ["--model", str(tiny_ckpt), "--limit", "2", "--output", str(out), *extra]
+    try:
+        code = run_bench.main(argv)
+    except SystemExit as e:  # argparse's own checks (our parser prints one line)
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert phrase in err, err
+    assert snapshot() == before  # nothing created, changed or removed
+
+
+def test_duplicate_budgets_are_a_note_not_an_error(tiny_ckpt, capsys):
     assert run_bench.main(["--model", str(tiny_ckpt), "--budgets", "8", "8", "4", "--dry-run"]) == 0
-    assert "duplicate budgets removed" in capsys.readouterr().out  # a note, not an error
+    assert "duplicate budgets removed" in capsys.readouterr().out
 
 
 def test_a_traceback_only_with_debug(tiny_ckpt):
@@ -169,3 +184,7 @@ def test_a_second_sweep_into_the_same_directory_refuses(tiny_ckpt, tmp_path, cap
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert len({(r["method"], r["budget"]) for r in rows}) == 7  # the first sweep's cells only, none interleaved
     assert run_bench.main(["--model", str(tiny_ckpt), *SWEEP, "--output", str(out)]) == 0  # the lock was released
+
+
+def test_every_bad_case_is_listed(cases):
+    assert sorted(cases) == sorted(BAD)

@@ -101,8 +101,8 @@ class TrainConfig:
     def tiny(cls) -> TrainConfig:
         """A scaled-down run (tiny model, little data, few steps) for tests: a few seconds on CPU."""
         return cls(
-            n_train=256, n_test=40, stage1_steps=25, stage2_steps=40, stage3_steps=10, stage4_steps=10, batch_size=16, lr_vision=3e-3,
-            lr_llm=3e-3,
+            n_train=256, n_test=40, stage1_steps=25, stage2_steps=40, stage3_steps=10, stage4_steps=10, batch_size=16,
+            lr_vision=3e-3, lr_llm=3e-3,
             model_kwargs={"vision_hidden": 32, "vision_layers": 2, "vision_heads": 2, "text_hidden": 32,
                           "text_layers": 1, "text_heads": 2},
             log_every=5,

@@ -56,3 +56,14 @@ def tiny_batch(model, batch: int, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_model():
     return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random llava-hf checkpoint folder (smoke-model tokenizer and processor), one per test module."""
+    from benchmarks.smoke_model.build import build_model, build_processor
+
+    path = tmp_path_factory.mktemp("tiny_llava")
+    build_model(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2, seed=1).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path

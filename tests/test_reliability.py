@@ -21,16 +21,6 @@ MEASURED = {"prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_media
             "wall_s", "samples_per_s", "time_utc", "git_sha", "prefill_ms", "decode_ms_per_token", "reducer_ms"}
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from benchmarks.smoke_model.build import build_model, build_processor
-
-    path = tmp_path_factory.mktemp("tiny_llava")
-    build_model(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2, seed=1).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return path
-
-
 def unmeasured(out: Path) -> tuple[list[dict], list[dict]]:
     """summary.csv rows and samples.jsonl records without the measured (timing, time stamp) columns."""
     rows = [{k: v for k, v in r.items() if k not in MEASURED} for r in csv.DictReader(open(out / "summary.csv"))]

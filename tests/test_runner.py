@@ -15,16 +15,6 @@ from benchmarks.runner import SUMMARY_COLUMNS, SYNTH_TASKS
 REPO = SYNTH_TASKS.parent.parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from benchmarks.smoke_model.build import build_model, build_processor
-
-    path = tmp_path_factory.mktemp("tiny_llava")
-    build_model(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2, seed=1).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return path
-
-
 def read(out):
     rows = list(csv.DictReader(open(out / "summary.csv")))
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]

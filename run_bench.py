@@ -186,8 +186,9 @@ def _features(model: Path) -> tuple[int, int]:
     try:
         config = AutoConfig.from_pretrained(model, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises several kinds for a bad or foreign config
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--model {model}: config.json cannot be read as a model config ({first})") from None
+        from methods.base import first_line
+
+        raise ValueError(f"--model {model}: config.json cannot be read as a model config ({first_line(e)})") from None
     if config.model_type != "llava":
         raise ValueError(f"--model {model} is a {config.model_type!r} checkpoint; run_bench.py needs a llava-hf one "
                          "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf)")

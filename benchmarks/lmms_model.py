@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from benchmarks.distributed import current_world
 from methods import TokenReducer, create_reducer
+from methods.base import first_line
 from methods.llava import ReducedLlava, Timing, llava_prompt
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,12 @@ def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
             path, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa", local_files_only=True
         ).to(device).eval()
     except Exception as e:  # noqa: BLE001 - a corrupt file raises safetensors' own error type
-        raise ValueError(f"--model {path}: the weights cannot be loaded ({_first_line(e)}); re-save or re-download "
+        raise ValueError(f"--model {path}: the weights cannot be loaded ({first_line(e)}); re-save or re-download "
                          "the checkpoint") from None
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     processor.tokenizer.padding_side = "left"  # instance setting: batched prompts are left-padded
     complete_processor(processor, model.config)
     return model, processor
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def complete_processor(processor, config) -> None:

@@ -196,7 +196,6 @@ class ResultStore:
             self._take_lock()
             self.release()
 
-
     def prepare(self) -> None:
         try:
             self.cells_dir.mkdir(parents=True, exist_ok=True)
@@ -452,6 +451,11 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def primary_metric(res: dict, task: str) -> str | None:
+    """The task's main metric: the first of its lmms-eval `metric_list`."""
+    return (res["configs"][task].get("metric_list") or [{}])[0].get("metric")
+
+
 def sample_records(res: dict, cell: Cell, lm) -> list[dict]:
     """One record per scored doc: lmms-eval's prediction and score joined with the model's token trace and MACs.
 
@@ -462,7 +466,7 @@ def sample_records(res: dict, cell: Cell, lm) -> list[dict]:
     from flops.analytic import ModelShape, count
 
     shape = ModelShape.from_config(lm.model.config)
-    primary = (res["configs"][cell.task].get("metric_list") or [{}])[0].get("metric")
+    primary = primary_metric(res, cell.task)
     samples = []
     for d in sorted(res["samples"][cell.task], key=lambda d: d["doc_id"]):  # several processes: rank by rank
         rec = lm.records.get((cell.task, d["doc_id"]), {})
@@ -511,7 +515,7 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
         **prov,
     }
     docs = res["samples"][cell.task]
-    primary = (res["configs"][cell.task].get("metric_list") or [{}])[0].get("metric")
+    primary = primary_metric(res, cell.task)
     rows = []
     for key, value in res["results"][cell.task].items():
         metric, _, _ = key.partition(",")

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from methods._ops import gather_tokens, sample_budgets, select_top
 from methods._registry import register_reducer
-from methods.base import Reduced, TokenReducer, Tokens
+from methods.base import Reduced, TokenReducer, Tokens, first_line
 
 CONFIG_FILE = "controller.json"
 ESTIMATORS = ("reinforce", "straight_through")
@@ -190,9 +190,8 @@ class _Adaptive(TokenReducer):
                 state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
                 missing, unexpected = self.load_state_dict(state, strict=False)
             except Exception as e:  # unreadable file, or tensors of another shape
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(f"{checkpoint}: cannot load the {self.name} controller ({first}); retrain it with "
-                                 f"`python -m methods.train_adaptive --method {self.name}`") from None
+                raise ValueError(f"{checkpoint}: cannot load the {self.name} controller ({first_line(e)}); retrain "
+                                 f"it with `python -m methods.train_adaptive --method {self.name}`") from None
             if missing or unexpected:
                 raise ValueError(f"{checkpoint} does not match {self.name}: missing {missing}, unexpected {unexpected}")
 

@@ -2,14 +2,24 @@
 
 With no arguments: the smoke benchmark (the committed small LLaVA on the synthetic VQA task) for every registered
 method at budgets of about 1/9, 1/4 and 1/3 of the patches, plus `full`.
+
+`--help`, `--list` and argument errors answer without importing torch (the methods are read from
+methods/catalogue.json); everything else a run would reject is checked before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import fnmatch
+import json
 import os
 import sys
 from pathlib import Path
+
+from benchmarks.defaults import CATALOGUE, DEFAULT_BATCH_SIZE, DEFAULT_OUTPUT, SMOKE_MODEL, SMOKE_TASKS
+
+DRY_RUN_TEXT_TOKENS = 64  # prompt tokens besides the image assumed by a dry run's cost estimate (as python -m flops)
 
 EPILOG = """examples:
   python run_bench.py                                    # smoke benchmark, every method, default budgets
@@ -17,8 +27,8 @@ EPILOG = """examples:
   python run_bench.py --model /ckpt/llava-1.5-7b-hf --methods adaptive fastv --budgets 64 576 --tasks gqa pope
   python run_bench.py --model /ckpt/llava-1.5-7b-hf --methods full --tasks pope gqa \\
       --task-data pope=/data/POPE gqa=/data/GQA          # lmms-eval's tasks on local dataset copies, offline
-  python run_bench.py --list                             # methods (name, site, defaults) and our tasks
-  python run_bench.py --dry-run                          # print the (task, method, budget) plan and exit
+  python run_bench.py --list                             # methods (name, site, arguments) and tasks
+  python run_bench.py --dry-run                          # check everything, print the plan and its cost, exit
   accelerate launch --multi_gpu --num_processes 4 run_bench.py --device cuda ...   # one shard per GPU
   accelerate launch --multi_gpu --num_processes 2 run_bench.py --device cpu ...    # CPU processes (gloo)
 
@@ -35,38 +45,60 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; `python run_bench.py --help` lists the options\n")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from benchmarks.runner import RunSpec
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=120)
 
-    d = RunSpec.__dataclass_fields__
-    p = _Parser(prog="run_bench.py", description=__doc__.splitlines()[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=[], metavar="NAME", help="methods or families (default: all)")
+
+def _rel(path: Path) -> str:
+    """A path relative to the working directory when it is below it, for help and messages."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="run_bench.py", description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=_Formatter)
+    p.add_argument("--methods", nargs="+", default=[], metavar="NAME",
+                   help="methods or families (default: every method that can run on the model; learned ones need "
+                   "a trained controller)")
     p.add_argument("--budgets", nargs="+", type=_budget, default=[], metavar="N",
-                   help="visual tokens the LLM sees, or 'auto' for methods that choose their own count (prumerge); "
-                   "default: ~1/9, 1/4, 1/3 of the patches")
-    p.add_argument("--tasks", nargs="+", default=list(d["tasks"].default), metavar="TASK",
-                   help="lmms-eval task names (default: synth_vqa)")
-    p.add_argument("--model", type=Path, default=d["model"].default,
-                   help="local llava-hf checkpoint folder (default: the committed smoke model)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+                   help="visual tokens the LLM sees, or 'auto' for methods that choose their own count (prumerge) "
+                   "(default: about 1/9, 1/4 and 1/3 of the model's patches)")
+    p.add_argument("--tasks", nargs="+", default=list(SMOKE_TASKS), metavar="TASK",
+                   help=f"lmms-eval task names, separated by spaces (default: {' '.join(SMOKE_TASKS)})")
+    p.add_argument("--model", type=Path, default=SMOKE_MODEL,
+                   help=f"local llava-hf checkpoint folder (default: {_rel(SMOKE_MODEL)}, the committed smoke model)")
+    p.add_argument("--limit", type=_positive("--limit"), default=None,
+                   help="evaluate only the first N samples of each task (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seeds lmms-eval and every method that draws at random "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=DEFAULT_BATCH_SIZE,
+                   help="prompts per forward pass; predictions do not depend on it (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--output", type=Path, default=d["output"].default, help="results directory")
+                   help="auto: bfloat16 on CUDA, float32 on CPU (default: %(default)s)")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                   help=f"results directory (default: {_rel(DEFAULT_OUTPUT)})")
     p.add_argument("--include-path", nargs="+", type=Path, default=[], metavar="DIR",
-                   help="extra folders of lmms-eval task YAMLs")
+                   help="extra folders of lmms-eval task YAMLs (default: none)")
     p.add_argument("--method-args", nargs="+", type=_method_arg, default=[], metavar="METHOD.ARG=VALUE",
-                   help="constructor arguments of a method, e.g. fastv.layer=1 random.seed=3")
+                   help="constructor arguments of a method, e.g. fastv.layer=1 random.seed=3 (default: none; "
+                   "`--list` shows each method's arguments and defaults)")
     p.add_argument("--task-data", nargs="+", action="extend", default=[], metavar="TASK=PATH",
                    help="run lmms-eval's TASK on a local copy of its dataset (a save_to_disk folder or an "
-                   "`hf download` snapshot), offline; repeatable; see docs/standard_tasks.md")
+                   "`hf download` snapshot), offline; repeatable; see docs/standard_tasks.md (default: none)")
     p.add_argument("--list", action="store_true", help="list methods and tasks, then exit")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything a run would check, print the plan and its estimated cost, then exit")
+    p.add_argument("--verbose", action="store_true", help="show lmms-eval's own progress bars and messages")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _budget(text: str) -> int | str:
@@ -79,6 +111,19 @@ def _budget(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"budget {value} must be >= 1 (visual tokens the LLM sees)")
     return value
+
+
+def _positive(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a whole number") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
+        return value
+
+    return parse
 
 
 def _method_arg(text: str) -> tuple[str, str, object]:
@@ -95,23 +140,82 @@ def _method_arg(text: str) -> tuple[str, str, object]:
     return method, arg, parsed
 
 
-def list_everything() -> None:
-    from methods import get_reducer_class, list_reducers
+# ---------------------------------------------------------------------------------------------- torch-free checks
 
-    print("methods (name, site, defaults):")
-    for name in list_reducers():
-        cls = get_reducer_class(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:16s} {cls.site.value:9s} {doc}")
-    print("\ntasks of this project: synth_vqa (synthetic VQA; per-type metrics acc_color, acc_shape, acc_count, "
-          "acc_exists, acc_position)\nany lmms-eval task name also works, e.g. gqa pope mme textvqa_val "
-          "scienceqa_img mmbench_en_dev_static;\noffline, point each at a local copy of its dataset with "
-          "--task-data TASK=PATH (docs/standard_tasks.md)")
+
+def catalogue() -> dict:
+    """{method: site, learned, arguments, summary}: the registry as data (`python -m methods.catalogue`)."""
+    return json.loads(CATALOGUE.read_text())
+
+
+def expand_names(names: list[str], known: dict) -> list[str]:
+    """Registered names stay, a family prefix expands (`adaptive` -> adaptive_a, adaptive_b); others raise with the
+    registry's own message."""
+    out: list[str] = []
+    for name in names:
+        family = sorted(fnmatch.filter(known, f"{name}_*"))
+        if name in known:
+            out.append(name)
+        elif family:
+            out += family
+        else:
+            close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(known))}")
+    return list(dict.fromkeys(out))
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What can be checked from the arguments and the model's config.json alone, in milliseconds."""
+    known = catalogue()
+    methods = expand_names(args.methods, known) if args.methods else list(known)
+    for task in args.tasks:
+        if "," in task:
+            raise ValueError(f"--tasks {task}: separate task names with spaces (--tasks {' '.join(task.split(','))})")
+    for method, arg, _ in args.method_args:
+        if method not in known:
+            expand_names([method], known)  # raises with close matches
+        if args.methods and method not in methods:
+            raise ValueError(f"--method-args names {method}.{arg}, but {method} is not among the methods run")
+        allowed = known[method]["args"]
+        if arg not in allowed:
+            listed = ", ".join(allowed) or "none besides the budget"
+            raise ValueError(f"--method-args {method}.{arg}: {method} has no argument {arg!r} (its arguments: "
+                             f"{listed}); `run_bench.py --list` shows them with their defaults")
+    config = Path(args.model) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--model {args.model} is not a llava-hf checkpoint folder (no config.json)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"--model {args.model}: config.json is not a JSON object ({e})") from None
+    if model_type != "llava":
+        raise ValueError(f"--model {args.model} is a {model_type!r} checkpoint; run_bench.py needs a llava-hf one "
+                         "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf)")
+
+
+def list_everything() -> None:
+    from tabulate import tabulate
+
+    rows = []
+    for name, m in catalogue().items():
+        args = [f"{a}={v}" for a, v in m["args"].items()]
+        if m["learned"]:
+            args = ["checkpoint=MODEL/controllers/<name>"]
+        rows.append([name, m["site"], " ".join(args) or "-", m["summary"]])
+    print("methods (`--method-args METHOD.ARG=VALUE` sets an argument; budgets come from --budgets):")
+    print(tabulate(rows, headers=["name", "site", "arguments (defaults)", "what it keeps"], tablefmt="simple",
+                   maxcolwidths=[None, None, 36, 56]))
+    print("\ntasks of this project: synth_vqa (synthetic VQA, 1,000 questions; per-type metrics acc_color, "
+          "acc_shape,\n  acc_count, acc_exists, acc_position)\nany lmms-eval task name also works, e.g. gqa pope mme "
+          "textvqa_val scienceqa_img mmbench_en_dev_static;\n  offline, point each at a local copy of its dataset "
+          "with --task-data TASK=PATH (docs/standard_tasks.md)")
+
+
+# ---------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.runner import OutputBusyError
-
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -121,10 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished cells are kept; rerun the same command to continue", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, PermissionError, NotImplementedError, OutputBusyError) as e:
-        if args.debug:
+    except Exception as e:
+        runner = sys.modules.get("benchmarks.runner")  # imported only past the torch-free checks
+        expected = (ValueError, KeyError, FileNotFoundError, PermissionError, NotImplementedError,
+                    *((runner.OutputBusyError,) if runner else ()))
+        if args.debug or not isinstance(e, expected):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str quotes
+        print(f"error: {message.strip().splitlines()[0] if message.strip() else type(e).__name__}", file=sys.stderr)
         return 2
 
 
@@ -132,8 +240,12 @@ def _main(args: argparse.Namespace) -> int:
     if args.list:
         list_everything()
         return 0
+    check_arguments(args)
+    if not args.verbose:
+        _quiet_lmms_eval()
+    from benchmarks.console import plan_table, results_table
     from benchmarks.distributed import is_main_process
-    from benchmarks.runner import RunSpec, make_reducer, run
+    from benchmarks.runner import ResultStore, RunSpec, make_plan, plan_costs, run, task_manager
     from benchmarks.standard_tasks import parse_task_data
 
     spec = RunSpec(model=args.model, methods=tuple(args.methods), budgets=tuple(args.budgets),
@@ -141,59 +253,45 @@ def _main(args: argparse.Namespace) -> int:
                    output=args.output, include_paths=tuple(args.include_path), device=args.device, dtype=args.dtype,
                    method_kwargs=tuple(args.method_args),
                    task_data=tuple(parse_task_data(t) for t in args.task_data))
-    if not (Path(spec.model) / "config.json").is_file():
-        raise FileNotFoundError(f"--model {spec.model} is not a llava-hf checkpoint folder (no config.json)")
-    num_patches, feature_width = _features(spec.model)
-    cells, notes = spec.cells(num_patches)
+    plan = make_plan(spec)  # every cell's reducer built and checked against the model's layout
+    tm = task_manager(spec)  # unknown tasks, with close matches
+    if is_main_process():
+        ResultStore(spec.output).check_writable()  # and not in use by another sweep
     say = print if is_main_process() else (lambda *_: None)  # several processes: rank 0 speaks
-    say(f"plan: {len(cells)} cells on {spec.model} ({num_patches} patches) -> {spec.output}")
-    for note in notes:
+    methods = sorted({c.method for c in plan.cells})
+    say(f"plan: {len(plan.cells)} cells ({len(spec.tasks)} task{'s' * (len(spec.tasks) > 1)} x {len(methods)} "
+        f"methods x their budgets) on {_rel(Path(spec.model))} ({plan.layout.num_patches} patches) -> "
+        f"{_rel(Path(spec.output))}")
+    for note in plan.notes:
         say(f"  note: {note}")
-    for c in cells:
-        say(f"  {c.task:14s} {c.method:14s} budget {c.budget}")
-    if not cells:
-        raise ValueError("the plan is empty: give methods and budgets that apply to each other")
-    for c in cells:  # every method argument, and each method against the model, before anything expensive starts
-        make_reducer(c, spec).check_model(num_patches, feature_width)
     if args.dry_run:
+        costs = plan_costs(plan, spec, DRY_RUN_TEXT_TOKENS)
+        print(plan_table(costs))
+        total = [c["gflops_per_sample"] * c["samples"] for c in costs if c["gflops_per_sample"] and c["samples"]]
+        print(f"estimated prefill cost: {sum(total) / 1e3:.4g} TFLOPs in all (FLOPs counter, assuming "
+              f"{DRY_RUN_TEXT_TOKENS} text tokens per prompt; decoding adds a few percent for short answers)")
         return 0
-    _quiet_lmms_eval()
     import torch
 
     torch.manual_seed(spec.seed)
-    rows = run(spec)
+    rows = run(spec, plan=plan, tm=tm, verbose=args.verbose)
     if not is_main_process():
         return 0  # rank 0 has written the results
-    print_table(rows)
-    print(f"\nwrote {spec.output / 'summary.csv'} and {spec.output / 'samples.jsonl'}")
+    print()
+    print(results_table(rows))
+    print(f"\nwrote {_rel(spec.output / 'summary.csv')} and {_rel(spec.output / 'samples.jsonl')} (every metric, "
+          "per-sample records)")
     from plots.__main__ import make_all
     from plots.data import ResultsError
 
     try:
         figures = make_all([spec.output])
-        print(f"wrote {len(figures)} figures and tables (python -m plots {spec.output} redraws them), e.g. "
-              f"{figures[0] if figures else '-'}")
+        print(f"wrote {len(figures)} figures and tables (python -m plots {_rel(spec.output)} redraws them), e.g. "
+              f"{_rel(Path(figures[0])) if figures else '-'}")
     except (ResultsError, OSError, ValueError) as e:  # the results are safe; only the drawing failed
         print(f"warning: results written, but the plots failed: {e}; retry with `python -m plots {spec.output}`",
               file=sys.stderr)
     return 0
-
-
-def _features(model: Path) -> tuple[int, int]:
-    """(patches, feature width) of a llava-hf checkpoint's vision features, from its config.json."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers raises several kinds for a bad or foreign config
-        from methods.base import first_line
-
-        raise ValueError(f"--model {model}: config.json cannot be read as a model config ({first_line(e)})") from None
-    if config.model_type != "llava":
-        raise ValueError(f"--model {model} is a {config.model_type!r} checkpoint; run_bench.py needs a llava-hf one "
-                         "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf)")
-    vc, layers = config.vision_config, config.vision_feature_layer
-    return (vc.image_size // vc.patch_size) ** 2, vc.hidden_size * (len(layers) if isinstance(layers, list) else 1)
 
 
 def _quiet_lmms_eval() -> None:
@@ -201,22 +299,6 @@ def _quiet_lmms_eval() -> None:
 
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-
-
-def print_table(rows: list[dict]) -> None:
-    """Readable summary: one line per (task, metric), one column per (method, budget)."""
-    import pandas as pd
-
-    if not rows:
-        print("no results")
-        return
-    df = pd.DataFrame(rows)
-    df["column"] = df["method"] + "@" + df["budget"].astype(str)
-    df["order"] = pd.to_numeric(df["budget"], errors="coerce").fillna(float("inf"))  # "auto" last
-    order = df.sort_values(["method", "order"])["column"].unique()
-    table = df.pivot_table(index=["task", "metric"], columns="column", values="value", aggfunc="first")
-    print()
-    print(table[order].round(3).to_string())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ Usable three ways:
 * from Python: `simple_evaluate(model=ReducedLlavaLMM(pretrained=PATH, method="full"), tasks=[...])`;
 * from lmms-eval's own CLI, registered through the `lmms_eval.models` entry point of this package (no edit to
   lmms-eval): `python -m lmms_eval --model reduced_llava --model_args pretrained=PATH,method=fastv,budget=64`.
-  Every `model_args` key other than the ones below goes to the method's constructor (e.g. `layer=2`).
+  Every `model_args` key other than the ones below goes to the method's constructor (e.g. `layer=2`). Learned
+  methods find their controller in PRETRAINED/controllers/<method> unless `checkpoint=DIR` is given. A mistake in
+  `model_args` (unknown method or argument, bad budget, missing controller) ends the run with one line
+  `error: ...` on stderr and exit status 2, as `run_bench.py` does (lmms-eval's CLI would otherwise print the
+  traceback and exit 0).
 
 Prompts follow LLaVA-1.5: the checkpoint's chat template renders a user turn holding the image and the task's
 text (`USER: <image>\\n{text} ASSISTANT:`); decoding is greedy with the KV cache. Per-sample token traces are kept
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +31,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from benchmarks.distributed import current_world
-from methods import TokenReducer, create_reducer
+from methods import TokenReducer, UnknownReducerError, create_reducer, get_reducer_class
 from methods.base import first_line
 from methods.llava import ReducedLlava, Timing, llava_prompt
 
@@ -99,6 +105,28 @@ def complete_processor(processor, config) -> None:
         )
 
 
+def default_controller(pretrained: str | Path, method: str) -> Path:
+    """Where a learned method's controller for a checkpoint lives by default: PRETRAINED/controllers/METHOD (as
+    `benchmarks.runner.RunSpec.controller`)."""
+    return Path(pretrained) / "controllers" / method
+
+
+def lmms_eval_syntax(message: str, method: str | None = None) -> str:
+    """Reword a message written for `run_bench.py`'s options in lmms-eval's: `--method-args M.ARG=V` becomes
+    `ARG=V in --model_args`, `set M.ARG` becomes `set ARG in --model_args`, `pass --model PATH` becomes
+    `pass pretrained=PATH in --model_args` and any other `--model PATH` `pretrained=PATH` (in lmms-eval `--model`
+    names the model class). Commands quoted in backticks (another
+    program's options, e.g. `python -m methods.train_adaptive --model MODEL`) are left as they are."""
+    parts = message.split("`")
+    for i in range(0, len(parts), 2):  # the even parts are outside backticks
+        text = re.sub(r"--method-args (\w+)\.(\w+=[^\s;,)]+)", r"\2 in --model_args", parts[i])
+        if method:
+            text = re.sub(rf"\bset {re.escape(method)}\.(\w+)", r"set \1 in --model_args", text)
+        text = re.sub(r"\bpass --model ([^\s;,)]+)", r"pass pretrained=\1 in --model_args", text)
+        parts[i] = re.sub(r"--model (?=\S)", "pretrained=", text)
+    return "`".join(parts)
+
+
 def per_sample_ms(t: Timing, batch: int) -> dict:
     """A batch's times per sample (batch time / batch size), in milliseconds."""
     return {
@@ -106,6 +134,18 @@ def per_sample_ms(t: Timing, batch: int) -> dict:
         "decode_ms_per_token": round(1e3 * t.decode_s / (t.decode_steps * batch), 4) if t.decode_steps else None,
         "reducer_ms": round(1e3 * t.reducer_s / batch, 4),
     }
+
+
+def cli_message(e: BaseException, method: str | None, model_class: str = "ReducedLlavaLMM") -> str:
+    """One line for a bad `--model_args`, worded as `run_bench.py` words the same mistake, in lmms-eval's syntax."""
+    plain_key = isinstance(e, KeyError) and not isinstance(e, UnknownReducerError) and e.args
+    text = first_line(ValueError(e.args[0]) if plain_key else e)  # str(KeyError) would quote the message
+    if isinstance(e, TypeError):
+        if method and model_class not in text:  # an argument the method's constructor does not take
+            text = f"{method}: {text}; see the method's docstring for its arguments"
+        else:
+            text = f"reduced_llava: {text}"
+    return lmms_eval_syntax(text, method)
 
 
 class ReducedLlavaLMM(lmms):
@@ -120,10 +160,16 @@ class ReducedLlavaLMM(lmms):
             each process's own GPU, cuda:LOCAL_RANK.
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
         max_new_tokens: default when a task does not set it.
-        **method_args: extra constructor arguments of the method (e.g. `layer=2`).
+        **method_args: extra constructor arguments of the method (e.g. `layer=2`). A learned method (its class
+            sets `needs_checkpoint`) gets `checkpoint=PRETRAINED/controllers/<method>` when that folder exists and
+            no `checkpoint` is given.
+
+    Bad arguments raise here (ValueError, KeyError, FileNotFoundError, TypeError, ...), before the model loads
+    where they can; only `create_from_arg_string` (lmms-eval's `--model_args`) turns them into an exit.
     """
 
     is_simple = True
+    cli_errors = (ValueError, KeyError, FileNotFoundError, TypeError, NotImplementedError)  # bad input, not bugs
 
     def __init__(
         self,
@@ -140,6 +186,10 @@ class ReducedLlavaLMM(lmms):
         **method_args,
     ) -> None:
         super().__init__()
+        if getattr(get_reducer_class(method), "needs_checkpoint", False) and "checkpoint" not in method_args:
+            if default_controller(pretrained, method).is_dir():
+                method_args["checkpoint"] = str(default_controller(pretrained, method))
+        reducer = create_reducer(method, budget, **method_args)  # a bad method argument fails before the model loads
         world = current_world(device)  # several processes (accelerate launch / torchrun): one shard each
         device = world.device_for(device)
         if world.size > 1:  # lmms-eval's evaluator gathers its counters across processes through `accelerator`
@@ -159,7 +209,26 @@ class ReducedLlavaLMM(lmms):
         self.batch_times: list[dict] = []  # per batch, in run order: its `per_sample_ms` times
         self.pictures: dict[tuple[str, int], dict] = {}  # (task, doc_id) -> the image the patches cut, for plots
         self._warned_sampling = False
-        self.set_reducer(create_reducer(method, budget, **method_args))
+        self.set_reducer(reducer)  # checks the reducer against the model (site, layer, a controller's shapes)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> ReducedLlavaLMM:
+        """lmms-eval's constructor for `--model_args`. A mistake in the arguments prints one line, `error: ...`, on
+        stderr and raises SystemExit(2), as `run_bench.py` does; lmms-eval's CLI catches every Exception (it prints
+        the traceback and exits 0) but lets SystemExit through."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        try:
+            method = str(simple_parse_args_string(arg_string).get("method", "full"))
+        except ValueError:  # an item without `=`
+            print(f"error: --model_args takes KEY=VALUE pairs separated by commas, got {arg_string!r}",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+        try:
+            return super().create_from_arg_string(arg_string, additional_config)
+        except cls.cli_errors as e:
+            print(f"error: {cli_message(e, method, cls.__name__)}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     # ------------------------------------------------------------------ configuration
 

@@ -11,13 +11,17 @@ Output directory layout (documented for users in results/README.md):
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import difflib
 import hashlib
 import inspect
+import io
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -25,15 +29,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.console import cell_line
+from benchmarks.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BUDGET_FRACTIONS,
+    DEFAULT_OUTPUT,
+    REPO,
+    SMOKE_MODEL,
+    SMOKE_TASKS,
+    SYNTH_TASK_DOCS,
+    SYNTH_TASKS,
+)
+from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
 from benchmarks.standard_tasks import check_task_data, load_error, package_dirs, submission_args, task_config
 from methods import TokenReducer, create_reducer, get_reducer_class, list_reducers
-from methods.base import AUTO
+from methods.base import AUTO, first_line
+from methods.llava import LlavaLayout, check_reducer
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "checkpoint"
-SYNTH_TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
-SMOKE_TASKS = ("synth_vqa",)
-DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
+PROGRESS_LINE = re.compile(r"\d+%\||\[A$|it/s\]|s/it\]|examples/s\]")  # a tqdm bar's refresh
 SUMMARY_COLUMNS = [
     "task", "method", "budget", "metric", "value", "primary", "n", "visual_tokens_mean", "visual_tokens_max",
     "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
@@ -68,17 +81,20 @@ class RunSpec:
     tasks: tuple[str, ...] = SMOKE_TASKS
     limit: int | None = None
     seed: int = 0
-    batch_size: int = 8
-    output: Path = REPO / "results" / "runs" / "smoke"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    output: Path = DEFAULT_OUTPUT
     include_paths: tuple[Path, ...] = ()
     device: str = "cpu"
     dtype: str = "auto"
     method_kwargs: tuple[tuple[str, str, object], ...] = ()  # (method, argument, value), from --method-args
     task_data: tuple[tuple[str, Path], ...] = ()  # (task, local dataset copy), from --task-data
 
+    methods_given: bool = dataclasses.field(init=False, default=False)  # False: the default set (every method)
+
     def __post_init__(self) -> None:
         # default: every registered method that can run on this model (learned ones need a trained controller)
         default = tuple(m for m in list_reducers() if not needs_checkpoint(m) or self.controller(m).is_dir())
+        object.__setattr__(self, "methods_given", bool(self.methods))
         object.__setattr__(self, "methods", expand_methods(self.methods or default))
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
@@ -121,8 +137,10 @@ class RunSpec:
         if not self.budgets:
             numeric = sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
         notes = []
-        if len(set(self.budgets)) != len(self.budgets):
-            notes.append(f"duplicate budgets removed: {sorted(set(self.budgets), key=str)}")
+        repeated = sorted({b for b in self.budgets if self.budgets.count(b) > 1}, key=str)
+        if repeated:
+            notes.append(f"budget{'s' * (len(repeated) > 1)} {', '.join(map(str, repeated))} given more than once: "
+                         "each runs once")
         over = [b for b in numeric if b >= num_patches]
         if over:
             notes.append(f"budgets {over} >= the {num_patches} patches mean no pruning: run once, as `full`")
@@ -159,6 +177,83 @@ def expand_methods(names: tuple[str, ...]) -> tuple[str, ...]:
         else:
             get_reducer_class(name)  # raises with close matches and the list of names
     return tuple(dict.fromkeys(out))
+
+
+@dataclass
+class Plan:
+    """A sweep's cells, computed once and checked before any work: each cell's reducer is built and checked
+    against the model's layout, so a bad method argument fails before the output folder is touched."""
+
+    config: object  # the checkpoint's LlavaConfig
+    layout: LlavaLayout
+    cells: list[Cell]
+    reducers: list[TokenReducer]  # one per cell, in eval mode
+    notes: list[str]
+
+
+def read_config(model: Path):
+    """The checkpoint's config, or a one-line error saying what is wrong with the folder."""
+    from transformers import AutoConfig
+
+    if not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model} is not a llava-hf checkpoint folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises several kinds for a bad or foreign config
+        raise ValueError(f"--model {model}: config.json cannot be read as a model config ({first_line(e)})") from None
+    if config.model_type != "llava":
+        raise ValueError(f"--model {model} is a {config.model_type!r} checkpoint; run_bench.py needs a llava-hf one "
+                         "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf)")
+    return config
+
+
+def make_plan(spec: RunSpec) -> Plan:
+    """Expand and check the sweep: every cell's reducer is built and checked against the model (no weights load)."""
+    config = read_config(spec.model)
+    layout = LlavaLayout.from_config(config)
+    cells, notes = spec.cells(layout.num_patches)
+    kept, reducers, skipped = [], [], {}
+    for cell in cells:
+        if cell.method in skipped:
+            continue
+        reducer = make_reducer(cell, spec)
+        try:
+            check_reducer(reducer, layout)
+        except (ValueError, NotImplementedError) as e:
+            if spec.methods_given:
+                raise
+            skipped[cell.method] = first_line(e)  # the default set runs what fits the model, and says what not
+            continue
+        kept.append(cell)
+        reducers.append(reducer)
+    notes += [f"{m} skipped: {why}" for m, why in skipped.items()]
+    if not kept:
+        raise ValueError("the plan is empty: give methods and budgets that apply to each other")
+    return Plan(config, layout, kept, reducers, notes)
+
+
+def task_docs(task: str, limit: int | None) -> int | None:
+    """Samples a cell of `task` evaluates, where known without loading the data."""
+    known = SYNTH_TASK_DOCS.get(task) or (STANDARD_TASKS[task].docs if task in STANDARD_TASKS else None)
+    if known is None:
+        return limit
+    return known if limit is None else min(limit, known)
+
+
+def plan_costs(plan: Plan, spec: RunSpec, text_tokens: int) -> list[dict]:
+    """Estimated cost of each cell from the FLOPs counter, on a prompt of `text_tokens` tokens besides the image."""
+    from flops.analytic import ModelShape, count
+    from flops.shapes import shape_record
+
+    shape = ModelShape.from_config(plan.config)
+    out = []
+    for cell, reducer in zip(plan.cells, plan.reducers, strict=True):
+        per = None
+        if not getattr(reducer, "auto", False):  # an 'auto' count depends on the image
+            per = 2 * count(shape_record(plan.config, reducer, text_tokens), shape).prefill / 1e9
+        out.append({"task": cell.task, "method": cell.method, "budget": cell.budget,
+                    "samples": task_docs(cell.task, spec.limit), "gflops_per_sample": per})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -264,9 +359,6 @@ class ResultStore:
 
     def rebuild(self) -> list[dict]:
         """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows."""
-        import csv
-        import io
-
         rows, samples = self.load_all()
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
@@ -389,9 +481,10 @@ def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:
         raise ValueError(f"{cell.method}: {e}; see the method's docstring for its arguments") from None
 
 
-def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm,
-                  prov: dict) -> tuple[list[dict], list[dict]]:
-    """Run one cell through lmms-eval; return its summary rows and sample records."""
+def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov: dict,
+                  verbose: bool = False) -> tuple[list[dict], list[dict]]:
+    """Run one cell through lmms-eval; return its summary rows and sample records. Unless `verbose`, lmms-eval's
+    and datasets' progress bars are held back (`quiet_progress`)."""
     import torch
     from lmms_eval.evaluator import simple_evaluate
 
@@ -407,12 +500,13 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm,
 
     t0 = time.perf_counter()
     try:
-        res = simple_evaluate(
-            model=lm, tasks=[task_config(cell.task, spec.data_path(cell.task))], limit=spec.limit,
-            log_samples=True, bootstrap_iters=0, task_manager=tm, cli_args=submission_args(spec.output),
-            random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
-            fewshot_random_seed=spec.seed, datetime_str=time.strftime("%Y%m%d_%H%M%S"), verbosity="WARNING",
-        )
+        with quiet_progress(enabled=not verbose):
+            res = simple_evaluate(
+                model=lm, tasks=[task_config(cell.task, spec.data_path(cell.task))], limit=spec.limit,
+                log_samples=True, bootstrap_iters=0, task_manager=tm, cli_args=submission_args(spec.output),
+                random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
+                fewshot_random_seed=spec.seed, datetime_str=time.strftime("%Y%m%d_%H%M%S"), verbosity="WARNING",
+            )
     except RetryError as e:  # lmms-eval's retried dataset load failed
         raise load_error(cell.task, spec.data_path(cell.task), e) from e
     wall = time.perf_counter() - t0
@@ -426,6 +520,29 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm,
     times = cell_times(lm.batch_times)
     times["peak_memory_mb"] = round(peak / 2**20, 1)
     return summary_rows(res, cell, samples, reducer, wall, {**times, **prov}), samples
+
+
+@contextlib.contextmanager
+def quiet_progress(enabled: bool = True):
+    """Hold back the progress bars that lmms-eval and datasets draw on stderr (several per cell, and one line per
+    refresh in a log file); whatever else they write there is passed on when the block ends."""
+    if not enabled:
+        yield
+        return
+    import datasets
+
+    was_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+        for line in held.getvalue().replace("\r", "\n").splitlines():
+            if line.strip() and not PROGRESS_LINE.search(line):
+                print(line, file=sys.stderr)
 
 
 def cell_times(batches: list[dict]) -> dict:
@@ -530,42 +647,50 @@ def _mean(xs: list, digits: int = 3) -> float | None:
     return round(sum(xs) / len(xs), digits) if xs else None
 
 
-def run(spec: RunSpec, progress: bool = True, lm=None) -> list[dict]:
-    """Evaluate every missing cell of `spec`; return all summary rows of the output directory."""
+def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True, verbose: bool = False,
+        lm=None) -> list[dict]:
+    """Evaluate every missing cell of `spec` (planned by `make_plan` unless given); return all summary rows of the
+    output directory. Prints one line per finished cell; `progress` draws a bar over the cells on a terminal;
+    `verbose` lets lmms-eval's own progress bars and messages through."""
     from tqdm import tqdm
 
     from benchmarks.distributed import current_world
     from benchmarks.lmms_model import ReducedLlavaLMM
 
+    plan = plan or make_plan(spec)
     world = current_world(spec.device)  # several processes: each evaluates a shard, rank 0 writes
     store = ResultStore(spec.output)
     if world.is_main:
         store.check_writable()  # fail before the model loads, without creating anything
-    tm = task_manager(spec)
+    tm = tm or task_manager(spec)
     if lm is None:  # a model that cannot be loaded fails here, before the output directory is touched
-        lm = ReducedLlavaLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size,
-                             device=spec.device, dtype=spec.dtype)
+        with quiet_progress(enabled=not verbose):  # transformers' weight-loading bar
+            lm = ReducedLlavaLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size,
+                                 device=spec.device, dtype=spec.dtype)
     if world.is_main:
         store.prepare()
         ensure_task_data(spec.tasks)
     world.barrier()
-    cells, _ = spec.cells(lm.num_patches)
     prov = provenance(spec, spec.device)
-    planned = []
-    for cell in cells:
-        reducer = make_reducer(cell, spec)
-        planned.append((cell, reducer, fingerprint(spec, {"method": cell.method, **reducer.method_args()}, cell.task)))
+    planned = [(cell, reducer, fingerprint(spec, {"method": cell.method, **reducer.method_args()}, cell.task))
+               for cell, reducer in zip(plan.cells, plan.reducers, strict=True)]
     done = world.broadcast([store.done(cell, fp) for cell, _, fp in planned])  # rank 0's files decide, for all
     todo = [p for p, d in zip(planned, done, strict=True) if not d]
-    skipped = len(cells) - len(todo)
+    skipped = len(planned) - len(todo)
     if skipped and world.is_main:
-        print(f"{skipped} of {len(cells)} cells already in {spec.output}: skipped")
-    for cell, reducer, fp in tqdm(todo, desc="cells", disable=not progress or not world.is_main):
-        rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov)
+        print(f"{skipped} of {len(planned)} cells already in {spec.output}: skipped")
+    bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr, dynamic_ncols=True,
+               disable=None if progress and world.is_main else True)  # None: only on a terminal
+    for i, (cell, reducer, fp) in enumerate(todo, 1):
+        bar.set_postfix_str(f"{cell.task} {cell.method} {cell.budget}")
+        rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov, verbose)
         if world.is_main:
             store.save(cell, fp, rows, samples)
             store.save_pictures(lm.pictures)
             store.rebuild()
+            bar.write(cell_line(i, len(todo), rows), file=sys.stdout)
+        bar.update()
+    bar.close()
     rows = store.rebuild() if world.is_main else []
     store.release()
     world.barrier()  # the other processes end when rank 0 has written everything

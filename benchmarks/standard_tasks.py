@@ -39,17 +39,22 @@ class StandardTask:
     split: str  # the YAML's test_split
     package_dir: str  # folder of the task's YAML under lmms_eval/tasks
     metrics: tuple[str, ...]  # numeric metrics it reports
+    docs: int | None = None  # questions in the split (for a dry run's cost estimate)
 
 
 TASKS: dict[str, StandardTask] = {t.name: t for t in (
-    StandardTask("gqa", "lmms-lab-encoder/GQA", "testdev_balanced_instructions", "testdev", "gqa", ("exact_match",)),
+    StandardTask("gqa", "lmms-lab-encoder/GQA", "testdev_balanced_instructions", "testdev", "gqa", ("exact_match",),
+                 12578),
     StandardTask("pope", "lmms-lab-encoder/POPE", None, "test", "pope",
-                 ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")),
-    StandardTask("mme", "lmms-lab-encoder/MME", None, "test", "mme", ("mme_perception_score", "mme_cognition_score")),
-    StandardTask("textvqa_val", "lmms-lab-encoder/textvqa", None, "validation", "textvqa", ("exact_match",)),
-    StandardTask("scienceqa_img", "lmms-lab-encoder/ScienceQA", "ScienceQA-IMG", "test", "scienceqa", ("exact_match",)),
-    StandardTask("mmbench_en_dev_static", "lmms-lab-encoder/MMBench", "en", "dev", "mmbench", ("gpt_eval_score",)),
-    StandardTask("mmbench_en_dev", "lmms-lab-encoder/MMBench", "en", "dev", "mmbench", ("gpt_eval_score",)),
+                 ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio"), 9000),
+    StandardTask("mme", "lmms-lab-encoder/MME", None, "test", "mme", ("mme_perception_score", "mme_cognition_score"),
+                 2374),
+    StandardTask("textvqa_val", "lmms-lab-encoder/textvqa", None, "validation", "textvqa", ("exact_match",), 5000),
+    StandardTask("scienceqa_img", "lmms-lab-encoder/ScienceQA", "ScienceQA-IMG", "test", "scienceqa",
+                 ("exact_match",), 2017),
+    StandardTask("mmbench_en_dev_static", "lmms-lab-encoder/MMBench", "en", "dev", "mmbench", ("gpt_eval_score",),
+                 4329),
+    StandardTask("mmbench_en_dev", "lmms-lab-encoder/MMBench", "en", "dev", "mmbench", ("gpt_eval_score",), 4329),
 )}
 GQA_IMAGES = "testdev_balanced_images"  # the config of lmms-lab-encoder/GQA that holds the images, by `id`
 

@@ -57,8 +57,7 @@ def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) ->
     cls = get_reducer_class(method)
     if getattr(cls, "needs_checkpoint", False) and "checkpoint" not in kwargs:
         lay = LlavaLayout.from_config(config)
-        dim = config.vision_config.hidden_size * len(lay.feature_layers)
-        kwargs.setdefault("config", ControllerConfig(method=method, dim=dim, num_patches=lay.num_patches))
+        kwargs.setdefault("config", ControllerConfig(method=method, dim=lay.feature_width, num_patches=lay.num_patches))
     return create_reducer(method, budget if cls.uses_budget else None, **kwargs).eval()
 
 
@@ -80,7 +79,7 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         raise ValueError(f"{reducer.name}: an 'auto' budget depends on the image; give a number of visual tokens")
     lay = LlavaLayout.from_config(config)
     vc, tc = config.vision_config, config.text_config
-    n, dv = lay.num_patches, vc.hidden_size * len(lay.feature_layers)
+    n, dv = lay.num_patches, lay.feature_width
     g = torch.Generator().manual_seed(seed)
     extra = reducer.extra_vision_tokens(1, n, None)
     e = 0 if extra is None else extra.size(1)

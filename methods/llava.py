@@ -76,6 +76,7 @@ class LlavaLayout:
         feature_layers: indices into the vision hidden states (0 = embeddings after the pre-LayerNorm, i = output of
             layer i - 1) that LLaVA concatenates into its features.
         llm_layers: decoder layers of the language model.
+        vision_width: hidden size of the vision encoder.
     """
 
     image_token_id: int
@@ -83,10 +84,16 @@ class LlavaLayout:
     vision_layers: int
     feature_layers: tuple[int, ...]
     llm_layers: int
+    vision_width: int
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    @property
+    def feature_width(self) -> int:
+        """Channels of the features a features-site reducer receives (the selected layers concatenated)."""
+        return self.vision_width * len(self.feature_layers)
 
     @property
     def vision_layers_run(self) -> int:
@@ -114,6 +121,7 @@ class LlavaLayout:
             vision_layers=n,
             feature_layers=idx,
             llm_layers=tc.num_hidden_layers,
+            vision_width=vc.hidden_size,
         )
 
 
@@ -257,7 +265,7 @@ class ReducedLlava:
         self.layout = LlavaLayout.from_config(model.config)
         self._reducer_s = 0.0
         self._aux: dict[str, Tensor] = {}
-        self._check_reducer()
+        check_reducer(reducer, self.layout)
 
     # ------------------------------------------------------------------ public API
 
@@ -579,29 +587,30 @@ class ReducedLlava:
         state.next_pos = state.next_pos + 1
         return self.model.lm_head(lm.norm(x))[:, 0]
 
-    # ------------------------------------------------------------------ checks
 
-    def _check_reducer(self) -> None:
-        r, lay = self.reducer, self.layout
-        if r.site is Site.VISION:
-            if r.needs:
-                raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the vision site")
-            if not 0 <= r.layer < min(lay.feature_layers):
-                raise ValueError(
-                    f"{r.name}: vision layer {r.layer} must be below the feature layer {min(lay.feature_layers)} "
-                    f"of this {lay.vision_layers}-layer encoder"
-                )
-        elif r.site is Site.LLM:
-            low = 1 if "query_attn" in r.needs else 0
-            if not low <= r.layer < lay.llm_layers:
-                raise ValueError(
-                    f"{r.name}: LLM layer {r.layer} must be in [{low}, {lay.llm_layers - 1}] for this "
-                    f"{lay.llm_layers}-layer language model"
-                )
-            if set(r.needs) - {"query_attn"}:
-                raise NotImplementedError(f"{r.name}: only query_attn is provided at the LLM site")
-        elif set(r.needs) - {"cls_attn", "keys"}:
-            raise NotImplementedError(f"{r.name}: only cls_attn and keys are provided at the features site")
+def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
+    """Raise (saying what to do) unless reducer `r` can act at its site and layer on a model of layout `lay`; the
+    runner calls it for every cell before any work starts, the adapter again when it is built."""
+    if r.site is Site.VISION:
+        if r.needs:
+            raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the vision site")
+        if not 0 <= r.layer < min(lay.feature_layers):
+            raise ValueError(
+                f"{r.name}: vision layer {r.layer} must be below the feature layer {min(lay.feature_layers)} "
+                f"of this {lay.vision_layers}-layer encoder"
+            )
+    elif r.site is Site.LLM:
+        low = 1 if "query_attn" in r.needs else 0
+        if not low <= r.layer < lay.llm_layers:
+            raise ValueError(
+                f"{r.name}: LLM layer {r.layer} must be in [{low}, {lay.llm_layers - 1}] for this "
+                f"{lay.llm_layers}-layer language model; set {r.name}.layer"
+            )
+        if set(r.needs) - {"query_attn"}:
+            raise NotImplementedError(f"{r.name}: only query_attn is provided at the LLM site")
+    elif set(r.needs) - {"cls_attn", "keys"}:
+        raise NotImplementedError(f"{r.name}: only cls_attn and keys are provided at the features site")
+    r.check_model(lay.num_patches, lay.feature_width)
 
 
 def _get(obj, path: str):

@@ -59,7 +59,21 @@ def test_plan_full_runs_once_and_large_budgets_collapse():
     spec = RunSpec(methods=("full",), budgets=(16, 144, 600, 16), tasks=("synth_vqa",))
     cells, notes = spec.cells(144)
     assert [(c.method, c.budget) for c in cells] == [("full", 144)]
-    assert any("no pruning" in n for n in notes) and any("duplicate" in n for n in notes)
+    assert any("no pruning" in n for n in notes)
+    assert "budget 16 given more than once: each runs once" in notes  # names the repeated budget, not the others
+
+
+def test_catalogue_is_the_registry():
+    """methods/catalogue.json (read by `run_bench.py --list` and its torch-free checks) says what the registry
+    says; after adding or changing a method, `python -m methods.catalogue` rewrites it."""
+    from benchmarks.defaults import CATALOGUE
+    from methods import catalogue
+
+    assert CATALOGUE == catalogue.PATH
+    assert CATALOGUE.read_text() == catalogue.render(), "stale methods/catalogue.json: run python -m methods.catalogue"
+    assert set(catalogue.build()) == set(list_reducers())
+    assert catalogue.build()["fastv"] == {**catalogue.build()["fastv"], "site": "llm", "args": {"layer": 2,
+                                                                                              "ratio": None}}
 
 
 FEATURE_METHODS = [n for n in list_reducers() if methods.get_reducer_class(n).site is Site.FEATURES]

@@ -70,12 +70,18 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                           f"adaptive_b.checkpoint={wrong_grid}"], "trained for 16 patches"),
         "output not writable": (["--methods", "full", "--output", str(blocker / "sub")], "cannot write to output"),
         "limit 0": (["--limit", "0"], "--limit must be >= 1"),
+        "tasks with a comma": (["--tasks", "synth_vqa,gqa"], "separate task names with spaces"),
+        "method argument out of range": (["--methods", "fastv", "--budgets", "4", "--method-args", "fastv.layer=9"],
+                                         "LLM layer 9 must be in [1, 1] for this 2-layer"),
+        "unknown method argument": (["--methods", "fastv", "--method-args", "fastv.layr=1"],
+                                    "fastv has no argument 'layr'"),
     }
 
 
 BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budget not a number", "model path missing",
        "not llava-hf", "corrupt weights", "controller missing", "controller of another method",
-       "controller for another model", "output not writable", "limit 0"]
+       "controller for another model", "output not writable", "limit 0", "tasks with a comma",
+       "method argument out of range", "unknown method argument"]
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +112,17 @@ def test_bad_input_gets_one_line_and_leaves_results_untouched(tiny_ckpt, cases, 
     assert snapshot() == before  # nothing created, changed or removed
 
 
+@pytest.mark.parametrize("name", ["unknown task", "tasks with a comma", "method argument out of range",
+                                  "controller for another model"])
+def test_a_dry_run_rejects_what_a_run_rejects(tiny_ckpt, cases, capsys, name):
+    extra, phrase = cases[name]
+    assert run_bench.main(["--model", str(tiny_ckpt), "--dry-run", *extra]) == 2
+    assert phrase in capsys.readouterr().err
+
+
 def test_duplicate_budgets_are_a_note_not_an_error(tiny_ckpt, capsys):
     assert run_bench.main(["--model", str(tiny_ckpt), "--budgets", "8", "8", "4", "--dry-run"]) == 0
-    assert "duplicate budgets removed" in capsys.readouterr().out
+    assert "budget 8 given more than once: each runs once" in capsys.readouterr().out
 
 
 def test_a_traceback_only_with_debug(tiny_ckpt):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -60,27 +58,14 @@ def test_dry_run_and_bad_input(tiny_ckpt, tmp_path, capsys):
     assert run_bench.main(["--model", str(tiny_ckpt), "--budgets", "16", "200", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "no pruning" in out and "full" in out
+    # the default set runs what fits this 2-layer LLM and says what not; asked for by name, fastv is an error
+    assert "fastv skipped: fastv: LLM layer 2 must be in [1, 1]" in out and " fastv " not in out.split("note")[-1]
     assert run_bench.main(["--model", str(tiny_ckpt), "--methods", "fastv", "--budgets", "8", "--dry-run",
                            "--method-args", "fastv.layer=1"]) == 0
     assert run_bench.main(["--model", str(tiny_ckpt), "--methods", "fastv", "--budgets", "8", "--dry-run",
                            "--method-args", "fastv.depth=1"]) == 2
-    assert "unexpected keyword argument 'depth'" in capsys.readouterr().err
+    assert "fastv has no argument 'depth' (its arguments: layer, ratio)" in capsys.readouterr().err
     assert run_bench.main(["--model", str(tmp_path / "nope"), "--dry-run"]) == 2
     assert "not a llava-hf checkpoint" in capsys.readouterr().err
     assert run_bench.main(["--model", str(tiny_ckpt), "--tasks", "synth_vq", "--output", str(tmp_path / "x")]) == 2
     assert "did you mean synth_vqa" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_lmms_eval_cli_runs_our_model(tiny_ckpt, tmp_path):
-    """`python -m lmms_eval --model reduced_llava ...` works through the package's entry point."""
-    from benchmarks.synthetic.generate import ensure_test_data
-
-    ensure_test_data()
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "reduced_llava", "--model_args",
-           f"pretrained={tiny_ckpt},method=full", "--tasks", "synth_vqa", "--include_path", str(SYNTH_TASKS),
-           "--limit", "4", "--output_path", str(tmp_path / "cli"), "--batch_size", "2"]
-    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "exact_match" in res.stdout + res.stderr

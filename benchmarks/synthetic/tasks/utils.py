@@ -5,18 +5,41 @@ returns (wrapped by the LLaVA-1.5 chat template), so evaluation and training can
 
 Metrics per doc: ``exact_match`` (normalised string equality) and ``acc_<qtype>`` for the doc's own question
 type; the other ``acc_*`` keys are None and `mean_ignore_none` skips them.
+
+The task finds or makes its own data: lmms-eval executes this file (as a module named ``utils``) while it parses
+the YAML's ``!function utils.*`` entries, which is before it resolves the YAML's ``data_files`` and loads the
+dataset, so the import below writes ``../data/test.parquet`` (relative to this folder, the path the YAML reads) when
+it is missing or stale. A plain ``import benchmarks.synthetic.tasks.utils`` (training, tests) writes nothing.
 """
 
 from __future__ import annotations
 
 import re
 import string
+import sys
+from pathlib import Path
 from typing import Any
 
 QTYPES = ("color", "shape", "count", "exists", "position")  # same order as benchmarks.synthetic.generate.QTYPES
 PRE_PROMPT = ""
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+# the YAML's `../data/test.parquet`: resolved the way the OS opens it (this folder's real path, then its parent)
+DATA_FILE = Path(__file__).parent.resolve().parent / "data" / "test.parquet"
+
+
+def ensure_data() -> Path:
+    """Write the task's data file (`DATA_FILE`) unless it is there and current; silent and cheap when it is.
+
+    The data is the default test split of `benchmarks.synthetic.generate` (1000 questions, seed 3, deterministic),
+    checked and written by its `ensure_test_data`.
+    """
+    from benchmarks.synthetic.generate import ensure_test_data
+
+    if not DATA_FILE.exists():
+        print(f"synth_vqa: writing the task's data to {DATA_FILE} (first use; deterministic, a few seconds)",
+              file=sys.stderr)
+    return ensure_test_data(DATA_FILE)
 
 
 def doc_to_visual(doc: dict) -> list:
@@ -64,3 +87,7 @@ def mean_ignore_none(values: list[float | None]) -> float:
     """Mean over the non-None values (NaN when there are none, e.g. a run restricted to other types)."""
     kept = [float(v) for v in values if v is not None]
     return sum(kept) / len(kept) if kept else float("nan")
+
+
+if __name__ != "benchmarks.synthetic.tasks.utils":  # executed by lmms-eval's YAML loader, before the dataset loads
+    ensure_data()

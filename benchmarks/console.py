@@ -1,0 +1,102 @@
+"""What a sweep prints: one line per finished cell, the plan of a dry run and the final table (tabulate; no torch).
+
+Scores on a 0-1 scale (accuracies, exact match) are shown in percent and their differences from `full` in
+percentage points; other scores (MME's 0-2000 totals) as they are, differences in their own units.
+"""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+
+def _number(x: object) -> float | None:
+    try:
+        return None if x in (None, "") else float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _primary(rows: list[dict]) -> list[dict]:
+    """The rows of each cell's primary metric (the first of its task's metric_list)."""
+    return [r for r in rows if str(r.get("primary")) in ("True", "true", "1")]
+
+
+def _fractions(rows: list[dict]) -> set[tuple[str, str]]:
+    """(task, metric) pairs whose every value lies in [0, 1]: shown in percent."""
+    seen: dict[tuple[str, str], bool] = {}
+    for r in rows:
+        v = _number(r["value"])
+        key = (r["task"], r["metric"])
+        seen[key] = seen.get(key, True) and v is not None and 0.0 <= v <= 1.0
+    return {k for k, ok in seen.items() if ok}
+
+
+def _score(value: float | None, percent: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f} %" if percent else f"{value:.4g}"
+
+
+def _budget_order(budget: object) -> float:
+    b = _number(budget)
+    return float("inf") if b is None else b  # "auto" last
+
+
+def cell_line(index: int, total: int, rows: list[dict]) -> str:
+    """`[3/22] synth_vqa  fastv           16: exact_match 87.6 %, 16.0 visual tokens, 0.245 prefill GFLOPs, 6.9 s`."""
+    main = (_primary(rows) or rows or [{}])[0]
+    if not main:
+        return f"[{index}/{total}] no results"
+    value = _number(main["value"])
+    percent = value is not None and 0.0 <= value <= 1.0
+    tflops, tokens = _number(main.get("prefill_tflops_mean")), _number(main.get("visual_tokens_mean"))
+    parts = [f"{main['metric']} {_score(value, percent)}",
+             "-" if tokens is None else f"{tokens:.1f} visual tokens",
+             "-" if tflops is None else f"{1e3 * tflops:.4g} prefill GFLOPs",
+             f"{_number(main.get('wall_s')) or 0:.1f} s"]
+    return f"[{index}/{total}] {main['task']}  {main['method']:<13} {main['budget']!s:>4}: " + ", ".join(parts)
+
+
+def results_table(rows: list[dict]) -> str:
+    """Per task, one row per (method, budget): the primary metric, its difference from `full`, visual tokens,
+    prefill GFLOPs and prefill ms, sorted by budget with `full` last. Fits 120 columns; per-type metrics are in
+    summary.csv."""
+    main = _primary(rows)
+    if not main:
+        return "no results"
+    percent = _fractions(main)
+    blocks = []
+    for task in sorted({r["task"] for r in main}):
+        cells = sorted((r for r in main if r["task"] == task),
+                       key=lambda r: (r["method"] == "full", _budget_order(r["budget"]), r["method"]))
+        ref = next((_number(r["value"]) for r in cells if r["method"] == "full"), None)
+        metric = cells[0]["metric"]
+        pct = (task, metric) in percent
+        table = []
+        for r in cells:
+            value = _number(r["value"])
+            scale = 100 if pct else 1
+            delta = None if value is None or ref is None or r["method"] == "full" else (value - ref) * scale
+            tflops, ms = _number(r.get("prefill_tflops_mean")), _number(r.get("prefill_ms_median"))
+            tokens = _number(r.get("visual_tokens_mean"))
+            table.append([r["method"], r["budget"], _score(value, pct),
+                          "" if delta is None else f"{delta:+.1f}" + (" pt" if pct else ""),
+                          "-" if tokens is None else f"{tokens:.1f}",
+                          "-" if tflops is None else f"{1e3 * tflops:.4g}", "-" if ms is None else f"{ms:.4g}"])
+        headers = ["method", "budget", metric, "vs full", "visual tokens", "prefill GFLOPs", "prefill ms"]
+        blocks.append(f"{task}:\n" + tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True,
+                                              colalign=("left", "right", "right", "right", "right", "right", "right")))
+    return "\n\n".join(blocks)
+
+
+def plan_table(plan: list[dict]) -> str:
+    """A dry run's cells with their estimated cost: [{task, method, budget, samples, gflops_per_sample}]."""
+    table = []
+    for p in plan:
+        per = p["gflops_per_sample"]
+        total = None if per is None or p["samples"] is None else per * p["samples"] / 1e3
+        table.append([p["task"], p["method"], p["budget"], "?" if p["samples"] is None else p["samples"],
+                      "-" if per is None else f"{per:.4g}", "?" if total is None else f"{total:.4g}"])
+    headers = ["task", "method", "budget", "samples", "prefill GFLOPs per sample", "prefill TFLOPs per cell"]
+    return tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True,
+                    colalign=("left", "left", "right", "right", "right", "right"))

@@ -1,0 +1,16 @@
+"""Paths and defaults shared by the CLI and the runner. Imports nothing heavy: `run_bench.py --help`, `--list` and
+argument errors answer without loading torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "checkpoint"
+SYNTH_TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
+SMOKE_TASKS = ("synth_vqa",)
+SYNTH_TASK_DOCS = {"synth_vqa": 1000}  # questions in each synthetic task's test split
+DEFAULT_OUTPUT = REPO / "results" / "runs" / "smoke"
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
+CATALOGUE = REPO / "methods" / "catalogue.json"  # the registry's names, sites and arguments, readable without torch

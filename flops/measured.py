@@ -11,6 +11,9 @@ attention). Two gaps in the tools are closed here, in scope (no global registrat
 
 fvcore traces with `torch.jit.trace`, so the data-dependent selections (top-k, merges) are baked into the trace with
 their concrete shapes: count one sample per call to get that sample's MACs.
+
+fvcore comes with the `test` extra (`pip install -e ".[test]" -c requirements.lock`): only the tests check the
+counter; no command of the harness needs it.
 """
 
 from __future__ import annotations

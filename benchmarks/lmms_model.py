@@ -23,6 +23,7 @@ import itertools
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -209,6 +210,7 @@ class ReducedLlavaLMM(lmms):
         self.batch_times: list[dict] = []  # per batch, in run order: its `per_sample_ms` times
         self.pictures: dict[tuple[str, int], dict] = {}  # (task, doc_id) -> the image the patches cut, for plots
         self._warned_sampling = False
+        self.progress: Callable[[int, int], None] | None = None  # (done, total) after each batch; None: own bar
         self.set_reducer(reducer)  # checks the reducer against the model (site, layer, a controller's shapes)
 
     @classmethod
@@ -275,7 +277,8 @@ class ReducedLlavaLMM(lmms):
         tok = self.processor.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         with tqdm(total=len(requests), desc=f"{self.reducer.name} b={self.reducer.budget}", leave=False,
-                  disable=self.rank != 0) as bar:
+                  disable=self.rank != 0 or self.progress is not None) as bar:
+            done = 0
             for idx in batches:
                 chunk = [requests[i] for i in idx]
                 prompts, images = self._prepare(chunk)
@@ -303,6 +306,9 @@ class ReducedLlavaLMM(lmms):
                     counts = TokenCounts(input_tokens=rec["llm_tokens_per_layer"][0], output_tokens=n)
                     results[idx[j]] = GenerationResult(text=text, token_counts=counts)
                 bar.update(len(chunk))
+                done += len(chunk)
+                if self.progress is not None:
+                    self.progress(done, len(requests))
         return results
 
     def _model_image(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -679,10 +679,12 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
     skipped = len(planned) - len(todo)
     if skipped and world.is_main:
         print(f"{skipped} of {len(planned)} cells already in {spec.output}: skipped")
-    bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr, dynamic_ncols=True,
+    bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr,
                disable=None if progress and world.is_main else True)  # None: only on a terminal
     for i, (cell, reducer, fp) in enumerate(todo, 1):
         bar.set_postfix_str(f"{cell.task} {cell.method} {cell.budget}")
+        lm.progress = lambda done, total, c=cell: bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: "
+                                                                       f"{done}/{total} samples")
         rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov, verbose)
         if world.is_main:
             store.save(cell, fp, rows, samples)
@@ -691,6 +693,7 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
             bar.write(cell_line(i, len(todo), rows), file=sys.stdout)
         bar.update()
     bar.close()
+    lm.progress = None
     rows = store.rebuild() if world.is_main else []
     store.release()
     world.barrier()  # the other processes end when rank 0 has written everything

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-data", nargs="+", action="extend", default=[], metavar="TASK=PATH",
                    help="run lmms-eval's TASK on a local copy of its dataset (a save_to_disk folder or an "
                    "`hf download` snapshot), offline; repeatable; see docs/standard_tasks.md (default: none)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute every cell of the plan, even those already in the output folder under the same "
+                   "conditions (the earlier files move to OUTPUT/cells/superseded/)")
     p.add_argument("--list", action="store_true", help="list methods and tasks, then exit")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything a run would check, print the plan and its estimated cost, then exit")
@@ -274,7 +277,7 @@ def _main(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(spec.seed)
-    rows = run(spec, plan=plan, tm=tm, verbose=args.verbose)
+    rows = run(spec, plan=plan, tm=tm, verbose=args.verbose, force=args.force)
     if not is_main_process():
         return 0  # rank 0 has written the results
     print()

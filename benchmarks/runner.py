@@ -52,7 +52,7 @@ SUMMARY_COLUMNS = [
     "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
     "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean", "relevant_recall_mean",
     "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
-    "wall_s", "samples_per_s", "model", "method_args",
+    "wall_s", "samples_per_s", "model", "method_args", "cell_id",
     "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
     "lmms_eval_version", "time_utc",
 ]
@@ -287,6 +287,10 @@ class ResultStore:
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(f"cannot write to output directory {self.root}: {existing} is not a writable "
                                   "directory; pass --output DIR")
+        if self.root.is_dir() and any(self.root.iterdir()) and not self.cells_dir.is_dir():
+            held = ", ".join(sorted(p.name for p in self.root.iterdir())[:4])
+            raise PermissionError(f"--output {self.root} holds files run_bench.py did not write ({held}, ...) and is "
+                                  "not one of its results folders (no cells/); pass a new or empty --output")
         if (self.root / ".lock").is_file():  # another run holds it: say so now, not after loading the model
             self._take_lock()
             self.release()
@@ -329,10 +333,67 @@ class ResultStore:
         return self.cells_dir / f"{cell.name}__{fingerprint}.json"
 
     def done(self, cell: Cell, fingerprint: str) -> bool:
-        return self.path(cell, fingerprint).is_file()
+        """True when the cell's file is there and readable (an unreadable one is set aside by `load_all`)."""
+        return self.path(cell, fingerprint).is_file() and self._read(self.path(cell, fingerprint))[0] is not None
 
-    def save(self, cell: Cell, fingerprint: str, rows: list[dict], samples: list[dict]) -> None:
-        _atomic_write(self.path(cell, fingerprint), json.dumps({"rows": rows, "samples": samples}))
+    def save(self, cell: Cell, fingerprint: str, model: Path, rows: list[dict], samples: list[dict]) -> None:
+        """Write the cell atomically; files of the same cell under other conditions move to cells/superseded/."""
+        record = {"cell": cell.name, "fingerprint": fingerprint, "model": str(Path(model).resolve()), "rows": rows,
+                  "samples": samples}
+        _atomic_write(self.path(cell, fingerprint), json.dumps(record))
+        for old in self.cells_dir.glob(f"{cell.name}__*.json"):
+            if old.name != self.path(cell, fingerprint).name:
+                self._move(old, "superseded")
+
+    def _move(self, f: Path, why: str) -> Path:
+        """Set a file aside (never delete what may be the user's): cells/<why>/<name>."""
+        (self.cells_dir / why).mkdir(exist_ok=True)
+        target = self.cells_dir / why / f.name
+        os.replace(f, target)
+        return target
+
+    def _read(self, f: Path) -> tuple[dict | None, str]:
+        """A cell file's content, or None and why it is not one (truncated, foreign, renamed, older format)."""
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return None, f"not readable ({type(e).__name__})"
+        name, _, fp = f.stem.rpartition("__")
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            return None, "not a cell file of run_bench.py"
+        if "fingerprint" not in data:
+            return None, "a cell file of an older version of run_bench.py"
+        if data.get("cell") != name or data.get("fingerprint") != fp or not isinstance(data.get("samples"), list):
+            return None, "a cell file whose name does not match its content"
+        return data, ""
+
+    def load_all(self, model: Path | None = None) -> tuple[list[dict], list[dict], list[str]]:
+        """Every readable cell's rows and samples, and notes. A file that is not a readable cell, or a cell of
+        another model than `model`, is moved to cells/set_aside/ and named in the notes (its cell is recomputed)."""
+        rows, samples, notes = [], [], []
+        here = None if model is None else str(Path(model).resolve())
+        for f in sorted(self.cells_dir.glob("*.json")):
+            data, why = self._read(f)
+            if data is not None and here is not None and data.get("model") != here:
+                data, why = None, f"a cell of another model ({data.get('model')})"
+            if data is None:
+                notes.append(f"{f.name} is {why}: moved to {self._move(f, 'set_aside')}")
+                continue
+            rows += data["rows"]
+            samples += data["samples"]
+        return rows, samples, notes
+
+    def rebuild(self, model: Path | None = None) -> tuple[list[dict], list[str]]:
+        """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows and the notes of
+        `load_all` (files set aside)."""
+        rows, samples, notes = self.load_all(model)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write(self.root / "summary.csv", buf.getvalue())
+        _atomic_write(self.root / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        return rows, notes
 
     def save_pictures(self, pictures: dict[tuple[str, int], dict]) -> None:
         """Write each captured model-input image once: pictures/<task>__<doc_id>.png and .json (question, grid)."""
@@ -349,25 +410,6 @@ class ResultStore:
             meta = {"task": task, "doc_id": doc_id, "question": pic["question"], "grid": pic["grid"]}
             _atomic_write(stem.with_suffix(".json"), json.dumps(meta))  # last: marks the picture complete
 
-    def load_all(self) -> tuple[list[dict], list[dict]]:
-        rows, samples = [], []
-        for f in sorted(self.cells_dir.glob("*.json")):
-            data = json.loads(f.read_text())
-            rows += data["rows"]
-            samples += data["samples"]
-        return rows, samples
-
-    def rebuild(self) -> list[dict]:
-        """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows."""
-        rows, samples = self.load_all()
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        _atomic_write(self.root / "summary.csv", buf.getvalue())
-        _atomic_write(self.root / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        return rows
-
 
 # ---------------------------------------------------------------------------------------------- provenance
 
@@ -378,6 +420,7 @@ def provenance(spec: RunSpec, device: str) -> dict:
     import transformers
 
     from benchmarks.distributed import launched_world_size
+    from benchmarks.lmms_model import resolve_dtype
 
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -399,7 +442,7 @@ def provenance(spec: RunSpec, device: str) -> dict:
         "seed": spec.seed,
         "batch_size": spec.batch_size,
         "device": dev,
-        "dtype": spec.dtype,
+        "dtype": str(resolve_dtype(spec.dtype, device)).removeprefix("torch."),  # as run, not "auto"
         "git_sha": sha,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -426,15 +469,50 @@ def file_identity(path: str | Path) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def fingerprint(spec: RunSpec, method_args: dict, task: str | None = None) -> str:
-    """A cell's identity: model (path and its files, so a checkpoint rewritten in place is not reused), method
-    arguments (and a controller checkpoint's files), --limit, --seed and the task's local data path."""
-    parts = [str(Path(spec.model).resolve()), file_identity(spec.model), method_args, spec.limit, spec.seed]
+HASHED_BYTES = 64 * 2**20  # files up to this size are identified by their content, larger ones by size and mtime
+DATA_FILE = re.compile(r"[\w./~-]+\.(?:parquet|jsonl|json|csv|tsv|arrow)\b")
+
+
+def content_identity(path: Path) -> list:
+    """[relative name, size, sha1 or mtime_ns] of a file, or of every file under a folder."""
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    out = []
+    for f in files:
+        size = f.stat().st_size
+        ident = hashlib.sha1(f.read_bytes()).hexdigest() if size <= HASHED_BYTES else f.stat().st_mtime_ns
+        out.append([str(f.relative_to(path)) if path.is_dir() else f.name, size, ident])
+    return out
+
+
+def task_identity(tm, spec: RunSpec, task: str) -> list:
+    """What a task's numbers depend on besides the model and method: the YAML and Python files of its folder (config,
+    prompts, scoring), the local data files its YAML names (`data_files`), and its `--task-data` copy."""
+    where = tm.task_index.get(task, {}).get("yaml_path")
+    code, data = [task], []
+    if isinstance(where, str) and Path(where).is_file():
+        yaml = Path(where)
+        code += [[f.name, hashlib.sha1(f.read_bytes()).hexdigest()] for f in sorted(yaml.parent.glob("*.yaml"))
+                 + sorted(yaml.parent.glob("*.py"))]
+        named = {(yaml.parent / m).resolve() for m in DATA_FILE.findall(yaml.read_text())}
+        data = [content_identity(f) for f in sorted(named) if f.is_file()]
+    local = spec.data_path(task)
+    if local is not None:
+        data.append([str(local.expanduser().resolve()), content_identity(local.expanduser())])
+    return [code, data]
+
+
+def fingerprint(spec: RunSpec, method_args: dict, task: list) -> str:
+    """A cell's identity: the model (path and its files, so a checkpoint rewritten in place is not reused), dtype
+    and device type, the method's arguments (and a controller checkpoint's files), --limit, --seed and the task
+    (`task_identity`). The code version is not part of it: cells of another version are reported (`run`)."""
+    from benchmarks.lmms_model import resolve_dtype
+
+    dtype = str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch.")
+    parts = [str(Path(spec.model).resolve()), file_identity(spec.model), dtype, spec.device.split(":")[0],
+             method_args, spec.limit, spec.seed, task]
     if method_args.get("checkpoint"):
         parts.append(file_identity(method_args["checkpoint"]))
-    data = spec.data_path(task) if task else None
-    if data is not None:  # only then: cells run on lmms-eval's own data keep their earlier fingerprints
-        parts.append(str(data.expanduser().resolve()))
     key = json.dumps(parts, sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
@@ -464,8 +542,10 @@ def task_manager(spec: RunSpec):
 def ensure_task_data(tasks: tuple[str, ...]) -> None:
     """Our synthetic benchmark is generated on first use (deterministic, seeded)."""
     if any(t.startswith("synth_") for t in tasks):
-        from benchmarks.synthetic.generate import ensure_test_data
+        from benchmarks.synthetic.generate import DATA_DIR, ensure_test_data
 
+        if not (DATA_DIR / "test.parquet").is_file():
+            print(f"writing the synthetic task's 1,000 questions to {DATA_DIR} (first use, a few seconds)")
         ensure_test_data()
 
 
@@ -648,10 +728,11 @@ def _mean(xs: list, digits: int = 3) -> float | None:
 
 
 def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True, verbose: bool = False,
-        lm=None) -> list[dict]:
-    """Evaluate every missing cell of `spec` (planned by `make_plan` unless given); return all summary rows of the
-    output directory. Prints one line per finished cell; `progress` draws a bar over the cells on a terminal;
-    `verbose` lets lmms-eval's own progress bars and messages through."""
+        force: bool = False, lm=None) -> list[dict]:
+    """Evaluate every cell of `spec` (planned by `make_plan` unless given) that is not already in the output folder
+    under the same conditions (all of them with `force`); return the summary rows of this plan's cells (the folder's
+    summary.csv also keeps its other cells). Prints one line per finished cell; `progress` draws a bar over the cells
+    on a terminal; `verbose` lets lmms-eval's own progress bars and messages through."""
     from tqdm import tqdm
 
     from benchmarks.distributed import current_world
@@ -669,16 +750,23 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
                                  device=spec.device, dtype=spec.dtype)
     if world.is_main:
         store.prepare()
-        ensure_task_data(spec.tasks)
+        with quiet_progress(enabled=not verbose):
+            ensure_task_data(spec.tasks)
+        for note in store.rebuild(spec.model)[1]:  # unreadable or foreign cell files set aside, named
+            print(f"note: {note}")
     world.barrier()
     prov = provenance(spec, spec.device)
-    planned = [(cell, reducer, fingerprint(spec, {"method": cell.method, **reducer.method_args()}, cell.task))
+    tasks = {t: task_identity(tm, spec, t) for t in spec.tasks}
+    planned = [(cell, reducer, fingerprint(spec, {"method": cell.method, **reducer.method_args()}, tasks[cell.task]))
                for cell, reducer in zip(plan.cells, plan.reducers, strict=True)]
-    done = world.broadcast([store.done(cell, fp) for cell, _, fp in planned])  # rank 0's files decide, for all
+    done = world.broadcast([not force and store.done(cell, fp) for cell, _, fp in planned])  # rank 0's files decide
     todo = [p for p, d in zip(planned, done, strict=True) if not d]
-    skipped = len(planned) - len(todo)
-    if skipped and world.is_main:
-        print(f"{skipped} of {len(planned)} cells already in {spec.output}: skipped")
+    if world.is_main and len(todo) < len(planned):
+        kept = [store.path(c, fp) for (c, _, fp), d in zip(planned, done, strict=True) if d]
+        shas = {r.get("git_sha") for f in kept for r in store._read(f)[0]["rows"]} - {prov["git_sha"]}
+        print(f"{len(kept)} of {len(planned)} cells already in {spec.output} under the same conditions: kept "
+              "(--force recomputes them)" + (f"; computed by another code version ({', '.join(sorted(map(str, shas)))})"
+                                             if shas else ""))
     bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr,
                disable=None if progress and world.is_main else True)  # None: only on a terminal
     for i, (cell, reducer, fp) in enumerate(todo, 1):
@@ -687,17 +775,20 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
                                                                        f"{done}/{total} samples")
         rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov, verbose)
         if world.is_main:
-            store.save(cell, fp, rows, samples)
+            for r in rows + samples:
+                r["cell_id"] = fp
+            store.save(cell, fp, spec.model, rows, samples)
             store.save_pictures(lm.pictures)
             store.rebuild()
             bar.write(cell_line(i, len(todo), rows), file=sys.stdout)
         bar.update()
     bar.close()
     lm.progress = None
-    rows = store.rebuild() if world.is_main else []
+    rows = store.rebuild()[0] if world.is_main else []
     store.release()
     world.barrier()  # the other processes end when rank 0 has written everything
-    return rows
+    ids = {fp for _, _, fp in planned}
+    return [r for r in rows if r.get("cell_id") in ids]  # this plan's cells only, not others kept in the folder
 
 
 def dataclass_dict(spec: RunSpec) -> dict:

@@ -92,7 +92,7 @@ def cases(tiny_ckpt, tmp_path_factory):
 @pytest.mark.parametrize("name", BAD)
 def test_bad_input_gets_one_line_and_leaves_results_untouched(tiny_ckpt, cases, tmp_path, capsys, name):
     out = tmp_path / "results"
-    out.mkdir()
+    (out / "cells").mkdir(parents=True)  # a results folder of an earlier run
     (out / "summary.csv").write_text("task,method\nkept,untouched\n")
 
     def snapshot() -> dict:
@@ -192,3 +192,95 @@ def test_a_second_sweep_into_the_same_directory_refuses(tiny_ckpt, tmp_path, cap
 
 def test_every_bad_case_is_listed(cases):
     assert sorted(cases) == sorted(BAD)
+
+
+# ---------------------------------------------------------------------------------------------- stale and foreign
+
+
+def cell_files(out: Path) -> list[Path]:
+    return sorted((out / "cells").glob("*.json"))
+
+
+def run_quiet(capsys, *argv: str) -> str:
+    code = run_bench.main(list(argv))
+    text = capsys.readouterr().out
+    assert code == 0, text
+    return text
+
+
+def my_task(tmp_path: Path, seed: int) -> Path:
+    """A user's own task: the synthetic task's folder under another name, reading its own data file."""
+    from benchmarks.runner import SYNTH_TASKS
+    from benchmarks.synthetic.generate import write_split
+
+    tasks = tmp_path / "tasks"
+    if not tasks.is_dir():
+        tasks.mkdir()
+        (tasks / "utils.py").write_text((SYNTH_TASKS / "utils.py").read_text())
+        yaml = (SYNTH_TASKS / "synth_vqa.yaml").read_text().replace("task: synth_vqa", "task: my_vqa")
+        (tasks / "my_vqa.yaml").write_text(yaml.replace("../data/test.parquet", "../mydata/test.parquet"))
+    write_split(tmp_path / "mydata" / "test.parquet", "test", 6, seed)
+    return tasks
+
+
+def test_a_cell_is_recomputed_when_its_task_data_dtype_or_model_changes(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--model", str(tiny_ckpt), "--methods", "full", "--limit", "3", "--output", str(out)]
+    tasks = my_task(tmp_path, seed=5)
+    mine = [*base, "--tasks", "my_vqa", "--include-path", str(tasks)]
+    run_quiet(capsys, *mine)
+    assert "1 of 1 cells already" in run_quiet(capsys, *mine)  # unchanged: kept
+    my_task(tmp_path, seed=6)  # the user rewrites the questions and answers
+    assert "already" not in run_quiet(capsys, *mine)
+    assert len(cell_files(out)) == 1 and len(list((out / "cells" / "superseded").glob("*.json"))) == 1
+
+    run_quiet(capsys, *base)
+    assert "already" not in run_quiet(capsys, *base, "--dtype", "bfloat16")  # float32 numbers are not bfloat16's
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert {r["dtype"] for r in rows if r["task"] == "synth_vqa"} == {"bfloat16"}
+    assert len({r["cell_id"] for r in rows}) == 2 and all(r["cell_id"] for r in rows)
+    assert "already" not in run_quiet(capsys, *base, "--dtype", "bfloat16", "--force")
+
+
+def test_a_cell_of_another_model_is_set_aside_and_never_reported(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_quiet(capsys, "--model", str(tiny_ckpt), "--methods", "full", "--limit", "2", "--output", str(out))
+    from benchmarks.runner import SMOKE_MODEL
+
+    text = run_quiet(capsys, "--model", str(SMOKE_MODEL), "--methods", "random", "--budgets", "4", "--limit", "2",
+                     "--output", str(out))
+    assert "is a cell of another model" in text and "set_aside" in text
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert {r["method"] for r in rows} == {"random"} and {r["model"] for r in rows} == {str(SMOKE_MODEL)}
+    assert len(list((out / "cells" / "set_aside").glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "users_json", "renamed"])
+def test_a_corrupt_or_foreign_cell_file_is_named_set_aside_and_recomputed(tiny_ckpt, tmp_path, capsys, damage):
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_ckpt), "--methods", "full", "random", "--budgets", "4", "--limit", "2",
+            "--output", str(out)]
+    run_quiet(capsys, *argv)
+    first = cell_files(out)[0]
+    if damage == "truncated":
+        first.write_text(first.read_text()[:50])
+    elif damage == "users_json":
+        (out / "cells" / "notes.json").write_text('{"mine": 1}')
+    else:
+        first.rename(first.with_name(first.name.replace("__full__", "__random__")))
+    text = run_quiet(capsys, *argv)
+    assert "note: " in text and "moved to" in text and "set_aside" in text
+    assert len(cell_files(out)) == 2 and (out / "cells" / "set_aside").is_dir()
+    assert {r["method"] for r in csv.DictReader(open(out / "summary.csv"))} == {"full", "random"}
+
+
+def test_a_folder_of_the_users_is_refused_and_left_alone(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.csv").write_text("my,own\n1,2\n")
+    (out / "table.md").write_text("my table")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run_bench.main(["--model", str(tiny_ckpt), "--methods", "full", "--limit", "2", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds files run_bench.py did not write" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

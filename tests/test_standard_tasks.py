@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import run_bench
-from benchmarks.runner import RunSpec, fingerprint
+from benchmarks.runner import RunSpec, fingerprint, task_identity
 from benchmarks.standard_tasks import TASKS, parse_task_data
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -279,18 +279,26 @@ def test_gqa_join_reports_missing_images(tmp_path):
     assert join.doc_to_visual({"imageId": "n1"})[0].size == (40, 32)
 
 
-def test_fingerprint_follows_the_data_path(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
+def test_fingerprint_follows_the_data(tmp_path):
+    """A --task-data copy is part of a cell's identity by content: another copy, or the same copy rewritten, is
+    another cell; another task's copy is not."""
+    from types import SimpleNamespace
+
+    for name, content in (("a", b"1"), ("b", b"2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "test.parquet").write_bytes(content)
+    tm = SimpleNamespace(task_index={"pope": {"yaml_path": None}, "gqa": {"yaml_path": None}})
     args = {"method": "full"}
 
     def fp(*task_data):
-        return fingerprint(RunSpec(methods=("full",), tasks=("pope", "gqa"), task_data=task_data), args, "pope")
+        spec = RunSpec(methods=("full",), tasks=("pope", "gqa"), task_data=task_data)
+        return fingerprint(spec, args, task_identity(tm, spec, "pope"))
 
-    plain = fingerprint(RunSpec(methods=("full",), tasks=("pope",)), args, "pope")
-    assert plain == fingerprint(RunSpec(methods=("full",), tasks=("pope",)), args)  # no data: as before
-    assert len({plain, fp(("pope", tmp_path / "a")), fp(("pope", tmp_path / "b"))}) == 3
+    plain, a, b = fp(), fp(("pope", tmp_path / "a")), fp(("pope", tmp_path / "b"))
+    assert len({plain, a, b}) == 3
     assert fp(("gqa", tmp_path / "a")) == plain  # another task's data does not move pope's cells
+    (tmp_path / "a" / "test.parquet").write_bytes(b"3")
+    assert fp(("pope", tmp_path / "a")) not in (a, b)
 
 
 def test_bad_task_data(tiny_ckpt, tmp_path, capsys, monkeypatch):

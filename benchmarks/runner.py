@@ -148,6 +148,10 @@ class RunSpec:
         pairs: list[tuple[str, int | str]] = []
         for m in self.methods:
             cls = get_reducer_class(m)
+            label = cls.budget_label(self.kwargs_for(m))  # e.g. fastv.ratio=0.5: one cell, "R=0.5"
+            if label is not None:
+                pairs.append((m, label))
+                continue
             if not cls.uses_budget:
                 pairs.append((m, num_patches))
                 continue
@@ -207,17 +211,36 @@ def read_config(model: Path):
     return config
 
 
+def check_device(device: str) -> None:
+    """Raise ValueError unless `device` names a device this machine has."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no usable CUDA device (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
 def make_plan(spec: RunSpec) -> Plan:
     """Expand and check the sweep: every cell's reducer is built and checked against the model (no weights load)."""
+    from flops.shapes import check_shapes
+
+    check_device(spec.device)
     config = read_config(spec.model)
+    check_shapes(config, Path(spec.model) / "config.json")
     layout = LlavaLayout.from_config(config)
     cells, notes = spec.cells(layout.num_patches)
     kept, reducers, skipped = [], [], {}
     for cell in cells:
         if cell.method in skipped:
             continue
-        reducer = make_reducer(cell, spec)
         try:
+            reducer = make_reducer(cell, spec)
             check_reducer(reducer, layout)
         except (ValueError, NotImplementedError) as e:
             if spec.methods_given:
@@ -554,9 +577,10 @@ def ensure_task_data(tasks: tuple[str, ...]) -> None:
 
 def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:
     """The cell's reducer, in eval mode: the method's defaults, overridden by --method-args."""
-    budget = cell.budget if get_reducer_class(cell.method).uses_budget else None
+    cls, kwargs = get_reducer_class(cell.method), spec.kwargs_for(cell.method)
+    budget = cell.budget if cls.uses_budget and cls.budget_label(kwargs) is None else None
     try:
-        return create_reducer(cell.method, budget, **spec.kwargs_for(cell.method)).eval()
+        return create_reducer(cell.method, budget, **kwargs).eval()
     except TypeError as e:  # an argument the constructor does not take
         raise ValueError(f"{cell.method}: {e}; see the method's docstring for its arguments") from None
 

@@ -40,6 +40,7 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     from flops.analytic import ModelShape, count
     from flops.shapes import load_config, shape_record, stand_in_reducer
     from methods import create_reducer, get_reducer_class
+    from methods.llava import LlavaLayout, check_reducer
 
     if args.text_tokens < 0 or args.generated_tokens < 1:
         raise ValueError("--text-tokens must be >= 0 and --generated-tokens >= 1")
@@ -55,8 +56,8 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
         kw = dict(kwargs.get(method, {}))
         if not cls.uses_budget:
             plan.append((method, n, None, kw))
-        elif "ratio" in kw:
-            plan.append((method, f"R={kw['ratio']}", None, kw))
+        elif cls.budget_label(kw) is not None:  # e.g. fastv.ratio=0.5 sets the count itself
+            plan.append((method, cls.budget_label(kw), None, kw))
         else:
             if not args.budgets:
                 raise ValueError(f"{method} needs --budgets (visual tokens the LLM sees)")
@@ -71,6 +72,7 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
         if budget == "auto":
             raise ValueError(f"{method}: an 'auto' budget depends on the image; give numbers of visual tokens")
         reducer = stand_in_reducer(method, budget, config, **kw)
+        check_reducer(reducer, LlavaLayout.from_config(config))  # as run_bench.py checks it: layer in range, ...
         rec = shape_record(config, reducer, args.text_tokens, args.generated_tokens)
         macs = count(rec, shape)
         rows.append({"method": method, "budget": label, "visual_tokens": rec["llm_tokens_per_layer"][-1]

@@ -46,7 +46,33 @@ def load_config(name_or_path: str | Path):
     if raw.get("model_type") != "llava" or "vision_config" not in raw or "text_config" not in raw:
         raise ValueError(f"{path} is not a LLaVA config (needs model_type 'llava' with vision_config and "
                          f"text_config; got model_type {raw.get('model_type')!r})")
-    return LlavaConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+    config = LlavaConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+    check_shapes(config, path)
+    return config
+
+
+SIZES = {"vision_config": ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads"),
+         "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "vocab_size")}
+
+
+def check_shapes(config, path: Path | str = "config") -> None:
+    """Raise ValueError naming the field unless every size the counter uses is a positive whole number, the patch
+    size divides the image size, and the heads divide the widths."""
+    for part, fields in SIZES.items():
+        sub = getattr(config, part)
+        for name in fields:
+            value = getattr(sub, name, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{path}: {part}.{name} must be a whole number >= 1, got {value!r}")
+    vc, tc = config.vision_config, config.text_config
+    if vc.image_size % vc.patch_size:
+        raise ValueError(f"{path}: vision_config.patch_size {vc.patch_size} does not divide image_size {vc.image_size}")
+    for part, sub in (("vision_config", vc), ("text_config", tc)):
+        if sub.hidden_size % sub.num_attention_heads:
+            raise ValueError(f"{path}: {part}.num_attention_heads {sub.num_attention_heads} does not divide "
+                             f"hidden_size {sub.hidden_size}")
 
 
 def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) -> TokenReducer:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import types
+import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,8 +48,37 @@ def get_reducer_class(name: str) -> type[TokenReducer]:
 
 
 def create_reducer(name: str, budget: int | None = None, **kwargs) -> TokenReducer:
-    """Build the reducer registered under `name` with `budget` and method-specific keyword arguments."""
-    return get_reducer_class(name)(budget=budget, **kwargs)
+    """Build the reducer registered under `name` with `budget` and method-specific keyword arguments, each checked
+    against the constructor's type annotation first (`fastv.layer=1.5` is an error, not a silent no-op)."""
+    cls = get_reducer_class(name)
+    hints = typing.get_type_hints(cls.__init__)
+    for arg, value in kwargs.items():
+        if arg in hints and not _accepts(hints[arg], value):
+            raise ValueError(f"{name}.{arg}={value!r}: must be {_describe(hints[arg])}")
+    return cls(budget=budget, **kwargs)
+
+
+def _accepts(hint: object, value: object) -> bool:
+    """Whether `value` fits the annotation `hint` (bool is not an int here; an int is a float; a str is a Path)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is Path:
+        return isinstance(value, (str, Path))
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: object) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "True or False", Path: "a path",
+             type(None): "None"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def list_reducers(pattern: str = "*") -> list[str]:

@@ -125,6 +125,12 @@ class TokenReducer(nn.Module):
         self.budget = None if budget is None else int(budget)
         self.layer = layer
 
+    @classmethod
+    def budget_label(cls, kwargs: dict) -> str | None:
+        """A cell label when these constructor arguments set the token count themselves (FastV's `ratio`), so the
+        method runs once, not once per budget; None otherwise."""
+        return None
+
     def check_model(self, num_patches: int, feature_width: int) -> None:
         """Raise ValueError (saying what to do) if this reducer cannot run on a model with `num_patches` patches of
         `feature_width` channels at the features site; called before a run starts. Most methods run on any model."""

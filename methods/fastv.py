@@ -38,6 +38,10 @@ class FastV(TokenReducer):
         super().__init__(1 if self.uses_ratio else budget, layer)
         self.ratio = ratio
 
+    @classmethod
+    def budget_label(cls, kwargs: dict) -> str | None:
+        return None if kwargs.get("ratio") is None else f"R={kwargs['ratio']}"
+
     def method_args(self) -> dict:
         args = {"layer": self.layer}
         return {**args, "ratio": self.ratio} if self.uses_ratio else {**args, "budget": self.budget}

@@ -93,6 +93,11 @@ class _PruMergeBase(TokenReducer):
 
     def __init__(self, budget: int | str = "auto", neighbours: int = 32) -> None:
         super().__init__(budget)
+        if not self.auto and self.budget < 2:
+            raise ValueError(f"{self.name}: budget {self.budget} is too small: it keeps budget - 1 tokens by "
+                             "attention plus one token summarising the rest; give a budget >= 2")
+        if neighbours < 1:
+            raise ValueError(f"{self.name}: neighbours must be >= 1 (tokens each kept token absorbs), got {neighbours}")
         self.neighbours = neighbours
 
     def method_args(self) -> dict:

@@ -214,3 +214,28 @@ def test_cli_runs_as_a_module():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)[0]["visual_tokens"] == 576
+
+
+@pytest.mark.parametrize(("argv", "phrase"), [
+    (["--methods", "fastv", "--budgets", "64", "--method-args", "fastv.layer=99"], "LLM layer 99 must be in [1, 31]"),
+    (["--methods", "fastv", "--budgets", "64", "--method-args", "fastv.layer=1.5"], "must be a whole number"),
+    (["--methods", "prumerge", "--budgets", "1"], "give a budget >= 2"),
+    (["--model-config", "{bad_layers}"], "text_config.num_hidden_layers must be a whole number >= 1, got -2"),
+    (["--model-config", "{bad_width}"], "vision_config.hidden_size must be a whole number >= 1, got 0"),
+])
+def test_cli_rejects_what_run_bench_rejects(argv, phrase, tmp_path, capsys):
+    import json as _json
+
+    from flops.__main__ import main
+    from flops.shapes import CONFIGS
+
+    raw = _json.loads((CONFIGS / "llava-1.5-7b.json").read_text())
+    for name, part, key, value in (("bad_layers", "text_config", "num_hidden_layers", -2),
+                                   ("bad_width", "vision_config", "hidden_size", 0)):
+        bad = _json.loads(_json.dumps(raw))
+        bad[part][key] = value
+        (tmp_path / f"{name}.json").write_text(_json.dumps(bad))
+    argv = [a.format(bad_layers=tmp_path / "bad_layers.json", bad_width=tmp_path / "bad_width.json") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err

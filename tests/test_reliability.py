@@ -75,13 +75,19 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                          "LLM layer 9 must be in [1, 1] for this 2-layer"),
         "unknown method argument": (["--methods", "fastv", "--method-args", "fastv.layr=1"],
                                     "fastv has no argument 'layr'"),
+        "method argument of the wrong type": (["--methods", "fastv", "--budgets", "4", "--method-args",
+                                               "fastv.layer=1.5"], "fastv.layer=1.5: must be a whole number"),
+        "budget too small for the method": (["--methods", "prumerge", "--budgets", "1"], "give a budget >= 2"),
+        "device this machine lacks": (["--methods", "full", "--device", "cuda:99"], "--device cuda:99"),
+        "device name": (["--methods", "full", "--device", "gpu"], "use cpu, cuda or cuda:N"),
     }
 
 
 BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budget not a number", "model path missing",
        "not llava-hf", "corrupt weights", "controller missing", "controller of another method",
        "controller for another model", "output not writable", "limit 0", "tasks with a comma",
-       "method argument out of range", "unknown method argument"]
+       "method argument out of range", "unknown method argument", "method argument of the wrong type",
+       "budget too small for the method", "device this machine lacks", "device name"]
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +290,15 @@ def test_a_folder_of_the_users_is_refused_and_left_alone(tiny_ckpt, tmp_path, ca
     err = capsys.readouterr().err
     assert "holds files run_bench.py did not write" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_fastv_ratio_runs_from_run_bench(tiny_ckpt, tmp_path, capsys):
+    """A documented argument that sets the token count itself runs once, labelled by it, at any --budgets."""
+    out = tmp_path / "out"
+    text = run_quiet(capsys, "--model", str(tiny_ckpt), "--methods", "fastv", "--budgets", "4", "8", "--limit", "2",
+                     "--method-args", "fastv.layer=1", "fastv.ratio=0.5", "--output", str(out))
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert {r["budget"] for r in rows} == {"R=0.5"} and "[1/1]" in text
+    assert {float(r["visual_tokens_mean"]) for r in rows} == {144.0}  # all tokens below layer 1
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert all(s["visual_tokens_per_layer"] == [144, 72] for s in samples)

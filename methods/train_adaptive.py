@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -35,23 +36,42 @@ import torch.nn.functional as F
 
 from methods import create_reducer
 from methods.adaptive import ESTIMATORS, ControllerConfig
+from methods.base import first_line
 from methods.llava import ReducedLlava, llava_prompt
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2
+        self.exit(2, f"error: {message}; `python -m methods.train_adaptive --help` lists the options\n")
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m methods.train_adaptive", description=__doc__.splitlines()[0],
+    p = _Parser(prog="python -m methods.train_adaptive", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", type=Path, required=True, help="local llava-hf checkpoint folder")
     p.add_argument("--method", required=True, choices=["adaptive_a", "adaptive_b", "budget_blind"])
     p.add_argument("--data", default="synth", help="'synth' or a LLaVA-format JSON file")
     p.add_argument("--image-folder", type=Path, default=None, help="folder the JSON's image paths are relative to")
-    p.add_argument("--synth-samples", type=int, default=20000, help="size of the synthetic train split")
+    p.add_argument("--synth-samples", type=_at_least(1), default=20000, help="size of the synthetic train split")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: MODEL/controllers/METHOD)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--steps", type=_at_least(1), default=600)
+    p.add_argument("--batch-size", type=_at_least(1), default=32, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--budget-range", type=float, nargs=2, default=(0.05, 0.5), metavar=("MIN", "MAX"),
                    help="budgets drawn per batch, as shares of the patches (default 0.05 0.5)")
@@ -64,7 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Gumbel-softmax temperature of the straight-through estimator (AdaLLaVA: 5)")
     p.add_argument("--train-projector", action="store_true", help="also train the multimodal projector")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM frozen)")
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--save-every", type=_at_least(1), default=100)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a controller already trained in OUT (its files move to OUT/replaced/)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None,
                    help="cpu or cuda (each process uses its own GPU); default: accelerate's choice")
@@ -186,7 +209,7 @@ def train(args: argparse.Namespace) -> Path:
 
     acc = Accelerator(cpu=args.device == "cpu")
     device = "cpu" if args.device == "cpu" else str(acc.device)  # cuda: this process's own GPU (cuda:LOCAL_RANK)
-    out = args.out or args.model / "controllers" / args.method
+    out = args.out
     torch.manual_seed(args.seed)  # the same initial weights (controller, LoRA) in every process
     random.seed(args.seed)
     model, processor = load_llava(args.model, device=device, dtype=args.dtype)
@@ -230,6 +253,10 @@ def train(args: argparse.Namespace) -> Path:
         if acc.process_index:
             torch.manual_seed(args.seed + acc.process_index + 7919 * step)
         acc.print(f"resumed from {state_path} at step {step}")
+    if acc.is_main_process and (out / LOG_FILE).is_file():  # one run's log: drop steps after the state it resumes
+        lines = (out / LOG_FILE).read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        (out / LOG_FILE).write_text("".join(f"{line}\n" for line in kept))
     lo, hi = (max(1, round(f * n)) for f in args.budget_range)
     acc.print(f"training on {acc.num_processes} process{'es' if acc.num_processes > 1 else ''} ({device}), "
               f"budgets {lo}-{hi} of {n} patches")
@@ -290,16 +317,77 @@ def merge_lora(module: torch.nn.Module) -> None:
             merge_lora(child)
 
 
+RESUME_IGNORES = {"steps", "save_every", "device", "debug", "overwrite"}  # may change between a run and its resume
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Everything wrong with the arguments that can be seen before the model loads, as one ValueError."""
+    lo, hi = args.budget_range
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"--budget-range {lo} {hi}: need 0 < MIN <= MAX <= 1 (shares of the patches)")
+    if args.estimator == "reinforce" and args.samples < 2:
+        raise ValueError(f"--samples {args.samples}: reinforce needs at least 2 selections per question")
+    if args.lr <= 0 or args.tau <= 0 or args.hidden < 1 or args.lora_rank < 0:
+        raise ValueError("--lr and --tau must be > 0, --hidden >= 1 and --lora-rank >= 0")
+    if not (args.model / "config.json").is_file():
+        raise FileNotFoundError(f"--model {args.model} is not a llava-hf checkpoint folder (no config.json)")
+    if args.data != "synth" and not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file; give 'synth' or a LLaVA-format JSON file")
+    if args.image_folder is not None and not args.image_folder.is_dir():
+        raise FileNotFoundError(f"--image-folder {args.image_folder} is not a folder")
+
+
+def prepare_out(args: argparse.Namespace) -> str:
+    """Decide what happens to OUT: 'new' (nothing trained there), 'resume' (a killed run with these settings),
+    'done' (this training already finished). A finished controller of other settings is never replaced without
+    --overwrite, and then its files move to OUT/replaced/ (so no log is ever mixed across runs)."""
+    out = args.out
+    state, trained = out / STATE_FILE, (out / "controller.json").is_file()
+    settings = {k: str(v) for k, v in vars(args).items() if k not in RESUME_IGNORES}
+    if state.is_file() and not args.overwrite:
+        try:
+            saved = torch.load(state, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise ValueError(f"{state} cannot be read ({type(e).__name__}); pass --overwrite to start over") from None
+        before = {k: str(v) for k, v in saved.get("args", {}).items() if k not in RESUME_IGNORES}
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(changed.items()))
+            raise ValueError(f"{out} holds a training run with other settings ({listed}); rerun with its settings to "
+                             "resume it, pass --out DIR to train another, or --overwrite to replace it")
+        return "done" if saved.get("step", 0) >= args.steps else "resume"
+    if trained and not args.overwrite:
+        raise ValueError(f"{out} already holds a trained {args.method} controller; pass --out DIR to train another, "
+                         "or --overwrite to replace it (its files move to OUT/replaced/)")
+    if args.overwrite and out.is_dir():
+        old = [f for f in out.iterdir() if f.name != "replaced"]
+        if old:
+            (out / "replaced").mkdir(exist_ok=True)
+            for f in old:
+                os.replace(f, out / "replaced" / f.name)
+    return "new"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = parse_args(argv)
-    lo, hi = args.budget_range
-    if not 0 < lo <= hi <= 1:
-        raise SystemExit(f"error: --budget-range {lo} {hi}: need 0 < MIN <= MAX <= 1 (shares of the patches)")
-    if args.estimator == "reinforce" and args.samples < 2:
-        raise SystemExit(f"error: --samples {args.samples}: reinforce needs at least 2 selections per question")
-    out = train(args)
+    args.out = args.out or args.model / "controllers" / args.method
+    try:
+        check_inputs(args)
+        if prepare_out(args) == "done":
+            print(f"{args.out} already holds this training, finished ({args.steps} steps); nothing to do")
+            return 0
+        out = train(args)
+    except KeyboardInterrupt:
+        print(f"interrupted: the last saved step is in {args.out} (every --save-every {args.save_every} steps); "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError, OSError, NotImplementedError) as e:
+        if args.debug:
+            raise
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
     print(f"saved the controller to {out}")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -141,11 +143,11 @@ def test_training_command_saves_loads_and_resumes(tmp_path, estimator):
     assert not torch.equal(create_reducer("adaptive_b", 9, checkpoint=out).head[1].weight, saved.head[1].weight)
 
 
-def test_training_command_rejects_one_sample_for_reinforce(tmp_path):
+def test_training_command_rejects_one_sample_for_reinforce(tmp_path, capsys):
     from methods import train_adaptive
 
-    with pytest.raises(SystemExit, match="at least 2"):
-        train_adaptive.main(["--model", "x", "--method", "adaptive_b", "--samples", "1"])
+    assert train_adaptive.main(["--model", "x", "--method", "adaptive_b", "--samples", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
 
 
 def test_training_runs_under_accelerate_with_two_processes(tmp_path):
@@ -190,3 +192,85 @@ def test_training_with_lora_and_projector_saves_a_plain_llava_model(tmp_path):
                if not torch.equal(p, q)}
     assert any("multi_modal_projector" in n for n in changed) and any("language_model" in n for n in changed)
     assert not any("vision_tower" in n for n in changed)
+
+
+TRAIN = ["--method", "adaptive_b", "--batch-size", "4", "--synth-samples", "64", "--device", "cpu", "--save-every", "1"]
+
+
+def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path, capsys):
+    from benchmarks.runner import SMOKE_MODEL
+    from methods import train_adaptive
+
+    trained = tmp_path / "trained"
+    shutil.copytree(SMOKE_MODEL / "controllers" / "adaptive_b", trained)  # as committed: no training state
+    before = {f.name: f.read_bytes() for f in trained.iterdir()}
+    assert train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, "--steps", "2", "--out", str(trained)]) == 2
+    assert "already holds a trained adaptive_b controller" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in trained.iterdir()} == before
+
+    out = tmp_path / "run"
+    assert train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, "--steps", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, "--steps", "2", "--out", str(out),
+                                "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (lr 0.001 -> 0.01)" in err and err.count("\n") == 1
+    assert train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, "--steps", "1", "--out", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+    assert train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, "--steps", "1", "--out", str(trained),
+                                "--overwrite"]) == 0
+    assert {f.name: f.read_bytes() for f in (trained / "replaced").iterdir()} == before
+    assert len((trained / "train_log.jsonl").read_text().splitlines()) == 1  # a new log, not appended
+
+
+@pytest.mark.parametrize(("argv", "phrase"), [
+    (["--data", "/nonexistent.json"], "--data /nonexistent.json: no such file"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--steps", "-1"], "--steps: must be >= 1"),
+    (["--budget-range", "0.5", "0.1"], "need 0 < MIN <= MAX <= 1"),
+])
+def test_training_bad_input_is_one_line(argv, phrase, tmp_path, capsys):
+    from benchmarks.runner import SMOKE_MODEL
+    from methods import train_adaptive
+
+    try:
+        code = train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, "--out", str(tmp_path / "c"), *argv])
+    except SystemExit as e:  # argparse's own checks, one line
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_sigint_during_training_exits_130_and_the_rerun_resumes(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from benchmarks.runner import SMOKE_MODEL
+
+    out = tmp_path / "ctrl"
+    cmd = [sys.executable, "-m", "methods.train_adaptive", "--model", str(SMOKE_MODEL), *TRAIN, "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([*cmd, "--steps", "200"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    log = out / "train_log.jsonl"
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert not list(out.glob(".*tmp"))  # no partial state file
+    saved = torch.load(out / "train_state.pt", weights_only=False)["step"]
+    res = subprocess.run([*cmd, "--steps", str(saved + 1)], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0 and f"resumed from {out / 'train_state.pt'} at step {saved}" in res.stdout
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, saved + 2))  # one run's log, no step twice

@@ -230,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         runner = sys.modules.get("benchmarks.runner")  # imported only past the torch-free checks
-        expected = (ValueError, KeyError, FileNotFoundError, PermissionError, NotImplementedError,
-                    *((runner.OutputBusyError,) if runner else ()))
+        expected = (ValueError, KeyError, OSError, NotImplementedError, *((runner.OutputBusyError,) if runner else ()))
         if args.debug or not isinstance(e, expected):
             raise
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str quotes
+        if isinstance(e, OSError) and e.errno is not None and e.strerror:  # not "[Errno 28] ..."
+            message = e.strerror + (f": {e.filename}" if e.filename else "")
         print(f"error: {message.strip().splitlines()[0] if message.strip() else type(e).__name__}", file=sys.stderr)
         return 2
 

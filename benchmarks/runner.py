@@ -15,6 +15,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import errno
 import hashlib
 import inspect
 import io
@@ -282,10 +283,32 @@ def plan_costs(plan: Plan, spec: RunSpec, text_tokens: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- storage
 
 
-def _atomic_write(path: Path, text: str) -> None:
+class DiskFullError(OSError):
+    """A results file could not be written for lack of space (or quota); the message says which and what to do."""
+
+
+@contextlib.contextmanager
+def _temporary(path: Path):
+    """A temporary name beside `path`, renamed over it when the block succeeds and removed when it fails, so no
+    partial file is ever left; a full disk becomes a DiskFullError naming the file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(e.errno, f"no space left on the device to write {path}; free some space or pass "
+                                "another --output, then rerun the same command (finished cells are kept)") from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with _temporary(path) as tmp:
+        tmp.write_text(text)
 
 
 class OutputBusyError(RuntimeError):
@@ -319,15 +342,22 @@ class ResultStore:
             self.release()
 
     def prepare(self) -> None:
+        """Create the folder, check that a file can be written there (one byte: a full disk fails here, before any
+        work) and take the lock. On failure nothing is left that was not there before."""
+        created = not self.cells_dir.is_dir()
         try:
             self.cells_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.cells_dir / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
+            _atomic_write(self.cells_dir / ".write-test", "x")
+            (self.cells_dir / ".write-test").unlink()
+            self._take_lock()
         except OSError as e:
+            if created and self.cells_dir.is_dir() and not any(self.cells_dir.iterdir()):
+                self.cells_dir.rmdir()
+            if isinstance(e, DiskFullError) or e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(errno.ENOSPC, f"no space left on the device to write {self.root}; free some "
+                                    "space or pass another --output") from None
             raise PermissionError(
                 f"cannot write to output directory {self.root}: {e.strerror}; pass --output DIR") from e
-        self._take_lock()
 
     def _take_lock(self) -> None:
         import fcntl
@@ -341,11 +371,15 @@ class ResultStore:
             f.close()
             raise OutputBusyError(f"{self.root} is in use by another run_bench.py ({holder}); wait for it to "
                                   "finish or pass another --output") from None
+        self._lock = f  # the file stays; only the lock on it says whether a run is writing
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {platform.node()}")
-        f.flush()
-        self._lock = f  # the file stays; only the lock on it says whether a run is writing
+        try:
+            f.flush()
+        except OSError:
+            self.release()
+            raise
 
     def release(self) -> None:
         if self._lock is not None:
@@ -427,9 +461,8 @@ class ResultStore:
             if stem.with_suffix(".json").is_file():
                 continue
             self.pictures_dir.mkdir(parents=True, exist_ok=True)
-            tmp = stem.with_name(f".{stem.name}.{os.getpid()}.png")
-            Image.fromarray(pic["image"].numpy()).save(tmp)
-            os.replace(tmp, stem.with_suffix(".png"))
+            with _temporary(stem.with_suffix(".png")) as tmp:
+                Image.fromarray(pic["image"].numpy()).save(tmp, format="PNG")
             meta = {"task": task, "doc_id": doc_id, "question": pic["question"], "grid": pic["grid"]}
             _atomic_write(stem.with_suffix(".json"), json.dumps(meta))  # last: marks the picture complete
 

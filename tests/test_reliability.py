@@ -302,3 +302,37 @@ def test_fastv_ratio_runs_from_run_bench(tiny_ckpt, tmp_path, capsys):
     assert {float(r["visual_tokens_mean"]) for r in rows} == {144.0}  # all tokens below layer 1
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert all(s["visual_tokens_per_layer"] == [144, 72] for s in samples)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB tmpfs (needs root and mount rights; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("free_pages", [0, 2])  # full before the run; full at the first cell file
+def test_a_full_disk_is_one_line_leaves_no_partial_file_and_the_rerun_completes(tiny_ckpt, small_disk, capsys,
+                                                                                 free_pages):
+    out = small_disk / "out"
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # take every block
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - free_pages * 4096))
+    argv = ["--model", str(tiny_ckpt), "--methods", "full", "--limit", "2", "--output", str(out)]
+    assert run_bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on the device to write") and err.count("\n") == 1, err
+    assert ("__full__144__" in err) == bool(free_pages), err  # with some space, the first cell file is what fails
+    assert not [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]
+    filler.unlink()
+    assert run_bench.main(argv) == 0
+    assert (out / "summary.csv").is_file() and len(list((out / "cells").glob("*.json"))) == 1

@@ -30,9 +30,14 @@ def make_all(dirs: list[Path], out: Path | None = None) -> list[Path]:
     return written + tokens_per_layer(res, out)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2
+        self.exit(2, f"error: {message}; `python -m plots --help` lists the options\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m plots", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = _Parser(prog="python -m plots", description=__doc__.splitlines()[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("results", type=Path, nargs="+", help="results directories written by run_bench.py --output")
     p.add_argument("--out", type=Path, default=None, help="where to write (default: the first results directory)")
     args = p.parse_args(argv)
@@ -41,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         written = make_all(args.results, args.out)
     except ResultsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an --out that cannot be written, a full disk
+        print(f"error: cannot write the figures: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; pass "
+              "another --out", file=sys.stderr)
         return 2
     for path in written:
         print(f"wrote {path}")

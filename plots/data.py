@@ -8,6 +8,7 @@ Several directories combine: rows for the same (task, method, method arguments, 
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 REQUIRED = ("task", "method", "budget", "metric", "value", "prefill_tflops_mean", "visual_tokens_mean")
+NUMERIC = ("value", "prefill_tflops_mean", "visual_tokens_mean")
 PICTURE_DOCS = 4  # docs 0..3 of each task have pictures (benchmarks.lmms_model.PICTURE_DOCS)
 
 
@@ -64,6 +66,14 @@ def load(dirs: list[Path]) -> Results:
             raise ResultsError(f"{path} is not a run_bench.py summary: no column(s) {', '.join(missing)}")
         if df.empty:
             raise ResultsError(f"{path} has no rows yet; let run_bench.py finish at least one cell")
+        for col in NUMERIC:
+            values = pd.to_numeric(df[col], errors="coerce")
+            bad = df.index[values.isna() & df[col].notna()]  # text where a number belongs (empty cells are allowed)
+            if len(bad):
+                lines = ", ".join(str(i + 2) for i in bad[:5])  # +2: the header, and 1-based lines
+                raise ResultsError(f"{path}: column {col} is not a number on line(s) {lines}; rerun the same "
+                                   f"run_bench.py command with --output {d} (it rebuilds summary.csv from cells/)")
+            df[col] = values
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     for col in ("method_args", "time_utc"):
@@ -91,10 +101,15 @@ def _read_samples(path: Path, res: Results) -> None:
         return
     sums: dict[tuple, list[float]] = defaultdict(list)
     counts: dict[tuple, int] = defaultdict(int)
-    with open(path) as f:
-        for line in f:
-            s = json.loads(line)
-            key = (s["task"], s["method"], str(s["budget"]))
+    skipped = []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                s = json.loads(line)
+                key = (s["task"], s["method"], str(s["budget"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                skipped.append(number)
+                continue
             per_layer = s.get("visual_tokens_per_layer")
             if per_layer:
                 acc = sums[key]
@@ -107,11 +122,20 @@ def _read_samples(path: Path, res: Results) -> None:
             if s.get("doc_id", PICTURE_DOCS) < PICTURE_DOCS:
                 res.kept[(*key, s["doc_id"])] = s.get("kept_indices")
     res.layers.update({k: [v / counts[k] for v in acc] for k, acc in sums.items() if counts[k]})
+    if skipped:
+        print(f"warning: {path}: {len(skipped)} line(s) are not sample records (line {', '.join(map(str, skipped[:5]))}"
+              f"{', ...' if len(skipped) > 5 else ''}): skipped; the pictures and per-layer plots lack them",
+              file=sys.stderr)
 
 
 def _read_pictures(folder: Path, res: Results) -> None:
     for meta_path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            meta["task"], meta["doc_id"]  # noqa: B018 - the keys the pictures need
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            print(f"warning: {meta_path} is not a picture record: skipped", file=sys.stderr)
+            continue
         png = meta_path.with_suffix(".png")
         if png.is_file():
             res.pictures[(meta["task"], meta["doc_id"])] = (png, meta)

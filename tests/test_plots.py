@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,30 @@ def test_unusable_directories_get_one_line_errors(tmp_path, capsys, case):
     assert err.startswith("error: ") and "\n" not in err
     assert {"empty": "run `python run_bench.py", "foreign": "not a run_bench.py summary",
             "missing": "not a directory"}[case] in err
+
+
+def test_malformed_files_give_one_line_or_a_warning(tmp_path, capsys):
+    from plots.__main__ import main
+
+    good = tmp_path / "good"
+    write_run(good, CELLS)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    lines = (bad / "summary.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[1].split(",")
+    row[header.index("value")] = "oops"
+    (bad / "summary.csv").write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "column value is not a number on line(s) 2" in err
+
+    broken = tmp_path / "broken_samples"
+    shutil.copytree(good, broken)
+    with open(broken / "samples.jsonl", "a") as f:
+        f.write('{"task": "synth_vqa", "meth\n')
+    assert main([str(broken)]) == 0
+    assert "1 line(s) are not sample records" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(good), "--nope"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1

@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished cells are kept; rerun the same command to continue", file=sys.stderr)
         return 130
     except Exception as e:
-        runner = sys.modules.get("benchmarks.runner")  # imported only past the torch-free checks
-        expected = (ValueError, KeyError, OSError, NotImplementedError, *((runner.OutputBusyError,) if runner else ()))
+        store = sys.modules.get("benchmarks.store")  # imported only past the torch-free checks
+        expected = (ValueError, KeyError, OSError, NotImplementedError, *((store.OutputBusyError,) if store else ()))
         if args.debug or not isinstance(e, expected):
             raise
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str quotes
@@ -249,8 +249,10 @@ def _main(args: argparse.Namespace) -> int:
         _quiet_lmms_eval()
     from benchmarks.console import plan_table, results_table
     from benchmarks.distributed import is_main_process
-    from benchmarks.runner import ResultStore, RunSpec, make_plan, plan_costs, run, task_manager
+    from benchmarks.plan import RunSpec, make_plan, plan_costs
+    from benchmarks.runner import run, task_manager
     from benchmarks.standard_tasks import parse_task_data
+    from benchmarks.store import ResultStore
 
     spec = RunSpec(model=args.model, methods=tuple(args.methods), budgets=tuple(args.budgets),
                    tasks=tuple(args.tasks), limit=args.limit, seed=args.seed, batch_size=args.batch_size,

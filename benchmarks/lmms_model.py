@@ -108,7 +108,7 @@ def complete_processor(processor, config) -> None:
 
 def default_controller(pretrained: str | Path, method: str) -> Path:
     """Where a learned method's controller for a checkpoint lives by default: PRETRAINED/controllers/METHOD (as
-    `benchmarks.runner.RunSpec.controller`)."""
+    `benchmarks.plan.RunSpec.controller`)."""
     return Path(pretrained) / "controllers" / method
 
 

@@ -100,8 +100,10 @@ def overhead(args: argparse.Namespace) -> float:
 
     from PIL import Image
 
+    from benchmarks.defaults import SMOKE_MODEL
     from benchmarks.lmms_model import load_llava
-    from benchmarks.runner import SMOKE_MODEL, RunSpec, run
+    from benchmarks.plan import RunSpec
+    from benchmarks.runner import run
     from benchmarks.synthetic.generate import make_samples
     from benchmarks.synthetic.tasks.utils import doc_to_text
     from methods.llava import llava_prompt

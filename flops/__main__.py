@@ -36,10 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def rows_for(args: argparse.Namespace) -> list[dict]:
     """One row per (method, budget), with MACs from `flops.analytic.count` on `flops.shapes.shape_record`."""
-    from benchmarks.runner import expand_methods
     from flops.analytic import ModelShape, count
     from flops.shapes import load_config, shape_record, stand_in_reducer
-    from methods import create_reducer, get_reducer_class
+    from methods import create_reducer, expand_methods, get_reducer_class
     from methods.llava import LlavaLayout, check_reducer
 
     if args.text_tokens < 0 or args.generated_tokens < 1:

@@ -7,6 +7,7 @@ from methods import adaptive, fastv, full, prumerge, random  # noqa: F401  (regi
 from methods._registry import (
     UnknownReducerError,
     create_reducer,
+    expand_methods,
     get_reducer_class,
     list_reducers,
     register_reducer,
@@ -20,6 +21,7 @@ __all__ = [
     "Tokens",
     "UnknownReducerError",
     "create_reducer",
+    "expand_methods",
     "get_reducer_class",
     "list_reducers",
     "register_reducer",

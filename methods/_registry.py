@@ -84,3 +84,17 @@ def _describe(hint: object) -> str:
 def list_reducers(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style `pattern`, sorted."""
     return sorted(fnmatch.filter(_REDUCERS, pattern))
+
+
+def expand_methods(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Registered names stay; a family prefix (`adaptive` -> `adaptive_a`, `adaptive_b`) expands; others raise."""
+    out: list[str] = []
+    for name in names:
+        family = list_reducers(f"{name}_*")
+        if name in list_reducers():
+            out.append(name)
+        elif family:
+            out += family
+        else:
+            get_reducer_class(name)  # raises with close matches and the list of names
+    return tuple(dict.fromkeys(out))

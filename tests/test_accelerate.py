@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import run_bench
-from benchmarks.runner import SMOKE_MODEL
+from benchmarks.defaults import SMOKE_MODEL
 
 REPO = Path(run_bench.__file__).resolve().parent
 ARGS = ["--model", str(SMOKE_MODEL), "--methods", "full", "random", "--budgets", "16", "--limit", "39",

@@ -127,7 +127,7 @@ def test_save_and_load_roundtrip(tmp_path):
 def test_training_command_saves_loads_and_resumes(tmp_path, estimator):
     import json
 
-    from benchmarks.runner import SMOKE_MODEL
+    from benchmarks.defaults import SMOKE_MODEL
     from methods import train_adaptive
 
     out = tmp_path / "ctrl"
@@ -159,7 +159,7 @@ def test_training_runs_under_accelerate_with_two_processes(tmp_path):
     import sys
     from pathlib import Path
 
-    from benchmarks.runner import SMOKE_MODEL
+    from benchmarks.defaults import SMOKE_MODEL
 
     out = tmp_path / "ctrl"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}  # no accelerate default_config.yaml is read
@@ -177,8 +177,8 @@ def test_training_runs_under_accelerate_with_two_processes(tmp_path):
 
 
 def test_training_with_lora_and_projector_saves_a_plain_llava_model(tmp_path):
+    from benchmarks.defaults import SMOKE_MODEL
     from benchmarks.lmms_model import load_llava
-    from benchmarks.runner import SMOKE_MODEL
     from methods import train_adaptive
 
     out = tmp_path / "ctrl"
@@ -198,7 +198,7 @@ TRAIN = ["--method", "adaptive_b", "--batch-size", "4", "--synth-samples", "64",
 
 
 def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path, capsys):
-    from benchmarks.runner import SMOKE_MODEL
+    from benchmarks.defaults import SMOKE_MODEL
     from methods import train_adaptive
 
     trained = tmp_path / "trained"
@@ -231,7 +231,7 @@ def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path
     (["--budget-range", "0.5", "0.1"], "need 0 < MIN <= MAX <= 1"),
 ])
 def test_training_bad_input_is_one_line(argv, phrase, tmp_path, capsys):
-    from benchmarks.runner import SMOKE_MODEL
+    from benchmarks.defaults import SMOKE_MODEL
     from methods import train_adaptive
 
     try:
@@ -252,7 +252,7 @@ def test_sigint_during_training_exits_130_and_the_rerun_resumes(tmp_path):
     import time
     from pathlib import Path
 
-    from benchmarks.runner import SMOKE_MODEL
+    from benchmarks.defaults import SMOKE_MODEL
 
     out = tmp_path / "ctrl"
     cmd = [sys.executable, "-m", "methods.train_adaptive", "--model", str(SMOKE_MODEL), *TRAIN, "--out", str(out)]

@@ -104,8 +104,8 @@ def test_fvcore_check_fails_loudly_on_an_uncounted_matmul():
 
 @pytest.fixture(scope="module")
 def smoke():
+    from benchmarks.defaults import SMOKE_MODEL
     from benchmarks.lmms_model import load_llava
-    from benchmarks.runner import SMOKE_MODEL
 
     return load_llava(SMOKE_MODEL, device="cpu", dtype="float32")
 

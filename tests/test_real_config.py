@@ -98,7 +98,8 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
     from PIL import Image
 
     from benchmarks.lmms_model import ReducedLlavaLMM
-    from benchmarks.runner import RunSpec, run
+    from benchmarks.plan import RunSpec
+    from benchmarks.runner import run
     from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
     from benchmarks.synthetic.tasks.utils import doc_to_text
     from methods.llava import llava_prompt

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 import methods
-from benchmarks.runner import RunSpec, expand_methods, needs_checkpoint
-from methods import Reduced, Site, TokenReducer, Tokens, UnknownReducerError, create_reducer, list_reducers
+from benchmarks.plan import RunSpec, needs_checkpoint
+from methods import (
+    Reduced,
+    Site,
+    TokenReducer,
+    Tokens,
+    UnknownReducerError,
+    create_reducer,
+    expand_methods,
+    list_reducers,
+)
 from methods._registry import _REDUCERS, register_reducer
 from methods.adaptive import ControllerConfig
 

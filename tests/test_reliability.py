@@ -216,7 +216,7 @@ def run_quiet(capsys, *argv: str) -> str:
 
 def my_task(tmp_path: Path, seed: int) -> Path:
     """A user's own task: the synthetic task's folder under another name, reading its own data file."""
-    from benchmarks.runner import SYNTH_TASKS
+    from benchmarks.defaults import SYNTH_TASKS
     from benchmarks.synthetic.generate import write_split
 
     tasks = tmp_path / "tasks"
@@ -251,7 +251,7 @@ def test_a_cell_is_recomputed_when_its_task_data_dtype_or_model_changes(tiny_ckp
 def test_a_cell_of_another_model_is_set_aside_and_never_reported(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     run_quiet(capsys, "--model", str(tiny_ckpt), "--methods", "full", "--limit", "2", "--output", str(out))
-    from benchmarks.runner import SMOKE_MODEL
+    from benchmarks.defaults import SMOKE_MODEL
 
     text = run_quiet(capsys, "--model", str(SMOKE_MODEL), "--methods", "random", "--budgets", "4", "--limit", "2",
                      "--output", str(out))

@@ -8,7 +8,8 @@ import json
 import pytest
 
 import run_bench
-from benchmarks.runner import SUMMARY_COLUMNS, SYNTH_TASKS
+from benchmarks.defaults import SYNTH_TASKS
+from benchmarks.store import SUMMARY_COLUMNS
 
 REPO = SYNTH_TASKS.parent.parent.parent
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.defaults import SMOKE_MODEL
 from benchmarks.lmms_model import load_llava
-from benchmarks.runner import SMOKE_MODEL, RunSpec, make_reducer
+from benchmarks.plan import RunSpec, make_reducer
 from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods.llava import ReducedLlava, llava_prompt
@@ -27,7 +28,7 @@ def smoke():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_predictions_identical_at_batch_1_and_4(smoke, method):
-    from benchmarks.runner import Cell
+    from benchmarks.plan import Cell
 
     model, processor, inputs = smoke
     n = 144

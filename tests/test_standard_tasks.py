@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import run_bench
-from benchmarks.runner import RunSpec, fingerprint, task_identity
+from benchmarks.plan import RunSpec, fingerprint, task_identity
 from benchmarks.standard_tasks import TASKS, parse_task_data
 
 COLORS = ["red", "green", "blue", "yellow"]

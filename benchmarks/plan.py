@@ -1,0 +1,305 @@
+"""The plan of a sweep: its cells (task, method, budget), each cell's reducer, and each cell's identity.
+
+`make_plan` expands and checks a `RunSpec` once, before any work: every cell's reducer is built and checked against
+the model's layout, so a bad method argument fails before the output folder is touched. `fingerprint` is a cell's
+identity: everything that changes its numbers (results/README.md lists it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BUDGET_FRACTIONS,
+    DEFAULT_OUTPUT,
+    SMOKE_MODEL,
+    SMOKE_TASKS,
+    SYNTH_TASK_DOCS,
+)
+from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
+from benchmarks.standard_tasks import check_task_data
+from methods import TokenReducer, create_reducer, expand_methods, get_reducer_class, list_reducers
+from methods.base import AUTO, first_line
+from methods.llava import LlavaLayout, check_reducer
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work and of storage."""
+
+    task: str
+    method: str
+    budget: int | str  # visual tokens, or "auto" for methods that choose their own count
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}__{self.method}__{self.budget}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A sweep, validated on construction. `budgets` empty means the default fractions of the patch count."""
+
+    model: Path = SMOKE_MODEL
+    methods: tuple[str, ...] = ()
+    budgets: tuple[int | str, ...] = ()
+    tasks: tuple[str, ...] = SMOKE_TASKS
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    output: Path = DEFAULT_OUTPUT
+    include_paths: tuple[Path, ...] = ()
+    device: str = "cpu"
+    dtype: str = "auto"
+    method_kwargs: tuple[tuple[str, str, object], ...] = ()  # (method, argument, value), from --method-args
+    task_data: tuple[tuple[str, Path], ...] = ()  # (task, local dataset copy), from --task-data
+
+    methods_given: bool = dataclasses.field(init=False, default=False)  # False: the default set (every method)
+
+    def __post_init__(self) -> None:
+        # default: every registered method that can run on this model (learned ones need a trained controller)
+        default = tuple(m for m in list_reducers() if not needs_checkpoint(m) or self.controller(m).is_dir())
+        object.__setattr__(self, "methods_given", bool(self.methods))
+        object.__setattr__(self, "methods", expand_methods(self.methods or default))
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        for b in self.budgets:
+            if b != AUTO and (not isinstance(b, int) or b < 1):
+                raise ValueError(f"budgets are numbers of visual tokens >= 1 or {AUTO!r}, got {b!r}")
+        if not self.tasks:
+            raise ValueError("give at least one task")
+        for method, arg, _ in self.method_kwargs:
+            if method not in self.methods:
+                raise ValueError(f"--method-args names {method}.{arg}, but {method} is not among the methods run")
+        check_task_data(self.tasks, self.task_data, self.limit)
+
+    def data_path(self, task: str) -> Path | None:
+        """The local dataset copy given for `task` with --task-data, or None (lmms-eval's own loading)."""
+        return next((Path(p) for t, p in self.task_data if t == task), None)
+
+    def kwargs_for(self, method: str) -> dict:
+        """Constructor arguments for `method`: the command line's, the model's trained controller if any, and
+        --seed for methods that draw at random (a `seed` argument), unless --method-args sets it."""
+        kwargs = {arg: value for m, arg, value in self.method_kwargs if m == method}
+        if needs_checkpoint(method) and "checkpoint" not in kwargs and self.controller(method).is_dir():
+            kwargs["checkpoint"] = str(self.controller(method))
+        if "seed" in inspect.signature(get_reducer_class(method).__init__).parameters:
+            kwargs.setdefault("seed", self.seed)
+        return kwargs
+
+    def controller(self, method: str) -> Path:
+        """Where a learned method's controller for this model lives by default: MODEL/controllers/METHOD."""
+        return Path(self.model) / "controllers" / method
+
+    def cells(self, num_patches: int) -> tuple[list[Cell], list[str]]:
+        """Expand methods x budgets x tasks. Returns the cells and notes for the printed plan.
+
+        `full` and budgets >= the patch count mean no pruning: they become one `full` cell per task.
+        """
+        numeric = sorted({b for b in self.budgets if b != AUTO})
+        if not self.budgets:
+            numeric = sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
+        notes = []
+        repeated = sorted({b for b in self.budgets if self.budgets.count(b) > 1}, key=str)
+        if repeated:
+            notes.append(f"budget{'s' * (len(repeated) > 1)} {', '.join(map(str, repeated))} given more than once: "
+                         "each runs once")
+        over = [b for b in numeric if b >= num_patches]
+        if over:
+            notes.append(f"budgets {over} >= the {num_patches} patches mean no pruning: run once, as `full`")
+        budgets: list[int | str] = [b for b in numeric if b < num_patches] + ([AUTO] if AUTO in self.budgets else [])
+        pairs: list[tuple[str, int | str]] = []
+        for m in self.methods:
+            cls = get_reducer_class(m)
+            label = cls.budget_label(self.kwargs_for(m))  # e.g. fastv.ratio=0.5: one cell, "R=0.5"
+            if label is not None:
+                pairs.append((m, label))
+                continue
+            if not cls.uses_budget:
+                pairs.append((m, num_patches))
+                continue
+            pairs += [(m, b) for b in budgets if b != AUTO or cls.supports_auto]
+            if AUTO in budgets and not cls.supports_auto:
+                notes.append(f"{m} has no {AUTO!r} budget: runs at the numeric budgets only")
+        if over or "full" in self.methods:
+            pairs.append(("full", num_patches))
+        pairs = list(dict.fromkeys(pairs))
+        return [Cell(t, m, b) for t in self.tasks for m, b in pairs], notes
+
+
+def needs_checkpoint(method: str) -> bool:
+    """True for learned methods, which run from a trained controller."""
+    return getattr(get_reducer_class(method), "needs_checkpoint", False)
+
+
+@dataclass
+class Plan:
+    """A sweep's cells, computed once and checked before any work: each cell's reducer is built and checked
+    against the model's layout, so a bad method argument fails before the output folder is touched."""
+
+    config: object  # the checkpoint's LlavaConfig
+    layout: LlavaLayout
+    cells: list[Cell]
+    reducers: list[TokenReducer]  # one per cell, in eval mode
+    notes: list[str]
+
+
+def read_config(model: Path):
+    """The checkpoint's config, or a one-line error saying what is wrong with the folder."""
+    from transformers import AutoConfig
+
+    if not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model} is not a llava-hf checkpoint folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises several kinds for a bad or foreign config
+        raise ValueError(f"--model {model}: config.json cannot be read as a model config ({first_line(e)})") from None
+    if config.model_type != "llava":
+        raise ValueError(f"--model {model} is a {config.model_type!r} checkpoint; run_bench.py needs a llava-hf one "
+                         "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf)")
+    return config
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless `device` names a device this machine has."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no usable CUDA device (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def make_plan(spec: RunSpec) -> Plan:
+    """Expand and check the sweep: every cell's reducer is built and checked against the model (no weights load)."""
+    from flops.shapes import check_shapes
+
+    check_device(spec.device)
+    config = read_config(spec.model)
+    check_shapes(config, Path(spec.model) / "config.json")
+    layout = LlavaLayout.from_config(config)
+    cells, notes = spec.cells(layout.num_patches)
+    kept, reducers, skipped = [], [], {}
+    for cell in cells:
+        if cell.method in skipped:
+            continue
+        try:
+            reducer = make_reducer(cell, spec)
+            check_reducer(reducer, layout)
+        except (ValueError, NotImplementedError) as e:
+            if spec.methods_given:
+                raise
+            skipped[cell.method] = first_line(e)  # the default set runs what fits the model, and says what not
+            continue
+        kept.append(cell)
+        reducers.append(reducer)
+    notes += [f"{m} skipped: {why}" for m, why in skipped.items()]
+    if not kept:
+        raise ValueError("the plan is empty: give methods and budgets that apply to each other")
+    return Plan(config, layout, kept, reducers, notes)
+
+
+def task_docs(task: str, limit: int | None) -> int | None:
+    """Samples a cell of `task` evaluates, where known without loading the data."""
+    known = SYNTH_TASK_DOCS.get(task) or (STANDARD_TASKS[task].docs if task in STANDARD_TASKS else None)
+    if known is None:
+        return limit
+    return known if limit is None else min(limit, known)
+
+
+def plan_costs(plan: Plan, spec: RunSpec, text_tokens: int) -> list[dict]:
+    """Estimated cost of each cell from the FLOPs counter, on a prompt of `text_tokens` tokens besides the image."""
+    from flops.analytic import ModelShape, count
+    from flops.shapes import shape_record
+
+    shape = ModelShape.from_config(plan.config)
+    out = []
+    for cell, reducer in zip(plan.cells, plan.reducers, strict=True):
+        per = None
+        if not getattr(reducer, "auto", False):  # an 'auto' count depends on the image
+            per = 2 * count(shape_record(plan.config, reducer, text_tokens), shape).prefill / 1e9
+        out.append({"task": cell.task, "method": cell.method, "budget": cell.budget,
+                    "samples": task_docs(cell.task, spec.limit), "gflops_per_sample": per})
+    return out
+
+
+def file_identity(path: str | Path) -> list:
+    """[name, size, mtime_ns] of a checkpoint's weight and config files (a folder's, or one file's)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in {".safetensors", ".bin", ".json"})
+    else:
+        files = [p] if p.is_file() else []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+HASHED_BYTES = 64 * 2**20  # files up to this size are identified by their content, larger ones by size and mtime
+DATA_FILE = re.compile(r"[\w./~-]+\.(?:parquet|jsonl|json|csv|tsv|arrow)\b")
+
+
+def content_identity(path: Path) -> list:
+    """[relative name, size, sha1 or mtime_ns] of a file, or of every file under a folder."""
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    out = []
+    for f in files:
+        size = f.stat().st_size
+        ident = hashlib.sha1(f.read_bytes()).hexdigest() if size <= HASHED_BYTES else f.stat().st_mtime_ns
+        out.append([str(f.relative_to(path)) if path.is_dir() else f.name, size, ident])
+    return out
+
+
+def task_identity(tm, spec: RunSpec, task: str) -> list:
+    """What a task's numbers depend on besides the model and method: the YAML and Python files of its folder (config,
+    prompts, scoring), the local data files its YAML names (`data_files`), and its `--task-data` copy."""
+    where = tm.task_index.get(task, {}).get("yaml_path")
+    code, data = [task], []
+    if isinstance(where, str) and Path(where).is_file():
+        yaml = Path(where)
+        code += [[f.name, hashlib.sha1(f.read_bytes()).hexdigest()] for f in sorted(yaml.parent.glob("*.yaml"))
+                 + sorted(yaml.parent.glob("*.py"))]
+        named = {(yaml.parent / m).resolve() for m in DATA_FILE.findall(yaml.read_text())}
+        data = [content_identity(f) for f in sorted(named) if f.is_file()]
+    local = spec.data_path(task)
+    if local is not None:
+        data.append([str(local.expanduser().resolve()), content_identity(local.expanduser())])
+    return [code, data]
+
+
+def fingerprint(spec: RunSpec, method_args: dict, task: list) -> str:
+    """A cell's identity: the model (path and its files, so a checkpoint rewritten in place is not reused), dtype
+    and device type, the method's arguments (and a controller checkpoint's files), --limit, --seed and the task
+    (`task_identity`). The code version is not part of it: cells of another version are reported (`run`)."""
+    from benchmarks.lmms_model import resolve_dtype
+
+    dtype = str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch.")
+    parts = [str(Path(spec.model).resolve()), file_identity(spec.model), dtype, spec.device.split(":")[0],
+             method_args, spec.limit, spec.seed, task]
+    if method_args.get("checkpoint"):
+        parts.append(file_identity(method_args["checkpoint"]))
+    key = json.dumps(parts, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:
+    """The cell's reducer, in eval mode: the method's defaults, overridden by --method-args."""
+    cls, kwargs = get_reducer_class(cell.method), spec.kwargs_for(cell.method)
+    budget = cell.budget if cls.uses_budget and cls.budget_label(kwargs) is None else None
+    try:
+        return create_reducer(cell.method, budget, **kwargs).eval()
+    except TypeError as e:  # an argument the constructor does not take
+        raise ValueError(f"{cell.method}: {e}; see the method's docstring for its arguments") from None

@@ -1,0 +1,219 @@
+"""Finished cells on disk and the combined files rebuilt from them (documented for users in results/README.md).
+
+* `cells/<task>__<method>__<budget>__<fingerprint>.json`: one finished cell (its summary rows and sample records),
+  written atomically (temporary file + rename). A sweep killed part-way keeps every finished cell; the same command
+  afterwards keeps cells whose file exists with the same fingerprint. Files of a cell recomputed under other
+  conditions move to `cells/superseded/`; files that are not readable cells, or cells of another model, move to
+  `cells/set_aside/`. Nothing is deleted.
+* `summary.csv`: one flat row per (task, method, budget, metric), rebuilt from `cells/` after every cell.
+* `samples.jsonl`: one record per (task, method, budget, sample), rebuilt the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import json
+import os
+import platform
+from pathlib import Path
+
+from benchmarks.plan import Cell
+
+SUMMARY_COLUMNS = [
+    "task", "method", "budget", "metric", "value", "primary", "n", "visual_tokens_mean", "visual_tokens_max",
+    "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
+    "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean", "relevant_recall_mean",
+    "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
+    "wall_s", "samples_per_s", "model", "method_args", "cell_id",
+    "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
+    "lmms_eval_version", "time_utc",
+]
+
+
+
+
+class DiskFullError(OSError):
+    """A results file could not be written for lack of space (or quota); the message says which and what to do."""
+
+
+@contextlib.contextmanager
+def _temporary(path: Path):
+    """A temporary name beside `path`, renamed over it when the block succeeds and removed when it fails, so no
+    partial file is ever left; a full disk becomes a DiskFullError naming the file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(e.errno, f"no space left on the device to write {path}; free some space or pass "
+                                "another --output, then rerun the same command (finished cells are kept)") from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with _temporary(path) as tmp:
+        tmp.write_text(text)
+
+
+class OutputBusyError(RuntimeError):
+    """Another run is writing to the same output directory."""
+
+
+class ResultStore:
+    """Finished cells on disk, and the combined files rebuilt from them. One writer at a time: `prepare` takes an
+    exclusive lock on OUTPUT/.lock (released when the process ends, however it ends), and a second run refuses."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.cells_dir = self.root / "cells"
+        self.pictures_dir = self.root / "pictures"
+        self._lock = None
+
+    def check_writable(self) -> None:
+        """Raise PermissionError unless the output directory exists and is writable, or could be created."""
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write to output directory {self.root}: {existing} is not a writable "
+                                  "directory; pass --output DIR")
+        if self.root.is_dir() and any(self.root.iterdir()) and not self.cells_dir.is_dir():
+            held = ", ".join(sorted(p.name for p in self.root.iterdir())[:4])
+            raise PermissionError(f"--output {self.root} holds files run_bench.py did not write ({held}, ...) and is "
+                                  "not one of its results folders (no cells/); pass a new or empty --output")
+        if (self.root / ".lock").is_file():  # another run holds it: say so now, not after loading the model
+            self._take_lock()
+            self.release()
+
+    def prepare(self) -> None:
+        """Create the folder, check that a file can be written there (one byte: a full disk fails here, before any
+        work) and take the lock. On failure nothing is left that was not there before."""
+        created = not self.cells_dir.is_dir()
+        try:
+            self.cells_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.cells_dir / ".write-test", "x")
+            (self.cells_dir / ".write-test").unlink()
+            self._take_lock()
+        except OSError as e:
+            if created and self.cells_dir.is_dir() and not any(self.cells_dir.iterdir()):
+                self.cells_dir.rmdir()
+            if isinstance(e, DiskFullError) or e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(errno.ENOSPC, f"no space left on the device to write {self.root}; free some "
+                                    "space or pass another --output") from None
+            raise PermissionError(
+                f"cannot write to output directory {self.root}: {e.strerror}; pass --output DIR") from e
+
+    def _take_lock(self) -> None:
+        import fcntl
+
+        f = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open until release() or the process ends
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise OutputBusyError(f"{self.root} is in use by another run_bench.py ({holder}); wait for it to "
+                                  "finish or pass another --output") from None
+        self._lock = f  # the file stays; only the lock on it says whether a run is writing
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}")
+        try:
+            f.flush()
+        except OSError:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def path(self, cell: Cell, fingerprint: str) -> Path:
+        return self.cells_dir / f"{cell.name}__{fingerprint}.json"
+
+    def done(self, cell: Cell, fingerprint: str) -> bool:
+        """True when the cell's file is there and readable (an unreadable one is set aside by `load_all`)."""
+        return self.path(cell, fingerprint).is_file() and self._read(self.path(cell, fingerprint))[0] is not None
+
+    def save(self, cell: Cell, fingerprint: str, model: Path, rows: list[dict], samples: list[dict]) -> None:
+        """Write the cell atomically; files of the same cell under other conditions move to cells/superseded/."""
+        record = {"cell": cell.name, "fingerprint": fingerprint, "model": str(Path(model).resolve()), "rows": rows,
+                  "samples": samples}
+        _atomic_write(self.path(cell, fingerprint), json.dumps(record))
+        for old in self.cells_dir.glob(f"{cell.name}__*.json"):
+            if old.name != self.path(cell, fingerprint).name:
+                self._move(old, "superseded")
+
+    def _move(self, f: Path, why: str) -> Path:
+        """Set a file aside (never delete what may be the user's): cells/<why>/<name>."""
+        (self.cells_dir / why).mkdir(exist_ok=True)
+        target = self.cells_dir / why / f.name
+        os.replace(f, target)
+        return target
+
+    def _read(self, f: Path) -> tuple[dict | None, str]:
+        """A cell file's content, or None and why it is not one (truncated, foreign, renamed, older format)."""
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return None, f"not readable ({type(e).__name__})"
+        name, _, fp = f.stem.rpartition("__")
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            return None, "not a cell file of run_bench.py"
+        if "fingerprint" not in data:
+            return None, "a cell file of an older version of run_bench.py"
+        if data.get("cell") != name or data.get("fingerprint") != fp or not isinstance(data.get("samples"), list):
+            return None, "a cell file whose name does not match its content"
+        return data, ""
+
+    def load_all(self, model: Path | None = None) -> tuple[list[dict], list[dict], list[str]]:
+        """Every readable cell's rows and samples, and notes. A file that is not a readable cell, or a cell of
+        another model than `model`, is moved to cells/set_aside/ and named in the notes (its cell is recomputed)."""
+        rows, samples, notes = [], [], []
+        here = None if model is None else str(Path(model).resolve())
+        for f in sorted(self.cells_dir.glob("*.json")):
+            data, why = self._read(f)
+            if data is not None and here is not None and data.get("model") != here:
+                data, why = None, f"a cell of another model ({data.get('model')})"
+            if data is None:
+                notes.append(f"{f.name} is {why}: moved to {self._move(f, 'set_aside')}")
+                continue
+            rows += data["rows"]
+            samples += data["samples"]
+        return rows, samples, notes
+
+    def rebuild(self, model: Path | None = None) -> tuple[list[dict], list[str]]:
+        """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows and the notes of
+        `load_all` (files set aside)."""
+        rows, samples, notes = self.load_all(model)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write(self.root / "summary.csv", buf.getvalue())
+        _atomic_write(self.root / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        return rows, notes
+
+    def save_pictures(self, pictures: dict[tuple[str, int], dict]) -> None:
+        """Write each captured model-input image once: pictures/<task>__<doc_id>.png and .json (question, grid)."""
+        from PIL import Image
+
+        for (task, doc_id), pic in pictures.items():
+            stem = self.pictures_dir / f"{task}__{doc_id}"
+            if stem.with_suffix(".json").is_file():
+                continue
+            self.pictures_dir.mkdir(parents=True, exist_ok=True)
+            with _temporary(stem.with_suffix(".png")) as tmp:
+                Image.fromarray(pic["image"].numpy()).save(tmp, format="PNG")
+            meta = {"task": task, "doc_id": doc_id, "question": pic["question"], "grid": pic["grid"]}
+            _atomic_write(stem.with_suffix(".json"), json.dumps(meta))  # last: marks the picture complete

@@ -66,17 +66,39 @@ def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a llava-hf checkpoint folder (no config.json); pass --model PATH")
+    check_processor_files(path)
+    torch_dtype = resolve_dtype(dtype, device)
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa", local_files_only=True
-        ).to(device).eval()
+            path, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
+        )
     except Exception as e:  # noqa: BLE001 - a corrupt file raises safetensors' own error type
         raise ValueError(f"--model {path}: the weights cannot be loaded ({first_line(e)}); re-save or re-download "
                          "the checkpoint") from None
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    try:
+        model = model.to(device).eval()
+    except (RuntimeError, AssertionError) as e:  # no such device, or no driver
+        raise ValueError(f"device {device!r} cannot be used here ({first_line(e)}); use cpu or a device this "
+                         "machine has") from None
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError or its own types
+        raise ValueError(f"--model {path}: the processor cannot be loaded ({first_line(e)}); save the checkpoint's "
+                         "processor beside it (processor.save_pretrained(PATH))") from None
     processor.tokenizer.padding_side = "left"  # instance setting: batched prompts are left-padded
     complete_processor(processor, model.config)
     return model, processor
+
+
+PROCESSOR_FILES = (("processor_config.json", "preprocessor_config.json"), ("tokenizer.json", "tokenizer.model"))
+
+
+def check_processor_files(path: Path) -> None:
+    """Raise FileNotFoundError unless the checkpoint folder holds an image-processor config and a tokenizer."""
+    for names in PROCESSOR_FILES:
+        if not any((Path(path) / n).is_file() for n in names):
+            raise FileNotFoundError(f"--model {path} has no {' or '.join(names)}: a llava-hf checkpoint folder needs "
+                                    "its processor beside the weights (processor.save_pretrained(PATH))")
 
 
 def complete_processor(processor, config) -> None:

@@ -186,10 +186,12 @@ def check_device(device: str) -> None:
 
 def make_plan(spec: RunSpec) -> Plan:
     """Expand and check the sweep: every cell's reducer is built and checked against the model (no weights load)."""
+    from benchmarks.lmms_model import check_processor_files
     from flops.shapes import check_shapes
 
     check_device(spec.device)
     config = read_config(spec.model)
+    check_processor_files(Path(spec.model))
     check_shapes(config, Path(spec.model) / "config.json")
     layout = LlavaLayout.from_config(config)
     cells, notes = spec.cells(layout.num_patches)

@@ -22,6 +22,7 @@ from benchmarks.records import cell_times, peak_rss, provenance, sample_records,
 from benchmarks.standard_tasks import load_error, package_dirs, submission_args, task_config
 from benchmarks.store import ResultStore
 from methods import TokenReducer
+from methods.base import first_line
 
 PROGRESS_LINE = re.compile(r"\d+%\||\[A$|it/s\]|s/it\]|examples/s\]")  # a tqdm bar's refresh
 
@@ -34,9 +35,14 @@ def task_manager(spec: RunSpec):
     for p in spec.include_paths:
         if not Path(p).is_dir():
             raise FileNotFoundError(f"--include-path {p} is not a directory of lmms-eval task YAMLs")
-    tm = TaskManager(include_defaults=False, include_path=paths)
-    if not all(t in tm.all_tasks for t in spec.tasks):
-        tm = TaskManager(include_path=paths)
+    try:
+        tm = TaskManager(include_defaults=False, include_path=paths)
+        if not all(t in tm.all_tasks for t in spec.tasks):
+            tm = TaskManager(include_path=paths)
+    except Exception as e:  # noqa: BLE001 - yaml's and lmms-eval's own errors for a malformed task file
+        where = f" in {getattr(e, 'problem_mark', None) and e.problem_mark.name}" if hasattr(e, "problem_mark") else ""
+        raise ValueError(f"a task YAML cannot be read{where} ({type(e).__name__}: {first_line(e)}); fix or move it "
+                         f"out of the --include-path folders") from None
     unknown = [t for t in spec.tasks if t not in tm.all_tasks]
     if unknown:
         hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=3) for t in unknown}
@@ -86,6 +92,10 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
             )
     except RetryError as e:  # lmms-eval's retried dataset load failed
         raise load_error(cell.task, spec.data_path(cell.task), e) from e
+    except (AttributeError, ImportError, OSError, KeyError, TypeError) as e:  # the task's functions or data
+        where = tm.task_index.get(cell.task, {}).get("yaml_path")
+        raise ValueError(f"{cell.task}: lmms-eval cannot evaluate this task ({type(e).__name__}: {first_line(e)}); "
+                         f"check the task's YAML and data ({where}); --debug shows where it failed") from e
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(lm.model.device) if cuda else peak_rss()
     peak = gather_model_state(lm, peak)  # several processes: rank 0 gets every shard's token traces and times
@@ -128,7 +138,6 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
     under the same conditions (all of them with `force`); return the summary rows of this plan's cells (the folder's
     summary.csv also keeps its other cells). Prints one line per finished cell; `progress` draws a bar over the cells
     on a terminal; `verbose` lets lmms-eval's own progress bars and messages through."""
-    from tqdm import tqdm
 
     from benchmarks.distributed import current_world
     from benchmarks.lmms_model import ReducedLlavaLMM
@@ -145,10 +154,32 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
                                  device=spec.device, dtype=spec.dtype)
     if world.is_main:
         store.prepare()
+    try:
+        rows, planned = _sweep(spec, plan, tm, lm, store, world, progress, verbose, force)
+    except BaseException:
+        if world.is_main:
+            store.abandon()  # a run that finished no cell leaves nothing behind
+        raise
+    store.release()
+    world.barrier()  # the other processes end when rank 0 has written everything
+    ids = {fp for _, _, fp in planned}
+    return [r for r in rows if r.get("cell_id") in ids]  # this plan's cells only, not others kept in the folder
+
+
+def _sweep(spec: RunSpec, plan: Plan, tm, lm, store: ResultStore, world, progress: bool, verbose: bool,
+           force: bool) -> tuple[list[dict], list]:
+    """The cells `run` evaluates, once the model is loaded and the output folder locked: returns the folder's rows
+    (rank 0) and the planned (cell, reducer, fingerprint) triples."""
+    from tqdm import tqdm
+
+    if world.is_main:
         with quiet_progress(enabled=not verbose):
             ensure_task_data(spec.tasks)
-        for note in store.rebuild(spec.model)[1]:  # unreadable or foreign cell files set aside, named
+        notes = store.load_all(spec.model)[2]  # unreadable or foreign cell files set aside, named
+        for note in notes:
             print(f"note: {note}")
+        if notes:
+            store.rebuild()
     world.barrier()
     prov = provenance(spec, spec.device)
     tasks = {t: task_identity(tm, spec, t) for t in spec.tasks}
@@ -159,28 +190,26 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
     if world.is_main and len(todo) < len(planned):
         kept = [store.path(c, fp) for (c, _, fp), d in zip(planned, done, strict=True) if d]
         shas = {r.get("git_sha") for f in kept for r in store._read(f)[0]["rows"]} - {prov["git_sha"]}
+        other = f"; computed by another code version ({', '.join(sorted(map(str, shas)))})" if shas else ""
         print(f"{len(kept)} of {len(planned)} cells already in {spec.output} under the same conditions: kept "
-              "(--force recomputes them)" + (f"; computed by another code version ({', '.join(sorted(map(str, shas)))})"
-                                             if shas else ""))
+              f"(--force recomputes them){other}")
     bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr,
                disable=None if progress and world.is_main else True)  # None: only on a terminal
-    for i, (cell, reducer, fp) in enumerate(todo, 1):
-        bar.set_postfix_str(f"{cell.task} {cell.method} {cell.budget}")
-        lm.progress = lambda done, total, c=cell: bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: "
-                                                                       f"{done}/{total} samples")
-        rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov, verbose)
-        if world.is_main:
-            for r in rows + samples:
-                r["cell_id"] = fp
-            store.save(cell, fp, spec.model, rows, samples)
-            store.save_pictures(lm.pictures)
-            store.rebuild()
-            bar.write(cell_line(i, len(todo), rows), file=sys.stdout)
-        bar.update()
-    bar.close()
-    lm.progress = None
-    rows = store.rebuild()[0] if world.is_main else []
-    store.release()
-    world.barrier()  # the other processes end when rank 0 has written everything
-    ids = {fp for _, _, fp in planned}
-    return [r for r in rows if r.get("cell_id") in ids]  # this plan's cells only, not others kept in the folder
+    try:
+        for i, (cell, reducer, fp) in enumerate(todo, 1):
+            bar.set_postfix_str(f"{cell.task} {cell.method} {cell.budget}")
+            lm.progress = lambda done, total, c=cell: bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: "
+                                                                           f"{done}/{total} samples")
+            rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov, verbose)
+            if world.is_main:
+                for r in rows + samples:
+                    r["cell_id"] = fp
+                store.save(cell, fp, spec.model, rows, samples)
+                store.save_pictures(lm.pictures)
+                store.rebuild()
+                bar.write(cell_line(i, len(todo), rows), file=sys.stdout)
+            bar.update()
+    finally:
+        bar.close()
+        lm.progress = None
+    return (store.rebuild()[0] if world.is_main else []), planned

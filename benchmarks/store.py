@@ -97,6 +97,8 @@ class ResultStore:
         """Create the folder, check that a file can be written there (one byte: a full disk fails here, before any
         work) and take the lock. On failure nothing is left that was not there before."""
         created = not self.cells_dir.is_dir()
+        self._created = {name for name, p in (("root", self.root), ("cells", self.cells_dir),
+                                              (".lock", self.root / ".lock")) if not p.exists()}
         try:
             self.cells_dir.mkdir(parents=True, exist_ok=True)
             _atomic_write(self.cells_dir / ".write-test", "x")
@@ -137,6 +139,22 @@ class ResultStore:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def abandon(self) -> None:
+        """After a run failed before finishing any cell: remove what `prepare` created (the folder, cells/, the lock
+        file), so a failed run leaves nothing behind. A folder with finished cells keeps everything."""
+        self.release()
+        if any(self.cells_dir.rglob("*.json")):
+            return
+        created = getattr(self, "_created", set())
+        if ".lock" in created:
+            (self.root / ".lock").unlink(missing_ok=True)
+        if "cells" in created and self.cells_dir.is_dir():
+            for d in sorted(self.cells_dir.rglob("*"), reverse=True) + [self.cells_dir]:
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+        if "root" in created and self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
 
     def path(self, cell: Cell, fingerprint: str) -> Path:
         return self.cells_dir / f"{cell.name}__{fingerprint}.json"
@@ -196,6 +214,8 @@ class ResultStore:
         """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows and the notes of
         `load_all` (files set aside)."""
         rows, samples, notes = self.load_all(model)
+        if not rows and not (self.root / "summary.csv").exists():
+            return rows, notes  # nothing finished yet: no empty files
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -53,6 +53,25 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     create_reducer("adaptive_b", 4, config=ControllerConfig("adaptive_b", dim=8, num_patches=16)).save(wrong_grid)
     blocker = tmp / "a_file"
     blocker.write_text("")
+    noproc = tmp / "noproc"
+    noproc.mkdir()
+    for f in tiny.iterdir():
+        if "token" not in f.name and "processor" not in f.name and f.suffix != ".jinja":
+            (noproc / f.name).write_bytes(f.read_bytes())
+    bad_yaml = tmp / "bad_yaml"
+    bad_yaml.mkdir()
+    (bad_yaml / "broken.yaml").write_text("task: broken\n  dataset_path: [unclosed\n")
+    no_function = my_task(tmp / "nofunc", seed=1)
+    (no_function / "my_vqa.yaml").write_text((no_function / "my_vqa.yaml").read_text().replace(
+        "utils.doc_to_text", "utils.no_such_function"))
+    my_task(tmp / "corrupt", seed=1)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp / "corrupt" / "mydata" / "test.parquet"
+    table = pq.read_table(data).to_pylist()
+    table[0]["image"] = {**table[0]["image"], "bytes": b"not an image"}
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(data)), data)
     return {
         "unknown method": (["--methods", "prumerg"], "Did you mean prumerge"),
         "unknown task": (["--tasks", "synth_vq"], "did you mean synth_vqa"),
@@ -80,6 +99,13 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "budget too small for the method": (["--methods", "prumerge", "--budgets", "1"], "give a budget >= 2"),
         "device this machine lacks": (["--methods", "full", "--device", "cuda:99"], "--device cuda:99"),
         "device name": (["--methods", "full", "--device", "gpu"], "use cpu, cuda or cuda:N"),
+        "checkpoint without its processor": (["--model", str(noproc), "--methods", "full"],
+                                             "has no processor_config.json or preprocessor_config.json"),
+        "malformed task YAML": (["--methods", "full", "--include-path", str(bad_yaml)], "a task YAML cannot be read"),
+        "task naming a missing function": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
+                                            str(no_function)], "my_vqa: lmms-eval cannot evaluate this task"),
+        "corrupt image in a task": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
+                                     str(tmp / "corrupt" / "tasks")], "UnidentifiedImageError"),
     }
 
 
@@ -87,7 +113,9 @@ BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budg
        "not llava-hf", "corrupt weights", "controller missing", "controller of another method",
        "controller for another model", "output not writable", "limit 0", "tasks with a comma",
        "method argument out of range", "unknown method argument", "method argument of the wrong type",
-       "budget too small for the method", "device this machine lacks", "device name"]
+       "budget too small for the method", "device this machine lacks", "device name",
+       "checkpoint without its processor", "malformed task YAML", "task naming a missing function",
+       "corrupt image in a task"]
 
 
 @pytest.fixture(scope="module")
@@ -221,11 +249,13 @@ def my_task(tmp_path: Path, seed: int) -> Path:
 
     tasks = tmp_path / "tasks"
     if not tasks.is_dir():
-        tasks.mkdir()
+        tasks.mkdir(parents=True)
         (tasks / "utils.py").write_text((SYNTH_TASKS / "utils.py").read_text())
         yaml = (SYNTH_TASKS / "synth_vqa.yaml").read_text().replace("task: synth_vqa", "task: my_vqa")
         (tasks / "my_vqa.yaml").write_text(yaml.replace("../data/test.parquet", "../mydata/test.parquet"))
     write_split(tmp_path / "mydata" / "test.parquet", "test", 6, seed)
+    if not (tmp_path / "data" / "test.parquet").is_file():  # the copied utils.py writes its own data only if missing
+        write_split(tmp_path / "data" / "test.parquet", "test", 6, seed)
     return tasks
 
 
@@ -336,3 +366,17 @@ def test_a_full_disk_is_one_line_leaves_no_partial_file_and_the_rerun_completes(
     filler.unlink()
     assert run_bench.main(argv) == 0
     assert (out / "summary.csv").is_file() and len(list((out / "cells").glob("*.json"))) == 1
+
+
+def test_a_copied_task_folder_keeps_the_users_own_data(tiny_ckpt, tmp_path, capsys):
+    """The synthetic task writes its data only when the file is missing, never over a user's own file."""
+    import pyarrow.parquet as pq
+
+    from benchmarks.synthetic.generate import write_split
+
+    tasks = my_task(tmp_path, seed=2)
+    (tasks / "my_vqa.yaml").write_text((tasks / "my_vqa.yaml").read_text().replace("../mydata/", "../data/"))
+    write_split(tmp_path / "data" / "test.parquet", "test", 5, 2)
+    run_quiet(capsys, "--model", str(tiny_ckpt), "--methods", "full", "--limit", "2", "--tasks", "my_vqa",
+              "--include-path", str(tasks), "--output", str(tmp_path / "out"))
+    assert pq.read_metadata(tmp_path / "data" / "test.parquet").num_rows == 5

@@ -9,7 +9,7 @@ type; the other ``acc_*`` keys are None and `mean_ignore_none` skips them.
 The task finds or makes its own data: lmms-eval executes this file (as a module named ``utils``) while it parses
 the YAML's ``!function utils.*`` entries, which is before it resolves the YAML's ``data_files`` and loads the
 dataset, so the import below writes ``../data/test.parquet`` (relative to this folder, the path the YAML reads) when
-it is missing or stale. A plain ``import benchmarks.synthetic.tasks.utils`` (training, tests) writes nothing.
+it is missing. A plain ``import benchmarks.synthetic.tasks.utils`` (training, tests) writes nothing.
 """
 
 from __future__ import annotations
@@ -29,16 +29,17 @@ DATA_FILE = Path(__file__).parent.resolve().parent / "data" / "test.parquet"
 
 
 def ensure_data() -> Path:
-    """Write the task's data file (`DATA_FILE`) unless it is there and current; silent and cheap when it is.
+    """Write the task's data file (`DATA_FILE`) when it is missing; an existing file is never replaced here (it may
+    be a user's own, in a copy of this folder; `run_bench.py` refreshes the project's own copy when it is stale).
 
-    The data is the default test split of `benchmarks.synthetic.generate` (1000 questions, seed 3, deterministic),
-    checked and written by its `ensure_test_data`.
+    The data is the default test split of `benchmarks.synthetic.generate` (1000 questions, seed 3, deterministic).
     """
+    if DATA_FILE.exists():
+        return DATA_FILE
     from benchmarks.synthetic.generate import ensure_test_data
 
-    if not DATA_FILE.exists():
-        print(f"synth_vqa: writing the task's data to {DATA_FILE} (first use; deterministic, a few seconds)",
-              file=sys.stderr)
+    print(f"synth_vqa: writing the task's data to {DATA_FILE} (first use; deterministic, a few seconds)",
+          file=sys.stderr)
     return ensure_test_data(DATA_FILE)
 
 

@@ -16,11 +16,16 @@ TABLE = ("method", "budget", "visual_tokens", "llm_prefill_tmacs", "llm_prefill_
          "prefill_tflops", "total_tflops", "llm_prefill_ratio", "prefill_ratio")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2
+        self.exit(2, f"error: {message}; `python -m flops --help` lists the options\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from run_bench import _budget, _method_arg
 
-    p = argparse.ArgumentParser(prog="python -m flops", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = _Parser(prog="python -m flops", description=__doc__.splitlines()[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model-config", default="llava-1.5-7b",
                    help="llava-1.5-7b, llava-1.5-13b, a config.json or a llava-hf checkpoint folder")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt tokens besides the image (default 64)")

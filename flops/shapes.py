@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from methods import create_reducer, get_reducer_class
-from methods.base import Site, TokenReducer, Tokens
+from methods.base import Site, TokenReducer, Tokens, first_line
 from methods.llava import LlavaLayout, cls_signal_macs, query_row_macs
 
 CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b
@@ -43,10 +43,16 @@ def load_config(name_or_path: str | Path):
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if raw.get("model_type") != "llava" or "vision_config" not in raw or "text_config" not in raw:
-        raise ValueError(f"{path} is not a LLaVA config (needs model_type 'llava' with vision_config and "
-                         f"text_config; got model_type {raw.get('model_type')!r})")
-    config = LlavaConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+    if not isinstance(raw, dict) or raw.get("model_type") != "llava":
+        got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{path} is not a LLaVA config (needs model_type 'llava'; got {got!r})")
+    missing = [k for k in ("vision_config", "text_config") if not isinstance(raw.get(k), dict)]
+    if missing:
+        raise ValueError(f"{path}: a LLaVA config needs {' and '.join(missing)} (a JSON object each)")
+    try:
+        config = LlavaConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+    except Exception as e:  # noqa: BLE001 - transformers validates field types with its own error classes
+        raise ValueError(f"{path} is not a valid LLaVA config ({type(e).__name__}: {first_line(e)})") from None
     check_shapes(config, path)
     return config
 

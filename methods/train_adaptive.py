@@ -121,11 +121,18 @@ class LlavaJson(torch.utils.data.Dataset):
     """LLaVA-format conversations; the first human/gpt turn of each record that has an image."""
 
     def __init__(self, path: Path, image_folder: Path | None) -> None:
-        records = json.loads(Path(path).read_text())
+        try:
+            records = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--data {path} is not a JSON file ({e}); give a LLaVA-format JSON list") from None
+        if not isinstance(records, list):
+            raise ValueError(f"--data {path} holds a JSON {type(records).__name__}, not the list of records LLaVA's "
+                             "format has")
         self.items = []
         for r in records:
-            turns = r.get("conversations", [])
-            if "image" in r and len(turns) >= 2 and turns[0]["from"] == "human" and turns[1]["from"] == "gpt":
+            turns = r.get("conversations", []) if isinstance(r, dict) else []
+            if ("image" in r and isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns)
+                    and turns[0].get("from") == "human" and turns[1].get("from") == "gpt"):
                 self.items.append((r["image"], turns[0]["value"], turns[1]["value"]))
         if not self.items:
             raise ValueError(f"{path} holds no LLaVA-format records with an image and a human/gpt turn")
@@ -212,6 +219,7 @@ def train(args: argparse.Namespace) -> Path:
     out = args.out
     torch.manual_seed(args.seed)  # the same initial weights (controller, LoRA) in every process
     random.seed(args.seed)
+    data = SynthTrain(args.synth_samples) if args.data == "synth" else LlavaJson(Path(args.data), args.image_folder)
     model, processor = load_llava(args.model, device=device, dtype=args.dtype)
     model.requires_grad_(False)
     trained = []
@@ -236,7 +244,6 @@ def train(args: argparse.Namespace) -> Path:
         torch.manual_seed(args.seed + acc.process_index)
     params = list(controller.parameters()) + trained
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    data = SynthTrain(args.synth_samples) if args.data == "synth" else LlavaJson(Path(args.data), args.image_folder)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, collate_fn=Collate(processor),
                                          generator=torch.Generator().manual_seed(args.seed), drop_last=True)
     loader = acc.prepare(loader)
@@ -264,30 +271,32 @@ def train(args: argparse.Namespace) -> Path:
     controller.train()
     bar = tqdm(total=args.steps, initial=step, desc=f"train {args.method}", disable=not acc.is_main_process)
     t0 = time.perf_counter()
-    while step < args.steps:
-        for batch in loader:
-            if step >= args.steps:
-                break
-            k = torch.randint(lo, hi + 1, (1,)).item()  # one budget per batch
-            budgets = torch.full((batch["input_ids"].size(0),), k, device=device)
-            loss, lm_loss = step_loss(runner, batch, budgets, args.estimator, args.samples)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for p in params:  # average gradients over processes (the controller is small: no DDP wrapper needed)
-                if p.grad is not None:
-                    p.grad = acc.reduce(p.grad, reduction="mean")
-            opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(lm_loss=f"{lm_loss:.3f}", k=k)
-            if acc.is_main_process:
-                out.mkdir(parents=True, exist_ok=True)
-                with open(out / LOG_FILE, "a") as f:
-                    f.write(json.dumps({"step": step, "lm_loss": round(lm_loss, 5), "loss": round(loss.item(), 5),
-                                        "budget": k, "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
-                if step % args.save_every == 0 or step == args.steps:
-                    save(out, controller, opt, trained, step, model, processor, args)
-    bar.close()
+    try:
+        while step < args.steps:
+            for batch in loader:
+                if step >= args.steps:
+                    break
+                k = torch.randint(lo, hi + 1, (1,)).item()  # one budget per batch
+                budgets = torch.full((batch["input_ids"].size(0),), k, device=device)
+                loss, lm_loss = step_loss(runner, batch, budgets, args.estimator, args.samples)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for p in params:  # average gradients over processes (the controller is small: no DDP wrapper needed)
+                    if p.grad is not None:
+                        p.grad = acc.reduce(p.grad, reduction="mean")
+                opt.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(lm_loss=f"{lm_loss:.3f}", k=k)
+                if acc.is_main_process:
+                    out.mkdir(parents=True, exist_ok=True)
+                    with open(out / LOG_FILE, "a") as f:
+                        f.write(json.dumps({"step": step, "lm_loss": round(lm_loss, 5), "loss": round(loss.item(), 5),
+                                            "budget": k, "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
+                    if step % args.save_every == 0 or step == args.steps:
+                        save(out, controller, opt, trained, step, model, processor, args)
+    finally:
+        bar.close()  # before any message, so an error is the last line
     return out
 
 
@@ -335,6 +344,10 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--data {args.data}: no such file; give 'synth' or a LLaVA-format JSON file")
     if args.image_folder is not None and not args.image_folder.is_dir():
         raise FileNotFoundError(f"--image-folder {args.image_folder} is not a folder")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no usable CUDA device; use --device cpu")
+    if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: use cpu or cuda")
 
 
 def prepare_out(args: argparse.Namespace) -> str:
@@ -359,6 +372,11 @@ def prepare_out(args: argparse.Namespace) -> str:
     if trained and not args.overwrite:
         raise ValueError(f"{out} already holds a trained {args.method} controller; pass --out DIR to train another, "
                          "or --overwrite to replace it (its files move to OUT/replaced/)")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {existing} is not a writable folder; pass another --out")
     if args.overwrite and out.is_dir():
         old = [f for f in out.iterdir() if f.name != "replaced"]
         if old:

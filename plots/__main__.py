@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: some figures may be missing; rerun the same command", file=sys.stderr)
+        return 130
     except OSError as e:  # an --out that cannot be written, a full disk
         print(f"error: cannot write the figures: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; pass "
               "another --out", file=sys.stderr)

@@ -107,10 +107,11 @@ def _read_samples(path: Path, res: Results) -> None:
             try:
                 s = json.loads(line)
                 key = (s["task"], s["method"], str(s["budget"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                per_layer = [float(v) for v in s.get("visual_tokens_per_layer") or []]
+                doc_id = int(s.get("doc_id", PICTURE_DOCS))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 skipped.append(number)
                 continue
-            per_layer = s.get("visual_tokens_per_layer")
             if per_layer:
                 acc = sums[key]
                 if not acc:
@@ -119,8 +120,8 @@ def _read_samples(path: Path, res: Results) -> None:
                     for i, v in enumerate(per_layer):
                         acc[i] += v
                     counts[key] += 1
-            if s.get("doc_id", PICTURE_DOCS) < PICTURE_DOCS:
-                res.kept[(*key, s["doc_id"])] = s.get("kept_indices")
+            if doc_id < PICTURE_DOCS:
+                res.kept[(*key, doc_id)] = s.get("kept_indices")
     res.layers.update({k: [v / counts[k] for v in acc] for k, acc in sums.items() if counts[k]})
     if skipped:
         print(f"warning: {path}: {len(skipped)} line(s) are not sample records (line {', '.join(map(str, skipped[:5]))}"

@@ -3,6 +3,7 @@ kept bright and the others dimmed; one panel per method and budget."""
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -44,9 +45,14 @@ def selection_pictures(res: Results, out: Path, max_docs: int = 2) -> list[Path]
             continue
         methods = sorted({m for m, _ in entries})
         budgets = sorted({b for _, b in entries}, key=lambda b: (float(b) if b.replace(".", "").isdigit() else 1e9, b))
-        image = np.asarray(plt.imread(png))
+        try:
+            image = np.asarray(plt.imread(png))
+            grid = tuple(meta["grid"])
+        except (OSError, SyntaxError, ValueError, KeyError, TypeError) as e:  # PIL reports a bad PNG as SyntaxError
+            print(f"warning: {png} cannot be read as the picture of {task} doc {doc_id} ({e}): skipped",
+                  file=sys.stderr)
+            continue
         image = (image[..., :3] * 255).astype(np.uint8) if image.dtype != np.uint8 else image[..., :3]
-        grid = tuple(meta["grid"])
         fig, axes = plt.subplots(len(methods), len(budgets) + 1, squeeze=False,
                                  figsize=(1.9 * (len(budgets) + 1), 1.9 * len(methods) + 0.8), dpi=110)
         for r, method in enumerate(methods):

@@ -229,13 +229,27 @@ def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path
     (["--batch-size", "0"], "--batch-size: must be >= 1"),
     (["--steps", "-1"], "--steps: must be >= 1"),
     (["--budget-range", "0.5", "0.1"], "need 0 < MIN <= MAX <= 1"),
+    (["--data", "{dict_json}"], "holds a JSON dict, not the list of records"),
+    (["--data", "{not_json}"], "is not a JSON file"),
+    (["--device", "cuda"], "no usable CUDA device"),
+    (["--out", "{a_file}/sub"], "is not a writable folder"),
 ])
 def test_training_bad_input_is_one_line(argv, phrase, tmp_path, capsys):
     from benchmarks.defaults import SMOKE_MODEL
     from methods import train_adaptive
 
+    if not torch.cuda.is_available() or "cuda" not in argv:
+        pass
+    else:
+        pytest.skip("this machine has a GPU")
+    (tmp_path / "dict.json").write_text('{"a": 1}')
+    (tmp_path / "not.json").write_text("{oops")
+    (tmp_path / "a_file").write_text("")
+    argv = [a.format(dict_json=tmp_path / "dict.json", not_json=tmp_path / "not.json", a_file=tmp_path / "a_file")
+            for a in argv]
+    argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "c")]
     try:
-        code = train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, "--out", str(tmp_path / "c"), *argv])
+        code = train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, *argv])
     except SystemExit as e:  # argparse's own checks, one line
         code = e.code
     err = capsys.readouterr().err

@@ -239,3 +239,26 @@ def test_cli_rejects_what_run_bench_rejects(argv, phrase, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
+
+
+@pytest.mark.parametrize(("content", "phrase"), [
+    ("[1, 2]", "is not a LLaVA config (needs model_type 'llava'; got 'list')"),
+    ('{"model_type": "llava", "text_config": {}}', "a LLaVA config needs vision_config"),
+    ("not json", "is not valid JSON"),
+])
+def test_cli_foreign_config_files_are_one_line(content, phrase, tmp_path, capsys):
+    from flops.__main__ import main
+
+    (tmp_path / "config.json").write_text(content)
+    assert main(["--model-config", str(tmp_path / "config.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
+
+
+def test_cli_argument_errors_are_one_line(capsys):
+    from flops.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--budgets", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1

@@ -141,3 +141,14 @@ def test_malformed_files_give_one_line_or_a_warning(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(good), "--nope"])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_unreadable_sample_fields_and_pictures_are_skipped_with_a_warning(tmp_path, capsys):
+    run = write_run(tmp_path / "run", CELLS)
+    with open(run / "samples.jsonl", "a") as f:
+        f.write(json.dumps({"task": "synth_vqa", "method": "full", "budget": 16, "doc_id": "x",
+                            "visual_tokens_per_layer": "many"}) + "\n")
+    (run / "pictures" / "other__0.png").write_bytes(b"not a png")
+    assert main([str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "1 line(s) are not sample records" in err and "other__0.png cannot be read" in err

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.defaults import CATALOGUE, DEFAULT_BATCH_SIZE, DEFAULT_OUTPUT, SMOKE_MODEL, SMOKE_TASKS
+from methods.cli import OneLineParser, at_least, parse_budget, parse_method_arg
 
 DRY_RUN_TEXT_TOKENS = 64  # prompt tokens besides the image assumed by a dry run's cost estimate (as python -m flops)
 
@@ -38,13 +39,6 @@ Finished cells are kept in OUTPUT/cells; rerunning the same command computes onl
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments get one line (what is wrong, where the options are listed) and exit status 2."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message}; `python run_bench.py --help` lists the options\n")
-
-
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32, width=120)
@@ -59,22 +53,23 @@ def _rel(path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="run_bench.py", description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=_Formatter)
+    p = OneLineParser(prog="run_bench.py", description=__doc__.splitlines()[0], epilog=EPILOG,
+                      formatter_class=_Formatter)
     p.add_argument("--methods", nargs="+", default=[], metavar="NAME",
                    help="methods or families (default: every method that can run on the model; learned ones need "
                    "a trained controller)")
-    p.add_argument("--budgets", nargs="+", type=_budget, default=[], metavar="N",
+    p.add_argument("--budgets", nargs="+", type=parse_budget, default=[], metavar="N",
                    help="visual tokens the LLM sees, or 'auto' for methods that choose their own count (prumerge) "
                    "(default: about 1/9, 1/4 and 1/3 of the model's patches)")
     p.add_argument("--tasks", nargs="+", default=list(SMOKE_TASKS), metavar="TASK",
                    help=f"lmms-eval task names, separated by spaces (default: {' '.join(SMOKE_TASKS)})")
     p.add_argument("--model", type=Path, default=SMOKE_MODEL,
                    help=f"local llava-hf checkpoint folder (default: {_rel(SMOKE_MODEL)}, the committed smoke model)")
-    p.add_argument("--limit", type=_positive("--limit"), default=None,
+    p.add_argument("--limit", type=at_least(1), default=None,
                    help="evaluate only the first N samples of each task (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seeds lmms-eval and every method that draws at random "
                    "(default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive("--batch-size"), default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE,
                    help="prompts per forward pass; predictions do not depend on it (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -83,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"results directory (default: {_rel(DEFAULT_OUTPUT)})")
     p.add_argument("--include-path", nargs="+", type=Path, default=[], metavar="DIR",
                    help="extra folders of lmms-eval task YAMLs (default: none)")
-    p.add_argument("--method-args", nargs="+", type=_method_arg, default=[], metavar="METHOD.ARG=VALUE",
+    p.add_argument("--method-args", nargs="+", type=parse_method_arg, default=[], metavar="METHOD.ARG=VALUE",
                    help="constructor arguments of a method, e.g. fastv.layer=1 random.seed=3 (default: none; "
                    "`--list` shows each method's arguments and defaults)")
     p.add_argument("--task-data", nargs="+", action="extend", default=[], metavar="TASK=PATH",
@@ -102,45 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
-
-
-def _budget(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a whole number of visual tokens or 'auto'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"budget {value} must be >= 1 (visual tokens the LLM sees)")
-    return value
-
-
-def _positive(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a whole number") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
-        return value
-
-    return parse
-
-
-def _method_arg(text: str) -> tuple[str, str, object]:
-    import ast
-
-    head, sep, value = text.partition("=")
-    method, dot, arg = head.partition(".")
-    if not (sep and dot and method and arg):
-        raise argparse.ArgumentTypeError(f"{text!r}: write METHOD.ARG=VALUE, e.g. fastv.layer=1")
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value  # a plain string, e.g. a path
-    return method, arg, parsed
 
 
 # ---------------------------------------------------------------------------------------------- torch-free checks

@@ -282,19 +282,27 @@ def task_identity(tm, spec: RunSpec, task: str) -> list:
     return [code, data]
 
 
-def fingerprint(spec: RunSpec, method_args: dict, task: list) -> str:
-    """A cell's identity: the model (path and its files, so a checkpoint rewritten in place is not reused), dtype
-    and device type, the method's arguments (and a controller checkpoint's files), --limit, --seed and the task
-    (`task_identity`). The code version is not part of it: cells of another version are reported (`run`)."""
+def short_hash(parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_conditions(spec: RunSpec) -> str:
+    """What every cell of a run shares: the model (path and its files, so a checkpoint rewritten in place is not
+    reused), the dtype as run, the device type, --limit and --seed."""
     from benchmarks.lmms_model import resolve_dtype
 
     dtype = str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch.")
-    parts = [str(Path(spec.model).resolve()), file_identity(spec.model), dtype, spec.device.split(":")[0],
-             method_args, spec.limit, spec.seed, task]
+    return short_hash([str(Path(spec.model).resolve()), file_identity(spec.model), dtype, spec.device.split(":")[0],
+                  spec.limit, spec.seed])
+
+
+def fingerprint(spec: RunSpec, method_args: dict, task: list) -> str:
+    """A cell's identity: `run_conditions`, the method's arguments (and a controller checkpoint's files) and the task
+    (`task_identity`). The code version is not part of it: cells of another version are reported (`run`)."""
+    parts = [run_conditions(spec), method_args, short_hash(task)]
     if method_args.get("checkpoint"):
         parts.append(file_identity(method_args["checkpoint"]))
-    key = json.dumps(parts, sort_keys=True)
-    return hashlib.sha1(key.encode()).hexdigest()[:10]
+    return short_hash(parts)
 
 
 def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.console import cell_line
 from benchmarks.defaults import SMOKE_TASKS, SYNTH_TASKS
-from benchmarks.plan import Cell, Plan, RunSpec, fingerprint, make_plan, task_identity
+from benchmarks.plan import Cell, Plan, RunSpec, fingerprint, make_plan, run_conditions, short_hash, task_identity
 from benchmarks.records import cell_times, peak_rss, provenance, sample_records, summary_rows
 from benchmarks.standard_tasks import load_error, package_dirs, submission_args, task_config
 from benchmarks.store import ResultStore
@@ -183,6 +183,13 @@ def _sweep(spec: RunSpec, plan: Plan, tm, lm, store: ResultStore, world, progres
     world.barrier()
     prov = provenance(spec, spec.device)
     tasks = {t: task_identity(tm, spec, t) for t in spec.tasks}
+    conditions = {"run": run_conditions(spec), "tasks": {t: short_hash(ident) for t, ident in tasks.items()}}
+    if world.is_main:
+        moved = store.supersede(conditions["run"], conditions["tasks"])
+        if moved:
+            print(f"note: {moved} cells in {spec.output} were computed under other conditions (model files, dtype, "
+                  "device, --limit, --seed or the task's files): moved to cells/superseded/")
+            store.rebuild()
     planned = [(cell, reducer, fingerprint(spec, {"method": cell.method, **reducer.method_args()}, tasks[cell.task]))
                for cell, reducer in zip(plan.cells, plan.reducers, strict=True)]
     done = world.broadcast([not force and store.done(cell, fp) for cell, _, fp in planned])  # rank 0's files decide
@@ -204,7 +211,8 @@ def _sweep(spec: RunSpec, plan: Plan, tm, lm, store: ResultStore, world, progres
             if world.is_main:
                 for r in rows + samples:
                     r["cell_id"] = fp
-                store.save(cell, fp, spec.model, rows, samples)
+                store.save(cell, fp, spec.model, {"run": conditions["run"], "task": conditions["tasks"][cell.task]},
+                           rows, samples)
                 store.save_pictures(lm.pictures)
                 store.rebuild()
                 bar.write(cell_line(i, len(todo), rows), file=sys.stdout)

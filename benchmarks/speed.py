@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from methods.cli import OneLineParser, at_least
+
 PLAN = [("full", None, {}), ("fastv", 64, {}), ("fastv", 192, {}), ("fastv", "R=0.5", {"ratio": 0.5}),
         ("prumerge", 64, {}), ("prumerge", 192, {}), ("prumerge_plus", 64, {}), ("prumerge_plus", 192, {}),
         ("random", 64, {}), ("random", 192, {}), ("adaptive_a", 64, {}), ("adaptive_a", 192, {}),
@@ -145,24 +147,6 @@ def overhead(args: argparse.Namespace) -> float:
     return marginal
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2
-        self.exit(2, f"error: {message}; `python -m benchmarks.speed --help` lists the options\n")
-
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
 def check(args: argparse.Namespace) -> None:
     """What the arguments can get wrong, before any model is built (ValueError)."""
     if args.what == "speedup":
@@ -179,21 +163,21 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("speedup", help="realised vs FLOPs-predicted prefill speed-up, 7B-shaped model")
-    s.add_argument("--vision-layers", type=_at_least(2), default=4, help="at least 2 (LLaVA reads layer -2)")
-    s.add_argument("--llm-layers", type=_at_least(3), default=4, help="at least 3 (FastV prunes at layer 2)")
-    s.add_argument("--text-tokens", type=_at_least(7), default=64)
-    s.add_argument("--repeats", type=_at_least(1), default=5)
-    s.add_argument("--batch-size", type=_at_least(1), default=1, help="samples per prefill (times are per sample)")
+    s.add_argument("--vision-layers", type=at_least(2), default=4, help="at least 2 (LLaVA reads layer -2)")
+    s.add_argument("--llm-layers", type=at_least(3), default=4, help="at least 3 (FastV prunes at layer 2)")
+    s.add_argument("--text-tokens", type=at_least(7), default=64)
+    s.add_argument("--repeats", type=at_least(1), default=5)
+    s.add_argument("--batch-size", type=at_least(1), default=1, help="samples per prefill (times are per sample)")
     s.add_argument("--budgets", nargs="*", default=[], help="only these plan budgets (e.g. 64 R=0.5); full always")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     o = sub.add_parser("overhead", help="run_bench.py vs a bare HF generate loop, smoke model")
-    o.add_argument("--samples", type=_at_least(2), default=1000)
-    o.add_argument("--batch-size", type=_at_least(1), default=32)
+    o.add_argument("--samples", type=at_least(2), default=1000)
+    o.add_argument("--batch-size", type=at_least(1), default=32)
     args = p.parse_args(argv)
     try:
         check(args)

@@ -163,14 +163,32 @@ class ResultStore:
         """True when the cell's file is there and readable (an unreadable one is set aside by `load_all`)."""
         return self.path(cell, fingerprint).is_file() and self._read(self.path(cell, fingerprint))[0] is not None
 
-    def save(self, cell: Cell, fingerprint: str, model: Path, rows: list[dict], samples: list[dict]) -> None:
-        """Write the cell atomically; files of the same cell under other conditions move to cells/superseded/."""
-        record = {"cell": cell.name, "fingerprint": fingerprint, "model": str(Path(model).resolve()), "rows": rows,
-                  "samples": samples}
+    def save(self, cell: Cell, fingerprint: str, model: Path, conditions: dict, rows: list[dict],
+             samples: list[dict]) -> None:
+        """Write the cell atomically; files of the same cell under other conditions move to cells/superseded/.
+        `conditions` ({"run": ..., "task": ...}) lets `supersede` tell the cells of another run's conditions."""
+        record = {"cell": cell.name, "fingerprint": fingerprint, "model": str(Path(model).resolve()),
+                  "conditions": conditions, "rows": rows, "samples": samples}
         _atomic_write(self.path(cell, fingerprint), json.dumps(record))
         for old in self.cells_dir.glob(f"{cell.name}__*.json"):
             if old.name != self.path(cell, fingerprint).name:
                 self._move(old, "superseded")
+
+    def supersede(self, run: str, tasks: dict[str, str]) -> int:
+        """Move to cells/superseded/ every cell computed under other run conditions (model files, dtype, device type,
+        --limit, --seed) or, for the tasks in `tasks`, another version of the task; return how many moved. The folder
+        then reports one set of conditions, never a stale cell beside a current one."""
+        moved = 0
+        for f in sorted(self.cells_dir.glob("*.json")):
+            data, _ = self._read(f)
+            if data is None:
+                continue
+            cond = data.get("conditions") or {}
+            task = f.stem.split("__")[0]
+            if cond.get("run") != run or (task in tasks and cond.get("task") != tasks[task]):
+                self._move(f, "superseded")
+                moved += 1
+        return moved
 
     def _move(self, f: Path, why: str) -> Path:
         """Set a file aside (never delete what may be the user's): cells/<why>/<name>."""

@@ -12,27 +12,23 @@ import argparse
 import json
 import sys
 
+from methods.cli import OneLineParser, parse_budget, parse_method_arg
+
 TABLE = ("method", "budget", "visual_tokens", "llm_prefill_tmacs", "llm_prefill_tflops", "prefill_tmacs",
          "prefill_tflops", "total_tflops", "llm_prefill_ratio", "prefill_ratio")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2
-        self.exit(2, f"error: {message}; `python -m flops --help` lists the options\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from run_bench import _budget, _method_arg
-
-    p = _Parser(prog="python -m flops", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m flops", description=__doc__.splitlines()[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model-config", default="llava-1.5-7b",
                    help="llava-1.5-7b, llava-1.5-13b, a config.json or a llava-hf checkpoint folder")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt tokens besides the image (default 64)")
     p.add_argument("--generated-tokens", type=int, default=1, help="answer length for the end-to-end column")
     p.add_argument("--methods", nargs="+", default=["full"], metavar="NAME")
-    p.add_argument("--budgets", nargs="+", type=_budget, default=[], metavar="N", help="visual tokens the LLM sees")
-    p.add_argument("--method-args", nargs="+", type=_method_arg, default=[], metavar="METHOD.ARG=VALUE",
+    p.add_argument("--budgets", nargs="+", type=parse_budget, default=[], metavar="N",
+                   help="visual tokens the LLM sees")
+    p.add_argument("--method-args", nargs="+", type=parse_method_arg, default=[], metavar="METHOD.ARG=VALUE",
                    help="e.g. fastv.layer=3 fastv.ratio=0.5 (a FastV ratio replaces its budgets)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

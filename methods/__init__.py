@@ -1,9 +1,10 @@
 """Token-reduction methods for LLaVA-style models: a registry of interchangeable `TokenReducer`s.
 
-Importing this package imports every method module, so their `@register_reducer` decorators run.
+The method modules are imported on the registry's first use (`methods._registry.load_methods`), which runs their
+`@register_reducer` decorators; `import methods` alone imports no torch, so torch-free helpers (`methods.cli`)
+serve the command lines' `--help` and argument errors at once.
 """
 
-from methods import adaptive, fastv, full, prumerge, random  # noqa: F401  (registers the methods)
 from methods._registry import (
     UnknownReducerError,
     create_reducer,
@@ -12,13 +13,11 @@ from methods._registry import (
     list_reducers,
     register_reducer,
 )
-from methods.base import Reduced, Site, TokenReducer, Tokens
+
+_CONTRACT = ("Reduced", "Site", "TokenReducer", "Tokens")  # methods.base, imported when first asked for
 
 __all__ = [
-    "Reduced",
-    "Site",
-    "TokenReducer",
-    "Tokens",
+    *_CONTRACT,
     "UnknownReducerError",
     "create_reducer",
     "expand_methods",
@@ -26,3 +25,11 @@ __all__ = [
     "list_reducers",
     "register_reducer",
 ]
+
+
+def __getattr__(name: str):
+    if name in _CONTRACT:
+        from methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'methods' has no attribute {name!r}")

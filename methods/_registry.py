@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import types
 import typing
 from collections.abc import Callable
@@ -14,6 +15,13 @@ if TYPE_CHECKING:
     from methods.base import TokenReducer
 
 _REDUCERS: dict[str, type[TokenReducer]] = {}
+METHOD_MODULES = ("adaptive", "fastv", "full", "prumerge", "random")  # one file per method; add new ones here
+
+
+def load_methods() -> None:
+    """Import every method module (once; Python caches them), so that the registry holds every method."""
+    for name in METHOD_MODULES:
+        importlib.import_module(f"methods.{name}")
 
 
 class UnknownReducerError(KeyError):
@@ -40,6 +48,7 @@ def register_reducer(name: str) -> Callable[[type[TokenReducer]], type[TokenRedu
 
 def get_reducer_class(name: str) -> type[TokenReducer]:
     """The class registered under `name`, or `UnknownReducerError` naming close matches and every method."""
+    load_methods()
     if name not in _REDUCERS:
         close = difflib.get_close_matches(name, list(_REDUCERS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -83,6 +92,7 @@ def _describe(hint: object) -> str:
 
 def list_reducers(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style `pattern`, sorted."""
+    load_methods()
     return sorted(fnmatch.filter(_REDUCERS, pattern))
 
 

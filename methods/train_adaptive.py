@@ -37,41 +37,24 @@ import torch.nn.functional as F
 from methods import create_reducer
 from methods.adaptive import ESTIMATORS, ControllerConfig
 from methods.base import first_line
+from methods.cli import OneLineParser, at_least
 from methods.llava import ReducedLlava, llava_prompt
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2
-        self.exit(2, f"error: {message}; `python -m methods.train_adaptive --help` lists the options\n")
-
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m methods.train_adaptive", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m methods.train_adaptive", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", type=Path, required=True, help="local llava-hf checkpoint folder")
     p.add_argument("--method", required=True, choices=["adaptive_a", "adaptive_b", "budget_blind"])
     p.add_argument("--data", default="synth", help="'synth' or a LLaVA-format JSON file")
     p.add_argument("--image-folder", type=Path, default=None, help="folder the JSON's image paths are relative to")
-    p.add_argument("--synth-samples", type=_at_least(1), default=20000, help="size of the synthetic train split")
+    p.add_argument("--synth-samples", type=at_least(1), default=20000, help="size of the synthetic train split")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: MODEL/controllers/METHOD)")
-    p.add_argument("--steps", type=_at_least(1), default=600)
-    p.add_argument("--batch-size", type=_at_least(1), default=32, help="per process")
+    p.add_argument("--steps", type=at_least(1), default=600)
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--budget-range", type=float, nargs=2, default=(0.05, 0.5), metavar=("MIN", "MAX"),
                    help="budgets drawn per batch, as shares of the patches (default 0.05 0.5)")
@@ -84,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Gumbel-softmax temperature of the straight-through estimator (AdaLLaVA: 5)")
     p.add_argument("--train-projector", action="store_true", help="also train the multimodal projector")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM frozen)")
-    p.add_argument("--save-every", type=_at_least(1), default=100)
+    p.add_argument("--save-every", type=at_least(1), default=100)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a controller already trained in OUT (its files move to OUT/replaced/)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -88,7 +88,7 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "controller for another model": (["--methods", "adaptive_b", "--budgets", "4", "--method-args",
                                           f"adaptive_b.checkpoint={wrong_grid}"], "trained for 16 patches"),
         "output not writable": (["--methods", "full", "--output", str(blocker / "sub")], "cannot write to output"),
-        "limit 0": (["--limit", "0"], "--limit must be >= 1"),
+        "limit 0": (["--limit", "0"], "--limit: must be >= 1"),
         "tasks with a comma": (["--tasks", "synth_vqa,gqa"], "separate task names with spaces"),
         "method argument out of range": (["--methods", "fastv", "--budgets", "4", "--method-args", "fastv.layer=9"],
                                          "LLM layer 9 must be in [1, 1] for this 2-layer"),
@@ -273,8 +273,9 @@ def test_a_cell_is_recomputed_when_its_task_data_dtype_or_model_changes(tiny_ckp
     run_quiet(capsys, *base)
     assert "already" not in run_quiet(capsys, *base, "--dtype", "bfloat16")  # float32 numbers are not bfloat16's
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert {r["dtype"] for r in rows if r["task"] == "synth_vqa"} == {"bfloat16"}
-    assert len({r["cell_id"] for r in rows}) == 2 and all(r["cell_id"] for r in rows)
+    assert {r["dtype"] for r in rows} == {"bfloat16"}  # the float32 cells (both tasks) moved to cells/superseded
+    assert len({r["cell_id"] for r in rows}) == 1 and all(r["cell_id"] for r in rows)
+    assert len(list((out / "cells" / "superseded").glob("*.json"))) == 3
     assert "already" not in run_quiet(capsys, *base, "--dtype", "bfloat16", "--force")
 
 

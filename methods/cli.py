@@ -1,0 +1,57 @@
+"""What every command line of the project shares, torch-free: a parser whose errors are one line with exit status 2,
+and the argument types for budgets, method arguments and positive counts."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+
+AUTO = "auto"  # as methods.base.AUTO, without importing torch
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments get one line (what is wrong, where the options are listed) and exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message}; `{self.prog} --help` lists the options\n")
+
+
+def at_least(low: int):
+    """An argparse type: a whole number >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_budget(text: str) -> int | str:
+    """An argparse type: visual tokens the LLM sees (>= 1), or 'auto'."""
+    if text == AUTO:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a whole number of visual tokens or 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"budget {value} must be >= 1 (visual tokens the LLM sees)")
+    return value
+
+
+def parse_method_arg(text: str) -> tuple[str, str, object]:
+    """An argparse type: METHOD.ARG=VALUE -> (method, argument, value as a Python literal, or the plain string)."""
+    head, sep, value = text.partition("=")
+    method, dot, arg = head.partition(".")
+    if not (sep and dot and method and arg):
+        raise argparse.ArgumentTypeError(f"{text!r}: write METHOD.ARG=VALUE, e.g. fastv.layer=1")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value  # a plain string, e.g. a path
+    return method, arg, parsed

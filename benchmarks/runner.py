@@ -40,9 +40,10 @@ def task_manager(spec: RunSpec):
         if not all(t in tm.all_tasks for t in spec.tasks):
             tm = TaskManager(include_path=paths)
     except Exception as e:  # noqa: BLE001 - yaml's and lmms-eval's own errors for a malformed task file
-        where = f" in {getattr(e, 'problem_mark', None) and e.problem_mark.name}" if hasattr(e, "problem_mark") else ""
+        mark = getattr(e, "problem_mark", None)  # yaml's position of the error
+        where = f" ({mark.name}, line {mark.line + 1})" if mark else ""
         raise ValueError(f"a task YAML cannot be read{where} ({type(e).__name__}: {first_line(e)}); fix or move it "
-                         f"out of the --include-path folders") from None
+                         "out of the --include-path folders") from None
     unknown = [t for t in spec.tasks if t not in tm.all_tasks]
     if unknown:
         hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=3) for t in unknown}

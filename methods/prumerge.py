@@ -23,10 +23,10 @@ Differs from the reference code:
 * auto mode keeps at least one token (the reference crashes, PruMerge+, or keeps none when no value is an
   outlier), and PruMerge+'s stride is at least 1 (the reference fails when ratio > 1/3 makes it 0);
 * numeric budgets are our addition (the reference is adaptive or a fixed 1/8 ratio); they must be >= 2 (B - 1
-  chosen tokens plus the summary token; a budget of 1 is an error, not an empty selection). PruMerge+ with budget B keeps
-  k = ceil((B - 1) / 4) tokens by attention (the reference's ~1:3 split between attention and spatial tokens) and
-  B - 1 - k spatial tokens on the flat grid of step max(1, (N - 1) // (B - 1 - k)), lowest indices first; where
-  that grid overlaps the attention picks, the next tokens by attention fill the gap;
+  chosen tokens plus the summary token; a budget of 1 is an error, not an empty selection). PruMerge+ with budget
+  B keeps k = ceil((B - 1) / 4) tokens by attention (the reference's ~1:3 split between attention and spatial
+  tokens) and B - 1 - k spatial tokens on the flat grid of step max(1, (N - 1) // (B - 1 - k)), lowest indices
+  first; where that grid overlaps the attention picks, the next tokens by attention fill the gap;
 * batched and vectorised (the reference loops over tokens in Python, and its PruMerge+ handles batch size 1 only).
 """
 

@@ -283,6 +283,7 @@ def task_identity(tm, spec: RunSpec, task: str) -> list:
 
 
 def short_hash(parts: object) -> str:
+    """Ten hex digits of the SHA-1 of `parts` as canonical JSON."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -293,13 +294,14 @@ def run_conditions(spec: RunSpec) -> str:
 
     dtype = str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch.")
     return short_hash([str(Path(spec.model).resolve()), file_identity(spec.model), dtype, spec.device.split(":")[0],
-                  spec.limit, spec.seed])
+                       spec.limit, spec.seed])
 
 
-def fingerprint(spec: RunSpec, method_args: dict, task: list) -> str:
-    """A cell's identity: `run_conditions`, the method's arguments (and a controller checkpoint's files) and the task
-    (`task_identity`). The code version is not part of it: cells of another version are reported (`run`)."""
-    parts = [run_conditions(spec), method_args, short_hash(task)]
+def fingerprint(run: str, method_args: dict, task: str) -> str:
+    """A cell's identity: the run's `run_conditions`, the method's arguments (and a controller checkpoint's files) and
+    the task's `short_hash(task_identity(...))`, both computed once per run. The code version is not part of it:
+    cells of another version are reported (`run`)."""
+    parts = [run, method_args, task]
     if method_args.get("checkpoint"):
         parts.append(file_identity(method_args["checkpoint"]))
     return short_hash(parts)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import run_bench
-from benchmarks.plan import RunSpec, fingerprint, task_identity
+from benchmarks.plan import RunSpec, fingerprint, run_conditions, short_hash, task_identity
 from benchmarks.standard_tasks import TASKS, parse_task_data
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -292,7 +292,7 @@ def test_fingerprint_follows_the_data(tmp_path):
 
     def fp(*task_data):
         spec = RunSpec(methods=("full",), tasks=("pope", "gqa"), task_data=task_data)
-        return fingerprint(spec, args, task_identity(tm, spec, "pope"))
+        return fingerprint(run_conditions(spec), args, short_hash(task_identity(tm, spec, "pope")))
 
     plain, a, b = fp(), fp(("pope", tmp_path / "a")), fp(("pope", tmp_path / "b"))
     assert len({plain, a, b}) == 3

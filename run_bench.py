@@ -10,14 +10,13 @@ methods/catalogue.json); everything else a run would reject is checked before an
 from __future__ import annotations
 
 import argparse
-import difflib
-import fnmatch
 import json
 import os
 import sys
 from pathlib import Path
 
 from benchmarks.defaults import CATALOGUE, DEFAULT_BATCH_SIZE, DEFAULT_OUTPUT, SMOKE_MODEL, SMOKE_TASKS
+from methods import expand_methods
 from methods.cli import OneLineParser, at_least, parse_budget, parse_method_arg
 
 DRY_RUN_TEXT_TOKENS = 64  # prompt tokens besides the image assumed by a dry run's cost estimate (as python -m flops)
@@ -107,33 +106,16 @@ def catalogue() -> dict:
     return json.loads(CATALOGUE.read_text())
 
 
-def expand_names(names: list[str], known: dict) -> list[str]:
-    """Registered names stay, a family prefix expands (`adaptive` -> adaptive_a, adaptive_b); others raise with the
-    registry's own message."""
-    out: list[str] = []
-    for name in names:
-        family = sorted(fnmatch.filter(known, f"{name}_*"))
-        if name in known:
-            out.append(name)
-        elif family:
-            out += family
-        else:
-            close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise KeyError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(known))}")
-    return list(dict.fromkeys(out))
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """What can be checked from the arguments and the model's config.json alone, in milliseconds."""
     known = catalogue()
-    methods = expand_names(args.methods, known) if args.methods else list(known)
+    methods = expand_methods(tuple(args.methods), list(known)) if args.methods else list(known)
     for task in args.tasks:
         if "," in task:
             raise ValueError(f"--tasks {task}: separate task names with spaces (--tasks {' '.join(task.split(','))})")
     for method, arg, _ in args.method_args:
         if method not in known:
-            expand_names([method], known)  # raises with close matches
+            expand_methods((method,), list(known))  # raises with close matches
         if args.methods and method not in methods:
             raise ValueError(f"--method-args names {method}.{arg}, but {method} is not among the methods run")
         allowed = known[method]["args"]

@@ -46,13 +46,18 @@ def register_reducer(name: str) -> Callable[[type[TokenReducer]], type[TokenRedu
     return deco
 
 
+def unknown_method(name: str, known: list[str]) -> UnknownReducerError:
+    """The error for a name that is not among `known`, with close matches and every name."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return UnknownReducerError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(known))}")
+
+
 def get_reducer_class(name: str) -> type[TokenReducer]:
     """The class registered under `name`, or `UnknownReducerError` naming close matches and every method."""
     load_methods()
     if name not in _REDUCERS:
-        close = difflib.get_close_matches(name, list(_REDUCERS), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UnknownReducerError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(_REDUCERS))}")
+        raise unknown_method(name, list(_REDUCERS))
     return _REDUCERS[name]
 
 
@@ -96,15 +101,18 @@ def list_reducers(pattern: str = "*") -> list[str]:
     return sorted(fnmatch.filter(_REDUCERS, pattern))
 
 
-def expand_methods(names: tuple[str, ...]) -> tuple[str, ...]:
-    """Registered names stay; a family prefix (`adaptive` -> `adaptive_a`, `adaptive_b`) expands; others raise."""
+def expand_methods(names: tuple[str, ...], known: list[str] | None = None) -> tuple[str, ...]:
+    """Registered names stay; a family prefix (`adaptive` -> `adaptive_a`, `adaptive_b`) expands; others raise.
+    `known` (names read from methods/catalogue.json) replaces the registry, so the command line can check names
+    without importing the methods."""
+    known = list_reducers() if known is None else sorted(known)
     out: list[str] = []
     for name in names:
-        family = list_reducers(f"{name}_*")
-        if name in list_reducers():
+        family = fnmatch.filter(known, f"{name}_*")
+        if name in known:
             out.append(name)
         elif family:
             out += family
         else:
-            get_reducer_class(name)  # raises with close matches and the list of names
+            raise unknown_method(name, known)
     return tuple(dict.fromkeys(out))

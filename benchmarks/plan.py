@@ -27,6 +27,7 @@ from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
 from benchmarks.standard_tasks import check_task_data
 from methods import TokenReducer, create_reducer, expand_methods, get_reducer_class, list_reducers
 from methods.base import AUTO, first_line
+from methods.cli import check_device
 from methods.llava import LlavaLayout, check_reducer
 
 
@@ -167,21 +168,6 @@ def read_config(model: Path):
         raise ValueError(f"--model {model} is a {config.model_type!r} checkpoint; run_bench.py needs a llava-hf one "
                          "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf)")
     return config
-
-
-def check_device(device: str) -> None:
-    """Raise ValueError unless `device` names a device this machine has."""
-    import torch
-
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no usable CUDA device (torch {torch.__version__}, "
-                         f"CUDA build {torch.version.cuda}); use --device cpu")
-    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices "
-                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
 def make_plan(spec: RunSpec) -> Plan:

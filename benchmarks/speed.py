@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from methods.cli import OneLineParser, at_least
+from methods.cli import OneLineParser, at_least, check_device
 
 PLAN = [("full", None, {}), ("fastv", 64, {}), ("fastv", 192, {}), ("fastv", "R=0.5", {"ratio": 0.5}),
         ("prumerge", 64, {}), ("prumerge", 192, {}), ("prumerge_plus", 64, {}), ("prumerge_plus", 192, {}),
@@ -154,8 +154,6 @@ def check(args: argparse.Namespace) -> None:
         unknown = [b for b in args.budgets if b not in known]
         if unknown:
             raise ValueError(f"--budgets {' '.join(unknown)}: the plan has {' '.join(sorted(known, key=str))}")
-        from benchmarks.plan import check_device
-
         check_device(args.device)
     elif args.samples < 2 * args.batch_size:
         raise ValueError(f"--samples {args.samples}: give at least two batches (2 x --batch-size {args.batch_size}), "

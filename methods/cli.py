@@ -1,5 +1,5 @@
-"""What every command line of the project shares, torch-free: a parser whose errors are one line with exit status 2,
-and the argument types for budgets, method arguments and positive counts."""
+"""What every command line of the project shares, torch-free at import: a parser whose errors are one line with exit
+status 2, the argument types for budgets, method arguments and positive counts, and the device check."""
 
 from __future__ import annotations
 
@@ -55,3 +55,18 @@ def parse_method_arg(text: str) -> tuple[str, str, object]:
     except (ValueError, SyntaxError):
         parsed = value  # a plain string, e.g. a path
     return method, arg, parsed
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless `device` names a device this machine has."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no usable CUDA device (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from methods import create_reducer
 from methods.adaptive import ESTIMATORS, ControllerConfig
 from methods.base import first_line
-from methods.cli import OneLineParser, at_least
+from methods.cli import OneLineParser, at_least, check_device
 from methods.llava import ReducedLlava, llava_prompt
 
 STATE_FILE = "train_state.pt"
@@ -327,10 +327,8 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--data {args.data}: no such file; give 'synth' or a LLaVA-format JSON file")
     if args.image_folder is not None and not args.image_folder.is_dir():
         raise FileNotFoundError(f"--image-folder {args.image_folder} is not a folder")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no usable CUDA device; use --device cpu")
-    if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"--device {args.device}: use cpu or cuda")
+    if args.device:
+        check_device(args.device)
 
 
 def prepare_out(args: argparse.Namespace) -> str:

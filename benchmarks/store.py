@@ -33,8 +33,6 @@ SUMMARY_COLUMNS = [
 ]
 
 
-
-
 class DiskFullError(OSError):
     """A results file could not be written for lack of space (or quota); the message says which and what to do."""
 
@@ -76,6 +74,7 @@ class ResultStore:
         self.cells_dir = self.root / "cells"
         self.pictures_dir = self.root / "pictures"
         self._lock = None
+        self._created: set[str] = set()  # what `prepare` created, for `abandon`
 
     def check_writable(self) -> None:
         """Raise PermissionError unless the output directory exists and is writable, or could be created."""
@@ -96,7 +95,6 @@ class ResultStore:
     def prepare(self) -> None:
         """Create the folder, check that a file can be written there (one byte: a full disk fails here, before any
         work) and take the lock. On failure nothing is left that was not there before."""
-        created = not self.cells_dir.is_dir()
         self._created = {name for name, p in (("root", self.root), ("cells", self.cells_dir),
                                               (".lock", self.root / ".lock")) if not p.exists()}
         try:
@@ -105,7 +103,7 @@ class ResultStore:
             (self.cells_dir / ".write-test").unlink()
             self._take_lock()
         except OSError as e:
-            if created and self.cells_dir.is_dir() and not any(self.cells_dir.iterdir()):
+            if "cells" in self._created and self.cells_dir.is_dir() and not any(self.cells_dir.iterdir()):
                 self.cells_dir.rmdir()
             if isinstance(e, DiskFullError) or e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFullError(errno.ENOSPC, f"no space left on the device to write {self.root}; free some "
@@ -146,7 +144,7 @@ class ResultStore:
         self.release()
         if any(self.cells_dir.rglob("*.json")):
             return
-        created = getattr(self, "_created", set())
+        created = self._created
         if ".lock" in created:
             (self.root / ".lock").unlink(missing_ok=True)
         if "cells" in created and self.cells_dir.is_dir():

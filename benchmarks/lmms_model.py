@@ -34,11 +34,11 @@ from tqdm import tqdm
 from benchmarks.distributed import current_world
 from methods import TokenReducer, UnknownReducerError, create_reducer, get_reducer_class
 from methods.base import first_line
-from methods.llava import ReducedLlava, Timing, llava_prompt
+from methods.llava import ReducedLlava, llava_prompt, load_llava
+from methods.trace import Timing
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_NEW_TOKENS = 16
 PICTURE_DOCS = 4  # docs 0..3 of each task keep their model-input image, for the token-selection pictures
 
@@ -48,84 +48,6 @@ def manifests():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id="reduced_llava", simple_class_path="benchmarks.lmms_model.ReducedLlavaLMM")]
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """'auto' means bfloat16 on CUDA and float32 elsewhere."""
-    if dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
-    """Load a local llava-hf checkpoint and its processor (offline). Returns (model, processor)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a llava-hf checkpoint folder (no config.json); pass --model PATH")
-    check_processor_files(path)
-    torch_dtype = resolve_dtype(dtype, device)
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
-        )
-    except Exception as e:  # noqa: BLE001 - a corrupt file raises safetensors' own error type
-        raise ValueError(f"--model {path}: the weights cannot be loaded ({first_line(e)}); re-save or re-download "
-                         "the checkpoint") from None
-    try:
-        model = model.to(device).eval()
-    except (RuntimeError, AssertionError) as e:  # no such device, or no driver
-        raise ValueError(f"device {device!r} cannot be used here ({first_line(e)}); use cpu or a device this "
-                         "machine has") from None
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError or its own types
-        raise ValueError(f"--model {path}: the processor cannot be loaded ({first_line(e)}); save the checkpoint's "
-                         "processor beside it (processor.save_pretrained(PATH))") from None
-    processor.tokenizer.padding_side = "left"  # instance setting: batched prompts are left-padded
-    complete_processor(processor, model.config)
-    return model, processor
-
-
-PROCESSOR_FILES = (("processor_config.json", "preprocessor_config.json"), ("tokenizer.json", "tokenizer.model"))
-
-
-def check_processor_files(path: Path) -> None:
-    """Raise FileNotFoundError unless the checkpoint folder holds an image-processor config and a tokenizer."""
-    for names in PROCESSOR_FILES:
-        if not any((Path(path) / n).is_file() for n in names):
-            raise FileNotFoundError(f"--model {path} has no {' or '.join(names)}: a llava-hf checkpoint folder needs "
-                                    "its processor beside the weights (processor.save_pretrained(PATH))")
-
-
-def complete_processor(processor, config) -> None:
-    """Make the processor expand `<image>` into as many tokens as the model has patches, or say what is wrong.
-
-    Older llava-hf snapshots save no `patch_size` in processor_config.json (transformers then fails deep inside the
-    processor): it is filled in from the model config, with CLIP's one extra (CLS) token and the config's feature
-    selection strategy, as current llava-hf snapshots have them.
-    """
-    vc = config.vision_config
-    if getattr(processor, "patch_size", None) is None:
-        processor.patch_size = vc.patch_size
-        processor.num_additional_image_tokens = 1  # CLIP's CLS token
-        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
-    ip = processor.image_processor
-    crop = (getattr(ip, "crop_size", None) or {}) if getattr(ip, "do_center_crop", False) else {}
-    if not (crop.get("height") and crop.get("width")):
-        return  # no fixed crop: the adapter checks each batch's image span
-    tokens = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
-    tokens += processor.num_additional_image_tokens - (processor.vision_feature_select_strategy == "default")
-    patches = (vc.image_size // vc.patch_size) ** 2
-    if tokens != patches:
-        raise ValueError(
-            f"the processor expands <image> into {tokens} tokens but the model has {patches} patches "
-            f"(crop {crop['height']}x{crop['width']}, patch_size {processor.patch_size}); set patch_size, "
-            "num_additional_image_tokens and vision_feature_select_strategy in the checkpoint's processor_config.json"
-        )
 
 
 def default_controller(pretrained: str | Path, method: str) -> Path:

@@ -28,7 +28,8 @@ from benchmarks.standard_tasks import check_task_data
 from methods import TokenReducer, create_reducer, expand_methods, get_reducer_class, list_reducers
 from methods.base import AUTO, first_line
 from methods.cli import check_device
-from methods.llava import LlavaLayout, check_reducer
+from methods.llava import check_processor_files, check_reducer, resolve_dtype
+from methods.trace import LlavaLayout
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,6 @@ def read_config(model: Path):
 
 def make_plan(spec: RunSpec) -> Plan:
     """Expand and check the sweep: every cell's reducer is built and checked against the model (no weights load)."""
-    from benchmarks.lmms_model import check_processor_files
     from flops.shapes import check_shapes
 
     check_device(spec.device)
@@ -276,7 +276,6 @@ def short_hash(parts: object) -> str:
 def run_conditions(spec: RunSpec) -> str:
     """What every cell of a run shares: the model (path and its files, so a checkpoint rewritten in place is not
     reused), the dtype as run, the device type, --limit and --seed."""
-    from benchmarks.lmms_model import resolve_dtype
 
     dtype = str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch.")
     return short_hash([str(Path(spec.model).resolve()), file_identity(spec.model), dtype, spec.device.split(":")[0],

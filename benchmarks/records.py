@@ -21,7 +21,7 @@ def provenance(spec: RunSpec, device: str) -> dict:
     import transformers
 
     from benchmarks.distributed import launched_world_size
-    from benchmarks.lmms_model import resolve_dtype
+    from methods.llava import resolve_dtype
 
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,

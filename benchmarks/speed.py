@@ -103,12 +103,11 @@ def overhead(args: argparse.Namespace) -> float:
     from PIL import Image
 
     from benchmarks.defaults import SMOKE_MODEL
-    from benchmarks.lmms_model import load_llava
     from benchmarks.plan import RunSpec
     from benchmarks.runner import run
     from benchmarks.synthetic.generate import make_samples
     from benchmarks.synthetic.tasks.utils import doc_to_text
-    from methods.llava import llava_prompt
+    from methods.llava import llava_prompt, load_llava
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -40,7 +40,8 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     from flops.analytic import ModelShape, count
     from flops.shapes import load_config, shape_record, stand_in_reducer
     from methods import create_reducer, expand_methods, get_reducer_class
-    from methods.llava import LlavaLayout, check_reducer
+    from methods.llava import check_reducer
+    from methods.trace import LlavaLayout
 
     if args.text_tokens < 0 or args.generated_tokens < 1:
         raise ValueError("--text-tokens must be >= 0 and --generated-tokens >= 1")

@@ -16,7 +16,7 @@ import torch
 
 from methods import create_reducer, get_reducer_class
 from methods.base import Site, TokenReducer, Tokens, first_line
-from methods.llava import LlavaLayout, cls_signal_macs, query_row_macs
+from methods.trace import LlavaLayout, cls_signal_macs, query_row_macs
 
 CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b
 

@@ -33,26 +33,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from methods._ops import gather_tokens, pack_true, pixel_key
-from methods.base import Reduced, Site, TokenReducer, Tokens
+from methods.base import Reduced, Site, TokenReducer, Tokens, first_line
+from methods.trace import Generation, LlavaLayout, Timing, TokenTrace, cls_signal_macs, query_row_macs
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-def cls_signal_macs(tokens: int | Tensor, width: int) -> int | Tensor:
-    """MACs of the features-site signals for one image of `tokens` (CLS + patches): the CLS query (width^2), every
-    token's key (tokens width^2) and the CLS scores (tokens width)."""
-    return width * width + tokens * (width * width + width)
-
-
-def query_row_macs(seq_len: int | Tensor, width: int, q_width: int) -> int | Tensor:
-    """MACs of FastV's ranking row for one sample: the last token's query (width q_width) and its scores over the
-    `seq_len` cached keys (seq_len q_width)."""
-    return width * q_width + seq_len * q_width
 
 
 def llava_prompt(processor, text: str) -> str:
@@ -65,142 +55,85 @@ def llava_prompt(processor, text: str) -> str:
     return f"USER: <image>\n{text} ASSISTANT:"
 
 
-@dataclass(frozen=True)
-class LlavaLayout:
-    """Geometry of a LLaVA checkpoint, read from its config.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    Attributes:
-        image_token_id: id of the image placeholder token in `input_ids`.
-        grid: patch grid (rows, cols).
-        vision_layers: encoder layers in the checkpoint.
-        feature_layers: indices into the vision hidden states (0 = embeddings after the pre-LayerNorm, i = output of
-            layer i - 1) that LLaVA concatenates into its features.
-        llm_layers: decoder layers of the language model.
-        vision_width: hidden size of the vision encoder.
-    """
 
-    image_token_id: int
-    grid: tuple[int, int]
-    vision_layers: int
-    feature_layers: tuple[int, ...]
-    llm_layers: int
-    vision_width: int
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' means bfloat16 on CUDA and float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
 
-    @property
-    def feature_width(self) -> int:
-        """Channels of the features a features-site reducer receives (the selected layers concatenated)."""
-        return self.vision_width * len(self.feature_layers)
+def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
+    """Load a local llava-hf checkpoint and its processor (offline). Returns (model, processor)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    @property
-    def vision_layers_run(self) -> int:
-        """Encoder layers that must run to produce the features (the rest are skipped)."""
-        return max(self.feature_layers)
-
-    @classmethod
-    def from_config(cls, config) -> LlavaLayout:
-        vc, tc = config.vision_config, config.text_config
-        if getattr(config, "vision_feature_select_strategy", "default") != "default":
-            raise NotImplementedError(
-                f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} is not supported; "
-                "LLaVA-1.5 checkpoints use 'default' (CLS dropped)."
-            )
-        layers = config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        n = vc.num_hidden_layers
-        idx = tuple(i if i >= 0 else n + 1 + i for i in layers)
-        if not all(0 <= i <= n for i in idx):
-            raise ValueError(f"vision_feature_layer {layers} is out of range for a {n}-layer vision encoder")
-        side = vc.image_size // vc.patch_size
-        return cls(
-            image_token_id=config.image_token_id,
-            grid=(side, side),
-            vision_layers=n,
-            feature_layers=idx,
-            llm_layers=tc.num_hidden_layers,
-            vision_width=vc.hidden_size,
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a llava-hf checkpoint folder (no config.json); pass --model PATH")
+    check_processor_files(path)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
         )
+    except Exception as e:  # noqa: BLE001 - a corrupt file raises safetensors' own error type
+        raise ValueError(f"--model {path}: the weights cannot be loaded ({first_line(e)}); re-save or re-download "
+                         "the checkpoint") from None
+    try:
+        model = model.to(device).eval()
+    except (RuntimeError, AssertionError) as e:  # no such device, or no driver
+        raise ValueError(f"device {device!r} cannot be used here ({first_line(e)}); use cpu or a device this "
+                         "machine has") from None
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError or its own types
+        raise ValueError(f"--model {path}: the processor cannot be loaded ({first_line(e)}); save the checkpoint's "
+                         "processor beside it (processor.save_pretrained(PATH))") from None
+    processor.tokenizer.padding_side = "left"  # instance setting: batched prompts are left-padded
+    complete_processor(processor, model.config)
+    return model, processor
 
 
-@dataclass
-class TokenTrace:
-    """Per-sample token counts of one batch of B samples: what `flops/` needs and what result rows record.
+PROCESSOR_FILES = (("processor_config.json", "preprocessor_config.json"), ("tokenizer.json", "tokenizer.model"))
 
-    Attributes:
-        vision_tokens: (B, Lv) tokens (CLS included) entering each executed vision encoder layer.
-        projector_tokens: (B,) tokens through the projector.
-        llm_tokens: (B, L) real (unpadded) prefill tokens entering each LLM decoder layer.
-        visual_tokens: (B, L) how many of those are visual tokens.
-        kept: (B, M) original patch index of each visual token that reaches the last LLM layer (-1: a merged
-            token with no single source), valid where `kept_valid`.
-        kept_valid: (B, M) bool.
-        reducer_macs: (B,) MACs of the reducer's own work: its `Reduced.macs` plus the signals computed for it.
-        generated_tokens: (B,) tokens produced by decoding (end-of-sequence included), set by `generate`.
+
+def check_processor_files(path: Path) -> None:
+    """Raise FileNotFoundError unless the checkpoint folder holds an image-processor config and a tokenizer."""
+    for names in PROCESSOR_FILES:
+        if not any((Path(path) / n).is_file() for n in names):
+            raise FileNotFoundError(f"--model {path} has no {' or '.join(names)}: a llava-hf checkpoint folder needs "
+                                    "its processor beside the weights (processor.save_pretrained(PATH))")
+
+
+def complete_processor(processor, config) -> None:
+    """Make the processor expand `<image>` into as many tokens as the model has patches, or say what is wrong.
+
+    Older llava-hf snapshots save no `patch_size` in processor_config.json (transformers then fails deep inside the
+    processor): it is filled in from the model config, with CLIP's one extra (CLS) token and the config's feature
+    selection strategy, as current llava-hf snapshots have them.
     """
-
-    vision_tokens: Tensor
-    projector_tokens: Tensor
-    llm_tokens: Tensor
-    visual_tokens: Tensor
-    kept: Tensor
-    kept_valid: Tensor
-    reducer_macs: Tensor
-    generated_tokens: Tensor | None = None
-
-    def sample(self, i: int, num_patches: int) -> dict:
-        """Plain-Python record of sample i. `kept_indices` is None when every patch reached the LLM unchanged."""
-        kept = self.kept[i][self.kept_valid[i]].tolist()
-        subset = sorted(k for k in kept if k >= 0)
-        all_kept = len(kept) == num_patches and subset == list(range(num_patches))
-        return {
-            "visual_tokens": int(self.visual_tokens[i, 0]),
-            "visual_tokens_per_layer": self.visual_tokens[i].tolist(),
-            "llm_tokens_per_layer": self.llm_tokens[i].tolist(),
-            "vision_tokens_per_layer": self.vision_tokens[i].tolist(),
-            "projector_tokens": int(self.projector_tokens[i]),
-            "reducer_macs": int(self.reducer_macs[i]),
-            "generated_tokens": None if self.generated_tokens is None else int(self.generated_tokens[i]),
-            "kept_indices": None if all_kept else subset,
-        }
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Wall-clock seconds of one batch (synchronised on CUDA before each reading).
-
-    Attributes:
-        prefill_s: everything up to the first generated token (vision, reducer, projector, LLM prefill, lm_head).
-        decode_s: the decoding steps after it.
-        decode_steps: how many steps that was (the longest sample's length - 1).
-        reducer_s: the part of `prefill_s` spent in the reducer and the signals computed for it.
-    """
-
-    prefill_s: float
-    decode_s: float
-    decode_steps: int
-    reducer_s: float
-
-
-@dataclass
-class Generation:
-    """Output of `ReducedLlava.generate`.
-
-    Attributes:
-        tokens: (B, S) generated ids; after a sample's end-of-sequence token, `pad_token_id`.
-        lengths: (B,) generated tokens per sample, end-of-sequence included.
-        trace: token counts of the batch.
-        first_logits: (B, V) logits of the last prompt position (float32), for consistency checks.
-        timing: wall-clock times of the batch.
-    """
-
-    tokens: Tensor
-    lengths: Tensor
-    trace: TokenTrace
-    first_logits: Tensor
-    timing: Timing
+    vc = config.vision_config
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = vc.patch_size
+        processor.num_additional_image_tokens = 1  # CLIP's CLS token
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    ip = processor.image_processor
+    crop = (getattr(ip, "crop_size", None) or {}) if getattr(ip, "do_center_crop", False) else {}
+    if not (crop.get("height") and crop.get("width")):
+        return  # no fixed crop: the adapter checks each batch's image span
+    tokens = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    tokens += processor.num_additional_image_tokens - (processor.vision_feature_select_strategy == "default")
+    patches = LlavaLayout.from_config(config).num_patches
+    if tokens != patches:
+        raise ValueError(
+            f"the processor expands <image> into {tokens} tokens but the model has {patches} patches "
+            f"(crop {crop['height']}x{crop['width']}, patch_size {processor.patch_size}); set patch_size, "
+            "num_additional_image_tokens and vision_feature_select_strategy in the checkpoint's processor_config.json"
+        )
 
 
 @dataclass

@@ -195,7 +195,7 @@ def train(args: argparse.Namespace) -> Path:
     from accelerate import Accelerator
     from tqdm import tqdm
 
-    from benchmarks.lmms_model import load_llava  # the same loader the runner uses
+    from methods.llava import load_llava  # the same loader the runner uses
 
     acc = Accelerator(cpu=args.device == "cpu")
     device = "cpu" if args.device == "cpu" else str(acc.device)  # cuda: this process's own GPU (cuda:LOCAL_RANK)

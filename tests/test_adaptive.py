@@ -178,8 +178,8 @@ def test_training_runs_under_accelerate_with_two_processes(tmp_path):
 
 def test_training_with_lora_and_projector_saves_a_plain_llava_model(tmp_path):
     from benchmarks.defaults import SMOKE_MODEL
-    from benchmarks.lmms_model import load_llava
     from methods import train_adaptive
+    from methods.llava import load_llava
 
     out = tmp_path / "ctrl"
     assert train_adaptive.main(["--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out),

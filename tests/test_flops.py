@@ -105,7 +105,7 @@ def test_fvcore_check_fails_loudly_on_an_uncounted_matmul():
 @pytest.fixture(scope="module")
 def smoke():
     from benchmarks.defaults import SMOKE_MODEL
-    from benchmarks.lmms_model import load_llava
+    from methods.llava import load_llava
 
     return load_llava(SMOKE_MODEL, device="cpu", dtype="float32")
 

@@ -7,7 +7,8 @@ import torch
 
 from methods import Reduced, Site, TokenReducer, Tokens, create_reducer
 from methods._ops import gather_tokens, topk_sorted
-from methods.llava import LlavaLayout, ReducedLlava
+from methods.llava import ReducedLlava
+from methods.trace import LlavaLayout
 from tests.conftest import tiny_batch, tiny_llava
 
 

@@ -77,8 +77,8 @@ def test_processor_without_patch_size_is_completed_from_the_config(checkpoint):
     from PIL import Image
     from transformers import AutoProcessor
 
-    from benchmarks.lmms_model import complete_processor
     from flops.shapes import load_config
+    from methods.llava import complete_processor
 
     processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
     processor.patch_size = None

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.defaults import SMOKE_MODEL
-from benchmarks.lmms_model import load_llava
 from benchmarks.plan import RunSpec, make_reducer
 from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
-from methods.llava import ReducedLlava, llava_prompt
+from methods.llava import ReducedLlava, llava_prompt, load_llava
 
 METHODS = RunSpec().methods  # every method that can run on the smoke model (learned ones need its controllers)
 

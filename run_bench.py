@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from benchmarks.defaults import CATALOGUE, DEFAULT_BATCH_SIZE, DEFAULT_OUTPUT, SMOKE_MODEL, SMOKE_TASKS
+from benchmarks.defaults import CATALOGUE, DEFAULT_BATCH_SIZE, DEFAULT_OUTPUT, SMOKE_MODEL, SMOKE_TASKS, go_offline
 from methods import expand_methods
 from methods.cli import OneLineParser, at_least, parse_budget, parse_method_arg
 
@@ -158,9 +157,7 @@ def list_everything() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    go_offline()
     try:
         return _main(args)
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@ argument errors answer without loading torch."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -14,3 +15,11 @@ DEFAULT_OUTPUT = REPO / "results" / "runs" / "smoke"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
 CATALOGUE = REPO / "methods" / "catalogue.json"  # the registry's names, sites and arguments, readable without torch
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def go_offline() -> None:
+    """Hugging Face libraries read local files only (nothing is fetched from a hub), unless the user's environment
+    says otherwise; call before they are imported."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)

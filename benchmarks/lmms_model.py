@@ -61,7 +61,7 @@ def lmms_eval_syntax(message: str, method: str | None = None) -> str:
     `ARG=V in --model_args`, `set M.ARG` becomes `set ARG in --model_args`, `pass --model PATH` becomes
     `pass pretrained=PATH in --model_args` and any other `--model PATH` `pretrained=PATH` (in lmms-eval `--model`
     names the model class). Commands quoted in backticks (another
-    program's options, e.g. `python -m methods.train_adaptive --model MODEL`) are left as they are."""
+    program's options, e.g. `python -m benchmarks.train_adaptive --model MODEL`) are left as they are."""
     parts = message.split("`")
     for i in range(0, len(parts), 2):  # the even parts are outside backticks
         text = re.sub(r"--method-args (\w+)\.(\w+=[^\s;,)]+)", r"\2 in --model_args", parts[i])
@@ -131,7 +131,7 @@ class ReducedLlavaLMM(lmms):
         **method_args,
     ) -> None:
         super().__init__()
-        if getattr(get_reducer_class(method), "needs_checkpoint", False) and "checkpoint" not in method_args:
+        if get_reducer_class(method).needs_checkpoint and "checkpoint" not in method_args:
             if default_controller(pretrained, method).is_dir():
                 method_args["checkpoint"] = str(default_controller(pretrained, method))
         reducer = create_reducer(method, budget, **method_args)  # a bad method argument fails before the model loads

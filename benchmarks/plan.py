@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -90,11 +89,11 @@ class RunSpec:
 
     def kwargs_for(self, method: str) -> dict:
         """Constructor arguments for `method`: the command line's, the model's trained controller if any, and
-        --seed for methods that draw at random (a `seed` argument), unless --method-args sets it."""
+        --seed for methods that draw at random (`seeded`), unless --method-args sets it."""
         kwargs = {arg: value for m, arg, value in self.method_kwargs if m == method}
         if needs_checkpoint(method) and "checkpoint" not in kwargs and self.controller(method).is_dir():
             kwargs["checkpoint"] = str(self.controller(method))
-        if "seed" in inspect.signature(get_reducer_class(method).__init__).parameters:
+        if get_reducer_class(method).seeded:
             kwargs.setdefault("seed", self.seed)
         return kwargs
 
@@ -140,7 +139,7 @@ class RunSpec:
 
 def needs_checkpoint(method: str) -> bool:
     """True for learned methods, which run from a trained controller."""
-    return getattr(get_reducer_class(method), "needs_checkpoint", False)
+    return get_reducer_class(method).needs_checkpoint
 
 
 @dataclass

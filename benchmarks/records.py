@@ -142,7 +142,7 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
         "relevant_precision_mean": mean_of("relevant_precision", digits=4),
         "relevant_recall_mean": mean_of("relevant_recall", digits=4),
         "wall_s": round(wall, 3), "samples_per_s": round(len(samples) / wall, 3) if wall > 0 else None,
-        "method_args": json.dumps(reducer.method_args(), sort_keys=True),
+        "method_args": json.dumps(reducer.method_args, sort_keys=True),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **prov,
     }

@@ -191,7 +191,7 @@ def _sweep(spec: RunSpec, plan: Plan, tm, lm, store: ResultStore, world, progres
             print(f"note: {moved} cells in {spec.output} were computed under other conditions (model files, dtype, "
                   "device, --limit, --seed or the task's files): moved to cells/superseded/")
             store.rebuild()
-    planned = [(cell, reducer, fingerprint(conditions["run"], {"method": cell.method, **reducer.method_args()},
+    planned = [(cell, reducer, fingerprint(conditions["run"], {"method": cell.method, **reducer.method_args},
                                            conditions["tasks"][cell.task]))
                for cell, reducer in zip(plan.cells, plan.reducers, strict=True)]
     done = world.broadcast([not force and store.done(cell, fp) for cell, _, fp in planned])  # rank 0's files decide

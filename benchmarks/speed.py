@@ -15,15 +15,27 @@ Learned controllers are untrained here: their cost does not depend on their weig
 from __future__ import annotations
 
 import argparse
+import io
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from benchmarks.defaults import SMOKE_MODEL, go_offline
+from benchmarks.plan import RunSpec
+from benchmarks.runner import run
+from benchmarks.synthetic.generate import make_samples
+from benchmarks.synthetic.tasks.utils import doc_to_text
+from flops.analytic import ModelShape, count
+from flops.shapes import load_config, stand_in_reducer
 from methods.cli import OneLineParser, at_least, check_device
+from methods.llava import ReducedLlava, llava_prompt, load_llava
+from methods.trace import LlavaLayout
 
 PLAN = [("full", None, {}), ("fastv", 64, {}), ("fastv", 192, {}), ("fastv", "R=0.5", {"ratio": 0.5}),
         ("prumerge", 64, {}), ("prumerge", 192, {}), ("prumerge_plus", 64, {}), ("prumerge_plus", 192, {}),
@@ -37,22 +49,18 @@ def machine() -> str:
 
 
 def speedup(args: argparse.Namespace) -> list[dict]:
-    from transformers import LlavaForConditionalGeneration
-
-    from flops.analytic import ModelShape, count
-    from flops.shapes import load_config, stand_in_reducer
-    from methods.llava import ReducedLlava
+    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415 - Hugging Face imports follow go_offline()
 
     config = load_config("llava-1.5-7b")
     config.vision_config.num_hidden_layers = args.vision_layers
     config.text_config.num_hidden_layers = args.llm_layers
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).to(dtype=getattr(torch, args.dtype), device=args.device).eval()
-    n = 576
-    bs = args.batch_size
+    layout = LlavaLayout.from_config(config)
+    n, side, bs = layout.num_patches, layout.image_size, args.batch_size
     ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * (args.text_tokens - 6)] * bs)
     mask = torch.ones_like(ids)
-    pixels = torch.randn(bs, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(bs, 3, side, side, generator=torch.Generator().manual_seed(0))
     plan = [p for p in PLAN if p[0] == "full" or not args.budgets or str(p[1]) in args.budgets]
     shape = ModelShape.from_config(config)
     print(f"LLaVA-1.5-7B shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, "
@@ -96,21 +104,6 @@ def overhead(args: argparse.Namespace) -> float:
     load, lmms-eval task index and set-up, post-processing, result files); the ratio of the slopes between the two
     sizes is the marginal cost of one more sample.
     """
-    import io
-    import os
-    import tempfile
-
-    from PIL import Image
-
-    from benchmarks.defaults import SMOKE_MODEL
-    from benchmarks.plan import RunSpec
-    from benchmarks.runner import run
-    from benchmarks.synthetic.generate import make_samples
-    from benchmarks.synthetic.tasks.utils import doc_to_text
-    from methods.llava import llava_prompt, load_llava
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     model, processor = load_llava(SMOKE_MODEL)
     bs, sizes = args.batch_size, (args.samples // 2, args.samples)
     docs = make_samples("test", args.samples)
@@ -176,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--samples", type=at_least(2), default=1000)
     o.add_argument("--batch-size", type=at_least(1), default=32)
     args = p.parse_args(argv)
+    go_offline()
     try:
         check(args)
         speedup(args) if args.what == "speedup" else overhead(args)

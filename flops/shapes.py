@@ -87,7 +87,7 @@ def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) ->
     from methods.adaptive import ControllerConfig
 
     cls = get_reducer_class(method)
-    if getattr(cls, "needs_checkpoint", False) and "checkpoint" not in kwargs:
+    if cls.needs_checkpoint and "checkpoint" not in kwargs:
         lay = LlavaLayout.from_config(config)
         kwargs.setdefault("config", ControllerConfig(method=method, dim=lay.feature_width, num_patches=lay.num_patches))
     return create_reducer(method, budget if cls.uses_budget else None, **kwargs).eval()

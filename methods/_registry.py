@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import importlib
+import inspect
 import types
 import typing
 from collections.abc import Callable
@@ -63,13 +65,31 @@ def get_reducer_class(name: str) -> type[TokenReducer]:
 
 def create_reducer(name: str, budget: int | None = None, **kwargs) -> TokenReducer:
     """Build the reducer registered under `name` with `budget` and method-specific keyword arguments, each checked
-    against the constructor's type annotation first (`fastv.layer=1.5` is an error, not a silent no-op)."""
+    against the constructor's type annotation first (`fastv.layer=1.5` is an error, not a silent no-op).
+
+    The arguments the constructor was called with, its defaults filled in and None ones left out, are recorded
+    as `reducer.method_args`: the `method_args` column of the result rows and part of each cell's fingerprint, so
+    every constructor argument counts without a method listing them again.
+    """
     cls = get_reducer_class(name)
     hints = typing.get_type_hints(cls.__init__)
     for arg, value in kwargs.items():
         if arg in hints and not _accepts(hints[arg], value):
             raise ValueError(f"{name}.{arg}={value!r}: must be {_describe(hints[arg])}")
-    return cls(budget=budget, **kwargs)
+    reducer = cls(budget=budget, **kwargs)
+    bound = inspect.signature(cls).bind(budget=budget, **kwargs)
+    bound.apply_defaults()
+    reducer.method_args = {arg: _plain(value) for arg, value in bound.arguments.items() if value is not None}
+    return reducer
+
+
+def _plain(value: object) -> object:
+    """A constructor argument as JSON can hold it (a path as text, a config dataclass as a dict)."""
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
 
 
 def _accepts(hint: object, value: object) -> bool:

@@ -106,6 +106,11 @@ class TokenReducer(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()  # subset of SIGNALS
     uses_budget: ClassVar[bool] = True  # False for methods (like `full`) that run once whatever the budgets
     supports_auto: ClassVar[bool] = False  # True when the method can choose its own count (budget "auto")
+    needs_checkpoint: ClassVar[bool] = False  # True for learned methods: a `checkpoint` argument, found by default in
+    # MODEL/controllers/<name>
+    seeded: ClassVar[bool] = False  # True for methods that draw at random: a `seed` argument, set from --seed
+
+    method_args: dict  # the constructor's arguments as called (None ones left out), recorded by `create_reducer`
 
     def __init__(self, budget: int | str | None, layer: int | None = None) -> None:
         super().__init__()
@@ -134,13 +139,6 @@ class TokenReducer(nn.Module):
     def check_model(self, num_patches: int, feature_width: int) -> None:
         """Raise ValueError (saying what to do) if this reducer cannot run on a model with `num_patches` patches of
         `feature_width` channels at the features site; called before a run starts. Most methods run on any model."""
-
-    def method_args(self) -> dict:
-        """Every constructor argument that changes behaviour, for the result rows (override to add more)."""
-        args = {"budget": AUTO if self.auto else self.budget}
-        if self.layer is not None:
-            args["layer"] = self.layer
-        return args
 
     def extra_vision_tokens(self, batch: int, num_patches: int, budgets: Tensor | None) -> Tensor | None:
         """(B, E, Dv) tokens to append to the vision encoder's input (after the patch and position embeddings,

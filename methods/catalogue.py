@@ -32,7 +32,7 @@ def build() -> dict:
         params = inspect.signature(cls.__init__).parameters
         out[name] = {
             "site": cls.site.value,
-            "learned": bool(getattr(cls, "needs_checkpoint", False)),
+            "learned": cls.needs_checkpoint,
             "uses_budget": cls.uses_budget,
             "supports_auto": cls.supports_auto,
             "args": {p: _default(v.default) for p, v in params.items() if p not in INTERNAL_ARGS},

@@ -42,9 +42,6 @@ class FastV(TokenReducer):
     def budget_label(cls, kwargs: dict) -> str | None:
         return None if kwargs.get("ratio") is None else f"R={kwargs['ratio']}"
 
-    def method_args(self) -> dict:
-        args = {"layer": self.layer}
-        return {**args, "ratio": self.ratio} if self.uses_ratio else {**args, "budget": self.budget}
 
     def forward(self, t: Tokens) -> Reduced:
         b, n, _ = t.x.shape

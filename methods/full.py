@@ -20,8 +20,6 @@ class Full(TokenReducer):
     def __init__(self, budget: int | None = None) -> None:
         super().__init__(budget=None)
 
-    def method_args(self) -> dict:
-        return {}
 
     def forward(self, t: Tokens) -> Reduced:
         return Reduced(x=t.x, keep=None, valid=t.valid)

@@ -101,8 +101,6 @@ class _PruMergeBase(TokenReducer):
             raise ValueError(f"{self.name}: neighbours must be >= 1 (tokens each kept token absorbs), got {neighbours}")
         self.neighbours = neighbours
 
-    def method_args(self) -> dict:
-        return {**super().method_args(), "neighbours": self.neighbours}
 
     def select(self, cls_attn: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N) attention -> kept source indices (B, M) in output order, and their validity (B, M)."""

@@ -31,12 +31,12 @@ def hashed_scores(sample_key: Tensor, n: int, seed: int) -> Tensor:
 class Random(TokenReducer):
     """Seeded uniform random subset of `budget` patches per sample."""
 
+    seeded = True
+
     def __init__(self, budget: int, seed: int = 0) -> None:
         super().__init__(budget)
         self.seed = seed
 
-    def method_args(self) -> dict:
-        return {**super().method_args(), "seed": self.seed}
 
     def forward(self, t: Tokens) -> Reduced:
         b, n, _ = t.x.shape

@@ -127,8 +127,8 @@ def test_save_and_load_roundtrip(tmp_path):
 def test_training_command_saves_loads_and_resumes(tmp_path, estimator):
     import json
 
+    from benchmarks import train_adaptive
     from benchmarks.defaults import SMOKE_MODEL
-    from methods import train_adaptive
 
     out = tmp_path / "ctrl"
     common = ["--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out), "--batch-size", "4",
@@ -144,7 +144,7 @@ def test_training_command_saves_loads_and_resumes(tmp_path, estimator):
 
 
 def test_training_command_rejects_one_sample_for_reinforce(tmp_path, capsys):
-    from methods import train_adaptive
+    from benchmarks import train_adaptive
 
     assert train_adaptive.main(["--model", "x", "--method", "adaptive_b", "--samples", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
@@ -165,7 +165,7 @@ def test_training_runs_under_accelerate_with_two_processes(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}  # no accelerate default_config.yaml is read
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "methods.train_adaptive", "--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out),
+           "-m", "benchmarks.train_adaptive", "--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out),
            "--batch-size", "4", "--synth-samples", "32", "--steps", "2", "--device", "cpu", "--save-every", "1"]
     res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                          timeout=300)
@@ -177,8 +177,8 @@ def test_training_runs_under_accelerate_with_two_processes(tmp_path):
 
 
 def test_training_with_lora_and_projector_saves_a_plain_llava_model(tmp_path):
+    from benchmarks import train_adaptive
     from benchmarks.defaults import SMOKE_MODEL
-    from methods import train_adaptive
     from methods.llava import load_llava
 
     out = tmp_path / "ctrl"
@@ -198,8 +198,8 @@ TRAIN = ["--method", "adaptive_b", "--batch-size", "4", "--synth-samples", "64",
 
 
 def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path, capsys):
+    from benchmarks import train_adaptive
     from benchmarks.defaults import SMOKE_MODEL
-    from methods import train_adaptive
 
     trained = tmp_path / "trained"
     shutil.copytree(SMOKE_MODEL / "controllers" / "adaptive_b", trained)  # as committed: no training state
@@ -235,8 +235,8 @@ def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path
     (["--out", "{a_file}/sub"], "is not a writable folder"),
 ])
 def test_training_bad_input_is_one_line(argv, phrase, tmp_path, capsys):
+    from benchmarks import train_adaptive
     from benchmarks.defaults import SMOKE_MODEL
-    from methods import train_adaptive
 
     if not torch.cuda.is_available() or "cuda" not in argv:
         pass
@@ -269,7 +269,7 @@ def test_sigint_during_training_exits_130_and_the_rerun_resumes(tmp_path):
     from benchmarks.defaults import SMOKE_MODEL
 
     out = tmp_path / "ctrl"
-    cmd = [sys.executable, "-m", "methods.train_adaptive", "--model", str(SMOKE_MODEL), *TRAIN, "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.train_adaptive", "--model", str(SMOKE_MODEL), *TRAIN, "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([*cmd, "--steps", "200"], cwd=repo, env=env, stdout=subprocess.PIPE,

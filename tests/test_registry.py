@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
+
 import pytest
 import torch
 
@@ -113,3 +117,38 @@ def test_contract_batch_of_four_independent_samples(name):
         assert out.x.shape[1] <= 4
     for i in (0, 2, 3):
         torch.testing.assert_close(out.x[i], out2.x[i])
+
+
+@pytest.mark.parametrize("name", list_reducers())
+def test_contract_capabilities_match_the_constructor(name):
+    """`seeded` and `needs_checkpoint` are declared on the class and agree with the constructor's arguments."""
+    cls = methods.get_reducer_class(name)
+    params = inspect.signature(cls).parameters
+    assert cls.seeded == ("seed" in params), f"{name}: a `seed` argument and `seeded = True` go together"
+    assert cls.needs_checkpoint == ("checkpoint" in params), f"{name}: `checkpoint` and `needs_checkpoint` go together"
+
+
+@pytest.mark.parametrize("name", list_reducers())
+def test_contract_recorded_arguments_are_every_constructor_argument(name):
+    """`create_reducer` records every argument the constructor received, defaults filled in, None left out: a
+    changed argument changes `method_args` (and so the cell's fingerprint), without the method listing them."""
+    cls = methods.get_reducer_class(name)
+    kwargs = {"config": ControllerConfig(method=name, dim=8, num_patches=16)} if cls.needs_checkpoint else {}
+    r = create_reducer(name, 4 if cls.uses_budget else None, **kwargs)
+    expected = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not None}
+    expected.update({"budget": 4} if cls.uses_budget else {})
+    expected.update({k: dataclasses.asdict(v) for k, v in kwargs.items()})
+    assert r.method_args == {k: v for k, v in expected.items() if v is not inspect.Parameter.empty}
+    json.dumps(r.method_args)  # it goes into a JSON column
+    for arg, default in inspect.signature(cls).parameters.items():
+        if isinstance(default.default, int) and not isinstance(default.default, bool) and arg != "budget":
+            changed = create_reducer(name, 4 if cls.uses_budget else None, **kwargs, **{arg: default.default + 1})
+            assert changed.method_args[arg] == default.default + 1
+
+
+def test_recorded_arguments_of_fastv_and_prumerge_by_hand():
+    assert create_reducer("fastv", 16).method_args == {"budget": 16, "layer": 2}
+    assert create_reducer("fastv", None, ratio=0.5, layer=1).method_args == {"layer": 1, "ratio": 0.5}
+    assert create_reducer("prumerge", "auto").method_args == {"budget": "auto", "neighbours": 32}
+    assert create_reducer("random", 8, seed=3).method_args == {"budget": 8, "seed": 3}
+    assert create_reducer("full").method_args == {}

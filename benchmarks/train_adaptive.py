@@ -1,8 +1,8 @@
 """Train an adaptive token-pruning controller with the LM loss only and a random budget per batch.
 
-    python -m methods.train_adaptive --model benchmarks/smoke_model/checkpoint --method adaptive_b
-    accelerate launch --num_processes 8 -m methods.train_adaptive --model /ckpt/llava-1.5-7b-hf --method adaptive_a \\
-        --data /data/llava_v1_5_mix665k.json --image-folder /data/images --budget-range 0.05 0.5
+    python -m benchmarks.train_adaptive --model benchmarks/smoke_model/checkpoint --method adaptive_b
+    accelerate launch --num_processes 8 -m benchmarks.train_adaptive --model /ckpt/llava-1.5-7b-hf \\
+        --method adaptive_a --data /data/llava_v1_5_mix665k.json --image-folder /data/images --budget-range 0.05 0.5
 
 The vision encoder and the LLM are frozen by default; `--train-projector` and `--lora-rank R` (peft LoRA on the LLM's
 attention projections) unfreeze more. Each batch draws one budget K uniformly from `--budget-range` (as a share of
@@ -33,22 +33,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
-from methods import create_reducer
+from benchmarks.defaults import go_offline
+from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.synthetic.tasks.utils import doc_to_text
+from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ESTIMATORS, ControllerConfig
 from methods.base import first_line
 from methods.cli import OneLineParser, at_least, check_device
-from methods.llava import ReducedLlava, llava_prompt
+from methods.llava import ReducedLlava, llava_prompt, load_llava
+from methods.trace import LlavaLayout
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m methods.train_adaptive", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m benchmarks.train_adaptive", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", type=Path, required=True, help="local llava-hf checkpoint folder")
-    p.add_argument("--method", required=True, choices=["adaptive_a", "adaptive_b", "budget_blind"])
+    learned = [m for m in list_reducers() if get_reducer_class(m).needs_checkpoint]
+    p.add_argument("--method", required=True, choices=learned)
     p.add_argument("--data", default="synth", help="'synth' or a LLaVA-format JSON file")
     p.add_argument("--image-folder", type=Path, default=None, help="folder the JSON's image paths are relative to")
     p.add_argument("--synth-samples", type=at_least(1), default=20000, help="size of the synthetic train split")
@@ -85,19 +92,14 @@ class SynthTrain(torch.utils.data.Dataset):
     """The synthetic benchmark's train split (held out from the test split by its seed), made on the fly."""
 
     def __init__(self, n: int) -> None:
-        from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
-        from benchmarks.synthetic.tasks.utils import doc_to_text
-
-        self.n, self.seed, self.make, self.text = n, SPLIT_SEEDS["train"], generate_sample, doc_to_text
+        self.n, self.seed = n, SPLIT_SEEDS["train"]
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> tuple:
-        from PIL import Image
-
-        s = self.make(self.seed, i)
-        return Image.fromarray(s.image), self.text({"question": s.question}), s.answer
+        s = generate_sample(self.seed, i)
+        return Image.fromarray(s.image), doc_to_text({"question": s.question}), s.answer
 
 
 class LlavaJson(torch.utils.data.Dataset):
@@ -125,8 +127,6 @@ class LlavaJson(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple:
-        from PIL import Image
-
         image, question, answer = self.items[i]
         return Image.open(self.folder / image).convert("RGB"), question, answer
 
@@ -192,10 +192,8 @@ def step_loss(runner: ReducedLlava, batch: dict, budgets: torch.Tensor, estimato
 
 
 def train(args: argparse.Namespace) -> Path:
-    from accelerate import Accelerator
-    from tqdm import tqdm
+    from accelerate import Accelerator  # noqa: PLC0415 - Hugging Face imports follow go_offline()
 
-    from methods.llava import load_llava  # the same loader the runner uses
 
     acc = Accelerator(cpu=args.device == "cpu")
     device = "cpu" if args.device == "cpu" else str(acc.device)  # cuda: this process's own GPU (cuda:LOCAL_RANK)
@@ -210,7 +208,7 @@ def train(args: argparse.Namespace) -> Path:
         model.model.multi_modal_projector.requires_grad_(True)
         trained += list(model.model.multi_modal_projector.parameters())
     if args.lora_rank:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - only for --lora-rank
 
         lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -218,10 +216,10 @@ def train(args: argparse.Namespace) -> Path:
         for name, p in model.model.language_model.named_parameters():
             p.requires_grad_("lora_" in name)
         trained += [p for name, p in model.model.language_model.named_parameters() if "lora_" in name]
-    cfg = model.config.vision_config
-    n = (cfg.image_size // cfg.patch_size) ** 2
+    layout = LlavaLayout.from_config(model.config)
+    n = layout.num_patches
     controller = create_reducer(args.method, 1, config=ControllerConfig(
-        method=args.method, dim=cfg.hidden_size, num_patches=n, hidden=args.hidden, tau=args.tau,
+        method=args.method, dim=layout.feature_width, num_patches=n, hidden=args.hidden, tau=args.tau,
         estimator=args.estimator)).to(device)
     if acc.process_index:  # each further process draws its own budgets and Gumbel noise (process 0 keeps the stream)
         torch.manual_seed(args.seed + acc.process_index)
@@ -368,8 +366,7 @@ def prepare_out(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    go_offline()
     args = parse_args(argv)
     args.out = args.out or args.model / "controllers" / args.method
     try:

@@ -222,8 +222,8 @@ def _main(args: argparse.Namespace) -> int:
     print(results_table(rows))
     print(f"\nwrote {_rel(spec.output / 'summary.csv')} and {_rel(spec.output / 'samples.jsonl')} (every metric, "
           "per-sample records)")
-    from plots.__main__ import make_all
     from plots.data import ResultsError
+    from plots.make import make_all
 
     try:
         figures = make_all([spec.output])

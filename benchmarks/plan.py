@@ -24,7 +24,7 @@ from benchmarks.defaults import (
 )
 from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
 from benchmarks.standard_tasks import check_task_data
-from methods import TokenReducer, create_reducer, expand_methods, get_reducer_class, list_reducers
+from methods import TokenReducer, create_reducer, expand_methods, get_reducer_class, list_reducers, method_budgets
 from methods.base import AUTO, first_line
 from methods.cli import check_device
 from methods.llava import check_processor_files, check_reducer, resolve_dtype
@@ -102,38 +102,10 @@ class RunSpec:
         return Path(self.model) / "controllers" / method
 
     def cells(self, num_patches: int) -> tuple[list[Cell], list[str]]:
-        """Expand methods x budgets x tasks. Returns the cells and notes for the printed plan.
-
-        `full` and budgets >= the patch count mean no pruning: they become one `full` cell per task.
-        """
-        numeric = sorted({b for b in self.budgets if b != AUTO})
-        if not self.budgets:
-            numeric = sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
-        notes = []
-        repeated = sorted({b for b in self.budgets if self.budgets.count(b) > 1}, key=str)
-        if repeated:
-            notes.append(f"budget{'s' * (len(repeated) > 1)} {', '.join(map(str, repeated))} given more than once: "
-                         "each runs once")
-        over = [b for b in numeric if b >= num_patches]
-        if over:
-            notes.append(f"budgets {over} >= the {num_patches} patches mean no pruning: run once, as `full`")
-        budgets: list[int | str] = [b for b in numeric if b < num_patches] + ([AUTO] if AUTO in self.budgets else [])
-        pairs: list[tuple[str, int | str]] = []
-        for m in self.methods:
-            cls = get_reducer_class(m)
-            label = cls.budget_label(self.kwargs_for(m))  # e.g. fastv.ratio=0.5: one cell, "R=0.5"
-            if label is not None:
-                pairs.append((m, label))
-                continue
-            if not cls.uses_budget:
-                pairs.append((m, num_patches))
-                continue
-            pairs += [(m, b) for b in budgets if b != AUTO or cls.supports_auto]
-            if AUTO in budgets and not cls.supports_auto:
-                notes.append(f"{m} has no {AUTO!r} budget: runs at the numeric budgets only")
-        if over or "full" in self.methods:
-            pairs.append(("full", num_patches))
-        pairs = list(dict.fromkeys(pairs))
+        """Expand methods x budgets x tasks by the plan rule (`methods.method_budgets`). Returns the cells and notes
+        for the printed plan."""
+        budgets = list(self.budgets) or sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
+        pairs, notes = method_budgets(self.methods, budgets, num_patches, self.kwargs_for)
         return [Cell(t, m, b) for t in self.tasks for m, b in pairs], notes
 
 

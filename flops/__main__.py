@@ -39,7 +39,8 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     """One row per (method, budget), with MACs from `flops.analytic.count` on `flops.shapes.shape_record`."""
     from flops.analytic import ModelShape, count
     from flops.shapes import load_config, shape_record, stand_in_reducer
-    from methods import create_reducer, expand_methods, get_reducer_class
+    from methods import create_reducer, expand_methods, get_reducer_class, method_budgets
+    from methods.base import AUTO
     from methods.llava import check_reducer
     from methods.trace import LlavaLayout
 
@@ -51,27 +52,21 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     kwargs: dict[str, dict] = {}
     for method, arg, value in args.method_args:
         kwargs.setdefault(method, {})[arg] = value
-    plan = []
-    for method in expand_methods(tuple(args.methods)):
-        cls = get_reducer_class(method)
-        kw = dict(kwargs.get(method, {}))
-        if not cls.uses_budget:
-            plan.append((method, n, None, kw))
-        elif cls.budget_label(kw) is not None:  # e.g. fastv.ratio=0.5 sets the count itself
-            plan.append((method, cls.budget_label(kw), None, kw))
-        else:
-            if not args.budgets:
-                raise ValueError(f"{method} needs --budgets (visual tokens the LLM sees)")
-            plan += [(method, b, b, kw) for b in args.budgets if b == "auto" or b < n]
-            if any(b != "auto" and b >= n for b in args.budgets):
-                plan.append(("full", n, None, {}))
-    rows, seen = [], set()
-    for method, label, budget, kw in plan:
-        if (method, label) in seen:
-            continue
-        seen.add((method, label))
-        if budget == "auto":
+    names = expand_methods(tuple(args.methods))
+    if not args.budgets:
+        plain = [m for m in names if get_reducer_class(m).uses_budget
+                 and get_reducer_class(m).budget_label(kwargs.get(m, {})) is None]
+        if plain:
+            raise ValueError(f"{plain[0]} needs --budgets (visual tokens the LLM sees)")
+    pairs, notes = method_budgets(names, list(args.budgets), n, lambda m: kwargs.get(m, {}))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    rows = []
+    for method, label in pairs:
+        cls, kw = get_reducer_class(method), kwargs.get(method, {})
+        if label == AUTO:
             raise ValueError(f"{method}: an 'auto' budget depends on the image; give numbers of visual tokens")
+        budget = label if cls.uses_budget and cls.budget_label(kw) is None else None
         reducer = stand_in_reducer(method, budget, config, **kw)
         check_reducer(reducer, LlavaLayout.from_config(config))  # as run_bench.py checks it: layer in range, ...
         rec = shape_record(config, reducer, args.text_tokens, args.generated_tokens)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from methods.trace import LlavaLayout
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -47,11 +49,11 @@ class ModelShape:
         heads = tc.num_attention_heads
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
         kv_heads = getattr(tc, "num_key_value_heads", None) or heads
-        fl = config.vision_feature_layer
+        lay = LlavaLayout.from_config(config)
         return cls(
-            num_patches=(vc.image_size // vc.patch_size) ** 2, vision_width=vc.hidden_size,
+            num_patches=lay.num_patches, vision_width=lay.vision_width,
             vision_mlp=vc.intermediate_size, vision_channels=vc.num_channels,
-            patch=vc.patch_size, feature_layers=1 if isinstance(fl, int) else len(fl), width=tc.hidden_size,
+            patch=vc.patch_size, feature_layers=len(lay.feature_layers), width=tc.hidden_size,
             mlp=tc.intermediate_size, kv_width=kv_heads * head_dim, layers=tc.num_hidden_layers, vocab=tc.vocab_size,
         )
 

@@ -11,6 +11,7 @@ from methods._registry import (
     expand_methods,
     get_reducer_class,
     list_reducers,
+    method_budgets,
     register_reducer,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "expand_methods",
     "get_reducer_class",
     "list_reducers",
+    "method_budgets",
     "register_reducer",
 ]
 

@@ -1,14 +1,17 @@
 """What a run is measured on and what it records: a LLaVA checkpoint's geometry (`LlavaLayout`, the one answer
 to "how many patches, how wide, how deep" for the adapter, the runner, the trainer, the FLOPs counter and the speed
 benchmark), each batch's token counts (`TokenTrace`), times (`Timing`) and output (`Generation`), and the MACs of
-the signals the adapter computes for a reducer. Torch only; `flops/` imports this, never the adapter.
+the signals the adapter computes for a reducer. It imports nothing heavy; `flops/` reads the geometry here, never from
+the adapter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: the geometry is read without torch
+    from torch import Tensor
 
 
 def cls_signal_macs(tokens: int | Tensor, width: int) -> int | Tensor:

@@ -12,22 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from plots.data import ResultsError, load
-
-
-def make_all(dirs: list[Path], out: Path | None = None) -> list[Path]:
-    """Every figure and table for the results in `dirs`; returns the written paths."""
-    from plots.curves import accuracy_curves, relative_average, tokens_per_layer
-    from plots.pictures import selection_pictures
-    from plots.tables import write_tables
-
-    res = load(dirs)
-    out = Path(out or dirs[0])
-    out.mkdir(parents=True, exist_ok=True)
-    written = accuracy_curves(res, out)
-    rel = relative_average(res, out)
-    written += ([rel] if rel else []) + write_tables(res, out) + selection_pictures(res, out)
-    return written + tokens_per_layer(res, out)
+from plots.data import ResultsError
+from plots.make import make_all
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,7 +17,6 @@ import pandas as pd
 
 REQUIRED = ("task", "method", "budget", "metric", "value", "prefill_tflops_mean", "visual_tokens_mean")
 NUMERIC = ("value", "prefill_tflops_mean", "visual_tokens_mean")
-PICTURE_DOCS = 4  # docs 0..3 of each task have pictures (benchmarks.lmms_model.PICTURE_DOCS)
 
 
 class ResultsError(ValueError):
@@ -90,13 +89,14 @@ def load(dirs: list[Path]) -> Results:
         primary[task] = flagged["metric"].iloc[0] if len(flagged) else rows["metric"].iloc[0]
     res = Results(summary=df, primary=primary)
     for d in dirs:
-        _read_samples(Path(d) / "samples.jsonl", res)
         _read_pictures(Path(d) / "pictures", res)
+    for d in dirs:  # after every picture: the docs that have one are the docs whose kept patches are drawn
+        _read_samples(Path(d) / "samples.jsonl", res)
     return res
 
 
 def _read_samples(path: Path, res: Results) -> None:
-    """Kept patches of the picture docs, and per-layer visual-token means, streamed from samples.jsonl."""
+    """Kept patches of the docs that have a picture, and per-layer visual-token means, streamed from samples.jsonl."""
     if not path.is_file():
         return
     sums: dict[tuple, list[float]] = defaultdict(list)
@@ -108,7 +108,7 @@ def _read_samples(path: Path, res: Results) -> None:
                 s = json.loads(line)
                 key = (s["task"], s["method"], str(s["budget"]))
                 per_layer = [float(v) for v in s.get("visual_tokens_per_layer") or []]
-                doc_id = int(s.get("doc_id", PICTURE_DOCS))
+                doc_id = s.get("doc_id")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 skipped.append(number)
                 continue
@@ -120,7 +120,7 @@ def _read_samples(path: Path, res: Results) -> None:
                     for i, v in enumerate(per_layer):
                         acc[i] += v
                     counts[key] += 1
-            if doc_id < PICTURE_DOCS:
+            if (s["task"], doc_id) in res.pictures:
                 res.kept[(*key, doc_id)] = s.get("kept_indices")
     res.layers.update({k: [v / counts[k] for v in acc] for k, acc in sums.items() if counts[k]})
     if skipped:

@@ -18,14 +18,18 @@ What lmms-eval 0.7.3 does, and what is left to us (the runner and `benchmarks.lm
   `simple_evaluate` returns results, the others return None.
 * It calls `lm.accelerator.gather(torch.tensor(n, device=lm.device))`: the model needs an `accelerator` and a
   `device` (lmms-eval's base class has no `device`).
-* It knows nothing of our per-sample token traces (`lm.records`), batch times, pictures or peak memory: those
-  stay on the process that ran the sample until `gather_model_state` brings them to rank 0.
+* It knows nothing of our per-sample token traces, batch times, pictures or peak memory (the model's
+  `benchmarks.records.Recorder`): those stay on the process that ran the sample until `Recorder.take` brings them
+  to rank 0.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+import torch.distributed as dist
+from accelerate import PartialState
 
 
 def launched_world_size() -> int:
@@ -65,16 +69,12 @@ class World:
     def barrier(self) -> None:
         """Wait for every process (no-op in a single process)."""
         if self.size > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every process (picklable objects)."""
         if self.size == 1:
             return obj
-        import torch.distributed as dist
-
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -83,8 +83,6 @@ class World:
         """Every process's `obj`, in rank order, on every process (picklable objects)."""
         if self.size == 1:
             return [obj]
-        import torch.distributed as dist
-
         out = [None] * self.size
         dist.all_gather_object(out, obj)
         return out
@@ -95,8 +93,6 @@ def current_world(device: str = "cpu") -> World:
     through accelerate's `PartialState`: gloo when `device` is the CPU, NCCL on CUDA. Later calls reuse it."""
     if launched_world_size() <= 1:
         return World()
-    from accelerate import PartialState
-
     if "LOCAL_RANK" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but LOCAL_RANK is unset: start the processes with `accelerate launch "
                            "--multi_gpu --num_processes N run_bench.py ...` or `torchrun --nproc_per_node N ...`")
@@ -105,24 +101,3 @@ def current_world(device: str = "cpu") -> World:
         raise RuntimeError(f"accelerate sees {state.num_processes} processes but WORLD_SIZE is "
                            f"{launched_world_size()}; pass --device cuda for GPUs or --device cpu for CPU processes")
     return World(rank=state.process_index, size=state.num_processes, local_rank=state.local_process_index)
-
-
-def gather_model_state(lm, peak_bytes: int) -> int:
-    """After a cell, give rank 0 every process's per-sample records, batch times and pictures (merged into `lm`);
-    return the largest peak memory of any process. A single process returns `peak_bytes` and changes nothing.
-
-    Batch times: rank 0's list first, then each other process's without its warm-up (first) batch, so that
-    `runner.cell_times`, which leaves out the first batch, leaves out every process's warm-up.
-    """
-    world = World(rank=lm.rank, size=lm.world_size)
-    if world.size == 1:
-        return peak_bytes
-    parts = world.gather({"records": lm.records, "batch_times": lm.batch_times, "pictures": lm.pictures,
-                          "peak": peak_bytes})
-    if world.is_main:
-        for part in parts[1:]:
-            lm.records.update(part["records"])
-            lm.batch_times.extend(part["batch_times"][1:] if len(part["batch_times"]) > 1 else part["batch_times"])
-            for key, pic in part["pictures"].items():
-                lm.pictures.setdefault(key, pic)
-    return max(part["peak"] for part in parts)

@@ -13,8 +13,9 @@ Usable three ways:
   traceback and exit 0).
 
 Prompts follow LLaVA-1.5: the checkpoint's chat template renders a user turn holding the image and the task's
-text (`USER: <image>\\n{text} ASSISTANT:`); decoding is greedy with the KV cache. Per-sample token traces are kept
-in `records`, keyed by (task, doc_id), for the runner to join with lmms-eval's sample logs.
+text (`USER: <image>\\n{text} ASSISTANT:`); decoding is greedy with the KV cache. Per-sample token traces, batch times
+and a few model-input images go to the model's `recorder` (`benchmarks.records.Recorder`, set by the runner), keyed
+by (task, doc_id), for the runner to join with lmms-eval's sample logs.
 """
 
 from __future__ import annotations
@@ -27,26 +28,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+from lmms_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from benchmarks.distributed import current_world
+from benchmarks.records import Recorder
 from methods import TokenReducer, UnknownReducerError, create_reducer, get_reducer_class
-from methods.base import first_line
+from methods.cli import first_line
 from methods.llava import ReducedLlava, llava_prompt, load_llava
 from methods.trace import Timing
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 16
-PICTURE_DOCS = 4  # docs 0..3 of each task keep their model-input image, for the token-selection pictures
 
 
 def manifests():
     """Entry point for lmms-eval's model registry (`[project.entry-points."lmms_eval.models"]`)."""
-    from lmms_eval.models.registry_v2 import ModelManifest
-
     return [ModelManifest(model_id="reduced_llava", simple_class_path="benchmarks.lmms_model.ReducedLlavaLMM")]
 
 
@@ -138,8 +140,6 @@ class ReducedLlavaLMM(lmms):
         world = current_world(device)  # several processes (accelerate launch / torchrun): one shard each
         device = world.device_for(device)
         if world.size > 1:  # lmms-eval's evaluator gathers its counters across processes through `accelerator`
-            from accelerate import Accelerator
-
             self.accelerator = Accelerator(cpu=not device.startswith("cuda"))
             self._rank, self._world_size = world.rank, world.size
         if model is None:
@@ -150,9 +150,7 @@ class ReducedLlavaLMM(lmms):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
-        self.records: dict[tuple[str, int], dict] = {}  # (task, doc_id) -> token trace and times of the sample
-        self.batch_times: list[dict] = []  # per batch, in run order: its `per_sample_ms` times
-        self.pictures: dict[tuple[str, int], dict] = {}  # (task, doc_id) -> the image the patches cut, for plots
+        self.recorder = Recorder()  # what samples and batches record beyond lmms-eval's logs; the runner sets its own
         self._warned_sampling = False
         self.progress: Callable[[int, int], None] | None = None  # (done, total) after each batch; None: own bar
         self.set_reducer(reducer)  # checks the reducer against the model (site, layer, a controller's shapes)
@@ -162,8 +160,6 @@ class ReducedLlavaLMM(lmms):
         """lmms-eval's constructor for `--model_args`. A mistake in the arguments prints one line, `error: ...`, on
         stderr and raises SystemExit(2), as `run_bench.py` does; lmms-eval's CLI catches every Exception (it prints
         the traceback and exits 0) but lets SystemExit through."""
-        from lmms_eval.utils import simple_parse_args_string
-
         try:
             method = str(simple_parse_args_string(arg_string).get("method", "full"))
         except ValueError:  # an item without `=`
@@ -233,7 +229,7 @@ class ReducedLlavaLMM(lmms):
                     max_new_tokens=gen["max_new_tokens"], eos_token_id=self._eos_ids(), pad_token_id=pad_id,
                 )
                 times = per_sample_ms(out.timing, len(chunk))
-                self.batch_times.append(times)
+                self.recorder.batches.append(times)
                 for j, req in enumerate(chunk):
                     n = int(out.lengths[j])
                     text = tok.decode(out.tokens[j, :n], skip_special_tokens=True)
@@ -243,9 +239,9 @@ class ReducedLlavaLMM(lmms):
                     text = text.strip()
                     _, _, _, doc_id, task, _ = req.args
                     rec = {**out.trace.sample(j, self.num_patches), **times}
-                    self.records[(task, doc_id)] = rec
-                    if doc_id < PICTURE_DOCS and (task, doc_id) not in self.pictures:
-                        self.pictures[(task, doc_id)] = {"image": self._model_image(inputs["pixel_values"][j]),
+                    self.recorder.samples[(task, doc_id)] = rec
+                    if self.recorder.wants_picture(task, doc_id):
+                        self.recorder.pictures[(task, doc_id)] = {"image": self._model_image(inputs["pixel_values"][j]),
                                                          "question": req.args[0], "grid": list(self.runner.layout.grid)}
                     counts = TokenCounts(input_tokens=rec["llm_tokens_per_layer"][0], output_tokens=n)
                     results[idx[j]] = GenerationResult(text=text, token_counts=counts)

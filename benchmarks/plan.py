@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from benchmarks.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUDGET_FRACTIONS,
@@ -24,9 +26,11 @@ from benchmarks.defaults import (
 )
 from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
 from benchmarks.standard_tasks import check_task_data
+from flops.analytic import ModelShape, count
+from flops.shapes import check_shapes, shape_record
 from methods import TokenReducer, create_reducer, expand_methods, get_reducer_class, list_reducers, method_budgets
-from methods.base import AUTO, first_line
-from methods.cli import check_device
+from methods.base import AUTO
+from methods.cli import check_device, first_line
 from methods.llava import check_processor_files, check_reducer, resolve_dtype
 from methods.trace import LlavaLayout
 
@@ -66,7 +70,8 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         # default: every registered method that can run on this model (learned ones need a trained controller)
-        default = tuple(m for m in list_reducers() if not needs_checkpoint(m) or self.controller(m).is_dir())
+        default = tuple(m for m in list_reducers()
+                        if not get_reducer_class(m).needs_checkpoint or self.controller(m).is_dir())
         object.__setattr__(self, "methods_given", bool(self.methods))
         object.__setattr__(self, "methods", expand_methods(self.methods or default))
         if self.limit is not None and self.limit < 1:
@@ -90,10 +95,10 @@ class RunSpec:
     def kwargs_for(self, method: str) -> dict:
         """Constructor arguments for `method`: the command line's, the model's trained controller if any, and
         --seed for methods that draw at random (`seeded`), unless --method-args sets it."""
-        kwargs = {arg: value for m, arg, value in self.method_kwargs if m == method}
-        if needs_checkpoint(method) and "checkpoint" not in kwargs and self.controller(method).is_dir():
+        cls, kwargs = get_reducer_class(method), {arg: value for m, arg, value in self.method_kwargs if m == method}
+        if cls.needs_checkpoint and "checkpoint" not in kwargs and self.controller(method).is_dir():
             kwargs["checkpoint"] = str(self.controller(method))
-        if get_reducer_class(method).seeded:
+        if cls.seeded:
             kwargs.setdefault("seed", self.seed)
         return kwargs
 
@@ -107,11 +112,6 @@ class RunSpec:
         budgets = list(self.budgets) or sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
         pairs, notes = method_budgets(self.methods, budgets, num_patches, self.kwargs_for)
         return [Cell(t, m, b) for t in self.tasks for m, b in pairs], notes
-
-
-def needs_checkpoint(method: str) -> bool:
-    """True for learned methods, which run from a trained controller."""
-    return get_reducer_class(method).needs_checkpoint
 
 
 @dataclass
@@ -128,8 +128,6 @@ class Plan:
 
 def read_config(model: Path):
     """The checkpoint's config, or a one-line error saying what is wrong with the folder."""
-    from transformers import AutoConfig
-
     if not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"--model {model} is not a llava-hf checkpoint folder (no config.json)")
     try:
@@ -144,8 +142,6 @@ def read_config(model: Path):
 
 def make_plan(spec: RunSpec) -> Plan:
     """Expand and check the sweep: every cell's reducer is built and checked against the model (no weights load)."""
-    from flops.shapes import check_shapes
-
     check_device(spec.device)
     config = read_config(spec.model)
     check_processor_files(Path(spec.model))
@@ -182,9 +178,6 @@ def task_docs(task: str, limit: int | None) -> int | None:
 
 def plan_costs(plan: Plan, spec: RunSpec, text_tokens: int) -> list[dict]:
     """Estimated cost of each cell from the FLOPs counter, on a prompt of `text_tokens` tokens besides the image."""
-    from flops.analytic import ModelShape, count
-    from flops.shapes import shape_record
-
     shape = ModelShape.from_config(plan.config)
     out = []
     for cell, reducer in zip(plan.cells, plan.reducers, strict=True):

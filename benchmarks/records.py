@@ -1,28 +1,76 @@
-"""What a cell records: per-sample records (token traces joined with lmms-eval's scores, FLOPs), flat summary rows
-with the cell's means and medians, and the run's provenance."""
+"""What a cell records: what the model writes while lmms-eval runs it (`Recorder`), per-sample records (token traces
+joined with lmms-eval's scores, FLOPs), flat summary rows with the cell's means and medians, and the run's
+provenance."""
 
 from __future__ import annotations
 
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import ClassVar
+
+import lmms_eval
+import torch
+import transformers
 
 from benchmarks.defaults import REPO
+from benchmarks.distributed import World, launched_world_size
 from benchmarks.plan import Cell, RunSpec
+from flops.analytic import ModelShape, count
 from methods import TokenReducer
+from methods.llava import resolve_dtype
+
+
+@dataclass
+class Recorder:
+    """What the model records while lmms-eval evaluates a cell, besides lmms-eval's own sample logs. The runner owns
+    it and hands it to the model (`ReducedLlavaLMM.recorder`), which writes to it (lm-eval's `set_cache_hook` shape);
+    `take` hands the runner one cell's records and starts the next cell empty.
+
+    Attributes:
+        samples: (task, doc_id) -> the sample's token trace (`TokenTrace.sample`) and per-sample times.
+        batches: per batch, in run order: its `per_sample_ms` times.
+        pictures: (task, doc_id) -> {"image", "question", "grid"}: the image the patches were cut from, for the docs
+            below `picture_docs` (the token-selection pictures).
+        peak_bytes: the cell's peak memory, set by the runner.
+    """
+
+    samples: dict[tuple[str, int], dict] = field(default_factory=dict)
+    batches: list[dict] = field(default_factory=list)
+    pictures: dict[tuple[str, int], dict] = field(default_factory=dict)
+    peak_bytes: int = 0
+
+    picture_docs: ClassVar[int] = 4  # docs 0..3 of each task keep their model-input image
+
+    def wants_picture(self, task: str, doc_id: int) -> bool:
+        return doc_id < self.picture_docs and (task, doc_id) not in self.pictures
+
+    def take(self, world: World) -> Recorder:
+        """This cell's records, and an empty recorder for the next cell. Several processes (a collective call): rank
+        0 gets every process's samples and pictures, its own batches followed by each other process's without its
+        warm-up (first) batch (`cell_times` leaves out the first batch, so every warm-up is left out), and the
+        largest peak memory of any process; the other ranks get their own records."""
+        parts = world.gather(self)
+        out = Recorder(dict(self.samples), list(self.batches), dict(self.pictures),
+                       max(part.peak_bytes for part in parts))
+        if world.is_main:
+            for part in parts[1:]:
+                out.samples.update(part.samples)
+                out.batches.extend(part.batches[1:] if len(part.batches) > 1 else part.batches)
+                for key, pic in part.pictures.items():
+                    out.pictures.setdefault(key, pic)
+        self.samples, self.batches, self.pictures, self.peak_bytes = {}, [], {}, 0
+        return out
 
 
 def provenance(spec: RunSpec, device: str) -> dict:
-    import lmms_eval
-    import torch
-    import transformers
-
-    from benchmarks.distributed import launched_world_size
-    from methods.llava import resolve_dtype
-
+    """What every row of a run shares: its settings, the device and dtype as run, the code and library versions."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=5).stdout.strip() or "unknown"
@@ -52,8 +100,6 @@ def provenance(spec: RunSpec, device: str) -> dict:
 
 
 def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:
@@ -77,8 +123,6 @@ def cell_times(batches: list[dict]) -> dict:
 
 def peak_rss() -> int:
     """Bytes: this process's peak resident set so far (Linux reports KiB, macOS bytes)."""
-    import resource
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -88,20 +132,19 @@ def primary_metric(res: dict, task: str) -> str | None:
     return (res["configs"][task].get("metric_list") or [{}])[0].get("metric")
 
 
-def sample_records(res: dict, cell: Cell, lm) -> list[dict]:
+def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], config) -> list[dict]:
     """One record per scored doc: lmms-eval's prediction and score joined with the model's token trace and MACs.
 
     When the doc records which patches its question is about (`relevant_patches`, the synthetic benchmark does),
     the record also says how well the kept patches cover them: `relevant_precision` (share of kept patches that
-    are relevant) and `relevant_recall` (share of relevant patches kept).
+    are relevant) and `relevant_recall` (share of relevant patches kept). `traces`: the `Recorder.samples` of the
+    cell; `config`: the checkpoint's config, for the FLOPs.
     """
-    from flops.analytic import ModelShape, count
-
-    shape = ModelShape.from_config(lm.model.config)
+    shape = ModelShape.from_config(config)
     primary = primary_metric(res, cell.task)
     samples = []
     for d in sorted(res["samples"][cell.task], key=lambda d: d["doc_id"]):  # several processes: rank by rank
-        rec = lm.records.get((cell.task, d["doc_id"]), {})
+        rec = traces.get((cell.task, d["doc_id"]), {})
         correct = d.get(primary)
         macs = count(rec, shape) if rec else None
         out = {
@@ -122,6 +165,16 @@ def sample_records(res: dict, cell: Cell, lm) -> list[dict]:
             out["relevant_recall"] = round(hit / len(relevant), 4) if relevant else None
         samples.append(out)
     return samples
+
+
+def cell_records(evaluated, cell: Cell, reducer: TokenReducer, rec: Recorder, config, prov: dict
+                 ) -> tuple[list[dict], list[dict]]:
+    """A finished cell's summary rows and sample records, from lmms-eval's results (`runner.Evaluated`), the model's
+    records of the cell (`Recorder.take`) and the run's provenance; `config`: the checkpoint's, for the FLOPs."""
+    samples = sample_records(evaluated.results, cell, rec.samples, config)
+    times = cell_times(rec.batches) | {"peak_memory_mb": round(rec.peak_bytes / 2**20, 1)}
+    rows = summary_rows(evaluated.results, cell, samples, reducer, evaluated.wall_s, {**times, **prov})
+    return rows, samples
 
 
 def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReducer, wall: float,

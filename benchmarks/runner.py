@@ -1,8 +1,9 @@
 """The sweep: every planned (task, method, budget) cell evaluated through lmms-eval and stored cell by cell.
 
-`run` orchestrates: it loads the model once, evaluates the cells that the output folder does not already hold under
-the same conditions (`benchmarks.plan`), and stores each as it finishes (`benchmarks.store`, rows from
-`benchmarks.records`).
+`run` orchestrates and does nothing else: it loads the model once, evaluates the cells of the plan
+(`benchmarks.plan`) that the output folder does not already hold under the same conditions, and stores each as it
+finishes (`benchmarks.store`), its rows made from lmms-eval's results and the model's `Recorder`
+(`benchmarks.records`).
 """
 
 from __future__ import annotations
@@ -13,24 +14,32 @@ import io
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import datasets
+import torch
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.tasks import TaskManager
+from tenacity import RetryError
+from tqdm import tqdm
 
 from benchmarks.console import cell_line
 from benchmarks.defaults import SMOKE_TASKS, SYNTH_TASKS
+from benchmarks.distributed import World, current_world
+from benchmarks.lmms_model import ReducedLlavaLMM
 from benchmarks.plan import Cell, Plan, RunSpec, fingerprint, make_plan, run_conditions, short_hash, task_identity
-from benchmarks.records import cell_times, peak_rss, provenance, sample_records, summary_rows
+from benchmarks.records import Recorder, cell_records, peak_rss, provenance
 from benchmarks.standard_tasks import load_error, package_dirs, submission_args, task_config
 from benchmarks.store import ResultStore
-from methods import TokenReducer
-from methods.base import first_line
+from benchmarks.synthetic.generate import DATA_DIR, ensure_test_data
+from methods.cli import first_line
 
 PROGRESS_LINE = re.compile(r"\d+%\||\[A$|it/s\]|s/it\]|examples/s\]")  # a tqdm bar's refresh
 
 
 def task_manager(spec: RunSpec):
     """A TaskManager that knows our tasks and the user's include paths; lmms-eval's defaults only if needed."""
-    from lmms_eval.tasks import TaskManager
-
     paths = [str(SYNTH_TASKS)] + [str(p) for p in spec.include_paths] + package_dirs(spec.tasks)
     for p in spec.include_paths:
         if not Path(p).is_dir():
@@ -55,8 +64,6 @@ def task_manager(spec: RunSpec):
 def ensure_task_data(tasks: tuple[str, ...]) -> None:
     """Our synthetic benchmark is generated on first use (deterministic, seeded)."""
     if any(t.startswith("synth_") for t in tasks):
-        from benchmarks.synthetic.generate import DATA_DIR, ensure_test_data
-
         if not (DATA_DIR / "test.parquet").is_file():
             print(f"writing the synthetic task's 1,000 questions to {DATA_DIR} (first use, a few seconds)")
         ensure_test_data()
@@ -65,23 +72,20 @@ def ensure_task_data(tasks: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------------------------------------- running
 
 
-def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov: dict,
-                  verbose: bool = False) -> tuple[list[dict], list[dict]]:
-    """Run one cell through lmms-eval; return its summary rows and sample records. Unless `verbose`, lmms-eval's
-    and datasets' progress bars are held back (`quiet_progress`)."""
-    import torch
-    from lmms_eval.evaluator import simple_evaluate
+@dataclass(frozen=True)
+class Evaluated:
+    """One cell as lmms-eval returned it: its results (rank 0; None on the other ranks) and its wall-clock time."""
 
-    from benchmarks.distributed import gather_model_state
+    results: dict | None
+    wall_s: float
 
-    lm.set_reducer(reducer)
-    lm.records.clear()
-    lm.batch_times.clear()
+
+def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> Evaluated:
+    """Run one cell through lmms-eval with the model's current reducer; the cell's peak memory goes to the model's
+    recorder. Unless `verbose`, lmms-eval's and datasets' progress bars are held back (`quiet_progress`)."""
     cuda = lm.model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(lm.model.device)
-    from tenacity import RetryError
-
     t0 = time.perf_counter()
     try:
         with quiet_progress(enabled=not verbose):
@@ -98,16 +102,10 @@ def evaluate_cell(lm, cell: Cell, reducer: TokenReducer, spec: RunSpec, tm, prov
         raise ValueError(f"{cell.task}: lmms-eval cannot evaluate this task ({type(e).__name__}: {first_line(e)}); "
                          f"check the task's YAML and data ({where}); --debug shows where it failed") from e
     wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(lm.model.device) if cuda else peak_rss()
-    peak = gather_model_state(lm, peak)  # several processes: rank 0 gets every shard's token traces and times
-    if lm.rank != 0:
-        return [], []  # lmms-eval returns results on rank 0 only, and rank 0 writes them
-    if res is None:
+    lm.recorder.peak_bytes = torch.cuda.max_memory_allocated(lm.model.device) if cuda else peak_rss()
+    if lm.rank == 0 and res is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
-    samples = sample_records(res, cell, lm)
-    times = cell_times(lm.batch_times)
-    times["peak_memory_mb"] = round(peak / 2**20, 1)
-    return summary_rows(res, cell, samples, reducer, wall, {**times, **prov}), samples
+    return Evaluated(res, wall)
 
 
 @contextlib.contextmanager
@@ -117,8 +115,6 @@ def quiet_progress(enabled: bool = True):
     if not enabled:
         yield
         return
-    import datasets
-
     was_on = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     held = io.StringIO()
@@ -139,10 +135,6 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
     under the same conditions (all of them with `force`); return the summary rows of this plan's cells (the folder's
     summary.csv also keeps its other cells). Prints one line per finished cell; `progress` draws a bar over the cells
     on a terminal; `verbose` lets lmms-eval's own progress bars and messages through."""
-
-    from benchmarks.distributed import current_world
-    from benchmarks.lmms_model import ReducedLlavaLMM
-
     plan = plan or make_plan(spec)
     world = current_world(spec.device)  # several processes: each evaluates a shard, rank 0 writes
     store = ResultStore(spec.output)
@@ -153,73 +145,72 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
         with quiet_progress(enabled=not verbose):  # transformers' weight-loading bar
             lm = ReducedLlavaLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size,
                                  device=spec.device, dtype=spec.dtype)
+    lm.recorder = Recorder()  # the runner's: the model writes each sample's trace to it
     if world.is_main:
         store.prepare()
     try:
-        rows, planned = _sweep(spec, plan, tm, lm, store, world, progress, verbose, force)
+        if world.is_main:
+            with quiet_progress(enabled=not verbose):
+                ensure_task_data(spec.tasks)
+        planned, conditions = _fingerprints(spec, plan, tm, store, world)
+        done = world.broadcast([not force and store.done(cell, fp) for cell, _, fp in planned])  # rank 0's files decide
+        todo = [p for p, d in zip(planned, done, strict=True) if not d]
+        prov = provenance(spec, spec.device)
+        if world.is_main and any(done):
+            kept = [(c, fp) for (c, _, fp), d in zip(planned, done, strict=True) if d]
+            shas = store.code_versions(kept) - {prov["git_sha"]}
+            other = f"; computed by another code version ({', '.join(sorted(shas))})" if shas else ""
+            print(f"{len(kept)} of {len(planned)} cells already in {spec.output} under the same conditions: kept "
+                  f"(--force recomputes them){other}")
+        bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr,
+                   disable=None if progress and world.is_main else True)  # None: only on a terminal
+        try:
+            for i, (cell, reducer, fp) in enumerate(todo, 1):
+                bar.set_postfix_str(f"{cell.task} {cell.method} {cell.budget}")
+                lm.progress = lambda done, total, c=cell: bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: "
+                                                                               f"{done}/{total} samples")
+                lm.set_reducer(reducer)
+                evaluated = evaluate_cell(lm, cell, spec, tm, verbose)
+                records = lm.recorder.take(world)  # every process's records, on rank 0
+                if world.is_main:
+                    rows, samples = cell_records(evaluated, cell, reducer, records, lm.model.config, prov)
+                    store.save(cell, fp, spec.model, conditions[fp], rows, samples)
+                    store.save_pictures(records.pictures)
+                    store.rebuild()
+                    bar.write(cell_line(i, len(todo), rows), file=sys.stdout)
+                bar.update()
+        finally:
+            bar.close()
+            lm.progress = None
     except BaseException:
         if world.is_main:
             store.abandon()  # a run that finished no cell leaves nothing behind
         raise
     store.release()
     world.barrier()  # the other processes end when rank 0 has written everything
-    ids = {fp for _, _, fp in planned}
-    return [r for r in rows if r.get("cell_id") in ids]  # this plan's cells only, not others kept in the folder
+    rows = store.rebuild()[0] if world.is_main else []
+    return [r for r in rows if r.get("cell_id") in conditions]  # this plan's cells only, not others kept in the folder
 
 
-def _sweep(spec: RunSpec, plan: Plan, tm, lm, store: ResultStore, world, progress: bool, verbose: bool,
-           force: bool) -> tuple[list[dict], list]:
-    """The cells `run` evaluates, once the model is loaded and the output folder locked: returns the folder's rows
-    (rank 0) and the planned (cell, reducer, fingerprint) triples."""
-    from tqdm import tqdm
-
+def _fingerprints(spec: RunSpec, plan: Plan, tm, store: ResultStore, world: World):
+    """Once the output folder is locked: set aside what is not a current cell of this model (saying so), and return
+    the plan's (cell, reducer, fingerprint) triples with each fingerprint's conditions ({"run": ..., "task": ...},
+    stored with the cell). The run's conditions and each task's identity are computed once."""
     if world.is_main:
-        with quiet_progress(enabled=not verbose):
-            ensure_task_data(spec.tasks)
         notes = store.load_all(spec.model)[2]  # unreadable or foreign cell files set aside, named
         for note in notes:
             print(f"note: {note}")
         if notes:
             store.rebuild()
     world.barrier()
-    prov = provenance(spec, spec.device)
-    tasks = {t: task_identity(tm, spec, t) for t in spec.tasks}
-    conditions = {"run": run_conditions(spec), "tasks": {t: short_hash(ident) for t, ident in tasks.items()}}
+    run_id = run_conditions(spec)
+    tasks = {t: short_hash(task_identity(tm, spec, t)) for t in spec.tasks}
     if world.is_main:
-        moved = store.supersede(conditions["run"], conditions["tasks"])
+        moved = store.supersede(run_id, tasks)
         if moved:
             print(f"note: {moved} cells in {spec.output} were computed under other conditions (model files, dtype, "
                   "device, --limit, --seed or the task's files): moved to cells/superseded/")
             store.rebuild()
-    planned = [(cell, reducer, fingerprint(conditions["run"], {"method": cell.method, **reducer.method_args},
-                                           conditions["tasks"][cell.task]))
+    planned = [(cell, reducer, fingerprint(run_id, {"method": cell.method, **reducer.method_args}, tasks[cell.task]))
                for cell, reducer in zip(plan.cells, plan.reducers, strict=True)]
-    done = world.broadcast([not force and store.done(cell, fp) for cell, _, fp in planned])  # rank 0's files decide
-    todo = [p for p, d in zip(planned, done, strict=True) if not d]
-    if world.is_main and len(todo) < len(planned):
-        kept = [store.path(c, fp) for (c, _, fp), d in zip(planned, done, strict=True) if d]
-        shas = {r.get("git_sha") for f in kept for r in store._read(f)[0]["rows"]} - {prov["git_sha"]}
-        other = f"; computed by another code version ({', '.join(sorted(map(str, shas)))})" if shas else ""
-        print(f"{len(kept)} of {len(planned)} cells already in {spec.output} under the same conditions: kept "
-              f"(--force recomputes them){other}")
-    bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr,
-               disable=None if progress and world.is_main else True)  # None: only on a terminal
-    try:
-        for i, (cell, reducer, fp) in enumerate(todo, 1):
-            bar.set_postfix_str(f"{cell.task} {cell.method} {cell.budget}")
-            lm.progress = lambda done, total, c=cell: bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: "
-                                                                           f"{done}/{total} samples")
-            rows, samples = evaluate_cell(lm, cell, reducer, spec, tm, prov, verbose)
-            if world.is_main:
-                for r in rows + samples:
-                    r["cell_id"] = fp
-                store.save(cell, fp, spec.model, {"run": conditions["run"], "task": conditions["tasks"][cell.task]},
-                           rows, samples)
-                store.save_pictures(lm.pictures)
-                store.rebuild()
-                bar.write(cell_line(i, len(todo), rows), file=sys.stdout)
-            bar.update()
-    finally:
-        bar.close()
-        lm.progress = None
-    return (store.rebuild()[0] if world.is_main else []), planned
+    return planned, {fp: {"run": run_id, "task": tasks[cell.task]} for cell, _, fp in planned}

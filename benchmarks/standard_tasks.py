@@ -25,6 +25,11 @@ import os
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+
+from methods.cli import first_line
 
 DOCS = "docs/standard_tasks.md"
 
@@ -118,7 +123,7 @@ def load_error(task: str, path: Path | None, err: BaseException) -> ValueError:
     attempt = getattr(err, "last_attempt", None)
     if attempt is not None and attempt.exception() is not None:
         cause = attempt.exception()
-    text = (str(cause).strip().splitlines() or [""])[0]
+    text = first_line(cause)
     where = f"its local copy {path}" if path else "its dataset (no --task-data given)"
     hint = "" if path else f"; offline, give --task-data {task}=PATH with a local copy ({DOCS})"
     return ValueError(f"{task}: lmms-eval could not load {where}: {type(cause).__name__}: {text}{hint}")
@@ -128,8 +133,6 @@ def submission_args(output: Path):
     """`cli_args` for `simple_evaluate`: textvqa's and mmbench's aggregations write their submission files under
     OUTPUT/submissions/ instead of the current directory. Media stay available to `process_results` (the
     default of the Python API)."""
-    from types import SimpleNamespace
-
     return SimpleNamespace(output_path=str(output), process_with_media=True)
 
 
@@ -206,8 +209,6 @@ class GqaImages:
 
     def _load(self):
         if self._images is None:
-            import datasets
-
             if self.copy.kind == "save_to_disk":
                 images = datasets.load_from_disk(str(self.copy.root / GQA_IMAGES))
                 if isinstance(images, datasets.DatasetDict):

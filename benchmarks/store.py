@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import fcntl
 import io
 import json
 import os
 import platform
 from pathlib import Path
+
+from PIL import Image
 
 from benchmarks.plan import Cell
 
@@ -75,6 +78,7 @@ class ResultStore:
         self.pictures_dir = self.root / "pictures"
         self._lock = None
         self._created: set[str] = set()  # what `prepare` created, for `abandon`
+        self._seen: dict[Path, tuple[tuple[int, int], dict | None, str]] = {}  # `_check`'s memo of cell files
 
     def check_writable(self) -> None:
         """Raise PermissionError unless the output directory exists and is writable, or could be created."""
@@ -112,8 +116,6 @@ class ResultStore:
                 f"cannot write to output directory {self.root}: {e.strerror}; pass --output DIR") from e
 
     def _take_lock(self) -> None:
-        import fcntl
-
         f = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open until release() or the process ends
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -159,12 +161,19 @@ class ResultStore:
 
     def done(self, cell: Cell, fingerprint: str) -> bool:
         """True when the cell's file is there and readable (an unreadable one is set aside by `load_all`)."""
-        return self.path(cell, fingerprint).is_file() and self._read(self.path(cell, fingerprint))[0] is not None
+        return self.path(cell, fingerprint).is_file() and self._check(self.path(cell, fingerprint))[0] is not None
+
+    def code_versions(self, cells: list[tuple[Cell, str]]) -> set[str]:
+        """The code versions (`git_sha`) that computed these stored (cell, fingerprint) pairs."""
+        return set().union(*[(self._check(self.path(c, fp))[0] or {"git_shas": set()})["git_shas"] for c, fp in cells])
 
     def save(self, cell: Cell, fingerprint: str, model: Path, conditions: dict, rows: list[dict],
              samples: list[dict]) -> None:
         """Write the cell atomically; files of the same cell under other conditions move to cells/superseded/.
-        `conditions` ({"run": ..., "task": ...}) lets `supersede` tell the cells of another run's conditions."""
+        `conditions` ({"run": ..., "task": ...}) lets `supersede` tell the cells of another run's conditions. Every
+        row and sample record gets the fingerprint as its `cell_id`."""
+        for r in rows + samples:
+            r["cell_id"] = fingerprint
         record = {"cell": cell.name, "fingerprint": fingerprint, "model": str(Path(model).resolve()),
                   "conditions": conditions, "rows": rows, "samples": samples}
         _atomic_write(self.path(cell, fingerprint), json.dumps(record))
@@ -178,10 +187,10 @@ class ResultStore:
         then reports one set of conditions, never a stale cell beside a current one."""
         moved = 0
         for f in sorted(self.cells_dir.glob("*.json")):
-            data, _ = self._read(f)
-            if data is None:
+            meta, _ = self._check(f)
+            if meta is None:
                 continue
-            cond = data.get("conditions") or {}
+            cond = meta["conditions"]
             task = f.stem.split("__")[0]
             if cond.get("run") != run or (task in tasks and cond.get("task") != tasks[task]):
                 self._move(f, "superseded")
@@ -197,6 +206,28 @@ class ResultStore:
 
     def _read(self, f: Path) -> tuple[dict | None, str]:
         """A cell file's content, or None and why it is not one (truncated, foreign, renamed, older format)."""
+        try:
+            sig = (f.stat().st_size, f.stat().st_mtime_ns)
+        except OSError as e:
+            return None, f"not readable ({type(e).__name__})"
+        data, why = self._parse(f)
+        meta = None if data is None else {"conditions": data.get("conditions") or {},
+                                          "git_shas": {str(r.get("git_sha")) for r in data["rows"]}}
+        self._seen[f] = (sig, meta, why)
+        return data, why
+
+    def _check(self, f: Path) -> tuple[dict | None, str]:
+        """A cell file's conditions and code versions, or None and why it is not a cell file; parsed once while the
+        file stays as it is (same size and modification time), since a run's start checks every file several ways."""
+        try:
+            sig = (f.stat().st_size, f.stat().st_mtime_ns)
+        except OSError as e:
+            return None, f"not readable ({type(e).__name__})"
+        if f not in self._seen or self._seen[f][0] != sig:
+            self._read(f)
+        return self._seen[f][1], self._seen[f][2]
+
+    def _parse(self, f: Path) -> tuple[dict | None, str]:
         try:
             data = json.loads(f.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -242,8 +273,6 @@ class ResultStore:
 
     def save_pictures(self, pictures: dict[tuple[str, int], dict]) -> None:
         """Write each captured model-input image once: pictures/<task>__<doc_id>.png and .json (question, grid)."""
-        from PIL import Image
-
         for (task, doc_id), pic in pictures.items():
             stem = self.pictures_dir / f"{task}__{doc_id}"
             if stem.with_suffix(".json").is_file():

@@ -41,8 +41,7 @@ from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ESTIMATORS, ControllerConfig
-from methods.base import first_line
-from methods.cli import OneLineParser, at_least, check_device
+from methods.cli import OneLineParser, at_least, check_device, first_line
 from methods.llava import ReducedLlava, llava_prompt, load_llava
 from methods.trace import LlavaLayout
 
@@ -239,7 +238,7 @@ def train(args: argparse.Namespace) -> Path:
         step = state["step"]
         torch.set_rng_state(state["rng"])  # the main process's state; the others get their own below
         if acc.process_index:
-            torch.manual_seed(args.seed + acc.process_index + 7919 * step)
+            torch.manual_seed(args.seed + acc.process_index + 7919 * step)  # prime stride: no two (rank, step) collide
         acc.print(f"resumed from {state_path} at step {step}")
     if acc.is_main_process and (out / LOG_FILE).is_file():  # one run's log: drop steps after the state it resumes
         lines = (out / LOG_FILE).read_text().splitlines()

@@ -12,7 +12,13 @@ import argparse
 import json
 import sys
 
+from flops.analytic import ModelShape, count
+from flops.shapes import load_config, shape_record, stand_in_reducer
+from methods import create_reducer, expand_methods, get_reducer_class, method_budgets
+from methods.base import AUTO
 from methods.cli import OneLineParser, parse_budget, parse_method_arg
+from methods.llava import check_reducer
+from methods.trace import LlavaLayout
 
 TABLE = ("method", "budget", "visual_tokens", "llm_prefill_tmacs", "llm_prefill_tflops", "prefill_tmacs",
          "prefill_tflops", "total_tflops", "llm_prefill_ratio", "prefill_ratio")
@@ -37,13 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def rows_for(args: argparse.Namespace) -> list[dict]:
     """One row per (method, budget), with MACs from `flops.analytic.count` on `flops.shapes.shape_record`."""
-    from flops.analytic import ModelShape, count
-    from flops.shapes import load_config, shape_record, stand_in_reducer
-    from methods import create_reducer, expand_methods, get_reducer_class, method_budgets
-    from methods.base import AUTO
-    from methods.llava import check_reducer
-    from methods.trace import LlavaLayout
-
     if args.text_tokens < 0 or args.generated_tokens < 1:
         raise ValueError("--text-tokens must be >= 0 and --generated-tokens >= 1")
     config = load_config(args.model_config)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 NORMS = ("aten::layer_norm", "aten::group_norm", "aten::batch_norm", "aten::instance_norm")
 # op names (substrings) that do multiply-accumulate work; fvcore must have a handle for every one it meets
@@ -41,7 +42,7 @@ class UncountedOpError(RuntimeError):
 
 def _sdpa_handle(inputs, outputs) -> int:
     """fvcore handle (returns MACs) for aten::scaled_dot_product_attention: QK^T plus PV, full matrix."""
-    from fvcore.nn.jit_handles import get_shape
+    from fvcore.nn.jit_handles import get_shape  # noqa: PLC0415 - fvcore is a test-only dependency
 
     q, k, v = (get_shape(inputs[i]) for i in range(3))  # (..., Lq, E), (..., Lk, E), (..., Lk, Ev)
     batch_heads = math.prod(q[:-2])
@@ -70,7 +71,7 @@ def fvcore_prefill_macs(runner, input_ids: Tensor, attention_mask: Tensor, pixel
     Raises:
         UncountedOpError: fvcore met a matmul-like op with no handle.
     """
-    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn import FlopCountAnalysis  # noqa: PLC0415 - fvcore is a test-only dependency
 
     wrapper = _Prefill(runner).eval()
     with warnings.catch_warnings(), torch.no_grad():
@@ -101,8 +102,6 @@ def flop_counter_macs(fn: Callable[[], object]) -> tuple[int, object]:
 
     The CPU SDPA kernel, absent from torch's registry, is counted with torch's own SDPA formula.
     """
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
-
     aten = torch.ops.aten
     mapping = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):

@@ -13,9 +13,12 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import LlavaConfig
 
 from methods import create_reducer, get_reducer_class
-from methods.base import Site, TokenReducer, Tokens, first_line
+from methods.adaptive import ControllerConfig
+from methods.base import Site, TokenReducer, Tokens
+from methods.cli import first_line
 from methods.trace import LlavaLayout, cls_signal_macs, query_row_macs
 
 CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b
@@ -28,8 +31,6 @@ def load_config(name_or_path: str | Path):
         FileNotFoundError: neither a known name nor an existing path.
         ValueError: the file is not a LLaVA config.
     """
-    from transformers import LlavaConfig
-
     path = Path(name_or_path)
     if (CONFIGS / f"{name_or_path}.json").is_file():
         path = CONFIGS / f"{name_or_path}.json"
@@ -84,8 +85,6 @@ def check_shapes(config, path: Path | str = "config") -> None:
 def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) -> TokenReducer:
     """The method at `budget` (ignored by methods without one), in eval mode. A learned method given no `checkpoint`
     gets an untrained controller of the default shape for `config`: its MACs and time do not depend on its weights."""
-    from methods.adaptive import ControllerConfig
-
     cls = get_reducer_class(method)
     if cls.needs_checkpoint and "checkpoint" not in kwargs:
         lay = LlavaLayout.from_config(config)

@@ -31,7 +31,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _CONTRACT:
-        from methods import base
+        from methods import base  # noqa: PLC0415 - `import methods` stays torch-free
 
         return getattr(base, name)
     raise AttributeError(f"module 'methods' has no attribute {name!r}")

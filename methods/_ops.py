@@ -36,11 +36,6 @@ def pack_true(mask: Tensor, right: bool = False) -> tuple[Tensor, Tensor]:
     return idx, valid
 
 
-def topk_sorted(scores: Tensor, k: int) -> Tensor:
-    """(B, N) scores -> (B, k) indices of the k largest per row, sorted ascending (original token order)."""
-    return scores.topk(k, dim=1).indices.sort(dim=1).values
-
-
 def sample_budgets(budget: int, per_sample: Tensor | None, n: int, batch: int, device: torch.device) -> Tensor:
     """(B,) tokens to keep per sample: the per-sample override if given, else `budget`; clamped to [1, n]."""
     k = per_sample if per_sample is not None else torch.full((batch,), budget, device=device)
@@ -88,6 +83,8 @@ def mix32(h: Tensor) -> Tensor:
 
 def pixel_key(pixel_values: Tensor) -> Tensor:
     """(B, C, H, W) -> (B,) int64 key computed exactly from each image's pixels (identical in any batch)."""
+    # pixels quantised to 8 bits (exact in any dtype the image arrives in), each weighted by its position, modulo
+    # two primes below 2**16 so the weighted sum fits int64 for any image size
     q = (pixel_values.float() * 255).round().long().flatten(1) % 65521  # (B, P)
     w = torch.arange(q.size(1), device=q.device) % 65519 + 1
     return mix32((q * w).sum(1))

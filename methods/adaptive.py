@@ -14,16 +14,14 @@ eval.
 **Gradient estimator: a deviation from the plan, measured.** The plan (and AdaLLaVA) use K rounds of masked
 Gumbel-softmax with the straight-through trick (tau = 5). AdaLLaVA's mask switches whole layers or heads, whose
 "off" state is exact; a dropped *token* has no such state, and the mask's straight-through gradient then measures
-how sensitive the loss is to a patch, not whether keeping it helps. On the smoke model (2-core CPU, 400-600 steps,
-held-out accuracy at K = 16 / 36 of 144) it learned to avoid the question's objects whichever way the mask acted:
-scaling the patch by m before or after the projector, 33-35 % (kept-on-object share 0.000-0.003; `random` 48 /
-61 %); interpolating from the batch's mean patch, ref + m (x - ref), 53 / 58 %. The default estimator is therefore
-the score function (REINFORCE): the Gumbel top-K draw is a Plackett-Luce sample whose log-probability is exact
-(`plackett_luce_topk`); each question is run with S draws (default 4) and a draw's advantage is how much lower its
-answer loss is than the other draws' mean (leave-one-out baseline). The LLM and the features need no gradient, so a
-step is S forward passes and no backward through the model. The loss is still the LM loss alone (no FLOPs or
-sparsity term), one budget per batch. The straight-through estimator stays available (`--estimator
-straight_through`, the mean-reference variant) to reproduce the plan as written.
+how sensitive the loss is to a patch, not whether keeping it helps. On the smoke model it learned to avoid the
+question's objects, below `random`, whichever way the mask acted (the numbers: README, "How it learns"). The default
+estimator is therefore the score function (REINFORCE): the Gumbel top-K draw is a Plackett-Luce sample whose
+log-probability is exact (`plackett_luce_topk`); each question is run with S draws (default 4) and a draw's
+advantage is how much lower its answer loss is than the other draws' mean (leave-one-out baseline). The LLM and the
+features need no gradient, so a step is S forward passes and no backward through the model. The loss is still the LM
+loss alone (no FLOPs or sparsity term), one budget per batch. The straight-through estimator stays available
+(`--estimator straight_through`, the mean-reference variant) to reproduce the plan as written.
 
 * `adaptive_b` (Option B): the vision encoder runs unchanged; the budget embedding attends to the patch features
   (one cross-attention, budget as query) and the fused vector conditions the scores.
@@ -49,11 +47,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from methods._ops import gather_tokens, sample_budgets, select_top
 from methods._registry import register_reducer
-from methods.base import Reduced, TokenReducer, Tokens, first_line
+from methods.base import Reduced, TokenReducer, Tokens
+from methods.cli import first_line
 
 CONFIG_FILE = "controller.json"
 ESTIMATORS = ("reinforce", "straight_through")
@@ -184,8 +184,6 @@ class _Adaptive(TokenReducer):
         self.head = nn.Sequential(nn.GELU(), nn.Linear(h, 1))
         self.build_fusion(config)
         if checkpoint is not None:
-            from safetensors.torch import load_file
-
             try:
                 state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
                 missing, unexpected = self.load_state_dict(state, strict=False)
@@ -260,8 +258,6 @@ class _Adaptive(TokenReducer):
 
     def save(self, directory: str | Path) -> None:
         """Write the controller's weights and config (small files) to `directory`."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},

@@ -86,12 +86,6 @@ class Reduced:
     aux: dict[str, Tensor] = field(default_factory=dict)
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's message cut to its first line (or its type name), for one-line error messages."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 class TokenReducer(nn.Module):
     """Base class for every method. Subclasses set `site` and `needs` and implement `forward`.
 

@@ -59,7 +59,7 @@ def parse_method_arg(text: str) -> tuple[str, str, object]:
 
 def check_device(device: str) -> None:
     """Raise ValueError unless `device` names a device this machine has."""
-    import torch
+    import torch  # noqa: PLC0415 - this module is torch-free until a device is checked
 
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
@@ -70,3 +70,9 @@ def check_device(device: str) -> None:
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices "
                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (or its type name), for one-line error messages."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

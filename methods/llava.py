@@ -32,14 +32,16 @@ cache with its own padding mask; new positions continue from the original (unred
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
 
 from methods._ops import gather_tokens, pack_true, pixel_key
-from methods.base import Reduced, Site, TokenReducer, Tokens, first_line
+from methods.base import Reduced, Site, TokenReducer, Tokens
+from methods.cli import first_line
 from methods.trace import Generation, LlavaLayout, Timing, TokenTrace, cls_signal_macs, query_row_macs
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -69,8 +71,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
     """Load a local llava-hf checkpoint and its processor (offline). Returns (model, processor)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a llava-hf checkpoint folder (no config.json); pass --model PATH")
@@ -137,8 +137,9 @@ def complete_processor(processor, config) -> None:
 
 
 @dataclass
-class _Decoder:
-    """Decoding state after prefill: cache, one padding mask per group of layers, next positions."""
+class DecodeState:
+    """Decoding state after prefill: cache, one padding mask per group of layers, next positions; and what the
+    prefill produced for its caller (logits, token trace, the reducer's time and training-time extras)."""
 
     cache: object
     key_masks: list[Tensor]  # per segment: (B, S) bool, True on real keys
@@ -148,6 +149,54 @@ class _Decoder:
     trace: TokenTrace
     tail_logits: Tensor | None = None  # (B, m, V) logits of the last m positions, when prefill was asked for them
     aux: dict[str, Tensor] = field(default_factory=dict)  # the reducer's training-time extras (`Reduced.aux`)
+    reducer_s: float = 0.0  # prefill time in the reducer and the signals computed for it (`Timing.reducer_s`)
+
+
+@dataclass
+class _ReducerLog:
+    """What the reducer's calls accumulate during one prefill: `prefill` creates it, the call sites add to it."""
+
+    macs: Tensor  # (B,) long: the reducer's own `Reduced.macs` plus the signals computed for it
+    seconds: float = 0.0  # synchronised wall time in the reducer and its signals
+    aux: dict[str, Tensor] = field(default_factory=dict)  # the reducer's `Reduced.aux`, handed on unchanged
+
+    def add(self, red: Reduced, seconds: float) -> None:
+        """Record one reducer call: its MACs, the `seconds` it (and its signals) took, its training extras."""
+        self.macs = self.macs + (0 if red.macs is None else red.macs)
+        self.seconds += seconds
+        self.aux = red.aux
+
+
+@dataclass
+class _Features:
+    """What the vision side hands on: the selected features of the kept visual tokens, before the projector."""
+
+    x: Tensor  # (B, K, Dv * nf) features (CLS dropped), nf = number of feature layers
+    valid: Tensor | None  # (B, K) bool, False on padding; None when every sample keeps K tokens
+    src: Tensor  # (B, K) original patch index of each token (-1: a merged token with no single source)
+    vision_tokens: Tensor  # (B, Lv) tokens (CLS included) entering each executed encoder layer
+
+    def projector_tokens(self) -> Tensor:
+        """(B,) tokens each sample sends through the projector."""
+        return self.valid.sum(1) if self.valid is not None else torch.full_like(self.src[:, 0], self.x.size(1))
+
+
+@dataclass
+class _Seq:
+    """The LLM-side prefill sequence of a left-padded batch."""
+
+    x: Tensor  # (B, T', D) hidden states
+    real: Tensor  # (B, T') bool, True on real (unpadded) tokens
+    pos: Tensor  # (B, T') long position ids
+    visual: Tensor  # (B, T') bool, True on real visual tokens
+    src: Tensor  # (B, T') long original patch index of visual tokens (-1 elsewhere)
+
+    def take(self, idx: Tensor, valid: Tensor) -> _Seq:
+        """Every field gathered at `idx` (B, T'') along the sequence; slots where `valid` (B, T'') is False (the
+        padding slots `pack_true` returns) become padding, whatever they point at."""
+        real = self.real.gather(1, idx) & valid
+        return _Seq(x=gather_tokens(self.x, idx), real=real, pos=self.pos.gather(1, idx),
+                    visual=self.visual.gather(1, idx) & real, src=self.src.gather(1, idx))
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -196,8 +245,6 @@ class ReducedLlava:
         self.model = model
         self.reducer = reducer
         self.layout = LlavaLayout.from_config(model.config)
-        self._reducer_s = 0.0
-        self._aux: dict[str, Tensor] = {}
         check_reducer(reducer, self.layout)
 
     # ------------------------------------------------------------------ public API
@@ -246,7 +293,7 @@ class ReducedLlava:
         state.trace.generated_tokens = lengths
         tokens = torch.stack(out, 1) if out else input_ids.new_zeros(b, 0)
         timing = Timing(prefill_s=t1 - t0, decode_s=self._clock() - t1, decode_steps=max(len(out) - 1, 0),
-                        reducer_s=self._reducer_s)
+                        reducer_s=state.reducer_s)
         return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float(),
                           timing=timing)
 
@@ -259,32 +306,31 @@ class ReducedLlava:
     def prefill(
         self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, budgets: Tensor | None = None,
         tail: int = 1,
-    ) -> _Decoder:
+    ) -> DecodeState:
         """Run the reduced prefill; return the decoding state (cache, masks, last-position logits, token trace).
 
         Differentiable (no `no_grad` here): training computes a loss on `tail_logits`, the logits of the last `tail`
-        positions (with left padding, a teacher-forced answer sits at the end of every row).
+        positions (with left padding, a teacher-forced answer sits at the end of every row), and reads the
+        reducer's `aux`.
         """
         m = self.model
         device = m.device
-        self._reducer_s = 0.0  # time in the reducer and its signals, for `Timing`
-        self._aux = {}  # the reducer's `Reduced.aux`, handed to the caller (training)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
         self._image_span(input_ids)  # fail before any compute
         pixel_values = pixel_values.to(device, m.model.vision_tower.dtype)
         key = pixel_key(pixel_values)  # (B,)
-        feats, fvalid, fsrc, vision_tokens, own = self._encode_images(pixel_values, budgets, key)  # (B, K, Dv)
-        projected = m.model.multi_modal_projector(feats)  # (B, K, D)
-        projector_tokens = fvalid.sum(1) if fvalid is not None else torch.full_like(fsrc[:, 0], feats.size(1))
-        x, pad, vis, src = self._splice(input_ids, attention_mask, projected, fvalid, fsrc)  # (B, T', D)
-        pos = (pad.long().cumsum(1) - 1).clamp(min=0)  # contiguous positions, like HF with left padding
-        return self._llm_prefill(x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens, own, tail)
+        log = _ReducerLog(macs=torch.zeros(pixel_values.size(0), dtype=torch.long, device=device))
+        feats = self._encode_images(pixel_values, budgets, key, log)  # feats.x (B, K, Dv * nf)
+        projected = m.model.multi_modal_projector(feats.x)  # (B, K, D)
+        seq = self._splice(input_ids, attention_mask, projected, feats.valid, feats.src)  # seq.x (B, T', D)
+        return self._llm_prefill(seq, feats, budgets, key, log, tail)
 
     # ------------------------------------------------------------------ vision
 
-    def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor):
-        """(B, 3, H, W) -> features (B, K, Dv), valid (B, K) or None, source patch (B, K), vision tokens (B, Lv),
-        and the reducer's own MACs so far (B,)."""
+    def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor, log: _ReducerLog
+                       ) -> _Features:
+        """(B, 3, H, W) -> the features of the visual tokens (VISION and FEATURES sites reduce them here); the
+        reducer's MACs and time go into `log`."""
         vt, lay, r = self.model.model.vision_tower, self.layout, self.reducer
         h = vt.embeddings(pixel_values)  # (B, 1+N, Dv)
         b, n = h.size(0), lay.num_patches
@@ -298,17 +344,14 @@ class ReducedLlava:
         src = torch.arange(n, device=h.device).expand(b, n)  # (B, N) original patch index of each token
         valid, attn_mask = None, None
         hidden, counts = {0: h}, []
-        own = torch.zeros(b, dtype=torch.long, device=h.device)  # (B,) the reducer's MACs
         for i, layer in enumerate(vt.encoder.layers[: lay.vision_layers_run]):
             if r.site is Site.VISION and i == r.layer:
                 if e:
                     raise NotImplementedError(f"{r.name}: extra vision tokens are supported at the features site only")
                 t0 = self._clock()
                 red = r(Tokens(x=h[:, 1:], grid=lay.grid, valid=valid, budget=budgets, sample_key=key))
-                self._reducer_s += self._clock() - t0
-                self._aux = red.aux
+                log.add(red, self._clock() - t0)
                 patches, valid, src = self._apply(red, h[:, 1:], valid, src, budgets)
-                own = own + (0 if red.macs is None else red.macs)
                 h = torch.cat([h[:, :1], patches], 1)  # (B, 1+K, Dv): CLS always kept
                 if valid is not None:
                     real = torch.cat([valid.new_ones(b, 1), valid], 1)  # (B, 1+K) CLS + kept patches
@@ -325,13 +368,11 @@ class ReducedLlava:
             t0 = self._clock()
             sig = self._vision_signals(h[:, : h.size(1) - e], attn_mask) if r.needs else {}
             if sig:
-                own = own + cls_signal_macs(torch.as_tensor(counts[-1], device=h.device) - e, h.size(-1))
+                log.macs = log.macs + cls_signal_macs(torch.as_tensor(counts[-1], device=h.device) - e, h.size(-1))
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
-            self._reducer_s += self._clock() - t0
-            self._aux = red.aux
+            log.add(red, self._clock() - t0)
             feats, valid, src = self._apply(red, feats, valid, src, budgets)
-            own = own + (0 if red.macs is None else red.macs)
-        return feats, valid, src, vision_tokens, own
+        return _Features(x=feats, valid=valid, src=src, vision_tokens=vision_tokens)
 
     def _vision_signals(self, h: Tensor, attn_mask: Tensor | None) -> dict[str, Tensor]:
         """CLS attention and keys from the q/k projections of the encoder layer that consumes the features.
@@ -355,7 +396,8 @@ class ReducedLlava:
             scores = scores + attn_mask[:, 0].float()
         return {"cls_attn": scores.softmax(-1)[:, 0, 1:], "keys": k[:, 1:]}  # (B, N), (B, N, Dv)
 
-    def _apply(self, red: Reduced, x_in: Tensor, valid: Tensor | None, src: Tensor, budgets: Tensor | None):
+    def _apply(self, red: Reduced, x_in: Tensor, valid: Tensor | None, src: Tensor, budgets: Tensor | None
+               ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Check a reducer's output against its budget and carry the source-patch map through it."""
         r = self.reducer
         if not isinstance(red, Reduced):
@@ -380,12 +422,10 @@ class ReducedLlava:
 
     # ------------------------------------------------------------------ splice
 
-    def _splice(self, input_ids: Tensor, attention_mask: Tensor, feats: Tensor, fvalid: Tensor | None, fsrc: Tensor):
-        """Replace each prompt's image-token run by its K_i visual tokens and re-pack with left padding.
-
-        Returns x (B, T', D), pad (B, T') True on real tokens, vis (B, T') True on visual tokens, src (B, T')
-        original patch index of visual tokens (-1 elsewhere).
-        """
+    def _splice(self, input_ids: Tensor, attention_mask: Tensor, feats: Tensor, fvalid: Tensor | None, fsrc: Tensor
+                ) -> _Seq:
+        """Replace each prompt's image-token run by its K_i visual tokens (feats (B, K, D), fvalid, fsrc as in
+        `_Features`) and re-pack with left padding; position ids are contiguous over the real tokens."""
         n, emb = self.layout.num_patches, self.model.model.language_model.embed_tokens
         is_img, start = self._image_span(input_ids)
         b, t = input_ids.shape
@@ -400,8 +440,10 @@ class ReducedLlava:
         fvalid = torch.ones_like(fsrc, dtype=torch.bool) if fvalid is None else fvalid
         keep = torch.where(in_vis, fvalid.gather(1, vis_idx), attention_mask.gather(1, txt_idx))  # (B, T2)
         src = torch.where(in_vis, fsrc.gather(1, vis_idx), -1)
-        idx, pad = pack_true(keep, right=True)  # (B, T')
-        return gather_tokens(x, idx), pad, in_vis.gather(1, idx) & pad, src.gather(1, idx)
+        idx, real = pack_true(keep, right=True)  # (B, T')
+        pos = (real.long().cumsum(1) - 1).clamp(min=0)  # contiguous positions, like HF with left padding
+        return _Seq(x=gather_tokens(x, idx), real=real, pos=pos, visual=in_vis.gather(1, idx) & real,
+                    src=src.gather(1, idx))
 
     def _image_span(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T) ids -> image-token mask (B, T) and span start (B,); raises unless one run of N per prompt."""
@@ -420,78 +462,84 @@ class ReducedLlava:
 
     # ------------------------------------------------------------------ LLM
 
-    def _llm_prefill(self, x, pad, pos, vis, src, budgets, key, vision_tokens, projector_tokens, own, tail) -> _Decoder:
+    def _llm_prefill(self, seq: _Seq, feats: _Features, budgets: Tensor | None, key: Tensor, log: _ReducerLog,
+                     tail: int) -> DecodeState:
+        """Run the decoder layers over `seq` (LLM site: reduce it before layer `reducer.layer`), then `lm_head` on
+        the last `tail` positions; `feats` gives the trace its vision and projector counts, `log` its MACs."""
         lm, r = self.model.model.language_model, self.reducer
-        from transformers import DynamicCache  # local: keep `import methods` light
-
         cache = DynamicCache(config=lm.config)
-        key_masks, layer_segment = [pad], []
+        key_masks, layer_segment = [seq.real], []
         llm_tokens, visual_tokens = [], []
-        cos_sin = lm.rotary_emb(x, pos)
-        mask = _additive_mask(pad, x.size(1), x.dtype)
-        h_prev = x
+        cos_sin = lm.rotary_emb(seq.x, seq.pos)
+        mask = _additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
+        h_prev = seq.x
         for j, layer in enumerate(lm.layers):
             if r.site is Site.LLM and j == r.layer:
-                x, pad, pos, vis, src, macs = self._reduce_in_llm(j, x, h_prev, pad, pos, vis, src, cache, cos_sin,
-                                                                  budgets, key)
-                own = own + macs
-                key_masks.append(pad)
-                cos_sin = lm.rotary_emb(x, pos)
-                mask = _additive_mask(pad, x.size(1), x.dtype)
-            llm_tokens.append(pad.sum(1))
-            visual_tokens.append((vis & pad).sum(1))
+                t0 = self._clock()  # the reducer's time includes the signal computed for it
+                query = (self._last_query_attention(j - 1, h_prev, seq.real, cos_sin, cache)
+                         if "query_attn" in r.needs else None)  # (B, T')
+                seq = self._reduce_in_llm(seq, query, budgets, key, log, t0)
+                key_masks.append(seq.real)
+                cos_sin = lm.rotary_emb(seq.x, seq.pos)
+                mask = _additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
+            llm_tokens.append(seq.real.sum(1))
+            visual_tokens.append((seq.visual & seq.real).sum(1))
             layer_segment.append(len(key_masks) - 1)
-            h_prev = x
-            x = layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                      position_embeddings=cos_sin)  # (B, T', D)
-        logits = self.model.lm_head(lm.norm(x[:, -tail:]))  # (B, tail, V): the last position(s) only
-        kept, kept_valid = pack_true(vis & pad)
+            h_prev = seq.x
+            seq.x = layer(seq.x, attention_mask=mask, position_ids=seq.pos, past_key_values=cache, use_cache=True,
+                          position_embeddings=cos_sin)  # (B, T', D)
+        logits = self.model.lm_head(lm.norm(seq.x[:, -tail:]))  # (B, tail, V): the last position(s) only
+        kept, kept_valid = pack_true(seq.visual & seq.real)
         trace = TokenTrace(
-            vision_tokens=vision_tokens,
-            projector_tokens=projector_tokens,
+            vision_tokens=feats.vision_tokens,
+            projector_tokens=feats.projector_tokens(),
             llm_tokens=torch.stack(llm_tokens, 1),
             visual_tokens=torch.stack(visual_tokens, 1),
-            kept=src.gather(1, kept),
+            kept=seq.src.gather(1, kept),
             kept_valid=kept_valid,
-            reducer_macs=own,
+            reducer_macs=log.macs,
         )
-        next_pos = pos[:, -1] + 1  # the last prompt token is real for every left-padded sample
-        return _Decoder(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,
-                        logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None, aux=self._aux)
+        next_pos = seq.pos[:, -1] + 1  # the last prompt token is real for every left-padded sample
+        return DecodeState(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,
+                           logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None, aux=log.aux,
+                           reducer_s=log.seconds)
 
-    def _reduce_in_llm(self, j, x, h_prev, pad, pos, vis, src, cache, cos_sin, budgets, key):
-        """Remove non-kept image tokens before decoder layer j (LLM site); also returns the reducer's MACs (B,)."""
+    def _reduce_in_llm(self, seq: _Seq, query: Tensor | None, budgets: Tensor | None, key: Tensor,
+                       log: _ReducerLog, t0: float) -> _Seq:
+        """Remove the non-kept image tokens from `seq` before decoder layer `reducer.layer` (LLM site).
+
+        `query` (B, T') is the last prompt token's attention at the layer below (None unless the reducer needs
+        `query_attn`); `t0` is the `_clock()` reading taken before it was computed: the reducer's time in `log`
+        runs from there. Its MACs (signal included) and extras go into `log` too.
+        """
         r = self.reducer
-        t0 = self._clock()
-        vidx, vvalid = pack_true(vis & pad)  # (B, N) positions of the visual tokens, in order
-        sig, macs = {}, torch.zeros(x.size(0), dtype=torch.long, device=x.device)
-        if "query_attn" in r.needs:
-            probs = self._last_query_attention(j - 1, h_prev, pad, cos_sin, cache)  # (B, T)
-            sig["query_attn"] = probs.gather(1, vidx).masked_fill(~vvalid, 0.0)
-            q_width = self.model.model.language_model.layers[j - 1].self_attn.q_proj.out_features
-            macs = macs + query_row_macs(pad.sum(1), x.size(-1), q_width)
-        tokens = Tokens(x=gather_tokens(x, vidx), grid=self.layout.grid,
+        vidx, vvalid = pack_true(seq.visual & seq.real)  # (B, N) positions of the visual tokens, in order
+        sig = {}
+        if query is not None:
+            sig["query_attn"] = query.gather(1, vidx).masked_fill(~vvalid, 0.0)
+            q_width = self.model.model.language_model.layers[r.layer - 1].self_attn.q_proj.out_features
+            log.macs = log.macs + query_row_macs(seq.real.sum(1), seq.x.size(-1), q_width)
+        tokens = Tokens(x=gather_tokens(seq.x, vidx), grid=self.layout.grid,
                         valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, **sig)
         red = r(tokens)
-        self._reducer_s += self._clock() - t0
-        self._aux = red.aux
-        macs = macs + (0 if red.macs is None else red.macs)
+        log.add(red, self._clock() - t0)
         if red.keep is None or bool((red.keep < 0).any()):
             raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0)")
         kvalid = red.valid if red.valid is not None else torch.ones_like(red.keep, dtype=torch.bool)
         kvalid = kvalid & vvalid.gather(1, red.keep)
         kept_pos = vidx.gather(1, red.keep)  # (B, K) positions in the sequence
-        x = x.scatter(1, kept_pos.unsqueeze(-1).expand(-1, -1, x.size(-1)), red.x)  # a reducer may update values
-        keep = (~vis) & pad
+        # a reducer may update the values of the tokens it keeps
+        x = seq.x.scatter(1, kept_pos.unsqueeze(-1).expand(-1, -1, seq.x.size(-1)), red.x)
+        keep = (~seq.visual) & seq.real
         keep = keep.scatter(1, kept_pos, kvalid) | keep
-        idx, new_pad = pack_true(keep, right=True)  # (B, T'')
-        return (gather_tokens(x, idx), new_pad, pos.gather(1, idx), vis.gather(1, idx) & new_pad, src.gather(1, idx),
-                macs)
+        idx, valid = pack_true(keep, right=True)  # (B, T'')
+        return replace(seq, x=x).take(idx, valid)
 
-    def _last_query_attention(self, layer_idx: int, h_in: Tensor, pad: Tensor, cos_sin, cache) -> Tensor:
+    def _last_query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, cache) -> Tensor:
         """(B, T) head-averaged attention of the last prompt token at decoder layer `layer_idx`.
 
-        Uses the layer's cached post-RoPE keys and recomputes only the last token's query.
+        `h_in` (B, T, D) is that layer's input, `real` (B, T) marks the real keys. Uses the layer's cached post-RoPE
+        keys and recomputes only the last token's query.
         """
         layer = self.model.model.language_model.layers[layer_idx]
         att = layer.self_attn
@@ -503,10 +551,10 @@ class ReducedLlava:
         k = cache.layers[layer_idx].keys  # (B, Hkv, T, hd)
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, H, T, hd)
         scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, 1, T)
-        scores = scores.masked_fill(~pad[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
         return scores.softmax(-1).mean(1)[:, 0]  # (B, T)
 
-    def _decode_step(self, state: _Decoder, tok: Tensor) -> Tensor:
+    def _decode_step(self, state: DecodeState, tok: Tensor) -> Tensor:
         """Feed one token per sample through every layer; return the next logits (B, V)."""
         lm = self.model.model.language_model
         x = lm.embed_tokens(tok.unsqueeze(1))  # (B, 1, D)

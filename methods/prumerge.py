@@ -133,6 +133,7 @@ class _PruMergeBase(TokenReducer):
 
 def _ordered(keys: Tensor, chosen: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """The `chosen` (B, N) entries first, sorted by `keys` (B, N) ascending; the first m slots and their validity."""
+    # the callers' keys lie in [0, 2N): adding 4N puts every entry that is not chosen after every chosen one
     order = torch.where(chosen, keys, keys + 4 * keys.size(1)).argsort(dim=1)[:, :m]  # (B, M)
     return order, chosen.gather(1, order)
 
@@ -168,6 +169,7 @@ class PruMergePlus(_PruMergeBase):
             step = max(1, (n - 1) // max(spatial, 1))
             on_grid = (idx % step == 0) & (idx < n - 1) & ~top
             # spatial picks: grid tokens, lowest index first, then (if the grid ran short) the next by attention
+            # (grid entries < N, the others N + rank < 2N; 4N: attention-ranked tokens are never spatial picks)
             prio = torch.where(on_grid, idx.double(), n + rank.double()).masked_fill(top, 4 * n)
             grid = prio.argsort(dim=1).argsort(dim=1) < spatial
             grid = grid & ~top

@@ -23,6 +23,8 @@ from methods.base import Reduced, TokenReducer, Tokens
 def hashed_scores(sample_key: Tensor, n: int, seed: int) -> Tensor:
     """(B,) keys -> (B, N) pseudo-random 32-bit scores, a function of (key, patch index, seed) only."""
     pos = torch.arange(n, device=sample_key.device)  # (N,)
+    # the two offsets are arbitrary odd 32-bit constants (the golden-ratio constant of Fibonacci hashing, and
+    # another) that keep seed 0 and patch 0 from hashing to mix32(0) = 0; any fixed values would do
     h = mix32(sample_key.unsqueeze(1) ^ mix32(torch.full_like(pos, seed) + 0x9E3779B9))  # (B, 1)
     return mix32(h ^ mix32(pos + 0x7F4A7C15))  # (B, N)
 

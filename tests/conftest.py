@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face library is imported
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from benchmarks.smoke_model.build import build_model, build_processor
 
 IMAGE_TOKEN = 5  # id of the image placeholder in the tiny vocabulary
 
@@ -16,8 +19,6 @@ IMAGE_TOKEN = 5  # id of the image placeholder in the tiny vocabulary
 def tiny_llava(image_size: int = 32, patch: int = 8, vision_layers: int = 3, llm_layers: int = 3, seed: int = 0,
                kv_heads: int = 4, attn: str = "sdpa"):
     """A random LlavaForConditionalGeneration: CLIP-style tower (hidden 32), LLaMA-style LLM (hidden 64, GQA)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
                               num_attention_heads=4, image_size=image_size, patch_size=patch)
@@ -61,8 +62,6 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny random llava-hf checkpoint folder (smoke-model tokenizer and processor), one per test module."""
-    from benchmarks.smoke_model.build import build_model, build_processor
-
     path = tmp_path_factory.mktemp("tiny_llava")
     build_model(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2, seed=1).save_pretrained(path)
     build_processor().save_pretrained(path)

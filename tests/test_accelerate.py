@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
+
 import run_bench
 from benchmarks.defaults import SMOKE_MODEL
 
@@ -31,8 +33,6 @@ TIMES = {"prefill_ms", "decode_ms_per_token", "reducer_ms"}  # measured, so they
 def accelerate_launch(processes: int, out: Path, tmp: Path) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes N run_bench.py ARGS --output OUT`, flags only: HF_HOME points
     to an empty folder so that no accelerate default_config.yaml is read (the datasets cache stays where it is)."""
-    import datasets
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp / "hf_home"),
            "HF_DATASETS_CACHE": str(datasets.config.HF_DATASETS_CACHE), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import train_adaptive
+from benchmarks.defaults import SMOKE_MODEL
 from methods import Tokens, create_reducer
 from methods.adaptive import ControllerConfig, budget_encoding, gumbel_topk, plackett_luce_topk
-from methods.llava import ReducedLlava
+from methods.llava import ReducedLlava, load_llava
 from tests.conftest import tiny_batch
 
 
@@ -125,11 +134,6 @@ def test_save_and_load_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("estimator", ["reinforce", "straight_through"])
 def test_training_command_saves_loads_and_resumes(tmp_path, estimator):
-    import json
-
-    from benchmarks import train_adaptive
-    from benchmarks.defaults import SMOKE_MODEL
-
     out = tmp_path / "ctrl"
     common = ["--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out), "--batch-size", "4",
               "--synth-samples", "16", "--device", "cpu", "--save-every", "1", "--estimator", estimator]
@@ -144,8 +148,6 @@ def test_training_command_saves_loads_and_resumes(tmp_path, estimator):
 
 
 def test_training_command_rejects_one_sample_for_reinforce(tmp_path, capsys):
-    from benchmarks import train_adaptive
-
     assert train_adaptive.main(["--model", "x", "--method", "adaptive_b", "--samples", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
 
@@ -153,13 +155,6 @@ def test_training_command_rejects_one_sample_for_reinforce(tmp_path, capsys):
 def test_training_runs_under_accelerate_with_two_processes(tmp_path):
     """Two CPU processes (gloo) train one controller; the main process logs and saves it. Launched with
     `--multi_gpu` because `accelerate launch --cpu` starts a single process (see tests/test_accelerate.py)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from benchmarks.defaults import SMOKE_MODEL
 
     out = tmp_path / "ctrl"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}  # no accelerate default_config.yaml is read
@@ -177,10 +172,6 @@ def test_training_runs_under_accelerate_with_two_processes(tmp_path):
 
 
 def test_training_with_lora_and_projector_saves_a_plain_llava_model(tmp_path):
-    from benchmarks import train_adaptive
-    from benchmarks.defaults import SMOKE_MODEL
-    from methods.llava import load_llava
-
     out = tmp_path / "ctrl"
     assert train_adaptive.main(["--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out),
                                 "--batch-size", "4", "--synth-samples", "8", "--device", "cpu", "--steps", "2",
@@ -198,9 +189,6 @@ TRAIN = ["--method", "adaptive_b", "--batch-size", "4", "--synth-samples", "64",
 
 
 def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path, capsys):
-    from benchmarks import train_adaptive
-    from benchmarks.defaults import SMOKE_MODEL
-
     trained = tmp_path / "trained"
     shutil.copytree(SMOKE_MODEL / "controllers" / "adaptive_b", trained)  # as committed: no training state
     before = {f.name: f.read_bytes() for f in trained.iterdir()}
@@ -235,9 +223,6 @@ def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path
     (["--out", "{a_file}/sub"], "is not a writable folder"),
 ])
 def test_training_bad_input_is_one_line(argv, phrase, tmp_path, capsys):
-    from benchmarks import train_adaptive
-    from benchmarks.defaults import SMOKE_MODEL
-
     if not torch.cuda.is_available() or "cuda" not in argv:
         pass
     else:
@@ -258,16 +243,6 @@ def test_training_bad_input_is_one_line(argv, phrase, tmp_path, capsys):
 
 
 def test_sigint_during_training_exits_130_and_the_rerun_resumes(tmp_path):
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from benchmarks.defaults import SMOKE_MODEL
-
     out = tmp_path / "ctrl"
     cmd = [sys.executable, "-m", "benchmarks.train_adaptive", "--model", str(SMOKE_MODEL), *TRAIN, "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

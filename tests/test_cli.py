@@ -13,6 +13,9 @@ import pytest
 import run_bench
 from benchmarks.console import cell_line, results_table
 from benchmarks.defaults import REPO
+from flops.analytic import ModelShape, count
+from flops.shapes import load_config, shape_record
+from methods import create_reducer, list_reducers
 
 
 def in_fresh_python(argv: list[str]) -> tuple[int, str, bool]:
@@ -45,8 +48,6 @@ def test_help_shows_every_default():
 
 
 def test_list_shows_every_method_with_its_site_and_arguments(capsys):
-    from methods import list_reducers
-
     assert run_bench.main(["--list"]) == 0
     out = capsys.readouterr().out
     for name in list_reducers():
@@ -56,10 +57,6 @@ def test_list_shows_every_method_with_its_site_and_arguments(capsys):
 
 
 def test_dry_run_prints_the_cost_from_the_flops_counter(tiny_ckpt, capsys):
-    from flops.analytic import ModelShape, count
-    from flops.shapes import load_config, shape_record
-    from methods import create_reducer
-
     assert run_bench.main(["--model", str(tiny_ckpt), "--methods", "full", "random", "--budgets", "4",
                            "--limit", "10", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -10,13 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
 
+from benchmarks.defaults import SMOKE_MODEL
+from benchmarks.synthetic.generate import generate_sample
+from flops.__main__ import main
 from flops.analytic import ModelShape, count, llm_layer_macs, vision_layer_macs
 from flops.measured import UncountedOpError, flop_counter_macs, fvcore_prefill_macs
-from flops.shapes import load_config, shape_record, stand_in_reducer
+from flops.shapes import CONFIGS, load_config, shape_record, stand_in_reducer
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
-from methods.llava import ReducedLlava
+from methods.llava import ReducedLlava, llava_prompt, load_llava
 from tests.conftest import tiny_batch, tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +109,6 @@ def test_fvcore_check_fails_loudly_on_an_uncounted_matmul():
 
 @pytest.fixture(scope="module")
 def smoke():
-    from benchmarks.defaults import SMOKE_MODEL
-    from methods.llava import load_llava
-
     return load_llava(SMOKE_MODEL, device="cpu", dtype="float32")
 
 
@@ -114,11 +116,6 @@ def smoke():
                                            ("prumerge_plus", 36), ("random", 36), ("adaptive_a", 16),
                                            ("adaptive_b", 48), ("budget_blind", 16)])
 def test_analytic_equals_fvcore_smoke_model(smoke, method, budget):
-    from PIL import Image
-
-    from benchmarks.synthetic.generate import generate_sample
-    from methods.llava import llava_prompt
-
     model, processor = smoke
     s = generate_sample(3, 7)
     inputs = processor(images=[Image.fromarray(s.image)], text=[llava_prompt(processor, s.question)],
@@ -138,8 +135,6 @@ def test_analytic_equals_fvcore_smoke_model(smoke, method, budget):
 def llava7b_shaped():
     """LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches) with the depth cut to 2
     vision and 2 LLM layers; random weights."""
-    from transformers import LlavaForConditionalGeneration
-
     config = load_config("llava-1.5-7b")
     config.vision_config.num_hidden_layers = 2
     config.text_config.num_hidden_layers = 2
@@ -163,8 +158,6 @@ def test_analytic_equals_fvcore_llava7b_shaped(llava7b_shaped, method):
 
 
 def run_flops(capsys, *args: str) -> tuple[int, str, str]:
-    from flops.__main__ import main
-
     code = main(list(args))
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -224,17 +217,12 @@ def test_cli_runs_as_a_module():
     (["--model-config", "{bad_width}"], "vision_config.hidden_size must be a whole number >= 1, got 0"),
 ])
 def test_cli_rejects_what_run_bench_rejects(argv, phrase, tmp_path, capsys):
-    import json as _json
-
-    from flops.__main__ import main
-    from flops.shapes import CONFIGS
-
-    raw = _json.loads((CONFIGS / "llava-1.5-7b.json").read_text())
+    raw = json.loads((CONFIGS / "llava-1.5-7b.json").read_text())
     for name, part, key, value in (("bad_layers", "text_config", "num_hidden_layers", -2),
                                    ("bad_width", "vision_config", "hidden_size", 0)):
-        bad = _json.loads(_json.dumps(raw))
+        bad = json.loads(json.dumps(raw))
         bad[part][key] = value
-        (tmp_path / f"{name}.json").write_text(_json.dumps(bad))
+        (tmp_path / f"{name}.json").write_text(json.dumps(bad))
     argv = [a.format(bad_layers=tmp_path / "bad_layers.json", bad_width=tmp_path / "bad_width.json") for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -247,8 +235,6 @@ def test_cli_rejects_what_run_bench_rejects(argv, phrase, tmp_path, capsys):
     ("not json", "is not valid JSON"),
 ])
 def test_cli_foreign_config_files_are_one_line(content, phrase, tmp_path, capsys):
-    from flops.__main__ import main
-
     (tmp_path / "config.json").write_text(content)
     assert main(["--model-config", str(tmp_path / "config.json")]) == 2
     err = capsys.readouterr().err
@@ -256,8 +242,6 @@ def test_cli_foreign_config_files_are_one_line(content, phrase, tmp_path, capsys
 
 
 def test_cli_argument_errors_are_one_line(capsys):
-    from flops.__main__ import main
-
     with pytest.raises(SystemExit) as e:
         main(["--budgets", "0"])
     err = capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from methods import Reduced, Site, TokenReducer, Tokens, create_reducer
-from methods._ops import gather_tokens, topk_sorted
+from methods._ops import gather_tokens
 from methods.llava import ReducedLlava
 from methods.trace import LlavaLayout
 from tests.conftest import tiny_batch, tiny_llava
@@ -120,7 +120,7 @@ class LlmTopQuery(TokenReducer):
     needs = frozenset({"query_attn"})
 
     def forward(self, t: Tokens) -> Reduced:
-        keep = topk_sorted(t.query_attn, self.budget)
+        keep = t.query_attn.topk(self.budget, dim=1).indices.sort(dim=1).values  # (B, K) in token order
         return Reduced(x=gather_tokens(t.x, keep), keep=keep)
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.lmms_model import ReducedLlavaLMM
+from methods import UnknownReducerError
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_MODEL = "benchmarks/smoke_model/checkpoint"  # relative, as in the README command (cwd is the repo root)
 TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
@@ -105,8 +108,6 @@ def test_bad_model_args_give_one_error_line(bad_runs, case):
 
 def test_direct_construction_raises_plain_exceptions_and_finds_the_controller():
     """From Python the class raises (the runner relies on it); the default controller applies there too."""
-    from benchmarks.lmms_model import ReducedLlavaLMM
-    from methods import UnknownReducerError
 
     with pytest.raises(UnknownReducerError, match="Did you mean prumerge"):
         ReducedLlavaLMM(pretrained=str(REPO / SMOKE_MODEL), method="prumerg")

@@ -117,8 +117,6 @@ def test_unusable_directories_get_one_line_errors(tmp_path, capsys, case):
 
 
 def test_malformed_files_give_one_line_or_a_warning(tmp_path, capsys):
-    from plots.__main__ import main
-
     good = tmp_path / "good"
     write_run(good, CELLS)
     bad = tmp_path / "bad"

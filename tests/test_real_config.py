@@ -16,8 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from benchmarks.lmms_model import ReducedLlavaLMM
+from benchmarks.plan import RunSpec
+from benchmarks.runner import run
+from benchmarks.smoke_model.build import IMAGE_TOKEN, build_processor
+from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.synthetic.tasks.utils import doc_to_text
+from flops.shapes import load_config, stand_in_reducer
 from methods import get_reducer_class, list_reducers
+from methods.llava import complete_processor, llava_prompt
 
 BUDGET = 64
 PATCHES = 576
@@ -26,10 +36,6 @@ POST_PROMPT = "\nAnswer the question using a single word or phrase."
 
 def build_llava15_7b_shaped(path: Path, vision_layers: int = 2, llm_layers: int = 2, seed: int = 0) -> Path:
     """Write a random-weight llava-hf checkpoint with LLaVA-1.5-7B's widths and geometry to `path`."""
-    from transformers import LlavaForConditionalGeneration
-
-    from benchmarks.smoke_model.build import IMAGE_TOKEN, build_processor
-    from flops.shapes import load_config, stand_in_reducer
 
     processor = build_processor(image_size=336, patch_size=14)  # llava-1.5's CLIP processor settings
     tok = processor.tokenizer
@@ -49,7 +55,7 @@ def build_llava15_7b_shaped(path: Path, vision_layers: int = 2, llm_layers: int 
     model.save_pretrained(path)
     processor.save_pretrained(path)
     for method in list_reducers():
-        if getattr(get_reducer_class(method), "needs_checkpoint", False):
+        if get_reducer_class(method).needs_checkpoint:
             stand_in_reducer(method, BUDGET, config).save(path / "controllers" / method)  # untrained controller
     return path
 
@@ -60,8 +66,6 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_checkpoint_keeps_the_real_widths_and_geometry(checkpoint):
-    from flops.shapes import load_config
-
     real, saved = load_config("llava-1.5-7b"), load_config(checkpoint)
     for part in ("vision_config", "text_config"):
         for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
@@ -74,11 +78,7 @@ def test_checkpoint_keeps_the_real_widths_and_geometry(checkpoint):
 
 def test_processor_without_patch_size_is_completed_from_the_config(checkpoint):
     """Older llava-hf snapshots save no patch_size: the loader fills it in from the model config."""
-    from PIL import Image
-    from transformers import AutoProcessor
 
-    from flops.shapes import load_config
-    from methods.llava import complete_processor
 
     processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
     processor.patch_size = None
@@ -95,14 +95,6 @@ def test_processor_without_patch_size_is_completed_from_the_config(checkpoint):
 
 def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
     """Every registered method runs through the runner at 64 of 576 visual tokens; `full` equals HF generate."""
-    from PIL import Image
-
-    from benchmarks.lmms_model import ReducedLlavaLMM
-    from benchmarks.plan import RunSpec
-    from benchmarks.runner import run
-    from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
-    from benchmarks.synthetic.tasks.utils import doc_to_text
-    from methods.llava import llava_prompt
 
     lm = ReducedLlavaLMM(pretrained=str(checkpoint), batch_size=2, device="cpu", dtype="float32")
     assert lm.model.dtype == torch.float32 and lm.num_patches == PATCHES
@@ -131,7 +123,7 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
 
     # the prompt lmms-eval's task produced is LLaVA-1.5's, and `full`'s answer is HF generate's on the same inputs
     sample = generate_sample(SPLIT_SEEDS["test"], 0)
-    context = lm.pictures[("synth_vqa", 0)]["question"]
+    context = json.loads((out / "pictures" / "synth_vqa__0.json").read_text())["question"]  # as lmms-eval asked it
     assert context == doc_to_text({"question": sample.question}) == sample.question + POST_PROMPT
     prompt = llava_prompt(lm.processor, context)
     assert prompt == f"USER: <image>\n{context} ASSISTANT:"

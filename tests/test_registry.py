@@ -10,13 +10,15 @@ import pytest
 import torch
 
 import methods
-from benchmarks.plan import RunSpec, needs_checkpoint
+from benchmarks.defaults import CATALOGUE
+from benchmarks.plan import RunSpec
 from methods import (
     Reduced,
     Site,
     TokenReducer,
     Tokens,
     UnknownReducerError,
+    catalogue,
     create_reducer,
     expand_methods,
     list_reducers,
@@ -79,8 +81,6 @@ def test_plan_full_runs_once_and_large_budgets_collapse():
 def test_catalogue_is_the_registry():
     """methods/catalogue.json (read by `run_bench.py --list` and its torch-free checks) says what the registry
     says; after adding or changing a method, `python -m methods.catalogue` rewrites it."""
-    from benchmarks.defaults import CATALOGUE
-    from methods import catalogue
 
     assert CATALOGUE == catalogue.PATH
     assert CATALOGUE.read_text() == catalogue.render(), "stale methods/catalogue.json: run python -m methods.catalogue"
@@ -97,7 +97,7 @@ def test_contract_batch_of_four_independent_samples(name):
     """Every FEATURES reducer: shapes, budget, and one sample's output never depends on another's (methods at the
     other sites run through the adapter in test_methods.py)."""
     cls = methods.get_reducer_class(name)
-    kwargs = {"config": ControllerConfig(method=name, dim=8, num_patches=16)} if needs_checkpoint(name) else {}
+    kwargs = {"config": ControllerConfig(method=name, dim=8, num_patches=16)} if cls.needs_checkpoint else {}
     r = create_reducer(name, 4 if cls.uses_budget else None, **kwargs).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, 8, generator=g)

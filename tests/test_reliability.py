@@ -12,9 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import run_bench
+from benchmarks.defaults import SMOKE_MODEL, SYNTH_TASKS
+from benchmarks.synthetic.generate import write_split
+from methods import create_reducer
+from methods.adaptive import ControllerConfig
 
 REPO = Path(run_bench.__file__).resolve().parent
 MEASURED = {"prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
@@ -45,8 +51,6 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         (corrupt / f.name).write_bytes(f.read_bytes())
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 64)
     other = tmp / "ctrl_a"
-    from methods import create_reducer
-    from methods.adaptive import ControllerConfig
 
     create_reducer("adaptive_a", 4, config=ControllerConfig("adaptive_a", dim=32, num_patches=144)).save(other)
     wrong_grid = tmp / "ctrl_b"
@@ -65,8 +69,6 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     (no_function / "my_vqa.yaml").write_text((no_function / "my_vqa.yaml").read_text().replace(
         "utils.doc_to_text", "utils.no_such_function"))
     my_task(tmp / "corrupt", seed=1)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     data = tmp / "corrupt" / "mydata" / "test.parquet"
     table = pq.read_table(data).to_pylist()
@@ -244,8 +246,6 @@ def run_quiet(capsys, *argv: str) -> str:
 
 def my_task(tmp_path: Path, seed: int) -> Path:
     """A user's own task: the synthetic task's folder under another name, reading its own data file."""
-    from benchmarks.defaults import SYNTH_TASKS
-    from benchmarks.synthetic.generate import write_split
 
     tasks = tmp_path / "tasks"
     if not tasks.is_dir():
@@ -282,8 +282,6 @@ def test_a_cell_is_recomputed_when_its_task_data_dtype_or_model_changes(tiny_ckp
 def test_a_cell_of_another_model_is_set_aside_and_never_reported(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     run_quiet(capsys, "--model", str(tiny_ckpt), "--methods", "full", "--limit", "2", "--output", str(out))
-    from benchmarks.defaults import SMOKE_MODEL
-
     text = run_quiet(capsys, "--model", str(SMOKE_MODEL), "--methods", "random", "--budgets", "4", "--limit", "2",
                      "--output", str(out))
     assert "is a cell of another model" in text and "set_aside" in text
@@ -371,10 +369,6 @@ def test_a_full_disk_is_one_line_leaves_no_partial_file_and_the_rerun_completes(
 
 def test_a_copied_task_folder_keeps_the_users_own_data(tiny_ckpt, tmp_path, capsys):
     """The synthetic task writes its data only when the file is missing, never over a user's own file."""
-    import pyarrow.parquet as pq
-
-    from benchmarks.synthetic.generate import write_split
-
     tasks = my_task(tmp_path, seed=2)
     (tasks / "my_vqa.yaml").write_text((tasks / "my_vqa.yaml").read_text().replace("../mydata/", "../data/"))
     write_split(tmp_path / "data" / "test.parquet", "test", 5, 2)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 from benchmarks.defaults import SMOKE_MODEL
-from benchmarks.plan import RunSpec, make_reducer
+from benchmarks.plan import Cell, RunSpec, make_reducer
 from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods.llava import ReducedLlava, llava_prompt, load_llava
@@ -17,8 +18,6 @@ METHODS = RunSpec().methods  # every method that can run on the smoke model (lea
 def smoke():
     model, processor = load_llava(SMOKE_MODEL)
     samples = [generate_sample(SPLIT_SEEDS["test"], i) for i in range(12)]
-    from PIL import Image
-
     prompts = [llava_prompt(processor, doc_to_text({"question": s.question})) for s in samples]
     inputs = processor(images=[Image.fromarray(s.image) for s in samples], text=prompts, return_tensors="pt",
                        padding=True)
@@ -27,8 +26,6 @@ def smoke():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_predictions_identical_at_batch_1_and_4(smoke, method):
-    from benchmarks.plan import Cell
-
     model, processor, inputs = smoke
     n = 144
     budget = n if method == "full" else (36 if method != "prumerge" else "auto")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from benchmarks.smoke_model import build, train
 from benchmarks.synthetic import generate as g
@@ -74,8 +75,6 @@ def test_tiny_retrain_loss_falls(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="checkpoint not trained yet")
 def test_committed_checkpoint_reloads_and_answers() -> None:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     size = sum(f.stat().st_size for f in CHECKPOINT.iterdir() if f.is_file())
     assert size <= 20 * 2**20, f"checkpoint is {size / 2**20:.1f} MiB; the limit is 20"
     model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT, local_files_only=True)

@@ -12,12 +12,18 @@ import csv
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+import PIL.Image
 import pytest
+import torch
+from datasets import Dataset, DatasetDict, Features, Image, Sequence, Value
+from PIL import ImageDraw
 
 import run_bench
 from benchmarks.plan import RunSpec, fingerprint, run_conditions, short_hash, task_identity
-from benchmarks.standard_tasks import TASKS, parse_task_data
+from benchmarks.smoke_model.build import build_model, build_processor, vocabulary
+from benchmarks.standard_tasks import TASKS, GqaImages, LocalCopy, parse_task_data
 
 COLORS = ["red", "green", "blue", "yellow"]
 TASK_NAMES = ("gqa", "pope", "mme", "textvqa_val", "scienceqa_img", "mmbench_en_dev_static")
@@ -25,23 +31,18 @@ TASK_NAMES = ("gqa", "pope", "mme", "textvqa_val", "scienceqa_img", "mmbench_en_
 
 def image(i: int):
     """A tiny picture: a coloured square on grey, different per i."""
-    from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (40, 32), (128, 128, 128))
+    img = PIL.Image.new("RGB", (40, 32), (128, 128, 128))
     ImageDraw.Draw(img).rectangle([4 + 3 * i, 4, 20 + 3 * i, 24], fill=COLORS[i % 4])
     return img
 
 
 def dataset(rows: list[dict], features: dict):
-    from datasets import Dataset, Features
-
     return Dataset.from_list(rows, features=Features(features))
 
 
 def gqa_sets():
     """testdev_balanced_instructions (questions, by imageId) and testdev_balanced_images (id, image)."""
-    from datasets import Image, Value
-
     s = Value("string")
     answers = ["yes", "no", "red", "green"]  # the yes-model gets doc 0 right: exact_match 0.25
     questions = dataset([
@@ -58,8 +59,6 @@ def gqa_sets():
 
 
 def pope_set():
-    from datasets import Image, Value
-
     s = Value("string")
     return dataset([
         {"id": str(i), "question_id": str(i + 1), "question": f"Is there a {COLORS[i % 4]} square in the image?",
@@ -70,8 +69,6 @@ def pope_set():
 
 def mme_set():
     """Two questions (a Yes and a No) per image, consecutive, as in MME; perception and cognition categories."""
-    from datasets import Image, Value
-
     s = Value("string")
     rows = []
     for i, category in enumerate(["existence", "color", "commonsense_reasoning", "code_reasoning"]):
@@ -83,8 +80,6 @@ def mme_set():
 
 
 def textvqa_set():
-    from datasets import Image, Sequence, Value
-
     s = Value("string")
     return dataset([
         {"image_id": f"{i:016x}", "question_id": 34602 + i, "question": "what color is the square?",
@@ -100,8 +95,6 @@ def textvqa_set():
 
 
 def scienceqa_set():
-    from datasets import Image, Sequence, Value
-
     s = Value("string")
     return dataset([
         {"image": image(i), "question": "Which color is the square?", "choices": COLORS[: 2 + i % 3],
@@ -113,8 +106,6 @@ def scienceqa_set():
 
 
 def mmbench_set():
-    from datasets import Image, Value
-
     s = Value("string")
     return dataset([
         {"index": i, "question": "Is the square red?", "hint": "nan" if i % 2 else "A square is drawn.",
@@ -132,8 +123,6 @@ SETS = {"pope": pope_set, "mme": mme_set, "textvqa_val": textvqa_set, "scienceqa
 
 def save_copies(root: Path) -> dict[str, Path]:
     """The six local copies as `save_to_disk` folders (gqa: one folder per config), as the docs prepare them."""
-    from datasets import DatasetDict
-
     paths = {}
     questions, images = gqa_sets()
     DatasetDict({"testdev": questions}).save_to_disk(root / "GQA" / "testdev_balanced_instructions")
@@ -166,10 +155,6 @@ def always_yes(model):
     """Make a tiny LLaVA answer "yes" then end, whatever it sees: the decoder layers add nothing to the residual
     stream, so the last hidden state is the last token's embedding, and the head maps the prompt's final ":" to
     "yes" and "yes" to "</s>". Known answers make the tasks' metric values predictable."""
-    import torch
-
-    from benchmarks.smoke_model.build import vocabulary
-
     ids = {t: i for i, t in enumerate(vocabulary())}
     text = model.model.language_model
     emb, head = model.get_input_embeddings().weight, model.lm_head.weight
@@ -185,11 +170,9 @@ def always_yes(model):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
+def yes_ckpt(tmp_path_factory):
     """A tiny llava-hf checkpoint (32 px images, 16 patches, 2+2 layers of width 32; random vision tower) that
     answers "yes" to everything."""
-    from benchmarks.smoke_model.build import build_model, build_processor
-
     path = tmp_path_factory.mktemp("tiny_llava")
     model = build_model(image_size=32, vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2, seed=1)
     always_yes(model).save_pretrained(path)
@@ -227,8 +210,8 @@ EXPECTED = {
 }
 
 
-def test_six_standard_tasks_on_save_to_disk_copies(tiny_ckpt, in_tmp):
-    values = run(tiny_ckpt, in_tmp / "run", save_copies(in_tmp / "data"))
+def test_six_standard_tasks_on_save_to_disk_copies(yes_ckpt, in_tmp):
+    values = run(yes_ckpt, in_tmp / "run", save_copies(in_tmp / "data"))
     assert {t for t, _ in values} == set(TASK_NAMES)
     for task in TASK_NAMES:  # each task's own metric names, as separate rows
         assert {m for t, m in values if t == task} == set(TASKS[task].metrics), task
@@ -239,9 +222,9 @@ def test_six_standard_tasks_on_save_to_disk_copies(tiny_ckpt, in_tmp):
     assert (in_tmp / "run" / "submissions").is_dir() and not (in_tmp / "submissions").exists()
 
 
-def test_snapshot_copies_and_gqa_image_join(tiny_ckpt, in_tmp):
+def test_snapshot_copies_and_gqa_image_join(yes_ckpt, in_tmp):
     out = in_tmp / "run"
-    values = run(tiny_ckpt, out, snapshot_copies(in_tmp / "data"), "--limit", "2")
+    values = run(yes_ckpt, out, snapshot_copies(in_tmp / "data"), "--limit", "2")
     assert set(values) == {("gqa", "exact_match"), *(("pope", m) for m in TASKS["pope"].metrics)}
     assert values[("gqa", "exact_match")] == 0.5  # docs 0 (yes, right) and 1 (no), their images joined by imageId
     assert values[("pope", "pope_accuracy")] == 0.5
@@ -249,27 +232,21 @@ def test_snapshot_copies_and_gqa_image_join(tiny_ckpt, in_tmp):
     assert len(samples) == 4 and {s["prediction"] for s in samples} == {"yes"}  # --limit 2 of each task
 
 
-def test_mme_limit_keeps_pairs_and_reports_the_categories_it_reaches(tiny_ckpt, in_tmp):
-    from datasets import DatasetDict
-
+def test_mme_limit_keeps_pairs_and_reports_the_categories_it_reaches(yes_ckpt, in_tmp):
     DatasetDict({"test": mme_set()}).save_to_disk(in_tmp / "MME")
-    values = run(tiny_ckpt, in_tmp / "run", {"mme": in_tmp / "MME"}, "--limit", "4")
+    values = run(yes_ckpt, in_tmp / "run", {"mme": in_tmp / "MME"}, "--limit", "4")
     assert values == {("mme", "mme_perception_score"): 100.0}  # the first 4 docs: two perception pairs only
 
 
-def test_offline_without_a_local_copy_says_what_to_do(tiny_ckpt, in_tmp, capsys):
+def test_offline_without_a_local_copy_says_what_to_do(yes_ckpt, in_tmp, capsys):
     """lmms-eval retries the Hub load (~8 s) and raises a bare RetryError; the runner names the cause and the fix."""
-    argv = ["--model", str(tiny_ckpt), "--methods", "full", "--output", str(in_tmp / "run"), "--tasks", "pope"]
+    argv = ["--model", str(yes_ckpt), "--methods", "full", "--output", str(in_tmp / "run"), "--tasks", "pope"]
     assert run_bench.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: pope: ") and "OfflineModeIsEnabled" in err and "--task-data pope=PATH" in err
 
 
 def test_gqa_join_reports_missing_images(tmp_path):
-    from datasets import DatasetDict
-
-    from benchmarks.standard_tasks import GqaImages, LocalCopy
-
     questions, images = gqa_sets()
     DatasetDict({"testdev": questions}).save_to_disk(tmp_path / "GQA" / "testdev_balanced_instructions")
     DatasetDict({"testdev": images.select([0])}).save_to_disk(tmp_path / "GQA" / "testdev_balanced_images")
@@ -282,8 +259,6 @@ def test_gqa_join_reports_missing_images(tmp_path):
 def test_fingerprint_follows_the_data(tmp_path):
     """A --task-data copy is part of a cell's identity by content: another copy, or the same copy rewritten, is
     another cell; another task's copy is not."""
-    from types import SimpleNamespace
-
     for name, content in (("a", b"1"), ("b", b"2")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "test.parquet").write_bytes(content)
@@ -301,12 +276,12 @@ def test_fingerprint_follows_the_data(tmp_path):
     assert fp(("pope", tmp_path / "a")) not in (a, b)
 
 
-def test_bad_task_data(tiny_ckpt, tmp_path, capsys, monkeypatch):
+def test_bad_task_data(yes_ckpt, tmp_path, capsys, monkeypatch):
     copies = save_copies(tmp_path / "data")
 
     def error(*argv) -> str:
         capsys.readouterr()
-        assert run_bench.main(["--model", str(tiny_ckpt), "--methods", "full", "--dry-run", *argv]) == 2
+        assert run_bench.main(["--model", str(yes_ckpt), "--methods", "full", "--dry-run", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
         return err

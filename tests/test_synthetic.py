@@ -7,7 +7,13 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import datasets
+import pandas as pd
 import pytest
+import yaml
+from lmms_eval import evaluator
+from lmms_eval.api.model import lmms
+from lmms_eval.tasks import TaskManager
 
 from benchmarks.synthetic import generate as g
 from benchmarks.synthetic.tasks import utils as task_utils
@@ -85,8 +91,6 @@ def test_records_follow_the_documented_rules() -> None:
 
 
 def test_write_split_roundtrip(tmp_path: Path) -> None:
-    import datasets
-
     path = g.write_split(tmp_path / "s.parquet", "val", 6)
     ds = datasets.load_dataset("parquet", data_files={"test": str(path)}, split="test")
     doc = ds[3]
@@ -97,8 +101,6 @@ def test_write_split_roundtrip(tmp_path: Path) -> None:
 def test_ensure_test_data_rewrites_stale_files(tmp_path: Path) -> None:
     path = g.write_split(tmp_path / "test.parquet", "test", 5, seed=99)  # e.g. left over from an older version
     assert g.ensure_test_data(path, n=5) == path
-    import pandas as pd
-
     fresh = [r["question"] for r in g.make_samples("test", 5)]
     assert pd.read_parquet(path)["question"].tolist() == fresh
     stamp = path.stat().st_mtime_ns
@@ -108,8 +110,6 @@ def test_ensure_test_data_rewrites_stale_files(tmp_path: Path) -> None:
 
 def _dummy_lmms(seen: list) -> object:
     """A dummy lmms-eval model (built here so that importing this module does not import lmms-eval)."""
-    from lmms_eval.api.model import lmms
-
     class Dummy(lmms):
         """Answers correctly for colour questions and every third doc, else 'wrong'."""
 
@@ -138,14 +138,9 @@ def _dummy_lmms(seen: list) -> object:
 
 
 def test_lmms_eval_task_scores_per_type(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pandas as pd
-    import yaml
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = g.ensure_test_data()
-    from lmms_eval import evaluator
-    from lmms_eval.tasks import TaskManager
 
     text = (TASKS_DIR / "synth_vqa.yaml").read_text()
     cfg = yaml.safe_load("\n".join(line for line in text.splitlines() if "!function" not in line))

@@ -55,7 +55,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 96
@@ -333,8 +335,6 @@ def write_split(path: str | Path, split: str, n: int, seed: int | None = None) -
     Returns:
         The written path.
     """
-    import datasets  # heavy import, only needed here
-
     features = datasets.Features({
         "doc_id": datasets.Value("int32"),
         "id": datasets.Value("string"),
@@ -369,8 +369,6 @@ def ensure_test_data(path: str | Path | None = None, n: int = DEFAULT_TEST_N, se
     Returns:
         Path of the parquet file.
     """
-    import pyarrow.parquet as pq
-
     path = Path(path) if path is not None else DATA_DIR / "test.parquet"
     seed = SPLIT_SEEDS["test"] if seed is None else seed
     if path.exists():

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-QTYPES = ("color", "shape", "count", "exists", "position")  # same order as benchmarks.synthetic.generate.QTYPES
+from benchmarks.synthetic.generate import QTYPES, ensure_test_data
+
 PRE_PROMPT = ""
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -36,8 +37,6 @@ def ensure_data() -> Path:
     """
     if DATA_FILE.exists():
         return DATA_FILE
-    from benchmarks.synthetic.generate import ensure_test_data
-
     print(f"synth_vqa: writing the task's data to {DATA_FILE} (first use; deterministic, a few seconds)",
           file=sys.stderr)
     return ensure_test_data(DATA_FILE)

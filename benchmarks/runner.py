@@ -167,8 +167,8 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
         try:
             for i, (cell, reducer, fp) in enumerate(todo, 1):
                 bar.set_postfix_str(f"{cell.task} {cell.method} {cell.budget}")
-                lm.progress = lambda done, total, c=cell: bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: "
-                                                                               f"{done}/{total} samples")
+                lm.progress = lambda n, total, c=cell: bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: "
+                                                                            f"{n}/{total} samples")
                 lm.set_reducer(reducer)
                 evaluated = evaluate_cell(lm, cell, spec, tm, verbose)
                 records = lm.recorder.take(world)  # every process's records, on rank 0

@@ -1,6 +1,6 @@
 """Token traces from shapes alone: what a method does to the token counts of a model, without the model's weights.
 
-`shape_record` builds the same record `methods.llava.TokenTrace.sample` writes for a real run, for one sample with
+`shape_record` builds the same record `methods.trace.TokenTrace.sample` writes for a real run, for one sample with
 `text_tokens` prompt tokens besides the image, so `flops.analytic.count` can price any method at any budget on any
 LLaVA config (LLaVA-1.5-7B/13B included) in milliseconds. The reducer itself runs once on random tokens of the
 right shapes (a few small matmuls, no model) so that its own MACs come from the same code as in real runs; the

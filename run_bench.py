@@ -219,7 +219,7 @@ def _main(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0  # rank 0 has written the results
     print()
-    print(results_table(rows))
+    print(results_table(rows, ResultStore(spec.output).comparisons()))
     print(f"\nwrote {_rel(spec.output / 'summary.csv')} and {_rel(spec.output / 'samples.jsonl')} (every metric, "
           "per-sample records)")
     from plots.data import ResultsError

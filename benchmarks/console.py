@@ -57,14 +57,16 @@ def cell_line(index: int, total: int, rows: list[dict]) -> str:
     return f"[{index}/{total}] {main['task']}  {main['method']:<13} {main['budget']!s:>4}: " + ", ".join(parts)
 
 
-def results_table(rows: list[dict]) -> str:
-    """Per task, one row per (method, budget): the primary metric, its difference from `full`, visual tokens,
-    prefill GFLOPs and prefill ms, sorted by budget with `full` last. Fits 120 columns; per-type metrics are in
-    summary.csv."""
+def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> str:
+    """Per task, one row per (method, budget): the primary metric with its 95 % interval, its difference from `full`
+    and from the best other method at that budget (from `comparisons`, the rows of `benchmarks.stats.comparisons`;
+    `*` marks a difference whose paired 95 % interval excludes 0), visual tokens, prefill GFLOPs and prefill ms,
+    sorted by budget with `full` last. Fits 120 columns; per-type metrics are in summary.csv."""
     main = _primary(rows)
     if not main:
         return "no results"
     percent = _fractions(main)
+    paired = {(c["task"], str(c["budget"]), c["method"], c["reference_kind"]): c for c in comparisons or []}
     blocks = []
     for task in sorted({r["task"] for r in main}):
         cells = sorted((r for r in main if r["task"] == task),
@@ -74,19 +76,36 @@ def results_table(rows: list[dict]) -> str:
         pct = (task, metric) in percent
         table = []
         for r in cells:
-            value = _number(r["value"])
-            scale = 100 if pct else 1
+            value, scale = _number(r["value"]), 100 if pct else 1
+            low, high = _number(r.get("ci95_low")), _number(r.get("ci95_high"))
+            vs_full = paired.get((task, str(r["budget"]), r["method"], "full"))
+            best = paired.get((task, str(r["budget"]), r["method"], "best other"))
             delta = None if value is None or ref is None or r["method"] == "full" else (value - ref) * scale
             tflops, ms = _number(r.get("prefill_tflops_mean")), _number(r.get("prefill_ms_median"))
             tokens = _number(r.get("visual_tokens_mean"))
             table.append([r["method"], r["budget"], _score(value, pct),
-                          "" if delta is None else f"{delta:+.1f}" + (" pt" if pct else ""),
+                          "" if low is None or high is None else f"{scale * low:.1f}-{scale * high:.1f}",
+                          _difference(vs_full) if vs_full else "" if delta is None else f"{delta:+.1f}" + (
+                              " pt" if pct else ""),
+                          f"{_difference(best, unit=False)} {best['reference']}" if best else "",
                           "-" if tokens is None else f"{tokens:.1f}",
                           "-" if tflops is None else f"{1e3 * tflops:.4g}", "-" if ms is None else f"{ms:.4g}"])
-        headers = ["method", "budget", metric, "vs full", "visual tokens", "prefill GFLOPs", "prefill ms"]
-        blocks.append(f"{task}:\n" + tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True,
-                                              colalign=("left", "right", "right", "right", "right", "right", "right")))
-    return "\n\n".join(blocks)
+        headers = ["method", "budget", metric, "95 % CI", "vs full", "vs best other, pt", "tokens", "GFLOPs",
+                   "prefill ms"]
+        align = ["left", "right", "right", "right", "right", "left", "right", "right", "right"]
+        shown = [j for j in range(len(headers)) if j < 3 or any(row[j] for row in table)]  # no empty columns
+        blocks.append(f"{task}:\n" + tabulate([[row[j] for j in shown] for row in table],
+                                              headers=[headers[j] for j in shown], tablefmt="simple",
+                                              disable_numparse=True, colalign=[align[j] for j in shown]))
+    note = ("* the paired 95 % interval of the difference excludes 0 (bootstrap over the same questions);\n"
+            "  comparisons.csv has the intervals and McNemar's exact p")
+    return "\n\n".join(blocks) + (f"\n\n{note}" if paired else "")
+
+
+def _difference(c: dict, unit: bool = True) -> str:
+    """`-2.5 pt*`: a comparison's difference in points, starred when significant."""
+    star = "*" if str(c["significant"]) in ("True", "true") else ""
+    return f"{float(c['difference_pts']):+.1f}" + (" pt" if unit else "") + star
 
 
 def plan_table(plan: list[dict]) -> str:

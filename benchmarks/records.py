@@ -22,6 +22,7 @@ import transformers
 from benchmarks.defaults import REPO
 from benchmarks.distributed import World, launched_world_size
 from benchmarks.plan import Cell, RunSpec
+from benchmarks.stats import CI_METHOD, mean_ci
 from flops.analytic import ModelShape, count
 from methods import TokenReducer
 from methods.llava import resolve_dtype
@@ -206,9 +207,22 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
         metric, _, _ = key.partition(",")
         if metric == "alias" or "_stderr" in metric or not isinstance(value, (int, float)):
             continue
-        n = sum(1 for d in docs if d.get(metric) is not None) or res["n-samples"][cell.task]["effective"]
-        rows.append({**common, "metric": metric, "value": float(value), "primary": metric == primary, "n": n})
+        scored = sum(1 for d in docs if d.get(metric) is not None)  # per-type metrics: None on other types' docs
+        n = scored if any(metric in d for d in docs) else res["n-samples"][cell.task]["effective"]
+        rows.append({**common, "metric": metric, "value": float(value), "primary": metric == primary, "n": n,
+                     **metric_ci(docs, metric, float(value))})
     return rows
+
+
+def metric_ci(docs: list[dict], metric: str, value: float) -> dict:
+    """`ci95_low`, `ci95_high` and `ci_method` of a metric that is the mean of its per-question scores
+    (`stats.mean_ci`); empty for a metric lmms-eval aggregates otherwise (a sum, a per-category score), which a
+    bootstrap of the mean would misstate."""
+    scores = [float(d[metric]) for d in docs if isinstance(d.get(metric), (int, float))]  # None: not this type's
+    ci = mean_ci(scores) if scores and abs(sum(scores) / len(scores) - value) < 1e-9 else None
+    if ci is None:
+        return {"ci95_low": None, "ci95_high": None, "ci_method": None}
+    return {"ci95_low": round(ci[0], 6), "ci95_high": round(ci[1], 6), "ci_method": CI_METHOD}
 
 
 def _mean(xs: list, digits: int = 3) -> float | None:

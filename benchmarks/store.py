@@ -24,16 +24,20 @@ from pathlib import Path
 from PIL import Image
 
 from benchmarks.plan import Cell
+from benchmarks.stats import comparisons
 
 SUMMARY_COLUMNS = [
-    "task", "method", "budget", "metric", "value", "primary", "n", "visual_tokens_mean", "visual_tokens_max",
+    "task", "method", "budget", "metric", "value", "ci95_low", "ci95_high", "primary", "n", "visual_tokens_mean",
+    "visual_tokens_max",
     "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
     "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean", "relevant_recall_mean",
     "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
     "wall_s", "samples_per_s", "model", "method_args", "cell_id",
     "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
-    "lmms_eval_version", "time_utc",
+    "lmms_eval_version", "time_utc", "ci_method",
 ]
+COMPARISON_COLUMNS = ["task", "budget", "method", "reference", "reference_kind", "n_paired", "difference_pts",
+                      "difference_ci95_low_pts", "difference_ci95_high_pts", "mcnemar_p", "significant"]
 
 
 class DiskFullError(OSError):
@@ -258,8 +262,8 @@ class ResultStore:
         return rows, samples, notes
 
     def rebuild(self, model: Path | None = None) -> tuple[list[dict], list[str]]:
-        """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows and the notes of
-        `load_all` (files set aside)."""
+        """Rewrite summary.csv, samples.jsonl and comparisons.csv (`benchmarks.stats.comparisons`) from every finished
+        cell; return the summary rows and the notes of `load_all` (files set aside)."""
         rows, samples, notes = self.load_all(model)
         if not rows and not (self.root / "summary.csv").exists():
             return rows, notes  # nothing finished yet: no empty files
@@ -269,7 +273,17 @@ class ResultStore:
         writer.writerows(rows)
         _atomic_write(self.root / "summary.csv", buf.getvalue())
         _atomic_write(self.root / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COMPARISON_COLUMNS)
+        writer.writeheader()
+        writer.writerows(comparisons(samples))
+        _atomic_write(self.root / "comparisons.csv", buf.getvalue())
         return rows, notes
+
+    def comparisons(self) -> list[dict]:
+        """The rows of comparisons.csv (written by `rebuild`), or none before the first cell."""
+        path = self.root / "comparisons.csv"
+        return list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
 
     def save_pictures(self, pictures: dict[tuple[str, int], dict]) -> None:
         """Write each captured model-input image once: pictures/<task>__<doc_id>.png and .json (question, grid)."""

@@ -54,11 +54,15 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
     for j, (method, rows) in enumerate(df[df["method"] != REFERENCE].groupby("method")):
         idx = rows.sort_values("budget_tokens").index
         ax.plot(x[idx], y[idx], marker="o", color=colour[method], label=method, linewidth=1.6, markersize=5)
+        _error_bars(ax, df.loc[idx], x[idx], y[idx], colour[method])
         for i in idx:
             ax.annotate(str(df.at[i, "budget"]), (x[i], y[i]), textcoords="offset points", xytext=offsets[j % 4],
                         fontsize=8, color=colour[method])
     for i in df.index[df["method"] == REFERENCE]:
         ax.axhline(y[i], color="black", linestyle="--", linewidth=1, label=f"{REFERENCE} ({df.at[i, 'budget']} tokens)")
+        if "ci95_low" in df.columns and pd.notna(df.at[i, "ci95_low"]) and pd.notna(df.at[i, "ci95_high"]):
+            # full's 95 % interval, as a band
+            ax.axhspan(100 * df.at[i, "ci95_low"], 100 * df.at[i, "ci95_high"], color="black", alpha=0.06, zorder=0)
         ax.plot([x[i]], [y[i]], marker="*", color="black", markersize=12, linestyle="none")
     front = pareto(x, y)
     ax.plot(x[front], y[front], color="grey", linewidth=4, alpha=0.25, drawstyle="steps-post", zorder=0,
@@ -68,11 +72,23 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
     ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
 
 
+def _error_bars(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour) -> None:
+    """Each point's 95 % interval over questions (`ci95_low`, `ci95_high` in summary.csv), where it has one."""
+    if "ci95_low" not in df.columns:  # the average over tasks has none
+        return
+    has = df["ci95_low"].notna() & df["ci95_high"].notna()
+    if has.any():
+        low, high = 100 * df.loc[has, "ci95_low"], 100 * df.loc[has, "ci95_high"]
+        ax.errorbar(x[has], y[has], yerr=[(y[has] - low).clip(lower=0), (high - y[has]).clip(lower=0)], fmt="none",
+                    ecolor=colour, elinewidth=1, capsize=2.5, alpha=0.6)
+
+
 def _footer(fig, df: pd.DataFrame) -> None:
     first = df.iloc[0]
     where = f"{first.get('device', '?')}, {first.get('dtype', '?')}, batch {first.get('batch_size', '?')}"
     model = "/".join(Path(str(first.get("model", "?"))).parts[-2:])
-    fig.text(0.01, 0.01, f"{model} on {where}; n = {int(df['n'].max())} per point",
+    bars = "; bars: 95 % intervals over questions (bootstrap)" if df.get("ci95_low", pd.Series()).notna().any() else ""
+    fig.text(0.01, 0.01, f"{model} on {where}; n = {int(df['n'].max())} per point{bars}",
              fontsize=7, color="grey")
 
 

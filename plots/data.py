@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 REQUIRED = ("task", "method", "budget", "metric", "value", "prefill_tflops_mean", "visual_tokens_mean")
-NUMERIC = ("value", "prefill_tflops_mean", "visual_tokens_mean")
+NUMERIC = ("value", "prefill_tflops_mean", "visual_tokens_mean", "ci95_low", "ci95_high")  # the CI: when present
 
 
 class ResultsError(ValueError):
@@ -33,6 +33,8 @@ class Results:
         kept: (task, method, budget, doc_id) -> kept patch indices (None: all), for the picture docs.
         layers: (task, method, budget) -> mean visual tokens per LLM layer.
         pictures: (task, doc_id) -> (png path, meta dict with `question`, `grid`).
+        comparisons: the paired comparisons of each directory's comparisons.csv (one row per method, budget and
+            reference: `full` or the best other method at that budget), with `budget` as text.
     """
 
     summary: pd.DataFrame
@@ -40,6 +42,7 @@ class Results:
     kept: dict[tuple, list[int] | None] = field(default_factory=dict)
     layers: dict[tuple, list[float]] = field(default_factory=dict)
     pictures: dict[tuple, tuple[Path, dict]] = field(default_factory=dict)
+    comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def main_rows(self, task: str | None = None) -> pd.DataFrame:
         """Rows of each task's main metric (or one task's)."""
@@ -65,7 +68,7 @@ def load(dirs: list[Path]) -> Results:
             raise ResultsError(f"{path} is not a run_bench.py summary: no column(s) {', '.join(missing)}")
         if df.empty:
             raise ResultsError(f"{path} has no rows yet; let run_bench.py finish at least one cell")
-        for col in NUMERIC:
+        for col in (c for c in NUMERIC if c in df.columns):
             values = pd.to_numeric(df[col], errors="coerce")
             bad = df.index[values.isna() & df[col].notna()]  # text where a number belongs (empty cells are allowed)
             if len(bad):
@@ -78,6 +81,9 @@ def load(dirs: list[Path]) -> Results:
     for col in ("method_args", "time_utc"):
         if col not in df.columns:
             df[col] = ""
+    for col in ("ci95_low", "ci95_high"):  # results written before the intervals existed
+        if col not in df.columns:
+            df[col] = float("nan")
     df["budget"] = df["budget"].astype(str)
     df = (df.sort_values("time_utc", kind="stable")
             .drop_duplicates(["task", "method", "method_args", "budget", "metric"], keep="last"))
@@ -88,6 +94,7 @@ def load(dirs: list[Path]) -> Results:
         flagged = rows[rows["primary"].astype(str) == "True"] if "primary" in rows.columns else rows.iloc[:0]
         primary[task] = flagged["metric"].iloc[0] if len(flagged) else rows["metric"].iloc[0]
     res = Results(summary=df, primary=primary)
+    res.comparisons = _read_comparisons(dirs)
     for d in dirs:
         _read_pictures(Path(d) / "pictures", res)
     for d in dirs:  # after every picture: the docs that have one are the docs whose kept patches are drawn
@@ -127,6 +134,20 @@ def _read_samples(path: Path, res: Results) -> None:
         print(f"warning: {path}: {len(skipped)} line(s) are not sample records (line {', '.join(map(str, skipped[:5]))}"
               f"{', ...' if len(skipped) > 5 else ''}): skipped; the pictures and per-layer plots lack them",
               file=sys.stderr)
+
+
+def _read_comparisons(dirs: list[Path]) -> pd.DataFrame:
+    """Every directory's comparisons.csv (a directory is one set of run conditions, so only its own cells pair)."""
+    frames = []
+    for d in dirs:
+        path = Path(d) / "comparisons.csv"
+        try:
+            frames.append(pd.read_csv(path, dtype={"budget": str}) if path.is_file() else None)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+            print(f"warning: {path} is not a comparisons table: skipped; rerun run_bench.py --output {d}",
+                  file=sys.stderr)
+    frames = [f for f in frames if f is not None and not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _read_pictures(folder: Path, res: Results) -> None:

@@ -26,7 +26,25 @@ def table(res: Results) -> pd.DataFrame:
     })
     if "relevant_precision_mean" in rows and rows["relevant_precision_mean"].notna().any():
         out["kept_on_objects_pct"] = (100 * rows["relevant_precision_mean"]).round(1)
-    return out.reset_index(drop=True)
+    out.insert(5, "accuracy_ci95_low_pct", (100 * rows["ci95_low"]).round(1).to_numpy())
+    out.insert(6, "accuracy_ci95_high_pct", (100 * rows["ci95_high"]).round(1).to_numpy())
+    return _with_comparisons(out.reset_index(drop=True), res.comparisons)
+
+
+def _with_comparisons(out: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
+    """The paired comparisons beside each row: the difference from `full` and from the best other method at the
+    same budget, in points, with the paired 95 % interval and whether it excludes 0 (`significant`)."""
+    columns = {"difference_pts": "_pts", "difference_ci95_low_pts": "_ci95_low_pts",
+               "difference_ci95_high_pts": "_ci95_high_pts", "significant": "_significant"}
+    if comparisons.empty:
+        return out
+    for kind, prefix in (("full", "vs_full"), ("best other", "vs_best_other")):
+        c = comparisons[comparisons["reference_kind"] == kind]
+        c = c.rename(columns={k: prefix + v for k, v in columns.items()} | {"reference": "best_other"})
+        keep = ["task", "method", "budget", *(prefix + v for v in columns.values())]
+        keep += ["best_other"] if kind == "best other" else []
+        out = out.merge(c[keep], on=["task", "method", "budget"], how="left")
+    return out
 
 
 def at_equal_compute(res: Results, reference: str = "fastv") -> pd.DataFrame:

@@ -3,6 +3,8 @@ line per finished cell and a final table that fits 120 columns, with lmms-eval's
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -111,3 +113,13 @@ def test_a_run_prints_one_line_per_cell_and_no_progress_bars(tiny_ckpt, tmp_path
     assert loud.returncode == 0 and "Postprocessing" in loud.stderr
     summary = (tmp_path / "q" / "summary.csv").read_text().splitlines()
     assert len(summary) > 1 and json.dumps(summary)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "q" / "summary.csv").read_text())))
+    for r in rows:  # every accuracy of this task is a mean over questions: it carries its interval (from 2 questions)
+        if int(r["n"]) >= 2:
+            assert float(r["ci95_low"]) <= float(r["value"]) <= float(r["ci95_high"]) and "bootstrap" in r["ci_method"]
+        else:
+            assert r["ci95_low"] == r["ci95_high"] == r["ci_method"] == ""
+    assert any(int(r["n"]) >= 2 for r in rows)
+    paired = list(csv.DictReader(io.StringIO((tmp_path / "q" / "comparisons.csv").read_text())))
+    assert {(c["method"], c["reference"]) for c in paired} == {("random", "full")}  # no other method at budget 4
+    assert "vs full" in quiet.stdout and ("*" in table[-1]) == (paired[0]["significant"] == "True")

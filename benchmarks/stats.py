@@ -1,0 +1,111 @@
+"""Which differences are real: confidence intervals over questions and paired comparisons between methods (scipy).
+
+* `mean_ci`: the 95 % interval of a metric that is a mean over questions, by the percentile bootstrap over
+  questions (`scipy.stats.bootstrap`, 2,000 resamples, a fixed seed: the same numbers on every run).
+* `paired_difference`: two methods scored on the same questions; the 95 % paired-bootstrap interval of the
+  difference of their means (questions resampled together), and for 0/1 scores McNemar's exact test (the two-sided
+  binomial test of the discordant pairs, `scipy.stats.binomtest`).
+* `comparisons`: for each task and budget, every method against `full` and against the best other method at that
+  budget, on the task's primary metric; a difference is significant when its interval excludes 0.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+SEED = 0
+CI_METHOD = f"bootstrap over questions, percentile, {RESAMPLES} resamples, seed {SEED}"
+REFERENCE = "full"
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float] | None:
+    """The 95 % percentile-bootstrap interval of the mean of `values` (one per question); None below 2 values."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return None
+    if np.all(x == x[0]):  # every resample has the same mean
+        return float(x[0]), float(x[0])
+    r = stats.bootstrap((x,), np.mean, n_resamples=RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
+                        vectorized=True, rng=np.random.default_rng(SEED))
+    return float(r.confidence_interval.low), float(r.confidence_interval.high)
+
+
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Two-sided exact McNemar p-value for paired 0/1 scores; None unless every score is 0 or 1."""
+    if not (np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()):
+        return None
+    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """mean(a) - mean(b) over the same questions (a[i] and b[i] score question i), its 95 % paired-bootstrap
+    interval, McNemar's exact p for 0/1 scores, and whether the interval excludes 0."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(a.mean() - b.mean()) if a.size else float("nan")
+    low = high = diff
+    if a.size >= 2 and not np.array_equal(a - b, np.full_like(a, a[0] - b[0])):
+        r = stats.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis) - y.mean(axis), paired=True,
+                            n_resamples=RESAMPLES, confidence_level=CONFIDENCE, method="percentile", vectorized=True,
+                            rng=np.random.default_rng(SEED))
+        low, high = float(r.confidence_interval.low), float(r.confidence_interval.high)
+    significant = a.size >= 2 and (low > 0 or high < 0)
+    return {"n_paired": int(a.size), "difference": diff, "ci95_low": low, "ci95_high": high,
+            "mcnemar_p": mcnemar_exact(a, b), "significant": bool(significant)}
+
+
+def comparisons(samples: list[dict]) -> list[dict]:
+    """Paired comparisons from sample records (`task`, `method`, `budget`, `doc_id`, `correct`: the primary metric of
+    the doc). Per (task, budget), each method against `full` (the task's own cell) and against the best other method
+    at that budget (the highest mean; for the best itself, the runner-up), over the questions both answered.
+    Differences are in points (x 100): tasks whose primary scores are not all in [0, 1] get no comparison. One row
+    per comparison."""
+    scores: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    for s in samples:
+        if isinstance(s.get("correct"), (int, float)):
+            scores[(s["task"], s["method"], str(s["budget"]))][s["doc_id"]] = float(s["correct"])
+    fractions = {t for t, _, _ in scores} - {t for (t, _, _), v in scores.items() if not all(0 <= x <= 1
+                                                                                           for x in v.values())}
+    out = []
+    for task in sorted(fractions):
+        full = next((v for (t, m, _), v in scores.items() if t == task and m == REFERENCE), None)
+        for budget in sorted({b for t, m, b in scores if t == task and m != REFERENCE}, key=_budget_order):
+            cells = {m: v for (t, m, b), v in scores.items() if t == task and b == budget and m != REFERENCE}
+            means = {m: float(np.mean(list(v.values()))) for m, v in cells.items()}
+            for method, mine in sorted(cells.items()):
+                others = sorted((m for m in cells if m != method), key=lambda m: (-means[m], m))
+                refs = [("full", REFERENCE, full)] if full else []
+                refs += [("best other", others[0], cells[others[0]])] if others else []
+                for kind, name, theirs in refs:
+                    out.append({"task": task, "budget": budget, "method": method, "reference": name,
+                                "reference_kind": kind, **_scaled(paired_difference(*_paired(mine, theirs)))})
+    return out
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[list[float], list[float]]:
+    docs = sorted(a.keys() & b.keys())
+    return [a[d] for d in docs], [b[d] for d in docs]
+
+
+def _scaled(d: dict) -> dict:
+    """Differences in points, as `difference_pts` and its interval's `difference_ci95_low_pts` / `_high_pts`."""
+    return {"n_paired": d["n_paired"], "difference_pts": round(100 * d["difference"], 2),
+            "difference_ci95_low_pts": round(100 * d["ci95_low"], 2),
+            "difference_ci95_high_pts": round(100 * d["ci95_high"], 2),
+            "mcnemar_p": None if d["mcnemar_p"] is None else round(d["mcnemar_p"], 6),
+            "significant": d["significant"]}
+
+
+def _budget_order(budget: str) -> float:
+    try:
+        return float(budget)
+    except ValueError:
+        return float("inf")  # "auto", "R=0.5" after the numbers

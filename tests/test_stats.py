@@ -1,0 +1,75 @@
+"""Confidence intervals and paired comparisons (benchmarks/stats.py), on hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.records import metric_ci
+from benchmarks.stats import comparisons, mcnemar_exact, mean_ci, paired_difference
+
+
+def test_mcnemar_exact_by_hand():
+    """10 questions only A answers, 2 only B: two-sided binomial p = 2 (C(12,0) + C(12,1) + C(12,2)) / 2^12."""
+    a = np.array([1] * 10 + [0] * 2 + [1] * 30 + [0] * 5, dtype=float)
+    b = np.array([0] * 10 + [1] * 2 + [1] * 30 + [0] * 5, dtype=float)
+    assert mcnemar_exact(a, b) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar_exact(a, a) == 1.0  # no discordant pair
+    assert mcnemar_exact(a * 0.5, b) is None  # not 0/1 scores
+
+
+def test_mean_ci_contains_the_mean_is_fixed_and_shrinks_with_more_questions():
+    rng = np.random.default_rng(3)
+    small, large = (rng.random(100) < 0.7).astype(float), (rng.random(2000) < 0.7).astype(float)
+    lo, hi = mean_ci(small)
+    assert lo <= small.mean() <= hi and mean_ci(small) == (lo, hi)  # a fixed seed: the same interval every time
+    lo2, hi2 = mean_ci(large)
+    assert hi2 - lo2 < hi - lo
+    half = 1.96 * math.sqrt(0.7 * 0.3 / 2000)  # the normal approximation, for scale
+    assert hi2 - lo2 == pytest.approx(2 * half, rel=0.15)
+    assert mean_ci([1.0]) is None and mean_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_paired_difference_pairs_questions():
+    rng = np.random.default_rng(0)
+    a = (rng.random(500) < 0.8).astype(float)
+    same = paired_difference(a, a)
+    assert same["difference"] == 0 and not same["significant"] and same["mcnemar_p"] == 1.0
+    shifted = paired_difference(a + 0.1, a)  # the same questions, every score 0.1 higher: no doubt at all
+    assert shifted["ci95_low"] == pytest.approx(0.1) and shifted["ci95_high"] == pytest.approx(0.1)
+    assert shifted["significant"]
+    b = a.copy()
+    b[:40] = 0  # B loses 40 questions A answered (those of them A got right)
+    d = paired_difference(a, b)
+    assert d["difference"] == pytest.approx(a[:40].mean() * 40 / 500)
+    assert d["ci95_low"] > 0 and d["significant"] and d["mcnemar_p"] < 1e-6
+    unpaired_width = 2 * 1.96 * math.sqrt(2 * 0.8 * 0.2 / 500)  # what ignoring the pairing would give
+    assert d["ci95_high"] - d["ci95_low"] < unpaired_width / 2
+
+
+def test_comparisons_against_full_and_the_best_other_method():
+    def recs(method, budget, correct):
+        return [{"task": "t", "method": method, "budget": budget, "doc_id": i, "correct": c}
+                for i, c in enumerate(correct)]
+
+    samples = recs("full", 16, [1, 1, 1, 1]) + recs("a", 2, [1, 1, 1, 0]) + recs("b", 2, [1, 0, 0, 0])
+    rows = {(r["method"], r["reference_kind"]): r for r in comparisons(samples)}
+    assert set(rows) == {("a", "full"), ("a", "best other"), ("b", "full"), ("b", "best other")}
+    assert rows[("a", "full")]["difference_pts"] == -25.0 and rows[("b", "full")]["difference_pts"] == -75.0
+    assert rows[("a", "best other")]["reference"] == "b" and rows[("a", "best other")]["difference_pts"] == 50.0
+    assert rows[("b", "best other")]["reference"] == "a" and rows[("b", "best other")]["difference_pts"] == -50.0
+    assert all(r["n_paired"] == 4 and r["budget"] == "2" for r in rows.values())
+    mme = recs("full", 16, [1500.0, 1400.0]) + recs("a", 2, [1200.0, 1300.0])
+    assert comparisons(mme) == []  # scores that are not fractions get no points
+
+
+def test_interval_only_for_metrics_that_are_means_over_questions():
+    docs = [{"exact_match": v, "acc_color": (v if i % 2 else None)} for i, v in enumerate([1, 0, 1, 1, 0, 1])]
+    ci = metric_ci(docs, "exact_match", 4 / 6)
+    assert ci["ci95_low"] <= 4 / 6 <= ci["ci95_high"] and "bootstrap" in ci["ci_method"]
+    color = metric_ci(docs, "acc_color", 2 / 3)  # its own questions only (docs 1, 3, 5: 0, 1, 1)
+    assert color["ci95_low"] < 2 / 3 < color["ci95_high"]
+    assert metric_ci(docs, "acc_color", 4 / 6 + 0.1)["ci95_low"] is None
+    assert metric_ci(docs, "exact_match", 4.0)["ci95_low"] is None  # a sum, not a mean: no interval

@@ -32,7 +32,8 @@ from benchmarks.plan import Cell, Plan, RunSpec, fingerprint, make_plan, run_con
 from benchmarks.records import Recorder, cell_records, peak_rss, provenance
 from benchmarks.standard_tasks import load_error, package_dirs, submission_args, task_config
 from benchmarks.store import ResultStore
-from benchmarks.synthetic.generate import DATA_DIR, ensure_test_data
+from benchmarks.synthetic.generate import SYNTH_VQA, ensure_test_data
+from benchmarks.synthetic.scenes import SYNTH_SCENES
 from methods.cli import first_line
 
 PROGRESS_LINE = re.compile(r"\d+%\||\[A$|it/s\]|s/it\]|examples/s\]")  # a tqdm bar's refresh
@@ -61,12 +62,19 @@ def task_manager(spec: RunSpec):
     return tm
 
 
+SYNTH_GENERATORS = {"synth_vqa": SYNTH_VQA, "synth_scenes": SYNTH_SCENES}
+
+
 def ensure_task_data(tasks: tuple[str, ...]) -> None:
-    """Our synthetic benchmark is generated on first use (deterministic, seeded)."""
-    if any(t.startswith("synth_") for t in tasks):
-        if not (DATA_DIR / "test.parquet").is_file():
-            print(f"writing the synthetic task's 1,000 questions to {DATA_DIR} (first use, a few seconds)")
-        ensure_test_data()
+    """Our synthetic tasks' test splits are generated on first use (deterministic, seeded), and rewritten when a
+    stored file is not what the generator makes now."""
+    for task in tasks:
+        gen = SYNTH_GENERATORS.get(task)
+        if gen is None:
+            continue
+        if not gen.test_file.is_file():
+            print(f"writing {task}'s 1,000 questions to {gen.test_file} (first use, a few seconds)")
+        ensure_test_data(gen=gen)
 
 
 # ---------------------------------------------------------------------------------------------- running

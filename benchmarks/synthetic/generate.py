@@ -107,6 +107,23 @@ class Sample:
     relevant_patches: list[int]
 
 
+@dataclass(frozen=True)
+class Generator:
+    """One synthetic task's generator, as the split writers below use it.
+
+    Attributes:
+        name: record id prefix (``{name}-{split}-{i:06d}``).
+        sample: (seed, index) -> `Sample`, a pure function of both.
+        seeds: default seed of each split.
+        test_file: where the task's YAML reads its test split.
+    """
+
+    name: str
+    sample: Callable[[int, int], Sample]
+    seeds: dict[str, int]
+    test_file: Path
+
+
 def object_mask(obj: Obj, size: int = IMAGE_SIZE) -> np.ndarray:
     """Boolean pixel mask of one object.
 
@@ -284,6 +301,9 @@ def generate_sample(seed: int, index: int) -> Sample:
     return Sample(image, objects, question, answer, qtype, relevant_patches([o for o in objects if about(o)]))
 
 
+SYNTH_VQA = Generator("synth", generate_sample, SPLIT_SEEDS, DATA_DIR / "test.parquet")
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """Encode a (H, W, 3) uint8 array as PNG (deterministic bytes)."""
     buf = io.BytesIO()
@@ -291,28 +311,30 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_samples(split: str, n: int, seed: int | None = None) -> list[dict]:
+def make_samples(split: str, n: int, seed: int | None = None, gen: Generator | None = None) -> list[dict]:
     """Generate `n` records of a split.
 
     Args:
         split: Split name, used in the record ids (``synth-{split}-{i:06d}``).
         n: Number of questions.
-        seed: Split seed; defaults to ``SPLIT_SEEDS[split]``.
+        seed: Split seed; defaults to ``SPLIT_SEEDS[split]`` (the generator's `seeds`).
+        gen: The task's generator; default `SYNTH_VQA` (this module's).
 
     Returns:
         Records with ``doc_id``, ``id``, ``image`` (``{"bytes": PNG, "path": None}``), ``question``, ``answer``,
         ``qtype``, ``relevant_patches`` and ``objects`` (JSON list of {shape, color, x, y, r}).
     """
+    gen = gen or SYNTH_VQA
     if seed is None:
-        if split not in SPLIT_SEEDS:
-            raise ValueError(f"no default seed for split {split!r}; pass seed= or use one of {sorted(SPLIT_SEEDS)}")
-        seed = SPLIT_SEEDS[split]
+        if split not in gen.seeds:
+            raise ValueError(f"no default seed for split {split!r}; pass seed= or use one of {sorted(gen.seeds)}")
+        seed = gen.seeds[split]
     records = []
     for i in range(n):
-        s = generate_sample(seed, i)
+        s = gen.sample(seed, i)
         records.append({
             "doc_id": i,
-            "id": f"synth-{split}-{i:06d}",
+            "id": f"{gen.name}-{split}-{i:06d}",
             "image": {"bytes": png_bytes(s.image), "path": None},
             "question": s.question,
             "answer": s.answer,
@@ -323,7 +345,7 @@ def make_samples(split: str, n: int, seed: int | None = None) -> list[dict]:
     return records
 
 
-def write_split(path: str | Path, split: str, n: int, seed: int | None = None) -> Path:
+def write_split(path: str | Path, split: str, n: int, seed: int | None = None, gen: Generator | None = None) -> Path:
     """Write a split as parquet with an HF ``datasets.Image`` column (atomically: temp file, then rename).
 
     Args:
@@ -331,6 +353,7 @@ def write_split(path: str | Path, split: str, n: int, seed: int | None = None) -
         split: Split name (see `make_samples`).
         n: Number of questions.
         seed: Split seed; defaults to ``SPLIT_SEEDS[split]``.
+        gen: The task's generator; default `SYNTH_VQA`.
 
     Returns:
         The written path.
@@ -345,7 +368,7 @@ def write_split(path: str | Path, split: str, n: int, seed: int | None = None) -
         "relevant_patches": datasets.List(datasets.Value("int32")),
         "objects": datasets.Value("string"),
     })
-    records = make_samples(split, n, seed)
+    records = make_samples(split, n, seed, gen)
     columns = {k: [r[k] for r in records] for k in features}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,29 +378,33 @@ def write_split(path: str | Path, split: str, n: int, seed: int | None = None) -
     return path
 
 
-def ensure_test_data(path: str | Path | None = None, n: int = DEFAULT_TEST_N, seed: int | None = None) -> Path:
-    """Write the default test split to ``benchmarks/synthetic/data/test.parquet`` unless it is already there.
+def ensure_test_data(path: str | Path | None = None, n: int = DEFAULT_TEST_N, seed: int | None = None,
+                     gen: Generator | None = None) -> Path:
+    """Write a task's default test split (`gen`, default `SYNTH_VQA`: ``benchmarks/synthetic/data/test.parquet``)
+    unless it is already there.
 
     An existing file is kept only if it has `n` rows and its first records match what this generator makes now, so
     data left over from an older benchmark version is rewritten.
 
     Args:
-        path: Output file; defaults to ``DATA_DIR / "test.parquet"`` (the file the ``synth_vqa`` task reads).
+        path: Output file; defaults to the generator's `test_file` (the file its task reads).
         n: Number of questions (default 1000, 200 per type).
-        seed: Split seed (default ``SPLIT_SEEDS["test"]``).
+        seed: Split seed (default the generator's test seed).
+        gen: The task's generator.
 
     Returns:
         Path of the parquet file.
     """
-    path = Path(path) if path is not None else DATA_DIR / "test.parquet"
-    seed = SPLIT_SEEDS["test"] if seed is None else seed
+    gen = gen or SYNTH_VQA
+    path = Path(path) if path is not None else gen.test_file
+    seed = gen.seeds["test"] if seed is None else seed
     if path.exists():
         keys = ["question", "answer", "relevant_patches"]
         stored = pq.read_table(path, columns=keys).slice(0, 5).to_pylist()
-        expected = [{k: r[k] for k in keys} for r in make_samples("test", 5, seed)]
+        expected = [{k: r[k] for k in keys} for r in make_samples("test", 5, seed, gen)]
         if pq.read_metadata(path).num_rows == n and stored == expected:
             return path
-    return write_split(path, "test", n, seed)
+    return write_split(path, "test", n, seed, gen)
 
 
 def main(argv: list[str] | None = None) -> None:

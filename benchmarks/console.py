@@ -60,7 +60,7 @@ def cell_line(index: int, total: int, rows: list[dict]) -> str:
 def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> str:
     """Per task, one row per (method, budget): the primary metric with its 95 % interval, its difference from `full`
     and from the best other method at that budget (from `comparisons`, the rows of `benchmarks.stats.comparisons`;
-    `*` marks a difference whose paired 95 % interval excludes 0), visual tokens, prefill GFLOPs and prefill ms,
+    `*` marks a difference significant at 95 %), visual tokens, prefill GFLOPs and prefill ms,
     sorted by budget with `full` last. Fits 120 columns; per-type metrics are in summary.csv."""
     main = _primary(rows)
     if not main:
@@ -97,8 +97,8 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
         blocks.append(f"{task}:\n" + tabulate([[row[j] for j in shown] for row in table],
                                               headers=[headers[j] for j in shown], tablefmt="simple",
                                               disable_numparse=True, colalign=[align[j] for j in shown]))
-    note = ("* the paired 95 % interval of the difference excludes 0 (bootstrap over the same questions);\n"
-            "  comparisons.csv has the intervals and McNemar's exact p")
+    note = ("* significant at 95 % on the same questions (McNemar's exact test for 0/1 scores, else the paired\n"
+            "  bootstrap interval excludes 0); comparisons.csv has the intervals and p-values")
     return "\n\n".join(blocks) + (f"\n\n{note}" if paired else "")
 
 

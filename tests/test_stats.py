@@ -37,7 +37,7 @@ def test_paired_difference_pairs_questions():
     a = (rng.random(500) < 0.8).astype(float)
     same = paired_difference(a, a)
     assert same["difference"] == 0 and not same["significant"] and same["mcnemar_p"] == 1.0
-    shifted = paired_difference(a + 0.1, a)  # the same questions, every score 0.1 higher: no doubt at all
+    shifted = paired_difference(a + 0.1, a)  # the same questions, every score 0.1 higher: no doubt (not 0/1: the CI)
     assert shifted["ci95_low"] == pytest.approx(0.1) and shifted["ci95_high"] == pytest.approx(0.1)
     assert shifted["significant"]
     b = a.copy()
@@ -73,3 +73,15 @@ def test_interval_only_for_metrics_that_are_means_over_questions():
     assert color["ci95_low"] < 2 / 3 < color["ci95_high"]
     assert metric_ci(docs, "acc_color", 4 / 6 + 0.1)["ci95_low"] is None
     assert metric_ci(docs, "exact_match", 4.0)["ci95_low"] is None  # a sum, not a mean: no interval
+
+
+def test_significance_for_0_1_scores_is_the_exact_test():
+    """19 questions only A answers and 8 only B: the exact test gives p = 0.052 (not significant) although the
+    percentile interval of the difference may just exclude 0; the test decides."""
+    a = np.array([1] * 19 + [0] * 8 + [1] * 900 + [0] * 73, dtype=float)
+    b = np.array([0] * 19 + [1] * 8 + [1] * 900 + [0] * 73, dtype=float)
+    d = paired_difference(a, b)
+    assert d["mcnemar_p"] == pytest.approx(0.0522, abs=5e-4) and not d["significant"]
+    a2 = np.array([1] * 21 + [0] * 7 + [1] * 900 + [0] * 72, dtype=float)
+    b2 = np.array([0] * 21 + [1] * 7 + [1] * 900 + [0] * 72, dtype=float)
+    assert paired_difference(a2, b2)["mcnemar_p"] < 0.05 and paired_difference(a2, b2)["significant"]

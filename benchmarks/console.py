@@ -54,7 +54,9 @@ def cell_line(index: int, total: int, rows: list[dict]) -> str:
              "-" if tokens is None else f"{tokens:.1f} visual tokens",
              "-" if tflops is None else f"{1e3 * tflops:.4g} prefill GFLOPs",
              f"{_number(main.get('wall_s')) or 0:.1f} s"]
-    return f"[{index}/{total}] {main['task']}  {main['method']:<13} {main['budget']!s:>4}: " + ", ".join(parts)
+    seed = main.get("controller_seed")
+    method = main["method"] + ("" if seed in (None, "") else f"[{seed}]")  # a learned method's training seed
+    return f"[{index}/{total}] {main['task']}  {method:<13} {main['budget']!s:>4}: " + ", ".join(parts)
 
 
 def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> str:
@@ -62,7 +64,7 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
     and from the best other method at that budget (from `comparisons`, the rows of `benchmarks.stats.comparisons`;
     `*` marks a difference significant at 95 %), visual tokens, prefill GFLOPs and prefill ms,
     sorted by budget with `full` last. Fits 120 columns; per-type metrics are in summary.csv."""
-    main = _primary(rows)
+    main = _over_seeds(_primary(rows))
     if not main:
         return "no results"
     percent = _fractions(main)
@@ -78,13 +80,16 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
         for r in cells:
             value, scale = _number(r["value"]), 100 if pct else 1
             low, high = _number(r.get("ci95_low")), _number(r.get("ci95_high"))
+            interval = "" if low is None or high is None else f"{scale * low:.1f}-{scale * high:.1f}"
+            if r.get("seeds", 1) > 1:  # the range over training seeds
+                interval = f"{scale * r['seed_min']:.1f}-{scale * r['seed_max']:.1f} s"
             vs_full = paired.get((task, str(r["budget"]), r["method"], "full"))
             best = paired.get((task, str(r["budget"]), r["method"], "best other"))
             delta = None if value is None or ref is None or r["method"] == "full" else (value - ref) * scale
             tflops, ms = _number(r.get("prefill_tflops_mean")), _number(r.get("prefill_ms_median"))
             tokens = _number(r.get("visual_tokens_mean"))
-            table.append([r["method"], r["budget"], _score(value, pct),
-                          "" if low is None or high is None else f"{scale * low:.1f}-{scale * high:.1f}",
+            name = r["method"] + (f" x{r['seeds']}" if r.get("seeds", 1) > 1 else "")
+            table.append([name, r["budget"], _score(value, pct), interval,
                           _difference(vs_full) if vs_full else "" if delta is None else f"{delta:+.1f}" + (
                               " pt" if pct else ""),
                           f"{_difference(best, unit=False)} {best['reference']}" if best else "",
@@ -97,9 +102,31 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
         blocks.append(f"{task}:\n" + tabulate([[row[j] for j in shown] for row in table],
                                               headers=[headers[j] for j in shown], tablefmt="simple",
                                               disable_numparse=True, colalign=[align[j] for j in shown]))
-    note = ("* significant at 95 % on the same questions (McNemar's exact test for 0/1 scores, else the paired\n"
+    seeded = any(r.get("seeds", 1) > 1 for r in main)
+    note = ("xN: the mean of N controllers (training seeds); `s`: their range, in the CI column\n" if seeded else "")
+    note += ("* significant at 95 % on the same questions (McNemar's exact test for 0/1 scores, else the paired\n"
             "  bootstrap interval excludes 0); comparisons.csv has the intervals and p-values")
-    return "\n\n".join(blocks) + (f"\n\n{note}" if paired else "")
+    return "\n\n".join(blocks) + (f"\n\n{note}" if paired or seeded else "")
+
+
+def _over_seeds(rows: list[dict]) -> list[dict]:
+    """A learned method's rows of several controllers (`controller_seed`) as one row: their mean `value`, with
+    `seeds`, `seed_min` and `seed_max` (the range over seeds); other rows unchanged."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"], str(r["budget"])), []).append(r)
+    out = []
+    for group in groups.values():
+        values = [_number(r["value"]) for r in group]
+        if len(group) == 1 or any(v is None for v in values) or all(r.get("controller_seed") in (None, "")
+                                                                     for r in group):
+            out += group
+            continue
+        mean = {k: sum(_number(r.get(k)) or 0 for r in group) / len(group) for k in
+                ("prefill_tflops_mean", "prefill_ms_median", "visual_tokens_mean")}
+        out.append({**group[0], **mean, "value": sum(values) / len(values), "seeds": len(group),
+                    "seed_min": min(values), "seed_max": max(values), "ci95_low": None, "ci95_high": None})
+    return out
 
 
 def _difference(c: dict, unit: bool = True) -> str:

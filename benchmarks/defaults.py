@@ -23,3 +23,22 @@ def go_offline() -> None:
     says otherwise; call before they are imported."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def controllers(model: Path, method: str) -> dict[int | None, Path]:
+    """A learned method's trained controllers for a checkpoint, by training seed: MODEL/controllers/METHOD/seed<N>/
+    (what `python -m benchmarks.train_adaptive --seed N` writes), or MODEL/controllers/METHOD/ itself when it holds
+    one controller (seed unknown: key None). A folder counts when it holds a controller.json."""
+    root = Path(model) / "controllers" / method
+    if (root / "controller.json").is_file():
+        return {None: root}
+    found = {}
+    for d in sorted(root.glob("seed*")) if root.is_dir() else []:
+        if d.name[4:].isdigit() and (d / "controller.json").is_file():
+            found[int(d.name[4:])] = d
+    return dict(sorted(found.items()))
+
+
+def controller_dir(model: Path, method: str, seed: int) -> Path:
+    """Where the trainer writes the controller of training seed `seed` by default."""
+    return Path(model) / "controllers" / method / f"seed{seed}"

@@ -35,6 +35,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
+from benchmarks.defaults import controllers
 from benchmarks.distributed import current_world
 from benchmarks.records import Recorder
 from methods import TokenReducer, UnknownReducerError, create_reducer, get_reducer_class
@@ -50,12 +51,6 @@ DEFAULT_MAX_NEW_TOKENS = 16
 def manifests():
     """Entry point for lmms-eval's model registry (`[project.entry-points."lmms_eval.models"]`)."""
     return [ModelManifest(model_id="reduced_llava", simple_class_path="benchmarks.lmms_model.ReducedLlavaLMM")]
-
-
-def default_controller(pretrained: str | Path, method: str) -> Path:
-    """Where a learned method's controller for a checkpoint lives by default: PRETRAINED/controllers/METHOD (as
-    `benchmarks.plan.RunSpec.controller`)."""
-    return Path(pretrained) / "controllers" / method
 
 
 def lmms_eval_syntax(message: str, method: str | None = None) -> str:
@@ -108,8 +103,8 @@ class ReducedLlavaLMM(lmms):
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
         max_new_tokens: default when a task does not set it.
         **method_args: extra constructor arguments of the method (e.g. `layer=2`). A learned method (its class
-            sets `needs_checkpoint`) gets `checkpoint=PRETRAINED/controllers/<method>` when that folder exists and
-            no `checkpoint` is given.
+            sets `needs_checkpoint`) given no `checkpoint` gets the controller trained for PRETRAINED with the lowest
+            seed (PRETRAINED/controllers/<method>/seed<N>, `benchmarks.defaults.controllers`).
 
     Bad arguments raise here (ValueError, KeyError, FileNotFoundError, TypeError, ...), before the model loads
     where they can; only `create_from_arg_string` (lmms-eval's `--model_args`) turns them into an exit.
@@ -133,9 +128,9 @@ class ReducedLlavaLMM(lmms):
         **method_args,
     ) -> None:
         super().__init__()
-        if get_reducer_class(method).needs_checkpoint and "checkpoint" not in method_args:
-            if default_controller(pretrained, method).is_dir():
-                method_args["checkpoint"] = str(default_controller(pretrained, method))
+        found = controllers(Path(pretrained), method) if get_reducer_class(method).needs_checkpoint else {}
+        if found and "checkpoint" not in method_args:  # the lowest training seed's (seed0 when trained here)
+            method_args["checkpoint"] = str(next(iter(found.values())))
         reducer = create_reducer(method, budget, **method_args)  # a bad method argument fails before the model loads
         world = current_world(device)  # several processes (accelerate launch / torchrun): one shard each
         device = world.device_for(device)

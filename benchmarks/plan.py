@@ -23,6 +23,7 @@ from benchmarks.defaults import (
     SMOKE_MODEL,
     SMOKE_TASKS,
     SYNTH_TASK_DOCS,
+    controllers,
 )
 from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
 from benchmarks.standard_tasks import check_task_data
@@ -42,10 +43,12 @@ class Cell:
     task: str
     method: str
     budget: int | str  # visual tokens, or "auto" for methods that choose their own count
+    seed: int | None = None  # a learned method's controller, by training seed: one cell per trained controller
 
     @property
     def name(self) -> str:
-        return f"{self.task}__{self.method}__{self.budget}"
+        base = f"{self.task}__{self.method}__{self.budget}"
+        return base if self.seed is None else f"{base}__seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class RunSpec:
     def __post_init__(self) -> None:
         # default: every registered method that can run on this model (learned ones need a trained controller)
         default = tuple(m for m in list_reducers()
-                        if not get_reducer_class(m).needs_checkpoint or self.controller(m).is_dir())
+                        if not get_reducer_class(m).needs_checkpoint or controllers(self.model, m))
         object.__setattr__(self, "methods_given", bool(self.methods))
         object.__setattr__(self, "methods", expand_methods(self.methods or default))
         if self.limit is not None and self.limit < 1:
@@ -92,26 +95,32 @@ class RunSpec:
         """The local dataset copy given for `task` with --task-data, or None (lmms-eval's own loading)."""
         return next((Path(p) for t, p in self.task_data if t == task), None)
 
-    def kwargs_for(self, method: str) -> dict:
-        """Constructor arguments for `method`: the command line's, the model's trained controller if any, and
-        --seed for methods that draw at random (`seeded`), unless --method-args sets it."""
+    def kwargs_for(self, method: str, seed: int | None = None) -> dict:
+        """Constructor arguments for `method`: the command line's, the model's trained controller of training seed
+        `seed` (`benchmarks.defaults.controllers`; the lowest seed's when None) unless --method-args names a
+        checkpoint, and --seed for methods that draw at random (`seeded`), unless --method-args sets it."""
         cls, kwargs = get_reducer_class(method), {arg: value for m, arg, value in self.method_kwargs if m == method}
-        if cls.needs_checkpoint and "checkpoint" not in kwargs and self.controller(method).is_dir():
-            kwargs["checkpoint"] = str(self.controller(method))
+        found = controllers(self.model, method) if cls.needs_checkpoint and "checkpoint" not in kwargs else {}
+        if seed in found or (seed is None and found):  # no seed named: the lowest one's
+            kwargs["checkpoint"] = str(found.get(seed) or next(iter(found.values())))
         if cls.seeded:
             kwargs.setdefault("seed", self.seed)
         return kwargs
 
-    def controller(self, method: str) -> Path:
-        """Where a learned method's controller for this model lives by default: MODEL/controllers/METHOD."""
-        return Path(self.model) / "controllers" / method
+    def controller_seeds(self, method: str) -> list[int | None]:
+        """The controllers a learned method runs with: every trained seed of the model's (one cell each), or one
+        cell when --method-args names a checkpoint or the method is not learned."""
+        given = any(m == method and arg == "checkpoint" for m, arg, _ in self.method_kwargs)
+        if not get_reducer_class(method).needs_checkpoint or given:
+            return [None]
+        return list(controllers(self.model, method)) or [None]
 
     def cells(self, num_patches: int) -> tuple[list[Cell], list[str]]:
         """Expand methods x budgets x tasks by the plan rule (`methods.method_budgets`). Returns the cells and notes
         for the printed plan."""
         budgets = list(self.budgets) or sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
         pairs, notes = method_budgets(self.methods, budgets, num_patches, self.kwargs_for)
-        return [Cell(t, m, b) for t in self.tasks for m, b in pairs], notes
+        return [Cell(t, m, b, s) for t in self.tasks for m, b in pairs for s in self.controller_seeds(m)], notes
 
 
 @dataclass
@@ -258,7 +267,7 @@ def fingerprint(run: str, method_args: dict, task: str) -> str:
 
 def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:
     """The cell's reducer, in eval mode: the method's defaults, overridden by --method-args."""
-    cls, kwargs = get_reducer_class(cell.method), spec.kwargs_for(cell.method)
+    cls, kwargs = get_reducer_class(cell.method), spec.kwargs_for(cell.method, cell.seed)
     budget = cell.budget if cls.uses_budget and cls.budget_label(kwargs) is None else None
     try:
         return create_reducer(cell.method, budget, **kwargs).eval()

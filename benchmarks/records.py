@@ -149,7 +149,8 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
         correct = d.get(primary)
         macs = count(rec, shape) if rec else None
         out = {
-            "task": cell.task, "method": cell.method, "budget": cell.budget, "doc_id": d["doc_id"],
+            "task": cell.task, "method": cell.method, "budget": cell.budget, "controller_seed": cell.seed,
+            "doc_id": d["doc_id"],
             "prediction": d["filtered_resps"][0] if d.get("filtered_resps") else None, "target": d.get("target"),
             "correct": float(correct) if isinstance(correct, (int, float)) else None,
             **rec,
@@ -187,7 +188,7 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
 
     visual = [s["visual_tokens"] for s in samples if "visual_tokens" in s]
     common = {
-        "task": cell.task, "method": cell.method, "budget": cell.budget,
+        "task": cell.task, "method": cell.method, "budget": cell.budget, "controller_seed": cell.seed,
         "visual_tokens_mean": _mean(visual), "visual_tokens_max": max(visual) if visual else None,
         "llm_prefill_tokens_mean": _mean([s["llm_tokens_per_layer"][0] for s in samples
                                           if "llm_tokens_per_layer" in s]),

@@ -69,13 +69,17 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
 def comparisons(samples: list[dict]) -> list[dict]:
     """Paired comparisons from sample records (`task`, `method`, `budget`, `doc_id`, `correct`: the primary metric of
     the doc). Per (task, budget), each method against `full` (the task's own cell) and against the best other method
-    at that budget (the highest mean; for the best itself, the runner-up), over the questions both answered.
+    at that budget (the highest mean; for the best itself, the runner-up), over the questions both answered. A
+    learned method with controllers of several training seeds is compared by its mean over seeds per question
+    (then not 0/1: the paired bootstrap interval decides).
     Differences are in points (x 100): tasks whose primary scores are not all in [0, 1] get no comparison. One row
     per comparison."""
-    scores: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    per_seed: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for s in samples:
         if isinstance(s.get("correct"), (int, float)):
-            scores[(s["task"], s["method"], str(s["budget"]))][s["doc_id"]] = float(s["correct"])
+            per_seed[(s["task"], s["method"], str(s["budget"]))][s["doc_id"]].append(float(s["correct"]))
+    # a learned method's cells of several controllers (training seeds): each question's score is their mean
+    scores = {k: {d: float(np.mean(v)) for d, v in docs.items()} for k, docs in per_seed.items()}
     fractions = {t for t, _, _ in scores} - {t for (t, _, _), v in scores.items() if not all(0 <= x <= 1
                                                                                            for x in v.values())}
     out = []

@@ -27,8 +27,8 @@ from benchmarks.plan import Cell
 from benchmarks.stats import comparisons
 
 SUMMARY_COLUMNS = [
-    "task", "method", "budget", "metric", "value", "ci95_low", "ci95_high", "primary", "n", "visual_tokens_mean",
-    "visual_tokens_max",
+    "task", "method", "budget", "controller_seed", "metric", "value", "ci95_low", "ci95_high", "primary", "n",
+    "visual_tokens_mean", "visual_tokens_max",
     "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
     "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean", "relevant_recall_mean",
     "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
@@ -182,7 +182,7 @@ class ResultStore:
                   "conditions": conditions, "rows": rows, "samples": samples}
         _atomic_write(self.path(cell, fingerprint), json.dumps(record))
         for old in self.cells_dir.glob(f"{cell.name}__*.json"):
-            if old.name != self.path(cell, fingerprint).name:
+            if old.name != self.path(cell, fingerprint).name and old.stem.rpartition("__")[0] == cell.name:
                 self._move(old, "superseded")
 
     def supersede(self, run: str, tasks: dict[str, str]) -> int:

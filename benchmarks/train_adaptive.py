@@ -12,8 +12,9 @@ every question runs with `--samples` Gumbel top-K draws, each draw's advantage i
 minus its own, and the loss is -advantage x log-probability of the draw; the model itself needs no backward pass.
 `--estimator straight_through` uses the plan's straight-through Gumbel-softmax instead (see methods/adaptive.py for
 why it is not the default). Only the new modules are saved (the controller's weights and config, a few hundred
-KB), into `--out` (default MODEL/controllers/METHOD, where the runner finds them). With `--train-projector` or LoRA, the
-trained model is also saved as a llava-hf folder in OUT/model; evaluate with `--model OUT/model`.
+KB), into `--out` (default MODEL/controllers/METHOD/seed<SEED>, where the runner finds every seed). With
+`--train-projector` or LoRA, the trained model is also saved as a llava-hf folder in OUT/model; evaluate with
+`--model OUT/model`.
 A killed run resumes from OUT/train_state.pt when started again with the same command.
 
 Data: `--data synth` (the project's synthetic train split, generated on the fly) or a LLaVA-format JSON list of
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from benchmarks.defaults import go_offline
+from benchmarks.defaults import controller_dir, go_offline
 from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer, get_reducer_class, list_reducers
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="synth", help="'synth' or a LLaVA-format JSON file")
     p.add_argument("--image-folder", type=Path, default=None, help="folder the JSON's image paths are relative to")
     p.add_argument("--synth-samples", type=at_least(1), default=20000, help="size of the synthetic train split")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: MODEL/controllers/METHOD)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: MODEL/controllers/METHOD/seedSEED)")
     p.add_argument("--steps", type=at_least(1), default=600)
     p.add_argument("--batch-size", type=at_least(1), default=32, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -281,13 +282,19 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def save(out: Path, controller, opt, trained, step: int, model, processor, args) -> None:
-    """Controller weights + config (what the runner loads), and the resumable training state (atomic)."""
-    controller.save(out)
+    """The resumable training state (atomic), and at the last step the controller's weights and config (what the
+    runner loads: a folder holds a controller only once its training has finished, never a half-trained one)."""
+    if step == args.steps:  # before the state: a run killed in between redoes its last steps, never loses them
+        controller.save(out)
     state = {"controller": controller.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "trained": [p.detach().cpu() for p in trained], "rng": torch.get_rng_state(), "args": vars(args)}
     tmp = out / f".{STATE_FILE}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, out / STATE_FILE)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out / STATE_FILE)
+    except BaseException:  # Ctrl-C or a full disk mid-write: no partial file is left, the last state stands
+        tmp.unlink(missing_ok=True)
+        raise
     (out / "train_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2) + "\n")
     if trained and step == args.steps:
         if args.lora_rank:  # merge, so OUT/model is a plain llava-hf folder
@@ -367,7 +374,7 @@ def prepare_out(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     go_offline()
     args = parse_args(argv)
-    args.out = args.out or args.model / "controllers" / args.method
+    args.out = args.out or controller_dir(args.model, args.method, args.seed)
     try:
         check_inputs(args)
         if prepare_out(args) == "done":

@@ -163,16 +163,16 @@ class _Adaptive(TokenReducer):
     """Shared body: scorer, Gumbel top-K, saving and loading. Subclasses say where the budget meets the content."""
 
     conditioning: ClassVar[str] = ""  # "cross_attention", "budget_token" or "none"
-    needs_checkpoint: ClassVar[bool] = True  # the runner looks in MODEL/controllers/<name> by default
+    needs_checkpoint: ClassVar[bool] = True  # the runner looks in MODEL/controllers/<name>/seed<N> by default
 
     def __init__(self, budget: int | None = None, checkpoint: str | Path | None = None,
                  config: ControllerConfig | None = None) -> None:
         super().__init__(budget if budget is not None else 1)
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         if (checkpoint is None) == (config is None):
-            raise ValueError(f"{self.name}: no trained controller; train one with `python -m benchmarks.train_adaptive "
-                             f"--model MODEL --method {self.name}` (it lands in MODEL/controllers/{self.name}) or "
-                             f"pass --method-args {self.name}.checkpoint=DIR")
+            raise ValueError(f"{self.name}: no trained controller; train one with `python -m "
+                             f"benchmarks.train_adaptive --model MODEL --method {self.name}` (it lands in "
+                             f"MODEL/controllers/{self.name}/seed0) or pass --method-args {self.name}.checkpoint=DIR")
         if checkpoint is not None:
             config = load_config(checkpoint, self.name)
         self.config = config

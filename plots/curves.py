@@ -76,11 +76,17 @@ def _error_bars(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour) -> Non
     """Each point's 95 % interval over questions (`ci95_low`, `ci95_high` in summary.csv), where it has one."""
     if "ci95_low" not in df.columns:  # the average over tasks has none
         return
-    has = df["ci95_low"].notna() & df["ci95_high"].notna()
-    if has.any():
-        low, high = 100 * df.loc[has, "ci95_low"], 100 * df.loc[has, "ci95_high"]
-        ax.errorbar(x[has], y[has], yerr=[(y[has] - low).clip(lower=0), (high - y[has]).clip(lower=0)], fmt="none",
-                    ecolor=colour, elinewidth=1, capsize=2.5, alpha=0.6)
+    seeds = df["seeds"] > 1 if "seeds" in df.columns else pd.Series(False, index=df.index)
+    low = (100 * df["ci95_low"]).where(~seeds, 100 * df.get("seed_min", df["value"]))
+    high = (100 * df["ci95_high"]).where(~seeds, 100 * df.get("seed_max", df["value"]))
+    has = low.notna() & high.notna()
+    if has.any():  # a mean over training seeds shows their range (dashed), one controller its 95 % interval
+        for part, style in ((has & ~seeds, "-"), (has & seeds, "--")):
+            if part.any():
+                bars = ax.errorbar(x[part], y[part], yerr=[(y[part] - low[part]).clip(lower=0),
+                                   (high[part] - y[part]).clip(lower=0)], fmt="none", ecolor=colour, elinewidth=1,
+                                   capsize=2.5, alpha=0.6)
+                bars[2][0].set_linestyle(style)
 
 
 def _footer(fig, df: pd.DataFrame) -> None:
@@ -88,6 +94,8 @@ def _footer(fig, df: pd.DataFrame) -> None:
     where = f"{first.get('device', '?')}, {first.get('dtype', '?')}, batch {first.get('batch_size', '?')}"
     model = "/".join(Path(str(first.get("model", "?"))).parts[-2:])
     bars = "; bars: 95 % intervals over questions (bootstrap)" if df.get("ci95_low", pd.Series()).notna().any() else ""
+    if "seeds" in df.columns and (df["seeds"] > 1).any():
+        bars += f"; learned methods: mean of {int(df['seeds'].max())} training seeds, dashed bars their range"
     fig.text(0.01, 0.01, f"{model} on {where}; n = {int(df['n'].max())} per point{bars}",
              fontsize=7, color="grey")
 

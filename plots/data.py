@@ -87,6 +87,7 @@ def load(dirs: list[Path]) -> Results:
     df["budget"] = df["budget"].astype(str)
     df = (df.sort_values("time_utc", kind="stable")
             .drop_duplicates(["task", "method", "method_args", "budget", "metric"], keep="last"))
+    df = over_seeds(df)
     df["budget_tokens"] = pd.to_numeric(df["budget"], errors="coerce").fillna(df["visual_tokens_mean"])
     df = df.sort_values(["task", "method", "budget_tokens"], kind="stable").reset_index(drop=True)
     primary = {}
@@ -134,6 +135,28 @@ def _read_samples(path: Path, res: Results) -> None:
         print(f"warning: {path}: {len(skipped)} line(s) are not sample records (line {', '.join(map(str, skipped[:5]))}"
               f"{', ...' if len(skipped) > 5 else ''}): skipped; the pictures and per-layer plots lack them",
               file=sys.stderr)
+
+
+def over_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, method, budget, metric): a learned method's rows of several controllers (training seeds,
+    `controller_seed`) become their mean, with `seeds` (how many), `seed_min` and `seed_max` (the spread of the
+    value over seeds); the question-level interval of a mean over seeds is not a row's, so `ci95_*` are left empty
+    there. Rows of one controller keep their values (`seeds` = 1)."""
+    if "controller_seed" not in df.columns:
+        df["controller_seed"] = float("nan")
+    key = ["task", "method", "budget", "metric"]
+    seeded = df["controller_seed"].notna() & df.duplicated(key, keep=False)
+    plain = df[~seeded].assign(seeds=1, seed_min=df["value"], seed_max=df["value"])
+    if not seeded.any():
+        return plain
+    groups = df[seeded].groupby(key, sort=False)
+    mean = groups.first().reset_index()  # the other columns (model, device, ...) from the first seed
+    numeric = [c for c in df.columns if c not in key and pd.api.types.is_numeric_dtype(df[c])]
+    mean[numeric] = groups[numeric].mean().reset_index(drop=True)
+    mean["seeds"] = groups["value"].count().to_numpy()
+    mean["seed_min"], mean["seed_max"] = groups["value"].min().to_numpy(), groups["value"].max().to_numpy()
+    mean[["ci95_low", "ci95_high", "controller_seed"]] = float("nan")
+    return pd.concat([plain, mean], ignore_index=True)
 
 
 def _read_comparisons(dirs: list[Path]) -> pd.DataFrame:

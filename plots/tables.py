@@ -28,6 +28,10 @@ def table(res: Results) -> pd.DataFrame:
         out["kept_on_objects_pct"] = (100 * rows["relevant_precision_mean"]).round(1)
     out.insert(5, "accuracy_ci95_low_pct", (100 * rows["ci95_low"]).round(1).to_numpy())
     out.insert(6, "accuracy_ci95_high_pct", (100 * rows["ci95_high"]).round(1).to_numpy())
+    if (rows["seeds"] > 1).any():  # learned methods with controllers of several training seeds: mean and range
+        out.insert(7, "seeds", rows["seeds"].to_numpy())
+        out.insert(8, "seed_min_pct", (100 * rows["seed_min"]).round(1).to_numpy())
+        out.insert(9, "seed_max_pct", (100 * rows["seed_max"]).round(1).to_numpy())
     return _with_comparisons(out.reset_index(drop=True), res.comparisons)
 
 

@@ -190,7 +190,7 @@ TRAIN = ["--method", "adaptive_b", "--batch-size", "4", "--synth-samples", "64",
 
 def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path, capsys):
     trained = tmp_path / "trained"
-    shutil.copytree(SMOKE_MODEL / "controllers" / "adaptive_b", trained)  # as committed: no training state
+    shutil.copytree(SMOKE_MODEL / "controllers" / "adaptive_b" / "seed0", trained)  # as committed: no training state
     before = {f.name: f.read_bytes() for f in trained.iterdir()}
     assert train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, "--steps", "2", "--out", str(trained)]) == 2
     assert "already holds a trained adaptive_b controller" in capsys.readouterr().err

@@ -123,3 +123,13 @@ def test_a_run_prints_one_line_per_cell_and_no_progress_bars(tiny_ckpt, tmp_path
     paired = list(csv.DictReader(io.StringIO((tmp_path / "q" / "comparisons.csv").read_text())))
     assert {(c["method"], c["reference"]) for c in paired} == {("random", "full")}  # no other method at budget 4
     assert "vs full" in quiet.stdout and ("*" in table[-1]) == (paired[0]["significant"] == "True")
+
+
+def test_final_table_shows_a_mean_over_training_seeds_and_their_range():
+    seeded = [{**r, "controller_seed": s, "value": v if r["primary"] else 0.4}
+              for s, v in ((0, 0.80), (1, 0.86)) for r in rows("adaptive_a", 16, 0.0)]
+    table = results_table(rows("full", 144, 0.9) + seeded)
+    line = next(x for x in table.splitlines() if x.startswith("adaptive_a"))
+    assert "adaptive_a x2" in line and "83.0 %" in line and "80.0-86.0 s" in line and "-7.0 pt" in line
+    assert "mean of N controllers" in table
+    assert cell_line(1, 2, [{**seeded[0]}]).startswith("[1/2] synth_vqa  adaptive_a[0]")

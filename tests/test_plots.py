@@ -150,3 +150,26 @@ def test_unreadable_sample_fields_and_pictures_are_skipped_with_a_warning(tmp_pa
     assert main([str(run)]) == 0
     err = capsys.readouterr().err
     assert "1 line(s) are not sample records" in err and "other__0.png cannot be read" in err
+
+
+def test_controllers_of_several_seeds_become_their_mean_and_range(tmp_path):
+    """A learned method's rows of several training seeds: one row, the mean value, `seeds`, `seed_min`/`seed_max`;
+    the table shows them; the figure draws."""
+    run = write_run(tmp_path / "r", [("t", "full", 144, 0.9, 0.3, 2.0), ("t", "random", 16, 0.5, 0.13, 1.0)])
+    df = pd.read_csv(run / "summary.csv")
+    seeded = []
+    for seed, acc in ((0, 0.80), (1, 0.86), (2, 0.83)):
+        row = df[(df["method"] == "random")].copy()
+        row["method"], row["controller_seed"] = "adaptive_a", seed
+        row["value"] = np.where(row["metric"] == "exact_match", acc, acc / 2)
+        row["method_args"] = json.dumps({"budget": 16, "checkpoint": f"/c/seed{seed}"})
+        seeded.append(row)
+    pd.concat([df, *seeded]).to_csv(run / "summary.csv", index=False)
+    res = load([run])
+    a = res.main_rows("t").query("method == 'adaptive_a'")
+    assert len(a) == 1 and a["seeds"].item() == 3 and a["value"].item() == pytest.approx(0.83)
+    assert (a["seed_min"].item(), a["seed_max"].item()) == pytest.approx((0.80, 0.86))
+    t = table(res).set_index("method")
+    assert t.loc["adaptive_a", "seed_min_pct"] == 80.0 and t.loc["adaptive_a", "seed_max_pct"] == 86.0
+    assert t.loc["random", "seeds"] == 1
+    assert main([str(run)]) == 0

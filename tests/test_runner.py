@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
 import run_bench
-from benchmarks.defaults import SYNTH_TASKS
+from benchmarks.defaults import SMOKE_MODEL, SYNTH_TASKS
+from benchmarks.plan import RunSpec, fingerprint, make_reducer
 from benchmarks.store import SUMMARY_COLUMNS
 
 REPO = SYNTH_TASKS.parent.parent.parent
@@ -71,3 +73,26 @@ def test_dry_run_and_bad_input(tiny_ckpt, tmp_path, capsys):
     assert "not a llava-hf checkpoint" in capsys.readouterr().err
     assert run_bench.main(["--model", str(tiny_ckpt), "--tasks", "synth_vq", "--output", str(tmp_path / "x")]) == 2
     assert "did you mean synth_vqa" in capsys.readouterr().err
+
+
+def test_a_learned_method_runs_once_per_trained_controller(tmp_path):
+    """One cell per training seed found in MODEL/controllers/<method>/seed<N>; each cell's reducer loads its own
+    controller; cells of different seeds have different names (files) and fingerprints; an explicit checkpoint
+    means one cell."""
+    model = tmp_path / "model"
+    for seed in (0, 3):
+        shutil.copytree(SMOKE_MODEL / "controllers" / "adaptive_b" / "seed0",
+                        model / "controllers" / "adaptive_b" / f"seed{seed}")
+    (model / "controllers" / "adaptive_b" / "seed7").mkdir()  # no controller.json: not a trained controller
+    spec = RunSpec(model=model, methods=("adaptive_b", "random"), budgets=(16,))
+    cells, _ = spec.cells(144)
+    assert [(c.method, c.seed) for c in cells] == [("adaptive_b", 0), ("adaptive_b", 3), ("random", None)]
+    assert len({c.name for c in cells}) == 3 and cells[1].name == "synth_vqa__adaptive_b__16__seed3"
+    reducers = [make_reducer(c, spec) for c in cells]
+    assert reducers[1].checkpoint == str(model / "controllers" / "adaptive_b" / "seed3")
+    fps = {fingerprint("run", {"method": c.method, **r.method_args}, "task")
+           for c, r in zip(cells, reducers, strict=True)}
+    assert len(fps) == 3
+    given = RunSpec(model=model, methods=("adaptive_b",), budgets=(16,),
+                    method_kwargs=(("adaptive_b", "checkpoint", str(model / "controllers" / "adaptive_b" / "seed0")),))
+    assert [c.seed for c in given.cells(144)[0]] == [None]

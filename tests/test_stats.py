@@ -85,3 +85,16 @@ def test_significance_for_0_1_scores_is_the_exact_test():
     a2 = np.array([1] * 21 + [0] * 7 + [1] * 900 + [0] * 72, dtype=float)
     b2 = np.array([0] * 21 + [1] * 7 + [1] * 900 + [0] * 72, dtype=float)
     assert paired_difference(a2, b2)["mcnemar_p"] < 0.05 and paired_difference(a2, b2)["significant"]
+
+
+def test_several_controller_seeds_are_compared_by_their_mean_per_question():
+    def recs(method, seed, correct):
+        return [{"task": "t", "method": method, "budget": 2, "controller_seed": seed, "doc_id": i, "correct": c}
+                for i, c in enumerate(correct)]
+
+    samples = (recs("full", None, [1] * 6) + recs("a", 0, [1, 1, 1, 1, 0, 0]) + recs("a", 1, [1, 1, 0, 0, 0, 0])
+               + recs("b", None, [1, 0, 0, 0, 0, 0]))
+    rows = {(r["method"], r["reference_kind"]): r for r in comparisons(samples)}
+    assert rows[("a", "full")]["difference_pts"] == pytest.approx(-50.0)  # (4/6 + 2/6) / 2 - 1
+    assert rows[("a", "full")]["n_paired"] == 6 and rows[("a", "full")]["mcnemar_p"] is None  # means: not 0/1
+    assert rows[("b", "best other")]["reference"] == "a"

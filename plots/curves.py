@@ -95,8 +95,8 @@ def _footer(fig, df: pd.DataFrame) -> None:
     model = "/".join(Path(str(first.get("model", "?"))).parts[-2:])
     bars = "; bars: 95 % intervals over questions (bootstrap)" if df.get("ci95_low", pd.Series()).notna().any() else ""
     if "seeds" in df.columns and (df["seeds"] > 1).any():
-        bars += f"; learned methods: mean of {int(df['seeds'].max())} training seeds, dashed bars their range"
-    fig.text(0.01, 0.01, f"{model} on {where}; n = {int(df['n'].max())} per point{bars}",
+        bars += f"; learned: mean of {int(df['seeds'].max())} seeds, dashed bars their range"
+    fig.text(0.01, 0.01, f"{model} on {where}; n = {int(df['n'].max())} per point{bars}", wrap=True,
              fontsize=7, color="grey")
 
 

@@ -151,7 +151,7 @@ def over_seeds(df: pd.DataFrame) -> pd.DataFrame:
         return plain
     groups = df[seeded].groupby(key, sort=False)
     mean = groups.first().reset_index()  # the other columns (model, device, ...) from the first seed
-    numeric = [c for c in df.columns if c not in key and pd.api.types.is_numeric_dtype(df[c])]
+    numeric = [c for c in df.columns if c == "value" or c.endswith(("_mean", "_median", "_max", "_mb", "_s"))]
     mean[numeric] = groups[numeric].mean().reset_index(drop=True)
     mean["seeds"] = groups["value"].count().to_numpy()
     mean["seed_min"], mean["seed_max"] = groups["value"].min().to_numpy(), groups["value"].max().to_numpy()

@@ -122,11 +122,16 @@ def _over_seeds(rows: list[dict]) -> list[dict]:
                                                                      for r in group):
             out += group
             continue
-        mean = {k: sum(_number(r.get(k)) or 0 for r in group) / len(group) for k in
+        mean = {k: _mean_of([_number(r.get(k)) for r in group]) for k in
                 ("prefill_tflops_mean", "prefill_ms_median", "visual_tokens_mean")}
         out.append({**group[0], **mean, "value": sum(values) / len(values), "seeds": len(group),
                     "seed_min": min(values), "seed_max": max(values), "ci95_low": None, "ci95_high": None})
     return out
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def _difference(c: dict, unit: bool = True) -> str:

@@ -190,13 +190,13 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
         finally:
             bar.close()
             lm.progress = None
+        rows = store.rebuild(compare=True)[0] if world.is_main else []  # the paired comparisons, once per run
     except BaseException:
         if world.is_main:
             store.abandon()  # a run that finished no cell leaves nothing behind
         raise
     store.release()
     world.barrier()  # the other processes end when rank 0 has written everything
-    rows = store.rebuild()[0] if world.is_main else []
     return [r for r in rows if r.get("cell_id") in conditions]  # this plan's cells only, not others kept in the folder
 
 

@@ -63,6 +63,15 @@ def _temporary(path: Path):
         raise
 
 
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """`rows` as CSV with these `columns` (other keys left out), written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(path, buf.getvalue())
+
+
 def _atomic_write(path: Path, text: str) -> None:
     with _temporary(path) as tmp:
         tmp.write_text(text)
@@ -209,25 +218,27 @@ class ResultStore:
         return target
 
     def _read(self, f: Path) -> tuple[dict | None, str]:
-        """A cell file's content, or None and why it is not one (truncated, foreign, renamed, older format)."""
+        """A cell file's content, or None and why it is not one (truncated, foreign, renamed, older format); what
+        `_check` needs of it is kept, under the file's size and modification time."""
         try:
-            sig = (f.stat().st_size, f.stat().st_mtime_ns)
+            st = f.stat()
         except OSError as e:
             return None, f"not readable ({type(e).__name__})"
         data, why = self._parse(f)
         meta = None if data is None else {"conditions": data.get("conditions") or {},
                                           "git_shas": {str(r.get("git_sha")) for r in data["rows"]}}
-        self._seen[f] = (sig, meta, why)
+        self._seen[f] = ((st.st_size, st.st_mtime_ns), meta, why)
         return data, why
 
     def _check(self, f: Path) -> tuple[dict | None, str]:
         """A cell file's conditions and code versions, or None and why it is not a cell file; parsed once while the
         file stays as it is (same size and modification time), since a run's start checks every file several ways."""
         try:
-            sig = (f.stat().st_size, f.stat().st_mtime_ns)
+            st = f.stat()
         except OSError as e:
             return None, f"not readable ({type(e).__name__})"
-        if f not in self._seen or self._seen[f][0] != sig:
+        seen = self._seen.get(f)
+        if seen is None or seen[0] != (st.st_size, st.st_mtime_ns):
             self._read(f)
         return self._seen[f][1], self._seen[f][2]
 
@@ -261,23 +272,20 @@ class ResultStore:
             samples += data["samples"]
         return rows, samples, notes
 
-    def rebuild(self, model: Path | None = None) -> tuple[list[dict], list[str]]:
-        """Rewrite summary.csv, samples.jsonl and comparisons.csv (`benchmarks.stats.comparisons`) from every finished
-        cell; return the summary rows and the notes of `load_all` (files set aside)."""
+    def rebuild(self, model: Path | None = None, compare: bool = False) -> tuple[list[dict], list[str]]:
+        """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows and the notes of
+        `load_all` (files set aside). With `compare`, also comparisons.csv (`benchmarks.stats.comparisons`, seconds
+        of bootstrap for a large folder: the runner asks once, at the end of a run); without, a comparisons.csv left
+        from before is removed, since it no longer describes the folder's cells."""
         rows, samples, notes = self.load_all(model)
         if not rows and not (self.root / "summary.csv").exists():
             return rows, notes  # nothing finished yet: no empty files
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        _atomic_write(self.root / "summary.csv", buf.getvalue())
+        _write_csv(self.root / "summary.csv", SUMMARY_COLUMNS, rows)
         _atomic_write(self.root / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COMPARISON_COLUMNS)
-        writer.writeheader()
-        writer.writerows(comparisons(samples))
-        _atomic_write(self.root / "comparisons.csv", buf.getvalue())
+        if compare:
+            _write_csv(self.root / "comparisons.csv", COMPARISON_COLUMNS, comparisons(samples))
+        else:
+            (self.root / "comparisons.csv").unlink(missing_ok=True)
         return rows, notes
 
     def comparisons(self) -> list[dict]:

@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a controller already trained in OUT (its files move to OUT/replaced/)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0,
+                   help="training seed (controller, data order, budgets, Gumbel draws); the default --out is seedSEED")
     p.add_argument("--device", default=None,
                    help="cpu or cuda (each process uses its own GPU); default: accelerate's choice")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

@@ -205,7 +205,7 @@ def _fingerprints(spec: RunSpec, plan: Plan, tm, store: ResultStore, world: Worl
     the plan's (cell, reducer, fingerprint) triples with each fingerprint's conditions ({"run": ..., "task": ...},
     stored with the cell). The run's conditions and each task's identity are computed once."""
     if world.is_main:
-        notes = store.load_all(spec.model)[2]  # unreadable or foreign cell files set aside, named
+        notes = store.set_aside(spec.model)  # unreadable or foreign cell files set aside, named
         for note in notes:
             print(f"note: {note}")
         if notes:

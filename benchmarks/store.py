@@ -92,6 +92,7 @@ class ResultStore:
         self._lock = None
         self._created: set[str] = set()  # what `prepare` created, for `abandon`
         self._seen: dict[Path, tuple[tuple[int, int], dict | None, str]] = {}  # `_check`'s memo of cell files
+        self._loaded: dict[Path, tuple[tuple[int, int], dict | None, str]] = {}  # `_load`'s memo of cell files
 
     def check_writable(self) -> None:
         """Raise PermissionError unless the output directory exists and is writable, or could be created."""
@@ -173,7 +174,7 @@ class ResultStore:
         return self.cells_dir / f"{cell.name}__{fingerprint}.json"
 
     def done(self, cell: Cell, fingerprint: str) -> bool:
-        """True when the cell's file is there and readable (an unreadable one is set aside by `load_all`)."""
+        """True when the cell's file is there and readable (an unreadable one is set aside by `set_aside`)."""
         return self.path(cell, fingerprint).is_file() and self._check(self.path(cell, fingerprint))[0] is not None
 
     def code_versions(self, cells: list[tuple[Cell, str]]) -> set[str]:
@@ -256,33 +257,62 @@ class ResultStore:
             return None, "a cell file whose name does not match its content"
         return data, ""
 
-    def load_all(self, model: Path | None = None) -> tuple[list[dict], list[dict], list[str]]:
-        """Every readable cell's rows and samples, and notes. A file that is not a readable cell, or a cell of
-        another model than `model`, is moved to cells/set_aside/ and named in the notes (its cell is recomputed)."""
-        rows, samples, notes = [], [], []
+    def _load(self, f: Path) -> tuple[dict | None, str]:
+        """A cell file's model, rows and sample records as JSON lines (``{"model", "rows", "lines"}``), or None and
+        why it is not a cell file; parsed once while the file stays as it is (same size and modification time), so
+        that rebuilding after every cell reads only the new cell (the parsed records are not kept: they would hold
+        the whole folder in memory)."""
+        try:
+            st = f.stat()
+        except OSError as e:
+            return None, f"not readable ({type(e).__name__})"
+        hit = self._loaded.get(f)
+        if hit is None or hit[0] != (st.st_size, st.st_mtime_ns):
+            data, why = self._read(f)
+            item = None if data is None else {"model": data.get("model"), "rows": data["rows"],
+                                              "lines": "".join(json.dumps(r) + "\n" for r in data["samples"])}
+            hit = self._loaded[f] = ((st.st_size, st.st_mtime_ns), item, why)
+        return hit[1], hit[2]
+
+    def _scan(self, model: Path | None) -> tuple[list[dict], list[str]]:
+        """Every readable cell (`_load`'s dicts) and notes. A file that is not a readable cell, or a cell of another
+        model than `model`, is moved to cells/set_aside/ and named in the notes (its cell is recomputed)."""
+        cells, notes = [], []
         here = None if model is None else str(Path(model).resolve())
         for f in sorted(self.cells_dir.glob("*.json")):
-            data, why = self._read(f)
-            if data is not None and here is not None and data.get("model") != here:
-                data, why = None, f"a cell of another model ({data.get('model')})"
-            if data is None:
+            item, why = self._load(f)
+            if item is not None and here is not None and item["model"] != here:
+                item, why = None, f"a cell of another model ({item['model']})"
+            if item is None:
                 notes.append(f"{f.name} is {why}: moved to {self._move(f, 'set_aside')}")
                 continue
-            rows += data["rows"]
-            samples += data["samples"]
-        return rows, samples, notes
+            cells.append(item)
+        return cells, notes
+
+    def set_aside(self, model: Path | None = None) -> list[str]:
+        """Move every file of cells/ that is not a readable cell of `model` to cells/set_aside/; the notes naming
+        them (see `_scan`)."""
+        return self._scan(model)[1]
+
+    def load_all(self, model: Path | None = None) -> tuple[list[dict], list[dict], list[str]]:
+        """Every readable cell's rows and samples, and notes (see `_scan`: files set aside)."""
+        cells, notes = self._scan(model)
+        rows = [r for c in cells for r in c["rows"]]
+        return rows, [json.loads(line) for c in cells for line in c["lines"].splitlines()], notes
 
     def rebuild(self, model: Path | None = None, compare: bool = False) -> tuple[list[dict], list[str]]:
         """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows and the notes of
-        `load_all` (files set aside). With `compare`, also comparisons.csv (`benchmarks.stats.comparisons`, seconds
+        `_scan` (files set aside). With `compare`, also comparisons.csv (`benchmarks.stats.comparisons`, seconds
         of bootstrap for a large folder: the runner asks once, at the end of a run); without, a comparisons.csv left
         from before is removed, since it no longer describes the folder's cells."""
-        rows, samples, notes = self.load_all(model)
+        cells, notes = self._scan(model)
+        rows = [r for c in cells for r in c["rows"]]
         if not rows and not (self.root / "summary.csv").exists():
             return rows, notes  # nothing finished yet: no empty files
         _write_csv(self.root / "summary.csv", SUMMARY_COLUMNS, rows)
-        _atomic_write(self.root / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        _atomic_write(self.root / "samples.jsonl", "".join(c["lines"] for c in cells))
         if compare:
+            samples = [json.loads(line) for c in cells for line in c["lines"].splitlines()]
             _write_csv(self.root / "comparisons.csv", COMPARISON_COLUMNS, comparisons(samples))
         else:
             (self.root / "comparisons.csv").unlink(missing_ok=True)

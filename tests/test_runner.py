@@ -10,8 +10,8 @@ import pytest
 
 import run_bench
 from benchmarks.defaults import SMOKE_MODEL, SYNTH_TASKS
-from benchmarks.plan import RunSpec, fingerprint, make_reducer
-from benchmarks.store import SUMMARY_COLUMNS
+from benchmarks.plan import Cell, RunSpec, fingerprint, make_reducer
+from benchmarks.store import SUMMARY_COLUMNS, ResultStore
 
 REPO = SYNTH_TASKS.parent.parent.parent
 
@@ -96,3 +96,25 @@ def test_a_learned_method_runs_once_per_trained_controller(tmp_path):
     given = RunSpec(model=model, methods=("adaptive_b",), budgets=(16,),
                     method_kwargs=(("adaptive_b", "checkpoint", str(model / "controllers" / "adaptive_b" / "seed0")),))
     assert [c.seed for c in given.cells(144)[0]] == [None]
+
+
+def test_store_rebuild_reads_each_cell_once_and_sees_changed_files(tmp_path, monkeypatch):
+    """Rebuilding after every cell parses only new or changed cell files; a cell rewritten in place is seen."""
+    store = ResultStore(tmp_path / "out")
+    store.prepare()
+    parsed = []
+    real_parse = store._parse
+    monkeypatch.setattr(store, "_parse", lambda f: parsed.append(f.name) or real_parse(f))
+    row = {"task": "t", "method": "full", "budget": 4, "metric": "exact_match", "value": 0.5}
+    for i, method in enumerate(["full", "random", "fastv"]):
+        store.save(Cell("t", method, 4), f"fp{i}", tmp_path, {}, [{**row, "method": method}],
+                   [{"task": "t", "method": method, "budget": 4, "doc_id": 0, "correct": 1.0}])
+        store.rebuild()
+    assert sorted(parsed) == sorted(f"t__{m}__4__fp{i}.json" for i, m in enumerate(["full", "random", "fastv"]))
+    store.save(Cell("t", "random", 4), "fp1", tmp_path, {}, [{**row, "method": "random", "value": 0.25}],
+               [{"task": "t", "method": "random", "budget": 4, "doc_id": 0, "correct": 0.0}])
+    rows, _ = store.rebuild()
+    assert sorted(float(r["value"]) for r in rows) == [0.25, 0.5, 0.5]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert sorted((s["method"], s["correct"]) for s in lines) == [("fastv", 1.0), ("full", 1.0), ("random", 0.0)]
+    store.release()

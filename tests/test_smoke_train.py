@@ -13,6 +13,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from benchmarks.smoke_model import build, train
 from benchmarks.synthetic import generate as g
+from benchmarks.synthetic import scenes
 from benchmarks.synthetic.tasks.utils import doc_to_text
 
 CHECKPOINT = Path(build.__file__).resolve().parent / "checkpoint"
@@ -28,10 +29,14 @@ def test_prompt_and_tokenizer() -> None:
     assert plain == "USER: <image>\nhi ASSISTANT:"
     tok = proc.tokenizer
     assert tok.padding_side == "left" and tok.pad_token == "<pad>" and tok.eos_token == "</s>"
-    for word in g.ANSWERS:
+    for word in (*g.ANSWERS, *scenes.ANSWERS):
         ids = tok(" " + word, add_special_tokens=False).input_ids
         assert len(ids) == 1 and ids[0] != tok.unk_token_id, word
         assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == word
+    for i in range(40):  # every word of both tasks' questions is in the vocabulary
+        for q in (g.generate_sample(g.SPLIT_SEEDS["val"], i).question,
+                  scenes.generate_scene(scenes.SPLIT_SEEDS["val"], i).question):
+            assert tok.unk_token_id not in tok(q).input_ids, q
     enc = proc(images=[Image.new("RGB", (96, 96))], text=[EXPECTED_PROMPT], return_tensors="pt")
     assert int((enc.input_ids == proc.image_token_id).sum()) == g.NUM_PATCHES
     assert enc.pixel_values.shape == (1, 3, 96, 96)
@@ -60,6 +65,29 @@ def test_training_splice_equals_hf_forward() -> None:
     assert tgt[0].tolist() == [emb.shape[1] - 2, emb.shape[1] - 1]
 
 
+def test_scene_background_label_is_the_generators() -> None:
+    """Stage 1's background label for synth_scenes images (read from the pixels) is the tint the generator drew:
+    checked on background questions, whose answer is that tint."""
+    names = list(scenes.BACKGROUNDS)
+    for i in range(4, 400, 5):  # QTYPES[i % 5] == "background"
+        s = scenes.generate_scene(scenes.SPLIT_SEEDS["val"], i)
+        assert s.qtype == "background" and names[train.background_of(s)] == s.answer, i
+
+
+def test_training_pool_mixes_both_tasks() -> None:
+    """The pool holds each task's samples with its labels; a subset keeps every field aligned."""
+    pool = train.Pool.concat([train.make_pool(g.SYNTH_VQA, 6, g.SPLIT_SEEDS["train"]),
+                              train.make_pool(scenes.SYNTH_SCENES, 6, scenes.SPLIT_SEEDS["train"])])
+    assert len(pool.samples) == 12 and pool.images.shape[0] == 12
+    assert (pool.background[:6] == train.IGNORE).all() and (pool.background[6:] >= 0).all()
+    assert {s.qtype for s in pool.samples[6:]} == set(scenes.QTYPES)
+    sub = pool.subset(torch.tensor([7, 0]))
+    assert sub.samples == [pool.samples[7], pool.samples[0]]
+    assert torch.equal(sub.relevant[0], pool.relevant[7]) and int(sub.background[1]) == train.IGNORE
+    for i, s in enumerate(pool.samples):
+        assert pool.relevant[i].nonzero().flatten().tolist() == s.relevant_patches
+
+
 def test_tiny_retrain_loss_falls(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = replace(train.TrainConfig.tiny(), n_test=10)
@@ -71,6 +99,8 @@ def test_tiny_retrain_loss_falls(tmp_path: Path) -> None:
     assert sum(s2[-5:]) / 5 < 0.8 * sum(s2[:5]) / 5, s2
     assert any(r["k"] < g.NUM_PATCHES for r in out["log"] if r["stage"] == 2), "no batch dropped image tokens"
     assert (tmp_path / "ckpt" / "model.safetensors").exists() and (tmp_path / "ckpt" / "eval.json").exists()
+    assert set(out["eval"]) == {"synth_vqa", "synth_scenes"}  # evaluated on both tasks' test splits
+    assert set(out["eval"]["synth_scenes"]["full"]) == {"overall", *(f"acc_{q}" for q in scenes.QTYPES)}
 
 
 @pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="checkpoint not trained yet")

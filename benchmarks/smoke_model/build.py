@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from benchmarks.synthetic import scenes
 from benchmarks.synthetic.generate import ANSWERS, COLOR_NAMES, PLURALS, SHAPES
 
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>")  # ids 0..4, in this order
@@ -46,17 +47,18 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-# Every word of the benchmark's phrasings, the post-prompt and the chat template (lower-cased), digits, punctuation.
+# Every word of both synthetic tasks' phrasings (synth_vqa, synth_scenes), the post-prompt and the chat template
+# (lower-cased), digits, punctuation.
 _WORDS = (
     "user assistant system what color colour is the shape object how many objects are there a an on left or right "
-    "of in answer question using single word phrase yes no".split()
+    "of in answer question using single word phrase yes no above below background".split()
 )
 _PUNCT = list(":.?,!'\"-()")
 
 
 def vocabulary() -> list[str]:
     """The tokenizer's vocabulary in id order: special tokens first, then a fixed, sorted word list."""
-    words = {*_WORDS, *COLOR_NAMES, *SHAPES, *PLURALS.values(), *ANSWERS, *(str(d) for d in range(10))}
+    words = {*_WORDS, *COLOR_NAMES, *SHAPES, *PLURALS.values(), *ANSWERS, *scenes.ANSWERS, *(str(d) for d in range(10))}
     return [*SPECIAL_TOKENS, *sorted(words), *_PUNCT]
 
 

@@ -102,6 +102,19 @@ def test_tiny_retrain_loss_falls(tmp_path: Path) -> None:
     assert set(out["eval"]) == {"synth_vqa", "synth_scenes"}  # evaluated on both tasks' test splits
     assert set(out["eval"]["synth_scenes"]["full"]) == {"overall", *(f"acc_{q}" for q in scenes.QTYPES)}
 
+    # --vision-from: stage 1 skipped, the first run's trained tower reused as it is (for LLM pilots)
+    again = train.train(replace(cfg, vision_from=str(tmp_path / "ckpt"), stage2_steps=5), None)
+    assert not [r for r in again["log"] if r["stage"] == 1]
+    first = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt", local_files_only=True)
+    with pytest.raises(ValueError, match="another config"):
+        train.load_vision(build.build_model(vision_hidden=16, vision_layers=2, vision_heads=2), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="not a llava-hf checkpoint"):
+        train.load_vision(first, tmp_path)
+    model = build.build_model(**cfg.model_kwargs, seed=7)
+    train.load_vision(model, tmp_path / "ckpt")
+    for a, b in zip(model.model.vision_tower.parameters(), first.model.vision_tower.parameters(), strict=True):
+        assert torch.equal(a, b)
+
 
 @pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="checkpoint not trained yet")
 def test_committed_checkpoint_reloads_and_answers() -> None:

@@ -118,6 +118,7 @@ class TrainConfig:
     seed: int = 0
     eval_keep: int = 16  # the budget of the random / oracle checks: 16 of 144 patches (1/9)
     model_kwargs: dict = field(default_factory=lambda: dict(SMOKE_ARCH))  # build_model(...) overrides
+    vision_from: str | None = None  # a checkpoint whose trained vision tower replaces stage 1 (for LLM pilots)
     log_every: int = 50
 
     @classmethod
@@ -290,6 +291,20 @@ def train_vision(model: LlavaForConditionalGeneration, pool: Pool, cfg: TrainCon
             bar.set_postfix(loss=f"{loss.item():.3f}", col=f"{parts['acc_color']:.2f}", shp=f"{parts['acc_shape']:.2f}")
     tower.eval()
     return log
+
+
+def load_vision(model: LlavaForConditionalGeneration, source: Path) -> list[dict]:
+    """Stage 1 replaced: copy the trained vision tower of checkpoint `source` (same vision config) into `model`, so
+    that LLM recipes can be compared on one tower. Returns an empty stage-1 log."""
+    try:
+        trained = LlavaForConditionalGeneration.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--vision-from {source}: not a llava-hf checkpoint folder ({type(e).__name__})") from None
+    try:
+        model.model.vision_tower.load_state_dict(trained.model.vision_tower.state_dict())  # strict: same shapes
+    except RuntimeError:
+        raise ValueError(f"--vision-from {source}: its vision tower has another config than this recipe's") from None
+    return []
 
 
 @torch.no_grad()
@@ -545,7 +560,7 @@ def train(cfg: TrainConfig, out: Path | None = None, command: str = "") -> dict:
         raise ValueError(f"unknown training task(s) {unknown or cfg.tasks}; choose from {', '.join(TASKS)}")
     pool = Pool.concat([make_pool(TASKS[t][0], cfg.n_train, TASKS[t][0].seeds["train"]) for t in cfg.tasks])
     marks.append(time.time())
-    log = train_vision(model, pool, cfg)
+    log = train_vision(model, pool, cfg) if cfg.vision_from is None else load_vision(model, Path(cfg.vision_from))
     marks.append(time.time())
     feats = cache_features(model, pool.images)
     log += train_llm(model, processor, pool, feats, cfg)
@@ -698,7 +713,8 @@ Command (reproduces this checkpoint; seeds fixed, `torch.set_num_threads(2)`):
     {command or "python -m benchmarks.smoke_model.train --out benchmarks/smoke_model/checkpoint"}
 
 - Data: {cfg.n_train} training questions (one image each) of each task, mixed: {tasks}.
-- Stage 1, vision tower alone: {cfg.stage1_steps} steps, batch {cfg.batch_size}, AdamW lr {cfg.lr_vision}; per-patch \
+- Stage 1, vision tower alone{f" (not run: the tower was copied from {cfg.vision_from})" if cfg.vision_from else ""}: \
+{cfg.stage1_steps} steps, batch {cfg.batch_size}, AdamW lr {cfg.lr_vision}; per-patch \
 heads on layer -2 (colour, shape, object centre, row, column, left/right half) and, on the last layer's CLS, a \
 (colour, shape) presence head and a background-tint head (`synth_scenes` images).
 - Stage 2, vision frozen (features cached), projector + LLM: {cfg.stage2_steps} steps, batch {cfg.batch_size}, \
@@ -772,12 +788,15 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"LLM run focused on counting (default {d.stage4_steps})")
     parser.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {d.batch_size})")
     parser.add_argument("--seed", type=int, default=None, help=f"init/sampling seed (default {d.seed})")
+    parser.add_argument("--lr-llm", type=float, default=None, help=f"LLM learning rate (default {d.lr_llm})")
+    parser.add_argument("--vision-from", default=None, metavar="DIR",
+                        help="skip stage 1: take the trained vision tower of checkpoint DIR (same vision config)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TrainConfig.tiny() if args.tiny else TrainConfig()
     names = ("n_train", "n_test", "stage1_steps", "stage2_steps", "stage3_steps", "stage4_steps", "batch_size",
-             "seed")
+             "seed", "lr_llm", "vision_from")
     overrides = {k: getattr(args, k) for k in names}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     train(cfg, args.out, command="python -m benchmarks.smoke_model.train " + " ".join(argv or sys.argv[1:]))

@@ -91,8 +91,7 @@ class ResultStore:
         self.pictures_dir = self.root / "pictures"
         self._lock = None
         self._created: set[str] = set()  # what `prepare` created, for `abandon`
-        self._seen: dict[Path, tuple[tuple[int, int], dict | None, str]] = {}  # `_check`'s memo of cell files
-        self._loaded: dict[Path, tuple[tuple[int, int], dict | None, str]] = {}  # `_load`'s memo of cell files
+        self._seen: dict[Path, tuple[tuple[int, int], dict | None, str]] = {}  # `_memo`'s record of cell files
 
     def check_writable(self) -> None:
         """Raise PermissionError unless the output directory exists and is writable, or could be created."""
@@ -175,11 +174,11 @@ class ResultStore:
 
     def done(self, cell: Cell, fingerprint: str) -> bool:
         """True when the cell's file is there and readable (an unreadable one is set aside by `set_aside`)."""
-        return self.path(cell, fingerprint).is_file() and self._check(self.path(cell, fingerprint))[0] is not None
+        return self.path(cell, fingerprint).is_file() and self._memo(self.path(cell, fingerprint))[0] is not None
 
     def code_versions(self, cells: list[tuple[Cell, str]]) -> set[str]:
         """The code versions (`git_sha`) that computed these stored (cell, fingerprint) pairs."""
-        return set().union(*[(self._check(self.path(c, fp))[0] or {"git_shas": set()})["git_shas"] for c, fp in cells])
+        return set().union(*[(self._memo(self.path(c, fp))[0] or {"git_shas": set()})["git_shas"] for c, fp in cells])
 
     def save(self, cell: Cell, fingerprint: str, model: Path, conditions: dict, rows: list[dict],
              samples: list[dict]) -> None:
@@ -201,7 +200,7 @@ class ResultStore:
         then reports one set of conditions, never a stale cell beside a current one."""
         moved = 0
         for f in sorted(self.cells_dir.glob("*.json")):
-            meta, _ = self._check(f)
+            meta, _ = self._memo(f)
             if meta is None:
                 continue
             cond = meta["conditions"]
@@ -218,30 +217,25 @@ class ResultStore:
         os.replace(f, target)
         return target
 
-    def _read(self, f: Path) -> tuple[dict | None, str]:
-        """A cell file's content, or None and why it is not one (truncated, foreign, renamed, older format); what
-        `_check` needs of it is kept, under the file's size and modification time."""
-        try:
-            st = f.stat()
-        except OSError as e:
-            return None, f"not readable ({type(e).__name__})"
-        data, why = self._parse(f)
-        meta = None if data is None else {"conditions": data.get("conditions") or {},
-                                          "git_shas": {str(r.get("git_sha")) for r in data["rows"]}}
-        self._seen[f] = ((st.st_size, st.st_mtime_ns), meta, why)
-        return data, why
-
-    def _check(self, f: Path) -> tuple[dict | None, str]:
-        """A cell file's conditions and code versions, or None and why it is not a cell file; parsed once while the
-        file stays as it is (same size and modification time), since a run's start checks every file several ways."""
+    def _memo(self, f: Path) -> tuple[dict | None, str]:
+        """A cell file's model, conditions, code versions, rows and sample records as JSON lines (``{"model",
+        "conditions", "git_shas", "rows", "lines"}``), or None and why it is not a cell file (truncated, foreign,
+        renamed, older format). Parsed once while the file stays as it is (same size and modification time): a run's
+        start checks every file several ways, and rebuilding after every cell then reads only the new cell. The
+        parsed sample records are not kept (they would hold the whole folder in memory), only their JSON lines."""
         try:
             st = f.stat()
         except OSError as e:
             return None, f"not readable ({type(e).__name__})"
         seen = self._seen.get(f)
         if seen is None or seen[0] != (st.st_size, st.st_mtime_ns):
-            self._read(f)
-        return self._seen[f][1], self._seen[f][2]
+            data, why = self._parse(f)
+            item = None if data is None else {
+                "model": data.get("model"), "conditions": data.get("conditions") or {},
+                "git_shas": {str(r.get("git_sha")) for r in data["rows"]}, "rows": data["rows"],
+                "lines": "".join(json.dumps(r) + "\n" for r in data["samples"])}
+            seen = self._seen[f] = ((st.st_size, st.st_mtime_ns), item, why)
+        return seen[1], seen[2]
 
     def _parse(self, f: Path) -> tuple[dict | None, str]:
         try:
@@ -257,30 +251,13 @@ class ResultStore:
             return None, "a cell file whose name does not match its content"
         return data, ""
 
-    def _load(self, f: Path) -> tuple[dict | None, str]:
-        """A cell file's model, rows and sample records as JSON lines (``{"model", "rows", "lines"}``), or None and
-        why it is not a cell file; parsed once while the file stays as it is (same size and modification time), so
-        that rebuilding after every cell reads only the new cell (the parsed records are not kept: they would hold
-        the whole folder in memory)."""
-        try:
-            st = f.stat()
-        except OSError as e:
-            return None, f"not readable ({type(e).__name__})"
-        hit = self._loaded.get(f)
-        if hit is None or hit[0] != (st.st_size, st.st_mtime_ns):
-            data, why = self._read(f)
-            item = None if data is None else {"model": data.get("model"), "rows": data["rows"],
-                                              "lines": "".join(json.dumps(r) + "\n" for r in data["samples"])}
-            hit = self._loaded[f] = ((st.st_size, st.st_mtime_ns), item, why)
-        return hit[1], hit[2]
-
     def _scan(self, model: Path | None) -> tuple[list[dict], list[str]]:
-        """Every readable cell (`_load`'s dicts) and notes. A file that is not a readable cell, or a cell of another
+        """Every readable cell (`_memo`'s dicts) and notes. A file that is not a readable cell, or a cell of another
         model than `model`, is moved to cells/set_aside/ and named in the notes (its cell is recomputed)."""
         cells, notes = [], []
         here = None if model is None else str(Path(model).resolve())
         for f in sorted(self.cells_dir.glob("*.json")):
-            item, why = self._load(f)
+            item, why = self._memo(f)
             if item is not None and here is not None and item["model"] != here:
                 item, why = None, f"a cell of another model ({item['model']})"
             if item is None:
@@ -293,12 +270,6 @@ class ResultStore:
         """Move every file of cells/ that is not a readable cell of `model` to cells/set_aside/; the notes naming
         them (see `_scan`)."""
         return self._scan(model)[1]
-
-    def load_all(self, model: Path | None = None) -> tuple[list[dict], list[dict], list[str]]:
-        """Every readable cell's rows and samples, and notes (see `_scan`: files set aside)."""
-        cells, notes = self._scan(model)
-        rows = [r for c in cells for r in c["rows"]]
-        return rows, [json.loads(line) for c in cells for line in c["lines"].splitlines()], notes
 
     def rebuild(self, model: Path | None = None, compare: bool = False) -> tuple[list[dict], list[str]]:
         """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows and the notes of

@@ -793,6 +793,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip stage 1: take the trained vision tower of checkpoint DIR (same vision config)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args(argv)
+    if args.vision_from and not (Path(args.vision_from) / "config.json").is_file():  # before minutes of data
+        parser.error(f"--vision-from {args.vision_from}: not a llava-hf checkpoint folder (no config.json)")
     torch.set_num_threads(args.threads)
     cfg = TrainConfig.tiny() if args.tiny else TrainConfig()
     names = ("n_train", "n_test", "stage1_steps", "stage2_steps", "stage3_steps", "stage4_steps", "batch_size",

@@ -43,26 +43,30 @@ def test_prompt_and_tokenizer() -> None:
 
 
 def test_training_splice_equals_hf_forward() -> None:
-    """With all 144 tokens, the training path (cached features + splice) gives HF's own logits."""
+    """With all 144 tokens, the training path (cached features + right-padded splice, no attention mask) gives HF's
+    own logits, for questions of different lengths (so that some rows are padded)."""
     torch.manual_seed(0)
     proc = build.build_processor()
     model = build.build_model(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2,
                               text_heads=2, seed=1)
-    samples = [g.generate_sample(g.SPLIT_SEEDS["val"], i) for i in range(3)]
+    samples = [g.generate_sample(g.SPLIT_SEEDS["val"], i) for i in range(2)]
+    samples += [scenes.SYNTH_SCENES.sample(scenes.SYNTH_SCENES.seeds["val"], i) for i in range(2)]
     prompts = train.tokenize_prompts(proc, samples)
+    assert len({len(s) for s in prompts.suffix}) > 1, "the rows should differ in length"
     feats = train.cache_features(model, torch.from_numpy(np.stack([s.image for s in samples])))
-    emb, mask, pos, tgt = train.splice_batch(model, prompts, [0, 1, 2], feats.float(), proc.image_token_id,
-                                             proc.tokenizer.pad_token_id)
+    emb, pos, tgt = train.splice_batch(model, prompts, [0, 1, 2, 3], feats.float(), proc.image_token_id,
+                                       proc.tokenizer.pad_token_id)
     with torch.no_grad():
-        hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
-        ours = model.lm_head(hidden[:, -2])  # (B, V) logits where the answer is predicted
+        hidden = model.model.language_model(inputs_embeds=emb, position_ids=pos).last_hidden_state
+        ours = model.lm_head(hidden[torch.arange(4), tgt[:, 0]])  # (B, V) logits where the answer is predicted
         texts = [build.chat_prompt(proc, doc_to_text({"question": s.question})) for s in samples]
         inputs = proc(images=[Image.fromarray(s.image) for s in samples], text=texts, padding=True,
                       return_tensors="pt")
-        hf = model(**inputs).logits[:, -1]  # (B, V)
+        hf = model(**inputs).logits[:, -1]  # (B, V), left-padded with a mask
     # fp16 feature cache -> small differences only
     torch.testing.assert_close(ours, hf, atol=2e-3, rtol=1e-3)
-    assert tgt[0].tolist() == [emb.shape[1] - 2, emb.shape[1] - 1]
+    lengths = [len(prompts.prefix) + 144 + len(prompts.suffix[i]) + 1 for i in range(4)]
+    assert tgt.tolist() == [[n - 2, n - 1] for n in lengths]
 
 
 def test_scene_background_label_is_the_generators() -> None:

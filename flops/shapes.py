@@ -133,6 +133,12 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
                              sample_key=torch.zeros(1, dtype=torch.long), **sig))
         visual = red.x.size(1) if red.valid is None else int(red.valid.sum())
         own += 0 if red.macs is None else int(red.macs[0])
+    projector = visual
+    if reducer.site is Site.EMBEDDINGS:
+        red = reducer(Tokens(x=torch.randn(1, n, tc.hidden_size, generator=g), grid=lay.grid,
+                             sample_key=torch.zeros(1, dtype=torch.long)))
+        visual = red.x.size(1) if red.valid is None else int(red.valid.sum())
+        own += 0 if red.macs is None else int(red.macs[0])
     seq = text_tokens + visual
     llm = [seq] * lay.llm_layers
     if reducer.site is Site.LLM:
@@ -148,7 +154,7 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         own += 0 if red.macs is None else int(red.macs[0])
     return {
         "vision_tokens_per_layer": vision,
-        "projector_tokens": visual,
+        "projector_tokens": projector,
         "llm_tokens_per_layer": llm,
         "reducer_macs": own,
         "generated_tokens": generated_tokens,

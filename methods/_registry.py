@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from methods.base import TokenReducer
 
 _REDUCERS: dict[str, type[TokenReducer]] = {}
-METHOD_MODULES = ("adaptive", "fastv", "full", "prumerge", "random")  # one file per method; add new ones here
+# one file per method; add new ones here
+METHOD_MODULES = ("adaptive", "divprune", "fastv", "full", "prumerge", "random")
 
 
 def load_methods() -> None:

@@ -23,6 +23,7 @@ class Site(enum.Enum):
 
     VISION = "vision"  # before vision-encoder layer `layer`; the adapter keeps the CLS token itself
     FEATURES = "features"  # on the selected vision features, before the projector (LLaVA: CLS already dropped)
+    EMBEDDINGS = "embeddings"  # on the projector's outputs (the LLM's input embeddings), before they are spliced in
     LLM = "llm"  # before LLM decoder layer `layer`, during prefill only; layers below keep every token
 
 
@@ -119,7 +120,7 @@ class TokenReducer(nn.Module):
             budget = None
         elif self.uses_budget and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
             raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1, got {budget!r}")
-        if self.site is not Site.FEATURES and (layer is None or layer < 0):
+        if self.site in (Site.VISION, Site.LLM) and (layer is None or layer < 0):
             raise ValueError(f"{type(self).__name__} acts at site {self.site.value!r} and needs a `layer` index >= 0")
         self.budget = None if budget is None else int(budget)
         self.layer = layer

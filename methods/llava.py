@@ -14,8 +14,9 @@ Prefill of a left-padded batch, one image per prompt:
 2. Features: the selected hidden state without CLS (`vision_feature_select_strategy="default"`). FEATURES site:
    the reducer runs here, with `cls_attn`/`keys` computed on demand from the q/k projections of the encoder layer
    that consumes these features (the layer PruMerge reads; only those two projections run, never the whole layer).
-3. Projector, then the splice: the image span, found in `input_ids` as the processor's run of image tokens (never
-   a constant offset), is replaced by each sample's K_i tokens; prompts are re-packed with left padding and
+3. Projector (EMBEDDINGS site: the reducer runs on its outputs, the LLM's input embeddings of the visual tokens,
+   as DivPrune does), then the splice: the image span, found in `input_ids` as the processor's run of image tokens
+   (never a constant offset), is replaced by each sample's K_i tokens; prompts are re-packed with left padding and
    position ids are contiguous, which is what LLaVA does when it is simply handed fewer tokens.
 4. LLM: decoder layers with an explicit additive mask (causal + padding). LLM site: before decoder layer
    `reducer.layer`, the non-kept image tokens are *removed* from the sequence; original position ids are kept
@@ -322,7 +323,13 @@ class ReducedLlava:
         log = _ReducerLog(macs=torch.zeros(pixel_values.size(0), dtype=torch.long, device=device))
         feats = self._encode_images(pixel_values, budgets, key, log)  # feats.x (B, K, Dv * nf)
         projected = m.model.multi_modal_projector(feats.x)  # (B, K, D)
-        seq = self._splice(input_ids, attention_mask, projected, feats.valid, feats.src)  # seq.x (B, T', D)
+        valid, src = feats.valid, feats.src
+        if self.reducer.site is Site.EMBEDDINGS:  # the trace keeps `feats`: every token went through the projector
+            t0 = self._clock()
+            red = self.reducer(Tokens(x=projected, grid=self.layout.grid, valid=valid, budget=budgets, sample_key=key))
+            log.add(red, self._clock() - t0)
+            projected, valid, src = self._apply(red, projected, valid, src, budgets)  # (B, K', D)
+        seq = self._splice(input_ids, attention_mask, projected, valid, src)  # seq.x (B, T', D)
         return self._llm_prefill(seq, feats, budgets, key, log, tail)
 
     # ------------------------------------------------------------------ vision
@@ -589,6 +596,9 @@ def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
             )
         if set(r.needs) - {"query_attn"}:
             raise NotImplementedError(f"{r.name}: only query_attn is provided at the LLM site")
+    elif r.site is Site.EMBEDDINGS:
+        if r.needs:
+            raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the embeddings site")
     elif set(r.needs) - {"cls_attn", "keys"}:
         raise NotImplementedError(f"{r.name}: only cls_attn and keys are provided at the features site")
     r.check_model(lay.num_patches, lay.feature_width)

@@ -89,13 +89,13 @@ def test_catalogue_is_the_registry():
                                                                                               "ratio": None}}
 
 
-FEATURE_METHODS = [n for n in list_reducers() if methods.get_reducer_class(n).site is Site.FEATURES]
+FEATURE_METHODS = [n for n in list_reducers() if methods.get_reducer_class(n).site in (Site.FEATURES, Site.EMBEDDINGS)]
 
 
 @pytest.mark.parametrize("name", FEATURE_METHODS)
 def test_contract_batch_of_four_independent_samples(name):
-    """Every FEATURES reducer: shapes, budget, and one sample's output never depends on another's (methods at the
-    other sites run through the adapter in test_methods.py)."""
+    """Every FEATURES and EMBEDDINGS reducer: shapes, budget, and one sample's output never depends on another's
+    (methods at the other sites run through the adapter in test_methods.py)."""
     cls = methods.get_reducer_class(name)
     kwargs = {"config": ControllerConfig(method=name, dim=8, num_patches=16)} if cls.needs_checkpoint else {}
     r = create_reducer(name, 4 if cls.uses_budget else None, **kwargs).eval()

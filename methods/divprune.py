@@ -12,10 +12,12 @@ distance d(i, j) = 1 - cos(x_i, x_j), solved greedily:
 The chosen tokens go on in their original order, unchanged (pure pruning); the prompt is then spliced as if the image
 had only those tokens (contiguous position ids), as the reference does by handing LLaVA the pruned features.
 
-Reference code: vbdi/divprune, `LLaVA/llava/model/llava_arch.py` (`DivPrune()`), CC BY-NC 4.0, so nothing here is
-taken from it: this is written from the paper's algorithm and checked against a direct re-statement of it
-(`tests/test_methods.py`); the Apache-2.0 port in ModelTC/LightCompress
-(`llmc/compression/token_reduction/divprune.py`) was read to confirm the first pick. The reference's budget is
+Reference code: vbdi/divprune, `LLaVA/llava/model/llava_arch.py` (`DivPrune()`), CC BY-NC 4.0, so it was not read
+and nothing here is taken from it (its README was, at commit a6889f7): this is written from the paper's algorithm
+and checked against a direct re-statement of it (`tests/test_methods.py`); the Apache-2.0 port in
+ModelTC/LightCompress (`llmc/compression/token_reduction/divprune.py`, an excerpt from a code index, commit not
+recorded there) was read to confirm the first pick (each column's second-smallest distance, i.e. the nearest other
+token). The reference's budget is
 `round(ratio * 576)` (default ratio 0.098, 56 tokens); here `budget` is the count itself.
 
 Differs from the reference code:

@@ -40,7 +40,8 @@ from methods.trace import LlavaLayout
 PLAN = [("full", None, {}), ("fastv", 64, {}), ("fastv", 192, {}), ("fastv", "R=0.5", {"ratio": 0.5}),
         ("prumerge", 64, {}), ("prumerge", 192, {}), ("prumerge_plus", 64, {}), ("prumerge_plus", 192, {}),
         ("random", 64, {}), ("random", 192, {}), ("adaptive_a", 64, {}), ("adaptive_a", 192, {}),
-        ("adaptive_b", 64, {}), ("adaptive_b", 192, {}), ("divprune", 64, {}), ("divprune", 192, {})]
+        ("adaptive_b", 64, {}), ("adaptive_b", 192, {}), ("divprune", 64, {}), ("divprune", 192, {}),
+        ("fastervlm", 64, {}), ("fastervlm", 192, {})]
 
 
 def machine() -> str:

@@ -19,7 +19,7 @@ from methods import create_reducer, get_reducer_class
 from methods.adaptive import ControllerConfig
 from methods.base import Site, TokenReducer, Tokens
 from methods.cli import first_line
-from methods.trace import LlavaLayout, cls_signal_macs, query_row_macs
+from methods.trace import LlavaLayout, cls_signal_macs, feature_row_macs, query_row_macs
 
 CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b
 
@@ -125,9 +125,13 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         own += 0 if red.macs is None else int(red.macs[0])
     elif reducer.site is Site.FEATURES:
         attn = torch.rand(1, n, generator=g).softmax(-1)
-        sig = {"cls_attn": attn, "keys": torch.randn(1, n, vc.hidden_size, generator=g)} if reducer.needs else {}
-        if sig:
+        sig = {}
+        if {"cls_attn", "keys"} & reducer.needs:
+            sig = {"cls_attn": attn, "keys": torch.randn(1, n, vc.hidden_size, generator=g)}
             own += cls_signal_macs(1 + n, vc.hidden_size)
+        if "feature_attn" in reducer.needs:
+            sig["feature_attn"] = attn
+            own += feature_row_macs(1 + n + e, vc.hidden_size)
         extra_out = None if extra is None else torch.randn(1, e, vc.hidden_size, generator=g)
         red = reducer(Tokens(x=torch.randn(1, n, dv, generator=g), grid=lay.grid, extra=extra_out,
                              sample_key=torch.zeros(1, dtype=torch.long), **sig))

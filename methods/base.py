@@ -27,7 +27,7 @@ class Site(enum.Enum):
     LLM = "llm"  # before LLM decoder layer `layer`, during prefill only; layers below keep every token
 
 
-SIGNALS = frozenset({"cls_attn", "keys", "query_attn"})
+SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "query_attn"})
 AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
 
 
@@ -44,6 +44,9 @@ class Tokens:
             only when the reducer `needs` it), as PruMerge computes it: one fused head over the full q/k width,
             scaled by 1/sqrt(width), softmax over CLS and all patches.
         keys: (B, N, Dk) that layer's key projections of the patches (full width, before any head split).
+        feature_attn: (B, N) CLS -> patch attention inside the vision layer that *produces* the features (HF's
+            `attentions[vision_feature_layer]`, LLaVA-1.5's layer -2), softmax per head over CLS and every token,
+            averaged over heads (features site; FasterVLM's and VisionZip's signal).
         query_attn: (B, N) attention the last prompt token pays each image token at LLM layer `layer - 1`,
             heads averaged (LLM site).
         budget: (B,) long, optional per-sample budgets that override the reducer's own `budget`.
@@ -58,6 +61,7 @@ class Tokens:
     valid: Tensor | None = None
     cls_attn: Tensor | None = None
     keys: Tensor | None = None
+    feature_attn: Tensor | None = None
     query_attn: Tensor | None = None
     budget: Tensor | None = None
     sample_key: Tensor | None = None

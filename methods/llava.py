@@ -39,11 +39,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import eager_attention_forward
 
 from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Reduced, Site, TokenReducer, Tokens
 from methods.cli import first_line
-from methods.trace import Generation, LlavaLayout, Timing, TokenTrace, cls_signal_macs, query_row_macs
+from methods.trace import (
+    Generation,
+    LlavaLayout,
+    Timing,
+    TokenTrace,
+    cls_signal_macs,
+    feature_row_macs,
+    query_row_macs,
+)
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -365,7 +375,10 @@ class ReducedLlava:
                     attn_mask = torch.zeros(real.shape, dtype=h.dtype, device=h.device)
                     attn_mask = attn_mask.masked_fill(~real, torch.finfo(h.dtype).min)[:, None, None, :]
             counts.append(h.size(1) if valid is None else 1 + valid.sum(1))
-            h = layer(h, attn_mask)
+            if "feature_attn" in r.needs and i == lay.vision_layers_run - 1:  # the layer that makes the features
+                h, qk = self._vision_layer_keeping_qk(layer, h, attn_mask)
+            else:
+                h = layer(h, attn_mask)
             hidden[i + 1] = h
         # (B, N, Dv*nf)
         feats = torch.cat([hidden[j][:, 1 : hidden[j].size(1) - e] for j in lay.feature_layers], dim=-1)
@@ -373,13 +386,40 @@ class ReducedLlava:
         vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
         if r.site is Site.FEATURES:
             t0 = self._clock()
-            sig = self._vision_signals(h[:, : h.size(1) - e], attn_mask) if r.needs else {}
+            sig = self._vision_signals(h[:, : h.size(1) - e], attn_mask) if {"cls_attn", "keys"} & r.needs else {}
             if sig:
                 log.macs = log.macs + cls_signal_macs(torch.as_tensor(counts[-1], device=h.device) - e, h.size(-1))
+            if "feature_attn" in r.needs:
+                sig["feature_attn"] = self._cls_row(*qk, attn_mask)[:, : feats.size(1)]  # (B, N), extras dropped
+                log.macs = log.macs + feature_row_macs(torch.as_tensor(counts[-1], device=h.device), h.size(-1))
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
             log.add(red, self._clock() - t0)
             feats, valid, src = self._apply(red, feats, valid, src, budgets)
         return _Features(x=feats, valid=valid, src=src, vision_tokens=vision_tokens)
+
+    @staticmethod
+    def _vision_layer_keeping_qk(layer: nn.Module, h: Tensor, attn_mask: Tensor | None
+                                 ) -> tuple[Tensor, tuple[Tensor, Tensor, float]]:
+        """One CLIP encoder layer written out as `CLIPEncoderLayer.forward` (the same modules, the same attention
+        function), keeping its queries and keys: (B, S, Dv) -> (B, S, Dv) and (q, k, scale), q and k (B, H, S, hd).
+        Nothing is computed twice; the CLS row is read from q and k afterwards (`_cls_row`)."""
+        att = layer.self_attn
+        x = layer.layer_norm1(h)
+        heads = (*x.shape[:-1], -1, att.head_dim)
+        q, k, v = (proj(x).view(heads).transpose(1, 2) for proj in (att.q_proj, att.k_proj, att.v_proj))
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(att.config._attn_implementation, eager_attention_forward)
+        out, _ = attend(att, q, k, v, attn_mask, scaling=att.scale, dropout=0.0)  # (B, S, H, hd)
+        h = h + att.out_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+        return h + layer.mlp(layer.layer_norm2(h)), (q, k, att.scale)
+
+    @staticmethod
+    def _cls_row(q: Tensor, k: Tensor, scale: float, attn_mask: Tensor | None) -> Tensor:
+        """(B, N) the CLS query's attention over the patches, softmax per head over CLS and every token (padding
+        masked), averaged over heads; q, k (B, H, S, hd) as the layer computed them, S = 1 + N (+ extras)."""
+        scores = (q[:, :, :1] @ k.transpose(-1, -2)).float() * scale  # (B, H, 1, S)
+        if attn_mask is not None:
+            scores = scores + attn_mask.float()
+        return scores.softmax(-1).mean(1)[:, 0, 1:]  # (B, S - 1)
 
     def _vision_signals(self, h: Tensor, attn_mask: Tensor | None) -> dict[str, Tensor]:
         """CLS attention and keys from the q/k projections of the encoder layer that consumes the features.
@@ -599,8 +639,8 @@ def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
     elif r.site is Site.EMBEDDINGS:
         if r.needs:
             raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the embeddings site")
-    elif set(r.needs) - {"cls_attn", "keys"}:
-        raise NotImplementedError(f"{r.name}: only cls_attn and keys are provided at the features site")
+    elif set(r.needs) - {"cls_attn", "keys", "feature_attn"}:
+        raise NotImplementedError(f"{r.name}: only cls_attn, keys and feature_attn are provided at the features site")
     r.check_model(lay.num_patches, lay.feature_width)
 
 

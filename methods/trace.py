@@ -20,6 +20,12 @@ def cls_signal_macs(tokens: int | Tensor, width: int) -> int | Tensor:
     return width * width + tokens * (width * width + width)
 
 
+def feature_row_macs(tokens: int | Tensor, width: int) -> int | Tensor:
+    """MACs of the feature layer's CLS attention row for one image of `tokens` (CLS + patches): the CLS query
+    against every token's key, all heads together (tokens width); the queries and keys are the layer's own."""
+    return tokens * width
+
+
 def query_row_macs(seq_len: int | Tensor, width: int, q_width: int) -> int | Tensor:
     """MACs of FastV's ranking row for one sample: the last token's query (width q_width) and its scores over the
     `seq_len` cached keys (seq_len q_width)."""

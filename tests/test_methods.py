@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from methods import Tokens, create_reducer
+from methods import Reduced, TokenReducer, Tokens, create_reducer
 from methods._ops import pixel_key
 from methods.divprune import max_min_order
 from methods.llava import ReducedLlava
 from methods.prumerge import extra_token, iqr_outlier_count, merge_neighbours, plus_stride
 from methods.random import hashed_scores
-from tests.conftest import tiny_batch
+from tests.conftest import tiny_batch, tiny_llava
 
 # ---------------------------------------------------------------------------------------------- PruMerge
 
@@ -121,6 +121,43 @@ def test_divprune_equals_a_direct_restatement_of_the_paper():
     assert [row.tolist() for row in out.keep] == [_divprune_restated(x[b], 16) for b in range(2)]
 
 
+# ---------------------------------------------------------------------------------------------- FasterVLM
+
+
+def test_fastervlm_keeps_the_most_attended_patches_in_order():
+    a = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05], [0.4, 0.1, 0.1, 0.1, 0.3]])
+    x = torch.arange(10, dtype=torch.float).view(2, 5, 1)
+    out = create_reducer("fastervlm", 2)(Tokens(x=x, grid=(1, 5), feature_attn=a))
+    assert out.keep.tolist() == [[1, 3], [0, 4]]
+    assert out.x.squeeze(-1).tolist() == [[1, 3], [5, 9]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_feature_attn_is_the_feature_layers_cls_row_and_leaves_outputs_unchanged(attn):
+    """The signal equals HF's `attentions[-2]` CLS row over the patches, heads averaged (eager output_attentions),
+    and writing the feature layer out changes nothing: FasterVLM keeping every patch generates what `full` does."""
+    model = tiny_llava(attn=attn, seed=4)
+    ids, mask, pixels = tiny_batch(model, 3, seed=13)
+    seen = {}
+
+    class Probe(TokenReducer):  # keeps everything and records its signal
+        name, needs = "probe", frozenset({"feature_attn"})
+
+        def forward(self, t: Tokens) -> Reduced:
+            seen["feature_attn"] = t.feature_attn
+            return Reduced(x=t.x)
+
+    with torch.no_grad():
+        ReducedLlava(model, Probe(16)).prefill(ids, mask, pixels)
+        eager = tiny_llava(attn="eager", seed=4)
+        ref = eager.model.vision_tower(pixel_values=pixels, output_attentions=True).attentions[-2]  # (B, H, S, S)
+    torch.testing.assert_close(seen["feature_attn"], ref[:, :, 0, 1:].mean(1), atol=1e-6, rtol=1e-5)
+    full = ReducedLlava(model, create_reducer("full")).generate(ids, mask, pixels, 5, eos_token_id=2)
+    every = ReducedLlava(model, create_reducer("fastervlm", 16)).generate(ids, mask, pixels, 5, eos_token_id=2)
+    assert torch.equal(full.tokens, every.tokens)
+    torch.testing.assert_close(full.first_logits, every.first_logits, atol=0, rtol=0)
+
+
 def test_random_is_exact_seeded_and_batch_invariant():
     x = torch.randn(4, 144, 16, generator=torch.Generator().manual_seed(1))
     key = pixel_key(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)))
@@ -142,7 +179,7 @@ def test_random_is_exact_seeded_and_batch_invariant():
 
 @pytest.mark.parametrize("name,budget,kw", [("prumerge", 5, {}), ("prumerge_plus", 7, {}), ("random", 4, {}),
                                             ("fastv", 3, {"layer": 1}), ("prumerge", "auto", {}),
-                                            ("divprune", 5, {})])
+                                            ("divprune", 5, {}), ("fastervlm", 6, {})])
 def test_methods_run_through_the_adapter_batch_invariant(tiny_model, name, budget, kw):
     ids, mask, pixels = tiny_batch(tiny_model, 4, seed=11)
     red = ReducedLlava(tiny_model, create_reducer(name, budget, **kw))

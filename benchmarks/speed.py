@@ -41,7 +41,8 @@ PLAN = [("full", None, {}), ("fastv", 64, {}), ("fastv", 192, {}), ("fastv", "R=
         ("prumerge", 64, {}), ("prumerge", 192, {}), ("prumerge_plus", 64, {}), ("prumerge_plus", 192, {}),
         ("random", 64, {}), ("random", 192, {}), ("adaptive_a", 64, {}), ("adaptive_a", 192, {}),
         ("adaptive_b", 64, {}), ("adaptive_b", 192, {}), ("divprune", 64, {}), ("divprune", 192, {}),
-        ("fastervlm", 64, {}), ("fastervlm", 192, {}), ("vispruner", 64, {}), ("vispruner", 192, {})]
+        ("fastervlm", 64, {}), ("fastervlm", 192, {}), ("vispruner", 64, {}), ("vispruner", 192, {}),
+        ("visionzip", 64, {}), ("visionzip", 192, {})]
 
 
 def machine() -> str:

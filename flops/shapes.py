@@ -132,6 +132,10 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         if "feature_attn" in reducer.needs:
             sig["feature_attn"] = attn
             own += feature_row_macs(1 + n + e, vc.hidden_size)
+        if "feature_keys" in reducer.needs:
+            sig["feature_keys"] = torch.randn(1, n, vc.hidden_size // vc.num_attention_heads, generator=g)
+        if "feature_cls" in reducer.needs:
+            sig["feature_cls"] = torch.randn(1, dv, generator=g)
         extra_out = None if extra is None else torch.randn(1, e, vc.hidden_size, generator=g)
         red = reducer(Tokens(x=torch.randn(1, n, dv, generator=g), grid=lay.grid, extra=extra_out,
                              sample_key=torch.zeros(1, dtype=torch.long), **sig))

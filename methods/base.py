@@ -27,7 +27,7 @@ class Site(enum.Enum):
     LLM = "llm"  # before LLM decoder layer `layer`, during prefill only; layers below keep every token
 
 
-SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "query_attn"})
+SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "query_attn"})
 AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
 
 
@@ -47,6 +47,8 @@ class Tokens:
         feature_attn: (B, N) CLS -> patch attention inside the vision layer that *produces* the features (HF's
             `attentions[vision_feature_layer]`, LLaVA-1.5's layer -2), softmax per head over CLS and every token,
             averaged over heads (features site; FasterVLM's and VisionZip's signal).
+        feature_keys: (B, N, hd) that layer's key projections of the patches, averaged over heads (VisionZip).
+        feature_cls: (B, Dv) the CLS token's features from the layer(s) the patches' come from (VisionZip keeps it).
         query_attn: (B, N) attention the last prompt token pays each image token at LLM layer `layer - 1`,
             heads averaged (LLM site).
         budget: (B,) long, optional per-sample budgets that override the reducer's own `budget`.
@@ -62,6 +64,8 @@ class Tokens:
     cls_attn: Tensor | None = None
     keys: Tensor | None = None
     feature_attn: Tensor | None = None
+    feature_keys: Tensor | None = None
+    feature_cls: Tensor | None = None
     query_attn: Tensor | None = None
     budget: Tensor | None = None
     sample_key: Tensor | None = None

@@ -56,6 +56,7 @@ from methods.trace import (
 )
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+FEATURE_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})
 
 
 def llava_prompt(processor, text: str) -> str:
@@ -375,7 +376,7 @@ class ReducedLlava:
                     attn_mask = torch.zeros(real.shape, dtype=h.dtype, device=h.device)
                     attn_mask = attn_mask.masked_fill(~real, torch.finfo(h.dtype).min)[:, None, None, :]
             counts.append(h.size(1) if valid is None else 1 + valid.sum(1))
-            if "feature_attn" in r.needs and i == lay.vision_layers_run - 1:  # the layer that makes the features
+            if {"feature_attn", "feature_keys"} & r.needs and i == lay.vision_layers_run - 1:  # makes the features
                 h, qk = self._vision_layer_keeping_qk(layer, h, attn_mask)
             else:
                 h = layer(h, attn_mask)
@@ -392,6 +393,10 @@ class ReducedLlava:
             if "feature_attn" in r.needs:
                 sig["feature_attn"] = self._cls_row(*qk, attn_mask)[:, : feats.size(1)]  # (B, N), extras dropped
                 log.macs = log.macs + feature_row_macs(torch.as_tensor(counts[-1], device=h.device), h.size(-1))
+            if "feature_keys" in r.needs:  # the layer's own keys, heads averaged (B, N, hd); no extra MACs
+                sig["feature_keys"] = qk[1].mean(1)[:, 1 : 1 + feats.size(1)]
+            if "feature_cls" in r.needs:  # (B, Dv * nf) the CLS token's features, as the patches' are selected
+                sig["feature_cls"] = torch.cat([hidden[j][:, 0] for j in lay.feature_layers], dim=-1)
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
             log.add(red, self._clock() - t0)
             feats, valid, src = self._apply(red, feats, valid, src, budgets)
@@ -639,8 +644,9 @@ def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
     elif r.site is Site.EMBEDDINGS:
         if r.needs:
             raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the embeddings site")
-    elif set(r.needs) - {"cls_attn", "keys", "feature_attn"}:
-        raise NotImplementedError(f"{r.name}: only cls_attn, keys and feature_attn are provided at the features site")
+    elif set(r.needs) - FEATURE_SIGNALS:
+        raise NotImplementedError(
+            f"{r.name}: only {', '.join(sorted(FEATURE_SIGNALS))} are provided at the features site")
     r.check_model(lay.num_patches, lay.feature_width)
 
 

@@ -18,10 +18,15 @@ from plots.data import Results  # noqa: E402
 REFERENCE = "full"
 
 
+# after tab10's ten: colours far from all of them (Dark2's gold, teal, magenta, ...), so that 16 methods stay apart
+EXTRA_COLOURS = ("#e6ab02", "#1b9e77", "#e7298a", "#7570b3", "#66a61e", "#a6761d")
+
+
 def colours(methods) -> dict[str, tuple]:
-    """One fixed colour per method name (the same in every figure of a run)."""
-    cmap = plt.get_cmap("tab10")
-    return {m: cmap(i % 10) for i, m in enumerate(sorted(set(methods) - {REFERENCE}))} | {REFERENCE: (0, 0, 0, 1)}
+    """One fixed colour per method name (the same in every figure of a run): tab10, then `EXTRA_COLOURS`."""
+    palette = [*plt.get_cmap("tab10").colors, *(matplotlib.colors.to_rgb(c) for c in EXTRA_COLOURS)]
+    named = sorted(set(methods) - {REFERENCE})
+    return {m: (*palette[i % len(palette)], 1.0) for i, m in enumerate(named)} | {REFERENCE: (0, 0, 0, 1)}
 
 
 def save(fig, path: Path) -> Path:

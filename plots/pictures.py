@@ -74,7 +74,7 @@ def selection_pictures(res: Results, out: Path, max_docs: int = 2) -> list[Path]
             ax.set_yticks([])
         question = " ".join(meta["question"].split())
         fig.suptitle(f"{task}, doc {doc_id}: " + "\n".join(textwrap.wrap(question, 90)[:2]), fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))  # the top 0.6 inch for the title
         written.append(save(fig, out / f"selection_{task}_doc{doc_id}.png"))
     return written
 

@@ -115,8 +115,9 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
             assert per_layer == [PATCHES, PATCHES] and s["kept_indices"] is None
         elif get_reducer_class(s["method"]).site.value == "llm":  # FastV: every token below its layer
             assert per_layer == [PATCHES, BUDGET]
-        else:
-            assert per_layer == [BUDGET, BUDGET] and s["projector_tokens"] == BUDGET, s["method"]
+        else:  # pre-LLM methods; at the embeddings site (DivPrune) every patch went through the projector first
+            projected = PATCHES if get_reducer_class(s["method"]).site.value == "embeddings" else BUDGET
+            assert per_layer == [BUDGET, BUDGET] and s["projector_tokens"] == projected, s["method"]
         assert s["prefill_gmacs"] > 0 and s["llm_prefill_gmacs"] > 0
     full_flops = next(r["prefill_tflops_mean"] for r in rows if r["method"] == "full")
     assert all(r["prefill_tflops_mean"] < full_flops for r in rows if r["method"] != "full")

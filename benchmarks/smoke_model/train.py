@@ -28,10 +28,20 @@ How the recipe was found (what did not work, with its numbers) is in the model c
 **Status (issue 16, in progress).** The committed checkpoint (`benchmarks/smoke_model/checkpoint`, 3 LLM layers,
 `synth_vqa` only) was trained by this file as it was at commit 5f8822a (``git show 5f8822a:benchmarks/smoke_model/
 train.py``); this version trains on both synthetic tasks with the deeper architecture `SMOKE_ARCH` and does not
-reproduce it. Its first full run, with the defaults below (8 LLM layers of width 64, lr 1.5e-3, 9,500 LLM steps;
-78.5 min on 2 cores), stayed on the answer-prior plateau (training loss ~0.5 from step 600 to the end) and scored
-0.45 (`synth_vqa`) and 0.49 (`synth_scenes`) with all tokens, so it was not committed; the defaults are a starting
-point for the next attempt, not a working recipe.
+reproduce it. No recipe for the 8-layer, two-task model has escaped the answer-prior plateau yet (2-core CPU,
+training accuracy on the answer token, answer prior about 0.35):
+
+* the first full run (8 x 64, 4 heads, relevant-first curriculum, lr 1.5e-3, 9,500 LLM steps, 78.5 min) stayed at
+  loss ~0.5 and scored 0.45 / 0.49 (`synth_vqa` / `synth_scenes`) with all tokens;
+* on one stage-1 tower (1,000 steps), with the object-first curriculum: 8 x 64 with 2 heads (head width 32) reached
+  0.43 after 1,900 steps (lr 1e-3) and 0.45 after 5,600 (lr 1.5e-3, 8,000 curriculum steps); on `synth_vqa` alone
+  0.45 after 1,800 steps, where the 3 x 128 model of 5f8822a had 0.60; 8 x 128 (4 heads, MLP x2) 0.42 after 1,000
+  steps (8 x 64 then: 0.37) and 0.43 after 2,150 steps of a 10,000-step run that was stopped;
+* an auxiliary loss pulling layer 4's answer-position attention onto the question's patches (weight 0.3) did not
+  move that attention (0.26 -> 0.28 of its mass in 1,700 steps) and was dropped.
+
+Stage 2 now runs without a padding mask (right padding, causal SDPA): 8.7 curriculum steps/s on one thread for
+8 x 64, so the step budget is no longer the limit; what makes the narrow deep LLM learn to find the named object is.
 
 Usage::
 

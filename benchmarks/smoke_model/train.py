@@ -36,7 +36,8 @@ training accuracy on the answer token, answer prior about 0.35):
 * on one stage-1 tower (1,000 steps), with the object-first curriculum: 8 x 64 with 2 heads (head width 32) reached
   0.43 after 1,900 steps (lr 1e-3) and 0.45 after 5,600 (lr 1.5e-3, 8,000 curriculum steps); on `synth_vqa` alone
   0.45 after 1,800 steps, where the 3 x 128 model of 5f8822a had 0.60; 8 x 128 (4 heads, MLP x2) 0.42 after 1,000
-  steps (8 x 64 then: 0.37) and 0.43 after 2,150 steps of a 10,000-step run that was stopped;
+  steps (8 x 64 then: 0.37), and 0.42-0.47 over 7,900 steps of curriculum alone (lr 1e-3, 6-7 steps/s on 2
+  threads; stopped);
 * an auxiliary loss pulling layer 4's answer-position attention onto the question's patches (weight 0.3) did not
   move that attention (0.26 -> 0.28 of its mass in 1,700 steps) and was dropped.
 

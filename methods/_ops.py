@@ -42,6 +42,12 @@ def sample_budgets(budget: int, per_sample: Tensor | None, n: int, batch: int, d
     return k.to(device=device, dtype=torch.long).clamp(1, n)
 
 
+def budget_groups(k: Tensor) -> list[tuple[int, Tensor]]:
+    """The samples of each distinct budget in `k` (B,): [(budget, (b',) row indices)], for methods whose steps
+    depend on the count (they run each group as one batch)."""
+    return [(budget, (k == budget).nonzero().flatten()) for budget in k.unique().tolist()]
+
+
 def select_top(scores: Tensor, k: Tensor | int, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Keep the k highest-scoring tokens of each row, returned in original token order.
 

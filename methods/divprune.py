@@ -87,8 +87,7 @@ class DivPrune(TokenReducer):
     def forward(self, t: Tokens) -> Reduced:
         b, n, d = t.x.shape
         counts = torch.full((b,), n, device=t.x.device) if t.valid is None else t.valid.sum(1)  # (B,)
-        k = min(self.budget, n) if t.budget is None else sample_budgets(self.budget, t.budget, n, b, t.x.device)
-        k = torch.minimum(torch.as_tensor(k, device=t.x.device).expand(b), counts)  # (B,) never more than are there
+        k = torch.minimum(sample_budgets(self.budget, t.budget, n, b, t.x.device), counts)  # (B,) at most what is there
         kmax = int(k.max())
         order = max_min_order(t.x, kmax, t.valid)  # (B, Kmax) pick order
         step = torch.arange(kmax, device=t.x.device).expand(b, -1)  # (B, Kmax)

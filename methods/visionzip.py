@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods._ops import gather_tokens, sample_budgets
+from methods._ops import budget_groups, gather_tokens, sample_budgets
 from methods._registry import register_reducer
 from methods.base import Reduced, TokenReducer, Tokens
 
@@ -95,15 +95,13 @@ class VisionZip(TokenReducer):
         b, n, d = t.x.shape
         if t.valid is not None:
             raise ValueError("visionzip: the features site hands it every patch; padded inputs are not supported")
-        k = min(self.budget, n) if t.budget is None else sample_budgets(self.budget, t.budget, n, b, t.x.device)
-        k = torch.as_tensor(k, device=t.x.device).expand(b).clamp(min=2)  # (B,)
+        k = sample_budgets(self.budget, t.budget, n, b, t.x.device).clamp(min=2)  # (B,)
         kmax = int(k.max())
         x = t.x.new_zeros(b, kmax, d)
         keep = torch.full((b, kmax), -1, dtype=torch.long, device=t.x.device)
         valid = torch.zeros(b, kmax, dtype=torch.bool, device=t.x.device)
         macs = torch.zeros(b, dtype=torch.long, device=t.x.device)
-        for budget in k.unique().tolist():  # samples of one budget run together
-            rows = (k == budget).nonzero().flatten()
+        for budget, rows in budget_groups(k):  # samples of one budget run together
             p, c = split_budget(budget, self.contextual)
             p = min(p, n - c)  # leave the contextual step its targets
             dominant = t.feature_attn[rows].topk(p, dim=1).indices.sort(dim=1).values  # (b', p)

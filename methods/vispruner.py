@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods._ops import gather_tokens, sample_budgets, select_top
+from methods._ops import budget_groups, gather_tokens, sample_budgets, select_top
 from methods._registry import register_reducer
 from methods.base import Reduced, TokenReducer, Tokens
 
@@ -84,14 +84,12 @@ class VisPruner(TokenReducer):
         b, n, _ = t.x.shape
         if t.valid is not None:
             raise ValueError("vispruner: the features site hands it every patch; padded inputs are not supported")
-        k = min(self.budget, n) if t.budget is None else sample_budgets(self.budget, t.budget, n, b, t.x.device)
-        k = torch.as_tensor(k, device=t.x.device).expand(b)  # (B,)
+        k = sample_budgets(self.budget, t.budget, n, b, t.x.device)  # (B,)
         xn = F.normalize(t.x.float(), dim=-1)
         by_attention = t.feature_attn.argsort(dim=-1, descending=True, stable=True)  # (B, N)
         chosen = torch.zeros(b, n, dtype=torch.bool, device=t.x.device)
         macs = torch.zeros(b, dtype=torch.long, device=t.x.device)
-        for budget in k.unique().tolist():  # samples of one budget run together
-            rows = (k == budget).nonzero().flatten()
+        for budget, rows in budget_groups(k):  # samples of one budget run together
             important = int(budget * self.important_ratio)
             diverse, m = thin_duplicates(xn[rows], by_attention[rows, important:], budget - important)
             picked = torch.cat([by_attention[rows, :important], diverse], 1)  # (b', budget)

@@ -157,21 +157,25 @@ def make_plan(spec: RunSpec) -> Plan:
     check_shapes(config, Path(spec.model) / "config.json")
     layout = LlavaLayout.from_config(config)
     cells, notes = spec.cells(layout.num_patches)
-    kept, reducers, skipped = [], [], {}
+    kept, reducers = [], []
+    skipped: dict[tuple[str, str], list] = {}  # (method, reason) -> the budgets it was skipped at
     for cell in cells:
-        if cell.method in skipped:
-            continue
         try:
             reducer = make_reducer(cell, spec)
             check_reducer(reducer, layout)
         except (ValueError, NotImplementedError) as e:
             if spec.methods_given:
                 raise
-            skipped[cell.method] = first_line(e)  # the default set runs what fits the model, and says what not
+            # the default set runs what fits the model, and says what not
+            skipped.setdefault((cell.method, first_line(e)), []).append(cell.budget)
             continue
         kept.append(cell)
         reducers.append(reducer)
-    notes += [f"{m} skipped: {why}" for m, why in skipped.items()]
+    ran = {c.method for c in kept}
+    for (m, why), budgets in skipped.items():
+        listed = ", ".join(map(str, dict.fromkeys(budgets)))
+        at = f" at budget{'s' * (len(set(budgets)) > 1)} {listed}" if m in ran else ""
+        notes.append(f"{m}{at} skipped: {why}")
     if not kept:
         raise ValueError("the plan is empty: give methods and budgets that apply to each other")
     return Plan(config, layout, kept, reducers, notes)

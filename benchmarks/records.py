@@ -190,6 +190,8 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
     common = {
         "task": cell.task, "method": cell.method, "budget": cell.budget, "controller_seed": cell.seed,
         "visual_tokens_mean": _mean(visual), "visual_tokens_max": max(visual) if visual else None,
+        "visual_tokens_layer_mean": _mean([sum(v) / len(v) for s in samples
+                                           if (v := s.get("visual_tokens_per_layer"))]),
         "llm_prefill_tokens_mean": _mean([s["llm_tokens_per_layer"][0] for s in samples
                                           if "llm_tokens_per_layer" in s]),
         "generated_tokens_mean": mean_of("generated_tokens"),

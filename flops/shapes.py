@@ -19,7 +19,7 @@ from methods import create_reducer, get_reducer_class
 from methods.adaptive import ControllerConfig
 from methods.base import Site, TokenReducer, Tokens
 from methods.cli import first_line
-from methods.trace import LlavaLayout, cls_signal_macs, feature_row_macs, query_row_macs
+from methods.trace import LlavaLayout, cls_signal_macs, feature_row_macs, next_query_macs, query_row_macs
 
 CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b
 
@@ -150,16 +150,23 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
     seq = text_tokens + visual
     llm = [seq] * lay.llm_layers
     if reducer.site is Site.LLM:
-        sig = {"query_attn": torch.rand(1, n, generator=g)} if "query_attn" in reducer.needs else {}
-        red = reducer(Tokens(x=torch.randn(1, n, tc.hidden_size, generator=g), grid=lay.grid,
-                             sample_key=torch.zeros(1, dtype=torch.long), **sig))
-        kept = red.x.size(1)
-        llm = [seq] * reducer.layer + [text_tokens + kept] * (lay.llm_layers - reducer.layer)
         heads = tc.num_attention_heads
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-        if sig:
-            own += query_row_macs(seq, tc.hidden_size, heads * head_dim)
-        own += 0 if red.macs is None else int(red.macs[0])
+        kv_width = getattr(tc, "num_key_value_heads", None) or heads
+        kept = visual
+        for stage, layer in enumerate(reducer.llm_layers(lay.llm_layers, n)):
+            sig = {name: torch.rand(1, kept, generator=g) for name in sorted(reducer.needs)}
+            red = reducer(Tokens(x=torch.randn(1, kept, tc.hidden_size, generator=g), grid=lay.grid,
+                                 sample_key=torch.zeros(1, dtype=torch.long), stage=stage, depth=lay.llm_layers,
+                                 **sig))
+            seq = llm[layer]
+            if "query_attn" in sig:
+                own += query_row_macs(seq, tc.hidden_size, heads * head_dim)
+            if "query_attn_next" in sig:
+                own += next_query_macs(seq, tc.hidden_size, heads * head_dim, kv_width * head_dim)
+            own += 0 if red.macs is None else int(red.macs[0])
+            kept = red.x.size(1)
+            llm[layer:] = [text_tokens + kept] * (lay.llm_layers - layer)
     return {
         "vision_tokens_per_layer": vision,
         "projector_tokens": projector,

@@ -27,7 +27,8 @@ class Site(enum.Enum):
     LLM = "llm"  # before LLM decoder layer `layer`, during prefill only; layers below keep every token
 
 
-SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "query_attn"})
+SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "query_attn",
+                     "query_attn_next"})
 AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
 
 
@@ -51,11 +52,15 @@ class Tokens:
         feature_cls: (B, Dv) the CLS token's features from the layer(s) the patches' come from (VisionZip keeps it).
         query_attn: (B, N) attention the last prompt token pays each image token at LLM layer `layer - 1`,
             heads averaged (LLM site).
+        query_attn_next: (B, N) the same row at the layer about to run (the one the reduced tokens enter), from
+            that layer's own query and key projections of its input, before it runs (LLM site; PyramidDrop's).
         budget: (B,) long, optional per-sample budgets that override the reducer's own `budget`.
         sample_key: (B,) long, a key derived from each sample's exact inputs (its pixels), for methods that need
             per-sample randomness that does not depend on the batch a sample lands in.
         extra: (B, E, Dv) at the features site, the feature-layer outputs of the tokens the reducer appended to
             the vision encoder's input with `extra_vision_tokens` (they are not among `x`).
+        stage: at the LLM site, which of the reducer's `llm_layers` this call is at (0 for the first).
+        depth: at the LLM site, the language model's number of decoder layers.
     """
 
     x: Tensor
@@ -67,9 +72,12 @@ class Tokens:
     feature_keys: Tensor | None = None
     feature_cls: Tensor | None = None
     query_attn: Tensor | None = None
+    query_attn_next: Tensor | None = None
     budget: Tensor | None = None
     sample_key: Tensor | None = None
     extra: Tensor | None = None
+    stage: int = 0
+    depth: int | None = None
 
 
 @dataclass
@@ -101,7 +109,8 @@ class TokenReducer(nn.Module):
     Args:
         budget: the largest number of visual tokens the LLM sees from the reduction point on (>= 1). Methods
             that never reduce (`full`) accept None.
-        layer: for the VISION and LLM sites, the index of the first layer that sees the reduced tokens.
+        layer: for the VISION and LLM sites, the index of the first layer that sees the reduced tokens (an LLM-site
+            method that acts at several layers overrides `llm_layers` instead and may leave it None).
     """
 
     name: ClassVar[str] = ""  # set by @register_reducer
@@ -111,6 +120,8 @@ class TokenReducer(nn.Module):
     supports_auto: ClassVar[bool] = False  # True when the method can choose its own count (budget "auto")
     needs_checkpoint: ClassVar[bool] = False  # True for learned methods: a `checkpoint` argument, found by default in
     # MODEL/controllers/<name>
+    budget_unit: ClassVar[str] = "kept"  # "layer_mean": the budget is the visual tokens averaged over the LLM's
+    # layers (PyramidDrop), not the count kept from the reduction point on
     seeded: ClassVar[bool] = False  # True for methods that draw at random: a `seed` argument, set from --seed
 
     method_args: dict  # the constructor's arguments as called (None ones left out), recorded by `create_reducer`
@@ -128,7 +139,8 @@ class TokenReducer(nn.Module):
             budget = None
         elif self.uses_budget and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
             raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1, got {budget!r}")
-        if self.site in (Site.VISION, Site.LLM) and (layer is None or layer < 0):
+        multi = type(self).llm_layers is not TokenReducer.llm_layers
+        if self.site in (Site.VISION, Site.LLM) and (layer is None and not multi or layer is not None and layer < 0):
             raise ValueError(f"{type(self).__name__} acts at site {self.site.value!r} and needs a `layer` index >= 0")
         self.budget = None if budget is None else int(budget)
         self.layer = layer
@@ -142,6 +154,12 @@ class TokenReducer(nn.Module):
     def check_model(self, num_patches: int, feature_width: int) -> None:
         """Raise ValueError (saying what to do) if this reducer cannot run on a model with `num_patches` patches of
         `feature_width` channels at the features site; called before a run starts. Most methods run on any model."""
+
+    def llm_layers(self, n_layers: int, num_patches: int) -> tuple[int, ...]:
+        """LLM site: the decoder layers before which this reducer runs, in order, on an LLM of `n_layers` layers whose
+        prompts carry `num_patches` visual tokens; call `i` gets ``Tokens.stage == i``. Raise ValueError (saying what
+        to do) when the reducer cannot run there. Default: once, before `layer`."""
+        return (self.layer,)
 
     def extra_vision_tokens(self, batch: int, num_patches: int, budgets: Tensor | None) -> Tensor | None:
         """(B, E, Dv) tokens to append to the vision encoder's input (after the patch and position embeddings,

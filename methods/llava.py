@@ -52,11 +52,13 @@ from methods.trace import (
     TokenTrace,
     cls_signal_macs,
     feature_row_macs,
+    next_query_macs,
     query_row_macs,
 )
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 FEATURE_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})
+LLM_SIGNALS = frozenset({"query_attn", "query_attn_next"})
 
 
 def llava_prompt(processor, text: str) -> str:
@@ -525,12 +527,22 @@ class ReducedLlava:
         cos_sin = lm.rotary_emb(seq.x, seq.pos)
         mask = _additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
         h_prev = seq.x
+        stages = r.llm_layers(len(lm.layers), self.layout.num_patches) if r.site is Site.LLM else ()
         for j, layer in enumerate(lm.layers):
-            if r.site is Site.LLM and j == r.layer:
-                t0 = self._clock()  # the reducer's time includes the signal computed for it
-                query = (self._last_query_attention(j - 1, h_prev, seq.real, cos_sin, cache)
-                         if "query_attn" in r.needs else None)  # (B, T')
-                seq = self._reduce_in_llm(seq, query, budgets, key, log, t0)
+            if j in stages:
+                t0 = self._clock()  # the reducer's time includes the signals computed for it
+                rows = {}  # signal name -> (B, T') row over the current sequence
+                if "query_attn" in r.needs:
+                    rows["query_attn"] = self._last_query_attention(j - 1, h_prev, seq.real, cos_sin, cache)
+                    log.macs = log.macs + query_row_macs(seq.real.sum(1), seq.x.size(-1),
+                                                         lm.layers[j - 1].self_attn.q_proj.out_features)
+                if "query_attn_next" in r.needs:
+                    rows["query_attn_next"] = self._next_query_attention(j, seq.x, seq.real, cos_sin)
+                    att = layer.self_attn
+                    log.macs = log.macs + next_query_macs(seq.real.sum(1), seq.x.size(-1), att.q_proj.out_features,
+                                                          att.k_proj.out_features)
+                seq, red, done = self._reduce_in_llm(seq, rows, stages.index(j), budgets, key)
+                log.add(red, done - t0)
                 key_masks.append(seq.real)
                 cos_sin = lm.rotary_emb(seq.x, seq.pos)
                 mask = _additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
@@ -556,25 +568,22 @@ class ReducedLlava:
                            logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None, aux=log.aux,
                            reducer_s=log.seconds)
 
-    def _reduce_in_llm(self, seq: _Seq, query: Tensor | None, budgets: Tensor | None, key: Tensor,
-                       log: _ReducerLog, t0: float) -> _Seq:
-        """Remove the non-kept image tokens from `seq` before decoder layer `reducer.layer` (LLM site).
+    def _reduce_in_llm(self, seq: _Seq, rows: dict[str, Tensor], stage: int, budgets: Tensor | None, key: Tensor
+                       ) -> tuple[_Seq, Reduced, float]:
+        """Remove the non-kept image tokens from `seq` before a decoder layer (LLM site; call `stage` of the
+        reducer's `llm_layers`); return the shorter sequence, what the reducer returned and the `_clock()` reading
+        when it returned (for the caller's log).
 
-        `query` (B, T') is the last prompt token's attention at the layer below (None unless the reducer needs
-        `query_attn`); `t0` is the `_clock()` reading taken before it was computed: the reducer's time in `log`
-        runs from there. Its MACs (signal included) and extras go into `log` too.
+        `rows` holds the signals the reducer needs, each (B, T') over the sequence.
         """
         r = self.reducer
         vidx, vvalid = pack_true(seq.visual & seq.real)  # (B, N) positions of the visual tokens, in order
-        sig = {}
-        if query is not None:
-            sig["query_attn"] = query.gather(1, vidx).masked_fill(~vvalid, 0.0)
-            q_width = self.model.model.language_model.layers[r.layer - 1].self_attn.q_proj.out_features
-            log.macs = log.macs + query_row_macs(seq.real.sum(1), seq.x.size(-1), q_width)
+        sig = {name: row.gather(1, vidx).masked_fill(~vvalid, 0.0) for name, row in rows.items()}  # (B, N) each
         tokens = Tokens(x=gather_tokens(seq.x, vidx), grid=self.layout.grid,
-                        valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, **sig)
+                        valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, stage=stage,
+                        depth=self.layout.llm_layers, **sig)
         red = r(tokens)
-        log.add(red, self._clock() - t0)
+        done = self._clock()
         if red.keep is None or bool((red.keep < 0).any()):
             raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0)")
         kvalid = red.valid if red.valid is not None else torch.ones_like(red.keep, dtype=torch.bool)
@@ -585,7 +594,7 @@ class ReducedLlava:
         keep = (~seq.visual) & seq.real
         keep = keep.scatter(1, kept_pos, kvalid) | keep
         idx, valid = pack_true(keep, right=True)  # (B, T'')
-        return replace(seq, x=x).take(idx, valid)
+        return replace(seq, x=x).take(idx, valid), red, done
 
     def _last_query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, cache) -> Tensor:
         """(B, T) head-averaged attention of the last prompt token at decoder layer `layer_idx`.
@@ -601,6 +610,23 @@ class ReducedLlava:
         cos, sin = cos_sin
         q = _rope(q, cos[:, -1:], sin[:, -1:])
         k = cache.layers[layer_idx].keys  # (B, Hkv, T, hd)
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, H, T, hd)
+        scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, 1, T)
+        scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
+        return scores.softmax(-1).mean(1)[:, 0]  # (B, T)
+
+    def _next_query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin) -> Tensor:
+        """(B, T) head-averaged attention the last prompt token would pay at decoder layer `layer_idx`, from that
+        layer's own projections of its input `h_in` (B, T, D), before the layer runs: the last token's query and
+        every token's key (RoPE applied), softmax over the real keys (`real` (B, T))."""
+        layer = self.model.model.language_model.layers[layer_idx]
+        att = layer.self_attn
+        b, t, _ = h_in.shape
+        hn = layer.input_layernorm(h_in)
+        q = att.q_proj(hn[:, -1:]).view(b, 1, -1, att.head_dim).transpose(1, 2)  # (B, H, 1, hd)
+        k = att.k_proj(hn).view(b, t, -1, att.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        cos, sin = cos_sin
+        q, k = _rope(q, cos[:, -1:], sin[:, -1:]), _rope(k, cos, sin)
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, H, T, hd)
         scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, 1, T)
         scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
@@ -634,13 +660,15 @@ def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
             )
     elif r.site is Site.LLM:
         low = 1 if "query_attn" in r.needs else 0
-        if not low <= r.layer < lay.llm_layers:
+        layers = r.llm_layers(lay.llm_layers, lay.num_patches)
+        if not layers or list(layers) != sorted(set(layers)) or not low <= layers[0] <= layers[-1] < lay.llm_layers:
+            where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {list(layers)} (increasing)"
             raise ValueError(
-                f"{r.name}: LLM layer {r.layer} must be in [{low}, {lay.llm_layers - 1}] for this "
-                f"{lay.llm_layers}-layer language model; set {r.name}.layer"
+                f"{r.name}: LLM {where} must be in [{low}, {lay.llm_layers - 1}] for this "
+                f"{lay.llm_layers}-layer language model; set {r.name}.layer{'s' * (len(layers) > 1)}"
             )
-        if set(r.needs) - {"query_attn"}:
-            raise NotImplementedError(f"{r.name}: only query_attn is provided at the LLM site")
+        if set(r.needs) - LLM_SIGNALS:
+            raise NotImplementedError(f"{r.name}: only {', '.join(sorted(LLM_SIGNALS))} are provided at the LLM site")
     elif r.site is Site.EMBEDDINGS:
         if r.needs:
             raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the embeddings site")

@@ -32,6 +32,13 @@ def query_row_macs(seq_len: int | Tensor, width: int, q_width: int) -> int | Ten
     return width * q_width + seq_len * q_width
 
 
+def next_query_macs(seq_len: int | Tensor, width: int, q_width: int, kv_width: int) -> int | Tensor:
+    """MACs of PyramidDrop's ranking row for one sample at the layer about to run: the last token's query (width
+    q_width), every token's key from that layer's k projection (seq_len width kv_width) and the scores
+    (seq_len q_width)."""
+    return width * q_width + seq_len * width * kv_width + seq_len * q_width
+
+
 @dataclass(frozen=True)
 class LlavaLayout:
     """Geometry of a LLaVA checkpoint, read from its config.

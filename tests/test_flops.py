@@ -143,7 +143,7 @@ def llava7b_shaped():
 
 
 @pytest.mark.parametrize("method", ["full", "fastv", "prumerge", "prumerge_plus", "random", "adaptive_a",
-                                    "adaptive_b"])
+                                    "adaptive_b", "pdrop"])
 def test_analytic_equals_fvcore_llava7b_shaped(llava7b_shaped, method):
     model = llava7b_shaped
     n = 576

@@ -113,6 +113,8 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
         per_layer = s["visual_tokens_per_layer"]
         if s["method"] == "full":
             assert per_layer == [PATCHES, PATCHES] and s["kept_indices"] is None
+        elif get_reducer_class(s["method"]).budget_unit == "layer_mean":  # PyramidDrop: the budget is the mean
+            assert sum(per_layer) / len(per_layer) <= BUDGET and per_layer == sorted(per_layer, reverse=True)
         elif get_reducer_class(s["method"]).site.value == "llm":  # FastV: every token below its layer
             assert per_layer == [PATCHES, BUDGET]
         else:  # pre-LLM methods; at the embeddings site (DivPrune) every patch went through the projector first

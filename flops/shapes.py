@@ -17,9 +17,11 @@ from transformers import LlavaConfig
 
 from methods import create_reducer, get_reducer_class
 from methods.adaptive import ControllerConfig
-from methods.base import Site, TokenReducer, Tokens
+from methods.base import Site, TextTokens, TokenReducer, Tokens
 from methods.cli import first_line
 from methods.trace import LlavaLayout, cls_signal_macs, feature_row_macs, next_query_macs, query_row_macs
+
+ROW_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms"})  # (B, N) rows at the LLM site
 
 CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b
 
@@ -155,7 +157,14 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         kv_width = getattr(tc, "num_key_value_heads", None) or heads
         kept = visual
         for stage, layer in enumerate(reducer.llm_layers(lay.llm_layers, n)):
-            sig = {name: torch.rand(1, kept, generator=g) for name in sorted(reducer.needs)}
+            sig = {name: torch.rand(1, kept, generator=g) for name in sorted(reducer.needs & ROW_SIGNALS)}
+            if "normed" in reducer.needs:
+                sig["normed"] = torch.randn(1, kept, tc.hidden_size, generator=g)
+            if "text" in reducer.needs:  # the text tokens after the image: a stand-in count (a prompt's tail)
+                m = max(1, text_tokens // 2)
+                sig["text"] = TextTokens(normed=torch.randn(1, m, tc.hidden_size, generator=g),
+                                         key_norms=torch.rand(1, m, generator=g),
+                                         valid=torch.ones(1, m, dtype=torch.bool))
             red = reducer(Tokens(x=torch.randn(1, kept, tc.hidden_size, generator=g), grid=lay.grid,
                                  sample_key=torch.zeros(1, dtype=torch.long), stage=stage, depth=lay.llm_layers,
                                  **sig))

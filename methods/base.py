@@ -28,8 +28,24 @@ class Site(enum.Enum):
 
 
 SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "query_attn",
-                     "query_attn_next"})
+                     "query_attn_next", "key_norms", "normed", "text"})
 AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
+
+
+@dataclass
+class TextTokens:
+    """The prompt's text tokens after the image (the instruction and the answer prompt) at an LLM-site reduction
+    point, M per sample (padded): DART's text pivots.
+
+    Attributes:
+        normed: (B, M, D) their hidden states entering the reducing layer, through the LLM's final norm.
+        key_norms: (B, M) L1 norm of their keys at the layer below (after RoPE, key/value heads concatenated).
+        valid: (B, M) bool, False on padding.
+    """
+
+    normed: Tensor
+    key_norms: Tensor
+    valid: Tensor
 
 
 @dataclass
@@ -52,6 +68,11 @@ class Tokens:
         feature_cls: (B, Dv) the CLS token's features from the layer(s) the patches' come from (VisionZip keeps it).
         query_attn: (B, N) attention the last prompt token pays each image token at LLM layer `layer - 1`,
             heads averaged (LLM site).
+        key_norms: (B, N) L1 norm of the image tokens' keys at LLM layer `layer - 1` (after RoPE, key/value heads
+            concatenated; LLM site; DART's pivots).
+        normed: (B, N, D) the image tokens' hidden states entering the reducing layer, through the LLM's final norm
+            (LLM site; DART's similarities).
+        text: the text tokens after the image, as `TextTokens` (LLM site).
         query_attn_next: (B, N) the same row at the layer about to run (the one the reduced tokens enter), from
             that layer's own query and key projections of its input, before it runs (LLM site; PyramidDrop's).
         budget: (B,) long, optional per-sample budgets that override the reducer's own `budget`.
@@ -73,6 +94,9 @@ class Tokens:
     feature_cls: Tensor | None = None
     query_attn: Tensor | None = None
     query_attn_next: Tensor | None = None
+    key_norms: Tensor | None = None
+    normed: Tensor | None = None
+    text: TextTokens | None = None
     budget: Tensor | None = None
     sample_key: Tensor | None = None
     extra: Tensor | None = None

@@ -43,7 +43,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import eager_attention_forward
 
 from methods._ops import gather_tokens, pack_true, pixel_key
-from methods.base import Reduced, Site, TokenReducer, Tokens
+from methods.base import Reduced, Site, TextTokens, TokenReducer, Tokens
 from methods.cli import first_line
 from methods.trace import (
     Generation,
@@ -58,7 +58,8 @@ from methods.trace import (
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 FEATURE_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})
-LLM_SIGNALS = frozenset({"query_attn", "query_attn_next"})
+LLM_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms", "normed", "text"})
+BELOW_SIGNALS = frozenset({"query_attn", "key_norms", "text"})  # read from layer `layer - 1`: layer >= 1
 
 
 def llava_prompt(processor, text: str) -> str:
@@ -541,7 +542,13 @@ class ReducedLlava:
                     att = layer.self_attn
                     log.macs = log.macs + next_query_macs(seq.real.sum(1), seq.x.size(-1), att.q_proj.out_features,
                                                           att.k_proj.out_features)
-                seq, red, done = self._reduce_in_llm(seq, rows, stages.index(j), budgets, key)
+                text = None
+                if {"key_norms", "normed", "text"} & r.needs:  # DART's: norms only, no matmul-like work
+                    keys = cache.layers[j - 1].keys  # (B, Hkv, T', hd) layer j-1's keys, after RoPE
+                    l1, normed = keys.abs().sum((1, 3)).float(), lm.norm(seq.x)  # (B, T'), (B, T', D)
+                    rows.update({"key_norms": l1, "normed": normed})
+                    text = self._text_after_image(seq, normed, l1) if "text" in r.needs else None
+                seq, red, done = self._reduce_in_llm(seq, rows, stages.index(j), budgets, key, text)
                 log.add(red, done - t0)
                 key_masks.append(seq.real)
                 cos_sin = lm.rotary_emb(seq.x, seq.pos)
@@ -568,20 +575,22 @@ class ReducedLlava:
                            logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None, aux=log.aux,
                            reducer_s=log.seconds)
 
-    def _reduce_in_llm(self, seq: _Seq, rows: dict[str, Tensor], stage: int, budgets: Tensor | None, key: Tensor
-                       ) -> tuple[_Seq, Reduced, float]:
+    def _reduce_in_llm(self, seq: _Seq, rows: dict[str, Tensor], stage: int, budgets: Tensor | None, key: Tensor,
+                       text: TextTokens | None = None) -> tuple[_Seq, Reduced, float]:
         """Remove the non-kept image tokens from `seq` before a decoder layer (LLM site; call `stage` of the
         reducer's `llm_layers`); return the shorter sequence, what the reducer returned and the `_clock()` reading
         when it returned (for the caller's log).
 
-        `rows` holds the signals the reducer needs, each (B, T') over the sequence.
+        `rows` holds the signals the reducer needs, each (B, T') or (B, T', D) over the sequence; `text` the text
+        tokens after the image when it needs them.
         """
         r = self.reducer
         vidx, vvalid = pack_true(seq.visual & seq.real)  # (B, N) positions of the visual tokens, in order
-        sig = {name: row.gather(1, vidx).masked_fill(~vvalid, 0.0) for name, row in rows.items()}  # (B, N) each
+        sig = {name: gather_tokens(row, vidx) if row.dim() == 3 else row.gather(1, vidx).masked_fill(~vvalid, 0.0)
+               for name, row in rows.items() if name in r.needs}  # (B, N) or (B, N, D) each
         tokens = Tokens(x=gather_tokens(seq.x, vidx), grid=self.layout.grid,
                         valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, stage=stage,
-                        depth=self.layout.llm_layers, **sig)
+                        depth=self.layout.llm_layers, text=text, **sig)
         red = r(tokens)
         done = self._clock()
         if red.keep is None or bool((red.keep < 0).any()):
@@ -614,6 +623,15 @@ class ReducedLlava:
         scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, 1, T)
         scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
         return scores.softmax(-1).mean(1)[:, 0]  # (B, T)
+
+    @staticmethod
+    def _text_after_image(seq: _Seq, normed: Tensor, key_norms: Tensor) -> TextTokens:
+        """The real tokens after each sample's last visual token (B, M, padded), with their normed states (B, T', D)
+        and key norms (B, T') gathered."""
+        t = torch.arange(seq.x.size(1), device=seq.x.device)
+        last = torch.where(seq.visual, t, -1).amax(1, keepdim=True)  # (B, 1) last visual position
+        idx, valid = pack_true(seq.real & ~seq.visual & (t > last))  # (B, M)
+        return TextTokens(normed=gather_tokens(normed, idx), key_norms=key_norms.gather(1, idx), valid=valid)
 
     def _next_query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin) -> Tensor:
         """(B, T) head-averaged attention the last prompt token would pay at decoder layer `layer_idx`, from that
@@ -659,7 +677,7 @@ def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
                 f"of this {lay.vision_layers}-layer encoder"
             )
     elif r.site is Site.LLM:
-        low = 1 if "query_attn" in r.needs else 0
+        low = 1 if BELOW_SIGNALS & r.needs else 0
         layers = r.llm_layers(lay.llm_layers, lay.num_patches)
         if not layers or list(layers) != sorted(set(layers)) or not low <= layers[0] <= layers[-1] < lay.llm_layers:
             where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {list(layers)} (increasing)"

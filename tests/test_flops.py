@@ -30,7 +30,7 @@ METHODS = [m for m in list_reducers() if get_reducer_class(m).__module__.startsw
 
 def make(method: str, budget, config, **kw):
     """The method at `budget`; learned controllers get an untrained one of the default shape (same MACs)."""
-    if method == "fastv":
+    if method in ("fastv", "dart"):  # layer 1: the 2-layer cuts below have no layer 2
         kw.setdefault("layer", 1)
     return stand_in_reducer(method, budget, config, **kw)
 
@@ -143,7 +143,7 @@ def llava7b_shaped():
 
 
 @pytest.mark.parametrize("method", ["full", "fastv", "prumerge", "prumerge_plus", "random", "adaptive_a",
-                                    "adaptive_b", "pdrop"])
+                                    "adaptive_b", "pdrop", "dart"])
 def test_analytic_equals_fvcore_llava7b_shaped(llava7b_shaped, method):
     model = llava7b_shaped
     n = 576

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from methods import Reduced, TokenReducer, Tokens, create_reducer, get_reducer_class
 from methods._ops import pixel_key
+from methods.base import TextTokens
 from methods.divprune import max_min_order
 from methods.llava import ReducedLlava
 from methods.pdrop import DEFAULT_RATIOS, layer_mean, stage_counts
@@ -185,6 +186,83 @@ def test_pdrop_row_equals_eager_attention_of_the_stage_layer():
     row = att[:, :, -1].mean(1)  # (B, T): layer 2, last query, heads averaged
     ref = torch.stack([row[i][ids[i] == 5] for i in range(3)])
     torch.testing.assert_close(seen[0], ref, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- DART
+
+
+def _dart_tokens():
+    """Six image tokens in 2-D and two text tokens. Key norms make token 1 the image pivot and text token 1 the
+    text pivot."""
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7], [0.0, -1.0]]])
+    text = TextTokens(normed=torch.tensor([[[1.0, 1.0], [0.0, 1.0]]]), key_norms=torch.tensor([[0.5, 0.8]]),
+                      valid=torch.ones(1, 2, dtype=torch.bool))
+    return Tokens(x=x * 10, grid=(2, 3), normed=x, key_norms=torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.1, 0.2]]),
+                  text=text)
+
+
+def test_dart_by_hand():
+    """One image and one text pivot. Budget 3: one token per pivot, (3 - 1) // 2. The image pivot (1, 0.1) takes its
+    least similar free token, 3 (cosine -0.995); the text pivot (0, 1) then 5 (cosine -1). Budget 5: two per pivot:
+    the image pivot takes 3 and 5 (-0.0995, before 2 at +0.0995), the text pivot 0 and 4 (cosines 0 and 0.707, before
+    2 at 1): 1 + 2 x 2 = 5 tokens."""
+    t = _dart_tokens()
+    out = create_reducer("dart", 3, layer=1, pivot_image=1, pivot_text=1)(t)
+    assert out.keep.tolist() == [[1, 3, 5]]
+    torch.testing.assert_close(out.x, t.x[:, [1, 3, 5]])
+    assert out.macs.tolist() == [2 * 6 * 2]  # two pivots against six tokens of width 2
+    assert create_reducer("dart", 5, layer=1, pivot_image=1, pivot_text=1)(t).keep.tolist() == [[0, 1, 3, 4, 5]]
+    # the reference's knob: T = 2 over 2 pivots is one token each, as budget 3
+    r = create_reducer("dart", layer=1, pivot_image=1, pivot_text=1, max_num_trunction=2)
+    assert r(t).keep.tolist() == [[1, 3, 5]]
+    assert get_reducer_class("dart").budget_label({"max_num_trunction": 128}) == "T=128"
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        create_reducer("dart", 64, max_num_trunction=64)
+
+
+def _dart_restated(model, ids, pixels, k_layer, pivot_image, pivot_text, per_pivot):
+    """DART's selection written out as its reference does it, for one prompt: layer K-1's keys (HF's own RoPE) and
+    their L1 norms, pivots by the largest norms among the image and the text after it, the final norm of the hidden
+    states entering layer K, then for each pivot the least cosine-similar remaining image tokens, with Python sets;
+    pivots in order of position (the reference iterates a set)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: PLC0415
+
+    lm = model.model.language_model
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
+        hs = out.hidden_states  # embeddings, then each layer's output
+        layer = lm.layers[k_layer - 1]
+        t = ids.size(1)
+        k = layer.self_attn.k_proj(layer.input_layernorm(hs[k_layer - 1])).view(1, t, -1, layer.self_attn.head_dim)
+        k = k.transpose(1, 2)
+        cos, sin = lm.rotary_emb(hs[0], torch.arange(t)[None])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        norms = k[0].permute(1, 0, 2).reshape(t, -1).abs().sum(-1)  # (T,)
+        state = lm.norm(hs[k_layer])[0]  # (T, D)
+        img = (ids[0] == 5).nonzero()[:, 0]
+        start, n = int(img[0]), len(img)
+        image_piv = (norms[start:start + n].topk(pivot_image).indices + start).tolist()
+        text_piv = (norms[start + n:].topk(pivot_text).indices + start + n).tolist()
+        valid = set(range(start, start + n)) - set(image_piv)
+        chosen = set(image_piv)
+        for p in sorted(image_piv) + sorted(text_piv):
+            order = sorted(valid)
+            sims = torch.nn.functional.cosine_similarity(state[p], state[order], dim=-1)
+            picked = [order[i] for i in (-sims).topk(per_pivot).indices.tolist()]
+            chosen.update(picked)
+            valid.difference_update(picked)
+        return sorted(i - start for i in chosen)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dart_equals_a_direct_restatement_of_the_reference(seed):
+    """64 image tokens (an 8 x 8 grid), a grouped-query LLM of 3 layers, K = 2, 2 + 2 pivots, 3 tokens each."""
+    model = tiny_llava(image_size=64, kv_heads=2, seed=seed)
+    ids, mask, pixels = tiny_batch(model, 1, seed=seed + 7)
+    red = ReducedLlava(model, create_reducer("dart", 14, layer=2, pivot_image=2, pivot_text=2))  # 2 + 4 x 3
+    kept = red.prefill(ids, mask, pixels).trace.sample(0, 64)["kept_indices"]
+    assert kept == _dart_restated(model, ids, pixels, 2, 2, 2, 3)
+    assert len(kept) == 14
 
 
 # ---------------------------------------------------------------------------------------------- DivPrune

@@ -100,7 +100,7 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
     assert lm.model.dtype == torch.float32 and lm.num_patches == PATCHES
     out = tmp_path / "run"
     spec = RunSpec(model=checkpoint, budgets=(BUDGET,), limit=2, batch_size=2, output=out, device="cpu",
-                   dtype="float32", method_kwargs=(("fastv", "layer", 1),))
+                   dtype="float32", method_kwargs=(("fastv", "layer", 1), ("dart", "layer", 1)))
     assert set(spec.methods) == set(list_reducers())  # the learned methods found their controllers
     rows = run(spec, progress=False, lm=lm)
 
@@ -115,8 +115,9 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
             assert per_layer == [PATCHES, PATCHES] and s["kept_indices"] is None
         elif get_reducer_class(s["method"]).budget_unit == "layer_mean":  # PyramidDrop: the budget is the mean
             assert sum(per_layer) / len(per_layer) <= BUDGET and per_layer == sorted(per_layer, reverse=True)
-        elif get_reducer_class(s["method"]).site.value == "llm":  # FastV: every token below its layer
-            assert per_layer == [PATCHES, BUDGET]
+        elif get_reducer_class(s["method"]).site.value == "llm":  # every token below its layer
+            kept = 4 + (BUDGET - 4) // 8 * 8 if s["method"] == "dart" else BUDGET  # DART: 4 pivots + 7 x 8 = 60
+            assert per_layer == [PATCHES, kept], s["method"]
         else:  # pre-LLM methods; at the embeddings site (DivPrune) every patch went through the projector first
             projected = PATCHES if get_reducer_class(s["method"]).site.value == "embeddings" else BUDGET
             assert per_layer == [BUDGET, BUDGET] and s["projector_tokens"] == projected, s["method"]

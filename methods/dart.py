@@ -1,0 +1,109 @@
+"""DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More",
+EMNLP 2025, arXiv 2502.11494).
+
+Reference: ZichenWen1/DART, read in its mirror xqy1111111/DART at commit d6a5af6 (Apache-2.0):
+`llava/model/language_model/modeling_llama_self.py` (`DART.forward`, `get_retained_image_token`) and the defaults of
+`llava/eval/model_vqa_loader.py` (`pruned_layer 2`, `pivot_image_token 4`, `pivot_text_token 4`,
+`max_num_trunction 128`).
+
+Site: LLM, before decoder layer K (default 2). Pivots: the `pivot_image` image tokens and the `pivot_text` text tokens
+after the image (the instruction and the answer prompt) whose keys at layer K-1 (after RoPE, heads concatenated)
+have the largest L1 norm. The hidden states entering layer K are put through the LLM's final norm; for each pivot
+in turn, the `per_pivot` image tokens least cosine-similar to it among those not yet chosen (image pivots excluded)
+are kept. Kept: the image pivots and every token a pivot chose (text pivots are not image tokens); the rest leave
+the sequence from layer K on, original positions kept (as the reference does).
+
+Budgets. `max_num_trunction` T is the reference's knob: per_pivot = T // (pivots), so it keeps pivot_image +
+pivots x per_pivot tokens (132 at T = 128). A `budget` B is the tokens kept at most: per_pivot = (B - pivot_image)
+// pivots (60 at 64 on LLaVA-1.5, 36 at 36 here), so the LLM never sees more than B.
+
+Differs from the reference code:
+* pivots are taken in order of position (image pivots, then text pivots); the reference iterates a Python set of
+  absolute positions, whose order depends on the set's hash table;
+* the key norms sum over the key/value heads once (the reference repeats them to every query head first: the same
+  ranking, each norm times H / Hkv);
+* the similarities of all pivots to all image tokens are one batched matmul (pivots x N x D MACs); the greedy then
+  masks the tokens already chosen (the reference recomputes against the remaining ones);
+* batched with left padding and per-sample budgets (the reference takes batch element 0); a prompt with fewer text
+  tokens than `pivot_text` uses those it has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from methods._ops import gather_tokens, pack_true, sample_budgets
+from methods._registry import register_reducer
+from methods.base import Reduced, Site, TokenReducer, Tokens
+
+
+@register_reducer("dart")
+class DART(TokenReducer):
+    """Keep the image tokens least duplicated by key-norm pivots (image and text) at LLM layer K; drop the rest."""
+
+    site = Site.LLM
+    needs = frozenset({"key_norms", "normed", "text"})
+
+    def __init__(self, budget: int | None = None, layer: int = 2, pivot_image: int = 4, pivot_text: int = 4,
+                 max_num_trunction: int | None = None) -> None:
+        if (budget is None) == (max_num_trunction is None):
+            raise ValueError("dart: give exactly one of budget (image tokens kept at most) or max_num_trunction "
+                             "(the reference's T: pivot_image + T // pivots tokens per pivot)")
+        if pivot_image < 1 or pivot_text < 0:
+            raise ValueError(f"dart: pivot_image must be >= 1 and pivot_text >= 0, got {pivot_image}, {pivot_text}")
+        self.uses_trunction = max_num_trunction is not None
+        super().__init__(1 if self.uses_trunction else budget, layer)
+        self.pivot_image, self.pivot_text, self.max_num_trunction = pivot_image, pivot_text, max_num_trunction
+
+    @classmethod
+    def budget_label(cls, kwargs: dict) -> str | None:
+        t = kwargs.get("max_num_trunction")
+        return None if t is None else f"T={t}"
+
+    def forward(self, t: Tokens) -> Reduced:
+        b, n, d = t.x.shape
+        dev = t.x.device
+        pivots = self.pivot_image + self.pivot_text
+        valid = torch.ones(b, n, dtype=torch.bool, device=dev) if t.valid is None else t.valid
+        if self.uses_trunction:
+            n_img = torch.full((b,), min(self.pivot_image, n), device=dev)
+            per = torch.full((b,), self.max_num_trunction // pivots, device=dev)
+        else:
+            budget = sample_budgets(self.budget, t.budget, n, b, dev)  # (B,)
+            n_img = budget.clamp(max=self.pivot_image)
+            per = (budget - self.pivot_image).clamp(min=0) // pivots  # (B,)
+        # image pivots: the largest key norms, taken in position order; text pivots likewise among the text tokens
+        rank = torch.arange(self.pivot_image, device=dev).unsqueeze(0)
+        top_img = t.key_norms.masked_fill(~valid, float("-inf")).topk(min(self.pivot_image, n), dim=1).indices
+        img_ok = (rank[:, : top_img.size(1)] < n_img.unsqueeze(1)) & valid.gather(1, top_img)
+        img_piv = torch.where(img_ok, top_img, n).sort(dim=1).values  # (B, Pi), n = no pivot
+        is_piv = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
+        is_piv = is_piv.scatter(1, img_piv, torch.ones_like(img_piv, dtype=torch.bool))[:, :n]  # (B, N)
+        text = t.text
+        m = min(self.pivot_text, text.valid.size(1))
+        top_txt = text.key_norms.masked_fill(~text.valid, float("-inf")).topk(m, dim=1).indices  # (B, Pt)
+        txt_ok = text.valid.gather(1, top_txt)
+        top_txt = torch.where(txt_ok, top_txt, text.valid.size(1)).sort(dim=1).values
+        txt_ok = top_txt < text.valid.size(1)
+        piv_vec = torch.cat([gather_tokens(t.normed, img_piv.clamp(max=n - 1)),
+                             gather_tokens(text.normed, top_txt.clamp(max=text.valid.size(1) - 1))], 1)  # (B, P, D)
+        piv_ok = torch.cat([img_piv < n, txt_ok], 1)  # (B, P)
+        free = valid & ~is_piv
+        chosen = is_piv.clone()
+        kmax = int(per.max()) if b else 0
+        if kmax == 0:  # a budget of at most pivot_image tokens: the image pivots alone, no similarity needed
+            keep, kvalid = pack_true(chosen)
+            return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=None if bool(kvalid.all()) else kvalid,
+                           macs=torch.zeros(b, dtype=torch.long, device=dev))
+        sim = F.normalize(piv_vec.float(), dim=-1) @ F.normalize(t.normed.float(), dim=-1).transpose(1, 2)  # (B,P,N)
+        for p in range(sim.size(1)):  # sequential: each pivot chooses among what the ones before left
+            score = sim[:, p].masked_fill(~free, float("inf"))  # (B, N) lowest similarity first
+            pick = (-score).topk(min(kmax, n), dim=1).indices  # (B, k)
+            ok = (torch.arange(pick.size(1), device=dev) < per.unsqueeze(1)) & piv_ok[:, p : p + 1]
+            ok = ok & free.gather(1, pick)
+            chosen = chosen.scatter(1, pick, chosen.gather(1, pick) | ok)  # picks of a row are distinct
+            free = free & ~chosen
+        keep, kvalid = pack_true(chosen)  # (B, K) ascending
+        macs = torch.full((b,), sim.size(1) * n * d, dtype=torch.long, device=dev)  # the pivot similarities
+        return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=None if bool(kvalid.all()) else kvalid, macs=macs)

@@ -42,7 +42,8 @@ PLAN = [("full", None, {}), ("fastv", 64, {}), ("fastv", 192, {}), ("fastv", "R=
         ("random", 64, {}), ("random", 192, {}), ("adaptive_a", 64, {}), ("adaptive_a", 192, {}),
         ("adaptive_b", 64, {}), ("adaptive_b", 192, {}), ("divprune", 64, {}), ("divprune", 192, {}),
         ("fastervlm", 64, {}), ("fastervlm", 192, {}), ("vispruner", 64, {}), ("vispruner", 192, {}),
-        ("visionzip", 64, {}), ("visionzip", 192, {})]
+        ("visionzip", 64, {}), ("visionzip", 192, {}), ("dart", 64, {}), ("dart", 192, {}),
+        ("pdrop", 192, {}), ("pdrop", "ratios", {"ratios": (0.5, 0.25, 0.125)})]  # pdrop 192: a layer mean
 
 
 def machine() -> str:

@@ -15,12 +15,15 @@ it (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30: `contextual` = round(budget x 
 Output: [CLS, dominant patches, contextual tokens]; the LLM sees exactly `budget` tokens. The CLS token is one of
 them (LLaVA-1.5 otherwise drops it); it has no source patch (``keep = -1``), a contextual token counts as its target.
 
-Reference code: dvlab-research/VisionZip, `visionzip/clip_encoder.py` and `visionzip/utils.py` (Apache-2.0). Those
-two files are not in the code index (its `llava/model/multimodal_encoder/clip_encoder.py` at commit ccb20fe is,
-and shows the dominant selection: `attentions[-2][:, :, 0, 1:]` summed over heads, top-k, sorted); the contextual
-step follows the reading in `shared/design/REFERENCE_METHODS.md` section 4 (tagged as read in the source).
+Reference code: dvlab-research/VisionZip at commit 3151f6d (Apache-2.0): `visionzip/clip_encoder.py`
+(`CLIPVisionTower_VisionZip.forward`: dominant by `attentions[-2][:, :, 0, 1:]` summed over heads, the CLS token
+prepended; the rest filtered in order; targets `arange(0, R, max(1, R // contextual))[:contextual]`; members assigned
+by the argmax of normalised-key similarity; contextual = target + members' mean, counts clamped at 1) and
+`visionzip/utils.py` (`CLIPAttention_forward`: the metric is the layer's raw k projection, heads averaged).
 
 Differs from the reference code:
+* the budget counts the CLS token: the reference's "64" (dominant 54, contextual 10) hands the LLM 65 tokens (54
+  patches, the CLS token, 10 contextual), ours keeps exactly `budget` (53 patches + CLS + 10 at 64);
 * the attention row and the keys are read from the feature layer's own queries and keys by the adapter (no
   hooked attention class, no eager attention maps); values as `output_attentions` gives them (tested);
 * `contextual` can be set (default: the reference's 10 : 54 split); budgets below 2 are refused;

@@ -57,6 +57,17 @@ def test_predictions_do_not_depend_on_batch_size(tiny_ckpt, tmp_path):
     assert preds[0] == preds[1]
 
 
+def test_default_set_skips_only_the_cells_a_method_cannot_run(tiny_ckpt, capsys):
+    """PyramidDrop with one stage before layer 1 of 2 keeps all 144 tokens in layer 0: a layer mean below 72.5 cannot
+    be met. Budget 2 is skipped with its reason, budget 100 runs."""
+    assert run_bench.main(["--model", str(tiny_ckpt), "--budgets", "2", "100", "--dry-run",
+                           "--method-args", "pdrop.layers=(1,)"]) == 0
+    out = capsys.readouterr().out
+    assert "pdrop at budget 2 skipped: pdrop: a layer-averaged budget of 2 visual tokens is below" in out
+    assert [line.split()[:3] for line in out.splitlines() if line.startswith("synth_vqa  pdrop")] == [
+        ["synth_vqa", "pdrop", "100"]]
+
+
 def test_dry_run_and_bad_input(tiny_ckpt, tmp_path, capsys):
     assert run_bench.main(["--model", str(tiny_ckpt), "--budgets", "16", "200", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -40,7 +40,7 @@ reproduce it. Measured on the 2-core CPU machine (training accuracy on the answe
 * on that tower, both tasks mixed from the start: 0.48 after 2,500 curriculum steps (held-out: `synth_vqa` 0.44,
   `synth_scenes` 0.50);
 * this recipe as it stands (stage 2 on `synth_vqa` alone, 5,000 steps: 0.71; stage 3 on both with its own
-  curriculum, 4,000; stage 4, 1,000), 59.2 min in all: held-out (200 per task) `synth_vqa` full 0.780, random_16
+  curriculum, 4,000; stage 4, 1,000), 59.2 min in all: held-out (1,000 per task) `synth_vqa` full 0.780, random_16
   0.484, oracle_16 0.822, text_only 0.358; `synth_scenes` full 0.625 (shape 0.91, background 1.00, count 0.18,
   left/right 0.55, above/below 0.49: relations and counting at chance), random_16 0.521, oracle_16 0.635. Below
   the targets (0.90 and 0.85): not committed as the smoke model yet.

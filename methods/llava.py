@@ -534,11 +534,12 @@ class ReducedLlava:
                 t0 = self._clock()  # the reducer's time includes the signals computed for it
                 rows = {}  # signal name -> (B, T') row over the current sequence
                 if "query_attn" in r.needs:
-                    rows["query_attn"] = self._last_query_attention(j - 1, h_prev, seq.real, cos_sin, cache)
+                    rows["query_attn"] = self._last_query_attention(j - 1, h_prev, seq.real, cos_sin,
+                                                                    cache.layers[j - 1].keys)
                     log.macs = log.macs + query_row_macs(seq.real.sum(1), seq.x.size(-1),
                                                          lm.layers[j - 1].self_attn.q_proj.out_features)
                 if "query_attn_next" in r.needs:
-                    rows["query_attn_next"] = self._next_query_attention(j, seq.x, seq.real, cos_sin)
+                    rows["query_attn_next"] = self._last_query_attention(j, seq.x, seq.real, cos_sin)
                     att = layer.self_attn
                     log.macs = log.macs + next_query_macs(seq.real.sum(1), seq.x.size(-1), att.q_proj.out_features,
                                                           att.k_proj.out_features)
@@ -605,21 +606,24 @@ class ReducedLlava:
         idx, valid = pack_true(keep, right=True)  # (B, T'')
         return replace(seq, x=x).take(idx, valid), red, done
 
-    def _last_query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, cache) -> Tensor:
+    def _last_query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, keys: Tensor | None = None
+                              ) -> Tensor:
         """(B, T) head-averaged attention of the last prompt token at decoder layer `layer_idx`.
 
-        `h_in` (B, T, D) is that layer's input, `real` (B, T) marks the real keys. Uses the layer's cached post-RoPE
-        keys and recomputes only the last token's query.
+        `h_in` (B, T, D) is that layer's input, `real` (B, T) marks the real keys; only the last token's query is
+        computed. `keys` (B, Hkv, T, hd) are the layer's cached post-RoPE keys once it has run (FastV's row); None
+        computes them from the layer's own k projection of `h_in`, before it runs (PyramidDrop's row).
         """
         layer = self.model.model.language_model.layers[layer_idx]
         att = layer.self_attn
-        b = h_in.size(0)
-        q = att.q_proj(layer.input_layernorm(h_in[:, -1:]))  # (B, 1, H * hd)
-        q = q.view(b, 1, -1, att.head_dim).transpose(1, 2)  # (B, H, 1, hd)
+        b, t, _ = h_in.shape
+        hn = layer.input_layernorm(h_in if keys is None else h_in[:, -1:])  # (B, T or 1, D)
+        q = att.q_proj(hn[:, -1:]).view(b, 1, -1, att.head_dim).transpose(1, 2)  # (B, H, 1, hd)
         cos, sin = cos_sin
         q = _rope(q, cos[:, -1:], sin[:, -1:])
-        k = cache.layers[layer_idx].keys  # (B, Hkv, T, hd)
-        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, H, T, hd)
+        if keys is None:
+            keys = _rope(att.k_proj(hn).view(b, t, -1, att.head_dim).transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
+        k = keys.repeat_interleave(q.size(1) // keys.size(1), dim=1)  # (B, H, T, hd)
         scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, 1, T)
         scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
         return scores.softmax(-1).mean(1)[:, 0]  # (B, T)
@@ -632,23 +636,6 @@ class ReducedLlava:
         last = torch.where(seq.visual, t, -1).amax(1, keepdim=True)  # (B, 1) last visual position
         idx, valid = pack_true(seq.real & ~seq.visual & (t > last))  # (B, M)
         return TextTokens(normed=gather_tokens(normed, idx), key_norms=key_norms.gather(1, idx), valid=valid)
-
-    def _next_query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin) -> Tensor:
-        """(B, T) head-averaged attention the last prompt token would pay at decoder layer `layer_idx`, from that
-        layer's own projections of its input `h_in` (B, T, D), before the layer runs: the last token's query and
-        every token's key (RoPE applied), softmax over the real keys (`real` (B, T))."""
-        layer = self.model.model.language_model.layers[layer_idx]
-        att = layer.self_attn
-        b, t, _ = h_in.shape
-        hn = layer.input_layernorm(h_in)
-        q = att.q_proj(hn[:, -1:]).view(b, 1, -1, att.head_dim).transpose(1, 2)  # (B, H, 1, hd)
-        k = att.k_proj(hn).view(b, t, -1, att.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        cos, sin = cos_sin
-        q, k = _rope(q, cos[:, -1:], sin[:, -1:]), _rope(k, cos, sin)
-        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, H, T, hd)
-        scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, 1, T)
-        scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
-        return scores.softmax(-1).mean(1)[:, 0]  # (B, T)
 
     def _decode_step(self, state: DecodeState, tok: Tensor) -> Tensor:
         """Feed one token per sample through every layer; return the next logits (B, V)."""

@@ -54,6 +54,15 @@ def tiny_batch(model, batch: int, seed: int = 0):
     return ids, mask, pixels
 
 
+def eager_image_row(model, ids, mask, pixels, layer: int):
+    """(B, N) head-averaged attention of the last prompt token over the image tokens at LLM layer `layer`, from HF's
+    own eager attention maps: what the adapter's LLM-site rows are checked against."""
+    with torch.no_grad():
+        att = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_attentions=True).attentions[layer]
+    row = att[:, :, -1].mean(1)  # (B, T): the last query, heads averaged
+    return torch.stack([row[i][ids[i] == IMAGE_TOKEN] for i in range(ids.size(0))])
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return tiny_llava()

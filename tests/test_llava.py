@@ -9,7 +9,7 @@ from methods import Reduced, Site, TokenReducer, Tokens, create_reducer
 from methods._ops import gather_tokens
 from methods.llava import ReducedLlava
 from methods.trace import LlavaLayout
-from tests.conftest import tiny_batch, tiny_llava
+from tests.conftest import eager_image_row, tiny_batch, tiny_llava
 
 
 def hf_generate(model, ids, mask, pixels, steps):
@@ -135,12 +135,7 @@ def test_llm_site_query_attention_matches_eager_attention():
             return super().forward(t)
 
     out = ReducedLlava(model, Spy(budget=3, layer=2)).prefill(ids, mask, pixels)
-    with torch.no_grad():
-        att = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_attentions=True).attentions[1]
-    row = att[:, :, -1].mean(1)  # (B, T): layer 1, last query, heads averaged
-    img = (ids == 5)
-    ref = torch.stack([row[i][img[i]] for i in range(3)])
-    torch.testing.assert_close(seen["q"], ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seen["q"], eager_image_row(model, ids, mask, pixels, 1), atol=1e-5, rtol=1e-4)
     llm = out.trace.llm_tokens
     assert (llm[:, 2] == llm[:, 1] - 13).all()  # 16 image tokens -> 3 from layer 2 on
     assert out.trace.visual_tokens[:, :2].eq(16).all() and out.trace.visual_tokens[:, 2:].eq(3).all()

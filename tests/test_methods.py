@@ -16,7 +16,7 @@ from methods.prumerge import extra_token, iqr_outlier_count, merge_neighbours, p
 from methods.random import hashed_scores
 from methods.visionzip import split_budget
 from methods.vispruner import thin_duplicates
-from tests.conftest import tiny_batch, tiny_llava
+from tests.conftest import eager_image_row, tiny_batch, tiny_llava
 
 # ---------------------------------------------------------------------------------------------- PruMerge
 
@@ -181,11 +181,7 @@ def test_pdrop_row_equals_eager_attention_of_the_stage_layer():
             return super().forward(t)
 
     ReducedLlava(model, Spy(ratios=(0.5,), layers=(2,))).prefill(ids, mask, pixels)
-    with torch.no_grad():
-        att = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_attentions=True).attentions[2]
-    row = att[:, :, -1].mean(1)  # (B, T): layer 2, last query, heads averaged
-    ref = torch.stack([row[i][ids[i] == 5] for i in range(3)])
-    torch.testing.assert_close(seen[0], ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seen[0], eager_image_row(model, ids, mask, pixels, 2), atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- DART

@@ -35,8 +35,8 @@ reproduce it. Measured on the 2-core CPU machine (training accuracy on the answe
 * the 5-layer vision tower of 1,000 stage-1 steps held every 8-layer LLM on the plateau (8 x 64 and 8 x 128,
   0.42-0.47 after up to 7,900 steps; 8 x 128 on `synth_vqa` alone 0.43 after 1,400), while the same 8 x 128 LLM
   on the old 3-layer tower left it at once (0.47 / 0.54 / 0.60 after 800 / 1,400 / 2,400 curriculum steps): the
-  tower, not the depth, was the obstacle. A 4-layer tower trained 2,000 steps reaches per-patch shape accuracy
-  0.97 (the 5-layer one 0.82);
+  tower, not the depth, was the obstacle. A 4-layer tower trained 2,000 steps ends at per-patch shape accuracy
+  0.97 on its last training batch (the 5-layer one after 1,000: 0.82);
 * on that tower, both tasks mixed from the start: 0.48 after 2,500 curriculum steps (held-out: `synth_vqa` 0.44,
   `synth_scenes` 0.50);
 * this recipe as it stands (stage 2 on `synth_vqa` alone, 5,000 steps: 0.71; stage 3 on both with its own

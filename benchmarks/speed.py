@@ -43,7 +43,8 @@ PLAN = [("full", None, {}), ("fastv", 64, {}), ("fastv", 192, {}), ("fastv", "R=
         ("adaptive_b", 64, {}), ("adaptive_b", 192, {}), ("divprune", 64, {}), ("divprune", 192, {}),
         ("fastervlm", 64, {}), ("fastervlm", 192, {}), ("vispruner", 64, {}), ("vispruner", 192, {}),
         ("visionzip", 64, {}), ("visionzip", 192, {}), ("dart", 64, {}), ("dart", 192, {}),
-        ("pdrop", 192, {}), ("pdrop", "ratios", {"ratios": (0.5, 0.25, 0.125)})]  # pdrop 192: a layer mean
+        ("pdrop", 192, {}), ("pdrop", "ratios", {"ratios": (0.5, 0.25, 0.125)}),  # pdrop 192: a layer mean
+        ("sparsevlm", 192, {}), ("sparsevlm", "retained=64", {"retained_tokens": 64})]  # sparsevlm 192: likewise
 
 
 def machine() -> str:

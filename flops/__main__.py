@@ -20,8 +20,8 @@ from methods.cli import OneLineParser, parse_budget, parse_method_arg
 from methods.llava import check_reducer
 from methods.trace import LlavaLayout
 
-TABLE = ("method", "budget", "visual_tokens", "llm_prefill_tmacs", "llm_prefill_tflops", "prefill_tmacs",
-         "prefill_tflops", "total_tflops", "llm_prefill_ratio", "prefill_ratio")
+TABLE = ("method", "budget", "visual_tokens", "visual_tokens_layer_mean", "llm_prefill_tmacs", "llm_prefill_tflops",
+         "prefill_tmacs", "prefill_tflops", "total_tflops", "llm_prefill_ratio", "prefill_ratio")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,9 +70,11 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
         check_reducer(reducer, LlavaLayout.from_config(config))  # as run_bench.py checks it: layer in range, ...
         rec = shape_record(config, reducer, args.text_tokens, args.generated_tokens)
         macs = count(rec, shape)
-        rows.append({"method": method, "budget": label, "visual_tokens": rec["llm_tokens_per_layer"][-1]
-                     - args.text_tokens, "llm_prefill_tmacs": macs.llm_prefill / 1e12,
-                     "llm_prefill_tflops": 2 * macs.llm_prefill / 1e12, "prefill_tmacs": macs.prefill / 1e12,
+        visual = [c - args.text_tokens for c in rec["llm_tokens_per_layer"]]  # entering each LLM layer
+        rows.append({"method": method, "budget": label, "visual_tokens": visual[0],
+                     "visual_tokens_layer_mean": sum(visual) / len(visual),
+                     "llm_prefill_tmacs": macs.llm_prefill / 1e12, "llm_prefill_tflops": 2 * macs.llm_prefill / 1e12,
+                     "prefill_tmacs": macs.prefill / 1e12,
                      "prefill_tflops": 2 * macs.prefill / 1e12, "total_tflops": 2 * macs.total / 1e12,
                      "vision_tmacs": macs.vision / 1e12, "reducer_tmacs": macs.reducer / 1e12,
                      "projector_tmacs": macs.projector / 1e12, "lm_head_tmacs": macs.lm_head_prefill / 1e12})

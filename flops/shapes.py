@@ -95,7 +95,8 @@ def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) ->
 
 
 @torch.no_grad()
-def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_tokens: int = 1, seed: int = 0) -> dict:
+def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_tokens: int = 1, seed: int = 0,
+                 text_after: int | None = None) -> dict:
     """The token-trace record of one sample: `text_tokens` prompt tokens plus the image, reduced by `reducer`.
 
     Args:
@@ -104,6 +105,8 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         text_tokens: prompt tokens other than the image's.
         generated_tokens: answer length, end-of-sequence included.
         seed: seed of the random stand-in tokens (only a data-dependent reducer would notice).
+        text_after: how many of the `text_tokens` follow the image (DART's text pivots and SparseVLM's raters are
+            among them); default half of them.
 
     Returns:
         A record for `flops.analytic.count`.
@@ -160,17 +163,26 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
             sig = {name: torch.rand(1, kept, generator=g) for name in sorted(reducer.needs & ROW_SIGNALS)}
             if "normed" in reducer.needs:
                 sig["normed"] = torch.randn(1, kept, tc.hidden_size, generator=g)
-            if "text" in reducer.needs:  # the text tokens after the image: a stand-in count (a prompt's tail)
-                m = max(1, text_tokens // 2)
-                sig["text"] = TextTokens(normed=torch.randn(1, m, tc.hidden_size, generator=g),
-                                         key_norms=torch.rand(1, m, generator=g),
-                                         valid=torch.ones(1, m, dtype=torch.bool))
+            m = max(1, text_tokens // 2) if text_after is None else text_after  # the text tokens after the image
+            text = {}
+            if "text" in reducer.needs:
+                text.update(normed=torch.randn(1, m, tc.hidden_size, generator=g),
+                            key_norms=torch.rand(1, m, generator=g))
+            if "text_attn" in reducer.needs:
+                text["attn"] = torch.rand(1, m, kept, generator=g)
+            if "embeds" in reducer.needs:
+                text["embeds"] = torch.randn(1, m, tc.hidden_size, generator=g)
+                sig["embeds"] = torch.randn(1, n, tc.hidden_size, generator=g)
+            if text or "text" in reducer.needs:
+                sig["text"] = TextTokens(valid=torch.ones(1, m, dtype=torch.bool), **text)
             red = reducer(Tokens(x=torch.randn(1, kept, tc.hidden_size, generator=g), grid=lay.grid,
                                  sample_key=torch.zeros(1, dtype=torch.long), stage=stage, depth=lay.llm_layers,
                                  **sig))
             seq = llm[layer]
             if "query_attn" in sig:
                 own += query_row_macs(seq, tc.hidden_size, heads * head_dim)
+            if "text_attn" in reducer.needs:
+                own += m * query_row_macs(seq, tc.hidden_size, heads * head_dim)
             if "query_attn_next" in sig:
                 own += next_query_macs(seq, tc.hidden_size, heads * head_dim, kv_width * head_dim)
             own += 0 if red.macs is None else int(red.macs[0])

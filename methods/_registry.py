@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 _REDUCERS: dict[str, type[TokenReducer]] = {}
 # one file per method; add new ones here
 METHOD_MODULES = ("adaptive", "dart", "divprune", "fastervlm", "fastv", "full", "pdrop", "prumerge", "random",
-                  "visionzip", "vispruner")
+                  "sparsevlm", "visionzip", "vispruner")
 
 
 def load_methods() -> None:

@@ -28,24 +28,31 @@ class Site(enum.Enum):
 
 
 SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "query_attn",
-                     "query_attn_next", "key_norms", "normed", "text"})
+                     "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds"})
 AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
 
 
 @dataclass
 class TextTokens:
     """The prompt's text tokens after the image (the instruction and the answer prompt) at an LLM-site reduction
-    point, M per sample (padded): DART's text pivots.
+    point, M per sample (padded): DART's text pivots, SparseVLM's raters. Only the fields the reducer's `needs` ask
+    for are set.
 
     Attributes:
-        normed: (B, M, D) their hidden states entering the reducing layer, through the LLM's final norm.
-        key_norms: (B, M) L1 norm of their keys at the layer below (after RoPE, key/value heads concatenated).
         valid: (B, M) bool, False on padding.
+        normed: (B, M, D) their hidden states entering the reducing layer, through the LLM's final norm ("text").
+        key_norms: (B, M) L1 norm of their keys at the layer below (after RoPE, key/value heads concatenated; "text").
+        attn: (B, M, N) each one's attention over the image tokens still in the sequence at the layer below: its
+            query against that layer's cached keys, softmax per head over every real key up to its own position
+            (causal), averaged over heads ("text_attn").
+        embeds: (B, M, D) their LLM input embeddings ("embeds").
     """
 
-    normed: Tensor
-    key_norms: Tensor
     valid: Tensor
+    normed: Tensor | None = None
+    key_norms: Tensor | None = None
+    attn: Tensor | None = None
+    embeds: Tensor | None = None
 
 
 @dataclass
@@ -72,7 +79,9 @@ class Tokens:
             concatenated; LLM site; DART's pivots).
         normed: (B, N, D) the image tokens' hidden states entering the reducing layer, through the LLM's final norm
             (LLM site; DART's similarities).
-        text: the text tokens after the image, as `TextTokens` (LLM site).
+        text: the text tokens after the image, as `TextTokens` (LLM site; for "text", "text_attn" or "embeds").
+        embeds: (B, N0, D) the LLM input embeddings of every one of the image's N0 tokens, as the projector made them,
+            whatever earlier stages removed (LLM site; SparseVLM chooses its raters from them).
         query_attn_next: (B, N) the same row at the layer about to run (the one the reduced tokens enter), from
             that layer's own query and key projections of its input, before it runs (LLM site; PyramidDrop's).
         budget: (B,) long, optional per-sample budgets that override the reducer's own `budget`.
@@ -97,6 +106,7 @@ class Tokens:
     key_norms: Tensor | None = None
     normed: Tensor | None = None
     text: TextTokens | None = None
+    embeds: Tensor | None = None
     budget: Tensor | None = None
     sample_key: Tensor | None = None
     extra: Tensor | None = None
@@ -112,6 +122,9 @@ class Reduced:
         x: (B, K, D) the tokens that go on, K <= budget.
         keep: (B, K) long source index (into the site's N tokens) of each returned token, -1 where a token is
             not a single source token (a merged summary token, for instance). None means "all N, unchanged".
+        anchor: (B, K) long, LLM site only: for each token with keep -1, the source index of a removed token whose
+            place in the sequence and position id it takes (SparseVLM's recycled tokens); anchors are distinct and
+            never a kept token. None when every keep >= 0.
         valid: (B, K) bool, only when per-sample counts differ; False slots are padding and are dropped.
         macs: (B,) long, multiply-accumulates of the reducer's own matmul-like work per sample (scoring, merging,
             a controller), on the conventions of `flops/analytic.py`; None means none. The signals the adapter
@@ -122,6 +135,7 @@ class Reduced:
 
     x: Tensor
     keep: Tensor | None = None
+    anchor: Tensor | None = None
     valid: Tensor | None = None
     macs: Tensor | None = None
     aux: dict[str, Tensor] = field(default_factory=dict)

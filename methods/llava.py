@@ -21,6 +21,8 @@ Prefill of a left-padded batch, one image per prompt:
 4. LLM: decoder layers with an explicit additive mask (causal + padding). LLM site: before decoder layer
    `reducer.layer`, the non-kept image tokens are *removed* from the sequence; original position ids are kept
    (RoPE sees the gaps, as in FastV); layers below keep the full KV cache, layers from there on the reduced one.
+   A reducer may also return merged tokens (keep -1), each in the place and with the position id of a removed
+   token it names (`Reduced.anchor`; SparseVLM's recycled tokens).
    `query_attn` is the head-averaged attention of the last prompt token at layer `layer - 1`, computed from that
    token's query and the layer's cached (post-RoPE) keys: one extra query row, no layer is run twice and the
    model never switches to eager attention.
@@ -58,8 +60,8 @@ from methods.trace import (
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 FEATURE_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})
-LLM_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms", "normed", "text"})
-BELOW_SIGNALS = frozenset({"query_attn", "key_norms", "text"})  # read from layer `layer - 1`: layer >= 1
+LLM_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds"})
+BELOW_SIGNALS = frozenset({"query_attn", "key_norms", "text", "text_attn"})  # read from layer `layer - 1`: layer >= 1
 
 
 def llava_prompt(processor, text: str) -> str:
@@ -529,26 +531,39 @@ class ReducedLlava:
         mask = _additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
         h_prev = seq.x
         stages = r.llm_layers(len(lm.layers), self.layout.num_patches) if r.site is Site.LLM else ()
+        embeds = self._input_embeds(seq) if "embeds" in r.needs else None  # the image's and the text's, kept
         for j, layer in enumerate(lm.layers):
             if j in stages:
                 t0 = self._clock()  # the reducer's time includes the signals computed for it
                 rows = {}  # signal name -> (B, T') row over the current sequence
+                last = seq.real.new_full((seq.x.size(0), 1), seq.x.size(1) - 1, dtype=torch.long)  # (B, 1)
                 if "query_attn" in r.needs:
-                    rows["query_attn"] = self._last_query_attention(j - 1, h_prev, seq.real, cos_sin,
-                                                                    cache.layers[j - 1].keys)
+                    rows["query_attn"] = self._query_attention(j - 1, h_prev, seq.real, cos_sin, last,
+                                                               cache.layers[j - 1].keys)[:, 0]
                     log.macs = log.macs + query_row_macs(seq.real.sum(1), seq.x.size(-1),
                                                          lm.layers[j - 1].self_attn.q_proj.out_features)
                 if "query_attn_next" in r.needs:
-                    rows["query_attn_next"] = self._last_query_attention(j, seq.x, seq.real, cos_sin)
+                    rows["query_attn_next"] = self._query_attention(j, seq.x, seq.real, cos_sin, last)[:, 0]
                     att = layer.self_attn
                     log.macs = log.macs + next_query_macs(seq.real.sum(1), seq.x.size(-1), att.q_proj.out_features,
                                                           att.k_proj.out_features)
-                text = None
+                text = {}
+                if {"text", "text_attn"} & r.needs or embeds is not None:
+                    text_idx, text_valid = self._text_after_image(seq)  # (B, M)
                 if {"key_norms", "normed", "text"} & r.needs:  # DART's: norms only, no matmul-like work
                     keys = cache.layers[j - 1].keys  # (B, Hkv, T', hd) layer j-1's keys, after RoPE
                     l1, normed = keys.abs().sum((1, 3)).float(), lm.norm(seq.x)  # (B, T'), (B, T', D)
                     rows.update({"key_norms": l1, "normed": normed})
-                    text = self._text_after_image(seq, normed, l1) if "text" in r.needs else None
+                    if "text" in r.needs:
+                        text.update(normed=gather_tokens(normed, text_idx), key_norms=l1.gather(1, text_idx))
+                if "text_attn" in r.needs:  # (B, M, T') every text token's row: SparseVLM's raters choose among them
+                    text["attn"] = self._query_attention(j - 1, h_prev, seq.real, cos_sin, text_idx,
+                                                         cache.layers[j - 1].keys)
+                    log.macs = log.macs + text_valid.sum(1) * query_row_macs(
+                        seq.real.sum(1), seq.x.size(-1), lm.layers[j - 1].self_attn.q_proj.out_features)
+                if embeds is not None:
+                    text["embeds"], rows["embeds"] = embeds[1], embeds[0]
+                text = TextTokens(valid=text_valid, **text) if text or "text" in r.needs else None
                 seq, red, done = self._reduce_in_llm(seq, rows, stages.index(j), budgets, key, text)
                 log.add(red, done - t0)
                 key_masks.append(seq.real)
@@ -588,54 +603,78 @@ class ReducedLlava:
         r = self.reducer
         vidx, vvalid = pack_true(seq.visual & seq.real)  # (B, N) positions of the visual tokens, in order
         sig = {name: gather_tokens(row, vidx) if row.dim() == 3 else row.gather(1, vidx).masked_fill(~vvalid, 0.0)
-               for name, row in rows.items() if name in r.needs}  # (B, N) or (B, N, D) each
+               for name, row in rows.items() if name in r.needs and name != "embeds"}  # (B, N) or (B, N, D) each
+        if text is not None and text.attn is not None:  # (B, M, T') -> (B, M, N): the image tokens' columns
+            cols = vidx.unsqueeze(1).expand(-1, text.attn.size(1), -1)
+            text = replace(text, attn=text.attn.gather(2, cols).masked_fill(~vvalid.unsqueeze(1), 0.0))
         tokens = Tokens(x=gather_tokens(seq.x, vidx), grid=self.layout.grid,
                         valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, stage=stage,
-                        depth=self.layout.llm_layers, text=text, **sig)
+                        depth=self.layout.llm_layers, text=text, embeds=rows.get("embeds"), **sig)
         red = r(tokens)
         done = self._clock()
-        if red.keep is None or bool((red.keep < 0).any()):
-            raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0)")
+        merged = red.keep < 0 if red.keep is not None else None  # (B, K) tokens standing in a removed one's place
+        if red.keep is None or (bool(merged.any()) and red.anchor is None):
+            raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0), "
+                             "with an anchor for each merged token (keep -1)")
+        at = torch.where(merged, red.anchor, red.keep) if red.anchor is not None else red.keep  # (B, K) into N
         kvalid = red.valid if red.valid is not None else torch.ones_like(red.keep, dtype=torch.bool)
-        kvalid = kvalid & vvalid.gather(1, red.keep)
-        kept_pos = vidx.gather(1, red.keep)  # (B, K) positions in the sequence
-        # a reducer may update the values of the tokens it keeps
+        kvalid = kvalid & vvalid.gather(1, at)
+        hits = torch.zeros_like(vvalid, dtype=torch.long).scatter_add(1, at, kvalid.long())
+        if bool((hits > 1).any()):
+            raise ValueError(f"{r.name} returned two tokens for one place (a merged token's anchor must be a removed "
+                             "token, each used once)")
+        kept_pos = vidx.gather(1, at)  # (B, K) positions in the sequence
+        # a reducer may update the values of the tokens it keeps; a merged token overwrites its anchor
         x = seq.x.scatter(1, kept_pos.unsqueeze(-1).expand(-1, -1, seq.x.size(-1)), red.x)
+        src = seq.src.scatter(1, kept_pos, torch.where(merged, -1, seq.src.gather(1, kept_pos)))
         keep = (~seq.visual) & seq.real
         keep = keep.scatter(1, kept_pos, kvalid) | keep
         idx, valid = pack_true(keep, right=True)  # (B, T'')
-        return replace(seq, x=x).take(idx, valid), red, done
+        return replace(seq, x=x, src=src).take(idx, valid), red, done
 
-    def _last_query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, keys: Tensor | None = None
-                              ) -> Tensor:
-        """(B, T) head-averaged attention of the last prompt token at decoder layer `layer_idx`.
+    def _query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, rows: Tensor,
+                         keys: Tensor | None = None) -> Tensor:
+        """(B, R, T) head-averaged attention of the tokens at sequence positions `rows` (B, R) at decoder layer
+        `layer_idx`, each over the real keys up to its own position (causal; a row always sees itself).
 
-        `h_in` (B, T, D) is that layer's input, `real` (B, T) marks the real keys; only the last token's query is
-        computed. `keys` (B, Hkv, T, hd) are the layer's cached post-RoPE keys once it has run (FastV's row); None
-        computes them from the layer's own k projection of `h_in`, before it runs (PyramidDrop's row).
+        `h_in` (B, T, D) is that layer's input, `real` (B, T) marks the real keys; only the rows' queries are
+        computed. `keys` (B, Hkv, T, hd) are the layer's cached post-RoPE keys once it has run (FastV's and
+        SparseVLM's rows); None computes them from the layer's own k projection of `h_in`, before it runs
+        (PyramidDrop's row).
         """
         layer = self.model.model.language_model.layers[layer_idx]
         att = layer.self_attn
         b, t, _ = h_in.shape
-        hn = layer.input_layernorm(h_in if keys is None else h_in[:, -1:])  # (B, T or 1, D)
-        q = att.q_proj(hn[:, -1:]).view(b, 1, -1, att.head_dim).transpose(1, 2)  # (B, H, 1, hd)
         cos, sin = cos_sin
-        q = _rope(q, cos[:, -1:], sin[:, -1:])
         if keys is None:
+            hn = layer.input_layernorm(h_in)  # (B, T, D)
             keys = _rope(att.k_proj(hn).view(b, t, -1, att.head_dim).transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
+            hq = gather_tokens(hn, rows)
+        else:
+            hq = layer.input_layernorm(gather_tokens(h_in, rows))  # (B, R, D)
+        q = att.q_proj(hq).view(b, rows.size(1), -1, att.head_dim).transpose(1, 2)  # (B, H, R, hd)
+        q = _rope(q, gather_tokens(cos, rows), gather_tokens(sin, rows))
         k = keys.repeat_interleave(q.size(1) // keys.size(1), dim=1)  # (B, H, T, hd)
-        scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, 1, T)
-        scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
-        return scores.softmax(-1).mean(1)[:, 0]  # (B, T)
+        scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, R, T)
+        kj = torch.arange(t, device=h_in.device).view(1, 1, t)
+        allowed = (real.unsqueeze(1) & (kj <= rows.unsqueeze(-1))) | (kj == rows.unsqueeze(-1))  # (B, R, T)
+        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        return scores.softmax(-1).mean(1)  # (B, R, T)
 
     @staticmethod
-    def _text_after_image(seq: _Seq, normed: Tensor, key_norms: Tensor) -> TextTokens:
-        """The real tokens after each sample's last visual token (B, M, padded), with their normed states (B, T', D)
-        and key norms (B, T') gathered."""
+    def _text_after_image(seq: _Seq) -> tuple[Tensor, Tensor]:
+        """(B, M) sequence positions of the real tokens after each sample's last visual token, and their valid mask
+        (`pack_true`'s padding slots are False)."""
         t = torch.arange(seq.x.size(1), device=seq.x.device)
         last = torch.where(seq.visual, t, -1).amax(1, keepdim=True)  # (B, 1) last visual position
-        idx, valid = pack_true(seq.real & ~seq.visual & (t > last))  # (B, M)
-        return TextTokens(normed=gather_tokens(normed, idx), key_norms=key_norms.gather(1, idx), valid=valid)
+        return pack_true(seq.real & ~seq.visual & (t > last))
+
+    def _input_embeds(self, seq: _Seq) -> tuple[Tensor, Tensor]:
+        """The LLM input embeddings of the image's tokens (B, N, D) and of the text after it (B, M, D), from the
+        sequence as spliced (before any LLM-site reduction)."""
+        vidx, _ = pack_true(seq.visual & seq.real)
+        tidx, _ = self._text_after_image(seq)
+        return gather_tokens(seq.x, vidx), gather_tokens(seq.x, tidx)
 
     def _decode_step(self, state: DecodeState, tok: Tensor) -> Tensor:
         """Feed one token per sample through every layer; return the next logits (B, V)."""

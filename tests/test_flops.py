@@ -22,7 +22,7 @@ from flops.shapes import CONFIGS, load_config, shape_record, stand_in_reducer
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
 from methods.llava import ReducedLlava, llava_prompt, load_llava
-from tests.conftest import tiny_batch, tiny_llava
+from tests.conftest import IMAGE_TOKEN, tiny_batch, tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [m for m in list_reducers() if get_reducer_class(m).__module__.startswith("methods.")]
@@ -32,6 +32,8 @@ def make(method: str, budget, config, **kw):
     """The method at `budget`; learned controllers get an untrained one of the default shape (same MACs)."""
     if method in ("fastv", "dart"):  # layer 1: the 2-layer cuts below have no layer 2
         kw.setdefault("layer", 1)
+    if method == "sparsevlm":  # one stage before layer 1 keeping `budget` (a layer mean is out of reach at 2 layers)
+        return stand_in_reducer(method, None, config, counts=(budget,), layers=(1,), **kw)
     return stand_in_reducer(method, budget, config, **kw)
 
 
@@ -87,7 +89,8 @@ def test_shape_only_record_equals_real_trace(method):
     reducer = make(method, 6, model.config)
     with torch.no_grad():
         rec = ReducedLlava(model, reducer).prefill(ids, mask, pixels).trace.sample(0, 16)
-    shaped = shape_record(model.config, reducer, text_tokens=int(mask.sum()) - 16)
+    after = ids.size(1) - 1 - int((ids[0] == IMAGE_TOKEN).nonzero()[-1])  # the text after the image (no padding)
+    shaped = shape_record(model.config, reducer, text_tokens=int(mask.sum()) - 16, text_after=after)
     assert {k: rec[k] for k in shaped if k != "generated_tokens"} == {
         k: v for k, v in shaped.items() if k != "generated_tokens"}
 
@@ -143,7 +146,7 @@ def llava7b_shaped():
 
 
 @pytest.mark.parametrize("method", ["full", "fastv", "prumerge", "prumerge_plus", "random", "adaptive_a",
-                                    "adaptive_b", "pdrop", "dart"])
+                                    "adaptive_b", "pdrop", "dart", "sparsevlm"])
 def test_analytic_equals_fvcore_llava7b_shaped(llava7b_shaped, method):
     model = llava7b_shaped
     n = 576

@@ -100,12 +100,14 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
     assert lm.model.dtype == torch.float32 and lm.num_patches == PATCHES
     out = tmp_path / "run"
     spec = RunSpec(model=checkpoint, budgets=(BUDGET,), limit=2, batch_size=2, output=out, device="cpu",
-                   dtype="float32", method_kwargs=(("fastv", "layer", 1), ("dart", "layer", 1)))
+                   dtype="float32", method_kwargs=(("fastv", "layer", 1), ("dart", "layer", 1),
+                                                   ("sparsevlm", "counts", (BUDGET,)), ("sparsevlm", "layers", (1,))))
     assert set(spec.methods) == set(list_reducers())  # the learned methods found their controllers
     rows = run(spec, progress=False, lm=lm)
 
     cells = {(r["method"], r["budget"]) for r in rows}
-    assert cells == {(m, BUDGET) for m in list_reducers() if m != "full"} | {("full", PATCHES)}
+    fixed = {"full": PATCHES, "sparsevlm": f"counts={BUDGET}"}  # SparseVLM: one stage (2 layers) keeping 64
+    assert cells == {(m, fixed.get(m, BUDGET)) for m in list_reducers()}
     assert all(r["n"] == 2 for r in rows if r["metric"] == "exact_match")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted({s["method"] for s in samples}) == list_reducers() and len(samples) == 2 * len(list_reducers())
@@ -113,10 +115,11 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
         per_layer = s["visual_tokens_per_layer"]
         if s["method"] == "full":
             assert per_layer == [PATCHES, PATCHES] and s["kept_indices"] is None
-        elif get_reducer_class(s["method"]).budget_unit == "layer_mean":  # PyramidDrop: the budget is the mean
+        elif s["method"] == "pdrop":  # PyramidDrop: the budget is the layer mean
             assert sum(per_layer) / len(per_layer) <= BUDGET and per_layer == sorted(per_layer, reverse=True)
         elif get_reducer_class(s["method"]).site.value == "llm":  # every token below its layer
-            kept = 4 + (BUDGET - 4) // 8 * 8 if s["method"] == "dart" else BUDGET  # DART: 4 pivots + 7 x 8 = 60
+            # DART: 4 pivots + 7 x 8 = 60; SparseVLM: 64 + int((int(0.3 x 512) + 1) / 10) + 1 = 16 merged
+            kept = {"dart": 4 + (BUDGET - 4) // 8 * 8, "sparsevlm": BUDGET + 16}.get(s["method"], BUDGET)
             assert per_layer == [PATCHES, kept], s["method"]
         else:  # pre-LLM methods; at the embeddings site (DivPrune) every patch went through the projector first
             projected = PATCHES if get_reducer_class(s["method"]).site.value == "embeddings" else BUDGET

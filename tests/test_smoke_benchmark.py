@@ -28,7 +28,8 @@ def smoke():
 def test_predictions_identical_at_batch_1_and_4(smoke, method):
     model, processor, inputs = smoke
     n = 144
-    budget = n if method == "full" else (36 if method != "prumerge" else "auto")
+    # SparseVLM's first stage is before layer 1 of the 3-layer smoke LLM: a layer mean below 51 is out of its reach
+    budget = {"full": n, "prumerge": "auto", "sparsevlm": 72}.get(method, 36)
     run = ReducedLlava(model, make_reducer(Cell("synth_vqa", method, budget), RunSpec()))
     eos = model.generation_config.eos_token_id
 

@@ -117,7 +117,7 @@ def smoke():
 
 @pytest.mark.parametrize("method,budget", [("full", None), ("fastv", 16), ("prumerge", 16), ("prumerge", "auto"),
                                            ("prumerge_plus", 36), ("random", 36), ("adaptive_a", 16),
-                                           ("adaptive_b", 48), ("budget_blind", 16)])
+                                           ("adaptive_b", 48), ("budget_blind", 16), ("sparsevlm", 36)])
 def test_analytic_equals_fvcore_smoke_model(smoke, method, budget):
     model, processor = smoke
     s = generate_sample(3, 7)

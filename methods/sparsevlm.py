@@ -250,7 +250,7 @@ class SparseVLM(TokenReducer):
         k = torch.minimum(torch.tensor([per[v] for v in budgets], device=dev), n_v - 1).clamp(min=1)  # (B,)
         rate = raters(t.embeds, t.text.embeds, t.text.valid)  # (B, M)
         attn = torch.where(rate[..., None], t.text.attn.float(), 0.0)  # (B, M, N)
-        relation = attn.sum(1) / rate.sum(1, keepdim=True)  # (B, N) the raters' mean attention
+        relation = attn.sum(1) / rate.sum(1, keepdim=True).clamp(min=1)  # (B, N) the raters' mean attention
         keep, kvalid = select_top(relation, k, valid)  # (B, K) ascending
         kvalid = torch.ones_like(keep, dtype=torch.bool) if kvalid is None else kvalid
         m = t.text.valid.sum(1)  # (B,)

@@ -94,3 +94,17 @@ def pixel_key(pixel_values: Tensor) -> Tensor:
     q = (pixel_values.float() * 255).round().long().flatten(1) % 65521  # (B, P)
     w = torch.arange(q.size(1), device=q.device) % 65519 + 1
     return mix32((q * w).sum(1))
+
+
+def additive_mask(key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:
+    """(B, S) real-key mask -> (B, 1, q_len, S) additive mask for the last q_len positions of the sequence.
+
+    Causal over sequence order, padding keys masked. A query may always see itself, so rows of padding queries stay
+    finite (their outputs are never used, but a NaN there would leak through later matmuls).
+    """
+    s = key_mask.size(1)
+    qi = torch.arange(s - q_len, s, device=key_mask.device).unsqueeze(1)  # (q, 1)
+    kj = torch.arange(s, device=key_mask.device).unsqueeze(0)  # (1, S)
+    allowed = ((kj <= qi).unsqueeze(0) & key_mask.unsqueeze(1)) | (kj == qi).unsqueeze(0)  # (B, q, S)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)

@@ -44,7 +44,7 @@ from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGenerat
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import eager_attention_forward
 
-from methods._ops import gather_tokens, pack_true, pixel_key
+from methods._ops import additive_mask, gather_tokens, pack_true, pixel_key
 from methods.base import Reduced, Site, TextTokens, TokenReducer, Tokens
 from methods.cli import first_line
 from methods.trace import (
@@ -221,20 +221,6 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def _additive_mask(key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:
-    """(B, S) real-key mask -> (B, 1, q_len, S) additive mask for the last q_len positions of the sequence.
-
-    Causal over sequence order, padding keys masked. A query may always see itself, so rows of padding queries stay
-    finite (their outputs are never used, but a NaN there would leak through later matmuls).
-    """
-    s = key_mask.size(1)
-    qi = torch.arange(s - q_len, s, device=key_mask.device).unsqueeze(1)  # (q, 1)
-    kj = torch.arange(s, device=key_mask.device).unsqueeze(0)  # (1, S)
-    allowed = ((kj <= qi).unsqueeze(0) & key_mask.unsqueeze(1)) | (kj == qi).unsqueeze(0)  # (B, q, S)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 class ReducedLlava:
@@ -528,7 +514,7 @@ class ReducedLlava:
         key_masks, layer_segment = [seq.real], []
         llm_tokens, visual_tokens = [], []
         cos_sin = lm.rotary_emb(seq.x, seq.pos)
-        mask = _additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
+        mask = additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
         h_prev = seq.x
         stages = r.llm_layers(len(lm.layers), self.layout.num_patches) if r.site is Site.LLM else ()
         embeds = self._input_embeds(seq) if "embeds" in r.needs else None  # the image's and the text's, kept
@@ -568,7 +554,7 @@ class ReducedLlava:
                 log.add(red, done - t0)
                 key_masks.append(seq.real)
                 cos_sin = lm.rotary_emb(seq.x, seq.pos)
-                mask = _additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
+                mask = additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
             llm_tokens.append(seq.real.sum(1))
             visual_tokens.append((seq.visual & seq.real).sum(1))
             layer_segment.append(len(key_masks) - 1)
@@ -683,7 +669,7 @@ class ReducedLlava:
         pos = state.next_pos.unsqueeze(1)  # (B, 1)
         cos_sin = lm.rotary_emb(x, pos)
         state.key_masks = [torch.cat([km, km.new_ones(km.size(0), 1)], 1) for km in state.key_masks]
-        masks = [_additive_mask(km, 1, x.dtype) for km in state.key_masks]
+        masks = [additive_mask(km, 1, x.dtype) for km in state.key_masks]
         for j, layer in enumerate(lm.layers):
             x = layer(x, attention_mask=masks[state.layer_segment[j]], position_ids=pos,
                       past_key_values=state.cache, use_cache=True, position_embeddings=cos_sin)

@@ -1,0 +1,77 @@
+"""The Qwen2.5-VL adapter (issue 18, first step): `full` equals HF generate on a random Qwen2.5-VL, one image and a
+left-padded batch of two images of different sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from methods import create_reducer
+from methods.qwen import QwenLayout, ReducedQwen
+
+IMAGE, START, END = 60, 61, 62  # image placeholder, vision start and end ids in the tiny vocabulary
+
+
+def tiny_qwen(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    """A random Qwen2.5-VL: 2 vision blocks (one windowed, one full), 2 x 2 merger, a 2-layer GQA LLM with M-RoPE."""
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                       "fullatt_block_indexes": [1]},
+        image_token_id=IMAGE, video_token_id=63, vision_start_token_id=START, vision_end_token_id=END,
+        eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    for p in model.parameters():  # larger random weights so greedy outputs vary with the input
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def prompts(model, grids: list[tuple[int, int, int]], seed: int = 0):
+    """Left-padded prompts `text <start> image... <end> text` (lengths differ), their patches and grids."""
+    g = torch.Generator().manual_seed(seed)
+    lay = QwenLayout.from_config(model.config)
+    rows = []
+    for i, (t, h, w) in enumerate(grids):
+        before = torch.randint(3, 59, (2 + i,), generator=g).tolist()
+        after = torch.randint(3, 59, (4 + 3 * i,), generator=g).tolist()
+        rows.append(before + [START] + [IMAGE] * (t * h * w // lay.merge ** 2) + [END] + after)
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+    return ids, mask, pixels, grid
+
+
+@pytest.mark.parametrize("grids", [[(1, 8, 8)], [(1, 8, 8), (1, 6, 10)]], ids=["one", "two_sizes"])
+def test_full_equals_hf_generate(grids):
+    model = tiny_qwen(seed=len(grids))
+    ids, mask, pixels, grid = prompts(model, grids, seed=3)
+    ours, lengths = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=6)
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
+                            mm_token_type_ids=(ids == IMAGE).int(), max_new_tokens=6, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[:, ids.size(1):]
+    assert ours.tolist() == hf.tolist()
+    assert lengths.tolist() == [6] * len(grids)
+    assert len({tuple(r) for r in ours.tolist()}) == len(grids) or len(grids) == 1  # the samples differ
+
+
+def test_layout_and_refusals():
+    model = tiny_qwen()
+    lay = QwenLayout.from_config(model.config)
+    assert lay.tokens(torch.tensor([[1, 8, 8], [1, 6, 10]])).tolist() == [16, 15]
+    assert (lay.full_attention_blocks, lay.llm_layers, lay.width) == ((1,), 2, 64)
+    with pytest.raises(NotImplementedError, match="does not run on Qwen2.5-VL yet"):
+        ReducedQwen(model, create_reducer("fastv", 4))
+    ids, mask, pixels, grid = prompts(model, [(1, 8, 8)])
+    with pytest.raises(ValueError, match="one image's run of image tokens"):
+        ReducedQwen(model, create_reducer("full")).prefill(ids[:, 1:], mask[:, 1:], pixels, torch.tensor([[1, 8, 10]]))

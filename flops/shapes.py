@@ -23,7 +23,7 @@ from methods.trace import LlavaLayout, cls_signal_macs, feature_row_macs, next_q
 
 ROW_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms"})  # (B, N) rows at the LLM site
 
-CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b
+CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b
 
 
 def load_config(name_or_path: str | Path):
@@ -46,6 +46,8 @@ def load_config(name_or_path: str | Path):
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(raw, dict) and raw.get("model_type") == "qwen2_5_vl":
+        raise ValueError(f"{path}: Qwen2.5-VL is not priced by the FLOPs counter yet (LLaVA configs only; issue 18)")
     if not isinstance(raw, dict) or raw.get("model_type") != "llava":
         got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{path} is not a LLaVA config (needs model_type 'llava'; got {got!r})")

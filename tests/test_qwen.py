@@ -3,10 +3,13 @@ left-padded batch of two images of different sizes."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from flops.shapes import CONFIGS, load_config
 from methods import create_reducer
 from methods.qwen import QwenLayout, ReducedQwen
 
@@ -35,12 +38,13 @@ def tiny_qwen(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
 def prompts(model, grids: list[tuple[int, int, int]], seed: int = 0):
     """Left-padded prompts `text <start> image... <end> text` (lengths differ), their patches and grids."""
     g = torch.Generator().manual_seed(seed)
-    lay = QwenLayout.from_config(model.config)
+    cfg, lay = model.config, QwenLayout.from_config(model.config)
     rows = []
     for i, (t, h, w) in enumerate(grids):
         before = torch.randint(3, 59, (2 + i,), generator=g).tolist()
         after = torch.randint(3, 59, (4 + 3 * i,), generator=g).tolist()
-        rows.append(before + [START] + [IMAGE] * (t * h * w // lay.merge ** 2) + [END] + after)
+        image = [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // lay.merge ** 2)
+        rows.append(before + image + [cfg.vision_end_token_id] + after)
     width = max(map(len, rows))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -75,3 +79,24 @@ def test_layout_and_refusals():
     ids, mask, pixels, grid = prompts(model, [(1, 8, 8)])
     with pytest.raises(ValueError, match="one image's run of image tokens"):
         ReducedQwen(model, create_reducer("full")).prefill(ids[:, 1:], mask[:, 1:], pixels, torch.tensor([[1, 8, 10]]))
+
+
+def test_full_equals_hf_generate_on_the_real_config():
+    """Qwen2.5-VL-7B's real config (3584-wide GQA LLM with 28 / 4 heads, 1280-wide vision tower, the real token ids)
+    cut to 2 vision blocks (one windowed, one full) and 2 LLM layers, random weights, float32: two images of
+    different sizes in one left-padded batch."""
+    config = Qwen2_5_VLConfig.from_dict(json.loads((CONFIGS / "qwen2.5-vl-7b.json").read_text()))
+    config.vision_config.depth, config.vision_config.fullatt_block_indexes = 2, [1]
+    config.text_config.num_hidden_layers = 2
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
+    ids, mask, pixels, grid = prompts(model, [(1, 8, 8), (1, 6, 10)], seed=5)
+    ours, _ = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=3)
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
+                            mm_token_type_ids=(ids == config.image_token_id).int(), max_new_tokens=3,
+                            do_sample=False, eos_token_id=None, pad_token_id=0)[:, ids.size(1):]
+    assert ours.tolist() == hf.tolist()
+    with pytest.raises(ValueError, match="not priced by the FLOPs counter yet"):
+        load_config("qwen2.5-vl-7b")

@@ -74,14 +74,20 @@ def test_two_processes_give_the_results_of_one(tmp_path):
     res = accelerate_launch(2, multi, tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert res.stdout.count("1 of 2 cells already") == 1
-    assert same_but_measured(read(multi), (rows2, samples2))
+    assert not (diff := differences_but_measured(read(multi), (rows2, samples2))), diff
 
 
-def same_but_measured(a: tuple[dict, list[dict]], b: tuple[dict, list[dict]]) -> bool:
-    """Equal summaries and samples, up to the measured columns of the recomputed cell."""
+def differences_but_measured(a: tuple[dict, list[dict]], b: tuple[dict, list[dict]]) -> list:
+    """What differs between two summaries and their samples, up to the measured columns of the recomputed cell:
+    [(row key or sample index, column, value in a, value in b)]."""
     measured = {"prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "peak_memory_mb", "wall_s",
                 "samples_per_s", "time_utc", "timed_batches"}
-    rows_a, rows_b = ({k: {c: v for c, v in r.items() if c not in measured} for k, r in rows.items()}
-                      for rows, _ in (a, b))
-    drop = [[{k: v for k, v in s.items() if k not in TIMES} for s in samples] for _, samples in (a, b)]
-    return rows_a == rows_b and drop[0] == drop[1]
+    (rows_a, samples_a), (rows_b, samples_b) = a, b
+    out = [(k, None, None, None) for k in set(rows_a) ^ set(rows_b)]
+    out += [(k, c, rows_a[k].get(c), rows_b[k].get(c)) for k in set(rows_a) & set(rows_b)
+            for c in set(rows_a[k]) | set(rows_b[k]) if c not in measured and rows_a[k].get(c) != rows_b[k].get(c)]
+    if len(samples_a) != len(samples_b):
+        out.append(("samples", "count", len(samples_a), len(samples_b)))
+    out += [(i, c, sa.get(c), sb.get(c)) for i, (sa, sb) in enumerate(zip(samples_a, samples_b, strict=False))
+            for c in set(sa) | set(sb) if c not in TIMES and sa.get(c) != sb.get(c)]
+    return out[:10]

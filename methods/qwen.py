@@ -1,7 +1,7 @@
 """ReducedQwen: run a Hugging Face Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) the way `methods/llava.py` runs
 LLaVA: prefill and greedy decoding written out over the model's own modules, no patched classes, no hooks.
 
-Issue 18, first step: the family's geometry and the prefill with `full` only. What differs from LLaVA:
+What differs from LLaVA:
 
 * dynamic resolution: each image arrives as its own grid (`image_grid_thw`, rows x cols of 14 px patches; the
   processor flattens every image's patches into one `pixel_values` of (sum of patches, 3 x 2 x 14 x 14)); the vision
@@ -10,14 +10,16 @@ Issue 18, first step: the family's geometry and the prefill with `full` only. Wh
 * no CLS token;
 * 3-D rotary positions (M-RoPE): text tokens advance all three axes together, an image's tokens take (t, row, col)
   offsets from the position where the image starts, and the text after an image resumes at the image's start plus its
-  largest side. They come from the model's own `get_rope_index`, computed on the full prompt, so that a later reduction
-  keeps each survivor's original position; decoding continues from each sample's largest position + 1 (what HF's
+  largest side. They come from the model's own `get_rope_index`, computed on the full prompt, so that a reduction
+  keeps each survivor's original 3-D position; decoding continues from each sample's largest position + 1 (what HF's
   `rope_deltas` amount to).
 
 Prefill of a left-padded batch, one image per prompt: the vision tower (the model's own `visual` module, run once on
-the batch's flattened patches) gives each image's tokens; they replace the prompt's image-token run; the decoder layers
-run with an explicit additive mask (causal + padding) and the M-RoPE cos/sin of the model's rotary embedding;
-`lm_head` on the last position. Reducers other than `full` are refused until the features and LLM sites land here.
+the batch's flattened patches) gives each image's tokens; they replace the prompt's image-token run; the LLM side
+(`methods/_llm.py`, shared with LLaVA) runs the decoder layers with an explicit additive mask (causal + padding), the
+model's M-RoPE cos/sin, and the LLM-site reductions. Sites: `llm` (FastV, DART: methods whose steps do not depend on
+the image's grid) and `full`; the rest are refused with one line until the features site and per-image grids land
+(issue 18).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 
-from methods._ops import additive_mask
-from methods.base import TokenReducer
+from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq
+from methods._ops import pixel_key
+from methods.base import Site, TokenReducer
+
+QWEN_METHODS = ("full", "fastv", "dart")  # what runs on this family so far
 
 
 @dataclass(frozen=True)
@@ -65,40 +69,39 @@ class QwenLayout:
         return grid_thw.prod(-1) // (self.merge * self.merge)
 
 
-@dataclass
-class QwenDecodeState:
-    """Decoding state after prefill: cache, real-key mask, each sample's next position id, last logits."""
-
-    cache: object
-    key_mask: Tensor  # (B, S) bool, True on real keys
-    next_pos: Tensor  # (B,) position id of the next token (the same on the three M-RoPE axes)
-    logits: Tensor  # (B, V) logits of the last prompt position
-
-
-class ReducedQwen:
+class ReducedQwen(LLMSide):
     """A Qwen2.5-VL model and one reducer, run together. Holds no state between calls; the model is never modified.
 
     Args:
         model: a `Qwen2_5_VLForConditionalGeneration`, attention "sdpa" or "eager".
-        reducer: the token reducer; only `full` in this first step.
+        reducer: the token reducer: `full`, or an LLM-site method of `QWEN_METHODS`.
     """
+
+    _rotary_axes = 3
 
     def __init__(self, model: nn.Module, reducer: TokenReducer) -> None:
         inner = getattr(model, "model", None)
         if not (hasattr(inner, "visual") and hasattr(inner, "language_model") and hasattr(inner, "get_rope_index")):
             raise TypeError("expected a Qwen2_5_VLForConditionalGeneration (model.model.visual, .language_model)")
-        if reducer.name != "full":
-            raise NotImplementedError(f"{reducer.name} does not run on Qwen2.5-VL yet (only full does); see issue 18")
+        if reducer.name not in QWEN_METHODS:
+            raise NotImplementedError(f"{reducer.name} does not run on Qwen2.5-VL yet (these do: "
+                                      f"{', '.join(QWEN_METHODS)}); see issue 18")
         self.model, self.reducer = model, reducer
         self.layout = QwenLayout.from_config(model.config)
+        if reducer.site is Site.LLM:
+            layers = reducer.llm_layers(self.layout.llm_layers, 1)
+            if not all(1 <= j < self.layout.llm_layers for j in layers):
+                raise ValueError(f"{reducer.name}: LLM layer(s) {list(layers)} must be in [1, "
+                                 f"{self.layout.llm_layers - 1}] for this {self.layout.llm_layers}-layer language "
+                                 f"model; set {reducer.name}.layer")
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
-                 max_new_tokens: int, eos_token_id: int | list[int] | None = None, pad_token_id: int = 0
-                 ) -> tuple[Tensor, Tensor]:
-        """Greedy decoding with the KV cache: (B, S) generated ids (pad after a sample's end) and (B,) lengths,
-        end-of-sequence included."""
-        state = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw)
+                 max_new_tokens: int, eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
+                 budgets: Tensor | None = None) -> tuple[Tensor, Tensor, DecodeState]:
+        """Greedy decoding with the KV cache: (B, S) generated ids (pad after a sample's end), (B,) lengths (end of
+        sequence included) and the prefill's state (its token trace)."""
+        state = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, budgets)
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
                            device=input_ids.device)
         b = input_ids.size(0)
@@ -113,10 +116,10 @@ class ReducedQwen:
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             logits = self._decode_step(state, tok)
-        return (torch.stack(out, 1) if out else input_ids.new_zeros(b, 0)), lengths
+        return (torch.stack(out, 1) if out else input_ids.new_zeros(b, 0)), lengths, state
 
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor
-                ) -> QwenDecodeState:
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
+                budgets: Tensor | None = None) -> DecodeState:
         """The prefill of a left-padded batch with one image per prompt: decoding state and last-position logits."""
         m, lay = self.model, self.layout
         device = m.device
@@ -130,30 +133,20 @@ class ReducedQwen:
                              "model's processor, one image per prompt")
         pos, _ = m.model.get_rope_index(input_ids, is_img.int(), image_grid_thw=grid,
                                         attention_mask=attention_mask)  # (3, B, T) M-RoPE positions
-        feats = m.model.visual(pixel_values.to(device, m.model.visual.dtype), grid_thw=grid).pooler_output  # (sum, D)
+        pixel_values = pixel_values.to(device, m.model.visual.dtype)
+        feats = m.model.visual(pixel_values, grid_thw=grid).pooler_output  # (sum of tokens, D), image after image
         lm = m.model.language_model
         x = lm.embed_tokens(input_ids.masked_fill(is_img, 0))  # (B, T, D); image ids are placeholders only
         x = x.masked_scatter(is_img.unsqueeze(-1), feats.to(x.dtype))  # each image's tokens in its run, in order
-        cache = DynamicCache(config=lm.config)
-        cos_sin = lm.rotary_emb(x, pos)
-        mask = additive_mask(attention_mask, x.size(1), x.dtype)
-        for layer in lm.layers:
-            x = layer(x, attention_mask=mask, position_ids=None, past_key_values=cache, use_cache=True,
-                      position_embeddings=cos_sin)  # (B, T, D)
-        logits = m.lm_head(lm.norm(x[:, -1]))  # (B, V)
-        next_pos = pos.masked_fill(~attention_mask, -1).amax((0, 2)) + 1  # (B,)
-        return QwenDecodeState(cache=cache, key_mask=attention_mask, next_pos=next_pos, logits=logits)
+        nth = (is_img.long().cumsum(1) - 1).clamp(min=0)  # (B, T) index of each image token within its image
+        seq = Seq(x=x, real=attention_mask, pos=pos.permute(1, 2, 0), visual=is_img & attention_mask,
+                  src=torch.where(is_img, nth, -1))
+        patches = grid.prod(-1)  # (B,) patches through every vision block and the merger
+        image = ImageSide(grid=(1, int(want.max())), num_patches=int(want.max()),
+                          vision_tokens=patches.unsqueeze(1).expand(-1, lay.vision_layers), projector_tokens=patches)
+        key = torch.cat([pixel_key(p.reshape(1, -1, 1, 1)) for p in pixel_values.split(patches.tolist())])  # (B,)
+        log = ReducerLog(macs=torch.zeros(input_ids.size(0), dtype=torch.long, device=device))
+        return self._llm_prefill(seq, image, budgets, key, log, tail=1)
 
-    def _decode_step(self, state: QwenDecodeState, tok: Tensor) -> Tensor:
-        """Feed one token per sample through every layer; return the next logits (B, V)."""
-        lm = self.model.model.language_model
-        x = lm.embed_tokens(tok.unsqueeze(1))  # (B, 1, D)
-        pos = state.next_pos.view(1, -1, 1).expand(3, -1, 1)  # (3, B, 1): text advances the three axes together
-        cos_sin = lm.rotary_emb(x, pos)
-        state.key_mask = torch.cat([state.key_mask, state.key_mask.new_ones(state.key_mask.size(0), 1)], 1)
-        mask = additive_mask(state.key_mask, 1, x.dtype)
-        for layer in lm.layers:
-            x = layer(x, attention_mask=mask, position_ids=None, past_key_values=state.cache, use_cache=True,
-                      position_embeddings=cos_sin)
-        state.next_pos = state.next_pos + 1
-        return self.model.lm_head(lm.norm(x))[:, 0]
+    def _rotary(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.model.language_model.rotary_emb(x, pos.permute(2, 0, 1))  # M-RoPE: (3, B, T)

@@ -16,11 +16,11 @@ from methods.qwen import QwenLayout, ReducedQwen
 IMAGE, START, END = 60, 61, 62  # image placeholder, vision start and end ids in the tiny vocabulary
 
 
-def tiny_qwen(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def tiny_qwen(seed: int = 0, attn: str = "sdpa", llm_layers: int = 2) -> Qwen2_5_VLForConditionalGeneration:
     """A random Qwen2.5-VL: 2 vision blocks (one windowed, one full), 2 x 2 merger, a 2-layer GQA LLM with M-RoPE."""
     torch.manual_seed(seed)
     config = Qwen2_5_VLConfig(
-        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": llm_layers,
                      "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
         vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64,
@@ -28,7 +28,7 @@ def tiny_qwen(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
                        "fullatt_block_indexes": [1]},
         image_token_id=IMAGE, video_token_id=63, vision_start_token_id=START, vision_end_token_id=END,
         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     for p in model.parameters():  # larger random weights so greedy outputs vary with the input
         p.data.normal_(0, 0.2)
@@ -59,7 +59,7 @@ def prompts(model, grids: list[tuple[int, int, int]], seed: int = 0):
 def test_full_equals_hf_generate(grids):
     model = tiny_qwen(seed=len(grids))
     ids, mask, pixels, grid = prompts(model, grids, seed=3)
-    ours, lengths = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=6)
+    ours, lengths, _ = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=6)
     with torch.no_grad():
         hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
                             mm_token_type_ids=(ids == IMAGE).int(), max_new_tokens=6, do_sample=False,
@@ -75,7 +75,9 @@ def test_layout_and_refusals():
     assert lay.tokens(torch.tensor([[1, 8, 8], [1, 6, 10]])).tolist() == [16, 15]
     assert (lay.full_attention_blocks, lay.llm_layers, lay.width) == ((1,), 2, 64)
     with pytest.raises(NotImplementedError, match="does not run on Qwen2.5-VL yet"):
-        ReducedQwen(model, create_reducer("fastv", 4))
+        ReducedQwen(model, create_reducer("prumerge", 4))
+    with pytest.raises(ValueError, match=r"must be in \[1, 1\]"):
+        ReducedQwen(model, create_reducer("fastv", 4))  # layer 2 of a 2-layer LLM
     ids, mask, pixels, grid = prompts(model, [(1, 8, 8)])
     with pytest.raises(ValueError, match="one image's run of image tokens"):
         ReducedQwen(model, create_reducer("full")).prefill(ids[:, 1:], mask[:, 1:], pixels, torch.tensor([[1, 8, 10]]))
@@ -92,7 +94,7 @@ def test_full_equals_hf_generate_on_the_real_config():
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
     ids, mask, pixels, grid = prompts(model, [(1, 8, 8), (1, 6, 10)], seed=5)
-    ours, _ = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=3)
+    ours, _, _ = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=3)
     with torch.no_grad():
         hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
                             mm_token_type_ids=(ids == config.image_token_id).int(), max_new_tokens=3,
@@ -100,3 +102,58 @@ def test_full_equals_hf_generate_on_the_real_config():
     assert ours.tolist() == hf.tolist()
     with pytest.raises(ValueError, match="not priced by the FLOPs counter yet"):
         load_config("qwen2.5-vl-7b")
+
+
+def _fastv_restated(model, ids, pixels, grid, layer: int, keep: int):
+    """FastV on Qwen2.5-VL for one prompt, from HF's own outputs: the last token's eager attention at layer K-1
+    (heads averaged) ranks the image tokens; the top `keep` and every text token go on from layer K with their
+    original M-RoPE positions (the model's get_rope_index). Returns the kept image-token indices and the logits."""
+    from methods._ops import additive_mask  # noqa: PLC0415
+
+    lm = model.model.language_model
+    img = ids[0] == model.config.image_token_id
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=img[None].int(),
+                    output_attentions=True, output_hidden_states=True)
+        row = out.attentions[layer - 1][0, :, -1].mean(0)  # (T,)
+        image = img.nonzero()[:, 0]
+        top = row[image].topk(keep).indices.sort().values
+        kept = torch.cat([(~img).nonzero()[:, 0], image[top]]).sort().values
+        pos, _ = model.model.get_rope_index(ids, img[None].int(), image_grid_thw=grid)  # (3, 1, T)
+        pos = pos[:, :, kept]
+        h = out.hidden_states[layer][:, kept]  # the input of layer K, kept tokens only
+        cos_sin = lm.rotary_emb(h, pos)
+        mask = additive_mask(torch.ones(1, len(kept), dtype=torch.bool), len(kept), h.dtype)
+        for dec in lm.layers[layer:]:
+            h = dec(h, attention_mask=mask, position_embeddings=cos_sin)
+        return top.tolist(), model.lm_head(lm.norm(h[:, -1]))[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fastv_keeps_original_mrope_positions(seed):
+    """FastV K=1 keeping 5 of 16 image tokens on a 3-layer Qwen2.5-VL: the same kept tokens and logits as the
+    restatement from HF's eager attention maps and hidden states, with the survivors' original 3-D positions."""
+    model = tiny_qwen(seed=seed, attn="eager", llm_layers=3)
+    ids, mask, pixels, grid = prompts(model, [(1, 8, 8)], seed=seed + 2)
+    state = ReducedQwen(model, create_reducer("fastv", 5, layer=1)).prefill(ids, mask, pixels, grid)
+    kept, logits = _fastv_restated(model, ids, pixels, grid, 1, 5)
+    assert state.trace.sample(0, 16)["kept_indices"] == kept
+    assert state.trace.visual_tokens[0].tolist() == [16, 5, 5]
+    torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "fastv", "dart"])
+def test_batch_of_two_sizes_equals_each_alone(method):
+    """Two images of different sizes (16 and 15 tokens) in one left-padded batch: each sample's answer and kept
+    tokens are those it gets alone."""
+    model = tiny_qwen(seed=4, llm_layers=3)
+    ids, mask, pixels, grid = prompts(model, [(1, 8, 8), (1, 6, 10)], seed=6)
+    reducer = create_reducer(method, **({} if method == "full" else {"budget": 6, "layer": 1}))
+    run = ReducedQwen(model, reducer)
+    both, _, state = run.generate(ids, mask, pixels, grid, max_new_tokens=4)
+    split = grid.prod(-1).tolist()
+    for i, p in enumerate(pixels.split(split)):
+        real = mask[i].bool()
+        one, _, alone = run.generate(ids[i:i + 1, real], mask[i:i + 1, real], p, grid[i:i + 1], max_new_tokens=4)
+        assert one[0].tolist() == both[i].tolist()
+        assert alone.trace.sample(0, 16)["kept_indices"] == state.trace.sample(i, 16)["kept_indices"]

@@ -1,0 +1,288 @@
+"""The LLM side of a reduced prefill, shared by the adapters (`methods/llava.py`, `methods/qwen.py`): the decoder
+layers over a left-padded sequence, the LLM-site reductions before the reducer's layers (tokens removed, not masked;
+original position ids; a merged token in a removed token's place), the signals computed for them from what the
+prefill already has, the token trace, and greedy decoding steps over the KV cache.
+
+An adapter builds the spliced `Seq` (hidden states, real and visual masks, position ids on its rotary axes, source
+patch indices) and an `ImageSide` (the image's geometry and vision-side counts), inherits `LLMSide`, and says how its
+language model turns position ids into rotary cos/sin (`_rotary`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from methods._ops import additive_mask, gather_tokens, pack_true
+from methods.base import Reduced, Site, TextTokens, Tokens
+from methods.trace import TokenTrace, next_query_macs, query_row_macs
+
+
+@dataclass
+class DecodeState:
+    """Decoding state after prefill: cache, one padding mask per group of layers, next positions; and what the
+    prefill produced for its caller (logits, token trace, the reducer's time and training-time extras)."""
+
+    cache: object
+    key_masks: list[Tensor]  # per segment: (B, S) bool, True on real keys
+    layer_segment: list[int]  # per LLM layer: index into key_masks
+    next_pos: Tensor  # (B,) position id of the next token
+    logits: Tensor  # (B, V) logits of the last position
+    trace: TokenTrace
+    tail_logits: Tensor | None = None  # (B, m, V) logits of the last m positions, when prefill was asked for them
+    aux: dict[str, Tensor] = field(default_factory=dict)  # the reducer's training-time extras (`Reduced.aux`)
+    reducer_s: float = 0.0  # prefill time in the reducer and the signals computed for it (`Timing.reducer_s`)
+
+
+@dataclass
+class ReducerLog:
+    """What the reducer's calls accumulate during one prefill: `prefill` creates it, the call sites add to it."""
+
+    macs: Tensor  # (B,) long: the reducer's own `Reduced.macs` plus the signals computed for it
+    seconds: float = 0.0  # synchronised wall time in the reducer and its signals
+    aux: dict[str, Tensor] = field(default_factory=dict)  # the reducer's `Reduced.aux`, handed on unchanged
+
+    def add(self, red: Reduced, seconds: float) -> None:
+        """Record one reducer call: its MACs, the `seconds` it (and its signals) took, its training extras."""
+        self.macs = self.macs + (0 if red.macs is None else red.macs)
+        self.seconds += seconds
+        self.aux = red.aux
+
+
+@dataclass
+class Seq:
+    """The LLM-side prefill sequence of a left-padded batch."""
+
+    x: Tensor  # (B, T', D) hidden states
+    real: Tensor  # (B, T') bool, True on real (unpadded) tokens
+    pos: Tensor  # (B, T', P) long position ids on P rotary axes (LLaMA: 1; Qwen2.5-VL's M-RoPE: 3)
+    visual: Tensor  # (B, T') bool, True on real visual tokens
+    src: Tensor  # (B, T') long original patch index of visual tokens (-1 elsewhere)
+
+    def take(self, idx: Tensor, valid: Tensor) -> Seq:
+        """Every field gathered at `idx` (B, T'') along the sequence; slots where `valid` (B, T'') is False (the
+        padding slots `pack_true` returns) become padding, whatever they point at."""
+        real = self.real.gather(1, idx) & valid
+        return Seq(x=gather_tokens(self.x, idx), real=real, pos=gather_tokens(self.pos, idx),
+                   visual=self.visual.gather(1, idx) & real, src=self.src.gather(1, idx))
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding as in LLaMA: x (B, H, T, hd), cos/sin (B, T, hd)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class ImageSide:
+    """What the LLM side needs from the image side of one batch.
+
+    Attributes:
+        grid: the patch grid (rows, cols) reducers see as `Tokens.grid`.
+        num_patches: visual tokens per image before any LLM-site reduction (for `llm_layers`).
+        vision_tokens: (B, Lv) tokens entering each executed vision layer (the trace's).
+        projector_tokens: (B,) tokens through the projector (the trace's).
+    """
+
+    grid: tuple[int, int]
+    num_patches: int
+    vision_tokens: Tensor
+    projector_tokens: Tensor
+
+
+class LLMSide:
+    """The LLM-side prefill and decoding of an adapter. The adapter sets `model` (a model with
+    `model.language_model` and `lm_head`) and `reducer`, and defines `_rotary` and `_rotary_axes`."""
+
+    _rotary_axes = 1  # P: position-id axes (LLaMA 1, M-RoPE 3)
+
+    def _rotary(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """(cos, sin), each (B, T, hd), for position ids `pos` (B, T, P)."""
+        raise NotImplementedError
+
+    def _clock(self) -> float:
+        """perf_counter after the device's queued work is done (CUDA kernels run asynchronously)."""
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
+
+
+    def _llm_prefill(self, seq: Seq, image: ImageSide, budgets: Tensor | None, key: Tensor, log: ReducerLog,
+                     tail: int) -> DecodeState:
+        """Run the decoder layers over `seq` (LLM site: reduce it before the reducer's layers), then `lm_head` on
+        the last `tail` positions; `image` gives the reducer the image's geometry and the trace its vision and
+        projector counts, `log` its MACs."""
+        lm, r = self.model.model.language_model, self.reducer
+        cache = DynamicCache(config=lm.config)
+        key_masks, layer_segment = [seq.real], []
+        llm_tokens, visual_tokens = [], []
+        cos_sin = self._rotary(seq.x, seq.pos)
+        mask = additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
+        h_prev = seq.x
+        stages = r.llm_layers(len(lm.layers), image.num_patches) if r.site is Site.LLM else ()
+        embeds = self._input_embeds(seq) if "embeds" in r.needs else None  # the image's and the text's, kept
+        for j, layer in enumerate(lm.layers):
+            if j in stages:
+                t0 = self._clock()  # the reducer's time includes the signals computed for it
+                rows = {}  # signal name -> (B, T') row over the current sequence
+                last = seq.real.new_full((seq.x.size(0), 1), seq.x.size(1) - 1, dtype=torch.long)  # (B, 1)
+                if "query_attn" in r.needs:
+                    rows["query_attn"] = self._query_attention(j - 1, h_prev, seq.real, cos_sin, last,
+                                                               cache.layers[j - 1].keys)[:, 0]
+                    log.macs = log.macs + query_row_macs(seq.real.sum(1), seq.x.size(-1),
+                                                         lm.layers[j - 1].self_attn.q_proj.out_features)
+                if "query_attn_next" in r.needs:
+                    rows["query_attn_next"] = self._query_attention(j, seq.x, seq.real, cos_sin, last)[:, 0]
+                    att = layer.self_attn
+                    log.macs = log.macs + next_query_macs(seq.real.sum(1), seq.x.size(-1), att.q_proj.out_features,
+                                                          att.k_proj.out_features)
+                text = {}
+                if {"text", "text_attn"} & r.needs or embeds is not None:
+                    text_idx, text_valid = self._text_after_image(seq)  # (B, M)
+                if {"key_norms", "normed", "text"} & r.needs:  # DART's: norms only, no matmul-like work
+                    keys = cache.layers[j - 1].keys  # (B, Hkv, T', hd) layer j-1's keys, after RoPE
+                    l1, normed = keys.abs().sum((1, 3)).float(), lm.norm(seq.x)  # (B, T'), (B, T', D)
+                    rows.update({"key_norms": l1, "normed": normed})
+                    if "text" in r.needs:
+                        text.update(normed=gather_tokens(normed, text_idx), key_norms=l1.gather(1, text_idx))
+                if "text_attn" in r.needs:  # (B, M, T') every text token's row: SparseVLM's raters choose among them
+                    text["attn"] = self._query_attention(j - 1, h_prev, seq.real, cos_sin, text_idx,
+                                                         cache.layers[j - 1].keys)
+                    log.macs = log.macs + text_valid.sum(1) * query_row_macs(
+                        seq.real.sum(1), seq.x.size(-1), lm.layers[j - 1].self_attn.q_proj.out_features)
+                if embeds is not None:
+                    text["embeds"], rows["embeds"] = embeds[1], embeds[0]
+                if text or "text" in r.needs:
+                    rows["text"] = TextTokens(valid=text_valid, **text)
+                seq, red, done = self._reduce_in_llm(seq, rows, stages.index(j), budgets, key, image)
+                log.add(red, done - t0)
+                key_masks.append(seq.real)
+                cos_sin = self._rotary(seq.x, seq.pos)
+                mask = additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
+            llm_tokens.append(seq.real.sum(1))
+            visual_tokens.append((seq.visual & seq.real).sum(1))
+            layer_segment.append(len(key_masks) - 1)
+            h_prev = seq.x
+            seq.x = layer(seq.x, attention_mask=mask, position_ids=None, past_key_values=cache, use_cache=True,
+                          position_embeddings=cos_sin)  # (B, T', D)
+        logits = self.model.lm_head(lm.norm(seq.x[:, -tail:]))  # (B, tail, V): the last position(s) only
+        kept, kept_valid = pack_true(seq.visual & seq.real)
+        trace = TokenTrace(
+            vision_tokens=image.vision_tokens,
+            projector_tokens=image.projector_tokens,
+            llm_tokens=torch.stack(llm_tokens, 1),
+            visual_tokens=torch.stack(visual_tokens, 1),
+            kept=seq.src.gather(1, kept),
+            kept_valid=kept_valid,
+            reducer_macs=log.macs,
+        )
+        next_pos = seq.pos[:, -1].amax(-1) + 1  # (B,) the last prompt token is real and has the largest position
+        return DecodeState(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,
+                           logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None, aux=log.aux,
+                           reducer_s=log.seconds)
+
+    def _reduce_in_llm(self, seq: Seq, rows: dict, stage: int, budgets: Tensor | None, key: Tensor,
+                       image: ImageSide) -> tuple[Seq, Reduced, float]:
+        """Remove the non-kept image tokens from `seq` before a decoder layer (LLM site; call `stage` of the
+        reducer's `llm_layers`); return the shorter sequence, what the reducer returned and the `_clock()` reading
+        when it returned (for the caller's log).
+
+        `rows` holds the signals the reducer needs, each (B, T') or (B, T', D) over the sequence, "embeds" as the
+        reducer takes it, and "text" the text tokens after the image (`TextTokens`) when it needs them.
+        """
+        r = self.reducer
+        text = rows.get("text")
+        vidx, vvalid = pack_true(seq.visual & seq.real)  # (B, N) positions of the visual tokens, in order
+        sig = {name: gather_tokens(row, vidx) if row.dim() == 3 else row.gather(1, vidx).masked_fill(~vvalid, 0.0)
+               for name, row in rows.items() if name in r.needs and name not in ("embeds", "text")}  # (B, N[, D])
+        if text is not None and text.attn is not None:  # (B, M, T') -> (B, M, N): the image tokens' columns
+            cols = vidx.unsqueeze(1).expand(-1, text.attn.size(1), -1)
+            text = replace(text, attn=text.attn.gather(2, cols).masked_fill(~vvalid.unsqueeze(1), 0.0))
+        tokens = Tokens(x=gather_tokens(seq.x, vidx), grid=image.grid,
+                        valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, stage=stage,
+                        depth=len(self.model.model.language_model.layers), text=text, embeds=rows.get("embeds"),
+                        **sig)
+        red = r(tokens)
+        done = self._clock()
+        merged = red.keep < 0 if red.keep is not None else None  # (B, K) tokens standing in a removed one's place
+        if red.keep is None or (bool(merged.any()) and red.anchor is None):
+            raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0), "
+                             "with an anchor for each merged token (keep -1)")
+        at = torch.where(merged, red.anchor, red.keep) if red.anchor is not None else red.keep  # (B, K) into N
+        kvalid = red.valid if red.valid is not None else torch.ones_like(red.keep, dtype=torch.bool)
+        kvalid = kvalid & vvalid.gather(1, at)
+        hits = torch.zeros_like(vvalid, dtype=torch.long).scatter_add(1, at, kvalid.long())
+        if bool((hits > 1).any()):
+            raise ValueError(f"{r.name} returned two tokens for one place (a merged token's anchor must be a removed "
+                             "token, each used once)")
+        kept_pos = vidx.gather(1, at)  # (B, K) positions in the sequence
+        # a reducer may update the values of the tokens it keeps; a merged token overwrites its anchor
+        x = seq.x.scatter(1, kept_pos.unsqueeze(-1).expand(-1, -1, seq.x.size(-1)), red.x)
+        src = seq.src.scatter(1, kept_pos, torch.where(merged, -1, seq.src.gather(1, kept_pos)))
+        keep = (~seq.visual) & seq.real
+        keep = keep.scatter(1, kept_pos, kvalid) | keep
+        idx, valid = pack_true(keep, right=True)  # (B, T'')
+        return replace(seq, x=x, src=src).take(idx, valid), red, done
+
+    def _query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, rows: Tensor,
+                         keys: Tensor | None = None) -> Tensor:
+        """(B, R, T) head-averaged attention of the tokens at sequence positions `rows` (B, R) at decoder layer
+        `layer_idx`, each over the real keys up to its own position (causal; a row always sees itself).
+
+        `h_in` (B, T, D) is that layer's input, `real` (B, T) marks the real keys; only the rows' queries are
+        computed. `keys` (B, Hkv, T, hd) are the layer's cached post-RoPE keys once it has run (FastV's and
+        SparseVLM's rows); None computes them from the layer's own k projection of `h_in`, before it runs
+        (PyramidDrop's row).
+        """
+        layer = self.model.model.language_model.layers[layer_idx]
+        att = layer.self_attn
+        b, t, _ = h_in.shape
+        cos, sin = cos_sin
+        if keys is None:
+            hn = layer.input_layernorm(h_in)  # (B, T, D)
+            keys = rope(att.k_proj(hn).view(b, t, -1, att.head_dim).transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
+            hq = gather_tokens(hn, rows)
+        else:
+            hq = layer.input_layernorm(gather_tokens(h_in, rows))  # (B, R, D)
+        q = att.q_proj(hq).view(b, rows.size(1), -1, att.head_dim).transpose(1, 2)  # (B, H, R, hd)
+        q = rope(q, gather_tokens(cos, rows), gather_tokens(sin, rows))
+        k = keys.repeat_interleave(q.size(1) // keys.size(1), dim=1)  # (B, H, T, hd)
+        scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, R, T)
+        kj = torch.arange(t, device=h_in.device).view(1, 1, t)
+        allowed = (real.unsqueeze(1) & (kj <= rows.unsqueeze(-1))) | (kj == rows.unsqueeze(-1))  # (B, R, T)
+        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        return scores.softmax(-1).mean(1)  # (B, R, T)
+
+    @staticmethod
+    def _text_after_image(seq: Seq) -> tuple[Tensor, Tensor]:
+        """(B, M) sequence positions of the real tokens after each sample's last visual token, and their valid mask
+        (`pack_true`'s padding slots are False)."""
+        t = torch.arange(seq.x.size(1), device=seq.x.device)
+        last = torch.where(seq.visual, t, -1).amax(1, keepdim=True)  # (B, 1) last visual position
+        return pack_true(seq.real & ~seq.visual & (t > last))
+
+    def _input_embeds(self, seq: Seq) -> tuple[Tensor, Tensor]:
+        """The LLM input embeddings of the image's tokens (B, N, D) and of the text after it (B, M, D), from the
+        sequence as spliced (before any LLM-site reduction)."""
+        vidx, _ = pack_true(seq.visual & seq.real)
+        tidx, _ = self._text_after_image(seq)
+        return gather_tokens(seq.x, vidx), gather_tokens(seq.x, tidx)
+
+    def _decode_step(self, state: DecodeState, tok: Tensor) -> Tensor:
+        """Feed one token per sample through every layer; return the next logits (B, V)."""
+        lm = self.model.model.language_model
+        x = lm.embed_tokens(tok.unsqueeze(1))  # (B, 1, D)
+        pos = state.next_pos.view(-1, 1, 1).expand(-1, 1, self._rotary_axes)  # (B, 1, P): text moves every axis
+        cos_sin = self._rotary(x, pos)
+        state.key_masks = [torch.cat([km, km.new_ones(km.size(0), 1)], 1) for km in state.key_masks]
+        masks = [additive_mask(km, 1, x.dtype) for km in state.key_masks]
+        for j, layer in enumerate(lm.layers):
+            x = layer(x, attention_mask=masks[state.layer_segment[j]], position_ids=None,
+                      past_key_values=state.cache, use_cache=True, position_embeddings=cos_sin)
+        state.next_pos = state.next_pos + 1
+        return self.model.lm_head(lm.norm(x))[:, 0]

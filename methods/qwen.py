@@ -17,23 +17,24 @@ What differs from LLaVA:
 Prefill of a left-padded batch, one image per prompt: the vision tower (the model's own `visual` module, run once on
 the batch's flattened patches) gives each image's tokens; they replace the prompt's image-token run; the LLM side
 (`methods/_llm.py`, shared with LLaVA) runs the decoder layers with an explicit additive mask (causal + padding), the
-model's M-RoPE cos/sin, and the LLM-site reductions. Sites: `llm` (FastV, DART: methods whose steps do not depend on
-the image's grid) and `full`; the rest are refused with one line until the features site and per-image grids land
-(issue 18).
+model's M-RoPE cos/sin, and the LLM-site reductions. Sites: `features` / `embeddings` = after the merger, each
+image's tokens padded to the batch's largest with a validity mask, a budget = at most that many tokens per image
+(`random`, `divprune`); `llm` (`fastv`, `dart`: methods whose steps do not depend on the image's grid); the rest are
+refused with one line until per-image grids and substitute signals land (issue 18).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq
-from methods._ops import pixel_key
-from methods.base import Site, TokenReducer
+from methods._ops import gather_tokens, pack_true, pixel_key
+from methods.base import Site, TokenReducer, Tokens
 
-QWEN_METHODS = ("full", "fastv", "dart")  # what runs on this family so far
+QWEN_METHODS = ("full", "random", "divprune", "fastv", "dart")  # what runs on this family so far
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class ReducedQwen(LLMSide):
 
     Args:
         model: a `Qwen2_5_VLForConditionalGeneration`, attention "sdpa" or "eager".
-        reducer: the token reducer: `full`, or an LLM-site method of `QWEN_METHODS`.
+        reducer: the token reducer, one of `QWEN_METHODS`.
     """
 
     _rotary_axes = 3
@@ -146,7 +147,33 @@ class ReducedQwen(LLMSide):
                           vision_tokens=patches.unsqueeze(1).expand(-1, lay.vision_layers), projector_tokens=patches)
         key = torch.cat([pixel_key(p.reshape(1, -1, 1, 1)) for p in pixel_values.split(patches.tolist())])  # (B,)
         log = ReducerLog(macs=torch.zeros(input_ids.size(0), dtype=torch.long, device=device))
+        if self.reducer.site in (Site.FEATURES, Site.EMBEDDINGS):  # after the merger: the LLM's input embeddings
+            seq = self._reduce_image(seq, want, budgets, key, log)
         return self._llm_prefill(seq, image, budgets, key, log, tail=1)
+
+    def _reduce_image(self, seq: Seq, counts: Tensor, budgets: Tensor | None, key: Tensor, log: ReducerLog) -> Seq:
+        """The reducer on each image's merged tokens (padded to the batch's largest image, `counts` (B,) real);
+        the image tokens it does not keep leave the sequence, the rest keep their place and M-RoPE positions."""
+        r = self.reducer
+        t0 = self._clock()
+        vidx, vvalid = pack_true(seq.visual)  # (B, N) each image's tokens in order
+        red = r(Tokens(x=gather_tokens(seq.x, vidx), grid=(1, vidx.size(1)),
+                       valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key))
+        log.add(red, self._clock() - t0)
+        if red.keep is None:
+            return seq
+        if bool((red.keep < 0).any()):
+            raise NotImplementedError(f"{r.name} merges tokens; merged tokens are not placed on Qwen2.5-VL yet")
+        kvalid = (red.valid if red.valid is not None else torch.ones_like(red.keep, dtype=torch.bool))
+        kvalid = kvalid & vvalid.gather(1, red.keep)
+        limit = counts.clamp(max=r.budget if budgets is None else budgets.clamp(min=1)) if r.budget else counts
+        if bool((kvalid.sum(1) > limit).any()):
+            raise ValueError(f"{r.name} returned more tokens than its budget ({r.budget})")
+        at = vidx.gather(1, red.keep)  # (B, K) sequence positions of the kept tokens
+        x = seq.x.scatter(1, at.unsqueeze(-1).expand(-1, -1, seq.x.size(-1)), red.x)  # a reducer may update them
+        keep = (seq.real & ~seq.visual).scatter(1, at, kvalid) | (seq.real & ~seq.visual)
+        idx, valid = pack_true(keep, right=True)
+        return replace(seq, x=x).take(idx, valid)
 
     def _rotary(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.model.language_model.rotary_emb(x, pos.permute(2, 0, 1))  # M-RoPE: (3, B, T)

@@ -75,7 +75,7 @@ def test_layout_and_refusals():
     assert lay.tokens(torch.tensor([[1, 8, 8], [1, 6, 10]])).tolist() == [16, 15]
     assert (lay.full_attention_blocks, lay.llm_layers, lay.width) == ((1,), 2, 64)
     with pytest.raises(NotImplementedError, match="does not run on Qwen2.5-VL yet"):
-        ReducedQwen(model, create_reducer("prumerge", 4))
+        ReducedQwen(model, create_reducer("prumerge", 4))  # needs a CLS token
     with pytest.raises(ValueError, match=r"must be in \[1, 1\]"):
         ReducedQwen(model, create_reducer("fastv", 4))  # layer 2 of a 2-layer LLM
     ids, mask, pixels, grid = prompts(model, [(1, 8, 8)])
@@ -142,13 +142,14 @@ def test_fastv_keeps_original_mrope_positions(seed):
     torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["full", "fastv", "dart"])
+@pytest.mark.parametrize("method", ["full", "random", "divprune", "fastv", "dart"])
 def test_batch_of_two_sizes_equals_each_alone(method):
     """Two images of different sizes (16 and 15 tokens) in one left-padded batch: each sample's answer and kept
     tokens are those it gets alone."""
     model = tiny_qwen(seed=4, llm_layers=3)
     ids, mask, pixels, grid = prompts(model, [(1, 8, 8), (1, 6, 10)], seed=6)
-    reducer = create_reducer(method, **({} if method == "full" else {"budget": 6, "layer": 1}))
+    kwargs = {"full": {}, "random": {"budget": 6}, "divprune": {"budget": 6}}.get(method, {"budget": 6, "layer": 1})
+    reducer = create_reducer(method, **kwargs)
     run = ReducedQwen(model, reducer)
     both, _, state = run.generate(ids, mask, pixels, grid, max_new_tokens=4)
     split = grid.prod(-1).tolist()
@@ -157,3 +158,38 @@ def test_batch_of_two_sizes_equals_each_alone(method):
         one, _, alone = run.generate(ids[i:i + 1, real], mask[i:i + 1, real], p, grid[i:i + 1], max_new_tokens=4)
         assert one[0].tolist() == both[i].tolist()
         assert alone.trace.sample(0, 16)["kept_indices"] == state.trace.sample(i, 16)["kept_indices"]
+
+
+def _kept_logits(model, ids, pixels, grid, kept: list[int]):
+    """The last logits when only the image tokens `kept` (indices into the image's tokens) and every text token go
+    through the LLM, each with its original M-RoPE position: the model's own layers, written out."""
+    from methods._ops import additive_mask  # noqa: PLC0415
+
+    lm = model.model.language_model
+    img = ids[0] == model.config.image_token_id
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixels, image_grid_thw=grid).pooler_output[0]
+        h = lm.embed_tokens(ids[0].masked_fill(img, 0))
+        h[img] = feats
+        pos, _ = model.model.get_rope_index(ids, img[None].int(), image_grid_thw=grid)  # (3, 1, T)
+        keep = torch.cat([(~img).nonzero()[:, 0], img.nonzero()[kept, 0]]).sort().values
+        h, pos = h[None, keep], pos[:, :, keep]
+        cos_sin = lm.rotary_emb(h, pos)
+        mask = additive_mask(torch.ones(1, len(keep), dtype=torch.bool), len(keep), h.dtype)
+        for dec in lm.layers:
+            h = dec(h, attention_mask=mask, position_embeddings=cos_sin)
+        return model.lm_head(lm.norm(h[:, -1]))[0]
+
+
+@pytest.mark.parametrize("method", ["random", "divprune"])
+def test_after_the_merger_survivors_keep_their_positions(method):
+    """`random` and `divprune` on each image's merged tokens: at most the budget per image (an image with fewer keeps
+    all), and the logits of a run that feeds only the kept image tokens with their original M-RoPE positions."""
+    model = tiny_qwen(seed=5, llm_layers=2)
+    ids, mask, pixels, grid = prompts(model, [(1, 8, 8)], seed=8)
+    state = ReducedQwen(model, create_reducer(method, 5)).prefill(ids, mask, pixels, grid)
+    kept = state.trace.sample(0, 16)["kept_indices"]
+    assert len(kept) == 5 and state.trace.visual_tokens[0].tolist() == [5, 5]
+    torch.testing.assert_close(state.logits[0], _kept_logits(model, ids, pixels, grid, kept), atol=1e-4, rtol=1e-4)
+    big = ReducedQwen(model, create_reducer(method, 40)).prefill(ids, mask, pixels, grid)
+    assert big.trace.visual_tokens[0].tolist() == [16, 16]

@@ -11,6 +11,7 @@ language model turns position ids into rotary cos/sin (`_rotary`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -19,7 +20,7 @@ from transformers import DynamicCache
 
 from methods._ops import additive_mask, gather_tokens, pack_true
 from methods.base import Reduced, Site, TextTokens, Tokens
-from methods.trace import TokenTrace, next_query_macs, query_row_macs
+from methods.trace import Generation, Timing, TokenTrace, next_query_macs, query_row_macs
 
 
 @dataclass
@@ -104,6 +105,33 @@ class LLMSide:
     def _rotary(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """(cos, sin), each (B, T, hd), for position ids `pos` (B, T, P)."""
         raise NotImplementedError
+
+    def _generate(self, prefill: Callable[[], DecodeState], max_new_tokens: int, eos_token_id: int | list[int] | None,
+                  pad_token_id: int) -> Generation:
+        """Greedy decoding with the KV cache after `prefill()` (the adapter's prefill of the batch), timed."""
+        t0 = self._clock()
+        state = prefill()
+        t1 = self._clock()
+        device = state.logits.device
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
+        b = state.logits.size(0)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        lengths = torch.zeros(b, dtype=torch.long, device=device)
+        out, logits = [], state.logits
+        for step in range(max_new_tokens):
+            tok = logits.argmax(-1).masked_fill(done, pad_token_id)  # (B,)
+            out.append(tok)
+            lengths += (~done).long()
+            done |= torch.isin(tok, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = self._decode_step(state, tok)
+        state.trace.generated_tokens = lengths
+        tokens = torch.stack(out, 1) if out else torch.zeros(b, 0, dtype=torch.long, device=device)
+        timing = Timing(prefill_s=t1 - t0, decode_s=self._clock() - t1, decode_steps=max(len(out) - 1, 0),
+                        reducer_s=state.reducer_s)
+        return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float(),
+                          timing=timing)
 
     def _clock(self) -> float:
         """perf_counter after the device's queued work is done (CUDA kernels run asynchronously)."""

@@ -50,7 +50,6 @@ from methods.cli import first_line
 from methods.trace import (
     Generation,
     LlavaLayout,
-    Timing,
     cls_signal_macs,
     feature_row_macs,
 )
@@ -216,30 +215,8 @@ class ReducedLlava(LLMSide):
             pad_token_id: written after a sample has ended.
             budgets: (B,) optional per-sample budgets passed to the reducer.
         """
-        t0 = self._clock()
-        state = self.prefill(input_ids, attention_mask, pixel_values, budgets=budgets)
-        t1 = self._clock()
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        eos = eos.to(input_ids.device)
-        b = input_ids.size(0)
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        lengths = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-        out = []
-        logits = state.logits
-        for step in range(max_new_tokens):
-            tok = logits.argmax(-1).masked_fill(done, pad_token_id)  # (B,)
-            out.append(tok)
-            lengths += (~done).long()
-            done |= torch.isin(tok, eos)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = self._decode_step(state, tok)
-        state.trace.generated_tokens = lengths
-        tokens = torch.stack(out, 1) if out else input_ids.new_zeros(b, 0)
-        timing = Timing(prefill_s=t1 - t0, decode_s=self._clock() - t1, decode_steps=max(len(out) - 1, 0),
-                        reducer_s=state.reducer_s)
-        return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float(),
-                          timing=timing)
+        return self._generate(lambda: self.prefill(input_ids, attention_mask, pixel_values, budgets=budgets),
+                              max_new_tokens, eos_token_id, pad_token_id)
 
     def prefill(
         self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, budgets: Tensor | None = None,

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq
 from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Site, TokenReducer, Tokens
+from methods.trace import Generation
 
 QWEN_METHODS = ("full", "random", "divprune", "fastv", "dart")  # what runs on this family so far
 
@@ -99,25 +100,11 @@ class ReducedQwen(LLMSide):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
                  max_new_tokens: int, eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
-                 budgets: Tensor | None = None) -> tuple[Tensor, Tensor, DecodeState]:
-        """Greedy decoding with the KV cache: (B, S) generated ids (pad after a sample's end), (B,) lengths (end of
-        sequence included) and the prefill's state (its token trace)."""
-        state = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, budgets)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
-                           device=input_ids.device)
-        b = input_ids.size(0)
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        lengths = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-        out, logits = [], state.logits
-        for step in range(max_new_tokens):
-            tok = logits.argmax(-1).masked_fill(done, pad_token_id)  # (B,)
-            out.append(tok)
-            lengths += (~done).long()
-            done |= torch.isin(tok, eos)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = self._decode_step(state, tok)
-        return (torch.stack(out, 1) if out else input_ids.new_zeros(b, 0)), lengths, state
+                 budgets: Tensor | None = None) -> Generation:
+        """Greedy decoding with the KV cache (as `ReducedLlava.generate`; `image_grid_thw` (B, 3) as the processor
+        writes it)."""
+        return self._generate(lambda: self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, budgets),
+                              max_new_tokens, eos_token_id, pad_token_id)
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
                 budgets: Tensor | None = None) -> DecodeState:

@@ -59,7 +59,8 @@ def prompts(model, grids: list[tuple[int, int, int]], seed: int = 0):
 def test_full_equals_hf_generate(grids):
     model = tiny_qwen(seed=len(grids))
     ids, mask, pixels, grid = prompts(model, grids, seed=3)
-    ours, lengths, _ = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=6)
+    gen = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=6)
+    ours, lengths = gen.tokens, gen.lengths
     with torch.no_grad():
         hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
                             mm_token_type_ids=(ids == IMAGE).int(), max_new_tokens=6, do_sample=False,
@@ -94,7 +95,7 @@ def test_full_equals_hf_generate_on_the_real_config():
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
     ids, mask, pixels, grid = prompts(model, [(1, 8, 8), (1, 6, 10)], seed=5)
-    ours, _, _ = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=3)
+    ours = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=3).tokens
     with torch.no_grad():
         hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
                             mm_token_type_ids=(ids == config.image_token_id).int(), max_new_tokens=3,
@@ -151,13 +152,13 @@ def test_batch_of_two_sizes_equals_each_alone(method):
     kwargs = {"full": {}, "random": {"budget": 6}, "divprune": {"budget": 6}}.get(method, {"budget": 6, "layer": 1})
     reducer = create_reducer(method, **kwargs)
     run = ReducedQwen(model, reducer)
-    both, _, state = run.generate(ids, mask, pixels, grid, max_new_tokens=4)
+    both = run.generate(ids, mask, pixels, grid, max_new_tokens=4)
     split = grid.prod(-1).tolist()
     for i, p in enumerate(pixels.split(split)):
         real = mask[i].bool()
-        one, _, alone = run.generate(ids[i:i + 1, real], mask[i:i + 1, real], p, grid[i:i + 1], max_new_tokens=4)
-        assert one[0].tolist() == both[i].tolist()
-        assert alone.trace.sample(0, 16)["kept_indices"] == state.trace.sample(i, 16)["kept_indices"]
+        one = run.generate(ids[i:i + 1, real], mask[i:i + 1, real], p, grid[i:i + 1], max_new_tokens=4)
+        assert one.tokens[0].tolist() == both.tokens[i].tolist()
+        assert one.trace.sample(0, 16)["kept_indices"] == both.trace.sample(i, 16)["kept_indices"]
 
 
 def _kept_logits(model, ids, pixels, grid, kept: list[int]):

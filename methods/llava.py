@@ -29,7 +29,9 @@ Prefill of a left-padded batch, one image per prompt:
 5. `lm_head` on the last position only.
 
 Decoding is greedy with the KV cache: each step runs every layer on one token; each layer attends over its own
-cache with its own padding mask; new positions continue from the original (unreduced) numbering.
+cache with its own padding mask; new positions continue from the original (unreduced) numbering. Steps 4-5 and
+decoding live in `methods/_llm.py`, shared with the Qwen2.5-VL adapter (`methods/qwen.py`); this module holds the
+vision side, the splice and every piece of LLaVA knowledge.
 """
 
 from __future__ import annotations

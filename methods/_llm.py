@@ -88,12 +88,14 @@ class ImageSide:
         num_patches: visual tokens per image before any LLM-site reduction (for `llm_layers`).
         vision_tokens: (B, Lv) tokens entering each executed vision layer (the trace's).
         projector_tokens: (B,) tokens through the projector (the trace's).
+        image_tokens: (B,) visual tokens of each image when images differ in size (`Tokens.image_tokens`).
     """
 
     grid: tuple[int, int]
     num_patches: int
     vision_tokens: Tensor
     projector_tokens: Tensor
+    image_tokens: Tensor | None = None
 
 
 class LLMSide:
@@ -234,7 +236,7 @@ class LLMSide:
         tokens = Tokens(x=gather_tokens(seq.x, vidx), grid=image.grid,
                         valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, stage=stage,
                         depth=len(self.model.model.language_model.layers), text=text, embeds=rows.get("embeds"),
-                        **sig)
+                        image_tokens=image.image_tokens, **sig)
         red = r(tokens)
         done = self._clock()
         merged = red.keep < 0 if red.keep is not None else None  # (B, K) tokens standing in a removed one's place

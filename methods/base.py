@@ -89,6 +89,8 @@ class Tokens:
             per-sample randomness that does not depend on the batch a sample lands in.
         extra: (B, E, Dv) at the features site, the feature-layer outputs of the tokens the reducer appended to
             the vision encoder's input with `extra_vision_tokens` (they are not among `x`).
+        image_tokens: (B,) long, at the LLM site when images differ in size (Qwen2.5-VL): each image's visual
+            tokens before any LLM-site reduction; None means grid rows x cols for every sample.
         stage: at the LLM site, which of the reducer's `llm_layers` this call is at (0 for the first).
         depth: at the LLM site, the language model's number of decoder layers.
     """
@@ -110,6 +112,7 @@ class Tokens:
     budget: Tensor | None = None
     sample_key: Tensor | None = None
     extra: Tensor | None = None
+    image_tokens: Tensor | None = None
     stage: int = 0
     depth: int | None = None
 

@@ -119,11 +119,13 @@ class PyramidDrop(TokenReducer):
 
     def forward(self, t: Tokens) -> Reduced:
         b = t.x.size(0)
-        n = t.grid[0] * t.grid[1]  # the image's tokens before any drop
+        n = t.grid[0] * t.grid[1]  # the image's tokens before any drop (per image: Tokens.image_tokens)
         if t.depth is None:
             raise ValueError("pdrop acts inside the LLM: the adapter must give Tokens.depth (its layer count)")
         budgets = [None] * b if t.budget is None else t.budget.tolist()
-        per = {v: self.schedule(n, t.depth, v)[t.stage] for v in set(budgets)}  # one schedule per distinct budget
-        k = torch.tensor([per[v] for v in budgets], device=t.x.device).clamp(max=t.x.size(1))  # (B,)
+        sizes = [n] * b if t.image_tokens is None else t.image_tokens.tolist()  # each image's tokens
+        per = {(v, m): self.schedule(m, t.depth, v)[t.stage] for v, m in set(zip(budgets, sizes, strict=True))}
+        k = torch.tensor([per[v, m] for v, m in zip(budgets, sizes, strict=True)], device=t.x.device)
+        k = k.clamp(max=t.x.size(1))  # (B,)
         keep, valid = select_top(t.query_attn_next, k, t.valid)  # (B, K) ascending positions
         return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=valid)

@@ -19,8 +19,9 @@ the batch's flattened patches) gives each image's tokens; they replace the promp
 (`methods/_llm.py`, shared with LLaVA) runs the decoder layers with an explicit additive mask (causal + padding), the
 model's M-RoPE cos/sin, and the LLM-site reductions. Sites: `features` / `embeddings` = after the merger, each
 image's tokens padded to the batch's largest with a validity mask, a budget = at most that many tokens per image
-(`random`, `divprune`); `llm` (`fastv`, `dart`: methods whose steps do not depend on the image's grid); the rest are
-refused with one line until per-image grids and substitute signals land (issue 18).
+(`random`, `divprune`); `llm` (`fastv`, `dart`, `pdrop`, `sparsevlm`; the last two schedule each image by its own
+token count, `Tokens.image_tokens`); the rest are refused with one line until substitute signals for the CLS token
+land (issue 18).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Site, TokenReducer, Tokens
 from methods.trace import Generation
 
-QWEN_METHODS = ("full", "random", "divprune", "fastv", "dart")  # what runs on this family so far
+QWEN_METHODS = ("full", "random", "divprune", "fastv", "dart", "pdrop", "sparsevlm")  # what runs on this family
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ class ReducedQwen(LLMSide):
                   src=torch.where(is_img, nth, -1))
         patches = grid.prod(-1)  # (B,) patches through every vision block and the merger
         image = ImageSide(grid=(1, int(want.max())), num_patches=int(want.max()),
-                          vision_tokens=patches.unsqueeze(1).expand(-1, lay.vision_layers), projector_tokens=patches)
+                          vision_tokens=patches.unsqueeze(1).expand(-1, lay.vision_layers), projector_tokens=patches,
+                          image_tokens=want)
         key = torch.cat([pixel_key(p.reshape(1, -1, 1, 1)) for p in pixel_values.split(patches.tolist())])  # (B,)
         log = ReducerLog(macs=torch.zeros(input_ids.size(0), dtype=torch.long, device=device))
         if self.reducer.site in (Site.FEATURES, Site.EMBEDDINGS):  # after the merger: the LLM's input embeddings

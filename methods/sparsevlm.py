@@ -121,10 +121,15 @@ def solve_counts(budget: float, n: int, layers: tuple[int, ...], stages: tuple[i
     return counts(lo)
 
 
-def raters(image: Tensor, text: Tensor, valid: Tensor) -> Tensor:
-    """(B, M) bool: the text tokens that rate. image (B, N, D) and text (B, M, D) input embeddings, valid (B, M)."""
+def raters(image: Tensor, text: Tensor, valid: Tensor, image_valid: Tensor | None = None) -> Tensor:
+    """(B, M) bool: the text tokens that rate. image (B, N, D) and text (B, M, D) input embeddings, valid (B, M),
+    image_valid (B, N) when images differ in size."""
     sim = (image.float() @ text.float().transpose(1, 2)).masked_fill(~valid[:, None], float("-inf"))  # (B, N, M)
-    m = sim.softmax(-1).mean(1)  # (B, M) relevance of each text token
+    p = sim.softmax(-1)
+    if image_valid is None:
+        m = p.mean(1)  # (B, M) relevance of each text token
+    else:
+        m = torch.where(image_valid[..., None], p, 0.0).sum(1) / image_valid.sum(1, keepdim=True).clamp(min=1)
     mean = m.masked_fill(~valid, 0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
     chosen = (m > mean) & valid
     return torch.where(chosen.any(1, keepdim=True), chosen, valid)
@@ -243,18 +248,23 @@ class SparseVLM(TokenReducer):
         if t.depth is None or t.text is None or t.embeds is None:
             raise ValueError("sparsevlm acts inside the LLM: the adapter must give Tokens.depth, text and embeds")
         valid = torch.ones(b, nv, dtype=torch.bool, device=dev) if t.valid is None else t.valid
-        n = t.embeds.size(1)  # the image's tokens before any stage
+        n = t.embeds.size(1)  # the image's tokens before any stage (per image: Tokens.image_tokens)
         budgets = [None] * b if t.budget is None else t.budget.tolist()
-        per = {v: self.schedule(n, t.depth, v)[t.stage] for v in set(budgets)}
+        sizes = [n] * b if t.image_tokens is None else t.image_tokens.tolist()
+        per = {(v, s): self.schedule(s, t.depth, v)[t.stage] for v, s in set(zip(budgets, sizes, strict=True))}
         n_v = valid.sum(1)  # (B,)
-        k = torch.minimum(torch.tensor([per[v] for v in budgets], device=dev), n_v - 1).clamp(min=1)  # (B,)
-        rate = raters(t.embeds, t.text.embeds, t.text.valid)  # (B, M)
+        k = torch.tensor([per[v, s] for v, s in zip(budgets, sizes, strict=True)], device=dev)
+        k = torch.minimum(k, n_v - 1).clamp(min=1)  # (B,)
+        image_valid = None if t.image_tokens is None else (
+            torch.arange(n, device=dev) < t.image_tokens.to(dev).unsqueeze(1))  # (B, N0)
+        rate = raters(t.embeds, t.text.embeds, t.text.valid, image_valid)  # (B, M)
         attn = torch.where(rate[..., None], t.text.attn.float(), 0.0)  # (B, M, N)
         relation = attn.sum(1) / rate.sum(1, keepdim=True).clamp(min=1)  # (B, N) the raters' mean attention
         keep, kvalid = select_top(relation, k, valid)  # (B, K) ascending
         kvalid = torch.ones_like(keep, dtype=torch.bool) if kvalid is None else kvalid
         m = t.text.valid.sum(1)  # (B,)
-        macs = n * m * d  # the raters' similarities
+        n_img = torch.tensor(sizes, device=dev)  # (B,)
+        macs = n_img * m * d  # the raters' similarities
         deleted = valid.scatter(1, keep, ~kvalid & valid.gather(1, keep))  # (B, N) valid and not kept
         n_del = deleted.sum(1)
         if nv < 2 or not bool((n_del > 0).any()):

@@ -143,13 +143,15 @@ def test_fastv_keeps_original_mrope_positions(seed):
     torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["full", "random", "divprune", "fastv", "dart"])
+@pytest.mark.parametrize("method", ["full", "random", "divprune", "fastv", "dart", "pdrop", "sparsevlm"])
 def test_batch_of_two_sizes_equals_each_alone(method):
     """Two images of different sizes (16 and 15 tokens) in one left-padded batch: each sample's answer and kept
-    tokens are those it gets alone."""
+    tokens are those it gets alone (PyramidDrop and SparseVLM schedule each image by its own token count)."""
     model = tiny_qwen(seed=4, llm_layers=3)
     ids, mask, pixels, grid = prompts(model, [(1, 8, 8), (1, 6, 10)], seed=6)
-    kwargs = {"full": {}, "random": {"budget": 6}, "divprune": {"budget": 6}}.get(method, {"budget": 6, "layer": 1})
+    kwargs = {"full": {}, "random": {"budget": 6}, "divprune": {"budget": 6},
+              "pdrop": {"ratios": (0.5, 0.25), "layers": (1, 2)},
+              "sparsevlm": {"counts": (6, 3), "layers": (1, 2)}}.get(method, {"budget": 6, "layer": 1})
     reducer = create_reducer(method, **kwargs)
     run = ReducedQwen(model, reducer)
     both = run.generate(ids, mask, pixels, grid, max_new_tokens=4)

@@ -19,8 +19,26 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from methods._ops import additive_mask, gather_tokens, pack_true
-from methods.base import Reduced, Site, TextTokens, Tokens
+from methods.base import Reduced, Site, TextTokens, TokenReducer, Tokens
 from methods.trace import Generation, Timing, TokenTrace, next_query_macs, query_row_macs
+
+LLM_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds"})
+BELOW_SIGNALS = frozenset({"query_attn", "key_norms", "text", "text_attn"})  # read from layer `layer - 1`: layer >= 1
+
+
+def check_llm_reducer(r: TokenReducer, n_layers: int, num_patches: int) -> None:
+    """Raise (saying what to do) unless LLM-site reducer `r` can run on an `n_layers`-layer language model whose
+    images carry `num_patches` visual tokens: its layers increasing and in range, its signals provided here."""
+    low = 1 if BELOW_SIGNALS & r.needs else 0
+    layers = r.llm_layers(n_layers, num_patches)
+    if not layers or list(layers) != sorted(set(layers)) or not low <= layers[0] <= layers[-1] < n_layers:
+        where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {list(layers)} (increasing)"
+        raise ValueError(
+            f"{r.name}: LLM {where} must be in [{low}, {n_layers - 1}] for this {n_layers}-layer language model; "
+            f"set {r.name}.layer{'s' * (len(layers) > 1)}"
+        )
+    if set(r.needs) - LLM_SIGNALS:
+        raise NotImplementedError(f"{r.name}: only {', '.join(sorted(LLM_SIGNALS))} are provided at the LLM site")
 
 
 @dataclass
@@ -70,6 +88,16 @@ class Seq:
         real = self.real.gather(1, idx) & valid
         return Seq(x=gather_tokens(self.x, idx), real=real, pos=gather_tokens(self.pos, idx),
                    visual=self.visual.gather(1, idx) & real, src=self.src.gather(1, idx))
+
+    def keep_visual(self, at: Tensor, valid: Tensor, x: Tensor, merged: Tensor | None = None) -> Seq:
+        """Every real text token and only the visual tokens at sequence positions `at` (B, K) where `valid`, with
+        the values `x` (B, K, D) a reducer returned for them (a merged token, where `merged`, takes the place of the
+        removed token at its position and has no source patch); re-packed with left padding, positions kept."""
+        x_all = self.x.scatter(1, at.unsqueeze(-1).expand(-1, -1, x.size(-1)), x)
+        src = self.src if merged is None else self.src.scatter(1, at, torch.where(merged, -1, self.src.gather(1, at)))
+        text = self.real & ~self.visual
+        idx, packed = pack_true(text.scatter(1, at, valid) | text, right=True)  # (B, T'')
+        return replace(self, x=x_all, src=src).take(idx, packed)
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -140,7 +168,6 @@ class LLMSide:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         return time.perf_counter()
-
 
     def _llm_prefill(self, seq: Seq, image: ImageSide, budgets: Tensor | None, key: Tensor, log: ReducerLog,
                      tail: int) -> DecodeState:
@@ -250,14 +277,8 @@ class LLMSide:
         if bool((hits > 1).any()):
             raise ValueError(f"{r.name} returned two tokens for one place (a merged token's anchor must be a removed "
                              "token, each used once)")
-        kept_pos = vidx.gather(1, at)  # (B, K) positions in the sequence
         # a reducer may update the values of the tokens it keeps; a merged token overwrites its anchor
-        x = seq.x.scatter(1, kept_pos.unsqueeze(-1).expand(-1, -1, seq.x.size(-1)), red.x)
-        src = seq.src.scatter(1, kept_pos, torch.where(merged, -1, seq.src.gather(1, kept_pos)))
-        keep = (~seq.visual) & seq.real
-        keep = keep.scatter(1, kept_pos, kvalid) | keep
-        idx, valid = pack_true(keep, right=True)  # (B, T'')
-        return replace(seq, x=x, src=src).take(idx, valid), red, done
+        return seq.keep_visual(vidx.gather(1, at), kvalid, red.x, merged), red, done
 
     def _query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, rows: Tensor,
                          keys: Tensor | None = None) -> Tensor:

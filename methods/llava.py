@@ -45,7 +45,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import eager_attention_forward
 
-from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq
+from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
 from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Reduced, Site, TokenReducer, Tokens
 from methods.cli import first_line
@@ -58,8 +58,6 @@ from methods.trace import (
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 FEATURE_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})
-LLM_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds"})
-BELOW_SIGNALS = frozenset({"query_attn", "key_norms", "text", "text_attn"})  # read from layer `layer - 1`: layer >= 1
 
 
 def llava_prompt(processor, text: str) -> str:
@@ -436,16 +434,7 @@ def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
                 f"of this {lay.vision_layers}-layer encoder"
             )
     elif r.site is Site.LLM:
-        low = 1 if BELOW_SIGNALS & r.needs else 0
-        layers = r.llm_layers(lay.llm_layers, lay.num_patches)
-        if not layers or list(layers) != sorted(set(layers)) or not low <= layers[0] <= layers[-1] < lay.llm_layers:
-            where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {list(layers)} (increasing)"
-            raise ValueError(
-                f"{r.name}: LLM {where} must be in [{low}, {lay.llm_layers - 1}] for this "
-                f"{lay.llm_layers}-layer language model; set {r.name}.layer{'s' * (len(layers) > 1)}"
-            )
-        if set(r.needs) - LLM_SIGNALS:
-            raise NotImplementedError(f"{r.name}: only {', '.join(sorted(LLM_SIGNALS))} are provided at the LLM site")
+        check_llm_reducer(r, lay.llm_layers, lay.num_patches)
     elif r.site is Site.EMBEDDINGS:
         if r.needs:
             raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the embeddings site")

@@ -26,12 +26,12 @@ land (issue 18).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq
+from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
 from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Site, TokenReducer, Tokens
 from methods.trace import Generation
@@ -91,12 +91,8 @@ class ReducedQwen(LLMSide):
                                       f"{', '.join(QWEN_METHODS)}); see issue 18")
         self.model, self.reducer = model, reducer
         self.layout = QwenLayout.from_config(model.config)
-        if reducer.site is Site.LLM:
-            layers = reducer.llm_layers(self.layout.llm_layers, 1)
-            if not all(1 <= j < self.layout.llm_layers for j in layers):
-                raise ValueError(f"{reducer.name}: LLM layer(s) {list(layers)} must be in [1, "
-                                 f"{self.layout.llm_layers - 1}] for this {self.layout.llm_layers}-layer language "
-                                 f"model; set {reducer.name}.layer")
+        if reducer.site is Site.LLM:  # images vary in size: budgets a stage cannot meet are refused per batch
+            check_llm_reducer(reducer, self.layout.llm_layers, 1)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
@@ -158,11 +154,7 @@ class ReducedQwen(LLMSide):
         limit = counts.clamp(max=r.budget if budgets is None else budgets.clamp(min=1)) if r.budget else counts
         if bool((kvalid.sum(1) > limit).any()):
             raise ValueError(f"{r.name} returned more tokens than its budget ({r.budget})")
-        at = vidx.gather(1, red.keep)  # (B, K) sequence positions of the kept tokens
-        x = seq.x.scatter(1, at.unsqueeze(-1).expand(-1, -1, seq.x.size(-1)), red.x)  # a reducer may update them
-        keep = (seq.real & ~seq.visual).scatter(1, at, kvalid) | (seq.real & ~seq.visual)
-        idx, valid = pack_true(keep, right=True)
-        return replace(seq, x=x).take(idx, valid)
+        return seq.keep_visual(vidx.gather(1, red.keep), kvalid, red.x)  # a reducer may update the tokens it keeps
 
     def _rotary(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.model.language_model.rotary_emb(x, pos.permute(2, 0, 1))  # M-RoPE: (3, B, T)

@@ -54,6 +54,31 @@ def tiny_batch(model, batch: int, seed: int = 0):
     return ids, mask, pixels
 
 
+def spliced_embeds(model, ids, pixels):
+    """The LLM input embeddings (T, D) of prompt 0 of `ids` with its image tokens replaced by the image's features, as
+    LLaVA splices them, and its (T,) image-token mask: where the tests' restatements of the references start."""
+    lm = model.model.language_model
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+        img = ids[0] == IMAGE_TOKEN
+        h = lm.embed_tokens(ids[0].masked_fill(img, 0))
+        h[img] = feats
+    return h, img
+
+
+def tokens_seen(reducer) -> list:
+    """The `Tokens` each call of `reducer` receives from now on, in order (its instance's forward is wrapped; the
+    class is untouched)."""
+    seen, forward = [], reducer.forward
+
+    def spy(t):
+        seen.append(t)
+        return forward(t)
+
+    reducer.forward = spy
+    return seen
+
+
 def eager_image_row(model, ids, mask, pixels, layer: int):
     """(B, N) head-averaged attention of the last prompt token over the image tokens at LLM layer `layer`, from HF's
     own eager attention maps: what the adapter's LLM-site rows are checked against."""

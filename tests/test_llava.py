@@ -9,7 +9,7 @@ from methods import Reduced, Site, TokenReducer, Tokens, create_reducer
 from methods._ops import gather_tokens
 from methods.llava import ReducedLlava
 from methods.trace import LlavaLayout
-from tests.conftest import eager_image_row, tiny_batch, tiny_llava
+from tests.conftest import eager_image_row, spliced_embeds, tiny_batch, tiny_llava, tokens_seen
 
 
 def hf_generate(model, ids, mask, pixels, steps):
@@ -127,15 +127,10 @@ class LlmTopQuery(TokenReducer):
 def test_llm_site_query_attention_matches_eager_attention():
     model = tiny_llava(attn="eager", kv_heads=2, seed=5)
     ids, mask, pixels = tiny_batch(model, 3, seed=3)
-    seen = {}
-
-    class Spy(LlmTopQuery):
-        def forward(self, t):
-            seen["q"] = t.query_attn
-            return super().forward(t)
-
-    out = ReducedLlava(model, Spy(budget=3, layer=2)).prefill(ids, mask, pixels)
-    torch.testing.assert_close(seen["q"], eager_image_row(model, ids, mask, pixels, 1), atol=1e-5, rtol=1e-4)
+    reducer = LlmTopQuery(budget=3, layer=2)
+    seen = tokens_seen(reducer)
+    out = ReducedLlava(model, reducer).prefill(ids, mask, pixels)
+    torch.testing.assert_close(seen[0].query_attn, eager_image_row(model, ids, mask, pixels, 1), atol=1e-5, rtol=1e-4)
     llm = out.trace.llm_tokens
     assert (llm[:, 2] == llm[:, 1] - 13).all()  # 16 image tokens -> 3 from layer 2 on
     assert out.trace.visual_tokens[:, :2].eq(16).all() and out.trace.visual_tokens[:, 2:].eq(3).all()
@@ -145,11 +140,8 @@ def masked_reference(model, ids, pixels, k, dropped, steps):
     """FastV's "mask mode" written independently: the full sequence runs through every layer, and from layer k on the
     dropped image tokens are masked as keys. No cache: the whole sequence is re-run at every step (batch 1)."""
     lm = model.model.language_model
+    emb, img = spliced_embeds(model, ids, pixels)
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
-        img = ids[0] == 5
-        emb = lm.embed_tokens(ids[0].masked_fill(img, 0))
-        emb[img] = feats
         tokens, logits0 = [], None
         for _ in range(steps):
             t = emb.size(0)

@@ -19,7 +19,7 @@ from methods.random import hashed_scores
 from methods.sparsevlm import cluster_merge, default_stages, recycled, visual_per_layer
 from methods.visionzip import split_budget
 from methods.vispruner import thin_duplicates
-from tests.conftest import eager_image_row, tiny_batch, tiny_llava
+from tests.conftest import eager_image_row, spliced_embeds, tiny_batch, tiny_llava, tokens_seen
 
 # ---------------------------------------------------------------------------------------------- PruMerge
 
@@ -128,11 +128,8 @@ def _pdrop_restated(model, ids, pixels, layers, ratios):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: PLC0415
 
     lm = model.model.language_model
+    h, img = spliced_embeds(model, ids, pixels)
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
-        img = ids[0] == 5
-        h = lm.embed_tokens(ids[0].masked_fill(img, 0))
-        h[img] = feats
         h, t = h[None], ids.size(1)
         pos = torch.arange(t)[None]
         src = torch.full((t,), -1)
@@ -176,15 +173,11 @@ def test_pdrop_equals_a_direct_restatement_of_the_reference(seed):
 def test_pdrop_row_equals_eager_attention_of_the_stage_layer():
     model = tiny_llava(llm_layers=4, kv_heads=2, seed=2, attn="eager")
     ids, mask, pixels = tiny_batch(model, 3, seed=4)
-    seen = []
-
-    class Spy(type(create_reducer("pdrop", ratios=(0.5,), layers=(2,)))):
-        def forward(self, t):
-            seen.append(t.query_attn_next)
-            return super().forward(t)
-
-    ReducedLlava(model, Spy(ratios=(0.5,), layers=(2,))).prefill(ids, mask, pixels)
-    torch.testing.assert_close(seen[0], eager_image_row(model, ids, mask, pixels, 2), atol=1e-5, rtol=1e-4)
+    reducer = create_reducer("pdrop", ratios=(0.5,), layers=(2,))
+    seen = tokens_seen(reducer)
+    ReducedLlava(model, reducer).prefill(ids, mask, pixels)
+    torch.testing.assert_close(seen[0].query_attn_next, eager_image_row(model, ids, mask, pixels, 2), atol=1e-5,
+                               rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- DART
@@ -591,11 +584,8 @@ def _sparsevlm_restated(model, ids, pixels, layers, counts):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: PLC0415
 
     lm = model.model.language_model
+    h, img = spliced_embeds(model, ids, pixels)
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
-        img = ids[0] == 5
-        h = lm.embed_tokens(ids[0].masked_fill(img, 0))
-        h[img] = feats
         start = int(img.nonzero()[0, 0])
         n = int(img.sum())
         v_t, t_t = h[img], h[start + n:]
@@ -654,19 +644,15 @@ def test_sparsevlm_rows_equal_eager_attention():
     layer below at those rows and the image's columns (a left-padded batch of three)."""
     model = tiny_llava(llm_layers=3, kv_heads=2, seed=2, attn="eager")
     ids, mask, pixels = tiny_batch(model, 3, seed=4)
-    seen = []
-
-    class Spy(type(create_reducer("sparsevlm", counts=(4,), layers=(2,)))):
-        def forward(self, t):
-            seen.append(t.text)
-            return super().forward(t)
-
-    ReducedLlava(model, Spy(counts=(4,), layers=(2,))).prefill(ids, mask, pixels)
+    reducer = create_reducer("sparsevlm", counts=(4,), layers=(2,))
+    seen = tokens_seen(reducer)
+    ReducedLlava(model, reducer).prefill(ids, mask, pixels)
+    text = seen[0].text
     with torch.no_grad():
         att = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_attentions=True).attentions[1]
     for i in range(3):
         img = (ids[i] == 5).nonzero()[:, 0]
         after = torch.arange(int(img[-1]) + 1, ids.size(1))
         want = att[i].mean(0)[after][:, img]  # (M_i, N)
-        got = seen[0].attn[i][seen[0].valid[i]]
+        got = text.attn[i][text.valid[i]]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

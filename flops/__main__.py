@@ -1,9 +1,17 @@
-"""Print MACs and FLOPs per method and budget for a LLaVA config, from shapes alone (no weights, no data).
+"""Print MACs and FLOPs per method and budget for a LLaVA or Qwen2.5-VL config, from shapes alone (no weights, no
+data).
 
     python -m flops --model-config llava-1.5-7b --text-tokens 64 --methods full fastv --budgets 64 576
     python -m flops --model-config llava-1.5-7b --text-tokens 40 --methods fastv \\
         --method-args fastv.layer=3 fastv.ratio=0.5
     python -m flops --model-config /ckpt/llava-1.5-13b-hf --methods prumerge adaptive --budgets 32 144 --json
+    python -m flops --model-config qwen2.5-vl-7b --image-size 640x480 --methods full fastv --budgets 0.25 64
+    python -m flops --model-config qwen2.5-vl-7b --image-tokens 16x16 --methods divprune --budgets 0.111
+
+A Qwen2.5-VL image has no fixed size: --image-size W x H pixels is resized as the model's processor does (sides
+rounded to multiples of 28 px, 4 to 1,280 visual tokens; default 448x448, 256 tokens), or --image-tokens gives the
+grid of visual tokens after the merger (R x C, or N for N x N). A budget is a count of visual tokens or a fraction
+of the image's (0.25 keeps 25 %).
 """
 
 from __future__ import annotations
@@ -12,13 +20,16 @@ import argparse
 import json
 import sys
 
-from flops.analytic import ModelShape, count
-from flops.shapes import load_config, shape_record, stand_in_reducer
+from flops.analytic import count, model_shape
+from flops.shapes import load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import create_reducer, expand_methods, get_reducer_class, method_budgets
 from methods.base import AUTO
-from methods.cli import OneLineParser, parse_budget, parse_method_arg
+from methods.cli import OneLineParser, budget_count, parse_budget, parse_method_arg
 from methods.llava import check_reducer
-from methods.trace import LlavaLayout
+from methods.qwen import check_reducer as check_qwen_reducer
+from methods.trace import LlavaLayout, QwenLayout
+
+QWEN_DEFAULT_SIZE = (448, 448)
 
 TABLE = ("method", "budget", "visual_tokens", "visual_tokens_layer_mean", "llm_prefill_tmacs", "llm_prefill_tflops",
          "prefill_tmacs", "prefill_tflops", "total_tflops", "llm_prefill_ratio", "prefill_ratio")
@@ -28,12 +39,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m flops", description=__doc__.splitlines()[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model-config", default="llava-1.5-7b",
-                   help="llava-1.5-7b, llava-1.5-13b, a config.json or a llava-hf checkpoint folder")
+                   help="llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b, a config.json or a checkpoint folder")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--image-size", type=pair, metavar="WxH", help="Qwen2.5-VL: the image's pixels (default 448x448)")
+    size.add_argument("--image-tokens", type=pair, metavar="RxC", help="Qwen2.5-VL: the image's grid of visual tokens")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt tokens besides the image (default 64)")
     p.add_argument("--generated-tokens", type=int, default=1, help="answer length for the end-to-end column")
     p.add_argument("--methods", nargs="+", default=["full"], metavar="NAME")
     p.add_argument("--budgets", nargs="+", type=parse_budget, default=[], metavar="N",
-                   help="visual tokens the LLM sees")
+                   help="visual tokens the LLM sees: a count, or a fraction of the image's (0.25)")
     p.add_argument("--method-args", nargs="+", type=parse_method_arg, default=[], metavar="METHOD.ARG=VALUE",
                    help="e.g. fastv.layer=3 fastv.ratio=0.5 (a FastV ratio replaces its budgets)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
@@ -41,13 +55,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def pair(text: str) -> tuple[int, int]:
+    """An argparse type: AxB (or N for N x N), whole numbers >= 1."""
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: write AxB with whole numbers >= 1 (e.g. 640x480), or N for NxN")
+    return int(parts[0]), int(parts[1])
+
+
+def image_grid(args: argparse.Namespace, config) -> tuple[int, int, int] | None:
+    """The Qwen2.5-VL image's patch grid (t, h, w) from --image-size or --image-tokens; None for LLaVA."""
+    if config.model_type != "qwen2_5_vl":
+        if args.image_size or args.image_tokens:
+            raise ValueError("--image-size and --image-tokens apply to Qwen2.5-VL; a LLaVA image is resized to the "
+                             "vision encoder's size")
+        return None
+    if args.image_tokens:
+        merge = config.vision_config.spatial_merge_size
+        return (1, args.image_tokens[0] * merge, args.image_tokens[1] * merge)
+    return qwen_grid(config, *(args.image_size or QWEN_DEFAULT_SIZE))
+
+
 def rows_for(args: argparse.Namespace) -> list[dict]:
     """One row per (method, budget), with MACs from `flops.analytic.count` on `flops.shapes.shape_record`."""
     if args.text_tokens < 0 or args.generated_tokens < 1:
         raise ValueError("--text-tokens must be >= 0 and --generated-tokens >= 1")
     config = load_config(args.model_config)
-    shape = ModelShape.from_config(config)
-    n = shape.num_patches
+    shape, grid = model_shape(config), image_grid(args, config)
+    n = shape.image_tokens({"image_grid_thw": grid})
     kwargs: dict[str, dict] = {}
     for method, arg, value in args.method_args:
         kwargs.setdefault(method, {})[arg] = value
@@ -65,10 +102,13 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
         cls, kw = get_reducer_class(method), kwargs.get(method, {})
         if label == AUTO:
             raise ValueError(f"{method}: an 'auto' budget depends on the image; give numbers of visual tokens")
-        budget = label if cls.uses_budget and cls.budget_label(kw) is None else None
+        budget = budget_count(label, n) if cls.uses_budget and cls.budget_label(kw) is None else None  # of this image
         reducer = stand_in_reducer(method, budget, config, **kw)
-        check_reducer(reducer, LlavaLayout.from_config(config))  # as run_bench.py checks it: layer in range, ...
-        rec = shape_record(config, reducer, args.text_tokens, args.generated_tokens)
+        if grid is None:  # as run_bench.py checks it: layer in range, ...
+            check_reducer(reducer, LlavaLayout.from_config(config))
+        else:
+            check_qwen_reducer(reducer, QwenLayout.from_config(config), n)
+        rec = shape_record(config, reducer, args.text_tokens, args.generated_tokens, image_grid=grid)
         macs = count(rec, shape)
         visual = [c - args.text_tokens for c in rec["llm_tokens_per_layer"]]  # entering each LLM layer
         rows.append({"method": method, "budget": label, "visual_tokens": visual[0],
@@ -77,8 +117,10 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
                      "prefill_tmacs": macs.prefill / 1e12,
                      "prefill_tflops": 2 * macs.prefill / 1e12, "total_tflops": 2 * macs.total / 1e12,
                      "vision_tmacs": macs.vision / 1e12, "reducer_tmacs": macs.reducer / 1e12,
-                     "projector_tmacs": macs.projector / 1e12, "lm_head_tmacs": macs.lm_head_prefill / 1e12})
-    full = count(shape_record(config, create_reducer("full"), args.text_tokens, args.generated_tokens), shape)
+                     "projector_tmacs": macs.projector / 1e12, "lm_head_tmacs": macs.lm_head_prefill / 1e12,
+                     "image_tokens": n, **({} if grid is None else {"image_grid_thw": list(grid)})})
+    full = count(shape_record(config, create_reducer("full"), args.text_tokens, args.generated_tokens, image_grid=grid),
+                 shape)
     for r in rows:
         r["llm_prefill_ratio"] = r["llm_prefill_tmacs"] * 1e12 / full.llm_prefill
         r["prefill_ratio"] = r["prefill_tmacs"] * 1e12 / full.prefill
@@ -89,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         rows = rows_for(args)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, TypeError, NotImplementedError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -97,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{args.model_config}: {args.text_tokens} text tokens + the image, {args.generated_tokens} generated; "
+    grid = rows[0].get("image_grid_thw") if rows else None
+    image = ("the image" if grid is None
+             else f"an image of {grid[1]} x {grid[2]} patches ({rows[0]['image_tokens']} tokens)")
+    print(f"{args.model_config}: {args.text_tokens} text tokens + {image}, {args.generated_tokens} generated; "
           "1 MAC = 1 multiply-add, FLOPs = 2 x MACs; prefill = vision + reducer + projector + LLM + lm_head (last "
           "position); ratios are to full")
     widths = [max(len(c), 10) for c in TABLE]
     print("  ".join(c.rjust(w) for c, w in zip(TABLE, widths, strict=True)))
     for r in rows:
-        cells = [r[c] if isinstance(r[c], str) else (f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]))
-                 for c in TABLE]
+        cells = [str(r[c]) if c == "budget" or not isinstance(r[c], float) else f"{r[c]:.4f}" for c in TABLE]
         print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)))
     return 0
 

@@ -1,4 +1,6 @@
-"""Closed-form MACs of a LLaVA-style model (CLIP ViT + MLP projector + LLaMA decoder), driven by a token trace.
+"""Closed-form MACs of the two model families, driven by a token trace: LLaVA (CLIP ViT + MLP projector + LLaMA
+decoder, `ModelShape`) and Qwen2.5-VL (windowed ViT + patch merger + Qwen2 decoder, `QwenShape`); `model_shape`
+picks the one for a config.
 
 Conventions (one place, tested):
 
@@ -9,6 +11,11 @@ Conventions (one place, tested):
   the trace records each executed layer's token count (Option A's budget token included), so the count follows
   the trace. Per layer over n tokens: 4 n d^2 + 2 n^2 d + 2 n d m (GELU MLP, two matrices).
 * Projector: tokens x (d_v d + d d) for LLaVA's two-layer MLP (d_v x the number of feature layers in).
+* Qwen2.5-VL vision, per image of t x h x w patches (the record's `image_grid_thw`): the 3-D patch convolution
+  (t h w x c t_p p^2 d); per block over its n = t h w patches 4 n d^2 (qkv, proj) + 3 n d m (SwiGLU MLP) and the
+  attention 2 d sum(w_i^2) over the block's attention groups: each frame's h w patches in a full-attention block
+  (`fullatt_block_indexes`), the windows of (window_size / patch)^2 patches (clipped at the image's edges)
+  elsewhere. Merger: n / s^2 tokens x (s^2 d x s^2 d + s^2 d x D), s = spatial_merge_size.
 * LLM prefill, per layer over n tokens: 2 n d^2 + 2 n d d_kv (q, o; k, v with grouped-query attention)
   + 2 n^2 d (QK^T, PV) + 3 n d m (SwiGLU: gate, up, down). n is the layer's own token count (FastV drops at K).
 * lm_head: d x vocab on the last position in prefill (what `generate` computes) and on every decode step.
@@ -25,6 +32,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from methods.trace import LlavaLayout
+
+
+def _llm_fields(tc) -> dict:
+    """The LLM widths and depths the counter uses, from a text config (LLaMA or Qwen2)."""
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    kv_heads = getattr(tc, "num_key_value_heads", None) or heads
+    return {"width": tc.hidden_size, "mlp": tc.intermediate_size, "kv_width": kv_heads * head_dim,
+            "layers": tc.num_hidden_layers, "vocab": tc.vocab_size}
+
+
+def model_shape(config) -> ModelShape | QwenShape:
+    """The counter's shape of a checkpoint's config: `QwenShape` for Qwen2.5-VL, `ModelShape` for LLaVA."""
+    return QwenShape.from_config(config) if config.model_type == "qwen2_5_vl" else ModelShape.from_config(config)
 
 
 @dataclass(frozen=True)
@@ -45,17 +66,83 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
-        vc, tc = config.vision_config, config.text_config
-        heads = tc.num_attention_heads
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-        kv_heads = getattr(tc, "num_key_value_heads", None) or heads
+        vc = config.vision_config
         lay = LlavaLayout.from_config(config)
-        return cls(
-            num_patches=lay.num_patches, vision_width=lay.vision_width,
-            vision_mlp=vc.intermediate_size, vision_channels=vc.num_channels,
-            patch=vc.patch_size, feature_layers=len(lay.feature_layers), width=tc.hidden_size,
-            mlp=tc.intermediate_size, kv_width=kv_heads * head_dim, layers=tc.num_hidden_layers, vocab=tc.vocab_size,
-        )
+        return cls(num_patches=lay.num_patches, vision_width=lay.vision_width, vision_mlp=vc.intermediate_size,
+                   vision_channels=vc.num_channels, patch=vc.patch_size, feature_layers=len(lay.feature_layers),
+                   **_llm_fields(config.text_config))
+
+    def vision_macs(self, record: dict) -> int:
+        embed = self.num_patches * self.vision_channels * self.patch * self.patch * self.vision_width  # the conv
+        return embed + sum(vision_layer_macs(n, self) for n in record["vision_tokens_per_layer"])
+
+    def projector_macs(self, record: dict) -> int:
+        return record["projector_tokens"] * (self.vision_width * self.feature_layers * self.width + self.width ** 2)
+
+    def image_tokens(self, record: dict) -> int:
+        """Visual tokens of the record's image before any reduction."""
+        return self.num_patches
+
+
+@dataclass(frozen=True)
+class QwenShape:
+    """The widths and depths that determine the MACs, read from a Qwen2.5-VL config; the image's own size comes
+    with each record (`image_grid_thw`)."""
+
+    vision_width: int
+    vision_mlp: int
+    vision_channels: int
+    patch: int
+    temporal_patch: int
+    merge: int
+    window: int  # side of an attention window, in patches
+    full_blocks: tuple[int, ...]
+    width: int
+    mlp: int
+    kv_width: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> QwenShape:
+        vc = config.vision_config
+        return cls(vision_width=vc.hidden_size, vision_mlp=vc.intermediate_size, vision_channels=vc.in_channels,
+                   patch=vc.patch_size, temporal_patch=vc.temporal_patch_size, merge=vc.spatial_merge_size,
+                   window=vc.window_size // vc.patch_size, full_blocks=tuple(vc.fullatt_block_indexes),
+                   **_llm_fields(config.text_config))
+
+    def attention_groups(self, grid_thw) -> tuple[list[int], list[int]]:
+        """Patches per attention group of an image: (each frame whole, each window); windows are whole merge
+        units, clipped at the image's bottom and right edges."""
+        t, h, w = grid_thw
+        frames = [h * w] * t
+        side = self.window // self.merge  # window side in merged tokens
+        rows, cols = h // self.merge, w // self.merge
+        sizes = [min(side, rows - i) * min(side, cols - j) * self.merge ** 2
+                 for i in range(0, rows, side) for j in range(0, cols, side)]
+        return frames, sizes * t
+
+    def vision_macs(self, record: dict) -> int:
+        t, h, w = record["image_grid_thw"]
+        d, m = self.vision_width, self.vision_mlp
+        embed = t * h * w * self.vision_channels * self.temporal_patch * self.patch ** 2 * d
+        frames, windows = self.attention_groups((t, h, w))
+        total = embed
+        for block, n in enumerate(record["vision_tokens_per_layer"]):
+            if n != t * h * w:
+                raise ValueError(f"the counter prices Qwen2.5-VL vision blocks over the whole image ({t * h * w} "
+                                 f"patches), not {n}")
+            groups = frames if block in self.full_blocks else windows
+            total += 4 * n * d * d + 3 * n * d * m + 2 * d * sum(g * g for g in groups)
+        return total
+
+    def projector_macs(self, record: dict) -> int:
+        wide = self.merge ** 2 * self.vision_width  # s^2 patches side by side per merged token
+        return record["projector_tokens"] // self.merge ** 2 * (wide * wide + wide * self.width)
+
+    def image_tokens(self, record: dict) -> int:
+        t, h, w = record["image_grid_thw"]
+        return t * h * w // self.merge ** 2
 
 
 @dataclass(frozen=True)
@@ -84,17 +171,16 @@ def vision_layer_macs(n: int, s: ModelShape) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def llm_layer_macs(n: int, s: ModelShape) -> int:
+def llm_layer_macs(n: int, s: ModelShape | QwenShape) -> int:
     d = s.width
     return 2 * n * d * d + 2 * n * d * s.kv_width + 2 * n * n * d + 3 * n * d * s.mlp
 
 
-def count(record: dict, s: ModelShape) -> MacReport:
+def count(record: dict, s: ModelShape | QwenShape) -> MacReport:
     """MACs of one sample from its token trace (a `TokenTrace.sample` record: `vision_tokens_per_layer`,
-    `projector_tokens`, `llm_tokens_per_layer`, `reducer_macs`, `generated_tokens`)."""
-    embed = s.num_patches * s.vision_channels * s.patch * s.patch * s.vision_width  # the patch convolution
-    vision = embed + sum(vision_layer_macs(n, s) for n in record["vision_tokens_per_layer"])
-    projector = record["projector_tokens"] * (s.vision_width * s.feature_layers * s.width + s.width * s.width)
+    `projector_tokens`, `llm_tokens_per_layer`, `reducer_macs`, `generated_tokens`; Qwen2.5-VL's also
+    `image_grid_thw`)."""
+    vision, projector = s.vision_macs(record), s.projector_macs(record)
     lengths = record["llm_tokens_per_layer"]
     prefill = sum(llm_layer_macs(n, s) for n in lengths)
     head = s.width * s.vocab

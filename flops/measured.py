@@ -61,12 +61,13 @@ class _Prefill(nn.Module):
         self.runner = runner
         self.model, self.reducer = runner.model, runner.reducer  # registered: the trace sees their weights
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Tensor:
-        return self.runner.prefill(input_ids, attention_mask, pixel_values).logits
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.runner.prefill(*inputs).logits
 
 
-def fvcore_prefill_macs(runner, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> int:
-    """MACs of `runner.prefill` (a `methods.llava.ReducedLlava`) as fvcore's `FlopCountAnalysis` counts them.
+def fvcore_prefill_macs(runner, *inputs: Tensor) -> int:
+    """MACs of `runner.prefill(*inputs)` (a `methods.llava.ReducedLlava` on input ids, attention mask and pixels, a
+    `methods.qwen.ReducedQwen` also on the image grids) as fvcore's `FlopCountAnalysis` counts them.
 
     Raises:
         UncountedOpError: fvcore met a matmul-like op with no handle.
@@ -76,7 +77,7 @@ def fvcore_prefill_macs(runner, input_ids: Tensor, attention_mask: Tensor, pixel
     wrapper = _Prefill(runner).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # jit deprecation and tracer warnings about data-dependent shapes
-        fa = FlopCountAnalysis(wrapper, (input_ids, attention_mask, pixel_values))
+        fa = FlopCountAnalysis(wrapper, inputs)
         fa.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
         for norm in NORMS:  # fvcore counts norms elementwise; the conventions leave them out
             fa.set_op_handle(norm, _no_macs)  # (None would not replace fvcore's built-in handle)

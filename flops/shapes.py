@@ -2,7 +2,8 @@
 
 `shape_record` builds the same record `methods.trace.TokenTrace.sample` writes for a real run, for one sample with
 `text_tokens` prompt tokens besides the image, so `flops.analytic.count` can price any method at any budget on any
-LLaVA config (LLaVA-1.5-7B/13B included) in milliseconds. The reducer itself runs once on random tokens of the
+LLaVA or Qwen2.5-VL config (LLaVA-1.5-7B/13B, Qwen2.5-VL-7B included; a Qwen2.5-VL image at a given grid) in
+milliseconds. The reducer itself runs once on random tokens of the
 right shapes (a few small matmuls, no model) so that its own MACs come from the same code as in real runs; the
 signals the adapter would compute for it use the adapter's own formulas.
 """
@@ -10,28 +11,33 @@ signals the adapter would compute for it use the adapter's own formulas.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LlavaConfig
+from transformers import LlavaConfig, Qwen2_5_VLConfig
 
 from methods import create_reducer, get_reducer_class
 from methods.adaptive import ControllerConfig
 from methods.base import Site, TextTokens, TokenReducer, Tokens
 from methods.cli import first_line
-from methods.trace import LlavaLayout, cls_signal_macs, feature_row_macs, next_query_macs, query_row_macs
+from methods.trace import LlavaLayout, QwenLayout, cls_signal_macs, feature_row_macs, next_query_macs, query_row_macs
 
 ROW_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms"})  # (B, N) rows at the LLM site
 
 CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b
 
 
+FAMILIES = {"llava": ("LLaVA", LlavaConfig), "qwen2_5_vl": ("Qwen2.5-VL", Qwen2_5_VLConfig)}  # model_type -> ...
+
+
 def load_config(name_or_path: str | Path):
-    """A `LlavaConfig` from a named shape (``llava-1.5-7b``, ``llava-1.5-13b``), a config.json, or a checkpoint folder.
+    """A `LlavaConfig` or `Qwen2_5_VLConfig` from a named shape (``llava-1.5-7b``, ``llava-1.5-13b``,
+    ``qwen2.5-vl-7b``), a config.json, or a checkpoint folder.
 
     Raises:
         FileNotFoundError: neither a known name nor an existing path.
-        ValueError: the file is not a LLaVA config.
+        ValueError: the file is not a config of either family, or a size the counter uses is missing or wrong.
     """
     path = Path(name_or_path)
     if (CONFIGS / f"{name_or_path}.json").is_file():
@@ -40,50 +46,64 @@ def load_config(name_or_path: str | Path):
         path = path / "config.json"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
-        raise FileNotFoundError(f"{name_or_path}: no such config; give one of {known}, a config.json or a llava-hf "
-                                "checkpoint folder")
+        raise FileNotFoundError(f"{name_or_path}: no such config; give one of {known}, a config.json or a checkpoint "
+                                "folder (llava-hf or Qwen2.5-VL)")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if isinstance(raw, dict) and raw.get("model_type") == "qwen2_5_vl":
-        raise ValueError(f"{path}: Qwen2.5-VL is not priced by the FLOPs counter yet (LLaVA configs only; issue 18)")
-    if not isinstance(raw, dict) or raw.get("model_type") != "llava":
-        got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
-        raise ValueError(f"{path} is not a LLaVA config (needs model_type 'llava'; got {got!r})")
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind not in FAMILIES:
+        got = kind if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{path} is not a LLaVA or Qwen2.5-VL config (needs model_type 'llava' or 'qwen2_5_vl'; "
+                         f"got {got!r})")
+    family, config_class = FAMILIES[kind]
     missing = [k for k in ("vision_config", "text_config") if not isinstance(raw.get(k), dict)]
     if missing:
-        raise ValueError(f"{path}: a LLaVA config needs {' and '.join(missing)} (a JSON object each)")
+        raise ValueError(f"{path}: a {family} config needs {' and '.join(missing)} (a JSON object each)")
     try:
-        config = LlavaConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+        config = config_class.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
     except Exception as e:  # noqa: BLE001 - transformers validates field types with its own error classes
-        raise ValueError(f"{path} is not a valid LLaVA config ({type(e).__name__}: {first_line(e)})") from None
+        raise ValueError(f"{path} is not a valid {family} config ({type(e).__name__}: {first_line(e)})") from None
     check_shapes(config, path)
     return config
 
 
-SIZES = {"vision_config": ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads"),
-         "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                         "num_key_value_heads", "vocab_size")}
+TEXT_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size")
+SIZES = {"llava": {"vision_config": ("image_size", "patch_size", "hidden_size", "intermediate_size",
+                                     "num_hidden_layers", "num_attention_heads"), "text_config": TEXT_SIZES},
+         "qwen2_5_vl": {"vision_config": ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size",
+                                          "spatial_merge_size", "temporal_patch_size", "window_size",
+                                          "out_hidden_size", "in_channels"), "text_config": TEXT_SIZES}}
+VISION_HEADS = {"llava": "num_attention_heads", "qwen2_5_vl": "num_heads"}
 
 
 def check_shapes(config, path: Path | str = "config") -> None:
-    """Raise ValueError naming the field unless every size the counter uses is a positive whole number, the patch
-    size divides the image size, and the heads divide the widths."""
-    for part, fields in SIZES.items():
+    """Raise ValueError naming the field unless every size the counter uses is a positive whole number, the heads
+    divide the widths, and the family's geometry holds (LLaVA: the patch size divides the image size; Qwen2.5-VL:
+    the full-attention blocks exist and the merger's output is the LLM's width)."""
+    for part, fields in SIZES[config.model_type].items():
         sub = getattr(config, part)
         for name in fields:
             value = getattr(sub, name, None)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{path}: {part}.{name} must be a whole number >= 1, got {value!r}")
     vc, tc = config.vision_config, config.text_config
-    if vc.image_size % vc.patch_size:
+    heads = VISION_HEADS[config.model_type]
+    for part, sub, key in (("vision_config", vc, heads), ("text_config", tc, "num_attention_heads")):
+        if sub.hidden_size % getattr(sub, key):
+            raise ValueError(f"{path}: {part}.{key} {getattr(sub, key)} does not divide hidden_size {sub.hidden_size}")
+    if config.model_type == "llava" and vc.image_size % vc.patch_size:
         raise ValueError(f"{path}: vision_config.patch_size {vc.patch_size} does not divide image_size {vc.image_size}")
-    for part, sub in (("vision_config", vc), ("text_config", tc)):
-        if sub.hidden_size % sub.num_attention_heads:
-            raise ValueError(f"{path}: {part}.num_attention_heads {sub.num_attention_heads} does not divide "
-                             f"hidden_size {sub.hidden_size}")
+    if config.model_type == "qwen2_5_vl":
+        blocks = list(vc.fullatt_block_indexes or [])
+        if not all(isinstance(b, int) and 0 <= b < vc.depth for b in blocks):
+            raise ValueError(f"{path}: vision_config.fullatt_block_indexes {blocks} must be blocks of the "
+                             f"{vc.depth}-block encoder")
+        if vc.out_hidden_size != tc.hidden_size:
+            raise ValueError(f"{path}: vision_config.out_hidden_size {vc.out_hidden_size} must equal "
+                             f"text_config.hidden_size {tc.hidden_size} (the merger feeds the LLM)")
 
 
 def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) -> TokenReducer:
@@ -96,29 +116,33 @@ def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) ->
     return create_reducer(method, budget if cls.uses_budget else None, **kwargs).eval()
 
 
-@torch.no_grad()
-def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_tokens: int = 1, seed: int = 0,
-                 text_after: int | None = None) -> dict:
-    """The token-trace record of one sample: `text_tokens` prompt tokens plus the image, reduced by `reducer`.
+@dataclass
+class _Image:
+    """The image side of a shape-only record: counts, the visual tokens handed to the LLM, the reducer's MACs so far
+    and what the LLM-site reducer sees of the image's geometry."""
 
-    Args:
-        config: a `LlavaConfig`.
-        reducer: the method; a data-dependent count (PruMerge's ``auto``) has no shape-only answer.
-        text_tokens: prompt tokens other than the image's.
-        generated_tokens: answer length, end-of-sequence included.
-        seed: seed of the random stand-in tokens (only a data-dependent reducer would notice).
-        text_after: how many of the `text_tokens` follow the image (DART's text pivots and SparseVLM's raters are
-            among them); default half of them.
+    vision: list[int]
+    projector: int
+    visual: int  # visual tokens entering the LLM
+    num_patches: int  # visual tokens of the image before any reduction
+    grid: tuple[int, int]
+    macs: int
+    image_tokens: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)  # family-specific record fields
 
-    Returns:
-        A record for `flops.analytic.count`.
-    """
-    if getattr(reducer, "auto", False):
-        raise ValueError(f"{reducer.name}: an 'auto' budget depends on the image; give a number of visual tokens")
+
+def _count(red) -> int:
+    return red.x.size(1) if red.valid is None else int(red.valid.sum())
+
+
+def _own(red) -> int:
+    return 0 if red.macs is None else int(red.macs[0])
+
+
+def _llava_image(config, reducer: TokenReducer, g: torch.Generator) -> _Image:
     lay = LlavaLayout.from_config(config)
     vc, tc = config.vision_config, config.text_config
     n, dv = lay.num_patches, lay.feature_width
-    g = torch.Generator().manual_seed(seed)
     extra = reducer.extra_vision_tokens(1, n, None)
     e = 0 if extra is None else extra.size(1)
     vision = [1 + n + e] * lay.vision_layers_run
@@ -129,7 +153,7 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
                              sample_key=torch.zeros(1, dtype=torch.long)))
         visual = red.x.size(1)
         vision = [1 + n] * reducer.layer + [1 + visual] * (lay.vision_layers_run - reducer.layer)
-        own += 0 if red.macs is None else int(red.macs[0])
+        own += _own(red)
     elif reducer.site is Site.FEATURES:
         attn = torch.rand(1, n, generator=g).softmax(-1)
         sig = {}
@@ -146,22 +170,74 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         extra_out = None if extra is None else torch.randn(1, e, vc.hidden_size, generator=g)
         red = reducer(Tokens(x=torch.randn(1, n, dv, generator=g), grid=lay.grid, extra=extra_out,
                              sample_key=torch.zeros(1, dtype=torch.long), **sig))
-        visual = red.x.size(1) if red.valid is None else int(red.valid.sum())
-        own += 0 if red.macs is None else int(red.macs[0])
+        visual = _count(red)
+        own += _own(red)
     projector = visual
     if reducer.site is Site.EMBEDDINGS:
         red = reducer(Tokens(x=torch.randn(1, n, tc.hidden_size, generator=g), grid=lay.grid,
                              sample_key=torch.zeros(1, dtype=torch.long)))
-        visual = red.x.size(1) if red.valid is None else int(red.valid.sum())
-        own += 0 if red.macs is None else int(red.macs[0])
-    seq = text_tokens + visual
-    llm = [seq] * lay.llm_layers
+        visual = _count(red)
+        own += _own(red)
+    return _Image(vision=vision, projector=projector, visual=visual, num_patches=n, grid=lay.grid, macs=own)
+
+
+def _qwen_image(config, reducer: TokenReducer, image_grid: tuple[int, int, int], g: torch.Generator) -> _Image:
+    """As `methods.qwen.ReducedQwen` runs it: every patch through every vision block and the merger; a features-
+    or embeddings-site reducer on the merged tokens (the LLM's input embeddings), no signals."""
+    lay = QwenLayout.from_config(config)
+    t, h, w = image_grid
+    if min(image_grid) < 1 or h % lay.merge or w % lay.merge:
+        raise ValueError(f"image grid {list(image_grid)}: needs t, h, w >= 1 with h and w multiples of the merger's "
+                         f"side {lay.merge}")
+    patches = t * h * w
+    n = patches // lay.merge ** 2
+    visual, own = n, 0
+    if reducer.site in (Site.FEATURES, Site.EMBEDDINGS):
+        red = reducer(Tokens(x=torch.randn(1, n, lay.width, generator=g), grid=(1, n),
+                             sample_key=torch.zeros(1, dtype=torch.long)))
+        visual, own = _count(red), _own(red)
+    return _Image(vision=[patches] * lay.vision_layers, projector=patches, visual=visual, num_patches=n, grid=(1, n),
+                  macs=own, image_tokens=torch.tensor([n]), extra={"image_grid_thw": [t, h, w]})
+
+
+@torch.no_grad()
+def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_tokens: int = 1, seed: int = 0,
+                 text_after: int | None = None, image_grid: tuple[int, int, int] | None = None) -> dict:
+    """The token-trace record of one sample: `text_tokens` prompt tokens plus the image, reduced by `reducer`.
+
+    Args:
+        config: a `LlavaConfig` or a `Qwen2_5_VLConfig`.
+        reducer: the method; a data-dependent count (PruMerge's ``auto``) has no shape-only answer.
+        text_tokens: prompt tokens other than the image's.
+        generated_tokens: answer length, end-of-sequence included.
+        seed: seed of the random stand-in tokens (only a data-dependent reducer would notice).
+        text_after: how many of the `text_tokens` follow the image (DART's text pivots and SparseVLM's raters are
+            among them); default half of them.
+        image_grid: Qwen2.5-VL only (required there): the image's patch grid (t, h, w), as the processor's
+            `image_grid_thw` gives it (`qwen_grid` from a pixel size).
+
+    Returns:
+        A record for `flops.analytic.count`.
+    """
+    if getattr(reducer, "auto", False):
+        raise ValueError(f"{reducer.name}: an 'auto' budget depends on the image; give a number of visual tokens")
+    g = torch.Generator().manual_seed(seed)
+    if config.model_type == "qwen2_5_vl":
+        if image_grid is None:
+            raise ValueError("a Qwen2.5-VL image has no fixed size: give its patch grid (t, h, w)")
+        image = _qwen_image(config, reducer, tuple(image_grid), g)
+    else:
+        image = _llava_image(config, reducer, g)
+    tc = config.text_config
+    n, layers = image.num_patches, tc.num_hidden_layers
+    own = image.macs
+    llm = [text_tokens + image.visual] * layers
     if reducer.site is Site.LLM:
         heads = tc.num_attention_heads
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
         kv_width = getattr(tc, "num_key_value_heads", None) or heads
-        kept = visual
-        for stage, layer in enumerate(reducer.llm_layers(lay.llm_layers, n)):
+        kept = image.visual
+        for stage, layer in enumerate(reducer.llm_layers(layers, n)):
             sig = {name: torch.rand(1, kept, generator=g) for name in sorted(reducer.needs & ROW_SIGNALS)}
             if "normed" in reducer.needs:
                 sig["normed"] = torch.randn(1, kept, tc.hidden_size, generator=g)
@@ -177,9 +253,9 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
                 sig["embeds"] = torch.randn(1, n, tc.hidden_size, generator=g)
             if text or "text" in reducer.needs:
                 sig["text"] = TextTokens(valid=torch.ones(1, m, dtype=torch.bool), **text)
-            red = reducer(Tokens(x=torch.randn(1, kept, tc.hidden_size, generator=g), grid=lay.grid,
-                                 sample_key=torch.zeros(1, dtype=torch.long), stage=stage, depth=lay.llm_layers,
-                                 **sig))
+            red = reducer(Tokens(x=torch.randn(1, kept, tc.hidden_size, generator=g), grid=image.grid,
+                                 sample_key=torch.zeros(1, dtype=torch.long), stage=stage, depth=layers,
+                                 image_tokens=image.image_tokens, **sig))
             seq = llm[layer]
             if "query_attn" in sig:
                 own += query_row_macs(seq, tc.hidden_size, heads * head_dim)
@@ -187,13 +263,26 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
                 own += m * query_row_macs(seq, tc.hidden_size, heads * head_dim)
             if "query_attn_next" in sig:
                 own += next_query_macs(seq, tc.hidden_size, heads * head_dim, kv_width * head_dim)
-            own += 0 if red.macs is None else int(red.macs[0])
+            own += _own(red)
             kept = red.x.size(1)
-            llm[layer:] = [text_tokens + kept] * (lay.llm_layers - layer)
+            llm[layer:] = [text_tokens + kept] * (layers - layer)
     return {
-        "vision_tokens_per_layer": vision,
-        "projector_tokens": projector,
+        "vision_tokens_per_layer": image.vision,
+        "projector_tokens": image.projector,
         "llm_tokens_per_layer": llm,
         "reducer_macs": own,
         "generated_tokens": generated_tokens,
+        **image.extra,
     }
+
+
+def qwen_grid(config, width: int, height: int) -> tuple[int, int, int]:
+    """The patch grid (t, h, w) Qwen2.5-VL's image processor gives an image of `width` x `height` pixels at its
+    default pixel limits (`smart_resize`: each side rounded to a multiple of patch x merge = 28 px, the area kept
+    within 3,136 .. 1,003,520 pixels, 4 .. 1,280 visual tokens)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # noqa: PLC0415
+
+    vc = config.vision_config
+    factor = vc.patch_size * vc.spatial_merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    return (1, h // vc.patch_size, w // vc.patch_size)

@@ -117,6 +117,7 @@ class ImageSide:
         vision_tokens: (B, Lv) tokens entering each executed vision layer (the trace's).
         projector_tokens: (B,) tokens through the projector (the trace's).
         image_tokens: (B,) visual tokens of each image when images differ in size (`Tokens.image_tokens`).
+        image_grid: (B, 3) each image's patch grid (t, h, w) then, for the trace.
     """
 
     grid: tuple[int, int]
@@ -124,6 +125,7 @@ class ImageSide:
     vision_tokens: Tensor
     projector_tokens: Tensor
     image_tokens: Tensor | None = None
+    image_grid: Tensor | None = None
 
 
 class LLMSide:
@@ -237,6 +239,7 @@ class LLMSide:
             kept=seq.src.gather(1, kept),
             kept_valid=kept_valid,
             reducer_macs=log.macs,
+            image_grid=image.image_grid,
         )
         next_pos = seq.pos[:, -1].amax(-1) + 1  # (B,) the last prompt token is real and has the largest position
         return DecodeState(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,

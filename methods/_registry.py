@@ -117,15 +117,16 @@ def _describe(hint: object) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def method_budgets(methods: tuple[str, ...], budgets: list[int | str], num_patches: int,
-                   kwargs: Callable[[str], dict]) -> tuple[list[tuple[str, int | str]], list[str]]:
+def method_budgets(methods: tuple[str, ...], budgets: list[int | float | str], num_patches: int | None,
+                   kwargs: Callable[[str], dict]) -> tuple[list[tuple[str, int | float | str]], list[str]]:
     """Which (method, budget) pairs a sweep runs, and notes on what it changed: the one plan rule, used by
     `run_bench.py` and `python -m flops`.
 
-    `budgets` are numbers of visual tokens and/or AUTO; `kwargs(method)` gives a method's constructor arguments.
-    `full`, and budgets >= `num_patches` (no pruning), become one (`full`, num_patches) pair; a method that sets
-    its own count from its arguments (FastV's ratio) runs once under its `budget_label`; AUTO goes only to methods
-    that support it.
+    `budgets` are numbers of visual tokens, fractions of each image's (floats in (0, 1)) and/or AUTO;
+    `num_patches` is the image's visual tokens (None: it varies per image, Qwen2.5-VL); `kwargs(method)` gives a
+    method's constructor arguments. `full`, and counts >= `num_patches` (no pruning), become one (`full`,
+    num_patches) pair (`full`, 1.0 when the count varies); a method that sets its own count from its arguments
+    (FastV's ratio) runs once under its `budget_label`; AUTO goes only to methods that support it.
     """
     from methods.base import AUTO  # noqa: PLC0415 - base imports torch; the registry's names need none
 
@@ -134,25 +135,28 @@ def method_budgets(methods: tuple[str, ...], budgets: list[int | str], num_patch
     if repeated:
         notes.append(f"budget{'s' * (len(repeated) > 1)} {', '.join(map(str, repeated))} given more than once: "
                      "each runs once")
-    numeric = sorted({b for b in budgets if b != AUTO})
-    over = [b for b in numeric if b >= num_patches]
+    counts = sorted({b for b in budgets if isinstance(b, int)})
+    fractions = sorted({b for b in budgets if isinstance(b, float)})
+    over = [b for b in counts if num_patches is not None and b >= num_patches]
     if over:
         notes.append(f"budgets {over} >= the {num_patches} patches mean no pruning: run once, as `full`")
-    kept: list[int | str] = [b for b in numeric if b < num_patches] + ([AUTO] if AUTO in budgets else [])
-    pairs: list[tuple[str, int | str]] = []
+    kept: list[int | float | str] = ([b for b in counts if b not in over] + fractions
+                                     + ([AUTO] if AUTO in budgets else []))
+    whole = num_patches if num_patches is not None else 1.0  # `full`'s label: every token
+    pairs: list[tuple[str, int | float | str]] = []
     for m in methods:
         cls = get_reducer_class(m)
         label = cls.budget_label(kwargs(m))  # e.g. fastv.ratio=0.5: one cell, "R=0.5"
         if label is not None:
             pairs.append((m, label))
         elif not cls.uses_budget:
-            pairs.append((m, num_patches))
+            pairs.append((m, whole))
         else:
             pairs += [(m, b) for b in kept if b != AUTO or cls.supports_auto]
             if AUTO in kept and not cls.supports_auto:
                 notes.append(f"{m} has no {AUTO!r} budget: runs at the numeric budgets only")
     if over or "full" in methods:
-        pairs.append(("full", num_patches))
+        pairs.append(("full", whole))
     return list(dict.fromkeys(pairs)), notes
 
 

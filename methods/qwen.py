@@ -20,13 +20,12 @@ the batch's flattened patches) gives each image's tokens; they replace the promp
 model's M-RoPE cos/sin, and the LLM-site reductions. Sites: `features` / `embeddings` = after the merger, each
 image's tokens padded to the batch's largest with a validity mask, a budget = at most that many tokens per image
 (`random`, `divprune`); `llm` (`fastv`, `dart`, `pdrop`, `sparsevlm`; the last two schedule each image by its own
-token count, `Tokens.image_tokens`); the rest are refused with one line until substitute signals for the CLS token
-land (issue 18).
+token count, `Tokens.image_tokens`). The rest are refused with one line (`check_reducer`): PruMerge(+), VisionZip,
+VisPruner and FasterVLM rank by the vision encoder's CLS attention, which this family does not have, and the learned
+controllers are not trained for it yet.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -34,42 +33,10 @@ from torch import Tensor, nn
 from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
 from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Site, TokenReducer, Tokens
-from methods.trace import Generation
+from methods.trace import Generation, QwenLayout
 
 QWEN_METHODS = ("full", "random", "divprune", "fastv", "dart", "pdrop", "sparsevlm")  # what runs on this family
-
-
-@dataclass(frozen=True)
-class QwenLayout:
-    """Geometry of a Qwen2.5-VL checkpoint, read from its config.
-
-    Attributes:
-        image_token_id: id of the image placeholder token in `input_ids` (one per visual token after the merger).
-        patch_size: side of a vision patch in pixels (14).
-        merge: the merger's side (2: each 2 x 2 group of patches is one LLM token).
-        vision_layers: encoder blocks; full_attention_blocks: the ones that attend over the whole image.
-        llm_layers: decoder layers of the language model.
-        width: the LLM's hidden size (the merger's output).
-    """
-
-    image_token_id: int
-    patch_size: int
-    merge: int
-    vision_layers: int
-    full_attention_blocks: tuple[int, ...]
-    llm_layers: int
-    width: int
-
-    @classmethod
-    def from_config(cls, config) -> QwenLayout:
-        vc, tc = config.vision_config, config.text_config
-        return cls(image_token_id=config.image_token_id, patch_size=vc.patch_size, merge=vc.spatial_merge_size,
-                   vision_layers=vc.depth, full_attention_blocks=tuple(vc.fullatt_block_indexes),
-                   llm_layers=tc.num_hidden_layers, width=tc.hidden_size)
-
-    def tokens(self, grid_thw: Tensor) -> Tensor:
-        """(I, 3) patch grids -> (I,) LLM tokens per image."""
-        return grid_thw.prod(-1) // (self.merge * self.merge)
+CLS_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})  # need a CLS token
 
 
 class ReducedQwen(LLMSide):
@@ -86,13 +53,9 @@ class ReducedQwen(LLMSide):
         inner = getattr(model, "model", None)
         if not (hasattr(inner, "visual") and hasattr(inner, "language_model") and hasattr(inner, "get_rope_index")):
             raise TypeError("expected a Qwen2_5_VLForConditionalGeneration (model.model.visual, .language_model)")
-        if reducer.name not in QWEN_METHODS:
-            raise NotImplementedError(f"{reducer.name} does not run on Qwen2.5-VL yet (these do: "
-                                      f"{', '.join(QWEN_METHODS)}); see issue 18")
         self.model, self.reducer = model, reducer
         self.layout = QwenLayout.from_config(model.config)
-        if reducer.site is Site.LLM:  # images vary in size: budgets a stage cannot meet are refused per batch
-            check_llm_reducer(reducer, self.layout.llm_layers, 1)
+        check_reducer(reducer, self.layout)  # images vary in size: budgets a stage cannot meet are refused per batch
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
@@ -129,7 +92,7 @@ class ReducedQwen(LLMSide):
         patches = grid.prod(-1)  # (B,) patches through every vision block and the merger
         image = ImageSide(grid=(1, int(want.max())), num_patches=int(want.max()),
                           vision_tokens=patches.unsqueeze(1).expand(-1, lay.vision_layers), projector_tokens=patches,
-                          image_tokens=want)
+                          image_tokens=want, image_grid=grid)
         key = torch.cat([pixel_key(p.reshape(1, -1, 1, 1)) for p in pixel_values.split(patches.tolist())])  # (B,)
         log = ReducerLog(macs=torch.zeros(input_ids.size(0), dtype=torch.long, device=device))
         if self.reducer.site in (Site.FEATURES, Site.EMBEDDINGS):  # after the merger: the LLM's input embeddings
@@ -158,3 +121,14 @@ class ReducedQwen(LLMSide):
 
     def _rotary(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.model.language_model.rotary_emb(x, pos.permute(2, 0, 1))  # M-RoPE: (3, B, T)
+
+
+def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> None:
+    """Raise (saying why, in one line) unless reducer `r` runs on Qwen2.5-VL of layout `lay` with images of
+    `image_tokens` visual tokens (1: any size, the budgets are checked per batch)."""
+    if r.name not in QWEN_METHODS:
+        why = ("it ranks by the vision encoder's CLS token, which Qwen2.5-VL does not have" if CLS_SIGNALS & r.needs
+               else "it is not ported to this family yet")
+        raise NotImplementedError(f"{r.name} does not run on Qwen2.5-VL: {why}; these do: {', '.join(QWEN_METHODS)}")
+    if r.site is Site.LLM:
+        check_llm_reducer(r, lay.llm_layers, image_tokens)

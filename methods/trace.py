@@ -1,6 +1,6 @@
-"""What a run is measured on and what it records: a LLaVA checkpoint's geometry (`LlavaLayout`, the one answer
-to "how many patches, how wide, how deep" for the adapter, the runner, the trainer, the FLOPs counter and the speed
-benchmark), each batch's token counts (`TokenTrace`), times (`Timing`) and output (`Generation`), and the MACs of
+"""What a run is measured on and what it records: a checkpoint's geometry (`LlavaLayout`, `QwenLayout`: the one
+answer to "how many patches, how wide, how deep" for the adapters, the runner, the trainer, the FLOPs counter and the
+speed benchmark), each batch's token counts (`TokenTrace`), times (`Timing`) and output (`Generation`), and the MACs of
 the signals the adapter computes for a reducer. It imports nothing heavy; `flops/` reads the geometry here, never from
 the adapter.
 """
@@ -102,6 +102,39 @@ class LlavaLayout:
         )
 
 
+@dataclass(frozen=True)
+class QwenLayout:
+    """Geometry of a Qwen2.5-VL checkpoint, read from its config.
+
+    Attributes:
+        image_token_id: id of the image placeholder token in `input_ids` (one per visual token after the merger).
+        patch_size: side of a vision patch in pixels (14).
+        merge: the merger's side (2: each 2 x 2 group of patches is one LLM token).
+        vision_layers: encoder blocks; full_attention_blocks: the ones that attend over the whole image.
+        llm_layers: decoder layers of the language model.
+        width: the LLM's hidden size (the merger's output).
+    """
+
+    image_token_id: int
+    patch_size: int
+    merge: int
+    vision_layers: int
+    full_attention_blocks: tuple[int, ...]
+    llm_layers: int
+    width: int
+
+    @classmethod
+    def from_config(cls, config) -> QwenLayout:
+        vc, tc = config.vision_config, config.text_config
+        return cls(image_token_id=config.image_token_id, patch_size=vc.patch_size, merge=vc.spatial_merge_size,
+                   vision_layers=vc.depth, full_attention_blocks=tuple(vc.fullatt_block_indexes),
+                   llm_layers=tc.num_hidden_layers, width=tc.hidden_size)
+
+    def tokens(self, grid_thw: Tensor) -> Tensor:
+        """(I, 3) patch grids -> (I,) LLM tokens per image."""
+        return grid_thw.prod(-1) // (self.merge * self.merge)
+
+
 @dataclass
 class TokenTrace:
     """Per-sample token counts of one batch of B samples: what `flops/` needs and what result rows record.
@@ -116,6 +149,7 @@ class TokenTrace:
         kept_valid: (B, M) bool.
         reducer_macs: (B,) MACs of the reducer's own work: its `Reduced.macs` plus the signals computed for it.
         generated_tokens: (B,) tokens produced by decoding (end-of-sequence included), set by `generate`.
+        image_grid: (B, 3) each image's patch grid (t, h, w) when images differ in size (Qwen2.5-VL), else None.
     """
 
     vision_tokens: Tensor
@@ -126,12 +160,15 @@ class TokenTrace:
     kept_valid: Tensor
     reducer_macs: Tensor
     generated_tokens: Tensor | None = None
+    image_grid: Tensor | None = None
 
     def sample(self, i: int, num_patches: int) -> dict:
-        """Plain-Python record of sample i. `kept_indices` is None when every patch reached the LLM unchanged."""
+        """Plain-Python record of sample i. `kept_indices` is None when every patch reached the LLM unchanged;
+        `image_grid_thw` is there when images differ in size (`num_patches`: that image's visual tokens)."""
         kept = self.kept[i][self.kept_valid[i]].tolist()
         subset = sorted(k for k in kept if k >= 0)
         all_kept = len(kept) == num_patches and subset == list(range(num_patches))
+        grid = {} if self.image_grid is None else {"image_grid_thw": self.image_grid[i].tolist()}
         return {
             "visual_tokens": int(self.visual_tokens[i, 0]),
             "visual_tokens_per_layer": self.visual_tokens[i].tolist(),
@@ -141,6 +178,7 @@ class TokenTrace:
             "reducer_macs": int(self.reducer_macs[i]),
             "generated_tokens": None if self.generated_tokens is None else int(self.generated_tokens[i]),
             "kept_indices": None if all_kept else subset,
+            **grid,
         }
 
 

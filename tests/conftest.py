@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight LLaVA models built from config (no downloads), CPU, seeded."""
+"""Shared fixtures: tiny random-weight LLaVA and Qwen2.5-VL models built from config (no downloads), CPU, seeded."""
 
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 from benchmarks.smoke_model.build import build_model, build_processor
+from methods.trace import QwenLayout
 
 IMAGE_TOKEN = 5  # id of the image placeholder in the tiny vocabulary
 
@@ -52,6 +60,49 @@ def tiny_batch(model, batch: int, seed: int = 0):
         mask[i, width - len(p):] = 1
     pixels = torch.randn(batch, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
     return ids, mask, pixels
+
+
+QWEN_IMAGE, QWEN_START, QWEN_END = 60, 61, 62  # image placeholder, vision start and end ids in the tiny vocabulary
+
+
+def tiny_qwen(seed: int = 0, attn: str = "sdpa", llm_layers: int = 2) -> Qwen2_5_VLForConditionalGeneration:
+    """A random Qwen2.5-VL: 2 vision blocks (one windowed, one full), 2 x 2 merger, a 2-layer GQA LLM with M-RoPE."""
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": llm_layers,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                       "fullatt_block_indexes": [1]},
+        image_token_id=QWEN_IMAGE, video_token_id=63, vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END,
+        eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    config._attn_implementation = attn
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    for p in model.parameters():  # larger random weights so greedy outputs vary with the input
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def qwen_prompts(model, grids: list[tuple[int, int, int]], seed: int = 0):
+    """Left-padded prompts `text <start> image... <end> text` (lengths differ), their patches and grids."""
+    g = torch.Generator().manual_seed(seed)
+    cfg, lay = model.config, QwenLayout.from_config(model.config)
+    rows = []
+    for i, (t, h, w) in enumerate(grids):
+        before = torch.randint(3, 59, (2 + i,), generator=g).tolist()
+        after = torch.randint(3, 59, (4 + 3 * i,), generator=g).tolist()
+        image = [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // lay.merge ** 2)
+        rows.append(before + image + [cfg.vision_end_token_id] + after)
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+    return ids, mask, pixels, grid
 
 
 def spliced_embeds(model, ids, pixels):

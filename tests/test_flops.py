@@ -11,18 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, Qwen2VLImageProcessor
 
 from benchmarks.defaults import SMOKE_MODEL
 from benchmarks.synthetic.generate import generate_sample
 from flops.__main__ import main
-from flops.analytic import ModelShape, count, llm_layer_macs, vision_layer_macs
+from flops.analytic import ModelShape, count, llm_layer_macs, model_shape, vision_layer_macs
 from flops.measured import UncountedOpError, flop_counter_macs, fvcore_prefill_macs
-from flops.shapes import CONFIGS, load_config, shape_record, stand_in_reducer
+from flops.shapes import CONFIGS, load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
 from methods.llava import ReducedLlava, llava_prompt, load_llava
-from tests.conftest import IMAGE_TOKEN, tiny_batch, tiny_llava
+from methods.qwen import QWEN_METHODS, ReducedQwen
+from tests.conftest import IMAGE_TOKEN, QWEN_IMAGE, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [m for m in list_reducers() if get_reducer_class(m).__module__.startswith("methods.")]
@@ -197,7 +198,7 @@ def test_cli_table_and_errors(capsys, tmp_path):
     assert [ln.split()[:2] for ln in lines[2:]] == [["full", "576"], ["fastv", "64"], ["prumerge", "64"]]
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    for args, message in [(["--model-config", str(bad)], "not a LLaVA config"),
+    for args, message in [(["--model-config", str(bad)], "not a LLaVA or Qwen2.5-VL config"),
                           (["--model-config", "llava-9b"], "no such config"),
                           (["--methods", "prumerge", "--budgets", "auto"], "depends on the image"),
                           (["--methods", "fastvv", "--budgets", "8"], "Did you mean fastv")]:
@@ -233,7 +234,7 @@ def test_cli_rejects_what_run_bench_rejects(argv, phrase, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("content", "phrase"), [
-    ("[1, 2]", "is not a LLaVA config (needs model_type 'llava'; got 'list')"),
+    ("[1, 2]", "is not a LLaVA or Qwen2.5-VL config (needs model_type 'llava' or 'qwen2_5_vl'; got 'list')"),
     ('{"model_type": "llava", "text_config": {}}', "a LLaVA config needs vision_config"),
     ("not json", "is not valid JSON"),
 ])
@@ -249,3 +250,118 @@ def test_cli_argument_errors_are_one_line(capsys):
         main(["--budgets", "0"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ Qwen2.5-VL
+
+QWEN_GRID = (1, 10, 14)  # 5 x 7 merged tokens: windows of 2 x 2 tokens clipped at the bottom and right edges
+
+
+def make_qwen(method: str, budget: int):
+    """A Qwen method at `budget` on the tiny 2-layer model (LLM-site methods at layer 1)."""
+    if method == "sparsevlm":
+        return create_reducer(method, counts=(budget,), layers=(1,))
+    kw = {"layer": 1} if method in ("fastv", "dart") else {}
+    return create_reducer(method, budget if get_reducer_class(method).uses_budget else None, **kw)
+
+
+def test_qwen_attention_groups_by_hand():
+    """Tiny model: window 56 px = 4 patches = 2 x 2 merged tokens; a 10 x 14 patch image is 5 x 7 tokens, so the
+    windows are 2 x 2 tokens (16 patches) with a clipped last row (5 = 2 + 2 + 1) and column (7 = 2 + 2 + 2 + 1)."""
+    s = model_shape(tiny_qwen().config)
+    frames, windows = s.attention_groups(QWEN_GRID)
+    assert frames == [140]
+    assert windows == [16, 16, 16, 8] * 2 + [8, 8, 8, 4]
+    d, m = 32, 64  # vision width, MLP
+    rec = {"image_grid_thw": list(QWEN_GRID), "vision_tokens_per_layer": [140, 140]}
+    windowed, full = 2 * d * (6 * 16 ** 2 + 5 * 8 ** 2 + 4 ** 2), 2 * d * 140 ** 2  # block 0 windowed, block 1 full
+    assert s.vision_macs(rec) == 140 * 3 * 2 * 14 * 14 * d + 2 * (4 * 140 * d * d + 3 * 140 * d * m) + windowed + full
+    assert s.projector_macs({"projector_tokens": 140}) == 35 * (128 * 128 + 128 * 64)
+
+
+@pytest.mark.parametrize("method", QWEN_METHODS)
+def test_qwen_analytic_equals_fvcore_and_flop_counter(method):
+    model = tiny_qwen(seed=1)
+    ids, mask, pixels, grid = qwen_prompts(model, [QWEN_GRID], seed=2)
+    run = ReducedQwen(model, make_qwen(method, 9))
+    args = (ids, mask, pixels, grid)
+    with torch.no_grad():
+        measured, state = flop_counter_macs(lambda: run.prefill(*args))
+        traced = fvcore_prefill_macs(run, *args)
+    rec = state.trace.sample(0, 35)
+    assert rec["image_grid_thw"] == list(QWEN_GRID)
+    assert count(rec, model_shape(model.config)).prefill == measured == traced
+
+
+@pytest.mark.parametrize("method", ["full", "fastv", "divprune"])
+def test_qwen_analytic_equals_flop_counter_around_generate(method):
+    model = tiny_qwen(seed=2, attn="eager")
+    ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 12)], seed=3)
+    run = ReducedQwen(model, make_qwen(method, 7))
+    measured, gen = flop_counter_macs(lambda: run.generate(ids, mask, pixels, grid, max_new_tokens=5))
+    rec = gen.trace.sample(0, 24)
+    assert rec["generated_tokens"] == 5
+    assert count(rec, model_shape(model.config)).total == measured
+
+
+@pytest.mark.parametrize("method", QWEN_METHODS)
+def test_qwen_shape_only_record_equals_real_trace(method):
+    model = tiny_qwen(seed=1)
+    ids, mask, pixels, grid = qwen_prompts(model, [QWEN_GRID], seed=2)
+    reducer = make_qwen(method, 8)
+    with torch.no_grad():
+        rec = ReducedQwen(model, reducer).prefill(ids, mask, pixels, grid).trace.sample(0, 35)
+    image = ids[0] == QWEN_IMAGE
+    after = ids.size(1) - 1 - int(image.nonzero()[-1])
+    shaped = shape_record(model.config, reducer, text_tokens=int(mask.sum()) - 35, text_after=after,
+                          image_grid=QWEN_GRID)
+    assert {k: rec[k] for k in shaped if k != "generated_tokens"} == {
+        k: v for k, v in shaped.items() if k != "generated_tokens"}
+
+
+def test_qwen_grid_is_the_processors():
+    """`qwen_grid` resizes as Qwen2.5-VL's image processor does (at its default pixel limits)."""
+    config = load_config("qwen2.5-vl-7b")
+    processor = Qwen2VLImageProcessor()
+    for w, h in [(640, 480), (448, 448), (30, 200), (4000, 3000)]:
+        out = processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        assert qwen_grid(config, w, h) == tuple(out["image_grid_thw"][0].tolist()), (w, h)
+
+
+def test_qwen_cli_prices_the_7b_by_hand(capsys):
+    code, out, err = run_flops(capsys, "--model-config", "qwen2.5-vl-7b", "--image-tokens", "16", "--text-tokens",
+                               "64", "--methods", "full", "divprune", "--budgets", "0.25", "--json")
+    assert code == 0, err
+    full, half = json.loads(out)
+    assert (full["budget"], full["image_tokens"], full["image_grid_thw"]) == (256, 256, [1, 32, 32])
+    d, kv, m, layers = 3584, 512, 18944, 28  # Qwen2.5-VL-7B's LLM: 28 x 128 query and 4 x 128 key/value widths
+    for row, n in ((full, 64 + 256), (half, 64 + 64)):
+        assert row["llm_prefill_tmacs"] * 1e12 == pytest.approx(
+            layers * (2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + 3 * n * d * m), rel=1e-12)
+    assert (half["budget"], half["visual_tokens"]) == (0.25, 64)
+    code, out, err = run_flops(capsys, "--model-config", "qwen2.5-vl-7b", "--image-size", "640x480", "--methods",
+                               "fastv", "--budgets", "64")
+    assert code == 0 and "an image of 34 x 46 patches (391 tokens)" in out, err
+
+
+@pytest.mark.parametrize(("argv", "phrase"), [
+    (["--model-config", "qwen2.5-vl-7b", "--methods", "prumerge", "--budgets", "64"],
+     "prumerge does not run on Qwen2.5-VL: it ranks by the vision encoder's CLS token"),
+    (["--image-size", "640x480"], "--image-size and --image-tokens apply to Qwen2.5-VL"),
+    (["--model-config", "qwen2.5-vl-7b", "--methods", "pdrop", "--budgets", "0.25"],
+     "below the least its stages at layers [7, 14, 21] of 28 allow"),
+])
+def test_qwen_cli_errors_are_one_line(argv, phrase, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
+
+
+@pytest.mark.parametrize(("argv", "phrase"), [(["--budgets", "1.5"], "strictly between 0 and 1"),
+                                              (["--budgets", "0.0"], "strictly between 0 and 1"),
+                                              (["--image-tokens", "3x"], "write AxB")])
+def test_qwen_cli_bad_budgets_and_sizes(argv, phrase, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and phrase in err and err.count("\n") == 1, err

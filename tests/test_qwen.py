@@ -3,67 +3,29 @@ left-padded batch of two images of different sizes."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
-from flops.shapes import CONFIGS, load_config
+from flops.analytic import count, model_shape
+from flops.measured import flop_counter_macs
+from flops.shapes import load_config
 from methods import create_reducer
-from methods.qwen import QwenLayout, ReducedQwen
-
-IMAGE, START, END = 60, 61, 62  # image placeholder, vision start and end ids in the tiny vocabulary
-
-
-def tiny_qwen(seed: int = 0, attn: str = "sdpa", llm_layers: int = 2) -> Qwen2_5_VLForConditionalGeneration:
-    """A random Qwen2.5-VL: 2 vision blocks (one windowed, one full), 2 x 2 merger, a 2-layer GQA LLM with M-RoPE."""
-    torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": llm_layers,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
-                       "fullatt_block_indexes": [1]},
-        image_token_id=IMAGE, video_token_id=63, vision_start_token_id=START, vision_end_token_id=END,
-        eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    config._attn_implementation = attn
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    for p in model.parameters():  # larger random weights so greedy outputs vary with the input
-        p.data.normal_(0, 0.2)
-    return model
-
-
-def prompts(model, grids: list[tuple[int, int, int]], seed: int = 0):
-    """Left-padded prompts `text <start> image... <end> text` (lengths differ), their patches and grids."""
-    g = torch.Generator().manual_seed(seed)
-    cfg, lay = model.config, QwenLayout.from_config(model.config)
-    rows = []
-    for i, (t, h, w) in enumerate(grids):
-        before = torch.randint(3, 59, (2 + i,), generator=g).tolist()
-        after = torch.randint(3, 59, (4 + 3 * i,), generator=g).tolist()
-        image = [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // lay.merge ** 2)
-        rows.append(before + image + [cfg.vision_end_token_id] + after)
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    grid = torch.tensor(grids)
-    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
-    return ids, mask, pixels, grid
+from methods.adaptive import ControllerConfig
+from methods.qwen import ReducedQwen, check_reducer
+from methods.trace import QwenLayout
+from tests.conftest import QWEN_IMAGE, qwen_prompts, tiny_qwen
 
 
 @pytest.mark.parametrize("grids", [[(1, 8, 8)], [(1, 8, 8), (1, 6, 10)]], ids=["one", "two_sizes"])
 def test_full_equals_hf_generate(grids):
     model = tiny_qwen(seed=len(grids))
-    ids, mask, pixels, grid = prompts(model, grids, seed=3)
+    ids, mask, pixels, grid = qwen_prompts(model, grids, seed=3)
     gen = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=6)
     ours, lengths = gen.tokens, gen.lengths
     with torch.no_grad():
         hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
-                            mm_token_type_ids=(ids == IMAGE).int(), max_new_tokens=6, do_sample=False,
+                            mm_token_type_ids=(ids == QWEN_IMAGE).int(), max_new_tokens=6, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[:, ids.size(1):]
     assert ours.tolist() == hf.tolist()
     assert lengths.tolist() == [6] * len(grids)
@@ -75,11 +37,14 @@ def test_layout_and_refusals():
     lay = QwenLayout.from_config(model.config)
     assert lay.tokens(torch.tensor([[1, 8, 8], [1, 6, 10]])).tolist() == [16, 15]
     assert (lay.full_attention_blocks, lay.llm_layers, lay.width) == ((1,), 2, 64)
-    with pytest.raises(NotImplementedError, match="does not run on Qwen2.5-VL yet"):
+    with pytest.raises(NotImplementedError, match="does not run on Qwen2.5-VL: it ranks by the vision encoder.s CLS"):
         ReducedQwen(model, create_reducer("prumerge", 4))  # needs a CLS token
+    with pytest.raises(NotImplementedError, match="adaptive_a does not run on Qwen2.5-VL: it is not ported"):
+        check_reducer(create_reducer("adaptive_a", 4, config=ControllerConfig("adaptive_a", dim=64, num_patches=16)),
+                      lay)
     with pytest.raises(ValueError, match=r"must be in \[1, 1\]"):
         ReducedQwen(model, create_reducer("fastv", 4))  # layer 2 of a 2-layer LLM
-    ids, mask, pixels, grid = prompts(model, [(1, 8, 8)])
+    ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8)])
     with pytest.raises(ValueError, match="one image's run of image tokens"):
         ReducedQwen(model, create_reducer("full")).prefill(ids[:, 1:], mask[:, 1:], pixels, torch.tensor([[1, 8, 10]]))
 
@@ -87,22 +52,27 @@ def test_layout_and_refusals():
 def test_full_equals_hf_generate_on_the_real_config():
     """Qwen2.5-VL-7B's real config (3584-wide GQA LLM with 28 / 4 heads, 1280-wide vision tower, the real token ids)
     cut to 2 vision blocks (one windowed, one full) and 2 LLM layers, random weights, float32: two images of
-    different sizes in one left-padded batch."""
-    config = Qwen2_5_VLConfig.from_dict(json.loads((CONFIGS / "qwen2.5-vl-7b.json").read_text()))
+    different sizes in one left-padded batch; and the analytic FLOPs on this shape equal FlopCounterMode's."""
+    config = load_config("qwen2.5-vl-7b")
     config.vision_config.depth, config.vision_config.fullatt_block_indexes = 2, [1]
     config.text_config.num_hidden_layers = 2
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
-    ids, mask, pixels, grid = prompts(model, [(1, 8, 8), (1, 6, 10)], seed=5)
+    ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8), (1, 6, 10)], seed=5)
     ours = ReducedQwen(model, create_reducer("full")).generate(ids, mask, pixels, grid, max_new_tokens=3).tokens
     with torch.no_grad():
         hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
                             mm_token_type_ids=(ids == config.image_token_id).int(), max_new_tokens=3,
                             do_sample=False, eos_token_id=None, pad_token_id=0)[:, ids.size(1):]
     assert ours.tolist() == hf.tolist()
-    with pytest.raises(ValueError, match="not priced by the FLOPs counter yet"):
-        load_config("qwen2.5-vl-7b")
+    # the FLOPs counter on this shape: 20 x 12 patches = 10 x 6 tokens, 4 x 4-token windows clipped at both edges
+    ids, mask, pixels, grid = qwen_prompts(model, [(1, 20, 12)], seed=6)
+    for reducer in (create_reducer("full"), create_reducer("fastv", 16, layer=1), create_reducer("divprune", 16)):
+        run = ReducedQwen(model, reducer)
+        with torch.no_grad():
+            measured, state = flop_counter_macs(lambda run=run: run.prefill(ids, mask, pixels, grid))
+        assert count(state.trace.sample(0, 60), model_shape(config)).prefill == measured, reducer.name
 
 
 def _fastv_restated(model, ids, pixels, grid, layer: int, keep: int):
@@ -135,7 +105,7 @@ def test_fastv_keeps_original_mrope_positions(seed):
     """FastV K=1 keeping 5 of 16 image tokens on a 3-layer Qwen2.5-VL: the same kept tokens and logits as the
     restatement from HF's eager attention maps and hidden states, with the survivors' original 3-D positions."""
     model = tiny_qwen(seed=seed, attn="eager", llm_layers=3)
-    ids, mask, pixels, grid = prompts(model, [(1, 8, 8)], seed=seed + 2)
+    ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8)], seed=seed + 2)
     state = ReducedQwen(model, create_reducer("fastv", 5, layer=1)).prefill(ids, mask, pixels, grid)
     kept, logits = _fastv_restated(model, ids, pixels, grid, 1, 5)
     assert state.trace.sample(0, 16)["kept_indices"] == kept
@@ -148,7 +118,7 @@ def test_batch_of_two_sizes_equals_each_alone(method):
     """Two images of different sizes (16 and 15 tokens) in one left-padded batch: each sample's answer and kept
     tokens are those it gets alone (PyramidDrop and SparseVLM schedule each image by its own token count)."""
     model = tiny_qwen(seed=4, llm_layers=3)
-    ids, mask, pixels, grid = prompts(model, [(1, 8, 8), (1, 6, 10)], seed=6)
+    ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8), (1, 6, 10)], seed=6)
     kwargs = {"full": {}, "random": {"budget": 6}, "divprune": {"budget": 6},
               "pdrop": {"ratios": (0.5, 0.25), "layers": (1, 2)},
               "sparsevlm": {"counts": (6, 3), "layers": (1, 2)}}.get(method, {"budget": 6, "layer": 1})
@@ -189,7 +159,7 @@ def test_after_the_merger_survivors_keep_their_positions(method):
     """`random` and `divprune` on each image's merged tokens: at most the budget per image (an image with fewer keeps
     all), and the logits of a run that feeds only the kept image tokens with their original M-RoPE positions."""
     model = tiny_qwen(seed=5, llm_layers=2)
-    ids, mask, pixels, grid = prompts(model, [(1, 8, 8)], seed=8)
+    ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8)], seed=8)
     state = ReducedQwen(model, create_reducer(method, 5)).prefill(ids, mask, pixels, grid)
     kept = state.trace.sample(0, 16)["kept_indices"]
     assert len(kept) == 5 and state.trace.visual_tokens[0].tolist() == [5, 5]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.defaults import CATALOGUE, DEFAULT_BATCH_SIZE, DEFAULT_OUTPUT, SMOKE_MODEL, SMOKE_TASKS, go_offline
 from methods import expand_methods
-from methods.cli import OneLineParser, at_least, parse_budget, parse_method_arg
+from methods.cli import MODEL_TYPES, OneLineParser, at_least, known_families, parse_budget, parse_method_arg
 
 DRY_RUN_TEXT_TOKENS = 64  # prompt tokens besides the image assumed by a dry run's cost estimate (as python -m flops)
 
@@ -26,6 +26,8 @@ EPILOG = """examples:
   python run_bench.py --model /ckpt/llava-1.5-7b-hf --methods adaptive fastv --budgets 64 576 --tasks gqa pope
   python run_bench.py --model /ckpt/llava-1.5-7b-hf --methods full --tasks pope gqa \\
       --task-data pope=/data/POPE gqa=/data/GQA          # lmms-eval's tasks on local dataset copies, offline
+  python run_bench.py --model /ckpt/Qwen2.5-VL-7B-Instruct --methods fastv divprune --budgets 0.111 0.25 \\
+      --tasks pope --task-data pope=/data/POPE            # Qwen2.5-VL: budgets as fractions of each image's tokens
   python run_bench.py --list                             # methods (name, site, arguments) and tasks
   python run_bench.py --dry-run                          # check everything, print the plan and its cost, exit
   accelerate launch --multi_gpu --num_processes 4 run_bench.py --device cuda ...   # one shard per GPU
@@ -33,6 +35,8 @@ EPILOG = """examples:
 
 A method name that is a family prefix expands to the family: `adaptive` runs adaptive_a and adaptive_b.
 `full`, and any budget >= the model's patch count, mean no pruning and run once per task, as `full`.
+A budget below 1 is a fraction of each image's visual tokens (0.25 keeps a quarter, at least 1); on a family whose
+images differ in size (Qwen2.5-VL) a count is at most that many per image, and the default budgets are fractions.
 Finished cells are kept in OUTPUT/cells; rerunning the same command computes only what is missing.
 """
 
@@ -57,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods or families (default: every method that can run on the model; learned ones need "
                    "a trained controller)")
     p.add_argument("--budgets", nargs="+", type=parse_budget, default=[], metavar="N",
-                   help="visual tokens the LLM sees, or 'auto' for methods that choose their own count (prumerge) "
-                   "(default: about 1/9, 1/4 and 1/3 of the model's patches)")
+                   help="visual tokens the LLM sees: a count, a fraction of each image's (0.25), or 'auto' for "
+                   "methods that choose their own count (prumerge) (default: about 1/9, 1/4 and 1/3 of them)")
     p.add_argument("--tasks", nargs="+", default=list(SMOKE_TASKS), metavar="TASK",
                    help=f"lmms-eval task names, separated by spaces (default: {' '.join(SMOKE_TASKS)})")
     p.add_argument("--model", type=Path, default=SMOKE_MODEL,
-                   help=f"local llava-hf checkpoint folder (default: {_rel(SMOKE_MODEL)}, the committed smoke model)")
+                   help="local checkpoint folder, LLaVA-1.5 (llava-hf) or Qwen2.5-VL (default: "
+                   f"{_rel(SMOKE_MODEL)}, the committed smoke model)")
     p.add_argument("--limit", type=at_least(1), default=None,
                    help="evaluate only the first N samples of each task (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seeds lmms-eval and every method that draws at random "
@@ -124,14 +129,14 @@ def check_arguments(args: argparse.Namespace) -> None:
                              f"{listed}); `run_bench.py --list` shows them with their defaults")
     config = Path(args.model) / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"--model {args.model} is not a llava-hf checkpoint folder (no config.json)")
+        raise FileNotFoundError(f"--model {args.model} is not a checkpoint folder (no config.json)")
     try:
         model_type = json.loads(config.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ValueError(f"--model {args.model}: config.json is not a JSON object ({e})") from None
-    if model_type != "llava":
-        raise ValueError(f"--model {args.model} is a {model_type!r} checkpoint; run_bench.py needs a llava-hf one "
-                         "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf)")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"--model {args.model} is a {model_type!r} checkpoint; run_bench.py runs "
+                         f"{known_families()} folders (e.g. llava-hf/llava-1.5-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct)")
 
 
 def list_everything() -> None:
@@ -202,8 +207,9 @@ def _main(args: argparse.Namespace) -> int:
         ResultStore(spec.output).check_writable()  # and not in use by another sweep
     say = print if is_main_process() else (lambda *_: None)  # several processes: rank 0 speaks
     methods = sorted({c.method for c in plan.cells})
+    tokens = f"{plan.num_patches} patches" if plan.num_patches else "visual tokens per image vary"
     say(f"plan: {len(plan.cells)} cells ({len(spec.tasks)} task{'s' * (len(spec.tasks) > 1)} x {len(methods)} "
-        f"methods x their budgets) on {_rel(Path(spec.model))} ({plan.layout.num_patches} patches) -> "
+        f"methods x their budgets) on {_rel(Path(spec.model))} ({plan.family.name}, {tokens}) -> "
         f"{_rel(Path(spec.output))}")
     for note in plan.notes:
         say(f"  note: {note}")

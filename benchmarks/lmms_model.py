@@ -1,19 +1,23 @@
-"""`reduced_llava`: an lmms-eval model that runs a llava-hf checkpoint through `methods.llava.ReducedLlava`.
+"""`reduced_vlm`: an lmms-eval model that runs a local checkpoint of a supported family (LLaVA-1.5, Qwen2.5-VL;
+`methods.families`, chosen from its config) through that family's adapter (`methods.llava.ReducedLlava`,
+`methods.qwen.ReducedQwen`).
 
 Usable three ways:
 
 * from the runner (`run_bench.py`), which builds one instance per checkpoint and swaps the reducer per cell;
-* from Python: `simple_evaluate(model=ReducedLlavaLMM(pretrained=PATH, method="full"), tasks=[...])`;
+* from Python: `simple_evaluate(model=ReducedLMM(pretrained=PATH, method="full"), tasks=[...])`;
 * from lmms-eval's own CLI, registered through the `lmms_eval.models` entry point of this package (no edit to
-  lmms-eval): `python -m lmms_eval --model reduced_llava --model_args pretrained=PATH,method=fastv,budget=64`.
+  lmms-eval): `python -m lmms_eval --model reduced_vlm --model_args pretrained=PATH,method=fastv,budget=64`
+  (`reduced_llava`, its first name, still works).
   Every `model_args` key other than the ones below goes to the method's constructor (e.g. `layer=2`). Learned
   methods find their controller in PRETRAINED/controllers/<method> unless `checkpoint=DIR` is given. A mistake in
   `model_args` (unknown method or argument, bad budget, missing controller) ends the run with one line
   `error: ...` on stderr and exit status 2, as `run_bench.py` does (lmms-eval's CLI would otherwise print the
   traceback and exit 0).
 
-Prompts follow LLaVA-1.5: the checkpoint's chat template renders a user turn holding the image and the task's
-text (`USER: <image>\\n{text} ASSISTANT:`); decoding is greedy with the KV cache. Per-sample token traces, batch times
+Prompts follow the family's: the checkpoint's chat template renders a user turn holding the image and the task's
+text (LLaVA-1.5: `USER: <image>\\n{text} ASSISTANT:`; Qwen2.5-VL-Instruct: its system turn, then the image span and
+the text in the user turn); decoding is greedy with the KV cache. Per-sample token traces, batch times
 and a few model-input images go to the model's `recorder` (`benchmarks.records.Recorder`, set by the runner), keyed
 by (task, doc_id), for the runner to join with lmms-eval's sample logs.
 """
@@ -34,13 +38,14 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.utils import simple_parse_args_string
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from benchmarks.defaults import controllers
 from benchmarks.distributed import current_world
 from benchmarks.records import Recorder
 from methods import TokenReducer, UnknownReducerError, create_reducer, get_reducer_class
-from methods.cli import first_line
-from methods.llava import ReducedLlava, llava_prompt, load_llava
+from methods.cli import budget_count, first_line
+from methods.families import family_of
 from methods.trace import Timing
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,8 @@ DEFAULT_MAX_NEW_TOKENS = 16
 
 def manifests():
     """Entry point for lmms-eval's model registry (`[project.entry-points."lmms_eval.models"]`)."""
-    return [ModelManifest(model_id="reduced_llava", simple_class_path="benchmarks.lmms_model.ReducedLlavaLMM")]
+    return [ModelManifest(model_id=name, simple_class_path="benchmarks.lmms_model.ReducedLMM")
+            for name in ("reduced_vlm", "reduced_llava")]
 
 
 def lmms_eval_syntax(message: str, method: str | None = None) -> str:
@@ -78,7 +84,7 @@ def per_sample_ms(t: Timing, batch: int) -> dict:
     }
 
 
-def cli_message(e: BaseException, method: str | None, model_class: str = "ReducedLlavaLMM") -> str:
+def cli_message(e: BaseException, method: str | None, model_class: str = "ReducedLMM") -> str:
     """One line for a bad `--model_args`, worded as `run_bench.py` words the same mistake, in lmms-eval's syntax."""
     plain_key = isinstance(e, KeyError) and not isinstance(e, UnknownReducerError) and e.args
     text = first_line(ValueError(e.args[0]) if plain_key else e)  # str(KeyError) would quote the message
@@ -86,17 +92,17 @@ def cli_message(e: BaseException, method: str | None, model_class: str = "Reduce
         if method and model_class not in text:  # an argument the method's constructor does not take
             text = f"{method}: {text}; see the method's docstring for its arguments"
         else:
-            text = f"reduced_llava: {text}"
+            text = f"reduced_vlm: {text}"
     return lmms_eval_syntax(text, method)
 
 
-class ReducedLlavaLMM(lmms):
-    """lmms-eval model: a LLaVA checkpoint with one token reducer.
+class ReducedLMM(lmms):
+    """lmms-eval model: a LLaVA-1.5 or Qwen2.5-VL checkpoint with one token reducer.
 
     Args:
-        pretrained: local llava-hf checkpoint folder.
+        pretrained: local checkpoint folder (llava-hf, or Qwen2.5-VL such as Qwen/Qwen2.5-VL-7B-Instruct).
         method: registered reducer name (`python run_bench.py --list`).
-        budget: visual tokens the LLM sees (ignored by `full`).
+        budget: visual tokens the LLM sees (ignored by `full`): a count, or a fraction of each image's (0.25).
         batch_size: prompts per forward pass (left-padded; predictions do not depend on it).
         device: "cpu", "cuda", "cuda:1", ...; under several processes (`benchmarks.distributed`) "cuda" means
             each process's own GPU, cuda:LOCAL_RANK.
@@ -117,7 +123,7 @@ class ReducedLlavaLMM(lmms):
         self,
         pretrained: str,
         method: str = "full",
-        budget: int | None = None,
+        budget: int | float | None = None,
         batch_size: int | str = 1,
         device: str = "cpu",
         dtype: str = "auto",
@@ -131,6 +137,10 @@ class ReducedLlavaLMM(lmms):
         found = controllers(Path(pretrained), method) if get_reducer_class(method).needs_checkpoint else {}
         if found and "checkpoint" not in method_args:  # the lowest training seed's (seed0 when trained here)
             method_args["checkpoint"] = str(next(iter(found.values())))
+        config = model.config if model is not None else AutoConfig.from_pretrained(pretrained, local_files_only=True)
+        self.family = family_of(config)
+        if self.family.fixed_tokens and budget is not None:  # every image has the same count: a fraction is one
+            budget = budget_count(budget, self.family.layout(config).num_patches)
         reducer = create_reducer(method, budget, **method_args)  # a bad method argument fails before the model loads
         world = current_world(device)  # several processes (accelerate launch / torchrun): one shard each
         device = world.device_for(device)
@@ -138,7 +148,7 @@ class ReducedLlavaLMM(lmms):
             self.accelerator = Accelerator(cpu=not device.startswith("cuda"))
             self._rank, self._world_size = world.rank, world.size
         if model is None:
-            model, processor = load_llava(pretrained, device=device, dtype=dtype)
+            model, processor = self.family.load(pretrained, device=device, dtype=dtype)
         self.pretrained = str(pretrained)
         self.model, self.processor = model, processor
         self.batch_size = int(batch_size)
@@ -151,7 +161,7 @@ class ReducedLlavaLMM(lmms):
         self.set_reducer(reducer)  # checks the reducer against the model (site, layer, a controller's shapes)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> ReducedLlavaLMM:
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> ReducedLMM:
         """lmms-eval's constructor for `--model_args`. A mistake in the arguments prints one line, `error: ...`, on
         stderr and raises SystemExit(2), as `run_bench.py` does; lmms-eval's CLI catches every Exception (it prints
         the traceback and exits 0) but lets SystemExit through."""
@@ -172,16 +182,18 @@ class ReducedLlavaLMM(lmms):
     def set_reducer(self, reducer: TokenReducer) -> None:
         """Swap the reducer (the loaded model is reused)."""
         self.reducer = reducer.to(self.model.device).eval()
-        self.runner = ReducedLlava(self.model, self.reducer)
+        self.runner = self.family.runner(self.model, self.reducer)
 
     @property
     def device(self) -> torch.device:
         """The model's device (lmms-eval's evaluator puts its cross-process request counts there)."""
         return self.model.device
 
-    @property
-    def num_patches(self) -> int:
-        return self.runner.layout.num_patches
+    def image_tokens(self, inputs, j: int) -> int:
+        """Visual tokens of prompt j's image before any reduction."""
+        if self.family.fixed_tokens:
+            return self.runner.layout.num_patches
+        return int(self.runner.layout.tokens(inputs["image_grid_thw"][j]))
 
     def clean(self) -> None:
         """lmms-eval 0.7.3 deletes the model's modules after each run; keep them so one load serves many cells."""
@@ -189,8 +201,8 @@ class ReducedLlavaLMM(lmms):
     # ------------------------------------------------------------------ prompts
 
     def build_prompt(self, context: str) -> str:
-        """LLaVA-1.5 prompt with one image (`methods.llava.llava_prompt`)."""
-        return llava_prompt(self.processor, context)
+        """The family's prompt with one image (`methods.llava.llava_prompt`, `methods.qwen.qwen_prompt`)."""
+        return self.family.prompt(self.processor, context)
 
     def _eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
@@ -220,7 +232,7 @@ class ReducedLlavaLMM(lmms):
                 gen = settings[idx[0]]
                 inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
                 out = self.runner.generate(
-                    inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                    *(inputs[k] for k in self.family.inputs),
                     max_new_tokens=gen["max_new_tokens"], eos_token_id=self._eos_ids(), pad_token_id=pad_id,
                 )
                 times = per_sample_ms(out.timing, len(chunk))
@@ -233,9 +245,9 @@ class ReducedLlavaLMM(lmms):
                             text = text.split(stop)[0]
                     text = text.strip()
                     _, _, _, doc_id, task, _ = req.args
-                    rec = {**out.trace.sample(j, self.num_patches), **times}
+                    rec = {**out.trace.sample(j, self.image_tokens(inputs, j)), **times}
                     self.recorder.samples[(task, doc_id)] = rec
-                    if self.recorder.wants_picture(task, doc_id):
+                    if self.family.fixed_tokens and self.recorder.wants_picture(task, doc_id):  # LLaVA: one grid
                         self.recorder.pictures[(task, doc_id)] = {"image": self._model_image(inputs["pixel_values"][j]),
                                                          "question": req.args[0], "grid": list(self.runner.layout.grid)}
                     counts = TokenCounts(input_tokens=rec["llm_tokens_per_layer"][0], output_tokens=n)
@@ -261,8 +273,8 @@ class ReducedLlavaLMM(lmms):
             visuals = [v for v in (visuals or []) if v is not None]
             if len(visuals) != 1:
                 raise ValueError(
-                    f"{task} doc {doc_id}: {len(visuals)} images; reduced_llava evaluates LLaVA-1.5-style "
-                    "single-image prompts only"
+                    f"{task} doc {doc_id}: {len(visuals)} images; reduced_vlm evaluates single-image prompts "
+                    "only"
                 )
             images.append(visuals[0].convert("RGB"))
             prompts.append(self.build_prompt(context))
@@ -273,15 +285,15 @@ class ReducedLlavaLMM(lmms):
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         if (gen_kwargs.get("do_sample") or (gen_kwargs.get("temperature") or 0) > 0) and not self._warned_sampling:
-            log.warning("reduced_llava decodes greedily; the task's sampling settings are ignored")
+            log.warning("reduced_vlm decodes greedily; the task's sampling settings are ignored")
             self._warned_sampling = True
         return {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens), "until": until}
 
     def loglikelihood(self, requests: list[Instance]):
         raise NotImplementedError(
-            "reduced_llava implements generate_until only; use the generation variant of the task "
+            "reduced_vlm implements generate_until only; use the generation variant of the task "
             "(all of gqa, pope, mme, textvqa_val, scienceqa_img, mmbench_en_dev_static generate)"
         )
 
     def generate_until_multi_round(self, requests):
-        raise NotImplementedError("reduced_llava does not implement multi-round generation")
+        raise NotImplementedError("reduced_vlm does not implement multi-round generation")

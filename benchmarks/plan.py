@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -27,13 +28,14 @@ from benchmarks.defaults import (
 )
 from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
 from benchmarks.standard_tasks import check_task_data
-from flops.analytic import ModelShape, count
-from flops.shapes import check_shapes, shape_record
+from benchmarks.synthetic.generate import IMAGE_SIZE as SYNTH_IMAGE_SIZE
+from flops.analytic import count, model_shape
+from flops.shapes import check_shapes, processor_grid, shape_record
 from methods import TokenReducer, create_reducer, expand_methods, get_reducer_class, list_reducers, method_budgets
 from methods.base import AUTO
-from methods.cli import check_device, first_line
-from methods.llava import check_processor_files, check_reducer, resolve_dtype
-from methods.trace import LlavaLayout
+from methods.cli import budget_count, check_device, first_line, is_fraction, known_families
+from methods.families import Family, family_of
+from methods.loading import check_processor_files, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Cell:
 
     task: str
     method: str
-    budget: int | str  # visual tokens, or "auto" for methods that choose their own count
+    budget: int | float | str  # visual tokens, a fraction of each image's, or "auto" (the method's own count)
     seed: int | None = None  # a learned method's controller, by training seed: one cell per trained controller
 
     @property
@@ -53,11 +55,12 @@ class Cell:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """A sweep, validated on construction. `budgets` empty means the default fractions of the patch count."""
+    """A sweep, validated on construction. `budgets` empty means the default fractions of each image's tokens (as
+    counts of the patches when every image has the same number)."""
 
     model: Path = SMOKE_MODEL
     methods: tuple[str, ...] = ()
-    budgets: tuple[int | str, ...] = ()
+    budgets: tuple[int | float | str, ...] = ()
     tasks: tuple[str, ...] = SMOKE_TASKS
     limit: int | None = None
     seed: int = 0
@@ -82,8 +85,9 @@ class RunSpec:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         for b in self.budgets:
-            if b != AUTO and (not isinstance(b, int) or b < 1):
-                raise ValueError(f"budgets are numbers of visual tokens >= 1 or {AUTO!r}, got {b!r}")
+            if b != AUTO and not (isinstance(b, int) and b >= 1 or is_fraction(b) and 0 < b < 1):
+                raise ValueError(f"budgets are numbers of visual tokens >= 1, fractions in (0, 1) or {AUTO!r}, got "
+                                 f"{b!r}")
         if not self.tasks:
             raise ValueError("give at least one task")
         for method, arg, _ in self.method_kwargs:
@@ -115,10 +119,12 @@ class RunSpec:
             return [None]
         return list(controllers(self.model, method)) or [None]
 
-    def cells(self, num_patches: int) -> tuple[list[Cell], list[str]]:
-        """Expand methods x budgets x tasks by the plan rule (`methods.method_budgets`). Returns the cells and notes
-        for the printed plan."""
-        budgets = list(self.budgets) or sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS})
+    def cells(self, num_patches: int | None) -> tuple[list[Cell], list[str]]:
+        """Expand methods x budgets x tasks by the plan rule (`methods.method_budgets`); `num_patches` is every
+        image's visual tokens, None when they vary. Returns the cells and notes for the printed plan."""
+        default = (sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS}) if num_patches
+                   else [round(f, 3) for f in DEFAULT_BUDGET_FRACTIONS])
+        budgets = list(self.budgets) or default
         pairs, notes = method_budgets(self.methods, budgets, num_patches, self.kwargs_for)
         return [Cell(t, m, b, s) for t in self.tasks for m, b in pairs for s in self.controller_seeds(m)], notes
 
@@ -128,24 +134,33 @@ class Plan:
     """A sweep's cells, computed once and checked before any work: each cell's reducer is built and checked
     against the model's layout, so a bad method argument fails before the output folder is touched."""
 
-    config: object  # the checkpoint's LlavaConfig
-    layout: LlavaLayout
+    config: object  # the checkpoint's config (LlavaConfig, Qwen2_5_VLConfig)
+    family: Family
+    layout: object  # the family's layout (methods.trace.LlavaLayout, QwenLayout)
     cells: list[Cell]
     reducers: list[TokenReducer]  # one per cell, in eval mode
     notes: list[str]
+
+    @property
+    def num_patches(self) -> int | None:
+        """Every image's visual tokens, or None when they vary per image."""
+        return self.layout.num_patches if self.family.fixed_tokens else None
 
 
 def read_config(model: Path):
     """The checkpoint's config, or a one-line error saying what is wrong with the folder."""
     if not (Path(model) / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model} is not a llava-hf checkpoint folder (no config.json)")
+        raise FileNotFoundError(f"--model {model} is not a checkpoint folder (no config.json)")
     try:
         config = AutoConfig.from_pretrained(model, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises several kinds for a bad or foreign config
         raise ValueError(f"--model {model}: config.json cannot be read as a model config ({first_line(e)})") from None
-    if config.model_type != "llava":
-        raise ValueError(f"--model {model} is a {config.model_type!r} checkpoint; run_bench.py needs a llava-hf one "
-                         "(LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf)")
+    try:
+        family_of(config)
+    except ValueError:
+        raise ValueError(f"--model {model} is a {config.model_type!r} checkpoint; run_bench.py runs "
+                         f"{known_families()} folders (e.g. llava-hf/llava-1.5-7b-hf, "
+                         "Qwen/Qwen2.5-VL-7B-Instruct)") from None
     return config
 
 
@@ -155,14 +170,22 @@ def make_plan(spec: RunSpec) -> Plan:
     config = read_config(spec.model)
     check_processor_files(Path(spec.model))
     check_shapes(config, Path(spec.model) / "config.json")
-    layout = LlavaLayout.from_config(config)
-    cells, notes = spec.cells(layout.num_patches)
+    family = family_of(config)
+    layout = family.layout(config)
+    cells, notes = spec.cells(layout.num_patches if family.fixed_tokens else None)
+    if family.fixed_tokens:
+        check = family.check_reducer
+    else:  # images differ in size: checked on the reference image (exactly, for the synthetic tasks), and per batch
+        grid = processor_grid(config, spec.model, *reference_image(spec))
+        check = partial(family.check_reducer, image_tokens=grid[0] * grid[1] * grid[2] // layout.merge ** 2)
     kept, reducers = [], []
     skipped: dict[tuple[str, str], list] = {}  # (method, reason) -> the budgets it was skipped at
     for cell in cells:
         try:
-            reducer = make_reducer(cell, spec)
-            check_reducer(reducer, layout)
+            if family.methods is not None and cell.method not in family.methods:
+                check(get_reducer_class(cell.method), layout)  # the family's refusal reads only the class's name
+            reducer = make_reducer(cell, spec, layout.num_patches if family.fixed_tokens else None)
+            check(reducer, layout)
         except (ValueError, NotImplementedError) as e:
             if spec.methods_given:
                 raise
@@ -178,7 +201,7 @@ def make_plan(spec: RunSpec) -> Plan:
         notes.append(f"{m}{at} skipped: {why}")
     if not kept:
         raise ValueError("the plan is empty: give methods and budgets that apply to each other")
-    return Plan(config, layout, kept, reducers, notes)
+    return Plan(config, family, layout, kept, reducers, notes)
 
 
 def task_docs(task: str, limit: int | None) -> int | None:
@@ -190,13 +213,16 @@ def task_docs(task: str, limit: int | None) -> int | None:
 
 
 def plan_costs(plan: Plan, spec: RunSpec, text_tokens: int) -> list[dict]:
-    """Estimated cost of each cell from the FLOPs counter, on a prompt of `text_tokens` tokens besides the image."""
-    shape = ModelShape.from_config(plan.config)
+    """Estimated cost of each cell from the FLOPs counter, on a prompt of `text_tokens` tokens besides the image
+    (a Qwen2.5-VL image at `reference_image`'s size, resized as the checkpoint's processor does)."""
+    shape = model_shape(plan.config)
+    grid = None if plan.family.fixed_tokens else processor_grid(plan.config, spec.model, *reference_image(spec))
     out = []
     for cell, reducer in zip(plan.cells, plan.reducers, strict=True):
         per = None
         if not getattr(reducer, "auto", False):  # an 'auto' count depends on the image
-            per = 2 * count(shape_record(plan.config, reducer, text_tokens), shape).prefill / 1e9
+            rec = shape_record(plan.config, reducer, text_tokens, image_grid=grid)
+            per = 2 * count(rec, shape).prefill / 1e9
         out.append({"task": cell.task, "method": cell.method, "budget": cell.budget,
                     "samples": task_docs(cell.task, spec.limit), "gflops_per_sample": per})
     return out
@@ -269,10 +295,21 @@ def fingerprint(run: str, method_args: dict, task: str) -> str:
     return short_hash(parts)
 
 
-def make_reducer(cell: Cell, spec: RunSpec) -> TokenReducer:
-    """The cell's reducer, in eval mode: the method's defaults, overridden by --method-args."""
+def reference_image(spec: RunSpec) -> tuple[int, int]:
+    """(width, height) in pixels of the image a dry run prices when images differ in size: the synthetic tasks'
+    when the sweep runs only those, else 448 x 448."""
+    if all(t in SYNTH_TASK_DOCS for t in spec.tasks):
+        return SYNTH_IMAGE_SIZE, SYNTH_IMAGE_SIZE
+    return 448, 448
+
+
+def make_reducer(cell: Cell, spec: RunSpec, num_patches: int | None = None) -> TokenReducer:
+    """The cell's reducer, in eval mode: the method's defaults, overridden by --method-args. A fraction budget
+    becomes a count when every image has `num_patches` tokens; otherwise the adapter applies it per image."""
     cls, kwargs = get_reducer_class(cell.method), spec.kwargs_for(cell.method, cell.seed)
     budget = cell.budget if cls.uses_budget and cls.budget_label(kwargs) is None else None
+    if budget is not None and num_patches is not None:
+        budget = budget_count(budget, num_patches)
     try:
         return create_reducer(cell.method, budget, **kwargs).eval()
     except TypeError as e:  # an argument the constructor does not take

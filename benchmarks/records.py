@@ -23,15 +23,15 @@ from benchmarks.defaults import REPO
 from benchmarks.distributed import World, launched_world_size
 from benchmarks.plan import Cell, RunSpec
 from benchmarks.stats import CI_METHOD, mean_ci
-from flops.analytic import ModelShape, count
+from flops.analytic import count, model_shape
 from methods import TokenReducer
-from methods.llava import resolve_dtype
+from methods.loading import resolve_dtype
 
 
 @dataclass
 class Recorder:
     """What the model records while lmms-eval evaluates a cell, besides lmms-eval's own sample logs. The runner owns
-    it and hands it to the model (`ReducedLlavaLMM.recorder`), which writes to it (lm-eval's `set_cache_hook` shape);
+    it and hands it to the model (`ReducedLMM.recorder`), which writes to it (lm-eval's `set_cache_hook` shape);
     `take` hands the runner one cell's records and starts the next cell empty.
 
     Attributes:
@@ -141,7 +141,7 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
     are relevant) and `relevant_recall` (share of relevant patches kept). `traces`: the `Recorder.samples` of the
     cell; `config`: the checkpoint's config, for the FLOPs.
     """
-    shape = ModelShape.from_config(config)
+    shape = model_shape(config)
     primary = primary_metric(res, cell.task)
     samples = []
     for d in sorted(res["samples"][cell.task], key=lambda d: d["doc_id"]):  # several processes: rank by rank
@@ -161,7 +161,8 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
         }
         relevant = (d.get("doc") or {}).get("relevant_patches")
         if relevant is not None and rec:
-            kept = set(range(shape.num_patches)) if rec["kept_indices"] is None else set(rec["kept_indices"])
+            whole = range(shape.image_tokens(rec))  # the image's visual tokens (relevant_patches index them)
+            kept = set(whole) if rec["kept_indices"] is None else set(rec["kept_indices"])
             hit = len(kept & set(relevant))
             out["relevant_precision"] = round(hit / len(kept), 4) if kept else None
             out["relevant_recall"] = round(hit / len(relevant), 4) if relevant else None

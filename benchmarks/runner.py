@@ -27,7 +27,7 @@ from tqdm import tqdm
 from benchmarks.console import cell_line
 from benchmarks.defaults import SMOKE_TASKS, SYNTH_TASKS
 from benchmarks.distributed import World, current_world
-from benchmarks.lmms_model import ReducedLlavaLMM
+from benchmarks.lmms_model import ReducedLMM
 from benchmarks.plan import Cell, Plan, RunSpec, fingerprint, make_plan, run_conditions, short_hash, task_identity
 from benchmarks.records import Recorder, cell_records, peak_rss, provenance
 from benchmarks.standard_tasks import load_error, package_dirs, submission_args, task_config
@@ -151,8 +151,8 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
     tm = tm or task_manager(spec)
     if lm is None:  # a model that cannot be loaded fails here, before the output directory is touched
         with quiet_progress(enabled=not verbose):  # transformers' weight-loading bar
-            lm = ReducedLlavaLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size,
-                                 device=spec.device, dtype=spec.dtype)
+            lm = ReducedLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size,
+                            device=spec.device, dtype=spec.dtype)
     lm.recorder = Recorder()  # the runner's: the model writes each sample's trace to it
     if world.is_main:
         store.prepare()

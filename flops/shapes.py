@@ -20,7 +20,7 @@ from transformers import LlavaConfig, Qwen2_5_VLConfig
 from methods import create_reducer, get_reducer_class
 from methods.adaptive import ControllerConfig
 from methods.base import Site, TextTokens, TokenReducer, Tokens
-from methods.cli import first_line
+from methods.cli import budget_count, first_line
 from methods.trace import LlavaLayout, QwenLayout, cls_signal_macs, feature_row_macs, next_query_macs, query_row_macs
 
 ROW_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms"})  # (B, N) rows at the LLM site
@@ -139,6 +139,11 @@ def _own(red) -> int:
     return 0 if red.macs is None else int(red.macs[0])
 
 
+def _budgets(reducer: TokenReducer, tokens: int) -> torch.Tensor | None:
+    """(1,) the count a fraction budget keeps of an image of `tokens`, as the adapter passes it; None for a count."""
+    return None if reducer.fraction is None else torch.tensor([budget_count(reducer.fraction, tokens)])
+
+
 def _llava_image(config, reducer: TokenReducer, g: torch.Generator) -> _Image:
     lay = LlavaLayout.from_config(config)
     vc, tc = config.vision_config, config.text_config
@@ -193,7 +198,7 @@ def _qwen_image(config, reducer: TokenReducer, image_grid: tuple[int, int, int],
     n = patches // lay.merge ** 2
     visual, own = n, 0
     if reducer.site in (Site.FEATURES, Site.EMBEDDINGS):
-        red = reducer(Tokens(x=torch.randn(1, n, lay.width, generator=g), grid=(1, n),
+        red = reducer(Tokens(x=torch.randn(1, n, lay.width, generator=g), grid=(1, n), budget=_budgets(reducer, n),
                              sample_key=torch.zeros(1, dtype=torch.long)))
         visual, own = _count(red), _own(red)
     return _Image(vision=[patches] * lay.vision_layers, projector=patches, visual=visual, num_patches=n, grid=(1, n),
@@ -254,7 +259,8 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
             if text or "text" in reducer.needs:
                 sig["text"] = TextTokens(valid=torch.ones(1, m, dtype=torch.bool), **text)
             red = reducer(Tokens(x=torch.randn(1, kept, tc.hidden_size, generator=g), grid=image.grid,
-                                 sample_key=torch.zeros(1, dtype=torch.long), stage=stage, depth=layers,
+                                 budget=_budgets(reducer, n), sample_key=torch.zeros(1, dtype=torch.long),
+                                 stage=stage, depth=layers,
                                  image_tokens=image.image_tokens, **sig))
             seq = llm[layer]
             if "query_attn" in sig:
@@ -276,13 +282,32 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
     }
 
 
-def qwen_grid(config, width: int, height: int) -> tuple[int, int, int]:
-    """The patch grid (t, h, w) Qwen2.5-VL's image processor gives an image of `width` x `height` pixels at its
-    default pixel limits (`smart_resize`: each side rounded to a multiple of patch x merge = 28 px, the area kept
-    within 3,136 .. 1,003,520 pixels, 4 .. 1,280 visual tokens)."""
+def qwen_grid(config, width: int, height: int, min_pixels: int = 56 * 56,
+              max_pixels: int = 28 * 28 * 1280) -> tuple[int, int, int]:
+    """The patch grid (t, h, w) Qwen2.5-VL's image processor gives an image of `width` x `height` pixels
+    (`smart_resize`: each side rounded to a multiple of patch x merge pixels, 28 for Qwen2.5-VL, the area kept
+    within [min_pixels, max_pixels]; the defaults are the processor's own, 4 to 1,280 visual tokens)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # noqa: PLC0415
 
     vc = config.vision_config
     factor = vc.patch_size * vc.spatial_merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return (1, h // vc.patch_size, w // vc.patch_size)
+
+
+def processor_grid(config, folder: str | Path, width: int, height: int) -> tuple[int, int, int]:
+    """`qwen_grid` at the pixel limits of the checkpoint folder's own image processor (its processor_config.json
+    or preprocessor_config.json: `size` shortest_edge / longest_edge, or min_pixels / max_pixels), the processor's
+    defaults where the folder says nothing."""
+    limits = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = Path(folder) / name
+        if f.is_file():
+            raw = json.loads(f.read_text())
+            raw = raw.get("image_processor", raw) if isinstance(raw, dict) else {}
+            size = raw.get("size") or {}
+            low = size.get("shortest_edge", raw.get("min_pixels"))
+            high = size.get("longest_edge", raw.get("max_pixels"))
+            limits = {k: v for k, v in (("min_pixels", low), ("max_pixels", high)) if isinstance(v, int)}
+            break
+    return qwen_grid(config, width, height, **limits)

@@ -148,8 +148,10 @@ class TokenReducer(nn.Module):
     """Base class for every method. Subclasses set `site` and `needs` and implement `forward`.
 
     Args:
-        budget: the largest number of visual tokens the LLM sees from the reduction point on (>= 1). Methods
-            that never reduce (`full`) accept None.
+        budget: the largest number of visual tokens the LLM sees from the reduction point on (>= 1); or a fraction
+            of each image's tokens (a float in (0, 1), `fraction`), for families whose images differ in size: the
+            adapter then passes each sample's count as `Tokens.budget` and `budget` is None. Methods that never
+            reduce (`full`) accept None.
         layer: for the VISION and LLM sites, the index of the first layer that sees the reduced tokens (an LLM-site
             method that acts at several layers overrides `llm_layers` instead and may leave it None).
     """
@@ -167,7 +169,7 @@ class TokenReducer(nn.Module):
 
     method_args: dict  # the constructor's arguments as called (None ones left out), recorded by `create_reducer`
 
-    def __init__(self, budget: int | str | None, layer: int | None = None) -> None:
+    def __init__(self, budget: int | float | str | None, layer: int | None = None) -> None:
         super().__init__()
         unknown = set(self.needs) - SIGNALS
         if unknown:
@@ -176,10 +178,14 @@ class TokenReducer(nn.Module):
         self.auto = budget == AUTO
         if self.auto and not self.supports_auto:
             raise ValueError(f"{type(self).__name__} has no {AUTO!r} budget; give a number of visual tokens")
-        if self.auto:
+        self.fraction = budget if isinstance(budget, float) and self.uses_budget else None
+        if self.fraction is not None and not 0 < self.fraction < 1:
+            raise ValueError(f"{type(self).__name__}: a fraction budget must be strictly between 0 and 1, got {budget}")
+        if self.auto or self.fraction is not None:
             budget = None
         elif self.uses_budget and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
-            raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1, got {budget!r}")
+            raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1 or a fraction in (0, 1), got "
+                             f"{budget!r}")
         multi = type(self).llm_layers is not TokenReducer.llm_layers
         if self.site in (Site.VISION, Site.LLM) and (layer is None and not multi or layer is not None and layer < 0):
             raise ValueError(f"{type(self).__name__} acts at site {self.site.value!r} and needs a `layer` index >= 0")

@@ -8,6 +8,13 @@ import ast
 import math
 
 AUTO = "auto"  # as methods.base.AUTO, without importing torch
+MODEL_TYPES = {"llava": "LLaVA-1.5", "qwen2_5_vl": "Qwen2.5-VL"}  # config model_type -> family (methods.families)
+
+
+def known_families() -> str:
+    """"LLaVA-1.5 ('llava') and Qwen2.5-VL ('qwen2_5_vl')", for error messages."""
+    names = [f"{name} ({kind!r})" for kind, name in MODEL_TYPES.items()]
+    return ", ".join(names[:-1]) + " and " + names[-1]
 
 
 class OneLineParser(argparse.ArgumentParser):

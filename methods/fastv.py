@@ -45,7 +45,9 @@ class FastV(TokenReducer):
 
     def forward(self, t: Tokens) -> Reduced:
         b, n, _ = t.x.shape
-        budget = max(1, round(n * (1 - self.ratio))) if self.uses_ratio else min(self.budget, n)
-        k = budget if t.budget is None else sample_budgets(budget, t.budget, n, b, t.x.device)
+        if t.budget is not None:
+            k = sample_budgets(self.budget, t.budget, n, b, t.x.device)
+        else:
+            k = max(1, round(n * (1 - self.ratio))) if self.uses_ratio else min(self.budget, n)
         keep, valid = select_top(t.query_attn, k, t.valid)  # (B, K) ascending positions
         return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=valid)

@@ -41,14 +41,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import eager_attention_forward
 
 from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
 from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Reduced, Site, TokenReducer, Tokens
-from methods.cli import first_line
+from methods.cli import budget_count
+from methods.loading import load_pretrained
 from methods.trace import (
     Generation,
     LlavaLayout,
@@ -70,56 +71,11 @@ def llava_prompt(processor, text: str) -> str:
     return f"USER: <image>\n{text} ASSISTANT:"
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """'auto' means bfloat16 on CUDA and float32 elsewhere."""
-    if dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):
     """Load a local llava-hf checkpoint and its processor (offline). Returns (model, processor)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a llava-hf checkpoint folder (no config.json); pass --model PATH")
-    check_processor_files(path)
-    torch_dtype = resolve_dtype(dtype, device)
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
-        )
-    except Exception as e:  # noqa: BLE001 - a corrupt file raises safetensors' own error type
-        raise ValueError(f"--model {path}: the weights cannot be loaded ({first_line(e)}); re-save or re-download "
-                         "the checkpoint") from None
-    try:
-        model = model.to(device).eval()
-    except (RuntimeError, AssertionError) as e:  # no such device, or no driver
-        raise ValueError(f"device {device!r} cannot be used here ({first_line(e)}); use cpu or a device this "
-                         "machine has") from None
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError or its own types
-        raise ValueError(f"--model {path}: the processor cannot be loaded ({first_line(e)}); save the checkpoint's "
-                         "processor beside it (processor.save_pretrained(PATH))") from None
-    processor.tokenizer.padding_side = "left"  # instance setting: batched prompts are left-padded
+    model, processor = load_pretrained(path, LlavaForConditionalGeneration, device, dtype)
     complete_processor(processor, model.config)
     return model, processor
-
-
-PROCESSOR_FILES = (("processor_config.json", "preprocessor_config.json"), ("tokenizer.json", "tokenizer.model"))
-
-
-def check_processor_files(path: Path) -> None:
-    """Raise FileNotFoundError unless the checkpoint folder holds an image-processor config and a tokenizer."""
-    for names in PROCESSOR_FILES:
-        if not any((Path(path) / n).is_file() for n in names):
-            raise FileNotFoundError(f"--model {path} has no {' or '.join(names)}: a llava-hf checkpoint folder needs "
-                                    "its processor beside the weights (processor.save_pretrained(PATH))")
 
 
 def complete_processor(processor, config) -> None:
@@ -425,6 +381,9 @@ class ReducedLlava(LLMSide):
 def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
     """Raise (saying what to do) unless reducer `r` can act at its site and layer on a model of layout `lay`; the
     runner calls it for every cell before any work starts, the adapter again when it is built."""
+    if getattr(r, "fraction", None) is not None:
+        raise ValueError(f"{r.name}: every LLaVA image has {lay.num_patches} visual tokens; give the budget as a count "
+                         f"(fraction {r.fraction} of them: {budget_count(r.fraction, lay.num_patches)})")
     if r.site is Site.VISION:
         if r.needs:
             raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the vision site")

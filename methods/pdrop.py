@@ -38,6 +38,7 @@ import torch
 from methods._ops import gather_tokens, select_top
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
+from methods.cli import budget_count
 
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)  # the reference's image_token_ratio_list after its leading 1.0
 
@@ -106,7 +107,8 @@ class PyramidDrop(TokenReducer):
     def llm_layers(self, n_layers: int, num_patches: int) -> tuple[int, ...]:
         layers = self.layers if self.layers is not None else default_layers(n_layers)
         if not self.uses_ratios and len(set(layers)) == len(layers) and layers[-1] < n_layers:
-            solve_ratio(self.budget, num_patches, layers, n_layers)  # refuses a budget the stages cannot meet
+            budget = self.budget if self.budget is not None else budget_count(self.fraction, num_patches)
+            solve_ratio(budget, num_patches, layers, n_layers)  # refuses a budget the stages cannot meet
         return layers
 
     def schedule(self, n: int, n_layers: int, budget: int | None = None) -> list[int]:

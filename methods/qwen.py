@@ -19,6 +19,7 @@ the batch's flattened patches) gives each image's tokens; they replace the promp
 (`methods/_llm.py`, shared with LLaVA) runs the decoder layers with an explicit additive mask (causal + padding), the
 model's M-RoPE cos/sin, and the LLM-site reductions. Sites: `features` / `embeddings` = after the merger, each
 image's tokens padded to the batch's largest with a validity mask, a budget = at most that many tokens per image
+or a fraction of each image's (`TokenReducer.fraction`: floor(f x tokens), at least 1, passed as per-sample budgets)
 (`random`, `divprune`); `llm` (`fastv`, `dart`, `pdrop`, `sparsevlm`; the last two schedule each image by its own
 token count, `Tokens.image_tokens`). The rest are refused with one line (`check_reducer`): PruMerge(+), VisionZip,
 VisPruner and FasterVLM rank by the vision encoder's CLS attention, which this family does not have, and the learned
@@ -27,16 +28,40 @@ controllers are not trained for it yet.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
 from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Site, TokenReducer, Tokens
+from methods.loading import load_pretrained
 from methods.trace import Generation, QwenLayout
 
 QWEN_METHODS = ("full", "random", "divprune", "fastv", "dart", "pdrop", "sparsevlm")  # what runs on this family
 CLS_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})  # need a CLS token
+
+
+QWEN_TURN = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+             "<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def qwen_prompt(processor, text: str) -> str:
+    """Qwen2.5-VL-Instruct prompt for one image and `text`, through the checkpoint's chat template when it has one
+    (the image first, then the text, as lmms-eval's `qwen2_5_vl` sends them); an `<image>` in `text` is dropped."""
+    text = text.replace("<image>", "").lstrip("\n")
+    if getattr(processor, "chat_template", None):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(conv, add_generation_prompt=True)
+    return QWEN_TURN.format(text=text)
+
+
+def load_qwen(path: str | Path, device: str = "cpu", dtype: str = "auto"):
+    """Load a local Qwen2.5-VL checkpoint folder (e.g. Qwen/Qwen2.5-VL-7B-Instruct) and its processor, offline.
+    Returns (model, processor)."""
+    return load_pretrained(path, Qwen2_5_VLForConditionalGeneration, device, dtype)
 
 
 class ReducedQwen(LLMSide):
@@ -79,6 +104,8 @@ class ReducedQwen(LLMSide):
             raise ValueError(f"each prompt must hold one image's run of image tokens (id {lay.image_token_id}); found "
                              f"{is_img.sum(1).tolist()} for grids giving {want.tolist()}; build inputs with the "
                              "model's processor, one image per prompt")
+        if budgets is None and self.reducer.fraction is not None:  # a fraction: each image's own count
+            budgets = fraction_counts(self.reducer.fraction, want)
         pos, _ = m.model.get_rope_index(input_ids, is_img.int(), image_grid_thw=grid,
                                         attention_mask=attention_mask)  # (3, B, T) M-RoPE positions
         pixel_values = pixel_values.to(device, m.model.visual.dtype)
@@ -114,13 +141,19 @@ class ReducedQwen(LLMSide):
             raise NotImplementedError(f"{r.name} merges tokens; merged tokens are not placed on Qwen2.5-VL yet")
         kvalid = (red.valid if red.valid is not None else torch.ones_like(red.keep, dtype=torch.bool))
         kvalid = kvalid & vvalid.gather(1, red.keep)
-        limit = counts.clamp(max=r.budget if budgets is None else budgets.clamp(min=1)) if r.budget else counts
+        limit = counts.clamp(max=r.budget if budgets is None else budgets.clamp(min=1)) if r.uses_budget else counts
         if bool((kvalid.sum(1) > limit).any()):
-            raise ValueError(f"{r.name} returned more tokens than its budget ({r.budget})")
+            raise ValueError(f"{r.name} returned more tokens than its budget ({limit.tolist()})")
         return seq.keep_visual(vidx.gather(1, red.keep), kvalid, red.x)  # a reducer may update the tokens it keeps
 
     def _rotary(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.model.language_model.rotary_emb(x, pos.permute(2, 0, 1))  # M-RoPE: (3, B, T)
+
+
+def fraction_counts(fraction: float, tokens: Tensor) -> Tensor:
+    """(B,) tokens kept of images of `tokens` (B,) visual tokens at a fraction budget: floor(f x tokens), at least 1
+    (as `methods.cli.budget_count`)."""
+    return (tokens.double() * fraction + 1e-9).floor().long().clamp(min=1)
 
 
 def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> None:

@@ -58,6 +58,7 @@ from torch import Tensor
 from methods._ops import gather_tokens, select_top
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
+from methods.cli import budget_count
 
 REFERENCE_COUNTS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}  # score.py, of 576 tokens
 REFERENCE_PATCHES, REFERENCE_DEPTH = 576, 32
@@ -230,7 +231,8 @@ class SparseVLM(TokenReducer):
             raise ValueError(f"sparsevlm: {len(self.counts)} counts but this {n_layers}-layer LLM has {len(layers)} "
                              "default stages; give sparsevlm.layers")
         if self.uses_budget_mean and len(set(layers)) == len(layers) and 1 <= layers[0] and layers[-1] < n_layers:
-            self.schedule(num_patches, n_layers)  # refuses a budget the stages cannot meet
+            budget = None if self.budget is not None else budget_count(self.fraction, num_patches)
+            self.schedule(num_patches, n_layers, budget)  # refuses a budget the stages cannot meet
         return layers
 
     def schedule(self, n: int, n_layers: int, budget: int | None = None) -> tuple[int, ...]:

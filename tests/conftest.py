@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from benchmarks.smoke_model.build import build_model, build_processor
+from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor, save_qwen
 from methods.trace import QwenLayout
 
 IMAGE_TOKEN = 5  # id of the image placeholder in the tiny vocabulary
@@ -151,3 +152,12 @@ def tiny_ckpt(tmp_path_factory):
     build_model(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2, seed=1).save_pretrained(path)
     build_processor().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def qwen_ckpt(tmp_path_factory):
+    """A tiny random Qwen2.5-VL checkpoint folder (Qwen processor, tokenizer and chat template; 4 px patches merged
+    2 x 2, so a 96 px image is 144 visual tokens), one per test module."""
+    path = tmp_path_factory.mktemp("tiny_qwen")
+    return save_qwen(build_qwen_model(vision_hidden=32, text_hidden=64, text_layers=3, seed=1),
+                     build_qwen_processor(), path)

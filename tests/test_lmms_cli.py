@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.lmms_model import ReducedLlavaLMM
+from benchmarks.lmms_model import ReducedLMM
 from methods import UnknownReducerError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
 
 def lmms_eval(model_args: str, tmp_path: Path, limit: int, include_path: Path = TASKS) -> list[str]:
     """The command line of one lmms-eval run on synth_vqa, writing only under `tmp_path`."""
-    return [sys.executable, "-m", "lmms_eval", "--model", "reduced_llava", "--model_args", model_args,
+    return [sys.executable, "-m", "lmms_eval", "--model", "reduced_vlm", "--model_args", model_args,
             "--tasks", "synth_vqa", "--include_path", str(include_path), "--limit", str(limit),
             "--batch_size", "8", "--output_path", str(tmp_path / "out")]
 
@@ -110,8 +110,8 @@ def test_direct_construction_raises_plain_exceptions_and_finds_the_controller():
     """From Python the class raises (the runner relies on it); the default controller applies there too."""
 
     with pytest.raises(UnknownReducerError, match="Did you mean prumerge"):
-        ReducedLlavaLMM(pretrained=str(REPO / SMOKE_MODEL), method="prumerg")
+        ReducedLMM(pretrained=str(REPO / SMOKE_MODEL), method="prumerg")
     with pytest.raises(TypeError, match="layr"):
-        ReducedLlavaLMM(pretrained=str(REPO / SMOKE_MODEL), method="fastv", budget=16, layr=1)
-    lm = ReducedLlavaLMM(pretrained=str(REPO / SMOKE_MODEL), method="adaptive_b", budget=16)
+        ReducedLMM(pretrained=str(REPO / SMOKE_MODEL), method="fastv", budget=16, layr=1)
+    lm = ReducedLMM(pretrained=str(REPO / SMOKE_MODEL), method="adaptive_b", budget=16)
     assert lm.reducer.checkpoint == str(REPO / SMOKE_MODEL / "controllers" / "adaptive_b" / "seed0")  # lowest seed

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from benchmarks.lmms_model import ReducedLlavaLMM
+from benchmarks.lmms_model import ReducedLMM
 from benchmarks.plan import RunSpec
 from benchmarks.runner import run
 from benchmarks.smoke_model.build import IMAGE_TOKEN, build_processor
@@ -96,7 +96,7 @@ def test_processor_without_patch_size_is_completed_from_the_config(checkpoint):
 def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
     """Every registered method runs through the runner at 64 of 576 visual tokens; `full` equals HF generate."""
 
-    lm = ReducedLlavaLMM(pretrained=str(checkpoint), batch_size=2, device="cpu", dtype="float32")
+    lm = ReducedLMM(pretrained=str(checkpoint), batch_size=2, device="cpu", dtype="float32")
     assert lm.model.dtype == torch.float32 and lm.num_patches == PATCHES
     out = tmp_path / "run"
     spec = RunSpec(model=checkpoint, budgets=(BUDGET,), limit=2, batch_size=2, output=out, device="cpu",

@@ -11,7 +11,7 @@ import torch
 
 import methods
 from benchmarks.defaults import CATALOGUE
-from benchmarks.plan import RunSpec
+from benchmarks.plan import RunSpec, make_reducer
 from methods import (
     Reduced,
     Site,
@@ -25,6 +25,7 @@ from methods import (
 )
 from methods._registry import _REDUCERS, register_reducer
 from methods.adaptive import ControllerConfig
+from methods.cli import budget_count
 
 
 def test_full_is_registered_and_is_identity():
@@ -63,9 +64,14 @@ def test_budget_validation():
         def forward(self, t: Tokens) -> Reduced:
             return Reduced(x=t.x[:, : self.budget], keep=torch.arange(self.budget).expand(t.x.size(0), -1))
 
-    for bad in (0, -3, 2.5, None):
-        with pytest.raises(ValueError, match="budget must be an integer >= 1"):
+    for bad in (0, -3, None):
+        with pytest.raises(ValueError, match="budget must be an integer >= 1 or a fraction in"):
             Keep(budget=bad)
+    for bad in (2.5, 1.0, 0.0):
+        with pytest.raises(ValueError, match="a fraction budget must be strictly between 0 and 1"):
+            Keep(budget=bad)
+    half = Keep(budget=0.5)  # a fraction: the adapter passes each sample's count
+    assert (half.fraction, half.budget) == (0.5, None)
     with pytest.raises(ValueError, match="needs a `layer`"):
         type("L", (Keep,), {"site": Site.LLM})(budget=3)
 
@@ -76,6 +82,19 @@ def test_plan_full_runs_once_and_large_budgets_collapse():
     assert [(c.method, c.budget) for c in cells] == [("full", 144)]
     assert any("no pruning" in n for n in notes)
     assert "budget 16 given more than once: each runs once" in notes  # names the repeated budget, not the others
+
+
+def test_plan_fraction_budgets():
+    """Fractions run as given when images differ in size (`full` at 1.0) and become counts when every image has
+    the same number of tokens (`make_reducer`), floor(f x tokens), at least 1."""
+    spec = RunSpec(methods=("full", "fastv"), budgets=(0.25, 16, 0.25), tasks=("synth_vqa",))
+    cells, notes = spec.cells(None)
+    assert [(c.method, c.budget) for c in cells] == [("full", 1.0), ("fastv", 16), ("fastv", 0.25)]
+    assert "budget 0.25 given more than once: each runs once" in notes
+    assert [make_reducer(c, spec, 144).budget for c in cells] == [None, 16, 36]
+    assert make_reducer(cells[2], spec).fraction == 0.25  # per image, by the adapter
+    assert [budget_count(f, n) for f, n in ((0.25, 144), (0.111, 144), (0.001, 50), (1 / 3, 576))] == [36, 15, 1, 192]
+    assert RunSpec(tasks=("synth_vqa",)).cells(None)[0][0].budget == 0.111  # the default fractions, as fractions
 
 
 def test_catalogue_is_the_registry():

@@ -80,7 +80,7 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "zero budget": (["--budgets", "0"], "must be >= 1"),
         "negative budget": (["--budgets", "-3"], "must be >= 1"),
         "budget not a number": (["--budgets", "many"], "not a whole number"),
-        "model path missing": (["--model", str(tmp / "nope")], "not a llava-hf checkpoint"),
+        "model path missing": (["--model", str(tmp / "nope")], "not a checkpoint folder"),
         "not llava-hf": (["--model", str(not_llava)], "'llama' checkpoint"),
         "corrupt weights": (["--model", str(corrupt), "--methods", "full"], "weights cannot be loaded"),
         "controller missing": (["--methods", "adaptive_b", "--method-args",

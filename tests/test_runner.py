@@ -81,7 +81,7 @@ def test_dry_run_and_bad_input(tiny_ckpt, tmp_path, capsys):
                            "--method-args", "fastv.depth=1"]) == 2
     assert "fastv has no argument 'depth' (its arguments: layer, ratio)" in capsys.readouterr().err
     assert run_bench.main(["--model", str(tmp_path / "nope"), "--dry-run"]) == 2
-    assert "not a llava-hf checkpoint" in capsys.readouterr().err
+    assert "not a checkpoint folder" in capsys.readouterr().err
     assert run_bench.main(["--model", str(tiny_ckpt), "--tasks", "synth_vq", "--output", str(tmp_path / "x")]) == 2
     assert "did you mean synth_vqa" in capsys.readouterr().err
 

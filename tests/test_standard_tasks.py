@@ -23,6 +23,7 @@ from PIL import ImageDraw
 import run_bench
 from benchmarks.plan import RunSpec, fingerprint, run_conditions, short_hash, task_identity
 from benchmarks.smoke_model.build import build_model, build_processor, vocabulary
+from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor, qwen_vocabulary, save_qwen
 from benchmarks.standard_tasks import TASKS, GqaImages, LocalCopy, parse_task_data
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -30,9 +31,10 @@ TASK_NAMES = ("gqa", "pope", "mme", "textvqa_val", "scienceqa_img", "mmbench_en_
 
 
 def image(i: int):
-    """A tiny picture: a coloured square on grey, different per i."""
+    """A tiny picture: a coloured square on grey, different per i, in one of three sizes (Qwen2.5-VL sees each at
+    its own: 10, 12 or 14 x 8 patches)."""
 
-    img = PIL.Image.new("RGB", (40, 32), (128, 128, 128))
+    img = PIL.Image.new("RGB", (40 + 8 * (i % 3), 32), (128, 128, 128))
     ImageDraw.Draw(img).rectangle([4 + 3 * i, 4, 20 + 3 * i, 24], fill=COLORS[i % 4])
     return img
 
@@ -180,6 +182,29 @@ def yes_ckpt(tmp_path_factory):
     return path
 
 
+def qwen_always_yes(model):
+    """`always_yes` for a tiny Qwen2.5-VL: its prompt ends with the assistant turn's "assistant" (the word-level
+    tokenizer drops the newline), which the head maps to "yes", and "yes" to "<|im_end|>"."""
+    ids = {t: i for i, t in enumerate(qwen_vocabulary())}
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.get_input_embeddings().weight, model.lm_head.weight
+        basis = torch.eye(emb.shape[1])
+        emb[ids["assistant"]], emb[ids["yes"]] = 3 * basis[0], 3 * basis[1]
+        head.zero_()
+        head[ids["yes"]], head[ids["<|im_end|>"]] = 10 * basis[0], 10 * basis[1]
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen_yes_ckpt(tmp_path_factory):
+    """A tiny Qwen2.5-VL checkpoint (its processor and prompt format; random vision tower) that answers "yes"."""
+    model = qwen_always_yes(build_qwen_model(vision_hidden=32, text_hidden=32, text_layers=2, seed=1))
+    return save_qwen(model, build_qwen_processor(), tmp_path_factory.mktemp("tiny_qwen"))
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run from tmp_path with a private datasets cache, so nothing lands in the repository or ~/.cache."""
@@ -210,8 +235,13 @@ EXPECTED = {
 }
 
 
-def test_six_standard_tasks_on_save_to_disk_copies(yes_ckpt, in_tmp):
-    values = run(yes_ckpt, in_tmp / "run", save_copies(in_tmp / "data"))
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_six_standard_tasks_on_save_to_disk_copies(family, request, in_tmp):
+    """Each family with its own prompt format and processor (Qwen2.5-VL: each image at its own size)."""
+    ckpt = request.getfixturevalue("yes_ckpt" if family == "llava" else "qwen_yes_ckpt")
+    values = run(ckpt, in_tmp / "run", save_copies(in_tmp / "data"))
+    grids = {tuple(s.get("image_grid_thw") or ()) for s in map(json.loads, open(in_tmp / "run" / "samples.jsonl"))}
+    assert grids == ({()} if family == "llava" else {(1, 8, 10), (1, 8, 12), (1, 8, 14)})
     assert {t for t, _ in values} == set(TASK_NAMES)
     for task in TASK_NAMES:  # each task's own metric names, as separate rows
         assert {m for t, m in values if t == task} == set(TASKS[task].metrics), task
@@ -253,7 +283,7 @@ def test_gqa_join_reports_missing_images(tmp_path):
     join = GqaImages(LocalCopy.detect("gqa", tmp_path / "GQA"))
     with pytest.raises(ValueError, match=r"1 imageIds .* \(e\.g\. n0\)"):
         join.process_docs(questions)
-    assert join.doc_to_visual({"imageId": "n1"})[0].size == (40, 32)
+    assert join.doc_to_visual({"imageId": "n1"})[0].size == image(1).size
 
 
 def test_fingerprint_follows_the_data(tmp_path):

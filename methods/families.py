@@ -1,0 +1,70 @@
+"""The model families the harness runs, chosen from a checkpoint's config: what the runner, the lmms-eval model class
+and the FLOPs counter need to know about one, in one place, so that none of them assumes LLaVA.
+
+    family = family_of(config)            # LLAVA or QWEN, from config.model_type
+    model, processor = family.load(path, device="cpu", dtype="auto")
+    runner = family.runner(model, reducer)    # ReducedLlava / ReducedQwen
+    inputs = processor(images=..., text=[family.prompt(processor, q) for q in questions], padding=True,
+                       return_tensors="pt")
+    gen = runner.generate(*(inputs[k] for k in family.inputs), max_new_tokens=16)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from methods import llava, qwen
+from methods.base import TokenReducer
+from methods.cli import MODEL_TYPES, known_families
+from methods.trace import LlavaLayout, QwenLayout
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the harness drives one model family.
+
+    Attributes:
+        name: as the user reads it ("LLaVA-1.5", "Qwen2.5-VL").
+        model_type: the config's `model_type`.
+        layout: config -> the family's geometry (`LlavaLayout`, `QwenLayout`).
+        load: (path, device, dtype) -> (model, processor), from a local folder.
+        prompt: (processor, text) -> the prompt for one image and `text`.
+        runner: (model, reducer) -> the adapter that runs them (`generate`, `prefill`).
+        check_reducer: (reducer, layout) -> None, or a one-line error when the method cannot run on this model.
+        inputs: the processor outputs the adapter's `generate` takes, in order.
+        fixed_tokens: whether every image has the same number of visual tokens (the layout's `num_patches`); when
+            not, budgets are per image (a count is an upper bound, a fraction is each image's share).
+        methods: the registered methods that run on it (None: all).
+    """
+
+    name: str
+    model_type: str
+    layout: Callable
+    load: Callable
+    prompt: Callable
+    runner: Callable
+    check_reducer: Callable[[TokenReducer, object], None]
+    inputs: tuple[str, ...]
+    fixed_tokens: bool
+    methods: tuple[str, ...] | None = None
+
+
+LLAVA = Family(name="LLaVA-1.5", model_type="llava", layout=LlavaLayout.from_config, load=llava.load_llava,
+               prompt=llava.llava_prompt, runner=llava.ReducedLlava, check_reducer=llava.check_reducer,
+               inputs=("input_ids", "attention_mask", "pixel_values"), fixed_tokens=True)
+QWEN = Family(name="Qwen2.5-VL", model_type="qwen2_5_vl", layout=QwenLayout.from_config, load=qwen.load_qwen,
+              prompt=qwen.qwen_prompt, runner=qwen.ReducedQwen, check_reducer=qwen.check_reducer,
+              inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False,
+              methods=qwen.QWEN_METHODS)
+FAMILIES = {f.model_type: f for f in (LLAVA, QWEN)}
+assert {k: f.name for k, f in FAMILIES.items()} == MODEL_TYPES  # the torch-free copy the command lines read
+
+
+def family_of(config) -> Family:
+    """The family of a checkpoint's config, or a one-line ValueError naming the ones supported."""
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        raise ValueError(f"a {kind!r} checkpoint is not a model family this harness runs; it runs {known_families()}")
+    return FAMILIES[kind]
+

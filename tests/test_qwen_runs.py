@@ -1,0 +1,89 @@
+"""Qwen2.5-VL through the harness (issue 18): a local checkpoint folder chosen from its config by run_bench.py and
+the lmms-eval model class, its own prompt format, budgets as fractions of each image's tokens, the FLOPs of every
+sample, and predictions identical to Hugging Face's own generate on the same processor inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import run_bench
+from benchmarks.lmms_model import ReducedLMM
+from benchmarks.plan import RunSpec, make_plan
+from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.synthetic.tasks.utils import doc_to_text
+from methods import create_reducer
+from methods.families import LLAVA, QWEN, family_of
+from methods.qwen import QWEN_TURN, ReducedQwen, fraction_counts, qwen_prompt
+from tests.conftest import qwen_prompts, tiny_qwen
+
+
+def test_fraction_budgets_are_per_image():
+    """A fraction keeps floor(f x tokens) of each image, at least 1: 16 and 15 tokens at 0.25 keep 4 and 3, before
+    the LLM (divprune) and inside it (fastv, from layer 1 on)."""
+    model = tiny_qwen(seed=3, llm_layers=3)
+    ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8), (1, 6, 10)], seed=4)
+    assert fraction_counts(0.25, torch.tensor([16, 15, 2])).tolist() == [4, 3, 1]
+    divprune = ReducedQwen(model, create_reducer("divprune", 0.25)).prefill(ids, mask, pixels, grid).trace
+    assert divprune.visual_tokens.tolist() == [[4, 4, 4], [3, 3, 3]]
+    fastv = ReducedQwen(model, create_reducer("fastv", 0.5, layer=1)).prefill(ids, mask, pixels, grid).trace
+    assert fastv.visual_tokens.tolist() == [[16, 8, 8], [15, 7, 7]]
+    one = ReducedQwen(model, create_reducer("fastv", 0.5, layer=1)).prefill(ids[1:], mask[1:], pixels[64:], grid[1:])
+    assert one.trace.visual_tokens.tolist() == [[15, 7, 7]]  # the same count alone as in the batch
+
+
+def test_families_come_from_the_config(qwen_ckpt, tiny_ckpt):
+    spec = RunSpec(model=qwen_ckpt, methods=("full", "divprune", "prumerge"), tasks=("synth_vqa",))
+    with pytest.raises(NotImplementedError, match="prumerge does not run on Qwen2.5-VL: it ranks by the vision"):
+        make_plan(spec)
+    plan = make_plan(RunSpec(model=qwen_ckpt, methods=("full", "divprune"), tasks=("synth_vqa",)))
+    assert plan.family is QWEN and plan.num_patches is None
+    assert [(c.method, c.budget) for c in plan.cells] == [("full", 1.0), ("divprune", 0.111), ("divprune", 0.25),
+                                                          ("divprune", 0.333)]
+    assert [r.fraction for r in plan.reducers] == [None, 0.111, 0.25, 0.333]
+    llava = make_plan(RunSpec(model=tiny_ckpt, methods=("divprune",), budgets=(0.25,), tasks=("synth_vqa",)))
+    assert llava.family is LLAVA
+    assert [(c.budget, r.budget) for c, r in zip(llava.cells, llava.reducers, strict=True)] == [(0.25, 36)]
+    with pytest.raises(ValueError, match="not a model family this harness runs; it runs LLaVA-1.5 .'llava'. and "):
+        family_of(type("C", (), {"model_type": "idefics3"})())
+
+
+def test_prompt_is_qwens(qwen_ckpt):
+    lm = ReducedLMM(pretrained=str(qwen_ckpt), method="full")
+    text = "<image>\nWhat colour is the circle?"
+    assert lm.build_prompt(text) == qwen_prompt(lm.processor, text) == QWEN_TURN.format(
+        text="What colour is the circle?")
+    assert qwen_prompt(None, "hi") == QWEN_TURN.format(text="hi")  # no template: the same turn, written out
+
+
+def test_run_bench_on_a_qwen_folder(qwen_ckpt, tmp_path):
+    """The sweep on a Qwen2.5-VL folder: fraction and count budgets, realised counts and image grids per sample, the
+    FLOPs of each, and `full`'s predictions equal to Hugging Face's generate on the same processor inputs."""
+    out = tmp_path / "run"
+    argv = ["--model", str(qwen_ckpt), "--methods", "full", "divprune", "fastv", "--budgets", "0.25", "16",
+            "--limit", "6", "--batch-size", "4", "--output", str(out), "--method-args", "fastv.layer=1"]
+    assert run_bench.main(argv) == 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert {(r["method"], r["budget"]) for r in rows} == {("full", "1.0"), ("divprune", "0.25"), ("divprune", "16"),
+                                                         ("fastv", "0.25"), ("fastv", "16")}
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    by = {(s["method"], str(s["budget"])): s for s in samples if s["doc_id"] == 0}
+    assert by["full", "1.0"]["image_grid_thw"] == [1, 24, 24] and by["full", "1.0"]["visual_tokens"] == 144
+    assert by["divprune", "0.25"]["visual_tokens"] == 36 and by["divprune", "16"]["visual_tokens"] == 16
+    assert by["fastv", "0.25"]["visual_tokens_per_layer"] == [144, 36, 36]
+    assert by["divprune", "0.25"]["prefill_gmacs"] < by["full", "1.0"]["prefill_gmacs"]
+    # full's predictions are Hugging Face's own
+    model, processor = QWEN.load(qwen_ckpt, device="cpu", dtype="float32")
+    docs = [generate_sample(SPLIT_SEEDS["test"], i) for i in range(6)]  # the test split's first docs
+    texts = [qwen_prompt(processor, doc_to_text({"question": d.question})) for d in docs]
+    inputs = processor(images=[Image.fromarray(d.image) for d in docs], text=texts, padding=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        hf = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].size(1):]  # the task's
+    words = [processor.tokenizer.decode(h, skip_special_tokens=True).strip() for h in hf]
+    ours = {s["doc_id"]: s["prediction"] for s in samples if s["method"] == "full"}
+    assert [ours[i] for i in range(6)] == words

@@ -62,7 +62,7 @@ def test_learned_method_finds_the_models_controller(tmp_path):
 BAD = {  # case -> (model_args after pretrained=..., a phrase of the one-line error)
     "unknown_method": ("method=prumerg", "Did you mean prumerge"),
     "unknown_argument": ("method=fastv,budget=16,layr=1", "unexpected keyword argument 'layr'"),
-    "zero_budget": ("method=fastv,budget=0", "budget must be an integer >= 1, got 0"),
+    "zero_budget": ("method=fastv,budget=0", "budget must be an integer >= 1 or a fraction in (0, 1), got 0"),
     "missing_controller": ("method=adaptive_b,budget=16,checkpoint=/nonexistent", "is not a trained controller"),
     "no_default_controller": ("method=adaptive_b,budget=16", "checkpoint=DIR in --model_args"),
 }

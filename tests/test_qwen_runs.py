@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +15,17 @@ from PIL import Image
 import run_bench
 from benchmarks.lmms_model import ReducedLMM
 from benchmarks.plan import RunSpec, make_plan
-from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor
+from benchmarks.smoke_model.train_qwen import (
+    QWEN_SMOKE_ARCH,
+    QwenTrainConfig,
+    merged_tokens,
+    patchify,
+    splice,
+    tokenize,
+    train,
+)
+from benchmarks.synthetic.generate import SPLIT_SEEDS, SYNTH_VQA, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer
 from methods.families import LLAVA, QWEN, family_of
@@ -87,3 +98,43 @@ def test_run_bench_on_a_qwen_folder(qwen_ckpt, tmp_path):
     words = [processor.tokenizer.decode(h, skip_special_tokens=True).strip() for h in hf]
     ours = {s["doc_id"]: s["prediction"] for s in samples if s["method"] == "full"}
     assert [ours[i] for i in range(6)] == words
+
+
+def test_trainer_inputs_are_the_processors_and_get_rope_index():
+    """The trainer's own patchify equals Qwen's image processor, its merged tokens the model's own vision output, and
+    its M-RoPE positions `get_rope_index`'s on the evaluation prompt; a dropped token's neighbours keep theirs."""
+    processor, model = build_qwen_processor(), build_qwen_model(**QWEN_SMOKE_ARCH)
+    samples = [SYNTH_VQA.sample(1, i) for i in range(3)]
+    images = torch.from_numpy(np.stack([s.image for s in samples]))
+    ref = processor.image_processor([Image.fromarray(s.image) for s in samples], return_tensors="pt")
+    assert torch.allclose(patchify(images, 4, 2), ref["pixel_values"], atol=1e-6)
+    with torch.no_grad():
+        feats = merged_tokens(model, images)  # (3, 144, D)
+        own = model.model.visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"]).pooler_output
+        assert torch.allclose(feats.flatten(0, 1), own, atol=1e-5)
+        prompts = tokenize(processor, samples)
+        _, pos, targets = splice(model, prompts, [0, 1, 2], feats, None, processor.tokenizer.pad_token_id)
+        kept = torch.tensor([[0, 13, 143]] * 3)
+        _, pos_kept, _ = splice(model, prompts, [0, 1, 2], feats[:, kept[0]], kept, processor.tokenizer.pad_token_id)
+    texts = [qwen_prompt(processor, doc_to_text({"question": s.question})) for s in samples]
+    inputs = processor(images=[Image.fromarray(s.image) for s in samples], text=texts, return_tensors="pt",
+                       padding=True, padding_side="right")
+    ids = inputs["input_ids"]
+    hf, _ = model.model.get_rope_index(ids, (ids == model.config.image_token_id).int(),
+                                       image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    p = len(prompts.prefix)
+    for j in range(3):
+        n = int(inputs["attention_mask"][j].sum())
+        assert torch.equal(pos[:, j, :n], hf[:, j, :n]) and targets[j, 0] == n - 1  # the last prompt token
+        assert torch.equal(pos_kept[:, j, p:p + 3], hf[:, j, p + kept[j]])  # the kept tokens' own positions
+        assert torch.equal(pos_kept[:, j, p + 3:n - 141], hf[:, j, p + 144:n])  # the text after the image
+
+
+def test_trainer_tiny_run_writes_a_checkpoint_the_harness_runs(tmp_path):
+    res = train(QwenTrainConfig.tiny(), tmp_path / "ckpt", command="tiny")
+    assert set(res["results"]) == {"full", "random_16"} and 0 <= res["results"]["full"]["overall"] <= 1
+    assert {r["stage"] for r in res["log"]} == {1, 2, 3, 4}
+    card = (tmp_path / "ckpt" / "MODEL_CARD.md").read_text()
+    assert "## Held-out accuracy" in card and "| full |" in card
+    plan = make_plan(RunSpec(model=tmp_path / "ckpt", methods=("full", "random"), tasks=("synth_vqa",)))
+    assert plan.family is QWEN

@@ -97,7 +97,7 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
     """Every registered method runs through the runner at 64 of 576 visual tokens; `full` equals HF generate."""
 
     lm = ReducedLMM(pretrained=str(checkpoint), batch_size=2, device="cpu", dtype="float32")
-    assert lm.model.dtype == torch.float32 and lm.num_patches == PATCHES
+    assert lm.model.dtype == torch.float32 and lm.runner.layout.num_patches == PATCHES
     out = tmp_path / "run"
     spec = RunSpec(model=checkpoint, budgets=(BUDGET,), limit=2, batch_size=2, output=out, device="cpu",
                    dtype="float32", method_kwargs=(("fastv", "layer", 1), ("dart", "layer", 1),

@@ -79,7 +79,7 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown task": (["--tasks", "synth_vq"], "did you mean synth_vqa"),
         "zero budget": (["--budgets", "0"], "must be >= 1"),
         "negative budget": (["--budgets", "-3"], "must be >= 1"),
-        "budget not a number": (["--budgets", "many"], "not a whole number"),
+        "budget not a number": (["--budgets", "many"], "is not a number of visual tokens, a fraction or"),
         "model path missing": (["--model", str(tmp / "nope")], "not a checkpoint folder"),
         "not llava-hf": (["--model", str(not_llava)], "'llama' checkpoint"),
         "corrupt weights": (["--model", str(corrupt), "--methods", "full"], "weights cannot be loaded"),

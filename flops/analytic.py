@@ -49,7 +49,18 @@ def model_shape(config) -> ModelShape | QwenShape:
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class LLMShape:
+    """The language model's widths and depth (both families' decoders are priced alike)."""
+
+    width: int
+    mlp: int
+    kv_width: int
+    layers: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class ModelShape(LLMShape):
     """The widths and depths that determine the MACs, read from a LLaVA config."""
 
     num_patches: int
@@ -58,11 +69,6 @@ class ModelShape:
     vision_channels: int
     patch: int
     feature_layers: int  # how many vision layers' outputs the projector concatenates
-    width: int
-    mlp: int
-    kv_width: int
-    layers: int
-    vocab: int
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -85,7 +91,7 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class QwenShape:
+class QwenShape(LLMShape):
     """The widths and depths that determine the MACs, read from a Qwen2.5-VL config; the image's own size comes
     with each record (`image_grid_thw`)."""
 
@@ -97,11 +103,6 @@ class QwenShape:
     merge: int
     window: int  # side of an attention window, in patches
     full_blocks: tuple[int, ...]
-    width: int
-    mlp: int
-    kv_width: int
-    layers: int
-    vocab: int
 
     @classmethod
     def from_config(cls, config) -> QwenShape:
@@ -171,7 +172,7 @@ def vision_layer_macs(n: int, s: ModelShape) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def llm_layer_macs(n: int, s: ModelShape | QwenShape) -> int:
+def llm_layer_macs(n: int, s: LLMShape) -> int:
     d = s.width
     return 2 * n * d * d + 2 * n * d * s.kv_width + 2 * n * n * d + 3 * n * d * s.mlp
 

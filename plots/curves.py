@@ -64,7 +64,9 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
             ax.annotate(str(df.at[i, "budget"]), (x[i], y[i]), textcoords="offset points", xytext=offsets[j % 4],
                         fontsize=8, color=colour[method])
     for i in df.index[df["method"] == REFERENCE]:
-        ax.axhline(y[i], color="black", linestyle="--", linewidth=1, label=f"{REFERENCE} ({df.at[i, 'budget']} tokens)")
+        whole = pd.to_numeric(df.at[i, "budget"], errors="coerce")  # a count, or 1.0 where images differ in size
+        kept = f"{df.at[i, 'budget']} tokens" if whole > 1 else "every token"
+        ax.axhline(y[i], color="black", linestyle="--", linewidth=1, label=f"{REFERENCE} ({kept})")
         if "ci95_low" in df.columns and pd.notna(df.at[i, "ci95_low"]) and pd.notna(df.at[i, "ci95_high"]):
             # full's 95 % interval, as a band
             ax.axhspan(100 * df.at[i, "ci95_low"], 100 * df.at[i, "ci95_high"], color="black", alpha=0.06, zorder=0)
@@ -123,7 +125,8 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
                 else "measured prefill latency per sample (ms, median over batches)"
             ax.set_xlabel(what)
             ax.set_ylabel(f"{metric} (%)")
-            ax.set_title(f"{task}: {metric} vs {'compute' if kind == 'flops' else 'latency'} (labels: visual tokens)",
+            labels = "budgets: shares of each image's tokens" if (df["budget_tokens"] < 1).any() else "visual tokens"
+            ax.set_title(f"{task}: {metric} vs {'compute' if kind == 'flops' else 'latency'} (labels: {labels})",
                          fontsize=10)
             _footer(fig, df)
             fig.tight_layout(rect=(0, 0.03, 1, 1))

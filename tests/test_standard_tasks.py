@@ -153,21 +153,21 @@ def snapshot_copies(root: Path) -> dict[str, Path]:
     return {"gqa": gqa, "pope": pope}
 
 
-def always_yes(model):
-    """Make a tiny LLaVA answer "yes" then end, whatever it sees: the decoder layers add nothing to the residual
-    stream, so the last hidden state is the last token's embedding, and the head maps the prompt's final ":" to
-    "yes" and "yes" to "</s>". Known answers make the tasks' metric values predictable."""
-    ids = {t: i for i, t in enumerate(vocabulary())}
-    text = model.model.language_model
-    emb, head = model.get_input_embeddings().weight, model.lm_head.weight
+def always_yes(model, vocab: list[str], last: str, end: str):
+    """Make a tiny model answer "yes" then end, whatever it sees: the decoder layers add nothing to the residual
+    stream, so the last hidden state is the last token's embedding, and the head maps the prompt's final token
+    `last` (LLaVA's ":" of "ASSISTANT:", Qwen's "assistant" of its turn; the word-level tokenizers drop the newline)
+    to "yes" and "yes" to `end`. Known answers make the tasks' metric values predictable."""
+    ids = {t: i for i, t in enumerate(vocab)}
     with torch.no_grad():
-        for layer in text.layers:
+        for layer in model.model.language_model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
+        emb, head = model.get_input_embeddings().weight, model.lm_head.weight
         basis = torch.eye(emb.shape[1])
-        emb[ids[":"]], emb[ids["yes"]] = 3 * basis[0], 3 * basis[1]
+        emb[ids[last]], emb[ids["yes"]] = 3 * basis[0], 3 * basis[1]
         head.zero_()
-        head[ids["yes"]], head[ids["</s>"]] = 10 * basis[0], 10 * basis[1]
+        head[ids["yes"]], head[ids[end]] = 10 * basis[0], 10 * basis[1]
     return model
 
 
@@ -177,31 +177,16 @@ def yes_ckpt(tmp_path_factory):
     answers "yes" to everything."""
     path = tmp_path_factory.mktemp("tiny_llava")
     model = build_model(image_size=32, vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2, seed=1)
-    always_yes(model).save_pretrained(path)
+    always_yes(model, vocabulary(), ":", "</s>").save_pretrained(path)
     build_processor(image_size=32).save_pretrained(path)
     return path
-
-
-def qwen_always_yes(model):
-    """`always_yes` for a tiny Qwen2.5-VL: its prompt ends with the assistant turn's "assistant" (the word-level
-    tokenizer drops the newline), which the head maps to "yes", and "yes" to "<|im_end|>"."""
-    ids = {t: i for i, t in enumerate(qwen_vocabulary())}
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb, head = model.get_input_embeddings().weight, model.lm_head.weight
-        basis = torch.eye(emb.shape[1])
-        emb[ids["assistant"]], emb[ids["yes"]] = 3 * basis[0], 3 * basis[1]
-        head.zero_()
-        head[ids["yes"]], head[ids["<|im_end|>"]] = 10 * basis[0], 10 * basis[1]
-    return model
 
 
 @pytest.fixture(scope="module")
 def qwen_yes_ckpt(tmp_path_factory):
     """A tiny Qwen2.5-VL checkpoint (its processor and prompt format; random vision tower) that answers "yes"."""
-    model = qwen_always_yes(build_qwen_model(vision_hidden=32, text_hidden=32, text_layers=2, seed=1))
+    model = always_yes(build_qwen_model(vision_hidden=32, text_hidden=32, text_layers=2, seed=1), qwen_vocabulary(),
+                       "assistant", "<|im_end|>")
     return save_qwen(model, build_qwen_processor(), tmp_path_factory.mktemp("tiny_qwen"))
 
 

@@ -236,6 +236,28 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+def optimise(params: list[Tensor], steps: int, peak_lr: float, batch_loss, desc: str, log_every: int,
+             shown: tuple[str, ...]) -> list[dict]:
+    """One training stage: AdamW (weight decay 0.01) over `params` for `steps` steps at `lr_at`'s schedule (warm-up
+    min(100, steps / 5)), gradients clipped to norm 1. `batch_loss(step)` returns the step's loss and its log entry;
+    the bar shows the means of the `shown` entries over the last `log_every` steps. Returns the log."""
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
+    log, bar = [], tqdm(range(steps), desc=desc)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, peak_lr, warmup=min(100, steps // 5))
+        loss, entry = batch_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log.append({"step": step, "loss": loss.item(), **entry})
+        if step % log_every == 0 or step == steps - 1:
+            recent = log[-log_every:]
+            bar.set_postfix({k: f"{np.mean([r[k] for r in recent]):.3f}" for k in shown})
+    return log
+
+
 class VisionAux(nn.Module):
     """Auxiliary heads for stage 1: per-patch heads on layer -2, a presence head on the last layer's CLS."""
 
@@ -287,23 +309,16 @@ def train_vision(model: LlavaForConditionalGeneration, pool: Pool, cfg: TrainCon
     """Stage 1: train the vision tower with auxiliary heads (heads are discarded afterwards)."""
     tower = model.model.vision_tower
     aux = VisionAux(tower.config.hidden_size)
-    params = [*tower.parameters(), *aux.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr_vision, weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    tower.train()
-    log, bar = [], tqdm(range(cfg.stage1_steps), desc="stage 1 (vision)")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.stage1_steps, cfg.lr_vision, warmup=min(100, cfg.stage1_steps // 5))
+
+    def batch_loss(step: int) -> tuple[Tensor, dict]:
         idx = torch.randint(len(pool.samples), (cfg.batch_size,), generator=gen)
         loss, parts = aux.loss(tower, to_pixels(pool.images[idx]), pool, idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log.append({"stage": 1, "step": step, "loss": loss.item(), **parts})
-        if step % cfg.log_every == 0 or step == cfg.stage1_steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", col=f"{parts['acc_color']:.2f}", shp=f"{parts['acc_shape']:.2f}")
+        return loss, {"stage": 1, **parts}
+
+    tower.train()
+    log = optimise([*tower.parameters(), *aux.parameters()], cfg.stage1_steps, cfg.lr_vision, batch_loss,
+                   "stage 1 (vision)", cfg.log_every, ("loss", "acc_color", "acc_shape"))
     tower.eval()
     return log
 
@@ -466,35 +481,25 @@ def train_llm(
     lm, head, proj = model.model.language_model, model.lm_head, model.model.multi_modal_projector
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
-    params = [*lm.parameters(), *head.parameters(), *proj.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr_llm, weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    lm.train(), proj.train()
-    log, bar = [], tqdm(range(cfg.stage2_steps), desc="stage 2 (projector + LLM)")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.stage2_steps, cfg.lr_llm, warmup=min(100, cfg.stage2_steps // 5))
+
+    def batch_loss(step: int) -> tuple[Tensor, dict]:
         idx = torch.randint(len(pool.samples), (cfg.batch_size,), generator=gen)
         f = feats[idx].float()  # (B, P, Dv)
         kept, mode = pick_tokens(step, cfg, pool, idx, gen)
         if kept is not None:
             f = f.gather(1, kept.unsqueeze(-1).expand(-1, -1, f.shape[-1]))  # (B, K, Dv), original order
-        k = f.shape[1]
         emb, pos, tgt = splice_batch(model, prompts, idx.tolist(), f, image_id, pad)
         hidden = lm(inputs_embeds=emb, position_ids=pos, use_cache=False).last_hidden_state  # (B, T, D), causal
         logits = head(hidden.gather(1, tgt.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))  # (B, 2, V)
         labels = torch.stack([answers[idx], torch.full_like(answers[idx], eos)], dim=1)  # (B, 2)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
         acc = float((logits[:, 0].argmax(-1) == labels[:, 0]).float().mean())
-        log.append({"stage": 2, "step": step, "loss": loss.item(), "acc": acc, "k": k, "mode": mode})
-        if step % cfg.log_every == 0 or step == cfg.stage2_steps - 1:
-            recent = log[-cfg.log_every:]
-            bar.set_postfix(loss=f"{np.mean([r['loss'] for r in recent]):.3f}",
-                            acc=f"{np.mean([r['acc'] for r in recent]):.2f}")
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten()), {"stage": 2, "acc": acc, "k": f.shape[1],
+                                                                          "mode": mode}
+
+    lm.train(), proj.train()
+    log = optimise([*lm.parameters(), *head.parameters(), *proj.parameters()], cfg.stage2_steps, cfg.lr_llm,
+                   batch_loss, "stage 2 (projector + LLM)", cfg.log_every, ("loss", "acc"))
     model.eval()
     return log
 

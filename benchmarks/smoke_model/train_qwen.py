@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from benchmarks.smoke_model.build_qwen import QWEN_MEAN, QWEN_STD, build_qwen_model, build_qwen_processor, save_qwen
-from benchmarks.smoke_model.train import IGNORE, N_PAIRS, Pool, lr_at, make_pool, pick_tokens
+from benchmarks.smoke_model.train import IGNORE, N_PAIRS, Pool, make_pool, optimise, pick_tokens
 from benchmarks.synthetic.generate import GRID, NUM_PATCHES, SPLIT_SEEDS, SYNTH_VQA, Sample
 from benchmarks.synthetic.tasks.utils import doc_to_text, normalize_answer
 from methods import create_reducer
@@ -150,23 +150,16 @@ def train_vision(model, pool: Pool, cfg: QwenTrainConfig) -> list[dict]:
     """Stage 1: the vision tower and merger with the auxiliary heads (discarded afterwards)."""
     visual = model.model.visual
     aux = MergedAux(model.config.text_config.hidden_size)
-    params = [*visual.parameters(), *aux.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr_vision, weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    visual.train()
-    log, bar = [], tqdm(range(cfg.stage1_steps), desc="stage 1 (vision)")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.stage1_steps, cfg.lr_vision, warmup=min(100, cfg.stage1_steps // 5))
+
+    def batch_loss(step: int) -> tuple[Tensor, dict]:
         idx = torch.randint(len(pool.samples), (cfg.stage1_batch,), generator=gen)
         loss, parts = aux.loss(merged_tokens(model, pool.images[idx]), pool, idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log.append({"stage": 1, "step": step, "loss": loss.item(), **parts})
-        if step % cfg.log_every == 0 or step == cfg.stage1_steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", col=f"{parts['acc_color']:.2f}", shp=f"{parts['acc_shape']:.2f}")
+        return loss, {"stage": 1, **parts}
+
+    visual.train()
+    log = optimise([*visual.parameters(), *aux.parameters()], cfg.stage1_steps, cfg.lr_vision, batch_loss,
+                   "stage 1 (vision)", cfg.log_every, ("loss", "acc_color", "acc_shape"))
     visual.eval()
     return log
 
@@ -244,14 +237,9 @@ def train_llm(model, processor, pool: Pool, feats: Tensor, cfg: QwenTrainConfig,
     lm, head = model.model.language_model, model.lm_head
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
-    params = [*lm.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr_llm, weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    lm.train()
-    log, bar = [], tqdm(range(cfg.stage2_steps), desc=f"stage {stage} (LLM)")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.stage2_steps, cfg.lr_llm, warmup=min(100, cfg.stage2_steps // 5))
+
+    def batch_loss(step: int) -> tuple[Tensor, dict]:
         idx = torch.randint(len(pool.samples), (cfg.batch_size,), generator=gen)
         f = feats[idx].float()
         kept, mode = pick_tokens(step, cfg, pool, idx, gen)
@@ -261,17 +249,13 @@ def train_llm(model, processor, pool: Pool, feats: Tensor, cfg: QwenTrainConfig,
         hidden = lm(inputs_embeds=emb, position_ids=pos, use_cache=False).last_hidden_state  # causal, no padding seen
         logits = head(hidden.gather(1, tgt.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))  # (B, 2, V)
         labels = torch.stack([answers[idx], torch.full_like(answers[idx], eos)], dim=1)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
         acc = float((logits[:, 0].argmax(-1) == labels[:, 0]).float().mean())
-        log.append({"stage": stage, "step": step, "loss": loss.item(), "acc": acc, "k": f.shape[1], "mode": mode})
-        if step % cfg.log_every == 0 or step == cfg.stage2_steps - 1:
-            recent = log[-cfg.log_every:]
-            bar.set_postfix(loss=f"{np.mean([r['loss'] for r in recent]):.3f}",
-                            acc=f"{np.mean([r['acc'] for r in recent]):.2f}")
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten()), {"stage": stage, "acc": acc,
+                                                                          "k": f.shape[1], "mode": mode}
+
+    lm.train()
+    log = optimise([*lm.parameters(), *head.parameters()], cfg.stage2_steps, cfg.lr_llm, batch_loss,
+                   f"stage {stage} (LLM)", cfg.log_every, ("loss", "acc"))
     model.eval()
     return log
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig
 
 from benchmarks.defaults import (
@@ -137,6 +138,7 @@ class Plan:
     config: object  # the checkpoint's config (LlavaConfig, Qwen2_5_VLConfig)
     family: Family
     layout: object  # the family's layout (methods.trace.LlavaLayout, QwenLayout)
+    reference_grid: tuple[int, int, int] | None  # images differ in size: the (t, h, w) patch grid checks and costs use
     cells: list[Cell]
     reducers: list[TokenReducer]  # one per cell, in eval mode
     notes: list[str]
@@ -172,19 +174,20 @@ def make_plan(spec: RunSpec) -> Plan:
     check_shapes(config, Path(spec.model) / "config.json")
     family = family_of(config)
     layout = family.layout(config)
-    cells, notes = spec.cells(layout.num_patches if family.fixed_tokens else None)
-    if family.fixed_tokens:
+    tokens = layout.num_patches if family.fixed_tokens else None  # every image's visual tokens, when fixed
+    cells, notes = spec.cells(tokens)
+    grid = None if family.fixed_tokens else processor_grid(config, spec.model, *reference_image(spec))
+    if grid is None:
         check = family.check_reducer
     else:  # images differ in size: checked on the reference image (exactly, for the synthetic tasks), and per batch
-        grid = processor_grid(config, spec.model, *reference_image(spec))
-        check = partial(family.check_reducer, image_tokens=grid[0] * grid[1] * grid[2] // layout.merge ** 2)
+        check = partial(family.check_reducer, image_tokens=int(layout.tokens(torch.tensor(grid))))
     kept, reducers = [], []
     skipped: dict[tuple[str, str], list] = {}  # (method, reason) -> the budgets it was skipped at
     for cell in cells:
         try:
             if family.methods is not None and cell.method not in family.methods:
                 check(get_reducer_class(cell.method), layout)  # the family's refusal reads only the class's name
-            reducer = make_reducer(cell, spec, layout.num_patches if family.fixed_tokens else None)
+            reducer = make_reducer(cell, spec, tokens)
             check(reducer, layout)
         except (ValueError, NotImplementedError) as e:
             if spec.methods_given:
@@ -201,7 +204,7 @@ def make_plan(spec: RunSpec) -> Plan:
         notes.append(f"{m}{at} skipped: {why}")
     if not kept:
         raise ValueError("the plan is empty: give methods and budgets that apply to each other")
-    return Plan(config, family, layout, kept, reducers, notes)
+    return Plan(config, family, layout, grid, kept, reducers, notes)
 
 
 def task_docs(task: str, limit: int | None) -> int | None:
@@ -216,12 +219,11 @@ def plan_costs(plan: Plan, spec: RunSpec, text_tokens: int) -> list[dict]:
     """Estimated cost of each cell from the FLOPs counter, on a prompt of `text_tokens` tokens besides the image
     (a Qwen2.5-VL image at `reference_image`'s size, resized as the checkpoint's processor does)."""
     shape = model_shape(plan.config)
-    grid = None if plan.family.fixed_tokens else processor_grid(plan.config, spec.model, *reference_image(spec))
     out = []
     for cell, reducer in zip(plan.cells, plan.reducers, strict=True):
         per = None
         if not getattr(reducer, "auto", False):  # an 'auto' count depends on the image
-            rec = shape_record(plan.config, reducer, text_tokens, image_grid=grid)
+            rec = shape_record(plan.config, reducer, text_tokens, image_grid=plan.reference_grid)
             per = 2 * count(rec, shape).prefill / 1e9
         out.append({"task": cell.task, "method": cell.method, "budget": cell.budget,
                     "samples": task_docs(cell.task, spec.limit), "gflops_per_sample": per})

@@ -37,6 +37,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
 from methods._ops import gather_tokens, pack_true, pixel_key
 from methods.base import Site, TokenReducer, Tokens
+from methods.cli import budget_count
 from methods.loading import load_pretrained
 from methods.trace import Generation, QwenLayout
 
@@ -151,9 +152,9 @@ class ReducedQwen(LLMSide):
 
 
 def fraction_counts(fraction: float, tokens: Tensor) -> Tensor:
-    """(B,) tokens kept of images of `tokens` (B,) visual tokens at a fraction budget: floor(f x tokens), at least 1
-    (as `methods.cli.budget_count`)."""
-    return (tokens.double() * fraction + 1e-9).floor().long().clamp(min=1)
+    """(B,) tokens kept of images of `tokens` (B,) visual tokens at a fraction budget (`methods.cli.budget_count`:
+    floor(f x tokens), at least 1)."""
+    return torch.tensor([budget_count(fraction, n) for n in tokens.tolist()], device=tokens.device)
 
 
 def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> None:

@@ -111,8 +111,12 @@ def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) ->
     gets an untrained controller of the default shape for `config`: its MACs and time do not depend on its weights."""
     cls = get_reducer_class(method)
     if cls.needs_checkpoint and "checkpoint" not in kwargs:
-        lay = LlavaLayout.from_config(config)
-        kwargs.setdefault("config", ControllerConfig(method=method, dim=lay.feature_width, num_patches=lay.num_patches))
+        if config.model_type == "qwen2_5_vl":  # one controller for every image size, on the merger's tokens
+            shape = ControllerConfig(method=method, dim=QwenLayout.from_config(config).width, num_patches=None)
+        else:
+            lay = LlavaLayout.from_config(config)
+            shape = ControllerConfig(method=method, dim=lay.feature_width, num_patches=lay.num_patches)
+        kwargs.setdefault("config", shape)
     return create_reducer(method, budget if cls.uses_budget else None, **kwargs).eval()
 
 

@@ -58,6 +58,7 @@ from methods.cli import first_line
 CONFIG_FILE = "controller.json"
 ESTIMATORS = ("reinforce", "straight_through")
 WEIGHTS_FILE = "controller.safetensors"
+NEVER = -1e4  # the keep logit of a padding position: far below any score, finite so that log-probabilities stay so
 
 
 def budget_encoding(ratio: Tensor, num_freqs: int = 128) -> Tensor:
@@ -147,8 +148,8 @@ class ControllerConfig:
     """What a trained controller needs to be rebuilt: saved next to its weights."""
 
     method: str
-    dim: int  # vision feature width (LLaVA-1.5: 1024)
-    num_patches: int
+    dim: int  # feature width at the features site (LLaVA-1.5: the vision tower's 1024; Qwen2.5-VL: the LLM's)
+    num_patches: int | None  # tokens per image; None for families whose images differ in size (any count)
     hidden: int = 256
     heads: int = 4
     tau: float = 5.0  # Gumbel-softmax temperature; only the straight-through estimator uses it
@@ -196,54 +197,59 @@ class _Adaptive(TokenReducer):
     def build_fusion(self, config: ControllerConfig) -> None:
         """Create the modules where budget and content meet (subclasses)."""
 
-    def check_model(self, num_patches: int, feature_width: int) -> None:
-        if (num_patches, feature_width) != (self.config.num_patches, self.config.dim):
-            raise ValueError(f"{self.name}: this controller was trained for {self.config.num_patches} patches of width "
-                             f"{self.config.dim}, the model gives {num_patches} of width {feature_width}; train one "
-                             f"for this model with `python -m benchmarks.train_adaptive --method {self.name}`")
+    def check_model(self, num_patches: int | None, feature_width: int) -> None:
+        """`num_patches` None: the model's images differ in size (a controller for any count is needed)."""
+        fixed = self.config.num_patches
+        if feature_width != self.config.dim or (fixed is not None and num_patches != fixed):
+            def said(n: int | None) -> str:
+                return "images of any size" if n is None else f"{n} patches"
+            raise ValueError(f"{self.name}: this controller was trained for {said(fixed)} of width {self.config.dim}, "
+                             f"the model gives {said(num_patches)} of width {feature_width}; train one for this "
+                             f"model with `python -m benchmarks.train_adaptive --method {self.name}`")
 
+    def ratio(self, k: Tensor, n: Tensor | int) -> Tensor:
+        return k.float() / n  # (B,) the budget as a share of each image's patches, in [0, 1]
 
-    def ratio(self, k: Tensor, n: int) -> Tensor:
-        return k.float() / n  # (B,) the budget as a share of the patches, in [0, 1]
+    def budgets(self, t: Tokens, n: Tensor) -> Tensor:
+        """(B,) tokens to keep: the budget, at most each image's `n` (B,) tokens."""
+        return sample_budgets(self.budget, t.budget, t.x.size(1), t.x.size(0), t.x.device).minimum(n)
 
-    def budgets(self, t: Tokens) -> Tensor:
-        b, n, _ = t.x.shape
-        return sample_budgets(self.budget, t.budget, n, b, t.x.device)  # (B,)
-
-    def fused(self, t: Tokens, k: Tensor) -> Tensor | None:
-        """(B, D) the budget-and-content vector that conditions the scores (None: content only)."""
+    def fused(self, t: Tokens, k: Tensor, n: Tensor) -> Tensor | None:
+        """(B, D) the budget-and-content vector that conditions the scores (None: content only); `n` (B,) is each
+        image's token count (`t.valid` marks them when images differ in size)."""
         raise NotImplementedError
 
-    def scores(self, t: Tokens, k: Tensor) -> Tensor:
-        """(B, N) keep logits."""
+    def scores(self, t: Tokens, k: Tensor, n: Tensor) -> Tensor:
+        """(B, N) keep logits; padding positions (`t.valid` False) get `NEVER`."""
         h = self.content(self.norm(t.x))  # (B, N, H)
-        f = self.fused(t, k)
+        f = self.fused(t, k, n)
         if f is not None:
             h = h + self.condition(f).unsqueeze(1)
-        return self.head(h).squeeze(-1)
+        logits = self.head(h).squeeze(-1)
+        return logits if t.valid is None else logits.masked_fill(~t.valid, NEVER)
 
     def forward(self, t: Tokens) -> Reduced:
-        if t.valid is not None:
-            raise NotImplementedError(f"{self.name} expects every image to arrive with all its patches")
-        self.check_model(t.x.size(1), t.x.size(2))
-        k = self.budgets(t)  # (B,)
-        logits = self.scores(t, k)  # (B, N)
+        b, n_max, width = t.x.shape
+        self.check_model(n_max if self.config.num_patches is not None else None, width)
+        n = (torch.full((b,), n_max, device=t.x.device) if t.valid is None else t.valid.sum(1))  # (B,) tokens
+        k = self.budgets(t, n)  # (B,)
+        logits = self.scores(t, k, n)  # (B, N)
         if self.training and self.config.estimator == "reinforce":  # score function: the LLM needs no graph
-            mask, log_prob = plackett_luce_topk(logits, k)  # (B, N) exactly k ones, (B,)
-            keep, valid = select_top(mask, k)  # (B, K) ascending, as in eval
+            mask, log_prob = plackett_luce_topk(logits, k)  # (B, N) exactly k ones (never padding), (B,)
+            keep, valid = select_top(mask, k, t.valid)  # (B, K) ascending, as in eval
             return Reduced(x=gather_tokens(t.x.detach(), keep), keep=keep, valid=valid,
                            aux={"logits": logits, "log_prob": log_prob})
         if self.training:  # straight-through: the K patches, each moved by its mask value (1 forward)
             mask = gumbel_topk(logits, k, self.config.tau, training=True)  # (B, N), exactly k ones
-            keep, valid = select_top(mask.detach(), k)  # (B, K) ascending, as in eval
-            ref = t.x.mean((0, 1), keepdim=True).detach()  # (1, 1, D) the "absent" reference: the mean patch
+            keep, valid = select_top(mask.detach(), k, t.valid)  # (B, K) ascending, as in eval
+            real = (torch.ones_like(logits) if t.valid is None else t.valid.to(logits.dtype)).unsqueeze(-1)
+            ref = ((t.x * real).sum((0, 1)) / real.sum()).detach()  # (D,) the "absent" reference: the mean patch
             x = gather_tokens(ref + mask.unsqueeze(-1).to(t.x.dtype) * (t.x - ref), keep)  # (B, K, D), = x forward
             return Reduced(x=x, keep=keep, valid=valid, aux={"logits": logits})
-        keep, valid = select_top(logits, k)  # (B, K) ascending: eval is plain top-K (= gumbel_topk's eval mode)
-        macs = torch.full_like(k, self.macs(t.x.size(1)))  # (B,)
-        return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=valid, macs=macs, aux={"logits": logits})
+        keep, valid = select_top(logits, k, t.valid)  # (B, K) ascending: eval is plain top-K (= gumbel_topk's eval)
+        return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=valid, macs=self.macs(n), aux={"logits": logits})
 
-    def macs(self, n: int) -> int:
+    def macs(self, n: Tensor | int) -> Tensor | int:
         """MACs of scoring one sample's n patches: content N D H and head N H; with a budget, its embedding
         (2F H + H D) and the condition (D H); plus the subclass's fusion."""
         d, h = self.config.dim, self.config.hidden
@@ -252,8 +258,8 @@ class _Adaptive(TokenReducer):
             total += 2 * self.budget_embedding.num_freqs * h + h * d + d * h
         return total + self.fusion_macs(n)
 
-    def fusion_macs(self, n: int) -> int:
-        """MACs of the budget-content fusion for one sample (subclasses)."""
+    def fusion_macs(self, n: Tensor | int) -> Tensor | int:
+        """MACs of the budget-content fusion for one sample of `n` patches (subclasses)."""
         return 0
 
     def save(self, directory: str | Path) -> None:
@@ -288,14 +294,15 @@ class AdaptiveB(_Adaptive):
     def build_fusion(self, config: ControllerConfig) -> None:
         self.attend = nn.MultiheadAttention(config.dim, config.heads, batch_first=True)
 
-    def fusion_macs(self, n: int) -> int:
+    def fusion_macs(self, n: Tensor | int) -> Tensor | int:
         d = self.config.dim  # q and out projections D^2 each, k and v N D^2 each, scores and weighted sum N D each
         return 2 * d * d + 2 * n * d * d + 2 * n * d
 
-    def fused(self, t: Tokens, k: Tensor) -> Tensor:
-        q = self.budget_embedding(self.ratio(k, t.x.size(1))).unsqueeze(1).to(t.x.dtype)  # (B, 1, D)
+    def fused(self, t: Tokens, k: Tensor, n: Tensor) -> Tensor:
+        q = self.budget_embedding(self.ratio(k, n)).unsqueeze(1).to(t.x.dtype)  # (B, 1, D)
         kv = self.norm(t.x)
-        return self.attend(q, kv, kv, need_weights=False)[0][:, 0]  # (B, D)
+        pad = None if t.valid is None else ~t.valid  # (B, N) keys the budget may not attend to
+        return self.attend(q, kv, kv, key_padding_mask=pad, need_weights=False)[0][:, 0]  # (B, D)
 
 
 @register_reducer("adaptive_a")
@@ -311,7 +318,7 @@ class AdaptiveA(_Adaptive):
         k = sample_budgets(self.budget, budgets, num_patches, batch, self.position.device)
         return self.budget_embedding(self.ratio(k, num_patches)).unsqueeze(1) + self.position  # (B, 1, D)
 
-    def fused(self, t: Tokens, k: Tensor) -> Tensor:
+    def fused(self, t: Tokens, k: Tensor, n: Tensor) -> Tensor:
         if t.extra is None:
             raise ValueError("adaptive_a needs the budget token's encoder output (Tokens.extra); run it through "
                              "methods.llava.ReducedLlava")
@@ -324,5 +331,5 @@ class BudgetBlind(_Adaptive):
 
     conditioning = "none"
 
-    def fused(self, t: Tokens, k: Tensor) -> None:
+    def fused(self, t: Tokens, k: Tensor, n: Tensor) -> None:
         return None

@@ -20,10 +20,12 @@ the batch's flattened patches) gives each image's tokens; they replace the promp
 model's M-RoPE cos/sin, and the LLM-site reductions. Sites: `features` / `embeddings` = after the merger, each
 image's tokens padded to the batch's largest with a validity mask, a budget = at most that many tokens per image
 or a fraction of each image's (`TokenReducer.fraction`: floor(f x tokens), at least 1, passed as per-sample budgets)
-(`random`, `divprune`); `llm` (`fastv`, `dart`, `pdrop`, `sparsevlm`; the last two schedule each image by its own
-token count, `Tokens.image_tokens`). The rest are refused with one line (`check_reducer`): PruMerge(+), VisionZip,
-VisPruner and FasterVLM rank by the vision encoder's CLS attention, which this family does not have, and the learned
-controllers are not trained for it yet.
+(`random`, `divprune`, and the learned controllers `adaptive_b` and `budget_blind`, trained for this family by
+`benchmarks/train_adaptive.py`: they score each token and read the budget as a share of each image's tokens, so one
+controller serves every image size); `llm` (`fastv`, `dart`, `pdrop`, `sparsevlm`; the last two schedule each image
+by its own token count, `Tokens.image_tokens`). The rest are refused with one line (`check_reducer`): PruMerge(+),
+VisionZip, VisPruner and FasterVLM rank by the vision encoder's CLS attention, which this family does not have, and
+`adaptive_a`'s budget token would have to run through the vision encoder's window attention (not ported).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from methods.cli import budget_count
 from methods.loading import load_pretrained
 from methods.trace import Generation, QwenLayout
 
-QWEN_METHODS = ("full", "random", "divprune", "fastv", "dart", "pdrop", "sparsevlm")  # what runs on this family
+QWEN_METHODS = ("full", "random", "divprune", "fastv", "dart", "pdrop", "sparsevlm", "adaptive_b",
+                "budget_blind")  # what runs on this family
 CLS_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})  # need a CLS token
 
 
@@ -93,8 +96,9 @@ class ReducedQwen(LLMSide):
                               max_new_tokens, eos_token_id, pad_token_id)
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
-                budgets: Tensor | None = None) -> DecodeState:
-        """The prefill of a left-padded batch with one image per prompt: decoding state and last-position logits."""
+                budgets: Tensor | None = None, tail: int = 1) -> DecodeState:
+        """The prefill of a left-padded batch with one image per prompt: decoding state and the logits of the last
+        `tail` positions. Differentiable, as `ReducedLlava.prefill` (training a controller needs the graph)."""
         m, lay = self.model, self.layout
         device = m.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
@@ -125,7 +129,7 @@ class ReducedQwen(LLMSide):
         log = ReducerLog(macs=torch.zeros(input_ids.size(0), dtype=torch.long, device=device))
         if self.reducer.site in (Site.FEATURES, Site.EMBEDDINGS):  # after the merger: the LLM's input embeddings
             seq = self._reduce_image(seq, want, budgets, key, log)
-        return self._llm_prefill(seq, image, budgets, key, log, tail=1)
+        return self._llm_prefill(seq, image, budgets, key, log, tail)
 
     def _reduce_image(self, seq: Seq, counts: Tensor, budgets: Tensor | None, key: Tensor, log: ReducerLog) -> Seq:
         """The reducer on each image's merged tokens (padded to the batch's largest image, `counts` (B,) real);
@@ -161,8 +165,13 @@ def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> No
     """Raise (saying why, in one line) unless reducer `r` runs on Qwen2.5-VL of layout `lay` with images of
     `image_tokens` visual tokens (1: any size, the budgets are checked per batch)."""
     if r.name not in QWEN_METHODS:
-        why = ("it ranks by the vision encoder's CLS token, which Qwen2.5-VL does not have" if CLS_SIGNALS & r.needs
-               else "it is not ported to this family yet")
+        if CLS_SIGNALS & r.needs:
+            why = "it ranks by the vision encoder's CLS token, which Qwen2.5-VL does not have"
+        elif type(r).extra_vision_tokens is not TokenReducer.extra_vision_tokens:
+            why = "its budget token would have to join the vision encoder's window attention, which is not ported"
+        else:
+            why = "it is not ported to this family yet"
         raise NotImplementedError(f"{r.name} does not run on Qwen2.5-VL: {why}; these do: {', '.join(QWEN_METHODS)}")
     if r.site is Site.LLM:
         check_llm_reducer(r, lay.llm_layers, image_tokens)
+    r.check_model(None, lay.width)  # a learned controller must be one for images of any size at this width

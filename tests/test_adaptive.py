@@ -112,8 +112,8 @@ def test_budget_changes_the_choice_only_when_conditioned():
         for p in r.parameters():  # make the conditioning matter at random init
             p.data.normal_(0, 0.5)
         r.eval()
-        s4 = r.scores(Tokens(x=x, grid=(4, 4)), torch.tensor([4, 4]))
-        s12 = r.scores(Tokens(x=x, grid=(4, 4)), torch.tensor([12, 12]))
+        s4 = r.scores(Tokens(x=x, grid=(4, 4)), torch.tensor([4, 4]), torch.tensor([16, 16]))
+        s12 = r.scores(Tokens(x=x, grid=(4, 4)), torch.tensor([12, 12]), torch.tensor([16, 16]))
         assert (not torch.allclose(s4, s12)) == differs
 
 

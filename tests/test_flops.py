@@ -262,7 +262,9 @@ def make_qwen(method: str, budget: int):
     if method == "sparsevlm":
         return create_reducer(method, counts=(budget,), layers=(1,))
     kw = {"layer": 1} if method in ("fastv", "dart") else {}
-    return create_reducer(method, budget if get_reducer_class(method).uses_budget else None, **kw)
+    if get_reducer_class(method).needs_checkpoint:  # an untrained controller for the tiny model's 64-wide tokens
+        kw["config"] = ControllerConfig(method, dim=64, num_patches=None)
+    return create_reducer(method, budget if get_reducer_class(method).uses_budget else None, **kw).eval()
 
 
 def test_qwen_attention_groups_by_hand():

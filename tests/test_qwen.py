@@ -10,9 +10,9 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from flops.analytic import count, model_shape
 from flops.measured import flop_counter_macs
 from flops.shapes import load_config
-from methods import create_reducer
+from methods import create_reducer, get_reducer_class
 from methods.adaptive import ControllerConfig
-from methods.qwen import ReducedQwen, check_reducer
+from methods.qwen import QWEN_METHODS, ReducedQwen, check_reducer
 from methods.trace import QwenLayout
 from tests.conftest import QWEN_IMAGE, qwen_prompts, tiny_qwen
 
@@ -39,7 +39,7 @@ def test_layout_and_refusals():
     assert (lay.full_attention_blocks, lay.llm_layers, lay.width) == ((1,), 2, 64)
     with pytest.raises(NotImplementedError, match="does not run on Qwen2.5-VL: it ranks by the vision encoder.s CLS"):
         ReducedQwen(model, create_reducer("prumerge", 4))  # needs a CLS token
-    with pytest.raises(NotImplementedError, match="adaptive_a does not run on Qwen2.5-VL: it is not ported"):
+    with pytest.raises(NotImplementedError, match="adaptive_a does not run on Qwen2.5-VL: its budget token"):
         check_reducer(create_reducer("adaptive_a", 4, config=ControllerConfig("adaptive_a", dim=64, num_patches=16)),
                       lay)
     with pytest.raises(ValueError, match=r"must be in \[1, 1\]"):
@@ -113,16 +113,22 @@ def test_fastv_keeps_original_mrope_positions(seed):
     torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["full", "random", "divprune", "fastv", "dart", "pdrop", "sparsevlm"])
+def qwen_reducer(method: str, budget: int, **kwargs):
+    """`method` at `budget` for the tiny Qwen (learned ones: an untrained controller for its 64-wide tokens)."""
+    if get_reducer_class(method).needs_checkpoint:
+        kwargs["config"] = ControllerConfig(method, dim=64, num_patches=None)
+    return create_reducer(method, budget, **kwargs).eval()
+
+
+@pytest.mark.parametrize("method", QWEN_METHODS)
 def test_batch_of_two_sizes_equals_each_alone(method):
     """Two images of different sizes (16 and 15 tokens) in one left-padded batch: each sample's answer and kept
     tokens are those it gets alone (PyramidDrop and SparseVLM schedule each image by its own token count)."""
     model = tiny_qwen(seed=4, llm_layers=3)
     ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8), (1, 6, 10)], seed=6)
-    kwargs = {"full": {}, "random": {"budget": 6}, "divprune": {"budget": 6},
-              "pdrop": {"ratios": (0.5, 0.25), "layers": (1, 2)},
-              "sparsevlm": {"counts": (6, 3), "layers": (1, 2)}}.get(method, {"budget": 6, "layer": 1})
-    reducer = create_reducer(method, **kwargs)
+    kwargs = {"full": {}, "pdrop": {"ratios": (0.5, 0.25), "layers": (1, 2)},
+              "sparsevlm": {"counts": (6, 3), "layers": (1, 2)}, "fastv": {"layer": 1}, "dart": {"layer": 1}}
+    reducer = qwen_reducer(method, None if method in ("full", "pdrop", "sparsevlm") else 6, **kwargs.get(method, {}))
     run = ReducedQwen(model, reducer)
     both = run.generate(ids, mask, pixels, grid, max_new_tokens=4)
     split = grid.prod(-1).tolist()
@@ -154,15 +160,16 @@ def _kept_logits(model, ids, pixels, grid, kept: list[int]):
         return model.lm_head(lm.norm(h[:, -1]))[0]
 
 
-@pytest.mark.parametrize("method", ["random", "divprune"])
+@pytest.mark.parametrize("method", ["random", "divprune", "adaptive_b", "budget_blind"])
 def test_after_the_merger_survivors_keep_their_positions(method):
-    """`random` and `divprune` on each image's merged tokens: at most the budget per image (an image with fewer keeps
-    all), and the logits of a run that feeds only the kept image tokens with their original M-RoPE positions."""
+    """`random`, `divprune` and the controllers on each image's merged tokens: at most the budget per image (an image
+    with fewer keeps all), and the logits of a run that feeds only the kept image tokens with their original M-RoPE
+    positions."""
     model = tiny_qwen(seed=5, llm_layers=2)
     ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8)], seed=8)
-    state = ReducedQwen(model, create_reducer(method, 5)).prefill(ids, mask, pixels, grid)
+    state = ReducedQwen(model, qwen_reducer(method, 5)).prefill(ids, mask, pixels, grid)
     kept = state.trace.sample(0, 16)["kept_indices"]
     assert len(kept) == 5 and state.trace.visual_tokens[0].tolist() == [5, 5]
     torch.testing.assert_close(state.logits[0], _kept_logits(model, ids, pixels, grid, kept), atol=1e-4, rtol=1e-4)
-    big = ReducedQwen(model, create_reducer(method, 40)).prefill(ids, mask, pixels, grid)
+    big = ReducedQwen(model, qwen_reducer(method, 40)).prefill(ids, mask, pixels, grid)
     assert big.trace.visual_tokens[0].tolist() == [16, 16]

@@ -3,18 +3,24 @@
     python -m benchmarks.train_adaptive --model benchmarks/smoke_model/checkpoint --method adaptive_b
     accelerate launch --num_processes 8 -m benchmarks.train_adaptive --model /ckpt/llava-1.5-7b-hf \\
         --method adaptive_a --data /data/llava_v1_5_mix665k.json --image-folder /data/images --budget-range 0.05 0.5
+    python -m benchmarks.train_adaptive --model /ckpt/Qwen2.5-VL-7B-Instruct --method adaptive_b --data ...
 
-The vision encoder and the LLM are frozen by default; `--train-projector` and `--lora-rank R` (peft LoRA on the LLM's
-attention projections) unfreeze more. Each batch draws one budget K uniformly from `--budget-range` (as a share of
-the patches); the controller must pick exactly K patches; the answer tokens' cross-entropy is the only training
-signal (no FLOPs or sparsity term). By default it reaches the controller through the score function (REINFORCE):
-every question runs with `--samples` Gumbel top-K draws, each draw's advantage is the other draws' mean answer loss
-minus its own, and the loss is -advantage x log-probability of the draw; the model itself needs no backward pass.
-`--estimator straight_through` uses the plan's straight-through Gumbel-softmax instead (see methods/adaptive.py for
-why it is not the default). Only the new modules are saved (the controller's weights and config, a few hundred
-KB), into `--out` (default MODEL/controllers/METHOD/seed<SEED>, where the runner finds every seed). With
-`--train-projector` or LoRA, the trained model is also saved as a llava-hf folder in OUT/model; evaluate with
-`--model OUT/model`.
+Any checkpoint folder the harness runs (LLaVA-1.5 or Qwen2.5-VL, told apart by its config); on Qwen2.5-VL only
+the controllers that score each token (`adaptive_b`, `budget_blind`) train, on the merger's output.
+
+The vision encoder and the LLM are frozen by default; `--train-projector` and `--lora-rank R` (peft LoRA on the
+LLM's attention projections) unfreeze more. Each batch draws one budget K uniformly from `--budget-range` (as a
+share of the patches); the controller must pick exactly K patches; the answer tokens' cross-entropy is the only
+training signal (no FLOPs or sparsity term). On Qwen2.5-VL, whose images differ in size, the batch's one draw is a
+share f of each image's own tokens (floor(f x tokens), at least 1, as `--budgets 0.25` runs it). By default it
+reaches the controller through the score function (REINFORCE): every question runs with `--samples` Gumbel top-K
+draws, each draw's advantage is the other draws' mean answer loss minus its own, and the loss is -advantage x
+log-probability of the draw; the model itself needs no backward pass. `--estimator straight_through` uses the plan's
+straight-through Gumbel-softmax instead (see methods/adaptive.py for why it is not the default). Only the new
+modules are saved (the controller's weights and config, a few hundred KB), into `--out` (default
+MODEL/controllers/METHOD/seed<SEED>, where the runner finds every seed). With `--train-projector` (LLaVA: the
+multimodal projector; Qwen2.5-VL: the vision tower's patch merger) or LoRA, the trained model is also saved as a
+checkpoint folder of the same family in OUT/model; evaluate with `--model OUT/model`.
 A killed run resumes from OUT/train_state.pt when started again with the same command.
 
 Data: `--data synth` (the project's synthetic train split, generated on the fly) or a LLaVA-format JSON list of
@@ -38,13 +44,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from benchmarks.defaults import controller_dir, go_offline
+from benchmarks.plan import read_config
 from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ESTIMATORS, ControllerConfig
 from methods.cli import OneLineParser, at_least, check_device, first_line
-from methods.llava import ReducedLlava, llava_prompt, load_llava
-from methods.trace import LlavaLayout
+from methods.families import LLAVA, Family, family_of
+from methods.qwen import fraction_counts
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -53,7 +60,8 @@ LOG_FILE = "train_log.jsonl"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m benchmarks.train_adaptive", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", type=Path, required=True, help="local llava-hf checkpoint folder")
+    p.add_argument("--model", type=Path, required=True,
+                   help="local checkpoint folder (llava-hf LLaVA-1.5 or Qwen2.5-VL)")
     learned = [m for m in list_reducers() if get_reducer_class(m).needs_checkpoint]
     p.add_argument("--method", required=True, choices=learned)
     p.add_argument("--data", default="synth", help="'synth' or a LLaVA-format JSON file")
@@ -72,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reinforce: selections drawn per question, for the leave-one-out baseline (default 4)")
     p.add_argument("--tau", type=float, default=5.0,
                    help="Gumbel-softmax temperature of the straight-through estimator (AdaLLaVA: 5)")
-    p.add_argument("--train-projector", action="store_true", help="also train the multimodal projector")
+    p.add_argument("--train-projector", action="store_true",
+                   help="also train the projector (LLaVA's multimodal projector, Qwen2.5-VL's patch merger)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM frozen)")
     p.add_argument("--save-every", type=at_least(1), default=100)
     p.add_argument("--overwrite", action="store_true",
@@ -133,16 +142,19 @@ class LlavaJson(torch.utils.data.Dataset):
 
 
 class Collate:
-    """Prompt + answer + end-of-sequence, left-padded; `answer_len` counts the answer's tokens (eos included)."""
+    """Prompt + answer + end-of-sequence, left-padded; `answer_len` counts the answer's tokens (eos included). LLaVA's
+    prompt ends in "ASSISTANT:" and the answer follows a space; Qwen2.5-VL's ends in "assistant\n" and the answer
+    follows directly, ended by the tokenizer's end of turn (`<|im_end|>`)."""
 
-    def __init__(self, processor) -> None:
-        self.processor = processor
+    def __init__(self, processor, family: Family = LLAVA) -> None:
+        self.processor, self.family = processor, family
         self.eos = processor.tokenizer.eos_token or ""
+        self.sep = " " if family is LLAVA else ""
 
     def __call__(self, batch: list[tuple]) -> dict:
         images, questions, answers = zip(*batch, strict=True)
-        prompts = [llava_prompt(self.processor, q) for q in questions]
-        full = [f"{p} {a}{self.eos}" for p, a in zip(prompts, answers, strict=True)]
+        prompts = [self.family.prompt(self.processor, q) for q in questions]
+        full = [f"{p}{self.sep}{a}{self.eos}" for p, a in zip(prompts, answers, strict=True)]
         tok = self.processor.tokenizer
         lens = [len(tok(f).input_ids) - len(tok(p).input_ids) for p, f in zip(prompts, full, strict=True)]
         inputs = self.processor(images=list(images), text=full, return_tensors="pt", padding=True)
@@ -159,27 +171,27 @@ def answer_losses(tail_logits: torch.Tensor, input_ids: torch.Tensor, answer_len
     return (loss.view_as(targets) * is_answer).sum(1) / is_answer.sum(1)
 
 
-def step_loss(runner: ReducedLlava, batch: dict, budgets: torch.Tensor, estimator: str, samples: int
-              ) -> tuple[torch.Tensor, float]:
+def step_loss(runner, batch: dict, budgets: torch.Tensor, estimator: str, samples: int,
+              inputs: tuple[str, ...] = LLAVA.inputs) -> tuple[torch.Tensor, float]:
     """The loss to minimise for one batch, and the mean answer loss of the selections drawn (for the log).
 
     straight_through: the answer loss itself; its gradient reaches the scores through the Gumbel-softmax mask.
     reinforce: each question is run with `samples` independent selections; a selection's advantage is how much
     lower its answer loss is than the mean of the other draws for the same question (leave-one-out baseline), and
     the loss is -advantage x log-probability of the selection. The LM loss is the only signal either way.
+    `runner` is the family's adapter (`ReducedLlava`, `ReducedQwen`); `inputs` the processor outputs it takes.
     """
     ids, answer_len = batch["input_ids"].to(budgets.device), batch["answer_len"]
     tail = int(answer_len.max()) + 1
     if estimator == "straight_through":
-        state = runner.prefill(ids, batch["attention_mask"], batch["pixel_values"], budgets=budgets, tail=tail)
+        state = runner.prefill(*(batch[k] for k in inputs), budgets=budgets, tail=tail)
         loss = answer_losses(state.tail_logits, ids, answer_len).mean()
         return loss, loss.item()
 
     def rep(x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (S * B, ...): draw s of question b at row s * B + b
-        return x.repeat(samples, *[1] * (x.dim() - 1))
+        return x.repeat(samples, *[1] * (x.dim() - 1))  # Qwen's flattened patches repeat image after image, too
 
-    state = runner.prefill(rep(ids), rep(batch["attention_mask"]), rep(batch["pixel_values"]), budgets=rep(budgets),
-                           tail=tail)
+    state = runner.prefill(*(rep(batch[k]) for k in inputs), budgets=rep(budgets), tail=tail)
     per = answer_losses(state.tail_logits, rep(ids), rep(answer_len))  # (S * B,)
     lm = per.detach().view(samples, -1)  # (S, B)
     advantage = (lm.sum(0, keepdim=True) - lm) / (samples - 1) - lm  # (S, B) the other draws' mean loss minus this one
@@ -202,12 +214,14 @@ def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)  # the same initial weights (controller, LoRA) in every process
     random.seed(args.seed)
     data = SynthTrain(args.synth_samples) if args.data == "synth" else LlavaJson(Path(args.data), args.image_folder)
-    model, processor = load_llava(args.model, device=device, dtype=args.dtype)
+    family = family_of(read_config(args.model))
+    model, processor = family.load(args.model, device=device, dtype=args.dtype)
     model.requires_grad_(False)
     trained = []
     if args.train_projector:
-        model.model.multi_modal_projector.requires_grad_(True)
-        trained += list(model.model.multi_modal_projector.parameters())
+        projector = model.model.multi_modal_projector if family is LLAVA else model.model.visual.merger
+        projector.requires_grad_(True)
+        trained += list(projector.parameters())
     if args.lora_rank:
         from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - only for --lora-rank
 
@@ -217,16 +231,15 @@ def train(args: argparse.Namespace) -> Path:
         for name, p in model.model.language_model.named_parameters():
             p.requires_grad_("lora_" in name)
         trained += [p for name, p in model.model.language_model.named_parameters() if "lora_" in name]
-    layout = LlavaLayout.from_config(model.config)
-    n = layout.num_patches
-    controller = create_reducer(args.method, 1, config=ControllerConfig(
-        method=args.method, dim=layout.feature_width, num_patches=n, hidden=args.hidden, tau=args.tau,
-        estimator=args.estimator)).to(device)
+    layout = family.layout(model.config)
+    n = layout.num_patches if family.fixed_tokens else None  # None: images differ in size
+    controller = new_controller(args, family, layout).to(device)
     if acc.process_index:  # each further process draws its own budgets and Gumbel noise (process 0 keeps the stream)
         torch.manual_seed(args.seed + acc.process_index)
     params = list(controller.parameters()) + trained
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, collate_fn=Collate(processor),
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
+                                         collate_fn=Collate(processor, family),
                                          generator=torch.Generator().manual_seed(args.seed), drop_last=True)
     loader = acc.prepare(loader)
     step = 0
@@ -246,10 +259,14 @@ def train(args: argparse.Namespace) -> Path:
         lines = (out / LOG_FILE).read_text().splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
         (out / LOG_FILE).write_text("".join(f"{line}\n" for line in kept))
-    lo, hi = (max(1, round(f * n)) for f in args.budget_range)
-    acc.print(f"training on {acc.num_processes} process{'es' if acc.num_processes > 1 else ''} ({device}), "
-              f"budgets {lo}-{hi} of {n} patches")
-    runner = ReducedLlava(model, controller)
+    plural = "es" if acc.num_processes > 1 else ""
+    if n is not None:
+        lo, hi = (max(1, round(f * n)) for f in args.budget_range)
+        acc.print(f"training on {acc.num_processes} process{plural} ({device}), budgets {lo}-{hi} of {n} patches")
+    else:
+        acc.print(f"training on {acc.num_processes} process{plural} ({device}), budgets {args.budget_range[0]:g}-"
+                  f"{args.budget_range[1]:g} of each image's tokens")
+    runner = family.runner(model, controller)
     controller.train()
     bar = tqdm(total=args.steps, initial=step, desc=f"train {args.method}", disable=not acc.is_main_process)
     t0 = time.perf_counter()
@@ -258,9 +275,14 @@ def train(args: argparse.Namespace) -> Path:
             for batch in loader:
                 if step >= args.steps:
                     break
-                k = torch.randint(lo, hi + 1, (1,)).item()  # one budget per batch
-                budgets = torch.full((batch["input_ids"].size(0),), k, device=device)
-                loss, lm_loss = step_loss(runner, batch, budgets, args.estimator, args.samples)
+                if n is not None:
+                    k = torch.randint(lo, hi + 1, (1,)).item()  # one budget per batch
+                    budgets = torch.full((batch["input_ids"].size(0),), k, device=device)
+                else:  # one share per batch: each image's own count
+                    k = round(args.budget_range[0] + (args.budget_range[1] - args.budget_range[0])
+                              * torch.rand(()).item(), 4)
+                    budgets = fraction_counts(k, layout.tokens(batch["image_grid_thw"])).to(device)
+                loss, lm_loss = step_loss(runner, batch, budgets, args.estimator, args.samples, family.inputs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for p in params:  # average gradients over processes (the controller is small: no DDP wrapper needed)
@@ -280,6 +302,17 @@ def train(args: argparse.Namespace) -> Path:
     finally:
         bar.close()  # before any message, so an error is the last line
     return out
+
+
+def new_controller(args: argparse.Namespace, family: Family, layout):
+    """An untrained controller for the model of `layout`: per patch of the vision tower's width (LLaVA, a fixed count)
+    or per merged token of the LLM's width (Qwen2.5-VL, any count); a one-line error if the method cannot run there."""
+    n = layout.num_patches if family.fixed_tokens else None
+    width = layout.feature_width if family is LLAVA else layout.width  # the features site: vision tower / merger
+    controller = create_reducer(args.method, 1, config=ControllerConfig(
+        method=args.method, dim=width, num_patches=n, hidden=args.hidden, tau=args.tau, estimator=args.estimator))
+    family.check_reducer(controller, layout)  # e.g. adaptive_a on Qwen2.5-VL
+    return controller
 
 
 def save(out: Path, controller, opt, trained, step: int, model, processor, args) -> None:
@@ -326,8 +359,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--samples {args.samples}: reinforce needs at least 2 selections per question")
     if args.lr <= 0 or args.tau <= 0 or args.hidden < 1 or args.lora_rank < 0:
         raise ValueError("--lr and --tau must be > 0, --hidden >= 1 and --lora-rank >= 0")
-    if not (args.model / "config.json").is_file():
-        raise FileNotFoundError(f"--model {args.model} is not a llava-hf checkpoint folder (no config.json)")
+    config = read_config(args.model)  # a checkpoint folder of a family the harness runs
+    family = family_of(config)
+    new_controller(args, family, family.layout(config))  # the method runs on this model (no weights load)
     if args.data != "synth" and not Path(args.data).is_file():
         raise FileNotFoundError(f"--data {args.data}: no such file; give 'synth' or a LLaVA-format JSON file")
     if args.image_folder is not None and not args.image_folder.is_dir():

@@ -138,3 +138,45 @@ def test_trainer_tiny_run_writes_a_checkpoint_the_harness_runs(tmp_path):
     assert "## Held-out accuracy" in card and "| full |" in card
     plan = make_plan(RunSpec(model=tmp_path / "ckpt", methods=("full", "random"), tasks=("synth_vqa",)))
     assert plan.family is QWEN
+
+
+def test_controllers_train_and_run_on_qwen(qwen_ckpt, tmp_path, capsys):
+    """`benchmarks.train_adaptive` on a Qwen2.5-VL folder, with images of two sizes in each batch: each batch's budget
+    is one share of every image's own tokens; the saved controller serves any image size (at the merger's width),
+    keeps exactly floor(f x tokens) of each image through the adapter and runs through run_bench.py; adaptive_a is
+    refused in one line before any step."""
+    from benchmarks import train_adaptive  # noqa: PLC0415
+
+    records = []
+    for i, size in enumerate([(96, 96), (64, 80), (96, 96), (64, 80)]):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        records.append({"image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    common = ["--model", str(qwen_ckpt), "--data", str(tmp_path / "data.json"), "--batch-size", "4",
+              "--device", "cpu", "--budget-range", "0.2", "0.5"]
+    for estimator, steps in (("reinforce", 2), ("straight_through", 1)):
+        out = tmp_path / estimator
+        assert train_adaptive.main([*common, "--method", "adaptive_b", "--out", str(out), "--steps", str(steps),
+                                    "--estimator", estimator]) == 0, capsys.readouterr().err
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert len(log) == steps and all(0.2 <= r["budget"] <= 0.5 and r["lm_loss"] > 0 for r in log)
+    controller = create_reducer("adaptive_b", 0.25, checkpoint=tmp_path / "reinforce").eval()
+    assert (controller.config.num_patches, controller.config.dim) == (None, 64)
+    model, processor = QWEN.load(qwen_ckpt, device="cpu", dtype="float32")
+    images = [Image.open(tmp_path / f"{i}.png") for i in range(2)]
+    inputs = processor(images=images, text=[qwen_prompt(processor, "What?")] * 2, padding=True, return_tensors="pt")
+    trace = ReducedQwen(model, controller).prefill(*(inputs[k] for k in QWEN.inputs)).trace
+    assert trace.visual_tokens[:, 0].tolist() == [36, 20]  # 144 and 80 tokens at 0.25
+    capsys.readouterr()
+    assert train_adaptive.main([*common, "--method", "adaptive_a", "--out", str(tmp_path / "a"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: adaptive_a does not run on Qwen2.5-VL") and "\n" not in err
+    assert not (tmp_path / "a" / "train_log.jsonl").exists()
+    out = tmp_path / "run"
+    assert run_bench.main(["--model", str(qwen_ckpt), "--methods", "adaptive_b", "--budgets", "0.25", "--limit", "2",
+                           "--output", str(out), "--method-args",
+                           f"adaptive_b.checkpoint={tmp_path / 'reinforce'}"]) == 0
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [s["visual_tokens"] for s in samples] == [36, 36]

@@ -163,11 +163,12 @@ def fraction_counts(fraction: float, tokens: Tensor) -> Tensor:
 
 def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> None:
     """Raise (saying why, in one line) unless reducer `r` runs on Qwen2.5-VL of layout `lay` with images of
-    `image_tokens` visual tokens (1: any size, the budgets are checked per batch)."""
+    `image_tokens` visual tokens (1: any size, the budgets are checked per batch). `r` may be a reducer class when
+    it is not one of `QWEN_METHODS` (the refusal reads only the class)."""
     if r.name not in QWEN_METHODS:
         if CLS_SIGNALS & r.needs:
             why = "it ranks by the vision encoder's CLS token, which Qwen2.5-VL does not have"
-        elif type(r).extra_vision_tokens is not TokenReducer.extra_vision_tokens:
+        elif (r if isinstance(r, type) else type(r)).extra_vision_tokens is not TokenReducer.extra_vision_tokens:
             why = "its budget token would have to join the vision encoder's window attention, which is not ported"
         else:
             why = "it is not ported to this family yet"

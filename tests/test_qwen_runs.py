@@ -28,6 +28,7 @@ from benchmarks.smoke_model.train_qwen import (
 from benchmarks.synthetic.generate import SPLIT_SEEDS, SYNTH_VQA, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer
+from methods.adaptive import ControllerConfig
 from methods.families import LLAVA, QWEN, family_of
 from methods.qwen import QWEN_TURN, ReducedQwen, fraction_counts, qwen_prompt
 from tests.conftest import qwen_prompts, tiny_qwen
@@ -51,6 +52,11 @@ def test_families_come_from_the_config(qwen_ckpt, tiny_ckpt):
     spec = RunSpec(model=qwen_ckpt, methods=("full", "divprune", "prumerge"), tasks=("synth_vqa",))
     with pytest.raises(NotImplementedError, match="prumerge does not run on Qwen2.5-VL: it ranks by the vision"):
         make_plan(spec)
+    with pytest.raises(NotImplementedError, match="adaptive_a does not run on Qwen2.5-VL: its budget token would"):
+        make_plan(RunSpec(model=qwen_ckpt, methods=("adaptive_a",), tasks=("synth_vqa",)))
+    llava_controller = create_reducer("adaptive_b", 4, config=ControllerConfig("adaptive_b", dim=64, num_patches=144))
+    with pytest.raises(ValueError, match="trained for 144 patches of width 64, the model gives images of any size"):
+        QWEN.check_reducer(llava_controller, QWEN.layout(QWEN.load(qwen_ckpt)[0].config))
     plan = make_plan(RunSpec(model=qwen_ckpt, methods=("full", "divprune"), tasks=("synth_vqa",)))
     assert plan.family is QWEN and plan.num_patches is None
     assert [(c.method, c.budget) for c in plan.cells] == [("full", 1.0), ("divprune", 0.111), ("divprune", 0.25),

@@ -23,7 +23,7 @@ from benchmarks.defaults import REPO
 from benchmarks.distributed import World, launched_world_size
 from benchmarks.plan import Cell, RunSpec
 from benchmarks.stats import CI_METHOD, mean_ci
-from flops.analytic import count, model_shape
+from flops.analytic import count, kv_cache_bytes, model_shape
 from methods import TokenReducer
 from methods.loading import resolve_dtype
 
@@ -133,6 +133,13 @@ def primary_metric(res: dict, task: str) -> str | None:
     return (res["configs"][task].get("metric_list") or [{}])[0].get("metric")
 
 
+def cache_value_bytes(config) -> int:
+    """Bytes per cached key or value: the loaded model's dtype (its config's `dtype`; float32 when it names none)."""
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return torch.finfo(dtype).bits // 8 if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 4
+
+
 def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], config) -> list[dict]:
     """One record per scored doc: lmms-eval's prediction and score joined with the model's token trace and MACs.
 
@@ -142,6 +149,7 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
     cell; `config`: the checkpoint's config, for the FLOPs.
     """
     shape = model_shape(config)
+    value_bytes = cache_value_bytes(config)
     primary = primary_metric(res, cell.task)
     samples = []
     for d in sorted(res["samples"][cell.task], key=lambda d: d["doc_id"]):  # several processes: rank by rank
@@ -158,6 +166,7 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
             "llm_prefill_gmacs": None if macs is None else round(macs.llm_prefill / 1e9, 6),
             "reducer_gmacs": None if macs is None else round(macs.reducer / 1e9, 6),
             "total_gmacs": None if macs is None else round(macs.total / 1e9, 6),
+            "kv_cache_mb": None if macs is None else round(kv_cache_bytes(rec, shape, value_bytes) / 2**20, 4),
         }
         relevant = (d.get("doc") or {}).get("relevant_patches")
         if relevant is not None and rec:
@@ -196,6 +205,7 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
         "llm_prefill_tokens_mean": _mean([s["llm_tokens_per_layer"][0] for s in samples
                                           if "llm_tokens_per_layer" in s]),
         "generated_tokens_mean": mean_of("generated_tokens"),
+        "kv_cache_mb_mean": mean_of("kv_cache_mb", digits=4),
         **{f"{k}_tflops_mean": mean_of(f"{k}_gmacs", 2e-3, 6) for k in ("prefill", "llm_prefill", "reducer", "total")},
         "relevant_precision_mean": mean_of("relevant_precision", digits=4),
         "relevant_recall_mean": mean_of("relevant_recall", digits=4),

@@ -29,8 +29,9 @@ from benchmarks.stats import comparisons
 SUMMARY_COLUMNS = [
     "task", "method", "budget", "controller_seed", "metric", "value", "ci95_low", "ci95_high", "primary", "n",
     "visual_tokens_mean", "visual_tokens_max", "visual_tokens_layer_mean",
-    "llm_prefill_tokens_mean", "generated_tokens_mean", "prefill_tflops_mean", "llm_prefill_tflops_mean",
-    "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean", "relevant_recall_mean",
+    "llm_prefill_tokens_mean", "generated_tokens_mean", "kv_cache_mb_mean", "prefill_tflops_mean",
+    "llm_prefill_tflops_mean", "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean",
+    "relevant_recall_mean",
     "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
     "wall_s", "samples_per_s", "model", "method_args", "cell_id",
     "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",

@@ -177,6 +177,15 @@ def llm_layer_macs(n: int, s: LLMShape) -> int:
     return 2 * n * d * d + 2 * n * d * s.kv_width + 2 * n * n * d + 3 * n * d * s.mlp
 
 
+def kv_cache_bytes(record: dict, s: LLMShape, bytes_per_value: int) -> int:
+    """Bytes of one sample's KV cache when its generation ends: each layer holds keys and values (`kv_width` each)
+    for the c_l tokens that entered it in prefill plus one per decoding step (a sample that generated G tokens fed
+    G - 1 of them back), so 2 x kv_width x sum_l (c_l + G - 1) values. Batch padding is not counted (the sample's
+    own cache, as the analytic MACs)."""
+    steps = max((record.get("generated_tokens") or 1) - 1, 0)
+    return 2 * s.kv_width * sum(c + steps for c in record["llm_tokens_per_layer"]) * bytes_per_value
+
+
 def count(record: dict, s: ModelShape | QwenShape) -> MacReport:
     """MACs of one sample from its token trace (a `TokenTrace.sample` record: `vision_tokens_per_layer`,
     `projector_tokens`, `llm_tokens_per_layer`, `reducer_macs`, `generated_tokens`; Qwen2.5-VL's also

@@ -16,7 +16,7 @@ from transformers import LlavaForConditionalGeneration, Qwen2VLImageProcessor
 from benchmarks.defaults import SMOKE_MODEL
 from benchmarks.synthetic.generate import generate_sample
 from flops.__main__ import main
-from flops.analytic import ModelShape, count, llm_layer_macs, model_shape, vision_layer_macs
+from flops.analytic import ModelShape, count, kv_cache_bytes, llm_layer_macs, model_shape, vision_layer_macs
 from flops.measured import UncountedOpError, flop_counter_macs, fvcore_prefill_macs
 from flops.shapes import CONFIGS, load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import create_reducer, get_reducer_class, list_reducers
@@ -367,3 +367,46 @@ def test_qwen_cli_bad_budgets_and_sizes(argv, phrase, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and phrase in err and err.count("\n") == 1, err
+
+
+def _cache_bytes(state, b: int) -> int:
+    """Bytes of sample b's real keys and values in the adapter's cache (padding positions excluded)."""
+    total = 0
+    for j, layer in enumerate(state.cache.layers):
+        real = state.key_masks[state.layer_segment[j]][b]  # (T,) True on sample b's real keys
+        assert layer.keys.size(2) == real.numel() == layer.values.size(2)
+        per_token = layer.keys[b, :, 0].numel() * layer.keys.element_size()  # Hkv x hd values, one position
+        total += 2 * int(real.sum()) * per_token
+    return total
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_kv_cache_bytes_equal_the_cache_tensors(family):
+    """`kv_cache_bytes` from the trace equals the bytes of the keys and values the adapter's cache really holds
+    after prefill and 3 decoding steps: at batch 1 every tensor element, in a padded batch each sample's real
+    positions; FastV drops from layer 1 on, so the layers' caches differ in length."""
+    if family == "llava":
+        model = tiny_llava(kv_heads=2, seed=3)
+        ids, mask, pixels = tiny_batch(model, 2, seed=7)
+        run = ReducedLlava(model, create_reducer("fastv", 5, layer=1).eval())
+        args, n = [(ids, mask, pixels), (ids[:1], mask[:1], pixels[:1])], 16
+    else:
+        model = tiny_qwen(seed=3, llm_layers=3)
+        ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8), (1, 6, 10)], seed=7)
+        run = ReducedQwen(model, create_reducer("fastv", 5, layer=1).eval())
+        real = mask[1].bool()
+        args, n = [(ids, mask, pixels, grid), (ids[1:, real], mask[1:, real], pixels[64:], grid[1:])], 16
+    shape = model_shape(model.config)
+    for batch in args:
+        with torch.no_grad():
+            state = run.prefill(*batch)
+            tok = state.logits.argmax(-1)
+            for _ in range(3):
+                tok = run._decode_step(state, tok).argmax(-1)
+        state.trace.generated_tokens = torch.full((tok.numel(),), 4)
+        for b in range(tok.numel()):
+            rec = state.trace.sample(b, n)
+            assert kv_cache_bytes(rec, shape, 4) == _cache_bytes(state, b)
+        if tok.numel() == 1:
+            held = sum(t.numel() * t.element_size() for layer in state.cache.layers for t in (layer.keys, layer.values))
+            assert kv_cache_bytes(state.trace.sample(0, n), shape, 4) == held

@@ -93,6 +93,11 @@ def test_run_bench_on_a_qwen_folder(qwen_ckpt, tmp_path):
     assert by["divprune", "0.25"]["visual_tokens"] == 36 and by["divprune", "16"]["visual_tokens"] == 16
     assert by["fastv", "0.25"]["visual_tokens_per_layer"] == [144, 36, 36]
     assert by["divprune", "0.25"]["prefill_gmacs"] < by["full", "1.0"]["prefill_gmacs"]
+    full = by["full", "1.0"]  # KV cache: 3 layers x (prompt + generated - 1) x K and V x 2 heads of 16 x float32
+    assert full["kv_cache_mb"] == round(3 * (full["llm_tokens_per_layer"][0] + full["generated_tokens"] - 1)
+                                        * 2 * 32 * 4 / 2**20, 4)
+    assert by["divprune", "0.25"]["kv_cache_mb"] < full["kv_cache_mb"]
+    assert all(float(r["kv_cache_mb_mean"]) > 0 for r in rows)
     # full's predictions are Hugging Face's own
     model, processor = QWEN.load(qwen_ckpt, device="cpu", dtype="float32")
     docs = [generate_sample(SPLIT_SEEDS["test"], i) for i in range(6)]  # the test split's first docs

@@ -7,11 +7,16 @@ data).
     python -m flops --model-config /ckpt/llava-1.5-13b-hf --methods prumerge adaptive --budgets 32 144 --json
     python -m flops --model-config qwen2.5-vl-7b --image-size 640x480 --methods full fastv --budgets 0.25 64
     python -m flops --model-config qwen2.5-vl-7b --image-tokens 16x16 --methods divprune --budgets 0.111
+    python -m flops --model-config llava-1.5-7b --methods full fastv --budgets 64 --device-profile h100 --batch-size 8
 
 A Qwen2.5-VL image has no fixed size: --image-size W x H pixels is resized as the model's processor does (sides
 rounded to multiples of 28 px, 4 to 1,280 visual tokens; default 448x448, 256 tokens), or --image-tokens gives the
 grid of visual tokens after the merger (R x C, or N for N x N). A budget is a count of visual tokens or a fraction
 of the image's (0.25 keeps 25 %).
+
+--device-profile (h100, h200, a100, l40s, or cpu: this machine, calibrated first in a few seconds) adds the roofline
+model's predicted times (`flops/roofline.py`) for a batch of --batch-size such samples in --dtype: the prefill, and
+the mean decoding step over the answer's --generated-tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import sys
 
 from flops.analytic import count, model_shape
+from flops.roofline import PROFILES, device_profile, predict
 from flops.shapes import load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import create_reducer, expand_methods, get_reducer_class, method_budgets
 from methods.base import AUTO
@@ -50,6 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="visual tokens the LLM sees: a count, or a fraction of the image's (0.25)")
     p.add_argument("--method-args", nargs="+", type=parse_method_arg, default=[], metavar="METHOD.ARG=VALUE",
                    help="e.g. fastv.layer=3 fastv.ratio=0.5 (a FastV ratio replaces its budgets)")
+    p.add_argument("--device-profile", choices=PROFILES, default=None,
+                   help="add roofline-predicted times on this device (cpu: calibrated here first)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per batch, for the predicted times")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="for the predicted times (default: bfloat16 on a GPU profile, float32 on cpu)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -80,8 +91,10 @@ def image_grid(args: argparse.Namespace, config) -> tuple[int, int, int] | None:
 
 def rows_for(args: argparse.Namespace) -> list[dict]:
     """One row per (method, budget), with MACs from `flops.analytic.count` on `flops.shapes.shape_record`."""
-    if args.text_tokens < 0 or args.generated_tokens < 1:
-        raise ValueError("--text-tokens must be >= 0 and --generated-tokens >= 1")
+    if args.text_tokens < 0 or args.generated_tokens < 1 or args.batch_size < 1:
+        raise ValueError("--text-tokens must be >= 0, --generated-tokens >= 1 and --batch-size >= 1")
+    dtype = args.dtype or ("float32" if args.device_profile == "cpu" else "bfloat16")
+    device = None if args.device_profile is None else device_profile(args.device_profile, dtype)
     config = load_config(args.model_config)
     shape, grid = model_shape(config), image_grid(args, config)
     n = shape.image_tokens({"image_grid_thw": grid})
@@ -119,6 +132,12 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
                      "vision_tmacs": macs.vision / 1e12, "reducer_tmacs": macs.reducer / 1e12,
                      "projector_tmacs": macs.projector / 1e12, "lm_head_tmacs": macs.lm_head_prefill / 1e12,
                      "image_tokens": n, **({} if grid is None else {"image_grid_thw": list(grid)})})
+        if device is not None:
+            p = predict([rec] * args.batch_size, shape, device, dtype)
+            rows[-1] |= {"roofline_prefill_ms": 1e3 * p.prefill_s,
+                         "roofline_decode_ms_per_token": 1e3 * p.decode_step_s,
+                         "roofline_memory_bound_share": p.memory_bound_share, "roofline_device": device.name,
+                         "roofline_batch_size": args.batch_size, "roofline_dtype": dtype}
     full = count(shape_record(config, create_reducer("full"), args.text_tokens, args.generated_tokens, image_grid=grid),
                  shape)
     for r in rows:
@@ -145,10 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model_config}: {args.text_tokens} text tokens + {image}, {args.generated_tokens} generated; "
           "1 MAC = 1 multiply-add, FLOPs = 2 x MACs; prefill = vision + reducer + projector + LLM + lm_head (last "
           "position); ratios are to full")
-    widths = [max(len(c), 10) for c in TABLE]
-    print("  ".join(c.rjust(w) for c, w in zip(TABLE, widths, strict=True)))
+    table = TABLE
+    if args.device_profile:
+        table = (*TABLE, "roofline_prefill_ms", "roofline_decode_ms_per_token")
+        print(f"roofline on {rows[0]['roofline_device']}, batch {args.batch_size}, {rows[0]['roofline_dtype']}: "
+              "milliseconds per batch (prefill) and per decoding step")
+    widths = [max(len(c), 10) for c in table]
+    print("  ".join(c.rjust(w) for c, w in zip(table, widths, strict=True)))
     for r in rows:
-        cells = [str(r[c]) if c == "budget" or not isinstance(r[c], float) else f"{r[c]:.4f}" for c in TABLE]
+        cells = [str(r[c]) if c == "budget" or not isinstance(r[c], float) else f"{r[c]:.4f}" for c in table]
         print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)))
     return 0
 

@@ -78,9 +78,14 @@ class ModelShape(LLMShape):
                    vision_channels=vc.num_channels, patch=vc.patch_size, feature_layers=len(lay.feature_layers),
                    **_llm_fields(config.text_config))
 
-    def vision_macs(self, record: dict) -> int:
+    def vision_parts(self, record: dict) -> tuple[int, list[int]]:
+        """MACs of the patch embedding and of each executed vision layer."""
         embed = self.num_patches * self.vision_channels * self.patch * self.patch * self.vision_width  # the conv
-        return embed + sum(vision_layer_macs(n, self) for n in record["vision_tokens_per_layer"])
+        return embed, [vision_layer_macs(n, self) for n in record["vision_tokens_per_layer"]]
+
+    def vision_macs(self, record: dict) -> int:
+        embed, layers = self.vision_parts(record)
+        return embed + sum(layers)
 
     def projector_macs(self, record: dict) -> int:
         return record["projector_tokens"] * (self.vision_width * self.feature_layers * self.width + self.width ** 2)
@@ -123,19 +128,24 @@ class QwenShape(LLMShape):
                  for i in range(0, rows, side) for j in range(0, cols, side)]
         return frames, sizes * t
 
-    def vision_macs(self, record: dict) -> int:
+    def vision_parts(self, record: dict) -> tuple[int, list[int]]:
+        """MACs of the patch embedding and of each vision block."""
         t, h, w = record["image_grid_thw"]
         d, m = self.vision_width, self.vision_mlp
         embed = t * h * w * self.vision_channels * self.temporal_patch * self.patch ** 2 * d
         frames, windows = self.attention_groups((t, h, w))
-        total = embed
+        blocks = []
         for block, n in enumerate(record["vision_tokens_per_layer"]):
             if n != t * h * w:
                 raise ValueError(f"the counter prices Qwen2.5-VL vision blocks over the whole image ({t * h * w} "
                                  f"patches), not {n}")
             groups = frames if block in self.full_blocks else windows
-            total += 4 * n * d * d + 3 * n * d * m + 2 * d * sum(g * g for g in groups)
-        return total
+            blocks.append(4 * n * d * d + 3 * n * d * m + 2 * d * sum(g * g for g in groups))
+        return embed, blocks
+
+    def vision_macs(self, record: dict) -> int:
+        embed, blocks = self.vision_parts(record)
+        return embed + sum(blocks)
 
     def projector_macs(self, record: dict) -> int:
         wide = self.merge ** 2 * self.vision_width  # s^2 patches side by side per merged token

@@ -4,11 +4,14 @@ harness itself cost?
     python -m benchmarks.speed speedup      # LLaVA-1.5-7B-shaped random model, reduced depth: realised vs predicted
     python -m benchmarks.speed overhead     # run_bench.py `full` vs a bare HF generate loop on the smoke model
 
-`speedup` builds LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches) with the depths
-cut (`--vision-layers`, `--llm-layers`) and random weights, and times one sample's reduced prefill per method and
-budget: median of `--repeats` rounds after a warm-up round, the methods interleaved within each round. It prints
-the analytic prefill FLOPs ratio to `full`, the measured time ratio, and realised speed-up / FLOPs-predicted speed-up
-(1.0 = time follows FLOPs exactly).
+`speedup` builds LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches; or
+`--model-config`) with the depths cut (`--vision-layers`, `--llm-layers`) and random weights, and for each batch size
+of `--batch-sizes` times every plan entry's prefill, decoding steps (`--answer-tokens` per sample, no early stop) and
+end to end: median and spread of `--repeats` rounds after a warm-up round, the entries interleaved within each round
+(slow drifts of a shared machine hit all alike). Per entry it prints the KV cache per sample (analytic), the peak
+memory (CUDA only), realised / FLOPs-predicted speed-up over `full` for prefill and decode separately (1.0 = time
+follows FLOPs), and measured / roofline-predicted time (`flops/roofline.py`; on a CPU the profile is calibrated
+first, by a few seconds of matmuls and a large copy). Times are per batch.
 Learned controllers are untrained here: their cost does not depend on their weights.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import platform
 import statistics
 import sys
@@ -31,9 +35,10 @@ from benchmarks.plan import RunSpec
 from benchmarks.runner import run
 from benchmarks.synthetic.generate import make_samples
 from benchmarks.synthetic.tasks.utils import doc_to_text
-from flops.analytic import ModelShape, count
+from flops.analytic import ModelShape, count, kv_cache_bytes
+from flops.roofline import DTYPE_BYTES, PROFILES, device_profile, predict
 from flops.shapes import load_config, stand_in_reducer
-from methods.cli import OneLineParser, at_least, check_device
+from methods.cli import OneLineParser, at_least, check_device, first_line
 from methods.llava import ReducedLlava, llava_prompt, load_llava
 from methods.trace import LlavaLayout
 
@@ -52,52 +57,129 @@ def machine() -> str:
             if not torch.cuda.is_available() else torch.cuda.get_device_name())
 
 
-def speedup(args: argparse.Namespace) -> list[dict]:
+def build(args: argparse.Namespace):
+    """The random-weight LLaVA of `--model-config` with its depths cut, on `--device` in `--dtype`."""
     from transformers import LlavaForConditionalGeneration  # noqa: PLC0415 - Hugging Face imports follow go_offline()
 
-    config = load_config("llava-1.5-7b")
+    config = load_config(args.model_config)
+    if config.model_type != "llava":
+        raise ValueError(f"--model-config {args.model_config}: the speed sweep builds LLaVA-1.5 shapes")
     config.vision_config.num_hidden_layers = args.vision_layers
     config.text_config.num_hidden_layers = args.llm_layers
+    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).to(dtype=getattr(torch, args.dtype), device=args.device).eval()
-    layout = LlavaLayout.from_config(config)
-    n, side, bs = layout.num_patches, layout.image_size, args.batch_size
-    ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * (args.text_tokens - 6)] * bs)
-    mask = torch.ones_like(ids)
-    pixels = torch.randn(bs, 3, side, side, generator=torch.Generator().manual_seed(0))
-    plan = [p for p in PLAN if p[0] == "full" or not args.budgets or str(p[1]) in args.budgets]
-    shape = ModelShape.from_config(config)
-    print(f"LLaVA-1.5-7B shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, "
-          f"batch {bs}, {args.text_tokens} text tokens, {args.dtype} on {machine()}; median of {args.repeats} rounds "
-          "after 1 warm-up round, methods interleaved within each round (slow drifts of a shared machine hit all "
-          "alike)")
-    runs = [ReducedLlava(model, stand_in_reducer(method, budget if isinstance(budget, int) else None, config, **kw)
-                         .to(args.device)) for method, budget, kw in plan]
-    times: list[list[float]] = [[] for _ in plan]
-    gens = [None] * len(plan)
+    return config, model
+
+
+def plan_for(args: argparse.Namespace) -> list[tuple[str, int | str | None, dict]]:
+    """(method, budget label, constructor arguments): PLAN, or its entries at `--budgets` (a count PLAN does not
+    have runs every method PLAN runs at a count)."""
+    if not args.budgets:
+        return list(PLAN)
+    counted = list(dict.fromkeys(m for m, b, kw in PLAN if isinstance(b, int) and not kw))
+    plan = [PLAN[0]]
+    for label in args.budgets:
+        known = [p for p in PLAN[1:] if str(p[1]) == label]
+        plan += known or [(m, int(label), {}) for m in counted]
+    return plan
+
+
+def speedup(args: argparse.Namespace) -> list[dict]:
+    """The batch sweep: for each batch size, every plan entry's prefill, decoding step and end-to-end time (median
+    and spread over interleaved rounds), peak memory (CUDA), KV cache, analytic FLOPs and roofline times."""
+    config, model = build(args)
+    layout, shape = LlavaLayout.from_config(config), ModelShape.from_config(config)
+    n, side = layout.num_patches, layout.image_size
+    dev = device_profile(args.roofline or ("cpu" if args.device == "cpu" else "h100"), args.dtype)
+    print(f"{args.model_config} shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, "
+          f"{args.text_tokens} text tokens, answers of {args.answer_tokens} tokens, {args.dtype} on {machine()}; "
+          f"median of {args.repeats} rounds after 1 warm-up round, methods interleaved within each round; roofline "
+          f"on {dev.name} ({dev.source})")
+    if dev.rows:
+        curve = ", ".join(f"{r:.3f} at {m}" for m, r in dev.rows[args.dtype])
+        print(f"calibration: matmul TFLOP/s by rows {curve}; copy bandwidth {dev.bandwidth_gbs:.1f} GB/s")
+    entries, runs = [], []
+    for method, budget, kw in plan_for(args):
+        try:
+            reducer = stand_in_reducer(method, budget if isinstance(budget, int) else None, config, **kw)
+            runs.append(ReducedLlava(model, reducer.to(args.device)))
+            entries.append((method, budget if budget is not None else n))
+        except (ValueError, NotImplementedError) as e:
+            print(f"  {method} {budget}: skipped ({first_line(e)})")
+    rows = []
+    for bs in args.batch_sizes:
+        g = torch.Generator().manual_seed(bs)
+        ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * (args.text_tokens - 6)] * bs)
+        mask = torch.ones_like(ids)
+        pixels = torch.randn(bs, 3, side, side, generator=g)  # a different random image per sample
+        try:
+            rows += _time_batch(args, runs, entries, (ids, mask, pixels), shape, dev, n)
+        except torch.OutOfMemoryError:
+            print(f"batch {bs}: out of memory, skipped")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _time_batch(args, runs, entries, inputs, shape, dev, n: int) -> list[dict]:
+    bs = inputs[0].size(0)
+    cuda = args.device.startswith("cuda")
+    samples: list[dict[str, list[float]]] = [{"prefill": [], "decode": [], "e2e": [], "peak": []} for _ in runs]
+    gens = [None] * len(runs)
     with torch.no_grad():
         for i in range(args.repeats + 1):
             for j, run in enumerate(runs):
-                gens[j] = run.generate(ids, mask, pixels, max_new_tokens=1)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(args.device)
+                gen = gens[j] = run.generate(*inputs, max_new_tokens=args.answer_tokens, eos_token_id=None)
                 if i:
-                    times[j].append(gens[j].timing.prefill_s / bs)  # per sample
+                    t = gen.timing
+                    samples[j]["prefill"].append(t.prefill_s)
+                    samples[j]["decode"].append(t.decode_s / max(t.decode_steps, 1))
+                    samples[j]["e2e"].append(t.prefill_s + t.decode_s)
+                    if cuda:
+                        samples[j]["peak"].append(torch.cuda.max_memory_allocated(args.device) / 2**20)
     rows = []
-    for (method, budget, _), gen, ts in zip(plan, gens, times, strict=True):
-        rows.append({"method": method, "budget": budget if budget is not None else n,
-                     "prefill_gmacs": count(gen.trace.sample(0, n), shape).prefill / 1e9,
-                     "prefill_s": statistics.median(ts), "reducer_s": gen.timing.reducer_s / bs})
-        r = rows[-1]
-        print(f"  {method:14s} {str(r['budget']):>6s}  {r['prefill_gmacs']:8.1f} GMACs  {1e3 * r['prefill_s']:8.1f} ms"
-              f"  (reducer {1e3 * r['reducer_s']:.1f} ms; spread {1e3 * min(ts):.0f}-{1e3 * max(ts):.0f} ms)")
-    base = rows[0]
-    print("\n| method | budget | prefill GMACs | FLOPs ratio | prefill ms | time ratio "
-          "| realised / predicted speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    for (method, budget), gen, ts in zip(entries, gens, samples, strict=True):
+        recs = [gen.trace.sample(b, n) for b in range(bs)]
+        macs = [count(r, shape) for r in recs]
+        pred = predict(recs, shape, dev, args.dtype)
+        steps = max(args.answer_tokens - 1, 1)
+        rows.append({
+            "method": method, "budget": budget, "batch_size": bs,
+            "prefill_ms": 1e3 * statistics.median(ts["prefill"]),
+            "prefill_ms_min": 1e3 * min(ts["prefill"]), "prefill_ms_max": 1e3 * max(ts["prefill"]),
+            "decode_ms_per_token": 1e3 * statistics.median(ts["decode"]),
+            "decode_ms_min": 1e3 * min(ts["decode"]), "decode_ms_max": 1e3 * max(ts["decode"]),
+            "end_to_end_ms": 1e3 * statistics.median(ts["e2e"]),
+            "peak_memory_mb": statistics.median(ts["peak"]) if ts["peak"] else None,
+            "kv_cache_mb_per_sample": kv_cache_bytes(recs[0], shape, DTYPE_BYTES[args.dtype]) / 2**20,
+            "prefill_gmacs": sum(m.prefill for m in macs) / 1e9, "decode_gmacs_per_token": sum(
+                m.decode for m in macs) / steps / 1e9,
+            "reducer_ms": 1e3 * gen.timing.reducer_s,
+            "roofline_prefill_ms": 1e3 * pred.prefill_s, "roofline_decode_ms": 1e3 * pred.decode_step_s,
+        })
+    base = rows[0]  # full
     for r in rows:
-        flops_ratio, time_ratio = r["prefill_gmacs"] / base["prefill_gmacs"], r["prefill_s"] / base["prefill_s"]
-        r["realised_over_predicted"] = flops_ratio / time_ratio
-        print(f"| `{r['method']}` | {r['budget']} | {r['prefill_gmacs']:.1f} | {flops_ratio:.3f} | "
-              f"{1e3 * r['prefill_s']:.0f} | {time_ratio:.3f} | {r['realised_over_predicted']:.2f} |")
+        r["prefill_realised_over_predicted"] = ((r["prefill_gmacs"] / base["prefill_gmacs"])
+                                                / (r["prefill_ms"] / base["prefill_ms"]))
+        r["decode_realised_over_predicted"] = ((r["decode_gmacs_per_token"] / base["decode_gmacs_per_token"])
+                                               / (r["decode_ms_per_token"] / base["decode_ms_per_token"]))
+        r["prefill_measured_over_roofline"] = r["prefill_ms"] / r["roofline_prefill_ms"]
+        r["decode_measured_over_roofline"] = r["decode_ms_per_token"] / r["roofline_decode_ms"]
+    print(f"\nbatch {bs} (times per batch; realised / predicted: the speed-up over `full` measured, over the one "
+          "FLOPs predict; measured / roofline: time over the roofline's)")
+    print("| method | budget | prefill ms (spread) | decode ms/token (spread) | end-to-end ms | KV MB/sample "
+          "| peak MB | prefill r/p | decode r/p | prefill m/roofline | decode m/roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        print(f"| `{r['method']}` | {r['budget']} | {r['prefill_ms']:.1f} ({r['prefill_ms_min']:.0f}-"
+              f"{r['prefill_ms_max']:.0f}) | {r['decode_ms_per_token']:.2f} ({r['decode_ms_min']:.1f}-"
+              f"{r['decode_ms_max']:.1f}) | {r['end_to_end_ms']:.0f} | {r['kv_cache_mb_per_sample']:.2f} | {peak} | "
+              f"{r['prefill_realised_over_predicted']:.2f} | {r['decode_realised_over_predicted']:.2f} | "
+              f"{r['prefill_measured_over_roofline']:.2f} | {r['decode_measured_over_roofline']:.2f} |")
     return rows
 
 
@@ -147,9 +229,10 @@ def check(args: argparse.Namespace) -> None:
     """What the arguments can get wrong, before any model is built (ValueError)."""
     if args.what == "speedup":
         known = {str(b) for m, b, _ in PLAN if m != "full"}
-        unknown = [b for b in args.budgets if b not in known]
+        unknown = [b for b in args.budgets if b not in known and not (b.isdigit() and int(b) >= 1)]
         if unknown:
-            raise ValueError(f"--budgets {' '.join(unknown)}: the plan has {' '.join(sorted(known, key=str))}")
+            raise ValueError(f"--budgets {' '.join(unknown)}: give counts of visual tokens or the plan's labels "
+                             f"{' '.join(sorted(known, key=str))}")
         check_device(args.device)
     elif args.samples < 2 * args.batch_size:
         raise ValueError(f"--samples {args.samples}: give at least two batches (2 x --batch-size {args.batch_size}), "
@@ -165,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--llm-layers", type=at_least(3), default=4, help="at least 3 (FastV prunes at layer 2)")
     s.add_argument("--text-tokens", type=at_least(7), default=64)
     s.add_argument("--repeats", type=at_least(1), default=5)
-    s.add_argument("--batch-size", type=at_least(1), default=1, help="samples per prefill (times are per sample)")
+    s.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=None,
+                   help="the sweep's batch sizes (default 1 8 32 on CUDA, 1 8 on a CPU)")
+    s.add_argument("--answer-tokens", type=at_least(2), default=8,
+                   help="tokens generated per sample (no early stop), for decode and end-to-end times")
+    s.add_argument("--model-config", default="llava-1.5-7b", help="a LLaVA config: name, config.json or folder")
+    s.add_argument("--roofline", choices=PROFILES, default=None,
+                   help="device profile for the roofline columns (default: cpu calibrated here, h100 on CUDA)")
+    s.add_argument("--output", type=Path, default=None, help="also write the rows to this JSON file")
     s.add_argument("--budgets", nargs="*", default=[], help="only these plan budgets (e.g. 64 R=0.5); full always")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -176,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     go_offline()
     try:
         check(args)
-        speedup(args) if args.what == "speedup" else overhead(args)
+        if args.what == "speedup":
+            args.batch_sizes = args.batch_sizes or ([1, 8, 32] if args.device.startswith("cuda") else [1, 8])
+            rows = speedup(args)
+            if args.output:
+                args.output.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+        else:
+            overhead(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

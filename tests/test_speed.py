@@ -11,8 +11,8 @@ from benchmarks.speed import main
     (["speedup", "--vision-layers", "0"], "--vision-layers: must be >= 2"),
     (["speedup", "--llm-layers", "1"], "--llm-layers: must be >= 3"),
     (["speedup", "--repeats", "0"], "--repeats: must be >= 1"),
-    (["speedup", "--batch-size", "0"], "--batch-size: must be >= 1"),
-    (["speedup", "--budgets", "77"], "--budgets 77: the plan has"),
+    (["speedup", "--batch-sizes", "0"], "--batch-sizes: must be >= 1"),
+    (["speedup", "--budgets", "R=7"], "--budgets R=7: give counts of visual tokens or the plan's labels"),
     (["speedup", "--device", "tpu"], "use cpu, cuda or cuda:N"),
     (["overhead", "--samples", "0"], "--samples: must be >= 2"),
     (["overhead", "--samples", "4", "--batch-size", "4"], "give at least two batches"),
@@ -25,3 +25,34 @@ def test_bad_arguments_are_one_line(argv, phrase, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
+
+
+def test_sweep_on_a_tiny_config(tmp_path, capsys):
+    """The batch sweep end to end on a tiny LLaVA config: a row per entry and batch size with prefill, decode and
+    end-to-end medians and spreads, the analytic KV cache, realised / predicted speed-ups (1 for `full`) and
+    measured / roofline ratios, written to --output."""
+    import json  # noqa: PLC0415
+
+    from flops.analytic import ModelShape, kv_cache_bytes  # noqa: PLC0415
+    from tests.conftest import tiny_llava  # noqa: PLC0415
+
+    model = tiny_llava()
+    model.config.to_json_file(tmp_path / "config.json")
+    out = tmp_path / "speed.json"
+    assert main(["speedup", "--model-config", str(tmp_path / "config.json"), "--vision-layers", "2", "--llm-layers",
+                 "3", "--batch-sizes", "1", "2", "--repeats", "2", "--budgets", "4", "--answer-tokens", "3",
+                 "--text-tokens", "12", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration: matmul TFLOP/s by rows" in printed and "| `divprune` | 4 |" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["batch_size"] for r in rows} == {1, 2}
+    assert {r["method"] for r in rows} >= {"full", "fastv", "divprune", "random", "adaptive_b", "dart"}
+    shape = ModelShape.from_config(model.config)
+    for r in rows:
+        assert r["prefill_ms_min"] <= r["prefill_ms"] <= r["prefill_ms_max"]
+        assert r["end_to_end_ms"] > r["prefill_ms"] and r["decode_ms_per_token"] > 0
+        assert r["roofline_prefill_ms"] > 0 and r["prefill_measured_over_roofline"] > 0
+        if r["method"] == "full":
+            assert r["prefill_realised_over_predicted"] == r["decode_realised_over_predicted"] == 1
+            rec = {"llm_tokens_per_layer": [12 + 16] * 3, "generated_tokens": 3}
+            assert r["kv_cache_mb_per_sample"] == kv_cache_bytes(rec, shape, 4) / 2**20

@@ -3,6 +3,7 @@ harness itself cost?
 
     python -m benchmarks.speed speedup      # LLaVA-1.5-7B-shaped random model, reduced depth: realised vs predicted
     python -m benchmarks.speed overhead     # run_bench.py `full` vs a bare HF generate loop on the smoke model
+    python -m benchmarks.speed gpu          # on a CUDA machine: the prepared check (full-depth 7B, bfloat16)
 
 `speedup` builds LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches; or
 `--model-config`) with the depths cut (`--vision-layers`, `--llm-layers`) and random weights, and for each batch size
@@ -64,12 +65,51 @@ def build(args: argparse.Namespace):
     config = load_config(args.model_config)
     if config.model_type != "llava":
         raise ValueError(f"--model-config {args.model_config}: the speed sweep builds LLaVA-1.5 shapes")
-    config.vision_config.num_hidden_layers = args.vision_layers
-    config.text_config.num_hidden_layers = args.llm_layers
+    if args.vision_layers:
+        config.vision_config.num_hidden_layers = args.vision_layers
+    if args.llm_layers:
+        config.text_config.num_hidden_layers = args.llm_layers
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).to(dtype=getattr(torch, args.dtype), device=args.device).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, args.dtype))  # built in place, on the device: a 7B fits and starts fast
+    try:
+        with torch.device(args.device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     return config, model
+
+
+def gpu(args: argparse.Namespace) -> bool:
+    """The prepared GPU check: LLaVA-1.5-7B at full depth with random weights, `full` against HF `generate` on a
+    short prompt, then the sweep at batch 1 and 8. Returns whether `full` matched."""
+    t0 = time.perf_counter()
+    config, model = build(args)
+    n, side = LlavaLayout.from_config(config).num_patches, config.vision_config.image_size
+    print(f"built {args.model_config} at {config.vision_config.num_hidden_layers} vision / "
+          f"{config.text_config.num_hidden_layers} LLM layers, {args.dtype} on "
+          f"{machine()} in {time.perf_counter() - t0:.0f} s")
+    ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * 10], device=args.device)
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(args.device, model.dtype)
+    with torch.no_grad():
+        ours = ReducedLlava(model, stand_in_reducer("full", None, config)).generate(
+            ids, mask, pixels, max_new_tokens=args.answer_tokens, eos_token_id=None)
+        hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
+                            max_new_tokens=args.answer_tokens, min_new_tokens=args.answer_tokens)
+        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[0, -1].float()
+    same = ours.tokens[0].tolist() == hf[0, ids.size(1):].tolist()
+    gap = (ours.first_logits[0] - first).abs().max().item()
+    print(f"full vs HF generate ({args.answer_tokens} tokens, greedy): {'identical' if same else 'DIFFERENT'} "
+          f"(ours {ours.tokens[0].tolist()}, HF {hf[0, ids.size(1):].tolist()}); first-token logits differ by at "
+          f"most {gap:.3g}")
+    rows = speedup(args, (config, model))
+    if args.output:
+        args.output.write_text(json.dumps({"machine": machine(), "full_equals_generate": same,
+                                           "first_logit_gap": gap, "rows": rows}, indent=2) + "\n")
+    print(f"gpu check done in {time.perf_counter() - t0:.0f} s")
+    return same
 
 
 def plan_for(args: argparse.Namespace) -> list[tuple[str, int | str | None, dict]]:
@@ -85,14 +125,16 @@ def plan_for(args: argparse.Namespace) -> list[tuple[str, int | str | None, dict
     return plan
 
 
-def speedup(args: argparse.Namespace) -> list[dict]:
+def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
     """The batch sweep: for each batch size, every plan entry's prefill, decoding step and end-to-end time (median
-    and spread over interleaved rounds), peak memory (CUDA), KV cache, analytic FLOPs and roofline times."""
-    config, model = build(args)
+    and spread over interleaved rounds), peak memory (CUDA), KV cache, analytic FLOPs and roofline times. `built`:
+    (config, model) already built by `build`."""
+    config, model = built or build(args)
     layout, shape = LlavaLayout.from_config(config), ModelShape.from_config(config)
     n, side = layout.num_patches, layout.image_size
     dev = device_profile(args.roofline or ("cpu" if args.device == "cpu" else "h100"), args.dtype)
-    print(f"{args.model_config} shapes, {args.vision_layers} vision / {args.llm_layers} LLM layers, random weights, "
+    print(f"{args.model_config} shapes, {config.vision_config.num_hidden_layers} vision / "
+          f"{config.text_config.num_hidden_layers} LLM layers, random weights, "
           f"{args.text_tokens} text tokens, answers of {args.answer_tokens} tokens, {args.dtype} on {machine()}; "
           f"median of {args.repeats} rounds after 1 warm-up round, methods interleaved within each round; roofline "
           f"on {dev.name} ({dev.source})")
@@ -227,7 +269,7 @@ def overhead(args: argparse.Namespace) -> float:
 
 def check(args: argparse.Namespace) -> None:
     """What the arguments can get wrong, before any model is built (ValueError)."""
-    if args.what == "speedup":
+    if args.what in ("speedup", "gpu"):
         known = {str(b) for m, b, _ in PLAN if m != "full"}
         unknown = [b for b in args.budgets if b not in known and not (b.isdigit() and int(b) >= 1)]
         if unknown:
@@ -243,22 +285,28 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
-    s = sub.add_parser("speedup", help="realised vs FLOPs-predicted prefill speed-up, 7B-shaped model")
-    s.add_argument("--vision-layers", type=at_least(2), default=4, help="at least 2 (LLaVA reads layer -2)")
-    s.add_argument("--llm-layers", type=at_least(3), default=4, help="at least 3 (FastV prunes at layer 2)")
-    s.add_argument("--text-tokens", type=at_least(7), default=64)
-    s.add_argument("--repeats", type=at_least(1), default=5)
-    s.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=None,
-                   help="the sweep's batch sizes (default 1 8 32 on CUDA, 1 8 on a CPU)")
-    s.add_argument("--answer-tokens", type=at_least(2), default=8,
-                   help="tokens generated per sample (no early stop), for decode and end-to-end times")
-    s.add_argument("--model-config", default="llava-1.5-7b", help="a LLaVA config: name, config.json or folder")
-    s.add_argument("--roofline", choices=PROFILES, default=None,
-                   help="device profile for the roofline columns (default: cpu calibrated here, h100 on CUDA)")
-    s.add_argument("--output", type=Path, default=None, help="also write the rows to this JSON file")
-    s.add_argument("--budgets", nargs="*", default=[], help="only these plan budgets (e.g. 64 R=0.5); full always")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s = sub.add_parser("speedup", help="the batch sweep: realised vs FLOPs-predicted speed-ups, roofline, 7B shapes")
+    g = sub.add_parser("gpu", help="the prepared GPU check: full-depth 7B in bfloat16, full vs HF generate, sweep")
+    for q, cut, dtype, repeats, sizes in ((s, 4, "float32", 5, "1 8 32 on CUDA, 1 8 on a CPU"),
+                                          (g, None, "bfloat16", 3, "1 8")):
+        q.add_argument("--vision-layers", type=at_least(2), default=cut,
+                       help="at least 2 (LLaVA reads layer -2)" + ("" if cut else "; default: the config's"))
+        q.add_argument("--llm-layers", type=at_least(3), default=cut,
+                       help="at least 3 (FastV prunes at layer 2)" + ("" if cut else "; default: the config's"))
+        q.add_argument("--text-tokens", type=at_least(7), default=64)
+        q.add_argument("--repeats", type=at_least(1), default=repeats)
+        q.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=None,
+                       help=f"the sweep's batch sizes (default {sizes})")
+        q.add_argument("--answer-tokens", type=at_least(2), default=8,
+                       help="tokens generated per sample (no early stop), for decode and end-to-end times")
+        q.add_argument("--model-config", default="llava-1.5-7b", help="a LLaVA config: name, config.json or folder")
+        q.add_argument("--roofline", choices=PROFILES, default=None,
+                       help="device profile for the roofline columns (default: cpu calibrated here, h100 on CUDA)")
+        q.add_argument("--output", type=Path, default=None, help="also write the rows to this JSON file")
+        q.add_argument("--budgets", nargs="*", default=[],
+                       help="plan labels (64 192 R=0.5 ...) or counts; default the whole plan; full always")
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        q.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
     o = sub.add_parser("overhead", help="run_bench.py vs a bare HF generate loop, smoke model")
     o.add_argument("--samples", type=at_least(2), default=1000)
     o.add_argument("--batch-size", type=at_least(1), default=32)
@@ -271,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = speedup(args)
             if args.output:
                 args.output.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+        elif args.what == "gpu":
+            args.batch_sizes = args.batch_sizes or [1, 8]
+            return 0 if gpu(args) else 1
         else:
             overhead(args)
     except KeyboardInterrupt:

@@ -56,3 +56,21 @@ def test_sweep_on_a_tiny_config(tmp_path, capsys):
             assert r["prefill_realised_over_predicted"] == r["decode_realised_over_predicted"] == 1
             rec = {"llm_tokens_per_layer": [12 + 16] * 3, "generated_tokens": 3}
             assert r["kv_cache_mb_per_sample"] == kv_cache_bytes(rec, shape, 4) / 2**20
+
+
+def test_gpu_check_runs_on_a_tiny_config(tmp_path, capsys):
+    """The prepared GPU check, here on the CPU with a tiny config at its full depth: `full` equals HF generate, then
+    the sweep at batch 1 and 8 (its default sizes)."""
+    import json  # noqa: PLC0415
+
+    from tests.conftest import tiny_llava  # noqa: PLC0415
+
+    tiny_llava().config.to_json_file(tmp_path / "config.json")
+    out = tmp_path / "gpu.json"
+    assert main(["gpu", "--device", "cpu", "--dtype", "float32", "--model-config", str(tmp_path / "config.json"),
+                 "--repeats", "1", "--budgets", "4", "--answer-tokens", "3", "--text-tokens", "12",
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "full vs HF generate (3 tokens, greedy): identical" in printed and "gpu check done" in printed
+    result = json.loads(out.read_text())
+    assert result["full_equals_generate"] and {r["batch_size"] for r in result["rows"]} == {1, 8}

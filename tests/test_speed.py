@@ -56,6 +56,11 @@ def test_sweep_on_a_tiny_config(tmp_path, capsys):
             assert r["prefill_realised_over_predicted"] == r["decode_realised_over_predicted"] == 1
             rec = {"llm_tokens_per_layer": [12 + 16] * 3, "generated_tokens": 3}
             assert r["kv_cache_mb_per_sample"] == kv_cache_bytes(rec, shape, 4) / 2**20
+    from plots.speed import main as plot  # noqa: PLC0415 - the figure reads the file alone
+
+    assert plot([str(out)]) == 0 and (tmp_path / "speed.png").stat().st_size > 10_000
+    assert plot([str(out), "--budget", "9"]) == 2
+    assert "no rows at budget 9; it has 4" in capsys.readouterr().err
 
 
 def test_gpu_check_runs_on_a_tiny_config(tmp_path, capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "checkpoint"
+QWEN_SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "qwen_checkpoint"  # `--model` it for the Qwen2.5-VL family
 SYNTH_TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
 SMOKE_TASKS = ("synth_vqa",)
 SYNTH_TASK_DOCS = {"synth_vqa": 1000, "synth_scenes": 1000}  # questions in each synthetic task's test split

@@ -14,7 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.defaults import CATALOGUE, DEFAULT_BATCH_SIZE, DEFAULT_OUTPUT, SMOKE_MODEL, SMOKE_TASKS, go_offline
+from benchmarks.defaults import (
+    CATALOGUE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_OUTPUT,
+    SMOKE_MODEL,
+    SMOKE_TASKS,
+    default_output,
+    go_offline,
+)
 from methods import expand_methods
 from methods.cli import MODEL_TYPES, OneLineParser, at_least, known_families, parse_budget, parse_method_arg
 
@@ -77,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU (default: %(default)s)")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                   help=f"results directory (default: {_rel(DEFAULT_OUTPUT)})")
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"results directory (default: {_rel(DEFAULT_OUTPUT)} for the smoke model, "
+                        f"{_rel(DEFAULT_OUTPUT.with_name('smoke_qwen'))} for the Qwen2.5-VL one, "
+                        f"{_rel(DEFAULT_OUTPUT.with_name('<model folder name>'))} for any other)")
     p.add_argument("--include-path", nargs="+", type=Path, default=[], metavar="DIR",
                    help="extra folders of lmms-eval task YAMLs (default: none)")
     p.add_argument("--method-args", nargs="+", type=parse_method_arg, default=[], metavar="METHOD.ARG=VALUE",
@@ -198,7 +208,8 @@ def _main(args: argparse.Namespace) -> int:
 
     spec = RunSpec(model=args.model, methods=tuple(args.methods), budgets=tuple(args.budgets),
                    tasks=tuple(args.tasks), limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-                   output=args.output, include_paths=tuple(args.include_path), device=args.device, dtype=args.dtype,
+                   output=args.output or default_output(args.model), include_paths=tuple(args.include_path),
+                   device=args.device, dtype=args.dtype,
                    method_kwargs=tuple(args.method_args),
                    task_data=tuple(parse_task_data(t) for t in args.task_data))
     plan = make_plan(spec)  # every cell's reducer built and checked against the model's layout

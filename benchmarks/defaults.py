@@ -12,11 +12,19 @@ QWEN_SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "qwen_checkpoint"  # `-
 SYNTH_TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
 SMOKE_TASKS = ("synth_vqa",)
 SYNTH_TASK_DOCS = {"synth_vqa": 1000, "synth_scenes": 1000}  # questions in each synthetic task's test split
-DEFAULT_OUTPUT = REPO / "results" / "runs" / "smoke"
+DEFAULT_OUTPUT = REPO / "results" / "runs" / "smoke"  # the LLaVA smoke model's; another model gets its own
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
 CATALOGUE = REPO / "methods" / "catalogue.json"  # the registry's names, sites and arguments, readable without torch
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def default_output(model: Path) -> Path:
+    """Where a sweep on `model` writes by default: results/runs/smoke for the LLaVA smoke model, results/runs/
+    smoke_qwen for the Qwen2.5-VL one, results/runs/<folder name> for any other (so that no two models share one)."""
+    named = {SMOKE_MODEL.resolve(): DEFAULT_OUTPUT, QWEN_SMOKE_MODEL.resolve(): DEFAULT_OUTPUT.with_name("smoke_qwen")}
+    model = Path(model).resolve()
+    return named.get(model, DEFAULT_OUTPUT.with_name(model.name))
 
 
 def go_offline() -> None:

@@ -197,6 +197,17 @@ def make_plan(spec: RunSpec) -> Plan:
             continue
         kept.append(cell)
         reducers.append(reducer)
+    if not spec.methods_given:  # the default set leaves out learned methods without a controller: say so
+        for m in list_reducers():
+            if get_reducer_class(m).needs_checkpoint and m not in spec.methods:
+                try:
+                    if family.methods is not None and m not in family.methods:
+                        check(get_reducer_class(m), layout)
+                    why = (f"no trained controller in {spec.model}/controllers/{m}; train one with `python -m "
+                           f"benchmarks.train_adaptive --model {spec.model} --method {m}`")
+                except (ValueError, NotImplementedError) as e:
+                    why = first_line(e)
+                skipped.setdefault((m, why), [])
     ran = {c.method for c in kept}
     for (m, why), budgets in skipped.items():
         listed = ", ".join(map(str, dict.fromkeys(budgets)))

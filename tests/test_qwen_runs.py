@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import run_bench
+from benchmarks.defaults import DEFAULT_OUTPUT, QWEN_SMOKE_MODEL, SMOKE_MODEL, default_output
 from benchmarks.lmms_model import ReducedLMM
 from benchmarks.plan import RunSpec, make_plan
 from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor
@@ -57,6 +58,11 @@ def test_families_come_from_the_config(qwen_ckpt, tiny_ckpt):
     llava_controller = create_reducer("adaptive_b", 4, config=ControllerConfig("adaptive_b", dim=64, num_patches=144))
     with pytest.raises(ValueError, match="trained for 144 patches of width 64, the model gives images of any size"):
         QWEN.check_reducer(llava_controller, QWEN.layout(QWEN.load(qwen_ckpt)[0].config))
+    notes = make_plan(RunSpec(model=qwen_ckpt, tasks=("synth_vqa",))).notes  # the default set says what it leaves out
+    assert any(n.startswith("adaptive_b skipped: no trained controller in ") and "train_adaptive" in n for n in notes)
+    assert any(n.startswith("adaptive_a skipped: adaptive_a does not run on Qwen2.5-VL") for n in notes)
+    assert default_output(QWEN_SMOKE_MODEL).name == "smoke_qwen" and default_output(qwen_ckpt).name == qwen_ckpt.name
+    assert default_output(SMOKE_MODEL) == DEFAULT_OUTPUT
     plan = make_plan(RunSpec(model=qwen_ckpt, methods=("full", "divprune"), tasks=("synth_vqa",)))
     assert plan.family is QWEN and plan.num_patches is None
     assert [(c.method, c.budget) for c in plan.cells] == [("full", 1.0), ("divprune", 0.111), ("divprune", 0.25),

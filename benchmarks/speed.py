@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from benchmarks.runner import run
 from benchmarks.synthetic.generate import make_samples
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from flops.analytic import ModelShape, count, kv_cache_bytes
-from flops.roofline import DTYPE_BYTES, PROFILES, device_profile, predict
+from flops.roofline import DTYPE_BYTES, PROFILES, Device, device_profile, predict
 from flops.shapes import load_config, stand_in_reducer
 from methods.cli import OneLineParser, at_least, check_device, first_line
 from methods.llava import ReducedLlava, llava_prompt, load_llava
@@ -74,8 +75,9 @@ def build(args: argparse.Namespace):
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, args.dtype))  # built in place, on the device: a 7B fits and starts fast
     try:
+        config.dtype = args.dtype  # the shipped configs say float16; build in the dtype asked for
         with torch.device(args.device):
-            model = LlavaForConditionalGeneration(config).eval()
+            model = LlavaForConditionalGeneration(config).to(getattr(torch, args.dtype)).eval()
     finally:
         torch.set_default_dtype(default)
     return config, model
@@ -156,7 +158,7 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
         mask = torch.ones_like(ids)
         pixels = torch.randn(bs, 3, side, side, generator=g)  # a different random image per sample
         try:
-            rows += _time_batch(args, runs, entries, (ids, mask, pixels), shape, dev, n)
+            rows += _time_batch(args, runs, entries, (ids, mask, pixels), Pricing(shape, dev, n))
         except torch.OutOfMemoryError:
             print(f"batch {bs}: out of memory, skipped")
             if torch.cuda.is_available():
@@ -164,7 +166,17 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
     return rows
 
 
-def _time_batch(args, runs, entries, inputs, shape, dev, n: int) -> list[dict]:
+@dataclass(frozen=True)
+class Pricing:
+    """What the sweep prices its runs with: the counter's shape, the roofline's device, the image's tokens."""
+
+    shape: ModelShape
+    device: Device
+    image_tokens: int
+
+
+def _time_batch(args, runs, entries, inputs, price: Pricing) -> list[dict]:
+    shape, dev, n = price.shape, price.device, price.image_tokens
     bs = inputs[0].size(0)
     cuda = args.device.startswith("cuda")
     samples: list[dict[str, list[float]]] = [{"prefill": [], "decode": [], "e2e": [], "peak": []} for _ in runs]

@@ -48,7 +48,7 @@ from benchmarks.plan import read_config
 from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer, get_reducer_class, list_reducers
-from methods.adaptive import ESTIMATORS, ControllerConfig
+from methods.adaptive import ESTIMATORS
 from methods.cli import OneLineParser, at_least, check_device, first_line
 from methods.families import LLAVA, Family, family_of
 from methods.qwen import fraction_counts
@@ -305,12 +305,11 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def new_controller(args: argparse.Namespace, family: Family, layout):
-    """An untrained controller for the model of `layout`: per patch of the vision tower's width (LLaVA, a fixed count)
-    or per merged token of the LLM's width (Qwen2.5-VL, any count); a one-line error if the method cannot run there."""
-    n = layout.num_patches if family.fixed_tokens else None
-    width = layout.feature_width if family is LLAVA else layout.width  # the features site: vision tower / merger
-    controller = create_reducer(args.method, 1, config=ControllerConfig(
-        method=args.method, dim=width, num_patches=n, hidden=args.hidden, tau=args.tau, estimator=args.estimator))
+    """An untrained controller for the model of `layout` (`Family.controller_config`: per patch of the vision tower's
+    width on LLaVA, per merged token of the LLM's width on Qwen2.5-VL); a one-line error if the method cannot run
+    there."""
+    controller = create_reducer(args.method, 1, config=family.controller_config(
+        layout, args.method, hidden=args.hidden, tau=args.tau, estimator=args.estimator))
     family.check_reducer(controller, layout)  # e.g. adaptive_a on Qwen2.5-VL
     return controller
 

@@ -182,9 +182,14 @@ def vision_layer_macs(n: int, s: ModelShape) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def llm_layer_macs(n: int, s: LLMShape) -> int:
+def llm_layer_weights(s: LLMShape) -> int:
+    """Weights of one decoder layer's matrices (q, o; k, v; gate, up, down), = its MACs per token outside attention."""
     d = s.width
-    return 2 * n * d * d + 2 * n * d * s.kv_width + 2 * n * n * d + 3 * n * d * s.mlp
+    return 2 * d * d + 2 * d * s.kv_width + 3 * d * s.mlp
+
+
+def llm_layer_macs(n: int, s: LLMShape) -> int:
+    return n * llm_layer_weights(s) + 2 * n * n * s.width
 
 
 def kv_cache_bytes(record: dict, s: LLMShape, bytes_per_value: int) -> int:
@@ -206,7 +211,7 @@ def count(record: dict, s: ModelShape | QwenShape) -> MacReport:
     head = s.width * s.vocab
     steps = max((record.get("generated_tokens") or 1) - 1, 0)
     d = s.width
-    per_step_fixed = s.layers * (2 * d * d + 2 * d * s.kv_width + 3 * d * s.mlp) + head
+    per_step_fixed = s.layers * llm_layer_weights(s) + head
     attention = sum(2 * d * (c + i) for c in lengths for i in range(1, steps + 1))
     return MacReport(vision=vision, reducer=int(record.get("reducer_macs") or 0), projector=projector,
                      llm_prefill=prefill, lm_head_prefill=head, decode=steps * per_step_fixed + attention)

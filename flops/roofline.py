@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flops.analytic import LLMShape, ModelShape, QwenShape, llm_layer_macs
+from flops.analytic import ModelShape, QwenShape, llm_layer_macs, llm_layer_weights
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -170,11 +170,6 @@ def _vision(records: list[dict], s: ModelShape | QwenShape, e: int) -> list[tupl
     return parts
 
 
-def _llm_weights(s: LLMShape) -> int:
-    d = s.width
-    return 2 * d * d + 2 * d * s.kv_width + 3 * d * s.mlp
-
-
 def predict(records: list[dict], s: ModelShape | QwenShape, dev: Device, dtype: str = "float32") -> Prediction:
     """The roofline times of one batch of samples (`TokenTrace.sample` or `flops.shapes.shape_record` records)."""
     e = DTYPE_BYTES[dtype]
@@ -184,10 +179,11 @@ def predict(records: list[dict], s: ModelShape | QwenShape, dev: Device, dtype: 
     for j in range(s.layers):
         tokens = [r["llm_tokens_per_layer"][j] for r in records]
         flops = 2 * sum(llm_layer_macs(n, s) for n in tokens)
-        nbytes = e * (_llm_weights(s) + sum(tokens) * (9 * d + 4 * kv + 3 * mlp + 2 * kv))
+        nbytes = e * (llm_layer_weights(s) + sum(tokens) * (9 * d + 4 * kv + 3 * mlp + 2 * kv))
         parts.append((f"llm_{j}", flops, nbytes, sum(tokens)))
     b = len(records)
-    parts.append(("lm_head", 2 * b * d * s.vocab, e * (d * s.vocab + b * (d + s.vocab)), b))
+    head = (2 * b * d * s.vocab, e * (d * s.vocab + b * (d + s.vocab)), b)  # FLOPs, bytes, rows: the last position
+    parts.append(("lm_head", *head))
     times, memory_s = {}, 0.0
     for name, flops, nbytes, rows in parts:
         t, bound = _part(flops, nbytes, rows, dev, dtype)
@@ -199,10 +195,10 @@ def predict(records: list[dict], s: ModelShape | QwenShape, dev: Device, dtype: 
     for i in range(1, steps + 1):
         for j in range(s.layers):
             keys = sum(r["llm_tokens_per_layer"][j] + i for r in records)
-            flops = 2 * (b * _llm_weights(s) + 2 * keys * d)
-            nbytes = e * (_llm_weights(s) + b * (9 * d + 4 * kv + 3 * mlp) + 2 * kv * keys)
+            flops = 2 * (b * llm_layer_weights(s) + 2 * keys * d)
+            nbytes = e * (llm_layer_weights(s) + b * (9 * d + 4 * kv + 3 * mlp) + 2 * kv * keys)
             decode += _part(flops, nbytes, b, dev, dtype)[0]
-        decode += _part(2 * b * d * s.vocab, e * (d * s.vocab + b * (d + s.vocab)), b, dev, dtype)[0]
+        decode += _part(*head, dev, dtype)[0]
     return Prediction(prefill_s=prefill, decode_step_s=decode / steps, parts=times,
                       memory_bound_share=memory_s / prefill if prefill else 0.0)
 

@@ -18,9 +18,9 @@ import torch
 from transformers import LlavaConfig, Qwen2_5_VLConfig
 
 from methods import create_reducer, get_reducer_class
-from methods.adaptive import ControllerConfig
 from methods.base import Site, TextTokens, TokenReducer, Tokens
 from methods.cli import budget_count, first_line
+from methods.families import family_of
 from methods.trace import LlavaLayout, QwenLayout, cls_signal_macs, feature_row_macs, next_query_macs, query_row_macs
 
 ROW_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms"})  # (B, N) rows at the LLM site
@@ -111,12 +111,8 @@ def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) ->
     gets an untrained controller of the default shape for `config`: its MACs and time do not depend on its weights."""
     cls = get_reducer_class(method)
     if cls.needs_checkpoint and "checkpoint" not in kwargs:
-        if config.model_type == "qwen2_5_vl":  # one controller for every image size, on the merger's tokens
-            shape = ControllerConfig(method=method, dim=QwenLayout.from_config(config).width, num_patches=None)
-        else:
-            lay = LlavaLayout.from_config(config)
-            shape = ControllerConfig(method=method, dim=lay.feature_width, num_patches=lay.num_patches)
-        kwargs.setdefault("config", shape)
+        family = family_of(config)
+        kwargs.setdefault("config", family.controller_config(family.layout(config), method))
     return create_reducer(method, budget if cls.uses_budget else None, **kwargs).eval()
 
 

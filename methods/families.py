@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from methods import llava, qwen
+from methods.adaptive import ControllerConfig
 from methods.base import TokenReducer
 from methods.cli import MODEL_TYPES, known_families
 from methods.trace import LlavaLayout, QwenLayout
@@ -48,6 +49,12 @@ class Family:
     inputs: tuple[str, ...]
     fixed_tokens: bool
     methods: tuple[str, ...] | None = None
+
+    def controller_config(self, layout, method: str, **kwargs) -> ControllerConfig:
+        """The shape of a learned controller for a model of `layout`: tokens of the features site's width, a fixed
+        count per image where the family has one (None: any count)."""
+        return ControllerConfig(method=method, dim=layout.feature_width,
+                                num_patches=layout.num_patches if self.fixed_tokens else None, **kwargs)
 
 
 LLAVA = Family(name="LLaVA-1.5", model_type="llava", layout=LlavaLayout.from_config, load=llava.load_llava,

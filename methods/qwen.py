@@ -175,4 +175,4 @@ def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> No
         raise NotImplementedError(f"{r.name} does not run on Qwen2.5-VL: {why}; these do: {', '.join(QWEN_METHODS)}")
     if r.site is Site.LLM:
         check_llm_reducer(r, lay.llm_layers, image_tokens)
-    r.check_model(None, lay.width)  # a learned controller must be one for images of any size at this width
+    r.check_model(None, lay.feature_width)  # a learned controller must be one for images of any size

@@ -130,6 +130,11 @@ class QwenLayout:
                    vision_layers=vc.depth, full_attention_blocks=tuple(vc.fullatt_block_indexes),
                    llm_layers=tc.num_hidden_layers, width=tc.hidden_size)
 
+    @property
+    def feature_width(self) -> int:
+        """Channels of the tokens a features-site reducer receives: the merger's output, the LLM's width."""
+        return self.width
+
     def tokens(self, grid_thw: Tensor) -> Tensor:
         """(I, 3) patch grids -> (I,) LLM tokens per image."""
         return grid_thw.prod(-1) // (self.merge * self.merge)

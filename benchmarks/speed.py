@@ -288,6 +288,9 @@ def check(args: argparse.Namespace) -> None:
             raise ValueError(f"--budgets {' '.join(unknown)}: give counts of visual tokens or the plan's labels "
                              f"{' '.join(sorted(known, key=str))}")
         check_device(args.device)
+        if args.output is not None and not args.output.parent.is_dir():
+            raise ValueError(f"--output {args.output}: {args.output.parent} is not a folder; the rows would be lost "
+                             "at the end of the sweep")
     elif args.samples < 2 * args.batch_size:
         raise ValueError(f"--samples {args.samples}: give at least two batches (2 x --batch-size {args.batch_size}), "
                          "the overhead is measured at two sizes")

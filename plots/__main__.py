@@ -12,17 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from plots.data import ResultsError
+from plots.data import OneLineParser, ResultsError
 from plots.make import make_all
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2
-        self.exit(2, f"error: {message}; `python -m plots --help` lists the options\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m plots", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m plots", description=__doc__.splitlines()[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("results", type=Path, nargs="+", help="results directories written by run_bench.py --output")
     p.add_argument("--out", type=Path, default=None, help="where to write (default: the first results directory)")

@@ -7,6 +7,7 @@ Several directories combine: rows for the same (task, method, method arguments, 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -17,6 +18,13 @@ import pandas as pd
 
 REQUIRED = ("task", "method", "budget", "metric", "value", "prefill_tflops_mean", "visual_tokens_mean")
 NUMERIC = ("value", "prefill_tflops_mean", "visual_tokens_mean", "ci95_low", "ci95_high")  # the CI: when present
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line on stderr and exit status 2 (the figures' command lines)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message}; `{self.prog} --help` lists the options\n")
 
 
 class ResultsError(ValueError):

@@ -8,7 +8,6 @@ the roofline's prediction for `full` against the measured time is in the title.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from plots.curves import REFERENCE, colours, save  # noqa: E402
+from plots.data import OneLineParser  # noqa: E402
 
 PHASES = (("prefill", "prefill_ms", "prefill_gmacs"), ("decode", "decode_ms_per_token", "decode_gmacs_per_token"))
 
@@ -29,10 +29,10 @@ def speed_figure(path: Path, out: Path, budget: int | None = None) -> Path:
     rows = data["rows"]
     counts = sorted({r["budget"] for r in rows if r["method"] != REFERENCE and isinstance(r["budget"], int)})
     if not counts:
-        raise ValueError(f"{path} holds no method at a count budget")
+        raise ValueError("it holds no method at a count budget")
     budget = budget if budget is not None else counts[0]
     if budget not in counts:
-        raise ValueError(f"{path} has no rows at budget {budget}; it has {', '.join(map(str, counts))}")
+        raise ValueError(f"it has no rows at budget {budget}; it has {', '.join(map(str, counts))}")
     full = {r["batch_size"]: r for r in rows if r["method"] == REFERENCE}
     picked = [r for r in rows if r["budget"] == budget and r["method"] != REFERENCE and r["batch_size"] in full]
     methods = sorted({r["method"] for r in picked})
@@ -64,14 +64,21 @@ def speed_figure(path: Path, out: Path, budget: int | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m plots.speed", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m plots.speed", description=__doc__.splitlines()[0])
     p.add_argument("speed_json", type=Path)
     p.add_argument("--out", type=Path, default=None, help="PNG to write (default: beside the JSON, .png)")
     p.add_argument("--budget", type=int, default=None, help="the budget to draw (default: the smallest)")
     args = p.parse_args(argv)
     try:
         written = speed_figure(args.speed_json, args.out or args.speed_json.with_suffix(".png"), args.budget)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except OSError as e:  # the file to read, or the figure to write
+        print(f"error: {e.filename or args.speed_json}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"error: {args.speed_json}: a row lacks the field {e}; give a file `benchmarks.speed --output` wrote",
+              file=sys.stderr)
+        return 2
+    except ValueError as e:  # not JSON, or not the rows asked for
         print(f"error: {args.speed_json}: {e}", file=sys.stderr)
         return 2
     print(f"wrote {written}")

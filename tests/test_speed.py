@@ -14,6 +14,8 @@ from benchmarks.speed import main
     (["speedup", "--batch-sizes", "0"], "--batch-sizes: must be >= 1"),
     (["speedup", "--budgets", "R=7"], "--budgets R=7: give counts of visual tokens or the plan's labels"),
     (["speedup", "--device", "tpu"], "use cpu, cuda or cuda:N"),
+    (["speedup", "--output", "/no/such/folder/rows.json"], "/no/such/folder is not a folder"),
+    (["gpu", "--budgets", "R=7"], "--budgets R=7: give counts of visual tokens"),
     (["overhead", "--samples", "0"], "--samples: must be >= 2"),
     (["overhead", "--samples", "4", "--batch-size", "4"], "give at least two batches"),
     (["nope"], "invalid choice"),

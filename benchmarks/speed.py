@@ -12,7 +12,8 @@ end to end: median and spread of `--repeats` rounds after a warm-up round, the e
 (slow drifts of a shared machine hit all alike). Per entry it prints the KV cache per sample (analytic), the peak
 memory (CUDA only), realised / FLOPs-predicted speed-up over `full` for prefill and decode separately (1.0 = time
 follows FLOPs), and measured / roofline-predicted time (`flops/roofline.py`; on a CPU the profile is calibrated
-first, by a few seconds of matmuls and a large copy). Times are per batch.
+in every measured round, by a second or two of matmuls at the LLM's width and a large copy, interleaved with the
+methods like their runs, and priced with the median over the rounds). Times are per batch.
 Learned controllers are untrained here: their cost does not depend on their weights.
 """
 
@@ -38,7 +39,16 @@ from benchmarks.runner import run
 from benchmarks.synthetic.generate import make_samples
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from flops.analytic import ModelShape, count, kv_cache_bytes
-from flops.roofline import DTYPE_BYTES, PROFILES, Device, device_profile, predict
+from flops.roofline import (
+    DTYPE_BYTES,
+    PROFILES,
+    Device,
+    calibrate_cpu,
+    device_profile,
+    median_profile,
+    predict,
+    profile_for,
+)
 from flops.shapes import load_config, stand_in_reducer
 from methods.cli import OneLineParser, at_least, check_device, first_line
 from methods.llava import ReducedLlava, llava_prompt, load_llava
@@ -114,6 +124,17 @@ def gpu(args: argparse.Namespace) -> bool:
     return same
 
 
+def roofline_profile(device: str) -> str:
+    """The roofline profile for `--device` when `--roofline` is not given: this CPU calibrated, or the GPU's own."""
+    if device == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    known = profile_for(name)
+    if known is None:
+        print(f"note: no roofline profile for {name}; priced on h100 (pass --roofline to choose)")
+    return known or "h100"
+
+
 def plan_for(args: argparse.Namespace) -> list[tuple[str, int | str | None, dict]]:
     """(method, budget label, constructor arguments): PLAN, or its entries at `--budgets` (a count PLAN does not
     have runs every method PLAN runs at a count)."""
@@ -134,15 +155,15 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
     config, model = built or build(args)
     layout, shape = LlavaLayout.from_config(config), ModelShape.from_config(config)
     n, side = layout.num_patches, layout.image_size
-    dev = device_profile(args.roofline or ("cpu" if args.device == "cpu" else "h100"), args.dtype)
+    profile = args.roofline or roofline_profile(args.device)
+    dev = None if profile == "cpu" else device_profile(profile, args.dtype)  # None: calibrated in every round
+    roof = (f"{dev.name} ({dev.source})" if dev else f"this CPU, calibrated in every round ({shape.width}-wide "
+            f"{args.dtype} matmuls and a copy, interleaved with the methods; the median over the rounds)")
     print(f"{args.model_config} shapes, {config.vision_config.num_hidden_layers} vision / "
           f"{config.text_config.num_hidden_layers} LLM layers, random weights, "
           f"{args.text_tokens} text tokens, answers of {args.answer_tokens} tokens, {args.dtype} on {machine()}; "
           f"median of {args.repeats} rounds after 1 warm-up round, methods interleaved within each round; roofline "
-          f"on {dev.name} ({dev.source})")
-    if dev.rows:
-        curve = ", ".join(f"{r:.3f} at {m}" for m, r in dev.rows[args.dtype])
-        print(f"calibration: matmul TFLOP/s by rows {curve}; copy bandwidth {dev.bandwidth_gbs:.1f} GB/s")
+          f"on {roof}")
     entries, runs = [], []
     for method, budget, kw in plan_for(args):
         try:
@@ -168,21 +189,25 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
 
 @dataclass(frozen=True)
 class Pricing:
-    """What the sweep prices its runs with: the counter's shape, the roofline's device, the image's tokens."""
+    """What the sweep prices its runs with: the counter's shape, the roofline's device (None: this CPU, calibrated
+    once in every measured round, so its peaks see the conditions of the times they price), the image's tokens."""
 
     shape: ModelShape
-    device: Device
+    device: Device | None
     image_tokens: int
 
 
 def _time_batch(args, runs, entries, inputs, price: Pricing) -> list[dict]:
-    shape, dev, n = price.shape, price.device, price.image_tokens
+    shape, n = price.shape, price.image_tokens
     bs = inputs[0].size(0)
     cuda = args.device.startswith("cuda")
     samples: list[dict[str, list[float]]] = [{"prefill": [], "decode": [], "e2e": [], "peak": []} for _ in runs]
     gens = [None] * len(runs)
+    calibrations = []
     with torch.no_grad():
         for i in range(args.repeats + 1):
+            if i and price.device is None:
+                calibrations.append(calibrate_cpu(args.dtype, shape.width, repeats=1))  # like the runs: once a round
             for j, run in enumerate(runs):
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(args.device)
@@ -194,6 +219,13 @@ def _time_batch(args, runs, entries, inputs, price: Pricing) -> list[dict]:
                     samples[j]["e2e"].append(t.prefill_s + t.decode_s)
                     if cuda:
                         samples[j]["peak"].append(torch.cuda.max_memory_allocated(args.device) / 2**20)
+    dev = price.device or median_profile(calibrations)
+    if dev.rows:
+        curve = ", ".join(f"{r:.3f} at {m}" for m, r in dev.rows[args.dtype])
+        top = [c.rows[args.dtype][-1][1] for c in calibrations]
+        print(f"\nbatch {bs} calibration, the median of {len(top)} rounds: matmul TFLOP/s by rows {curve} (the "
+              f"rounds {min(top):.3f}-{max(top):.3f} at {dev.rows[args.dtype][-1][0]}); copy bandwidth "
+              f"{dev.bandwidth_gbs:.1f} GB/s")
     rows = []
     for (method, budget), gen, ts in zip(entries, gens, samples, strict=True):
         recs = [gen.trace.sample(b, n) for b in range(bs)]
@@ -213,6 +245,7 @@ def _time_batch(args, runs, entries, inputs, price: Pricing) -> list[dict]:
                 m.decode for m in macs) / steps / 1e9,
             "reducer_ms": 1e3 * gen.timing.reducer_s,
             "roofline_prefill_ms": 1e3 * pred.prefill_s, "roofline_decode_ms": 1e3 * pred.decode_step_s,
+            "roofline_device": dev.name,
         })
     base = rows[0]  # full
     for r in rows:
@@ -316,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="tokens generated per sample (no early stop), for decode and end-to-end times")
         q.add_argument("--model-config", default="llava-1.5-7b", help="a LLaVA config: name, config.json or folder")
         q.add_argument("--roofline", choices=PROFILES, default=None,
-                       help="device profile for the roofline columns (default: cpu calibrated here, h100 on CUDA)")
+                       help="device profile for the roofline columns (default: this CPU calibrated, or the GPU's own)")
         q.add_argument("--output", type=Path, default=None, help="also write the rows to this JSON file")
         q.add_argument("--budgets", nargs="*", default=[],
                        help="plan labels (64 192 R=0.5 ...) or counts; default the whole plan; full always")

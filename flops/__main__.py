@@ -94,9 +94,9 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     if args.text_tokens < 0 or args.generated_tokens < 1 or args.batch_size < 1:
         raise ValueError("--text-tokens must be >= 0, --generated-tokens >= 1 and --batch-size >= 1")
     dtype = args.dtype or ("float32" if args.device_profile == "cpu" else "bfloat16")
-    device = None if args.device_profile is None else device_profile(args.device_profile, dtype)
     config = load_config(args.model_config)
     shape, grid = model_shape(config), image_grid(args, config)
+    device = None if args.device_profile is None else device_profile(args.device_profile, dtype, shape.width)
     n = shape.image_tokens({"image_grid_thw": grid})
     kwargs: dict[str, dict] = {}
     for method, arg, value in args.method_args:

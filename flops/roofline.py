@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -84,15 +85,16 @@ PROFILES = (*DEVICES, "cpu")
 
 def calibrate_cpu(dtype: str = "float32", width: int = 2048, rows: tuple[int, ...] = (1, 8, 64, 512, 2048),
                   copy_mb: int = 256, repeats: int = 3) -> Device:
-    """This CPU's peaks, measured: the best of `repeats` (M x width) @ (width x width) matmuls at each M of `rows`,
-    and the best of `repeats` copies of a `copy_mb` MiB tensor (bytes read + written per second). A few seconds."""
+    """This CPU's peaks, measured: the best of `repeats` (M x width) @ (width x width) matmuls at each M of `rows`
+    (give the model's width: a CPU's rate depends on how the weights fit its caches), and the best of `repeats`
+    copies of a `copy_mb` MiB tensor (bytes read + written per second). About a second at width 2048, two at 4096."""
     torch_dtype = getattr(torch, dtype)
     w = torch.randn(width, width, dtype=torch_dtype)
     curve = []
     for m in rows:
         x = torch.randn(m, width, dtype=torch_dtype)
         x @ w  # warm-up
-        n = max(1, 2048 // m)  # enough repetitions that small matmuls are timed over a few milliseconds
+        n = max(1, min(64, 2048 // m))  # a few milliseconds at least for small matmuls, at most 64 of them
         best = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -114,10 +116,28 @@ def calibrate_cpu(dtype: str = "float32", width: int = 2048, rows: tuple[int, ..
                   f"{width}-wide {dtype} matmuls and a {copy_mb} MiB copy", rows={dtype: tuple(curve)})
 
 
-def device_profile(name: str, dtype: str = "float32") -> Device:
-    """A named device (`PROFILES`); "cpu" calibrates this machine first (a few seconds)."""
+def median_profile(runs: list[Device]) -> Device:
+    """One profile from several calibrations of the same CPU (e.g. one per round of a benchmark, so that the peaks
+    see the same conditions as the times they price): the median rate at each row count, the median bandwidth."""
+    first = runs[0]
+    rows = {dtype: tuple((m, statistics.median(d.rows[dtype][i][1] for d in runs)) for i, (m, _) in enumerate(curve))
+            for dtype, curve in first.rows.items()}
+    return replace(first, tflops={dtype: curve[-1][1] for dtype, curve in rows.items()}, rows=rows,
+                   bandwidth_gbs=statistics.median(d.bandwidth_gbs for d in runs),
+                   source=f"{first.source}; the median of {len(runs)} calibrations")
+
+
+def profile_for(gpu_name: str) -> str | None:
+    """The profile of a CUDA device by its name (`torch.cuda.get_device_name()`), or None when no profile has it.
+    PCIe and NVL variants match their SXM profile: their peaks are lower, so the roofline is a bound all the same."""
+    upper = gpu_name.upper()
+    return next((k for k in DEVICES if k.upper() in upper), None)
+
+
+def device_profile(name: str, dtype: str = "float32", width: int = 2048) -> Device:
+    """A named device (`PROFILES`); "cpu" calibrates this machine first, at matmuls `width` wide (a few seconds)."""
     if name == "cpu":
-        return calibrate_cpu(dtype)
+        return calibrate_cpu(dtype, width)
     if name not in DEVICES:
         raise ValueError(f"--device-profile {name}: known profiles are {', '.join(PROFILES)}")
     return DEVICES[name]

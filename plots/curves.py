@@ -55,14 +55,12 @@ def flops_axis(df: pd.DataFrame, column: str = "prefill_tflops_mean") -> tuple[p
 
 def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> None:
     """Method lines with budget labels, the reference line, the Pareto frontier."""
-    offsets = [(4, 4), (4, -11), (-12, 6), (-12, -11)]  # methods take turns, so close curves' labels do not collide
+    labels = []
     for j, (method, rows) in enumerate(df[df["method"] != REFERENCE].groupby("method")):
         idx = rows.sort_values("budget_tokens").index
         ax.plot(x[idx], y[idx], marker="o", color=colour[method], label=method, linewidth=1.6, markersize=5)
         _error_bars(ax, df.loc[idx], x[idx], y[idx], colour[method])
-        for i in idx:
-            ax.annotate(str(df.at[i, "budget"]), (x[i], y[i]), textcoords="offset points", xytext=offsets[j % 4],
-                        fontsize=8, color=colour[method])
+        labels += [(x[i], y[i], str(df.at[i, "budget"]), colour[method], j) for i in idx]
     for i in df.index[df["method"] == REFERENCE]:
         whole = pd.to_numeric(df.at[i, "budget"], errors="coerce")  # a count, or 1.0 where images differ in size
         kept = f"{df.at[i, 'budget']} tokens" if whole > 1 else "every token"
@@ -75,8 +73,39 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
     ax.plot(x[front], y[front], color="grey", linewidth=4, alpha=0.25, drawstyle="steps-post", zorder=0,
             label="Pareto frontier")
     ax.scatter(x[front], y[front], s=110, facecolors="none", edgecolors="grey", linewidths=1.2, zorder=3)
+    _budget_labels(ax, labels)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+
+
+# where a budget label may sit beside its point: (x, y) offset in points and the text's alignment
+LABEL_SPOTS = ((4, 4, "left"), (4, -11, "left"), (-4, 4, "right"), (-4, -11, "right"), (4, 13, "left"),
+               (4, -20, "left"), (-4, 13, "right"), (-4, -20, "right"))
+
+
+def _budget_labels(ax, labels: list[tuple[float, float, str, str, int]], size: float = 8) -> None:
+    """(x, y, text, colour, curve) labels beside their points, each at the first spot (its curve's turn first) inside
+    the axes where it covers no label placed before it and no point; its curve's first spot where none is free."""
+    ax.autoscale_view()  # the limits the figure will have, so data maps to the points it will be drawn at
+    per_pt = ax.figure.dpi / 72
+    marks = [ax.transData.transform((x, y)) / per_pt for x, y, *_ in labels]  # in points
+    (left, bottom), (right, top) = ax.bbox.get_points() / per_pt  # the axes, in points
+    boxes: list[tuple[float, float, float, float]] = []
+
+    def free(box) -> bool:
+        x0, y0, x1, y1 = box
+        clear = left <= x0 and x1 <= right and bottom <= y0 and y1 <= top
+        clear = clear and all(x1 <= a or b <= x0 or y1 <= c or d <= y0 for a, c, b, d in boxes)
+        return clear and not any(x0 - 2 < mx < x1 + 2 and y0 - 2 < my < y1 + 2 for mx, my in marks)
+
+    for (x, y, text, colour, curve), (mx, my) in zip(labels, marks, strict=True):
+        width = 0.6 * size * len(text)  # a digit is about 0.6 em wide
+        order = [LABEL_SPOTS[(curve + k) % 4] for k in range(4)] + list(LABEL_SPOTS[4:])
+        spots = [(dx, dy, ha, (mx + dx - width * (ha == "right"), my + dy, mx + dx + width * (ha == "left"),
+                               my + dy + 0.75 * size)) for dx, dy, ha in order]
+        dx, dy, ha, box = next((s for s in spots if free(s[3])), spots[0])
+        boxes.append(box)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=size, color=colour)
 
 
 def _error_bars(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour) -> None:

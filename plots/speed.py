@@ -1,5 +1,7 @@
-"""python -m plots.speed SPEED_JSON [--out PNG] [--budget 64]: the batch sweep's figure, from the file that
-`python -m benchmarks.speed speedup --output SPEED_JSON` (or `gpu --output`) writes (no model, no torch).
+"""python -m plots.speed SPEED_JSON [SPEED_JSON ...] [--out PNG] [--budget 64]: the batch sweep's figure, from the
+files that `python -m benchmarks.speed speedup --output SPEED_JSON` (or `gpu --output`) writes (no model, no torch).
+Several files join into one figure (e.g. batch 1 and batch 8 measured in separate runs); each batch size must come
+from one file, with its own `full`, so every speed-up is measured within one run.
 
 Two panels, prefill and decode: each method's measured speed-up over `full` (full's time / its time, per batch) at
 one budget against the batch size, solid, and the speed-up its FLOPs predict, as hollow markers of the same colour;
@@ -23,16 +25,36 @@ from plots.data import OneLineParser  # noqa: E402
 PHASES = (("prefill", "prefill_ms", "prefill_gmacs"), ("decode", "decode_ms_per_token", "decode_gmacs_per_token"))
 
 
-def speed_figure(path: Path, out: Path, budget: int | None = None) -> Path:
-    """Draw the sweep in `path` at `budget` (default: the smallest count in it) into `out`."""
-    data = json.loads(Path(path).read_text())
-    rows = data["rows"]
+def read_sweeps(paths: list[Path]) -> tuple[list[dict], str]:
+    """The rows of the sweep files in `paths` and the machine(s) they name; ValueError when two files hold the same
+    batch size (their speed-ups over `full` would mix runs)."""
+    rows, machines, owner = [], [], {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        sizes = {r["batch_size"] for r in data["rows"]}
+        clash = sorted(sizes & owner.keys())
+        if clash:
+            raise ValueError(f"{owner[clash[0]]} and {path} both hold batch {clash[0]}; give each batch size in one "
+                             "file")
+        owner.update(dict.fromkeys(sizes, path))
+        rows += data["rows"]
+        machines.append(data.get("machine", "unknown machine"))
+    return rows, "; ".join(dict.fromkeys(machines))
+
+
+def speed_figure(paths: list[Path], out: Path, budget: int | None = None) -> Path:
+    """Draw the sweeps in `paths` at `budget` (default: the smallest count in them) into `out`."""
+    rows, machine = read_sweeps(paths)
     counts = sorted({r["budget"] for r in rows if r["method"] != REFERENCE and isinstance(r["budget"], int)})
     if not counts:
-        raise ValueError("it holds no method at a count budget")
+        raise ValueError(f"{' '.join(map(str, paths))}: no method at a count budget")
     budget = budget if budget is not None else counts[0]
     if budget not in counts:
-        raise ValueError(f"it has no rows at budget {budget}; it has {', '.join(map(str, counts))}")
+        raise ValueError(f"{' '.join(map(str, paths))}: no rows at budget {budget}; they have "
+                         f"{', '.join(map(str, counts))}")
     full = {r["batch_size"]: r for r in rows if r["method"] == REFERENCE}
     picked = [r for r in rows if r["budget"] == budget and r["method"] != REFERENCE and r["batch_size"] in full]
     methods = sorted({r["method"] for r in picked})
@@ -58,28 +80,28 @@ def speed_figure(path: Path, out: Path, budget: int | None = None) -> Path:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, ncol=min(len(methods), 7), loc="lower center", frameon=False)
-    fig.suptitle(f"Speed-up at {budget} visual tokens, {data.get('machine', 'unknown machine')}", fontsize=10)
+    fig.suptitle(f"Speed-up at {budget} visual tokens, {machine}", fontsize=10)
     fig.tight_layout(rect=(0, 0.1 if len(methods) > 7 else 0.06, 1, 1))
     return save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m plots.speed", description=__doc__.splitlines()[0])
-    p.add_argument("speed_json", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="PNG to write (default: beside the JSON, .png)")
+    p.add_argument("speed_json", type=Path, nargs="+", help="one or more files of `benchmarks.speed --output`")
+    p.add_argument("--out", type=Path, default=None, help="PNG to write (default: beside the first JSON, .png)")
     p.add_argument("--budget", type=int, default=None, help="the budget to draw (default: the smallest)")
     args = p.parse_args(argv)
     try:
-        written = speed_figure(args.speed_json, args.out or args.speed_json.with_suffix(".png"), args.budget)
-    except OSError as e:  # the file to read, or the figure to write
-        print(f"error: {e.filename or args.speed_json}: {e.strerror or e}", file=sys.stderr)
+        written = speed_figure(args.speed_json, args.out or args.speed_json[0].with_suffix(".png"), args.budget)
+    except OSError as e:  # a file to read, or the figure to write
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyError as e:
-        print(f"error: {args.speed_json}: a row lacks the field {e}; give a file `benchmarks.speed --output` wrote",
-              file=sys.stderr)
+        print(f"error: {' '.join(map(str, args.speed_json))}: a row lacks the field {e}; give files "
+              "`benchmarks.speed --output` wrote", file=sys.stderr)
         return 2
-    except ValueError as e:  # not JSON, or not the rows asked for
-        print(f"error: {args.speed_json}: {e}", file=sys.stderr)
+    except ValueError as e:  # not JSON, two files with one batch size, or not the rows asked for
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {written}")
     return 0

@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 from flops.analytic import count, model_shape
-from flops.roofline import DEVICES, Device, calibrate_cpu, device_profile, predict
+from flops.roofline import DEVICES, Device, calibrate_cpu, device_profile, median_profile, predict, profile_for
 from flops.shapes import shape_record, stand_in_reducer
 from methods import create_reducer
 from methods.llava import ReducedLlava
@@ -90,11 +90,19 @@ def test_cpu_rate_follows_its_curve_and_named_devices():
     assert device_profile("h100") is DEVICES["h100"]
     with pytest.raises(ValueError, match="known profiles are h100, h200, a100, l40s, cpu"):
         device_profile("tpu")
+    names = {"NVIDIA H200": "h200", "NVIDIA H100 80GB HBM3": "h100", "NVIDIA A100-SXM4-80GB": "a100",
+             "NVIDIA L40S": "l40s", "Tesla T4": None}  # as torch.cuda.get_device_name() spells them
+    assert {n: profile_for(n) for n in names} == names
     with pytest.raises(ValueError, match="has no int8 rate"):
         DEVICES["a100"].flops_per_s("int8", 1)
     measured = calibrate_cpu(rows=(1, 64), width=256, copy_mb=8, repeats=1)
     assert [m for m, _ in measured.rows["float32"]] == [1, 64]
     assert all(r > 0 and math.isfinite(r) for _, r in measured.rows["float32"]) and measured.bandwidth_gbs > 0
+    rounds = [Device("cpu", {"float32": t}, bw, "test", rows={"float32": ((1, t / 10), (64, t))})
+              for t, bw in ((0.1, 30.0), (0.3, 10.0), (0.2, 20.0))]  # three rounds' calibrations
+    median = median_profile(rounds)
+    assert median.rows["float32"] == ((1, pytest.approx(0.02)), (64, 0.2)) and median.tflops == {"float32": 0.2}
+    assert median.bandwidth_gbs == 20.0 and median.source == "test; the median of 3 calibrations"
 
 
 def test_7b_prefill_is_compute_bound_and_decode_memory_bound_on_h100():

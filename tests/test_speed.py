@@ -46,7 +46,8 @@ def test_sweep_on_a_tiny_config(tmp_path, capsys):
                  "3", "--batch-sizes", "1", "2", "--repeats", "2", "--budgets", "4", "--answer-tokens", "3",
                  "--text-tokens", "12", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "calibration: matmul TFLOP/s by rows" in printed and "| `divprune` | 4 |" in printed
+    assert "batch 2 calibration, the median of 2 rounds: matmul TFLOP/s by rows" in printed
+    assert "| `divprune` | 4 |" in printed
     rows = json.loads(out.read_text())["rows"]
     assert {r["batch_size"] for r in rows} == {1, 2}
     assert {r["method"] for r in rows} >= {"full", "fastv", "divprune", "random", "adaptive_b", "dart"}
@@ -55,6 +56,7 @@ def test_sweep_on_a_tiny_config(tmp_path, capsys):
         assert r["prefill_ms_min"] <= r["prefill_ms"] <= r["prefill_ms_max"]
         assert r["end_to_end_ms"] > r["prefill_ms"] and r["decode_ms_per_token"] > 0
         assert r["roofline_prefill_ms"] > 0 and r["prefill_measured_over_roofline"] > 0
+        assert r["roofline_device"].startswith("this CPU (")  # calibrated here, as on any CPU
         if r["method"] == "full":
             assert r["prefill_realised_over_predicted"] == r["decode_realised_over_predicted"] == 1
             rec = {"llm_tokens_per_layer": [12 + 16] * 3, "generated_tokens": 3}
@@ -63,7 +65,15 @@ def test_sweep_on_a_tiny_config(tmp_path, capsys):
 
     assert plot([str(out)]) == 0 and (tmp_path / "speed.png").stat().st_size > 10_000
     assert plot([str(out), "--budget", "9"]) == 2
-    assert "no rows at budget 9; it has 4" in capsys.readouterr().err
+    assert "no rows at budget 9; they have 4" in capsys.readouterr().err
+    for b in (1, 2):  # one file per batch size, as two runs write them, join into one figure
+        (tmp_path / f"b{b}.json").write_text(json.dumps({"machine": "m", "rows": [
+            r for r in rows if r["batch_size"] == b]}))
+    joined = tmp_path / "joined.png"
+    assert plot([str(tmp_path / "b1.json"), str(tmp_path / "b2.json"), "--out", str(joined)]) == 0
+    assert joined.stat().st_size > 10_000
+    assert plot([str(out), str(tmp_path / "b2.json")]) == 2  # batch 2 twice: speed-ups would mix two runs
+    assert "both hold batch 2; give each batch size in one file" in capsys.readouterr().err
 
 
 def test_gpu_check_runs_on_a_tiny_config(tmp_path, capsys):

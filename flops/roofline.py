@@ -4,7 +4,8 @@ same token traces the FLOPs counter prices.
 Every part of the forward pass (the patch embedding, each vision layer, the projector, the reducer, each LLM layer,
 the lm_head) takes max(FLOPs / peak compute, bytes / peak bandwidth) and the parts add up. Per part, for a batch:
 
-* FLOPs: 2 x the analytic MACs (`flops.analytic`) summed over the batch's samples;
+* FLOPs: 2 x the analytic MACs (`flops.analytic`) summed over the batch's samples, at the device's rate for a
+  matmul over as many rows as the part has tokens (the reducer: the image's tokens, which its work is over);
 * bytes: its weights, read once per batch (the floor that FLOPs cannot see: at batch 1 a short prompt streams the
   whole model for few multiply-adds), plus its activations read and written once per token (each linear layer's
   input and output, attention's q, k, v and output; an LLM layer: 9 d + 4 d_kv + 3 m values per token, LLaVA's vision
@@ -195,7 +196,10 @@ def predict(records: list[dict], s: ModelShape | QwenShape, dev: Device, dtype: 
     e = DTYPE_BYTES[dtype]
     d, kv, mlp = s.width, s.kv_width, s.mlp
     parts = _vision(records, s, e)
-    parts.append(("reducer", 2 * sum(int(r.get("reducer_macs") or 0) for r in records), 0, len(records)))
+    # the reducer's own work (projections, similarities, attention rows) is over the image's tokens: priced at the
+    # rate of a matmul over that many rows
+    parts.append(("reducer", 2 * sum(int(r.get("reducer_macs") or 0) for r in records), 0,
+                  sum(s.image_tokens(r) for r in records)))
     for j in range(s.layers):
         tokens = [r["llm_tokens_per_layer"][j] for r in records]
         flops = 2 * sum(llm_layer_macs(n, s) for n in tokens)

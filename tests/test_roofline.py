@@ -139,3 +139,17 @@ def test_flops_cli_prices_a_batch_on_a_device(capsys):
     with pytest.raises(SystemExit):
         main(["--device-profile", "tpu"])
     assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_a_methods_own_work_is_priced_over_the_images_tokens():
+    """A method's own work is over the image's tokens (PyramidDrop's k projections at each stage, similarities), so
+    it is priced at the rate of a matmul over that many rows, not at the skinny one-row rate of a decoding step."""
+    from flops.shapes import load_config  # noqa: PLC0415
+
+    config = load_config("llava-1.5-7b")
+    rec = shape_record(config, stand_in_reducer("pdrop", 192, config), 64, generated_tokens=2)
+    dev = Device("cpu", {"float32": 0.1}, 1e9, "test", rows={"float32": ((1, 0.001), (576, 0.1))})
+    assert rec["reducer_macs"] > 1e10  # 3 stages of k projections of every token
+    for b in (1, 2):
+        p = predict([rec] * b, model_shape(config), dev)
+        assert p.parts["reducer"] == pytest.approx(2 * b * rec["reducer_macs"] / 0.1e12, rel=1e-9)

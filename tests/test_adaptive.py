@@ -247,8 +247,11 @@ def test_sigint_during_training_exits_130_and_the_rerun_resumes(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.train_adaptive", "--model", str(SMOKE_MODEL), *TRAIN, "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     repo = Path(__file__).resolve().parents[1]
+    # SIGINT as a Ctrl-C delivers it: a shell without job control starts background jobs with SIGINT ignored, which
+    # a child inherits (Python then installs no KeyboardInterrupt handler), so restore the default in the child
     proc = subprocess.Popen([*cmd, "--steps", "200"], cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     log = out / "train_log.jsonl"
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):

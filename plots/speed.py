@@ -34,6 +34,10 @@ def read_sweeps(paths: list[Path]) -> tuple[list[dict], str]:
             data = json.loads(Path(path).read_text())
         except ValueError as e:
             raise ValueError(f"{path}: not JSON ({e})") from None
+        if not (isinstance(data, dict) and isinstance(data.get("rows"), list)
+                and all(isinstance(r, dict) for r in data["rows"])):
+            raise ValueError(f"{path}: not a sweep file (no list of rows); give a file `benchmarks.speed --output` "
+                             "wrote")
         sizes = {r["batch_size"] for r in data["rows"]}
         clash = sorted(sizes & owner.keys())
         if clash:

@@ -74,6 +74,10 @@ def test_sweep_on_a_tiny_config(tmp_path, capsys):
     assert joined.stat().st_size > 10_000
     assert plot([str(out), str(tmp_path / "b2.json")]) == 2  # batch 2 twice: speed-ups would mix two runs
     assert "both hold batch 2; give each batch size in one file" in capsys.readouterr().err
+    for foreign in ("[1, 2]", '{"rows": 3}', '{"rows": [1]}'):  # JSON, but not a sweep: one line, no traceback
+        (tmp_path / "foreign.json").write_text(foreign)
+        assert plot([str(tmp_path / "foreign.json")]) == 2
+        assert "not a sweep file (no list of rows)" in capsys.readouterr().err
 
 
 def test_gpu_check_runs_on_a_tiny_config(tmp_path, capsys):

@@ -40,6 +40,7 @@ from benchmarks.synthetic.generate import make_samples
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from flops.analytic import ModelShape, count, kv_cache_bytes
 from flops.roofline import (
+    CALIBRATION_ROWS,
     DTYPE_BYTES,
     PROFILES,
     Device,
@@ -62,6 +63,28 @@ PLAN = [("full", None, {}), ("fastv", 64, {}), ("fastv", 192, {}), ("fastv", "R=
         ("visionzip", 64, {}), ("visionzip", 192, {}), ("dart", 64, {}), ("dart", 192, {}),
         ("pdrop", 192, {}), ("pdrop", "ratios", {"ratios": (0.5, 0.25, 0.125)}),  # pdrop 192: a layer mean
         ("sparsevlm", 192, {}), ("sparsevlm", "retained=64", {"retained_tokens": 64})]  # sparsevlm 192: likewise
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> str:
+    """Keep freed memory in this process for reuse, as a GPU's caching allocator does, and return what was done (one
+    line). glibc's malloc maps every block over 32 MiB fresh and unmaps it when freed, so each large tensor a CPU run
+    makes is first touched page by page: on this project's 2-core VM that cost 28 % of a batch-8 prefill (unfused
+    elementwise ops writing fresh 200 MB tensors at a fraction of the copy bandwidth) and half of its decode steps
+    (`DynamicCache` concatenating into a fresh cache). With mallopt's M_MMAP_MAX 0 and M_TRIM_THRESHOLD at its
+    largest, blocks come from the heap and stay there, so later rounds reuse them. Process-wide and for good: call it
+    in a process that only benchmarks."""
+    import ctypes  # noqa: PLC0415 - only where the allocator is tuned
+    import ctypes.util  # noqa: PLC0415
+
+    if platform.libc_ver()[0] != "glibc":
+        return f"allocator: the system's ({platform.libc_ver()[0] or 'not glibc'}: no mallopt), not tuned"
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        return "allocator: glibc refused mallopt, not tuned"
+    return "allocator: glibc keeps freed memory for reuse (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB)"
 
 
 def machine() -> str:
@@ -152,6 +175,9 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
     """The batch sweep: for each batch size, every plan entry's prefill, decoding step and end-to-end time (median
     and spread over interleaved rounds), peak memory (CUDA), KV cache, analytic FLOPs and roofline times. `built`:
     (config, model) already built by `build`."""
+    cpu = not args.device.startswith("cuda")
+    allocator = (reuse_freed_memory() if args.allocator == "reuse" else "allocator: the system's, not tuned") if cpu \
+        else "allocator: PyTorch's CUDA caching allocator"
     config, model = built or build(args)
     layout, shape = LlavaLayout.from_config(config), ModelShape.from_config(config)
     n, side = layout.num_patches, layout.image_size
@@ -163,7 +189,7 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
           f"{config.text_config.num_hidden_layers} LLM layers, random weights, "
           f"{args.text_tokens} text tokens, answers of {args.answer_tokens} tokens, {args.dtype} on {machine()}; "
           f"median of {args.repeats} rounds after 1 warm-up round, methods interleaved within each round; roofline "
-          f"on {roof}")
+          f"on {roof}; {allocator}")
     entries, runs = [], []
     for method, budget, kw in plan_for(args):
         try:
@@ -179,7 +205,8 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
         mask = torch.ones_like(ids)
         pixels = torch.randn(bs, 3, side, side, generator=g)  # a different random image per sample
         try:
-            rows += _time_batch(args, runs, entries, (ids, mask, pixels), Pricing(shape, dev, n))
+            rows += [r | {"allocator": allocator.removeprefix("allocator: ")}
+                     for r in _time_batch(args, runs, entries, (ids, mask, pixels), Pricing(shape, dev, n))]
         except torch.OutOfMemoryError:
             print(f"batch {bs}: out of memory, skipped")
             if torch.cuda.is_available():
@@ -204,10 +231,11 @@ def _time_batch(args, runs, entries, inputs, price: Pricing) -> list[dict]:
     samples: list[dict[str, list[float]]] = [{"prefill": [], "decode": [], "e2e": [], "peak": []} for _ in runs]
     gens = [None] * len(runs)
     calibrations = []
+    sizes = tuple(sorted({*CALIBRATION_ROWS, bs * inputs[0].size(1)}))  # up to the most rows priced: full prefill
     with torch.no_grad():
         for i in range(args.repeats + 1):
             if i and price.device is None:
-                calibrations.append(calibrate_cpu(args.dtype, shape.width, repeats=1))  # like the runs: once a round
+                calibrations.append(calibrate_cpu(args.dtype, shape.width, sizes, repeats=1))  # once a round
             for j, run in enumerate(runs):
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(args.device)
@@ -355,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="plan labels (64 192 R=0.5 ...) or counts; default the whole plan; full always")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         q.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
+        q.add_argument("--allocator", choices=["reuse", "system"], default="reuse",
+                       help="on a CPU: reuse keeps freed memory in the process, as a GPU's caching allocator does "
+                            "(glibc mallopt; see reuse_freed_memory); system leaves malloc as it is")
     o = sub.add_parser("overhead", help="run_bench.py vs a bare HF generate loop, smoke model")
     o.add_argument("--samples", type=at_least(2), default=1000)
     o.add_argument("--batch-size", type=at_least(1), default=32)

@@ -10,8 +10,10 @@ the lm_head) takes max(FLOPs / peak compute, bytes / peak bandwidth) and the par
   whole model for few multiply-adds), plus its activations read and written once per token (each linear layer's
   input and output, attention's q, k, v and output; an LLM layer: 9 d + 4 d_kv + 3 m values per token, LLaVA's vision
   layer 12 d + 2 m, Qwen2.5-VL's 13 d + 3 m), plus the KV cache: written in prefill (2 d_kv per token and layer),
-  read whole and extended by one position at every decoding step. Attention scores are taken as never written to
-  memory (fused attention); norms, activations and the embedding lookup are ignored, as in the FLOPs count.
+  and at every decoding step read and written whole by Hugging Face's `DynamicCache`, which extends K and V by
+  concatenating into new tensors, then read whole again by attention (6 d_kv per cached token and layer).
+  Attention scores are taken as never written to memory (fused attention); norms, activations and the embedding
+  lookup are ignored, as in the FLOPs count (on a GPU their unfused kernels add memory traffic this leaves out).
 
 Peaks: `DEVICES` lists dense matmul throughput per dtype and memory bandwidth from the vendors' datasheets; "cpu"
 is this machine, measured by `calibrate_cpu` (a matmul at several row counts, since a CPU's GEMM rate falls for
@@ -84,7 +86,10 @@ DEVICES = {
 PROFILES = (*DEVICES, "cpu")
 
 
-def calibrate_cpu(dtype: str = "float32", width: int = 2048, rows: tuple[int, ...] = (1, 8, 64, 512, 2048),
+CALIBRATION_ROWS = (1, 8, 64, 512, 2048)
+
+
+def calibrate_cpu(dtype: str = "float32", width: int = 2048, rows: tuple[int, ...] = CALIBRATION_ROWS,
                   copy_mb: int = 256, repeats: int = 3) -> Device:
     """This CPU's peaks, measured: the best of `repeats` (M x width) @ (width x width) matmuls at each M of `rows`
     (give the model's width: a CPU's rate depends on how the weights fit its caches), and the best of `repeats`
@@ -221,7 +226,7 @@ def predict(records: list[dict], s: ModelShape | QwenShape, dev: Device, dtype: 
         for j in range(s.layers):
             keys = sum(r["llm_tokens_per_layer"][j] + i for r in records)
             flops = 2 * (b * llm_layer_weights(s) + 2 * keys * d)
-            nbytes = e * (llm_layer_weights(s) + b * (9 * d + 4 * kv + 3 * mlp) + 2 * kv * keys)
+            nbytes = e * (llm_layer_weights(s) + b * (9 * d + 4 * kv + 3 * mlp) + 6 * kv * keys)  # cat, attention
             decode += _part(flops, nbytes, b, dev, dtype)[0]
         decode += _part(*head, dev, dtype)[0]
     return Prediction(prefill_s=prefill, decode_step_s=decode / steps, parts=times,

@@ -75,6 +75,17 @@ def test_memory_bound_reads_the_weights_once_per_batch(family):
     assert t1.decode_step_s * 1e9 > weights - 4 * counted_weights_vision(model, family)  # LLM and lm_head again
 
 
+def test_a_decoding_step_reads_and_rewrites_the_cache_as_dynamic_cache_does():
+    """Hugging Face's `DynamicCache` extends K and V by concatenating into new tensors, which reads and writes the
+    whole cache at every step, and attention reads it again: 6 d_kv values per cached token and layer. Ten more
+    cached tokens in every layer cost 4 bytes x layers x 6 d_kv x 10 more per step, memory-bound."""
+    model, (rec,) = traces("llava", 1)
+    s = model_shape(model.config)
+    longer = rec | {"llm_tokens_per_layer": [n + 10 for n in rec["llm_tokens_per_layer"]]}
+    extra = predict([longer], s, FAST_COMPUTE).decode_step_s - predict([rec], s, FAST_COMPUTE).decode_step_s
+    assert extra * 1e9 == pytest.approx(4 * s.layers * 6 * s.kv_width * 10, rel=1e-9)
+
+
 def counted_weights_vision(model, family: str) -> int:
     """The vision tower's and projector's share of `counted_weights` (a decoding step does not read them)."""
     mats = counted_weights(model, family)

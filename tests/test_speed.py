@@ -1,6 +1,12 @@
-"""The speed benchmark's arguments are checked before any model is built: one line, exit status 2."""
+"""The speed benchmark: its arguments are checked before any model is built (one line, exit status 2), the sweep
+runs end to end on a tiny config, and on a CPU it keeps freed memory for reuse."""
 
 from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +50,7 @@ def test_sweep_on_a_tiny_config(tmp_path, capsys):
     out = tmp_path / "speed.json"
     assert main(["speedup", "--model-config", str(tmp_path / "config.json"), "--vision-layers", "2", "--llm-layers",
                  "3", "--batch-sizes", "1", "2", "--repeats", "2", "--budgets", "4", "--answer-tokens", "3",
-                 "--text-tokens", "12", "--output", str(out)]) == 0
+                 "--text-tokens", "12", "--output", str(out), "--allocator", "system"]) == 0  # pytest's own malloc
     printed = capsys.readouterr().out
     assert "batch 2 calibration, the median of 2 rounds: matmul TFLOP/s by rows" in printed
     assert "| `divprune` | 4 |" in printed
@@ -57,6 +63,7 @@ def test_sweep_on_a_tiny_config(tmp_path, capsys):
         assert r["end_to_end_ms"] > r["prefill_ms"] and r["decode_ms_per_token"] > 0
         assert r["roofline_prefill_ms"] > 0 and r["prefill_measured_over_roofline"] > 0
         assert r["roofline_device"].startswith("this CPU (")  # calibrated here, as on any CPU
+        assert r["allocator"] == "the system's, not tuned"
         if r["method"] == "full":
             assert r["prefill_realised_over_predicted"] == r["decode_realised_over_predicted"] == 1
             rec = {"llm_tokens_per_layer": [12 + 16] * 3, "generated_tokens": 3}
@@ -96,3 +103,32 @@ def test_gpu_check_runs_on_a_tiny_config(tmp_path, capsys):
     assert "full vs HF generate (3 tokens, greedy): identical" in printed and "gpu check done" in printed
     result = json.loads(out.read_text())
     assert result["full_equals_generate"] and {r["batch_size"] for r in result["rows"]} == {1, 8}
+
+
+REUSE = """
+import resource
+import torch
+from benchmarks.speed import reuse_freed_memory
+
+def faults():  # minor page faults of making, filling and freeing a 64 MiB tensor
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 * 2**20).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+faults()
+before = faults()
+note = reuse_freed_memory()
+faults()
+print(before, faults(), note)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's; elsewhere the sweep says so")
+def test_reuse_freed_memory_stops_large_tensors_being_mapped_fresh():
+    """glibc maps a 64 MiB block fresh every time, so each fill faults its 16,384 pages in again; once
+    `reuse_freed_memory` has run, the second block is the first one's memory and barely faults (its own process:
+    the setting is for good)."""
+    before, after, note = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, check=True,
+                                         timeout=120, cwd=Path(__file__).parents[1]).stdout.split(maxsplit=2)
+    assert int(before) >= 16_000 and int(after) < 1_000, (before, after)
+    assert note.strip().startswith("allocator: glibc keeps freed memory for reuse (mallopt M_MMAP_MAX 0")

@@ -13,7 +13,8 @@ end to end: median and spread of `--repeats` rounds after a warm-up round, the e
 memory (CUDA only), realised / FLOPs-predicted speed-up over `full` for prefill and decode separately (1.0 = time
 follows FLOPs), and measured / roofline-predicted time (`flops/roofline.py`; on a CPU the profile is calibrated
 in every measured round, by a few seconds of matmuls at the LLM's width and a large copy, interleaved with the
-methods like their runs, and priced with the median over the rounds). Times are per batch.
+methods like their runs, and priced with the median over the rounds). On a CPU freed memory is kept for reuse
+(`--allocator reuse`, see `reuse_freed_memory`), as a GPU's caching allocator does. Times are per batch.
 Learned controllers are untrained here: their cost does not depend on their weights.
 """
 

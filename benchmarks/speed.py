@@ -81,11 +81,18 @@ def reuse_freed_memory() -> str:
     import ctypes.util  # noqa: PLC0415
 
     if platform.libc_ver()[0] != "glibc":
-        return f"allocator: the system's ({platform.libc_ver()[0] or 'not glibc'}: no mallopt), not tuned"
+        return f"the system's ({platform.libc_ver()[0] or 'not glibc'}: no mallopt), not tuned"
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
-        return "allocator: glibc refused mallopt, not tuned"
-    return "allocator: glibc keeps freed memory for reuse (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB)"
+        return "glibc refused mallopt, not tuned"
+    return "glibc keeps freed memory for reuse (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB)"
+
+
+def allocator(args: argparse.Namespace) -> str:
+    """The allocator the timed runs use, tuned first where `--allocator reuse` asks (a CPU; a GPU has its own)."""
+    if args.device.startswith("cuda"):
+        return "PyTorch's CUDA caching allocator"
+    return reuse_freed_memory() if args.allocator == "reuse" else "the system's, not tuned"
 
 
 def machine() -> str:
@@ -176,9 +183,6 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
     """The batch sweep: for each batch size, every plan entry's prefill, decoding step and end-to-end time (median
     and spread over interleaved rounds), peak memory (CUDA), KV cache, analytic FLOPs and roofline times. `built`:
     (config, model) already built by `build`."""
-    cpu = not args.device.startswith("cuda")
-    allocator = (reuse_freed_memory() if args.allocator == "reuse" else "allocator: the system's, not tuned") if cpu \
-        else "allocator: PyTorch's CUDA caching allocator"
     config, model = built or build(args)
     layout, shape = LlavaLayout.from_config(config), ModelShape.from_config(config)
     n, side = layout.num_patches, layout.image_size
@@ -190,7 +194,7 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
           f"{config.text_config.num_hidden_layers} LLM layers, random weights, "
           f"{args.text_tokens} text tokens, answers of {args.answer_tokens} tokens, {args.dtype} on {machine()}; "
           f"median of {args.repeats} rounds after 1 warm-up round, methods interleaved within each round; roofline "
-          f"on {roof}; {allocator}")
+          f"on {roof}; allocator: {args.allocator_note}")
     entries, runs = [], []
     for method, budget, kw in plan_for(args):
         try:
@@ -206,7 +210,7 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
         mask = torch.ones_like(ids)
         pixels = torch.randn(bs, 3, side, side, generator=g)  # a different random image per sample
         try:
-            rows += [r | {"allocator": allocator.removeprefix("allocator: ")}
+            rows += [r | {"allocator": args.allocator_note}
                      for r in _time_batch(args, runs, entries, (ids, mask, pixels), Pricing(shape, dev, n))]
         except torch.OutOfMemoryError:
             print(f"batch {bs}: out of memory, skipped")
@@ -394,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     go_offline()
     try:
         check(args)
+        if args.what in ("speedup", "gpu"):
+            args.allocator_note = allocator(args)  # before any model is built, so that it is built in reused memory
         if args.what == "speedup":
             args.batch_sizes = args.batch_sizes or ([1, 8, 32] if args.device.startswith("cuda") else [1, 8])
             rows = speedup(args)

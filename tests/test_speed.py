@@ -98,7 +98,7 @@ def test_gpu_check_runs_on_a_tiny_config(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert main(["gpu", "--device", "cpu", "--dtype", "float32", "--model-config", str(tmp_path / "config.json"),
                  "--repeats", "1", "--budgets", "4", "--answer-tokens", "3", "--text-tokens", "12",
-                 "--output", str(out)]) == 0
+                 "--output", str(out), "--allocator", "system"]) == 0  # pytest's own malloc
     printed = capsys.readouterr().out
     assert "full vs HF generate (3 tokens, greedy): identical" in printed and "gpu check done" in printed
     result = json.loads(out.read_text())
@@ -116,10 +116,10 @@ def faults():  # minor page faults of making, filling and freeing a 64 MiB tenso
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
 
 faults()
-before = faults()
+before = min(faults() for _ in range(3))
 note = reuse_freed_memory()
 faults()
-print(before, faults(), note)
+print(before, min(faults() for _ in range(3)), note)  # the fewest: a small block may split the freed one once
 """
 
 
@@ -131,4 +131,4 @@ def test_reuse_freed_memory_stops_large_tensors_being_mapped_fresh():
     before, after, note = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, check=True,
                                          timeout=120, cwd=Path(__file__).parents[1]).stdout.split(maxsplit=2)
     assert int(before) >= 16_000 and int(after) < 1_000, (before, after)
-    assert note.strip().startswith("allocator: glibc keeps freed memory for reuse (mallopt M_MMAP_MAX 0")
+    assert note.strip().startswith("glibc keeps freed memory for reuse (mallopt M_MMAP_MAX 0")

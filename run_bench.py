@@ -162,8 +162,8 @@ def list_everything() -> None:
     print(tabulate(rows, headers=["name", "site", "arguments (defaults)", "what it keeps"], tablefmt="simple",
                    maxcolwidths=[None, None, 36, 56]))
     print("\ntasks of this project: synth_vqa (synthetic VQA, 1,000 questions; per-type metrics acc_color, "
-          "acc_shape,\n  acc_count, acc_exists, acc_position); synth_scenes (18-24 objects per scene, 1,000 questions; "
-          "acc_count,\n  acc_shape, acc_left_right, acc_above_below, acc_background; the smoke model is not yet "
+          "acc_shape,\n  acc_count, acc_exists, acc_position); synth_scenes (40-48 objects per scene, 1,000 questions; "
+          "acc_shape,\n  acc_color, acc_position, acc_exists, acc_count, acc_background; the smoke model is not yet "
           "trained on it)\nany lmms-eval task name also works, e.g. gqa pope mme "
           "textvqa_val scienceqa_img mmbench_en_dev_static;\n  offline, point each at a local copy of its dataset "
           "with --task-data TASK=PATH (docs/standard_tasks.md)")

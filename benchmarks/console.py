@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
+from benchmarks.defaults import reference_rows
+
 
 def _number(x: object) -> float | None:
     try:
@@ -69,7 +71,7 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
         return "no results"
     percent = _fractions(main)
     paired = {(c["task"], str(c["budget"]), c["method"], c["reference_kind"]): c for c in comparisons or []}
-    blocks = []
+    blocks, not_methods = [], reference_rows()
     for task in sorted({r["task"] for r in main}):
         cells = sorted((r for r in main if r["task"] == task),
                        key=lambda r: (r["method"] == "full", _budget_order(r["budget"]), r["method"]))
@@ -88,7 +90,8 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
             delta = None if value is None or ref is None or r["method"] == "full" else (value - ref) * scale
             tflops, ms = _number(r.get("prefill_tflops_mean")), _number(r.get("prefill_ms_median"))
             tokens = _number(r.get("visual_tokens_mean"))
-            name = r["method"] + (f" x{r['seeds']}" if r.get("seeds", 1) > 1 else "")
+            name = r["method"] + (f" x{r['seeds']}" if r.get("seeds", 1) > 1 else "") + (
+                " (ref)" if r["method"] in not_methods else "")
             table.append([name, r["budget"], _score(value, pct), interval,
                           _difference(vs_full) if vs_full else "" if delta is None else f"{delta:+.1f}" + (
                               " pt" if pct else ""),
@@ -104,9 +107,12 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
                                               disable_numparse=True, colalign=[align[j] for j in shown]))
     seeded = any(r.get("seeds", 1) > 1 for r in main)
     note = ("xN: the mean of N controllers (training seeds); `s`: their range, in the CI column\n" if seeded else "")
+    referenced = any(r["method"] in not_methods for r in main)
+    if referenced:
+        note += "(ref): a reference row, not a method (oracle: the question's relevant patches first)\n"
     note += ("* significant at 95 % on the same questions (McNemar's exact test for 0/1 scores, else the paired\n"
             "  bootstrap interval excludes 0); comparisons.csv has the intervals and p-values")
-    return "\n\n".join(blocks) + (f"\n\n{note}" if paired or seeded else "")
+    return "\n\n".join(blocks) + (f"\n\n{note}" if paired or seeded or referenced else "")
 
 
 def _over_seeds(rows: list[dict]) -> list[dict]:

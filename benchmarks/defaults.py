@@ -3,6 +3,7 @@ argument errors answer without loading torch."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ QWEN_SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "qwen_checkpoint"  # `-
 SYNTH_TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
 SMOKE_TASKS = ("synth_vqa",)
 SYNTH_TASK_DOCS = {"synth_vqa": 1000, "synth_scenes": 1000}  # questions in each synthetic task's test split
+RELEVANT_PATCH_TASKS = tuple(SYNTH_TASK_DOCS)  # tasks whose docs record each question's relevant_patches (`oracle`)
 DEFAULT_OUTPUT = REPO / "results" / "runs" / "smoke"  # the LLaVA smoke model's; another model gets its own
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
@@ -25,6 +27,12 @@ def default_output(model: Path) -> Path:
     named = {SMOKE_MODEL.resolve(): DEFAULT_OUTPUT, QWEN_SMOKE_MODEL.resolve(): DEFAULT_OUTPUT.with_name("smoke_qwen")}
     model = Path(model).resolve()
     return named.get(model, DEFAULT_OUTPUT.with_name(model.name))
+
+
+def reference_rows() -> frozenset[str]:
+    """Registered names that are reference rows, not methods (`oracle`: it reads the task's relevant patches), from
+    the catalogue (no torch): tables and figures mark them, and no method is compared against them as "best other"."""
+    return frozenset(name for name, m in json.loads(CATALOGUE.read_text()).items() if m.get("reference"))
 
 
 def go_offline() -> None:

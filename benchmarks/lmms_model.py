@@ -231,9 +231,10 @@ class ReducedLMM(lmms):
                 prompts, images = self._prepare(chunk)
                 gen = settings[idx[0]]
                 inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+                extra = {"relevant": self._relevant(chunk)} if "relevant" in self.reducer.needs else {}
                 out = self.runner.generate(
                     *(inputs[k] for k in self.family.inputs),
-                    max_new_tokens=gen["max_new_tokens"], eos_token_id=self._eos_ids(), pad_token_id=pad_id,
+                    max_new_tokens=gen["max_new_tokens"], eos_token_id=self._eos_ids(), pad_token_id=pad_id, **extra,
                 )
                 times = per_sample_ms(out.timing, len(chunk))
                 self.recorder.batches.append(times)
@@ -264,6 +265,18 @@ class ReducedLMM(lmms):
         mean = torch.tensor(ip.image_mean).view(3, 1, 1)
         std = torch.tensor(ip.image_std).view(3, 1, 1)
         return (pixels.float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
+
+    def _relevant(self, chunk: list[Instance]) -> torch.Tensor:
+        """(B, N) bool: each doc's recorded `relevant_patches` (the `oracle` reference's signal)."""
+        mask = torch.zeros(len(chunk), self.runner.layout.num_patches, dtype=torch.bool)
+        for b, req in enumerate(chunk):
+            _, _, _, doc_id, task, split = req.args
+            doc = self.task_dict[task][split][doc_id]
+            if "relevant_patches" not in doc:
+                raise ValueError(f"{self.reducer.name} needs each question's relevant_patches, which {task} does not "
+                                 "record; run it on synth_vqa or synth_scenes")
+            mask[b, list(doc["relevant_patches"])] = True
+        return mask
 
     def _prepare(self, chunk: list[Instance]) -> tuple[list[str], list]:
         prompts, images = [], []

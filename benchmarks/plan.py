@@ -22,6 +22,7 @@ from benchmarks.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUDGET_FRACTIONS,
     DEFAULT_OUTPUT,
+    RELEVANT_PATCH_TASKS,
     SMOKE_MODEL,
     SMOKE_TASKS,
     SYNTH_TASK_DOCS,
@@ -194,6 +195,9 @@ def make_plan(spec: RunSpec) -> Plan:
             refuse_off_family(cell.method)
             reducer = make_reducer(cell, spec, tokens)
             check(reducer, layout)
+            if "relevant" in reducer.needs and cell.task not in RELEVANT_PATCH_TASKS:
+                raise ValueError(f"{cell.method} reads each question's relevant_patches, which only "
+                                 f"{' and '.join(RELEVANT_PATCH_TASKS)} record; {cell.task} does not")
         except (ValueError, NotImplementedError) as e:
             if spec.methods_given:
                 raise

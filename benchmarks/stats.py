@@ -6,7 +6,8 @@
   difference of their means (questions resampled together), and for 0/1 scores McNemar's exact test (the two-sided
   binomial test of the discordant pairs, `scipy.stats.binomtest`).
 * `comparisons`: for each task and budget, every method against `full` and against the best other method at that
-  budget, on the task's primary metric; a difference is significant when McNemar's exact p < 0.05 (0/1 scores) or
+  budget (never a reference row such as `oracle`; the oracle's own "best other" is the best method: its headroom),
+  on the task's primary metric; a difference is significant when McNemar's exact p < 0.05 (0/1 scores) or
   else when its interval excludes 0.
 """
 
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
+
+from benchmarks.defaults import reference_rows
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -82,14 +85,15 @@ def comparisons(samples: list[dict]) -> list[dict]:
     scores = {k: {d: float(np.mean(v)) for d, v in docs.items()} for k, docs in per_seed.items()}
     fractions = {t for t, _, _ in scores} - {t for (t, _, _), v in scores.items() if not all(0 <= x <= 1
                                                                                            for x in v.values())}
-    out = []
+    out, not_methods = [], reference_rows()
     for task in sorted(fractions):
         full = next((v for (t, m, _), v in scores.items() if t == task and m == REFERENCE), None)
         for budget in sorted({b for t, m, b in scores if t == task and m != REFERENCE}, key=_budget_order):
             cells = {m: v for (t, m, b), v in scores.items() if t == task and b == budget and m != REFERENCE}
             means = {m: float(np.mean(list(v.values()))) for m, v in cells.items()}
             for method, mine in sorted(cells.items()):
-                others = sorted((m for m in cells if m != method), key=lambda m: (-means[m], m))
+                others = sorted((m for m in cells if m != method and m not in not_methods),
+                                key=lambda m: (-means[m], m))
                 refs = [("full", REFERENCE, full)] if full else []
                 refs += [("best other", others[0], cells[others[0]])] if others else []
                 for kind, name, theirs in refs:

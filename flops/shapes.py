@@ -172,6 +172,8 @@ def _llava_image(config, reducer: TokenReducer, g: torch.Generator) -> _Image:
             sig["feature_keys"] = torch.randn(1, n, vc.hidden_size // vc.num_attention_heads, generator=g)
         if "feature_cls" in reducer.needs:
             sig["feature_cls"] = torch.randn(1, dv, generator=g)
+        if "relevant" in reducer.needs:  # read from the task's records: its count does not change the cost
+            sig["relevant"] = torch.rand(1, n, generator=g) < 0.1
         extra_out = None if extra is None else torch.randn(1, e, vc.hidden_size, generator=g)
         red = reducer(Tokens(x=torch.randn(1, n, dv, generator=g), grid=lay.grid, extra=extra_out,
                              sample_key=torch.zeros(1, dtype=torch.long), **sig))

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 _REDUCERS: dict[str, type[TokenReducer]] = {}
 # one file per method; add new ones here
-METHOD_MODULES = ("adaptive", "dart", "divprune", "fastervlm", "fastv", "full", "pdrop", "prumerge", "random",
-                  "sparsevlm", "visionzip", "vispruner")
+METHOD_MODULES = ("adaptive", "dart", "divprune", "fastervlm", "fastv", "full", "oracle", "pdrop", "prumerge",
+                  "random", "sparsevlm", "visionzip", "vispruner")
 
 
 def load_methods() -> None:

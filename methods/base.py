@@ -28,7 +28,7 @@ class Site(enum.Enum):
 
 
 SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "query_attn",
-                     "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds"})
+                     "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds", "relevant"})
 AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
 
 
@@ -91,6 +91,8 @@ class Tokens:
             the vision encoder's input with `extra_vision_tokens` (they are not among `x`).
         image_tokens: (B,) long, at the LLM site when images differ in size (Qwen2.5-VL): each image's visual
             tokens before any LLM-site reduction; None means grid rows x cols for every sample.
+        relevant: (B, N) bool, at the features site: the patches the task records as relevant to each question
+            (`relevant_patches` of the synthetic tasks; "relevant", the `oracle` reference's only signal).
         stage: at the LLM site, which of the reducer's `llm_layers` this call is at (0 for the first).
         depth: at the LLM site, the language model's number of decoder layers.
     """
@@ -113,6 +115,7 @@ class Tokens:
     sample_key: Tensor | None = None
     extra: Tensor | None = None
     image_tokens: Tensor | None = None
+    relevant: Tensor | None = None
     stage: int = 0
     depth: int | None = None
 
@@ -166,6 +169,8 @@ class TokenReducer(nn.Module):
     budget_unit: ClassVar[str] = "kept"  # "layer_mean": the budget is the visual tokens averaged over the LLM's
     # layers (PyramidDrop), not the count kept from the reduction point on
     seeded: ClassVar[bool] = False  # True for methods that draw at random: a `seed` argument, set from --seed
+    reference: ClassVar[bool] = False  # True for a reference row that is not a method (`oracle` reads the task's
+    # relevant patches): tables and figures mark it, comparisons of methods leave it out
 
     method_args: dict  # the constructor's arguments as called (None ones left out), recorded by `create_reducer`
 

@@ -35,6 +35,7 @@ def build() -> dict:
             "learned": cls.needs_checkpoint,
             "uses_budget": cls.uses_budget,
             "supports_auto": cls.supports_auto,
+            "reference": cls.reference,
             "args": {p: _default(v.default) for p, v in params.items() if p not in INTERNAL_ARGS},
             "summary": (cls.__doc__ or "").strip().splitlines()[0],
         }

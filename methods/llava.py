@@ -58,7 +58,7 @@ from methods.trace import (
 )
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-FEATURE_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})
+FEATURE_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "relevant"})
 
 
 def llava_prompt(processor, text: str) -> str:
@@ -158,6 +158,7 @@ class ReducedLlava(LLMSide):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int = 0,
         budgets: Tensor | None = None,
+        relevant: Tensor | None = None,
     ) -> Generation:
         """Greedy decoding with the KV cache.
 
@@ -170,13 +171,15 @@ class ReducedLlava(LLMSide):
             eos_token_id: id or ids that end a sample.
             pad_token_id: written after a sample has ended.
             budgets: (B,) optional per-sample budgets passed to the reducer.
+            relevant: (B, N) bool, each question's relevant patches, for a reducer that needs them (`oracle`).
         """
-        return self._generate(lambda: self.prefill(input_ids, attention_mask, pixel_values, budgets=budgets),
+        return self._generate(lambda: self.prefill(input_ids, attention_mask, pixel_values, budgets=budgets,
+                                                   relevant=relevant),
                               max_new_tokens, eos_token_id, pad_token_id)
 
     def prefill(
         self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, budgets: Tensor | None = None,
-        tail: int = 1,
+        tail: int = 1, relevant: Tensor | None = None,
     ) -> DecodeState:
         """Run the reduced prefill; return the decoding state (cache, masks, last-position logits, token trace).
 
@@ -191,7 +194,11 @@ class ReducedLlava(LLMSide):
         pixel_values = pixel_values.to(device, m.model.vision_tower.dtype)
         key = pixel_key(pixel_values)  # (B,)
         log = ReducerLog(macs=torch.zeros(pixel_values.size(0), dtype=torch.long, device=device))
-        feats = self._encode_images(pixel_values, budgets, key, log)  # feats.x (B, K, Dv * nf)
+        wanted = (len(key), self.layout.num_patches)
+        if "relevant" in self.reducer.needs and (relevant is None or tuple(relevant.shape) != wanted):
+            raise ValueError(f"{self.reducer.name} needs each question's relevant patches as a (batch, "
+                             f"{self.layout.num_patches}) mask; only tasks that record relevant_patches have them")
+        feats = self._encode_images(pixel_values, budgets, key, log, relevant)  # feats.x (B, K, Dv * nf)
         projected = m.model.multi_modal_projector(feats.x)  # (B, K, D)
         valid, src = feats.valid, feats.src
         if self.reducer.site is Site.EMBEDDINGS:  # the trace keeps `feats`: every token went through the projector
@@ -209,8 +216,8 @@ class ReducedLlava(LLMSide):
 
     # ------------------------------------------------------------------ vision
 
-    def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor, log: ReducerLog
-                       ) -> _Features:
+    def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor, log: ReducerLog,
+                       relevant: Tensor | None = None) -> _Features:
         """(B, 3, H, W) -> the features of the visual tokens (VISION and FEATURES sites reduce them here); the
         reducer's MACs and time go into `log`."""
         vt, lay, r = self.model.model.vision_tower, self.layout, self.reducer
@@ -261,6 +268,8 @@ class ReducedLlava(LLMSide):
                 sig["feature_keys"] = qk[1].mean(1)[:, 1 : 1 + feats.size(1)]
             if "feature_cls" in r.needs:  # (B, Dv * nf) the CLS token's features, as the patches' are selected
                 sig["feature_cls"] = torch.cat([hidden[j][:, 0] for j in lay.feature_layers], dim=-1)
+            if "relevant" in r.needs:  # (B, N) bool, from the task's records: no compute
+                sig["relevant"] = relevant.to(device=h.device, dtype=torch.bool)
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
             log.add(red, self._clock() - t0)
             feats, valid, src = self._apply(red, feats, valid, src, budgets)

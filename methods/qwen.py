@@ -170,6 +170,8 @@ def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> No
             why = "it ranks by the vision encoder's CLS token, which Qwen2.5-VL does not have"
         elif (r if isinstance(r, type) else type(r)).extra_vision_tokens is not TokenReducer.extra_vision_tokens:
             why = "its budget token would have to join the vision encoder's window attention, which is not ported"
+        elif "relevant" in r.needs:
+            why = "the tasks record relevant patches on LLaVA's grid, which Qwen2.5-VL's merged tokens do not follow"
         else:
             why = "it is not ported to this family yet"
         raise NotImplementedError(f"{r.name} does not run on Qwen2.5-VL: {why}; these do: {', '.join(QWEN_METHODS)}")

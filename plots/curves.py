@@ -1,6 +1,7 @@
 """Accuracy against compute: per task against prefill FLOPs and against measured prefill latency, and the average
 over tasks relative to `full`. One line per method, points labelled with their budget, the Pareto frontier marked
-(the points no other point beats on both accuracy and cost), `full` as a dashed reference line.
+(the points no other point beats on both accuracy and cost), `full` as a dashed reference line, and the `oracle`
+reference row (the question's relevant patches first: not a method) as a dotted black line off the frontier.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pandas as pd  # noqa: E402
 from plots.data import Results  # noqa: E402
 
 REFERENCE = "full"
+UPPER = "oracle"  # a reference row, not a method: drawn apart, never on the frontier
 
 
 # after tab10's ten: colours far from all of them (Dark2's gold, teal, magenta, ...), so that 16 methods stay apart
@@ -25,8 +27,9 @@ EXTRA_COLOURS = ("#e6ab02", "#1b9e77", "#e7298a", "#7570b3", "#66a61e", "#a6761d
 def colours(methods) -> dict[str, tuple]:
     """One fixed colour per method name (the same in every figure of a run): tab10, then `EXTRA_COLOURS`."""
     palette = [*plt.get_cmap("tab10").colors, *(matplotlib.colors.to_rgb(c) for c in EXTRA_COLOURS)]
-    named = sorted(set(methods) - {REFERENCE})
-    return {m: (*palette[i % len(palette)], 1.0) for i, m in enumerate(named)} | {REFERENCE: (0, 0, 0, 1)}
+    named = sorted(set(methods) - {REFERENCE, UPPER})
+    return {m: (*palette[i % len(palette)], 1.0) for i, m in enumerate(named)} | {REFERENCE: (0, 0, 0, 1),
+                                                                                   UPPER: (0, 0, 0, 1)}
 
 
 def save(fig, path: Path) -> Path:
@@ -58,7 +61,9 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
     labels = []
     for j, (method, rows) in enumerate(df[df["method"] != REFERENCE].groupby("method")):
         idx = rows.sort_values("budget_tokens").index
-        ax.plot(x[idx], y[idx], marker="o", color=colour[method], label=method, linewidth=1.6, markersize=5)
+        style = {"linestyle": ":", "marker": "^", "label": f"{UPPER} (reference: relevant patches first; not a method)"
+                 } if method == UPPER else {"marker": "o", "label": method}
+        ax.plot(x[idx], y[idx], color=colour[method], linewidth=1.6, markersize=5, **style)
         _error_bars(ax, df.loc[idx], x[idx], y[idx], colour[method])
         labels += [(x[i], y[i], str(df.at[i, "budget"]), colour[method], j) for i in idx]
     for i in df.index[df["method"] == REFERENCE]:
@@ -69,7 +74,8 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
             # full's 95 % interval, as a band
             ax.axhspan(100 * df.at[i, "ci95_low"], 100 * df.at[i, "ci95_high"], color="black", alpha=0.06, zorder=0)
         ax.plot([x[i]], [y[i]], marker="*", color="black", markersize=12, linestyle="none")
-    front = pareto(x, y)
+    methods = df.index[df["method"] != UPPER]
+    front = pareto(x[methods], y[methods])
     ax.plot(x[front], y[front], color="grey", linewidth=4, alpha=0.25, drawstyle="steps-post", zorder=0,
             label="Pareto frontier")
     ax.scatter(x[front], y[front], s=110, facecolors="none", edgecolors="grey", linewidths=1.2, zorder=3)

@@ -7,18 +7,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from plots.curves import REFERENCE, flops_axis
+from plots.curves import REFERENCE, UPPER, flops_axis
 from plots.data import Results
 
 
 def table(res: Results) -> pd.DataFrame:
-    """One row per (task, method, budget): accuracy, accuracy relative to `full`, cost columns with units."""
+    """One row per (task, method, budget): accuracy, accuracy relative to `full`, cost columns with units;
+    `reference_row` marks the `oracle` reference (the question's relevant patches first), which is not a method."""
     rows = res.main_rows()
     full = rows[rows["method"] == REFERENCE].drop_duplicates("task").set_index("task")["value"]
     flops, unit = flops_axis(rows)
     out = pd.DataFrame({
         "task": rows["task"], "metric": rows["metric"], "method": rows["method"], "budget": rows["budget"],
-        "accuracy_pct": (100 * rows["value"]).round(1),
+        "reference_row": rows["method"] == UPPER, "accuracy_pct": (100 * rows["value"]).round(1),
         "relative_to_full_pct": (100 * rows["value"] / rows["task"].map(full)).round(1),
         f"prefill_{unit.lower()}": flops.round(4 if unit == "GFLOPs" else 3),
         "visual_tokens": rows["visual_tokens_mean"].round(1),
@@ -26,12 +27,12 @@ def table(res: Results) -> pd.DataFrame:
     })
     if "relevant_precision_mean" in rows and rows["relevant_precision_mean"].notna().any():
         out["kept_on_objects_pct"] = (100 * rows["relevant_precision_mean"]).round(1)
-    out.insert(5, "accuracy_ci95_low_pct", (100 * rows["ci95_low"]).round(1).to_numpy())
-    out.insert(6, "accuracy_ci95_high_pct", (100 * rows["ci95_high"]).round(1).to_numpy())
+    out.insert(6, "accuracy_ci95_low_pct", (100 * rows["ci95_low"]).round(1).to_numpy())
+    out.insert(7, "accuracy_ci95_high_pct", (100 * rows["ci95_high"]).round(1).to_numpy())
     if (rows["seeds"] > 1).any():  # learned methods with controllers of several training seeds: mean and range
-        out.insert(7, "seeds", rows["seeds"].to_numpy())
-        out.insert(8, "seed_min_pct", (100 * rows["seed_min"]).round(1).to_numpy())
-        out.insert(9, "seed_max_pct", (100 * rows["seed_max"]).round(1).to_numpy())
+        out.insert(8, "seeds", rows["seeds"].to_numpy())
+        out.insert(9, "seed_min_pct", (100 * rows["seed_min"]).round(1).to_numpy())
+        out.insert(10, "seed_max_pct", (100 * rows["seed_max"]).round(1).to_numpy())
     return _with_comparisons(out.reset_index(drop=True), res.comparisons)
 
 
@@ -66,7 +67,7 @@ def at_equal_compute(res: Results, reference: str = "fastv") -> pd.DataFrame:
             continue
         flops, unit = flops_axis(rows)
         rx, ry = flops[ref.index].to_numpy(), 100 * ref["value"].to_numpy()
-        for i, r in rows[~rows["method"].isin([reference, REFERENCE])].iterrows():
+        for i, r in rows[~rows["method"].isin([reference, REFERENCE, UPPER])].iterrows():
             x = flops[i]
             inside = rx.min() <= x <= rx.max()
             y_ref = float(np.interp(x, rx, ry)) if inside else float("nan")

@@ -161,3 +161,19 @@ def qwen_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_qwen")
     return save_qwen(build_qwen_model(vision_hidden=32, text_hidden=64, text_layers=3, seed=1),
                      build_qwen_processor(), path)
+
+
+def llava_runner(model, reducer):
+    """`ReducedLlava(model, reducer)` that hands a reducer needing each question's relevant patches (`oracle`) a
+    fixed mask, every fifth patch, when the call gives none (registry-wide tests call every method the same way)."""
+    from methods.llava import ReducedLlava  # noqa: PLC0415
+
+    class WithRelevant(ReducedLlava):
+        def prefill(self, input_ids, attention_mask, pixel_values, budgets=None, tail=1, relevant=None):
+            if relevant is None and "relevant" in self.reducer.needs:
+                n = self.layout.num_patches
+                relevant = (torch.arange(n) % 5 == 0).expand(input_ids.size(0), n)
+            return super().prefill(input_ids, attention_mask, pixel_values, budgets=budgets, tail=tail,
+                                   relevant=relevant)
+
+    return WithRelevant(model, reducer)

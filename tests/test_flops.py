@@ -23,7 +23,7 @@ from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
 from methods.llava import ReducedLlava, llava_prompt, load_llava
 from methods.qwen import QWEN_METHODS, ReducedQwen
-from tests.conftest import IMAGE_TOKEN, QWEN_IMAGE, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
+from tests.conftest import IMAGE_TOKEN, QWEN_IMAGE, llava_runner, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [m for m in list_reducers() if get_reducer_class(m).__module__.startswith("methods.")]
@@ -64,7 +64,7 @@ def test_reducer_macs_by_hand():
 def test_analytic_equals_fvcore_and_flop_counter_tiny(method, budget):
     model = tiny_llava(kv_heads=2, seed=1)  # sdpa attention, grouped-query
     ids, mask, pixels = tiny_batch(model, 1, seed=5)
-    run = ReducedLlava(model, make(method, budget, model.config))
+    run = llava_runner(model, make(method, budget, model.config))
     with torch.no_grad():
         measured, state = flop_counter_macs(lambda: run.prefill(ids, mask, pixels))
         traced = fvcore_prefill_macs(run, ids, mask, pixels)
@@ -76,7 +76,7 @@ def test_analytic_equals_fvcore_and_flop_counter_tiny(method, budget):
 def test_analytic_equals_flop_counter_around_generate(method):
     model = tiny_llava(attn="eager", kv_heads=2, seed=2)
     ids, mask, pixels = tiny_batch(model, 1, seed=6)
-    run = ReducedLlava(model, make(method, 5, model.config, **({"layer": 2} if method == "fastv" else {})))
+    run = llava_runner(model, make(method, 5, model.config, **({"layer": 2} if method == "fastv" else {})))
     measured, gen = flop_counter_macs(lambda: run.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=None))
     rec = gen.trace.sample(0, 16)
     assert rec["generated_tokens"] == 5
@@ -89,7 +89,7 @@ def test_shape_only_record_equals_real_trace(method):
     ids, mask, pixels = tiny_batch(model, 1, seed=5)
     reducer = make(method, 6, model.config)
     with torch.no_grad():
-        rec = ReducedLlava(model, reducer).prefill(ids, mask, pixels).trace.sample(0, 16)
+        rec = llava_runner(model, reducer).prefill(ids, mask, pixels).trace.sample(0, 16)
     after = ids.size(1) - 1 - int((ids[0] == IMAGE_TOKEN).nonzero()[-1])  # the text after the image (no padding)
     shaped = shape_record(model.config, reducer, text_tokens=int(mask.sum()) - 16, text_after=after)
     assert {k: rec[k] for k in shaped if k != "generated_tokens"} == {
@@ -124,7 +124,7 @@ def test_analytic_equals_fvcore_smoke_model(smoke, method, budget):
     s = generate_sample(3, 7)
     inputs = processor(images=[Image.fromarray(s.image)], text=[llava_prompt(processor, s.question)],
                        return_tensors="pt")
-    run = ReducedLlava(model, make(method, budget, model.config))
+    run = llava_runner(model, make(method, budget, model.config))
     args = (inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
     with torch.no_grad():
         state = run.prefill(*args)
@@ -153,7 +153,7 @@ def test_analytic_equals_fvcore_llava7b_shaped(llava7b_shaped, method):
     n = 576
     ids = torch.tensor([[1] + [7] * 5 + [32000] * n + [9] * 10])
     pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
-    run = ReducedLlava(model, make(method, 64, model.config))
+    run = llava_runner(model, make(method, 64, model.config))
     with torch.no_grad():
         state = run.prefill(ids, torch.ones_like(ids), pixels)
         traced = fvcore_prefill_macs(run, ids, torch.ones_like(ids), pixels)

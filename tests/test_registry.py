@@ -122,7 +122,8 @@ def test_contract_batch_of_four_independent_samples(name):
     x = torch.randn(4, 16, 8, generator=g)
     sig = {"cls_attn": torch.rand(4, 16, generator=g).softmax(1), "keys": torch.randn(4, 16, 8, generator=g),
            "feature_attn": torch.rand(4, 16, generator=g).softmax(1),
-           "feature_keys": torch.randn(4, 16, 4, generator=g), "feature_cls": torch.randn(4, 8, generator=g)}
+           "feature_keys": torch.randn(4, 16, 4, generator=g), "feature_cls": torch.randn(4, 8, generator=g),
+           "relevant": torch.rand(4, 16, generator=g) < 0.2}
     extra = r.extra_vision_tokens(4, 16, None)  # as if the encoder were the identity
     if extra is not None:
         sig["extra"] = extra.detach()

@@ -121,6 +121,44 @@ def test_tiny_retrain_loss_falls(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped in stage 2 after its snapshot at step 20, the rerun loads stage 1 as finished, resumes stage 2 at step
+    20 and ends with exactly the weights of an uninterrupted run. A later stage's setting reuses the stages before
+    it; an earlier one's starts afresh."""
+    cfg = replace(train.TrainConfig.tiny(), n_test=4, n_monitor=0, save_every=20)
+    whole = train.train(cfg, tmp_path / "whole", work_dir=tmp_path / "whole.work")
+    reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "whole", local_files_only=True)
+
+    real, calls = train.splice_batch, []
+
+    def stop_at_step_30(*args, **kwargs):  # stage 2 splices one batch per step; stage 1 none
+        calls.append(1)
+        if len(calls) == 31:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "splice_batch", stop_at_step_30)
+    work = tmp_path / "run.work"
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, tmp_path / "run", work_dir=work)
+    assert sorted(p.name.split("-")[0] for p in work.iterdir()) == ["stage1", "stage2"]  # done + snapshot
+    monkeypatch.setattr(train, "splice_batch", real)
+    resumed = train.train(cfg, tmp_path / "run", work_dir=work)
+    assert [r["step"] for r in resumed["log"] if r["stage"] == 2] == list(range(cfg.stage2_steps))
+    assert resumed["log"] == whole["log"]
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "run", local_files_only=True)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not list(work.glob("*.partial.pt")) and len(list(work.glob("stage*.pt"))) == 4
+
+    keys = train.WorkFolder(None, cfg)
+    later = train.WorkFolder(None, replace(cfg, stage4_steps=3))
+    assert [keys.key(s) == later.key(s) for s in (1, 2, 3, 4)] == [True, True, True, False]
+    earlier = train.WorkFolder(None, replace(cfg, lr_llm=1e-4))
+    assert [keys.key(s) == earlier.key(s) for s in (1, 2, 3, 4)] == [True, False, False, False]
+    assert train.WorkFolder(None, replace(cfg, n_test=99, eval_split="val")).key(4) == keys.key(4)
+
+
 @pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="checkpoint not trained yet")
 def test_committed_checkpoint_reloads_and_answers() -> None:
     size = sum(f.stat().st_size for f in CHECKPOINT.iterdir() if f.is_file())

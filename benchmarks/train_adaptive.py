@@ -23,7 +23,9 @@ multimodal projector; Qwen2.5-VL: the vision tower's patch merger) or LoRA, the 
 checkpoint folder of the same family in OUT/model; evaluate with `--model OUT/model`.
 A killed run resumes from OUT/train_state.pt when started again with the same command.
 
-Data: `--data synth` (the project's synthetic train split, generated on the fly) or a LLaVA-format JSON list of
+Data: synthetic tasks' train splits, generated on the fly and interleaved (default `--data synth_vqa,synth_scenes`,
+the LLaVA smoke model's tasks; `--data synth_vqa` for the Qwen2.5-VL smoke model, which knows that task only; `synth`
+is `synth_vqa`, as controllers trained before `synth_scenes` recorded it), or a LLaVA-format JSON list of
 {"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}
 (the first human/gpt turn is used).
 """
@@ -45,7 +47,8 @@ from tqdm import tqdm
 
 from benchmarks.defaults import controller_dir, go_offline
 from benchmarks.plan import read_config
-from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.synthetic.generate import SYNTH_VQA, Generator
+from benchmarks.synthetic.scenes import SYNTH_SCENES
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ESTIMATORS
@@ -64,9 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="local checkpoint folder (llava-hf LLaVA-1.5 or Qwen2.5-VL)")
     learned = [m for m in list_reducers() if get_reducer_class(m).needs_checkpoint]
     p.add_argument("--method", required=True, choices=learned)
-    p.add_argument("--data", default="synth", help="'synth' or a LLaVA-format JSON file")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help=f"synthetic tasks' train splits, comma-separated and interleaved (default {DEFAULT_DATA}; "
+                   "'synth' is synth_vqa), or a LLaVA-format JSON file")
     p.add_argument("--image-folder", type=Path, default=None, help="folder the JSON's image paths are relative to")
-    p.add_argument("--synth-samples", type=at_least(1), default=20000, help="size of the synthetic train split")
+    p.add_argument("--synth-samples", type=at_least(1), default=20000,
+                   help="synthetic training questions, over the tasks of --data")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: MODEL/controllers/METHOD/seedSEED)")
     p.add_argument("--steps", type=at_least(1), default=600)
     p.add_argument("--batch-size", type=at_least(1), default=32, help="per process")
@@ -98,17 +104,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------- data
 
 
-class SynthTrain(torch.utils.data.Dataset):
-    """The synthetic benchmark's train split (held out from the test split by its seed), made on the fly."""
+SYNTH_DATA: dict[str, Generator] = {  # --data NAME[,NAME]: the synthetic train splits it interleaves
+    "synth_vqa": SYNTH_VQA,
+    "synth_scenes": SYNTH_SCENES,
+    "synth": SYNTH_VQA,  # what controllers trained before synth_scenes recorded (the generator's own name)
+}
+DEFAULT_DATA = "synth_vqa,synth_scenes"  # the LLaVA smoke model's tasks (the Qwen2.5-VL one knows synth_vqa only)
 
-    def __init__(self, n: int) -> None:
-        self.n, self.seed = n, SPLIT_SEEDS["train"]
+
+def synthetic(data: str) -> tuple[Generator, ...] | None:
+    """The generators a --data value names (comma-separated synthetic tasks), or None for a JSON file."""
+    names = data.split(",")
+    return tuple(SYNTH_DATA[n] for n in names) if all(n in SYNTH_DATA for n in names) else None
+
+
+class SynthTrain(torch.utils.data.Dataset):
+    """Synthetic tasks' train splits (held out from the test splits by their seeds), made on the fly and
+    interleaved: item i is question i // T of task i % T's split."""
+
+    def __init__(self, n: int, gens: tuple[Generator, ...] = (SYNTH_VQA,)) -> None:
+        self.n, self.gens = n, gens
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> tuple:
-        s = generate_sample(self.seed, i)
+        gen = self.gens[i % len(self.gens)]
+        s = gen.sample(gen.seeds["train"], i // len(self.gens))
         return Image.fromarray(s.image), doc_to_text({"question": s.question}), s.answer
 
 
@@ -213,7 +235,8 @@ def train(args: argparse.Namespace) -> Path:
     out = args.out
     torch.manual_seed(args.seed)  # the same initial weights (controller, LoRA) in every process
     random.seed(args.seed)
-    data = SynthTrain(args.synth_samples) if args.data == "synth" else LlavaJson(Path(args.data), args.image_folder)
+    gens = synthetic(args.data)
+    data = SynthTrain(args.synth_samples, gens) if gens else LlavaJson(Path(args.data), args.image_folder)
     family = family_of(read_config(args.model))
     model, processor = family.load(args.model, device=device, dtype=args.dtype)
     model.requires_grad_(False)
@@ -361,8 +384,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     config = read_config(args.model)  # a checkpoint folder of a family the harness runs
     family = family_of(config)
     new_controller(args, family, family.layout(config))  # the method runs on this model (no weights load)
-    if args.data != "synth" and not Path(args.data).is_file():
-        raise FileNotFoundError(f"--data {args.data}: no such file; give 'synth' or a LLaVA-format JSON file")
+    if synthetic(args.data) is None and not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file; give synthetic tasks ({', '.join(SYNTH_DATA)}, "
+                                "comma-separated) or a LLaVA-format JSON file")
     if args.image_folder is not None and not args.image_folder.is_dir():
         raise FileNotFoundError(f"--image-folder {args.image_folder} is not a folder")
     if args.device:

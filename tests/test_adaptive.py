@@ -16,6 +16,7 @@ import torch
 
 from benchmarks import train_adaptive
 from benchmarks.defaults import SMOKE_MODEL
+from benchmarks.synthetic import generate, scenes
 from methods import Tokens, create_reducer
 from methods.adaptive import ControllerConfig, budget_encoding, gumbel_topk, plackett_luce_topk
 from methods.llava import ReducedLlava, load_llava
@@ -266,3 +267,16 @@ def test_sigint_during_training_exits_130_and_the_rerun_resumes(tmp_path):
     assert res.returncode == 0 and f"resumed from {out / 'train_state.pt'} at step {saved}" in res.stdout
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, saved + 2))  # one run's log, no step twice
+
+
+def test_synthetic_data_interleaves_the_tasks_it_names():
+    """--data synth_vqa,synth_scenes (the default) alternates the two train splits; 'synth' is synth_vqa (what
+    earlier controllers recorded); a JSON path is not synthetic."""
+    synthetic = train_adaptive.synthetic
+    data = train_adaptive.SynthTrain(6, synthetic(train_adaptive.DEFAULT_DATA))
+    questions = [data[i][1].splitlines()[0] for i in range(6)]
+    vqa = [generate.generate_sample(generate.SPLIT_SEEDS["train"], j).question for j in range(3)]
+    sc = [scenes.generate_scene(scenes.SPLIT_SEEDS["train"], j).question for j in range(3)]
+    assert questions == [q for pair in zip(vqa, sc, strict=True) for q in pair]
+    assert synthetic("synth") == synthetic("synth_vqa") == (generate.SYNTH_VQA,)
+    assert synthetic("/data/llava.json") is None and synthetic("synth_vqa,/x.json") is None

@@ -18,6 +18,7 @@ from benchmarks.defaults import (
     CATALOGUE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_OUTPUT,
+    OTHER_TASKS,
     SMOKE_MODEL,
     SMOKE_TASKS,
     default_output,
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", nargs="+", type=parse_budget, default=[], metavar="N",
                    help="visual tokens the LLM sees: a count, a fraction of each image's (0.25), or 'auto' for "
                    "methods that choose their own count (prumerge) (default: about 1/9, 1/4 and 1/3 of them)")
-    p.add_argument("--tasks", nargs="+", default=list(SMOKE_TASKS), metavar="TASK",
-                   help=f"lmms-eval task names, separated by spaces (default: {' '.join(SMOKE_TASKS)})")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help=f"lmms-eval task names, separated by spaces (default: {' '.join(SMOKE_TASKS)} on the LLaVA "
+                   f"smoke model, the tasks it knows; {' '.join(OTHER_TASKS)} on any other)")
     p.add_argument("--model", type=Path, default=SMOKE_MODEL,
                    help="local checkpoint folder, LLaVA-1.5 (llava-hf) or Qwen2.5-VL (default: "
                    f"{_rel(SMOKE_MODEL)}, the committed smoke model)")
@@ -124,7 +126,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     """What can be checked from the arguments and the model's config.json alone, in milliseconds."""
     known = catalogue()
     methods = expand_methods(tuple(args.methods), list(known)) if args.methods else list(known)
-    for task in args.tasks:
+    for task in args.tasks or ():
         if "," in task:
             raise ValueError(f"--tasks {task}: separate task names with spaces (--tasks {' '.join(task.split(','))})")
     for method, arg, _ in args.method_args:
@@ -163,8 +165,8 @@ def list_everything() -> None:
                    maxcolwidths=[None, None, 36, 56]))
     print("\ntasks of this project: synth_vqa (synthetic VQA, 1,000 questions; per-type metrics acc_color, "
           "acc_shape,\n  acc_count, acc_exists, acc_position); synth_scenes (40-48 objects per scene, 1,000 questions; "
-          "acc_shape,\n  acc_color, acc_position, acc_exists, acc_count, acc_background; the smoke model is not yet "
-          "trained on it)\nany lmms-eval task name also works, e.g. gqa pope mme "
+          "acc_shape,\n  acc_color, acc_position, acc_exists, acc_count, acc_background; the Qwen2.5-VL smoke model "
+          "is not trained on it)\nany lmms-eval task name also works, e.g. gqa pope mme "
           "textvqa_val scienceqa_img mmbench_en_dev_static;\n  offline, point each at a local copy of its dataset "
           "with --task-data TASK=PATH (docs/standard_tasks.md)")
 
@@ -207,7 +209,7 @@ def _main(args: argparse.Namespace) -> int:
     from benchmarks.store import ResultStore
 
     spec = RunSpec(model=args.model, methods=tuple(args.methods), budgets=tuple(args.budgets),
-                   tasks=tuple(args.tasks), limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                   tasks=tuple(args.tasks or ()), limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                    output=args.output or default_output(args.model), include_paths=tuple(args.include_path),
                    device=args.device, dtype=args.dtype,
                    method_kwargs=tuple(args.method_args),

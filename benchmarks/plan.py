@@ -24,9 +24,9 @@ from benchmarks.defaults import (
     DEFAULT_OUTPUT,
     RELEVANT_PATCH_TASKS,
     SMOKE_MODEL,
-    SMOKE_TASKS,
     SYNTH_TASK_DOCS,
     controllers,
+    default_tasks,
 )
 from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
 from benchmarks.standard_tasks import check_task_data
@@ -63,7 +63,7 @@ class RunSpec:
     model: Path = SMOKE_MODEL
     methods: tuple[str, ...] = ()
     budgets: tuple[int | float | str, ...] = ()
-    tasks: tuple[str, ...] = SMOKE_TASKS
+    tasks: tuple[str, ...] = ()  # none: the model's default tasks (`benchmarks.defaults.default_tasks`)
     limit: int | None = None
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -82,6 +82,7 @@ class RunSpec:
                         if not get_reducer_class(m).needs_checkpoint or controllers(self.model, m))
         object.__setattr__(self, "methods_given", bool(self.methods))
         object.__setattr__(self, "methods", expand_methods(self.methods or default))
+        object.__setattr__(self, "tasks", tuple(self.tasks) or default_tasks(self.model))
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:

@@ -22,8 +22,8 @@ import run_bench
 from benchmarks.defaults import SMOKE_MODEL
 
 REPO = Path(run_bench.__file__).resolve().parent
-ARGS = ["--model", str(SMOKE_MODEL), "--methods", "full", "random", "--budgets", "16", "--limit", "39",
-        "--batch-size", "8", "--device", "cpu"]
+ARGS = ["--model", str(SMOKE_MODEL), "--tasks", "synth_vqa", "--methods", "full", "random", "--budgets", "16",
+        "--limit", "39", "--batch-size", "8", "--device", "cpu"]
 FLOPS_COLUMNS = ["visual_tokens_mean", "visual_tokens_max", "llm_prefill_tokens_mean", "generated_tokens_mean",
                  "prefill_tflops_mean", "llm_prefill_tflops_mean", "reducer_tflops_mean", "total_tflops_mean",
                  "relevant_precision_mean", "relevant_recall_mean"]

@@ -133,3 +133,14 @@ def test_final_table_shows_a_mean_over_training_seeds_and_their_range():
     assert "adaptive_a x2" in line and "83.0 %" in line and "80.0-86.0 s" in line and "-7.0 pt" in line
     assert "mean of N controllers" in table
     assert cell_line(1, 2, [{**seeded[0]}]).startswith("[1/2] synth_vqa  adaptive_a[0]")
+
+
+def test_default_tasks_follow_the_model():
+    """No --tasks: the LLaVA smoke model's tasks (SMOKE_TASKS), synth_vqa alone on any other (the Qwen2.5-VL smoke
+    model knows that task only); named tasks are kept."""
+    from benchmarks.defaults import QWEN_SMOKE_MODEL, SMOKE_TASKS  # noqa: PLC0415
+    from benchmarks.plan import RunSpec  # noqa: PLC0415
+
+    assert RunSpec().tasks == SMOKE_TASKS
+    assert RunSpec(model=QWEN_SMOKE_MODEL).tasks == ("synth_vqa",)
+    assert RunSpec(tasks=("synth_scenes",)).tasks == ("synth_scenes",)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from benchmarks.synthetic import scenes
 from benchmarks.synthetic.tasks.utils import doc_to_text
 
 CHECKPOINT = Path(build.__file__).resolve().parent / "checkpoint"
+NEXT = CHECKPOINT.with_name("checkpoint_next")  # the 8-layer model trained on both tasks (issue 33)
 EXPECTED_PROMPT = (
     "USER: <image>\nWhat color is the circle?\nAnswer the question using a single word or phrase. ASSISTANT:"
 )
@@ -172,3 +174,22 @@ def test_committed_checkpoint_reloads_and_answers() -> None:
     blind = train.evaluate(model, proc, samples, keep=0)
     assert full["overall"] >= 0.65, full  # the full 1000-question score is in MODEL_CARD.md
     assert full["overall"] > blind["overall"] + 0.2, (full, blind)
+
+
+def test_the_next_models_card_tables_are_its_eval_json() -> None:
+    """The card's calibration and learnability tables are regenerated from eval.json (`--card`): they agree."""
+    record = json.loads((NEXT / "eval.json").read_text())
+    card = (NEXT / "MODEL_CARD.md").read_text()
+    assert train.calibration_table(record) in card
+    assert train.monitor_table(record) in card
+    assert record["config"]["model_kwargs"]["text_layers"] >= 8
+
+
+def test_the_next_model_answers_both_tasks() -> None:
+    model = LlavaForConditionalGeneration.from_pretrained(NEXT, local_files_only=True)
+    proc = AutoProcessor.from_pretrained(NEXT, local_files_only=True)
+    assert model.config.text_config.num_hidden_layers >= 8
+    for task in ("synth_vqa", "synth_scenes"):
+        samples = train.split_samples(task, "test", 36)
+        full, blind = train.evaluate(model, proc, samples), train.evaluate(model, proc, samples, keep=0)
+        assert full["overall"] >= 0.7 and full["overall"] > blind["overall"] + 0.2, (task, full, blind)

@@ -957,6 +957,10 @@ numbers, before any reduction method ran on the task; see its generator's docstr
 
 {pilot_table()}
 
+The last column prices the step mix alone; the measured run's LLM stages took \
+{(timing["stage2_s"] + timing["stage3_s"] + timing["stage4_s"]) / 60:.0f} min (splicing, the projector and the \
+shared host come on top). This model's LLM is {t.num_hidden_layers} x {t.hidden_size}.
+
 ## Recipe notes
 
 The 8-layer two-task recipe of issue 16 (4-layer vision tower, stage 2 on `synth_vqa` alone for 5,000 steps, stage \

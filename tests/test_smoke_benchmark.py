@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks.defaults import SMOKE_MODEL
@@ -21,6 +22,10 @@ def smoke():
     prompts = [llava_prompt(processor, doc_to_text({"question": s.question})) for s in samples]
     inputs = processor(images=[Image.fromarray(s.image) for s in samples], text=prompts, return_tensors="pt",
                        padding=True)
+    relevant = torch.zeros(len(samples), 144, dtype=torch.bool)  # each question's relevant patches (`oracle`)
+    for i, s in enumerate(samples):
+        relevant[i, s.relevant_patches] = True
+    inputs["relevant"] = relevant
     return model, processor, inputs
 
 
@@ -36,7 +41,8 @@ def test_predictions_identical_at_batch_1_and_4(smoke, method):
     def generate(rows):
         ids, mask = inputs["input_ids"][rows], inputs["attention_mask"][rows]
         keep = mask.any(0)  # drop columns that are padding for every row of this batch
-        return run.generate(ids[:, keep], mask[:, keep], inputs["pixel_values"][rows], 4, eos_token_id=eos)
+        extra = {"relevant": inputs["relevant"][rows]} if "relevant" in run.reducer.needs else {}
+        return run.generate(ids[:, keep], mask[:, keep], inputs["pixel_values"][rows], 4, eos_token_id=eos, **extra)
 
     ones = [generate(slice(i, i + 1)) for i in range(12)]
     fours = [generate(slice(i, i + 4)) for i in range(0, 12, 4)]

@@ -193,3 +193,21 @@ def test_the_next_model_answers_both_tasks() -> None:
         samples = train.split_samples(task, "test", 36)
         full, blind = train.evaluate(model, proc, samples), train.evaluate(model, proc, samples, keep=0)
         assert full["overall"] >= 0.7 and full["overall"] > blind["overall"] + 0.2, (task, full, blind)
+
+
+def test_bad_card_and_work_folders_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "eval.json").write_text("{bad")
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "eval.json").write_text((NEXT / "eval.json").read_text())
+    (tmp_path / "a_file").write_text("")
+    cases = {("--card", str(tmp_path / "missing")): "no eval.json there",
+             ("--card", str(tmp_path / "corrupt")): "JSONDecodeError",
+             ("--card", str(tmp_path / "no_weights")): "not a checkpoint this script wrote (OSError",
+             ("--tiny", "--work", str(tmp_path / "a_file")): "a file, not a folder"}
+    for argv, phrase in cases.items():
+        with pytest.raises(SystemExit) as e:
+            train.main(list(argv))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and phrase in err[-1], (argv, err)
+    assert sorted(p.name for p in (tmp_path / "no_weights").iterdir()) == ["eval.json"]  # no card written

@@ -1039,9 +1039,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.card is not None:
         if not (args.card / "eval.json").is_file():
             parser.error(f"--card {args.card}: no eval.json there (a checkpoint this script wrote)")
-        record = json.loads((args.card / "eval.json").read_text())
-        write_model_card(args.card, LlavaForConditionalGeneration.from_pretrained(args.card, local_files_only=True),
-                         record)
+        try:
+            record = json.loads((args.card / "eval.json").read_text())
+            model = LlavaForConditionalGeneration.from_pretrained(args.card, local_files_only=True)
+        except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError; missing weights an OSError
+            parser.error(f"--card {args.card}: not a checkpoint this script wrote ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})")
+        if not {"config", "eval", "time"} <= set(record):
+            parser.error(f"--card {args.card}: its eval.json lacks {sorted({'config', 'eval', 'time'} - set(record))}")
+        write_model_card(args.card, model, record)
         print(f"wrote {args.card / 'MODEL_CARD.md'}")
         return
     if args.vision_from and not (Path(args.vision_from) / "config.json").is_file():  # before minutes of data
@@ -1053,6 +1059,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: getattr(args, k) for k in names}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     work = args.work or (args.out.with_name(args.out.name + ".work") if args.out is not None else None)
+    if work is not None and work.exists() and not work.is_dir():  # before minutes of data
+        parser.error(f"--work {work}: a file, not a folder; give a folder for the finished stages and snapshots")
     train(cfg, args.out, command="python -m benchmarks.smoke_model.train " + " ".join(argv or sys.argv[1:]),
           work_dir=work)
 

@@ -39,10 +39,15 @@ def default_tasks(model: Path) -> tuple[str, ...]:
     return SMOKE_TASKS if Path(model).resolve() == SMOKE_MODEL.resolve() else OTHER_TASKS
 
 
+def catalogue() -> dict[str, dict]:
+    """The registry's entries by name (site, learned, reference, arguments, summary), read without torch."""
+    return json.loads(CATALOGUE.read_text())
+
+
 def reference_rows() -> frozenset[str]:
     """Registered names that are reference rows, not methods (`oracle`: it reads the task's relevant patches), from
     the catalogue (no torch): tables and figures mark them, and no method is compared against them as "best other"."""
-    return frozenset(name for name, m in json.loads(CATALOGUE.read_text()).items() if m.get("reference"))
+    return frozenset(name for name, m in catalogue().items() if m.get("reference"))
 
 
 def go_offline() -> None:

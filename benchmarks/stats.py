@@ -5,21 +5,24 @@
 * `paired_difference`: two methods scored on the same questions; the 95 % paired-bootstrap interval of the
   difference of their means (questions resampled together), and for 0/1 scores McNemar's exact test (the two-sided
   binomial test of the discordant pairs, `scipy.stats.binomtest`).
-* `comparisons`: for each task and budget, every method against `full` and against the best other method at that
+* `comparisons`: for each task and budget, every method against `full`, against the best other method at that
   budget (never a reference row such as `oracle`; the oracle's own "best other" is the best method: its headroom),
-  on the task's primary metric; a difference is significant when McNemar's exact p < 0.05 (0/1 scores) or
-  else when its interval excludes 0.
+  the learned methods against the best training-free one and against each other, and the methods that act before
+  the LLM against each in-LLM method at equal prefill FLOPs, on the task's primary metric; a difference is
+  significant when McNemar's exact p < 0.05 (0/1 scores) or else when its interval excludes 0.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
 
-from benchmarks.defaults import reference_rows
+from benchmarks.defaults import catalogue
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -69,37 +72,98 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
             "significant": bool(significant)}
 
 
-def comparisons(samples: list[dict]) -> list[dict]:
+def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) -> list[dict]:
     """Paired comparisons from sample records (`task`, `method`, `budget`, `doc_id`, `correct`: the primary metric of
-    the doc). Per (task, budget), each method against `full` (the task's own cell) and against the best other method
-    at that budget (the highest mean; for the best itself, the runner-up), over the questions both answered. A
-    learned method with controllers of several training seeds is compared by its mean over seeds per question
-    (then not 0/1: the paired bootstrap interval decides).
-    Differences are in points (x 100): tasks whose primary scores are not all in [0, 1] get no comparison. One row
-    per comparison."""
+    the doc; `prefill_gmacs` for the equal-compute kind). Per task, one row per (cell, reference) of these kinds
+    (`reference_kind`), over the questions both answered:
+
+    * `full`: every cell against the task's `full` cell;
+    * `best other`: against the best other method at the same budget (the highest mean; for the best itself, the
+      runner-up; never a reference row such as `oracle`, whose own "best other" is the best method: its headroom);
+    * `best training-free`: a learned method against the best method at its budget that is neither learned nor a
+      reference row;
+    * `learned`: each learned method against each other learned method at the same budget (once per pair, in name
+      order);
+    * `equal prefill FLOPs`: a method that acts before the LLM (learned or not) against each in-LLM method (site
+      `llm`: FastV, DART, PyramidDrop, SparseVLM) at the same mean prefill FLOPs. The in-LLM method's curve over its
+      numeric budgets is interpolated linearly in mean prefill MACs, per question (its two neighbouring cells'
+      scores weighted, so the difference is still paired); `reference_budget` is the interpolated budget. A cell
+      outside that curve's range of FLOPs gets no row (no extrapolation).
+
+    A learned method with controllers of several training seeds is compared by its mean over seeds per question (then
+    not 0/1: the paired bootstrap interval decides); so is an interpolated reference. Differences are in points
+    (x 100): tasks whose primary scores are not all in [0, 1] get no comparison. `registry` (default the catalogue,
+    `benchmarks.defaults.catalogue`) says which names are learned, in-LLM or reference rows; others are none."""
+    registry = catalogue() if registry is None else registry
+    learned = {m for m, e in registry.items() if e.get("learned")}
+    in_llm = {m for m, e in registry.items() if e.get("site") == "llm"}
+    not_methods = {m for m, e in registry.items() if e.get("reference")}
     per_seed: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    gmacs: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for s in samples:
         if isinstance(s.get("correct"), (int, float)):
-            per_seed[(s["task"], s["method"], str(s["budget"]))][s["doc_id"]].append(float(s["correct"]))
+            key = (s["task"], s["method"], str(s["budget"]))
+            per_seed[key][s["doc_id"]].append(float(s["correct"]))
+            if isinstance(s.get("prefill_gmacs"), (int, float)):
+                gmacs[key].append(float(s["prefill_gmacs"]))
     # a learned method's cells of several controllers (training seeds): each question's score is their mean
     scores = {k: {d: float(np.mean(v)) for d, v in docs.items()} for k, docs in per_seed.items()}
+    cost = {k: float(np.mean(v)) for k, v in gmacs.items() if len(v) == sum(map(len, per_seed[k].values()))}
     fractions = {t for t, _, _ in scores} - {t for (t, _, _), v in scores.items() if not all(0 <= x <= 1
                                                                                            for x in v.values())}
-    out, not_methods = [], reference_rows()
+    out = []
+
+    def add(task, budget, method, mine, kind, name, theirs, reference_budget):
+        out.append({"task": task, "budget": budget, "method": method, "reference": name, "reference_kind": kind,
+                    "reference_budget": reference_budget, **_scaled(paired_difference(*_paired(mine, theirs)))})
+
     for task in sorted(fractions):
-        full = next((v for (t, m, _), v in scores.items() if t == task and m == REFERENCE), None)
+        full = next(((b, v) for (t, m, b), v in scores.items() if t == task and m == REFERENCE), None)
+        curves = {r: _curve(task, r, scores, cost) for r in sorted(in_llm)}
         for budget in sorted({b for t, m, b in scores if t == task and m != REFERENCE}, key=_budget_order):
             cells = {m: v for (t, m, b), v in scores.items() if t == task and b == budget and m != REFERENCE}
             means = {m: float(np.mean(list(v.values()))) for m, v in cells.items()}
+            ranked = sorted((m for m in cells if m not in not_methods), key=lambda m: (-means[m], m))
             for method, mine in sorted(cells.items()):
-                others = sorted((m for m in cells if m != method and m not in not_methods),
-                                key=lambda m: (-means[m], m))
-                refs = [("full", REFERENCE, full)] if full else []
-                refs += [("best other", others[0], cells[others[0]])] if others else []
-                for kind, name, theirs in refs:
-                    out.append({"task": task, "budget": budget, "method": method, "reference": name,
-                                "reference_kind": kind, **_scaled(paired_difference(*_paired(mine, theirs)))})
+                if full:
+                    add(task, budget, method, mine, "full", REFERENCE, full[1], full[0])
+                others = [m for m in ranked if m != method]
+                if others:
+                    add(task, budget, method, mine, "best other", others[0], cells[others[0]], budget)
+                if method in learned:
+                    static = [m for m in others if m not in learned]
+                    if static:
+                        add(task, budget, method, mine, "best training-free", static[0], cells[static[0]], budget)
+                    for other in sorted(m for m in others if m in learned and m > method):
+                        add(task, budget, method, mine, "learned", other, cells[other], budget)
+                x = cost.get((task, method, budget))
+                if method in in_llm or method in not_methods or x is None:
+                    continue
+                for r, curve in curves.items():
+                    at = _at_flops(curve, x)
+                    if at is not None:
+                        add(task, budget, method, mine, "equal prefill FLOPs", r, at[1], f"{at[0]:.1f}")
     return out
+
+
+def _curve(task: str, method: str, scores: dict, cost: dict) -> list[tuple[float, float, dict[int, float]]]:
+    """(mean prefill GMACs, budget, per-question scores) of `method`'s cells with a numeric budget, cheapest first."""
+    pts = []
+    for (t, m, b), v in scores.items():
+        if t == task and m == method and (t, m, b) in cost and _budget_order(b) != float("inf"):
+            pts.append((cost[(t, m, b)], float(b), v))
+    return sorted(pts, key=lambda p: p[0])
+
+
+def _at_flops(curve: list, x: float) -> tuple[float, dict[int, float]] | None:
+    """The curve's (budget, per-question scores) at mean prefill GMACs `x`, linearly between its two neighbouring
+    cells (questions both answered); None outside its range or with fewer than two cells unless one sits at `x`."""
+    for (x0, b0, s0), (x1, b1, s1) in itertools.pairwise(curve):
+        if x0 <= x <= x1 and x1 > x0:
+            w = (x - x0) / (x1 - x0)
+            return b0 + w * (b1 - b0), {d: (1 - w) * s0[d] + w * s1[d] for d in s0.keys() & s1.keys()}
+    exact = [(b, s) for c, b, s in curve if math.isclose(c, x, rel_tol=1e-9)]
+    return exact[0] if exact else None
 
 
 def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[list[float], list[float]]:

@@ -37,8 +37,9 @@ SUMMARY_COLUMNS = [
     "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
     "lmms_eval_version", "time_utc", "ci_method",
 ]
-COMPARISON_COLUMNS = ["task", "budget", "method", "reference", "reference_kind", "n_paired", "difference_pts",
-                      "difference_ci95_low_pts", "difference_ci95_high_pts", "mcnemar_p", "significant"]
+COMPARISON_COLUMNS = ["task", "budget", "method", "reference", "reference_kind", "reference_budget", "n_paired",
+                      "difference_pts", "difference_ci95_low_pts", "difference_ci95_high_pts", "mcnemar_p",
+                      "significant"]
 
 
 class DiskFullError(OSError):

@@ -173,7 +173,7 @@ def _read_comparisons(dirs: list[Path]) -> pd.DataFrame:
     for d in dirs:
         path = Path(d) / "comparisons.csv"
         try:
-            frames.append(pd.read_csv(path, dtype={"budget": str}) if path.is_file() else None)
+            frames.append(pd.read_csv(path, dtype={"budget": str, "reference_budget": str}) if path.is_file() else None)
         except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
             print(f"warning: {path} is not a comparisons table: skipped; rerun run_bench.py --output {d}",
                   file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from plots.curves import REFERENCE, UPPER, flops_axis
@@ -52,30 +51,46 @@ def _with_comparisons(out: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFr
     return out
 
 
-def at_equal_compute(res: Results, reference: str = "fastv") -> pd.DataFrame:
-    """Every other method's points next to `reference`'s accuracy at the same prefill FLOPs.
+HEADINGS = {  # comparisons.md: what each kind of comparisons.csv answers, in this order
+    "best training-free": "The learned methods against the best training-free method at the same budget",
+    "equal prefill FLOPs": "Each method that acts before the LLM against each in-LLM method at equal prefill FLOPs",
+    "learned": "The learned methods against each other",
+    "headroom": "The oracle's headroom: the reference row against the best method at the same budget",
+}
 
-    The reference's accuracy is interpolated linearly along its budget curve (its points sorted by FLOPs); a point
-    outside the curve's FLOPs range gets no comparison (NaN) rather than an extrapolation. Methods that keep every
-    token for the first layers (FastV) cost more than pre-LLM methods at the same budget, so equal compute, not
-    equal budget, is the fair comparison.
-    """
-    out = []
-    for task, rows in res.main_rows().groupby("task", sort=False):
-        ref = rows[rows["method"] == reference].sort_values("prefill_tflops_mean")
-        if len(ref) < 1:
+
+def comparison_tables(res: Results) -> str:
+    """comparisons.csv's comparisons beyond the main table's (which has `vs full` and `vs best other`), as Markdown:
+    one section per kind of `HEADINGS`, rows by task and budget, differences in points with their paired 95 %
+    interval and `*` where significant. Empty when there are none."""
+    c = res.comparisons
+    if c.empty or "reference_budget" not in c:
+        return ""
+    c = c.assign(kind=c["reference_kind"].where(~((c["reference_kind"] == "best other") & (c["method"] == UPPER)),
+                                                 "headroom"))
+    parts = []
+    for kind, heading in HEADINGS.items():
+        rows = c[c["kind"] == kind].copy()
+        if rows.empty:
             continue
-        flops, unit = flops_axis(rows)
-        rx, ry = flops[ref.index].to_numpy(), 100 * ref["value"].to_numpy()
-        for i, r in rows[~rows["method"].isin([reference, REFERENCE, UPPER])].iterrows():
-            x = flops[i]
-            inside = rx.min() <= x <= rx.max()
-            y_ref = float(np.interp(x, rx, ry)) if inside else float("nan")
-            out.append({"task": task, "method": r["method"], "budget": r["budget"],
-                        f"prefill_{unit.lower()}": round(x, 4), "accuracy_pct": round(100 * r["value"], 1),
-                        f"{reference}_accuracy_pct_at_equal_flops": round(y_ref, 1),
-                        "difference_pts": round(100 * r["value"] - y_ref, 1)})
-    return pd.DataFrame(out)
+        rows["order"] = pd.to_numeric(rows["budget"], errors="coerce")
+        rows = rows.sort_values(["task", "order", "method", "reference"], kind="stable")
+        table = pd.DataFrame({
+            "task": rows["task"], "budget": rows["budget"], "method": rows["method"], "against": rows["reference"],
+            "its budget": rows["reference_budget"], "difference (pt)": [
+                f"{d:+.1f}{'*' if sig else ''}" for d, sig in zip(rows["difference_pts"], rows["significant"],
+                                                                   strict=True)],
+            "95 % interval (pt)": [f"{lo:+.1f} to {hi:+.1f}" for lo, hi in
+                                   zip(rows["difference_ci95_low_pts"], rows["difference_ci95_high_pts"],
+                                       strict=True)],
+            "questions": rows["n_paired"]})
+        parts.append(f"## {heading}\n\n{to_markdown(table)}")
+    if not parts:
+        return ""
+    return ("# Paired comparisons (from comparisons.csv)\n\nDifferences in points, method minus the one it is "
+            "against, on the questions both answered; `*`: significant at 95 % (McNemar's exact test for two "
+            "0/1 cells, otherwise the paired bootstrap interval). Learned methods: the mean over their controllers "
+            "per question.\n\n" + "\n".join(parts))
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -103,8 +118,8 @@ def write_tables(res: Results, out: Path) -> list[Path]:
     paths[0].write_text(to_markdown(df))
     df.to_csv(paths[1], index=False)
     paths[2].write_text(to_latex(df))
-    eq = at_equal_compute(res)
-    if not eq.empty:
-        paths.append(out / "equal_compute_vs_fastv.md")
-        paths[-1].write_text(to_markdown(eq))
+    text = comparison_tables(res)
+    if text:
+        paths.append(out / "comparisons.md")
+        paths[-1].write_text(text)
     return paths

@@ -173,3 +173,39 @@ def test_controllers_of_several_seeds_become_their_mean_and_range(tmp_path):
     assert t.loc["adaptive_a", "seed_min_pct"] == 80.0 and t.loc["adaptive_a", "seed_max_pct"] == 86.0
     assert t.loc["random", "seeds"] == 1
     assert main([str(run)]) == 0
+
+
+def test_comparison_tables_from_comparisons_csv(tmp_path):
+    """comparisons.md lists the learned-vs-training-free, equal-FLOPs, learned-pair and oracle-headroom rows that
+    benchmarks.stats writes, with signed differences, intervals and `*` for significant ones."""
+    import csv  # noqa: PLC0415
+
+    from benchmarks.stats import comparisons  # noqa: PLC0415
+    from benchmarks.store import COMPARISON_COLUMNS  # noqa: PLC0415
+    from plots.tables import comparison_tables  # noqa: PLC0415
+
+    run = write_run(tmp_path / "run", [("synth_vqa", "full", 16, 0.9, 0.30, 10.0)])
+    n = 60
+    rng = np.random.default_rng(0)
+    scores = {("adaptive_a", 4, 1.0): 0.9, ("adaptive_b", 4, 1.0): 0.6, ("divprune", 4, 1.0): 0.5,
+              ("oracle", 4, 1.0): 0.95, ("fastv", 4, 0.5): 0.2, ("fastv", 8, 2.0): 0.9, ("full", 16, 3.0): 0.9}
+    samples = [{"task": "synth_vqa", "method": m, "budget": b, "doc_id": i, "correct": float(rng.random() < p),
+                "prefill_gmacs": g} for (m, b, g), p in scores.items() for i in range(n)]
+    with (run / "comparisons.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, COMPARISON_COLUMNS)
+        w.writeheader()
+        w.writerows(comparisons(samples))
+    text = comparison_tables(load([run]))
+    sections = text.split("## ")[1:]
+    assert [s.split("\n")[0] for s in sections] == [
+        "The learned methods against the best training-free method at the same budget",
+        "Each method that acts before the LLM against each in-LLM method at equal prefill FLOPs",
+        "The learned methods against each other", "The oracle's headroom: the reference row against the best "
+        "method at the same budget"]
+    rows = [r for s in sections for r in s.splitlines() if r.startswith("| synth_vqa")]
+    assert "| synth_vqa | 4 | adaptive_a | divprune | 4 |" in rows[0] and "*" in rows[0].split("|")[6]
+    eq = [r for r in sections[1].splitlines() if r.startswith("| synth_vqa")]
+    assert {r.split("|")[3].strip() for r in eq} == {"adaptive_a", "adaptive_b", "divprune"}  # not oracle, full
+    assert all("| fastv | 5.3 |" in r for r in eq)  # 1.0 GMACs: a third of the way from budget 4 to 8
+    assert "| adaptive_a | adaptive_b | 4 |" in sections[2] and "| oracle | adaptive_a | 4 |" in sections[3]
+    assert comparison_tables(load([write_run(tmp_path / "bare", CELLS)])) == ""  # no comparisons.csv: nothing

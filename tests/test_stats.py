@@ -98,3 +98,34 @@ def test_several_controller_seeds_are_compared_by_their_mean_per_question():
     assert rows[("a", "full")]["difference_pts"] == pytest.approx(-50.0)  # (4/6 + 2/6) / 2 - 1
     assert rows[("a", "full")]["n_paired"] == 6 and rows[("a", "full")]["mcnemar_p"] is None  # means: not 0/1
     assert rows[("b", "best other")]["reference"] == "a"
+
+
+def test_learned_and_equal_flops_comparisons():
+    """The learned methods against the best training-free method and each other; a pre-LLM method against an in-LLM
+    one at equal prefill FLOPs, interpolated per question between its two neighbouring budgets (hand-computed)."""
+    registry = {"la": {"learned": True}, "lb": {"learned": True}, "s": {}, "fv": {"site": "llm"},
+                "orc": {"reference": True}}
+
+    def recs(method, budget, correct, gmacs):
+        return [{"task": "t", "method": method, "budget": budget, "doc_id": i, "correct": c, "prefill_gmacs": gmacs}
+                for i, c in enumerate(correct)]
+
+    samples = (recs("full", 144, [1, 1, 1, 1], 10.0) + recs("la", 16, [1, 1, 1, 0], 3.0)
+               + recs("lb", 16, [1, 1, 0, 0], 3.0) + recs("s", 16, [1, 0, 0, 0], 3.0)
+               + recs("orc", 16, [1, 1, 1, 1], 3.0)
+               + recs("fv", 16, [0, 0, 1, 1], 2.0) + recs("fv", 36, [1, 1, 1, 1], 6.0))
+    rows = {(r["method"], r["reference_kind"], r["reference"]): r for r in comparisons(samples, registry)}
+    static = rows[("la", "best training-free", "fv")]  # fv (0.5) beats s (0.25); lb is learned, orc a reference
+    assert static["difference_pts"] == 25.0 and static["reference_budget"] == "16"
+    assert ("la", "learned", "lb") in rows and ("lb", "learned", "la") not in rows  # once per pair
+    assert rows[("la", "learned", "lb")]["difference_pts"] == 25.0
+    assert not any(k[0] in ("s", "fv", "orc", "full") and k[1] in ("learned", "best training-free") for k in rows)
+    # la costs 3.0 GMACs; fv's curve runs 2.0 (budget 16) -> 6.0 (budget 36): w = 1/4, budget 21.0, and per
+    # question fv scores 0.25, 0.25, 1, 1 (mean 0.625) against la's 1, 1, 1, 0 (0.75): +12.5 points
+    eq = rows[("la", "equal prefill FLOPs", "fv")]
+    assert eq["reference_budget"] == "21.0" and eq["difference_pts"] == 12.5 and eq["mcnemar_p"] is None
+    assert ("s", "equal prefill FLOPs", "fv") in rows
+    assert not any(k[1] == "equal prefill FLOPs" and k[0] in ("fv", "orc", "full") for k in rows)
+    outside = comparisons(recs("la", 16, [1, 0], 9.0) + recs("fv", 16, [1, 1], 2.0) + recs("fv", 36, [1, 1], 6.0),
+                          registry)
+    assert not [r for r in outside if r["reference_kind"] == "equal prefill FLOPs"]  # beyond the curve: no row

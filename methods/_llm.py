@@ -57,13 +57,51 @@ class DecodeState:
     reducer_s: float = 0.0  # prefill time in the reducer and the signals computed for it (`Timing.reducer_s`)
 
 
+class NonFiniteError(ValueError):
+    """The model's numbers went bad (NaN or Inf) during a prefill or decoding: no result may come of them."""
+
+
+@dataclass
+class FiniteCheck:
+    """Watches the tensors of one prefill or decoding for NaN and Inf: each watched tensor adds a (2,) flag on its
+    device, and `check` looks at all of them at once (one device sync), so that a damaged model stops the cell
+    before any result while a healthy one pays a few elementwise passes."""
+
+    names: list[str] = field(default_factory=list)
+    flags: list[Tensor] = field(default_factory=list)  # per watched tensor: (2,) bool, (holds NaN, holds Inf)
+
+    def watch(self, where: str, x: Tensor, real: Tensor | None = None) -> None:
+        """Flag `x` (..., D); `real` (...) bool limits the check to real positions (padding may hold anything)."""
+        x = x.detach()
+        nan, inf = torch.isnan(x), torch.isinf(x)
+        if real is not None:
+            nan, inf = nan & real[..., None], inf & real[..., None]
+        self.names.append(where)
+        self.flags.append(torch.stack([nan.any(), inf.any()]))
+
+    def check(self, model: str) -> None:
+        """Raise `NonFiniteError` naming `model` and the first watched tensor that holds NaN or Inf."""
+        if not self.flags:
+            return
+        hit = torch.stack(self.flags).cpu()  # (n, 2)
+        names, self.names, self.flags = self.names, [], []
+        bad = hit.any(1).nonzero().flatten()
+        if len(bad):
+            i = int(bad[0])
+            what = " and ".join(k for k, f in zip(("NaN", "Inf"), hit[i].tolist(), strict=True) if f)
+            raise NonFiniteError(f"{model}: {names[i]} holds {what}; its weights are damaged or its dtype overflows "
+                                 "(try --dtype float32): no result is written")
+
+
 @dataclass
 class ReducerLog:
-    """What the reducer's calls accumulate during one prefill: `prefill` creates it, the call sites add to it."""
+    """What one prefill accumulates: `prefill` creates it, the call sites add the reducer's calls to it, and the
+    model's tensors to its `finite` check."""
 
     macs: Tensor  # (B,) long: the reducer's own `Reduced.macs` plus the signals computed for it
     seconds: float = 0.0  # synchronised wall time in the reducer and its signals
     aux: dict[str, Tensor] = field(default_factory=dict)  # the reducer's `Reduced.aux`, handed on unchanged
+    finite: FiniteCheck = field(default_factory=FiniteCheck)  # NaN / Inf in the model's tensors, checked at the end
 
     def add(self, red: Reduced, seconds: float) -> None:
         """Record one reducer call: its MACs, the `seconds` it (and its signals) took, its training extras."""
@@ -149,7 +187,7 @@ class LLMSide:
         b = state.logits.size(0)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         lengths = torch.zeros(b, dtype=torch.long, device=device)
-        out, logits = [], state.logits
+        out, logits, finite = [], state.logits, FiniteCheck()
         for step in range(max_new_tokens):
             tok = logits.argmax(-1).masked_fill(done, pad_token_id)  # (B,)
             out.append(tok)
@@ -158,12 +196,18 @@ class LLMSide:
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             logits = self._decode_step(state, tok)
+            finite.watch(f"decoding step {step + 1}'s logits", logits)
+        finite.check(self._model_name())
         state.trace.generated_tokens = lengths
         tokens = torch.stack(out, 1) if out else torch.zeros(b, 0, dtype=torch.long, device=device)
         timing = Timing(prefill_s=t1 - t0, decode_s=self._clock() - t1, decode_steps=max(len(out) - 1, 0),
                         reducer_s=state.reducer_s)
         return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float(),
                           timing=timing)
+
+    def _model_name(self) -> str:
+        """The checkpoint's path or hub name, for messages."""
+        return getattr(self.model.config, "name_or_path", "") or type(self.model).__name__
 
     def _clock(self) -> float:
         """perf_counter after the device's queued work is done (CUDA kernels run asynchronously)."""
@@ -229,7 +273,10 @@ class LLMSide:
             h_prev = seq.x
             seq.x = layer(seq.x, attention_mask=mask, position_ids=None, past_key_values=cache, use_cache=True,
                           position_embeddings=cos_sin)  # (B, T', D)
+            log.finite.watch(f"LLM layer {j}'s output", seq.x, seq.real)
         logits = self.model.lm_head(lm.norm(seq.x[:, -tail:]))  # (B, tail, V): the last position(s) only
+        log.finite.watch("the prefill's logits", logits)
+        log.finite.check(self._model_name())
         kept, kept_valid = pack_true(seq.visual & seq.real)
         trace = TokenTrace(
             vision_tokens=image.vision_tokens,

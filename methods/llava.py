@@ -200,6 +200,7 @@ class ReducedLlava(LLMSide):
                              f"{self.layout.num_patches}) mask; only tasks that record relevant_patches have them")
         feats = self._encode_images(pixel_values, budgets, key, log, relevant)  # feats.x (B, K, Dv * nf)
         projected = m.model.multi_modal_projector(feats.x)  # (B, K, D)
+        log.finite.watch("the projector's output", projected, feats.valid)
         valid, src = feats.valid, feats.src
         if self.reducer.site is Site.EMBEDDINGS:  # the trace keeps `feats`: every token went through the projector
             t0 = self._clock()
@@ -252,6 +253,8 @@ class ReducedLlava(LLMSide):
             else:
                 h = layer(h, attn_mask)
             hidden[i + 1] = h
+            log.finite.watch(f"vision layer {i}'s output", h, None if valid is None else
+                             torch.cat([valid.new_ones(b, 1), valid, valid.new_ones(b, e)], 1))
         # (B, N, Dv*nf)
         feats = torch.cat([hidden[j][:, 1 : hidden[j].size(1) - e] for j in lay.feature_layers], dim=-1)
         extra_out = hidden[max(lay.feature_layers)][:, hidden[max(lay.feature_layers)].size(1) - e :] if e else None

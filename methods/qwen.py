@@ -127,6 +127,7 @@ class ReducedQwen(LLMSide):
                           image_tokens=want, image_grid=grid)
         key = torch.cat([pixel_key(p.reshape(1, -1, 1, 1)) for p in pixel_values.split(patches.tolist())])  # (B,)
         log = ReducerLog(macs=torch.zeros(input_ids.size(0), dtype=torch.long, device=device))
+        log.finite.watch("the vision tower's output (after the merger)", feats)
         if self.reducer.site in (Site.FEATURES, Site.EMBEDDINGS):  # after the merger: the LLM's input embeddings
             seq = self._reduce_image(seq, want, budgets, key, log)
         return self._llm_prefill(seq, image, budgets, key, log, tail)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +16,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 import run_bench
 from benchmarks.defaults import SMOKE_MODEL, SYNTH_TASKS
 from benchmarks.synthetic.generate import write_split
 from methods import create_reducer
+from methods._llm import NonFiniteError
 from methods.adaptive import ControllerConfig
 
 REPO = Path(run_bench.__file__).resolve().parent
@@ -50,6 +54,14 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     for f in tiny.iterdir():
         (corrupt / f.name).write_bytes(f.read_bytes())
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 64)
+    nan_weight = tmp / "nan_weight"  # one NaN in LLM layer 1's MLP: every later number is NaN
+    nan_weight.mkdir()
+    for f in tiny.iterdir():
+        (nan_weight / f.name).write_bytes(f.read_bytes())
+    weights = load_file(tiny / "model.safetensors")
+    name = next(k for k in weights if "layers.1.mlp.down_proj.weight" in k and "vision" not in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, nan_weight / "model.safetensors", metadata={"format": "pt"})
     other = tmp / "ctrl_a"
 
     create_reducer("adaptive_a", 4, config=ControllerConfig("adaptive_a", dim=32, num_patches=144)).save(other)
@@ -83,6 +95,7 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "model path missing": (["--model", str(tmp / "nope")], "not a checkpoint folder"),
         "not llava-hf": (["--model", str(not_llava)], "'llama' checkpoint"),
         "corrupt weights": (["--model", str(corrupt), "--methods", "full"], "weights cannot be loaded"),
+        "NaN in a weight": (["--model", str(nan_weight), "--methods", "full"], "LLM layer 1's output holds NaN"),
         "controller missing": (["--methods", "adaptive_b", "--method-args",
                                 f"adaptive_b.checkpoint={tmp / 'none'}"], "not a trained controller folder"),
         "controller of another method": (["--methods", "adaptive_b", "--method-args",
@@ -112,7 +125,7 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 
 BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budget not a number", "model path missing",
-       "not llava-hf", "corrupt weights", "controller missing", "controller of another method",
+       "not llava-hf", "corrupt weights", "NaN in a weight", "controller missing", "controller of another method",
        "controller for another model", "output not writable", "limit 0", "tasks with a comma",
        "method argument out of range", "unknown method argument", "method argument of the wrong type",
        "budget too small for the method", "device this machine lacks", "device name",
@@ -375,3 +388,56 @@ def test_a_copied_task_folder_keeps_the_users_own_data(tiny_ckpt, tmp_path, caps
     run_quiet(capsys, "--model", str(tiny_ckpt), "--methods", "full", "--limit", "2", "--tasks", "my_vqa",
               "--include-path", str(tasks), "--output", str(tmp_path / "out"))
     assert pq.read_metadata(tmp_path / "data" / "test.parquet").num_rows == 5
+
+
+def _poison(model, fragment: str, value: float) -> None:
+    """Write `value` into element [0, 0] of the first parameter whose name contains `fragment` (the last one, with
+    `fragment` ending in '$')."""
+    names = [n for n, _ in model.named_parameters() if fragment.rstrip("$") in n]
+    name = names[-1] if fragment.endswith("$") else names[0]
+    with torch.no_grad():
+        dict(model.named_parameters())[name].view(-1)[0] = value
+
+
+@pytest.mark.parametrize(("family", "fragment", "value", "where"), [
+    ("llava", "vision_tower.encoder.layers.1.mlp.fc2.weight", float("nan"), "vision layer 1's output holds NaN"),
+    ("llava", "multi_modal_projector.linear_2.weight", float("nan"), "the projector's output holds NaN"),
+    ("llava", "language_model.layers.2.mlp.down_proj.weight", float("inf"), "LLM layer 2's output holds"),
+    ("llava", "lm_head.weight", float("inf"), "the prefill's logits holds Inf"),
+    ("qwen", "visual.merger.mlp.2.weight", float("nan"), "the vision tower's output (after the merger) holds NaN"),
+    ("qwen", "language_model.layers.0.self_attn.o_proj.weight", float("nan"), "LLM layer 0's output holds NaN"),
+])
+def test_non_finite_numbers_stop_the_generation_and_say_where(family, fragment, value, where):
+    """A NaN or Inf in the model's numbers raises NonFiniteError naming the first tensor that holds it, for every
+    reducer site; the healthy model passes the same check."""
+    from methods.llava import ReducedLlava  # noqa: PLC0415
+    from methods.qwen import ReducedQwen  # noqa: PLC0415
+    from tests.conftest import qwen_prompts, tiny_batch, tiny_llava, tiny_qwen  # noqa: PLC0415
+
+    def run(model, method, budget):
+        r = create_reducer(method, budget, **({"layer": 1} if method == "fastv" else {}))
+        if family == "llava":
+            return ReducedLlava(model, r).generate(*tiny_batch(model, 2), max_new_tokens=3)
+        return ReducedQwen(model, r).generate(*qwen_prompts(model, [(1, 4, 4), (1, 4, 6)]), max_new_tokens=3)
+
+    model = tiny_llava() if family == "llava" else tiny_qwen()
+    for method, budget in (("full", None), ("divprune", 4), ("fastv", 4)):
+        run(model, method, budget)  # healthy: no error
+    _poison(model, fragment, value)
+    for method, budget in (("full", None), ("divprune", 4), ("fastv", 4)):
+        with pytest.raises(NonFiniteError, match=re.escape(where)):
+            run(model, method, budget)
+
+
+def test_non_finite_logits_while_decoding_are_caught():
+    """Decoding's own logits are checked too: a prefill that is finite and a step that is not."""
+    from methods._llm import FiniteCheck  # noqa: PLC0415
+
+    check = FiniteCheck()
+    check.watch("decoding step 1's logits", torch.zeros(2, 5))
+    check.watch("decoding step 2's logits", torch.tensor([[0.0, float("inf")], [float("nan"), 0.0]]))
+    with pytest.raises(NonFiniteError, match="m: decoding step 2's logits holds NaN and Inf; its weights"):
+        check.check("m")
+    padded = FiniteCheck()
+    padded.watch("x", torch.tensor([[[float("nan")], [1.0]]]), real=torch.tensor([[False, True]]))
+    padded.check("m")  # NaN on a padding position only: not an error

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoProcessor
+from transformers.utils import logging as hf_logging
 
 from methods.cli import first_line
 
@@ -31,6 +32,34 @@ def check_processor_files(path: Path) -> None:
                                     "processor beside the weights (processor.save_pretrained(PATH))")
 
 
+LLAVA_WEIGHTS, QWEN_WEIGHTS = "a LLaVA (llava-hf) model's", "a Qwen2.5-VL model's"
+WEIGHT_FAMILIES = (("vision_tower.", LLAVA_WEIGHTS), ("multi_modal_projector.", LLAVA_WEIGHTS),
+                   ("visual.blocks.", QWEN_WEIGHTS), ("visual.merger.", QWEN_WEIGHTS))
+
+
+def weight_family(keys: list[str]) -> str:
+    """What a checkpoint's weight names look like, from the first name a known family owns."""
+    for key in keys:
+        for fragment, family in WEIGHT_FAMILIES:
+            if fragment in key:
+                return family
+    return "another model's"
+
+
+def check_weights(path: Path, model_type: str, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not fill the model its config.json describes: parameters missing from
+    the weights (transformers would initialise them at random) or weights the model has no place for."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    if not missing and not unexpected:
+        return
+    parts = [f"{len(missing)} of the model's parameters are not in the weights (e.g. {missing[0]})"] if missing else []
+    parts += [f"{len(unexpected)} weights have no place in the model (e.g. {unexpected[0]})"] if unexpected else []
+    look = f"look like {weight_family(unexpected)}" if unexpected else "are incomplete"
+    raise ValueError(f"--model {path}: config.json describes a {model_type!r} model but its weights {look}: "
+                     f"{' and '.join(parts)}, so it would run partly at random; put the config.json saved with these "
+                     "weights beside them, or re-save the checkpoint")
+
+
 def load_pretrained(path: str | Path, model_class, device: str = "cpu", dtype: str = "auto"):
     """`model_class` and the processor from a local checkpoint folder (offline, SDPA attention, eval mode, on
     `device`; prompts left-padded). Returns (model, processor)."""
@@ -39,12 +68,17 @@ def load_pretrained(path: str | Path, model_class, device: str = "cpu", dtype: s
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no config.json); pass --model PATH")
     check_processor_files(path)
     torch_dtype = resolve_dtype(dtype, device)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load report stays out of the output: `check_weights` speaks
     try:
-        model = model_class.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa",
-                                            local_files_only=True)
+        model, info = model_class.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa",
+                                                  local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - a corrupt file raises safetensors' own error type
         raise ValueError(f"--model {path}: the weights cannot be loaded ({first_line(e)}); re-save or re-download "
                          "the checkpoint") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_weights(path, model.config.model_type, info)
     try:
         model = model.to(device).eval()
     except (RuntimeError, AssertionError) as e:  # no such device, or no driver

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import run_bench
-from benchmarks.defaults import SMOKE_MODEL, SYNTH_TASKS
+from benchmarks.defaults import QWEN_SMOKE_MODEL, SMOKE_MODEL, SYNTH_TASKS
 from benchmarks.synthetic.generate import write_split
 from methods import create_reducer
 from methods._llm import NonFiniteError
@@ -62,6 +62,18 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     name = next(k for k in weights if "layers.1.mlp.down_proj.weight" in k and "vision" not in k)
     weights[name][0, 0] = float("nan")
     save_file(weights, nan_weight / "model.safetensors", metadata={"format": "pt"})
+    qwen_over_llava = tmp / "qwen_over_llava"  # the Qwen2.5-VL smoke model's config and processor, LLaVA weights
+    qwen_over_llava.mkdir()
+    for f in QWEN_SMOKE_MODEL.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            (qwen_over_llava / f.name).write_bytes(f.read_bytes())
+    (qwen_over_llava / "model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes())
+    truncated = tmp / "truncated"  # LLM layer 1's MLP missing from the weights
+    truncated.mkdir()
+    for f in tiny.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    save_file({k: v for k, v in weights.items() if "layers.1.mlp" not in k or "vision" in k},
+              truncated / "model.safetensors", metadata={"format": "pt"})
     other = tmp / "ctrl_a"
 
     create_reducer("adaptive_a", 4, config=ControllerConfig("adaptive_a", dim=32, num_patches=144)).save(other)
@@ -96,6 +108,10 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "not llava-hf": (["--model", str(not_llava)], "'llama' checkpoint"),
         "corrupt weights": (["--model", str(corrupt), "--methods", "full"], "weights cannot be loaded"),
         "NaN in a weight": (["--model", str(nan_weight), "--methods", "full"], "LLM layer 1's output holds NaN"),
+        "config of another family": (["--model", str(qwen_over_llava), "--methods", "full"],
+                                     "describes a 'qwen2_5_vl' model but its weights look like a LLaVA (llava-hf)"),
+        "weights missing": (["--model", str(truncated), "--methods", "full"],
+                            "its weights are incomplete: 3 of the model's parameters are not in the weights"),
         "controller missing": (["--methods", "adaptive_b", "--method-args",
                                 f"adaptive_b.checkpoint={tmp / 'none'}"], "not a trained controller folder"),
         "controller of another method": (["--methods", "adaptive_b", "--method-args",
@@ -125,7 +141,8 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 
 BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budget not a number", "model path missing",
-       "not llava-hf", "corrupt weights", "NaN in a weight", "controller missing", "controller of another method",
+       "not llava-hf", "corrupt weights", "NaN in a weight", "config of another family", "weights missing",
+       "controller missing", "controller of another method",
        "controller for another model", "output not writable", "limit 0", "tasks with a comma",
        "method argument out of range", "unknown method argument", "method argument of the wrong type",
        "budget too small for the method", "device this machine lacks", "device name",

@@ -124,7 +124,7 @@ def build(args: argparse.Namespace):
     return config, model
 
 
-def gpu(args: argparse.Namespace) -> bool:
+def gpu(args: argparse.Namespace, out: RowsFile) -> bool:
     """The prepared GPU check: LLaVA-1.5-7B at full depth with random weights, `full` against HF `generate` on a
     short prompt, then the sweep at batch 1 and 8. Returns whether `full` matched."""
     t0 = time.perf_counter()
@@ -147,10 +147,8 @@ def gpu(args: argparse.Namespace) -> bool:
     print(f"full vs HF generate ({args.answer_tokens} tokens, greedy): {'identical' if same else 'DIFFERENT'} "
           f"(ours {ours.tokens[0].tolist()}, HF {hf[0, ids.size(1):].tolist()}); first-token logits differ by at "
           f"most {gap:.3g}")
-    rows = speedup(args, (config, model))
-    if args.output:
-        args.output.write_text(json.dumps({"machine": machine(), "full_equals_generate": same,
-                                           "first_logit_gap": gap, "rows": rows}, indent=2) + "\n")
+    out.add(full_equals_generate=same, first_logit_gap=gap)
+    speedup(args, out, (config, model))
     print(f"gpu check done in {time.perf_counter() - t0:.0f} s")
     return same
 
@@ -179,10 +177,11 @@ def plan_for(args: argparse.Namespace) -> list[tuple[str, int | str | None, dict
     return plan
 
 
-def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
+def speedup(args: argparse.Namespace, out: RowsFile, built: tuple | None = None) -> list[dict]:
     """The batch sweep: for each batch size, every plan entry's prefill, decoding step and end-to-end time (median
-    and spread over interleaved rounds), peak memory (CUDA), KV cache, analytic FLOPs and roofline times. `built`:
-    (config, model) already built by `build`."""
+    and spread over interleaved rounds), peak memory (CUDA), KV cache, analytic FLOPs and roofline times, added to
+    `out` as each batch size finishes (batch sizes it holds are not measured again). `built`: (config, model)
+    already built by `build`."""
     config, model = built or build(args)
     layout, shape = LlavaLayout.from_config(config), ModelShape.from_config(config)
     n, side = layout.num_patches, layout.image_size
@@ -205,18 +204,83 @@ def speedup(args: argparse.Namespace, built: tuple | None = None) -> list[dict]:
             print(f"  {method} {budget}: skipped ({first_line(e)})")
     rows = []
     for bs in args.batch_sizes:
+        if bs in out.measured():
+            print(f"batch {bs}: in {out.path} already, kept")
+            continue
         g = torch.Generator().manual_seed(bs)
         ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * (args.text_tokens - 6)] * bs)
         mask = torch.ones_like(ids)
         pixels = torch.randn(bs, 3, side, side, generator=g)  # a different random image per sample
         try:
-            rows += [r | {"allocator": args.allocator_note}
-                     for r in _time_batch(args, runs, entries, (ids, mask, pixels), Pricing(shape, dev, n))]
+            done = [r | {"allocator": args.allocator_note}
+                    for r in _time_batch(args, runs, entries, (ids, mask, pixels), Pricing(shape, dev, n))]
+            rows += done
+            out.add(done)
         except torch.OutOfMemoryError:
             print(f"batch {bs}: out of memory, skipped")
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return rows
+
+
+SETTINGS = ("what", "model_config", "vision_layers", "llm_layers", "text_tokens", "answer_tokens", "repeats", "budgets",
+            "roofline", "device", "dtype", "allocator")  # the arguments a row's numbers depend on (not batch sizes)
+
+
+@dataclass
+class RowsFile:
+    """`--output`: one JSON object {machine, settings, rows, ...}, rewritten atomically (a temporary file, then a
+    rename) after each batch size, so an interrupt keeps every finished row. A rerun with the same settings on the
+    same machine keeps the rows there and measures only the batch sizes they lack; other settings are refused.
+    The unit is a batch size: its entries are timed interleaved, round by round, so none is finished before all."""
+
+    path: Path | None
+    head: dict
+    rows: list[dict]
+
+    @classmethod
+    def open(cls, args: argparse.Namespace) -> RowsFile:
+        head = {"machine": machine(), "settings": {k: getattr(args, k, None) for k in SETTINGS}}
+        path = args.output
+        if path is None:
+            return cls(None, head, [])
+        rows = []
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+                rows, settings = list(old["rows"]), {k: old["settings"][k] for k in SETTINGS}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"--output {path} exists and is not this benchmark's file; choose another --output "
+                                 "or remove it") from None
+            if (settings, old.get("machine")) != (head["settings"], head["machine"]):
+                theirs = ({k: v for k, v in settings.items() if head["settings"][k] != v}
+                          or {"machine": old.get("machine")})
+                raise ValueError(f"--output {path} holds rows measured with other settings ({theirs}); choose another "
+                                 "--output or remove it")
+        out = cls(path, head, rows)
+        out.write()  # fails here, before any model is built, when the folder cannot be written
+        return out
+
+    def measured(self) -> set[int]:
+        """Batch sizes already in the file."""
+        return {r["batch_size"] for r in self.rows}
+
+    def add(self, rows: list[dict] = (), **extra) -> None:
+        self.rows += rows
+        self.head.update(extra)
+        self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=f".{self.path.name}.",
+                                             delete=False) as f:
+                f.write(json.dumps({**self.head, "rows": self.rows}, indent=2) + "\n")
+            Path(f.name).replace(self.path)
+        except OSError as e:
+            raise ValueError(f"--output {self.path}: cannot write there ({e.strerror or e}); choose a folder you "
+                             "can write to") from None
 
 
 @dataclass(frozen=True)
@@ -357,6 +421,8 @@ def check(args: argparse.Namespace) -> None:
         if args.output is not None and not args.output.parent.is_dir():
             raise ValueError(f"--output {args.output}: {args.output.parent} is not a folder; the rows would be lost "
                              "at the end of the sweep")
+        if args.output is not None and args.output.is_dir():
+            raise ValueError(f"--output {args.output} is a folder; name a JSON file")
     elif args.samples < 2 * args.batch_size:
         raise ValueError(f"--samples {args.samples}: give at least two batches (2 x --batch-size {args.batch_size}), "
                          "the overhead is measured at two sizes")
@@ -383,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--model-config", default="llava-1.5-7b", help="a LLaVA config: name, config.json or folder")
         q.add_argument("--roofline", choices=PROFILES, default=None,
                        help="device profile for the roofline columns (default: this CPU calibrated, or the GPU's own)")
-        q.add_argument("--output", type=Path, default=None, help="also write the rows to this JSON file")
+        q.add_argument("--output", type=Path, default=None,
+                       help="write the rows to this JSON file as each batch size finishes; the same command again "
+                            "measures only the batch sizes it lacks")
         q.add_argument("--budgets", nargs="*", default=[],
                        help="plan labels (64 192 R=0.5 ...) or counts; default the whole plan; full always")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -402,16 +470,15 @@ def main(argv: list[str] | None = None) -> int:
             args.allocator_note = allocator(args)  # before any model is built, so that it is built in reused memory
         if args.what == "speedup":
             args.batch_sizes = args.batch_sizes or ([1, 8, 32] if args.device.startswith("cuda") else [1, 8])
-            rows = speedup(args)
-            if args.output:
-                args.output.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+            speedup(args, RowsFile.open(args))
         elif args.what == "gpu":
             args.batch_sizes = args.batch_sizes or [1, 8]
-            return 0 if gpu(args) else 1
+            return 0 if gpu(args, RowsFile.open(args)) else 1
         else:
             overhead(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted" + (f": the finished batch sizes are in {args.output}; rerun the same command to add the "
+                               "rest" if getattr(args, "output", None) else ""), file=sys.stderr)
         return 130
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

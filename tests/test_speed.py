@@ -21,6 +21,7 @@ from benchmarks.speed import main
     (["speedup", "--budgets", "R=7"], "--budgets R=7: give counts of visual tokens or the plan's labels"),
     (["speedup", "--device", "tpu"], "use cpu, cuda or cuda:N"),
     (["speedup", "--output", "/no/such/folder/rows.json"], "/no/such/folder is not a folder"),
+    (["speedup", "--output", "/"], "--output / is a folder; name a JSON file"),
     (["gpu", "--budgets", "R=7"], "--budgets R=7: give counts of visual tokens"),
     (["overhead", "--samples", "0"], "--samples: must be >= 2"),
     (["overhead", "--samples", "4", "--batch-size", "4"], "give at least two batches"),
@@ -85,6 +86,45 @@ def test_sweep_on_a_tiny_config(tmp_path, capsys):
         (tmp_path / "foreign.json").write_text(foreign)
         assert plot([str(tmp_path / "foreign.json")]) == 2
         assert "not a sweep file (no list of rows)" in capsys.readouterr().err
+
+
+def test_rows_are_kept_as_they_are_measured_and_a_rerun_adds_to_them(tmp_path, capsys, monkeypatch):
+    """--output is rewritten after each batch size: an interrupt keeps the finished ones, the same command again
+    measures only the missing ones, other settings are refused, and a file that is not the benchmark's is left
+    alone."""
+    import json  # noqa: PLC0415
+
+    import benchmarks.speed as speed  # noqa: PLC0415
+    from tests.conftest import tiny_llava  # noqa: PLC0415
+
+    tiny_llava().config.to_json_file(tmp_path / "config.json")
+    out = tmp_path / "speed.json"
+    argv = ["speedup", "--model-config", str(tmp_path / "config.json"), "--vision-layers", "2", "--llm-layers", "3",
+            "--repeats", "1", "--budgets", "4", "--answer-tokens", "2", "--text-tokens", "12", "--output", str(out),
+            "--allocator", "system"]
+    timed = speed._time_batch
+
+    def interrupted_at_batch_2(args, runs, entries, inputs, price):
+        if inputs[0].size(0) == 2:
+            raise KeyboardInterrupt
+        return timed(args, runs, entries, inputs, price)
+
+    monkeypatch.setattr(speed, "_time_batch", interrupted_at_batch_2)
+    assert main([*argv, "--batch-sizes", "1", "2"]) == 130
+    assert "the finished batch sizes are in" in capsys.readouterr().err
+    first = json.loads(out.read_text())["rows"]
+    assert {r["batch_size"] for r in first} == {1} and first
+    monkeypatch.setattr(speed, "_time_batch", timed)
+    assert main([*argv, "--batch-sizes", "1", "2"]) == 0
+    assert f"batch 1: in {out} already, kept" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["batch_size"] for r in rows} == {1, 2} and rows[: len(first)] == first  # batch 1 not measured again
+    assert main([*argv[:-6], "--repeats", "2", *argv[-6:], "--batch-sizes", "4"]) == 2
+    assert "holds rows measured with other settings ({'repeats': 1})" in capsys.readouterr().err
+    (tmp_path / "mine.json").write_text('{"my": "notes"}')
+    assert main([*argv[:-3], str(tmp_path / "mine.json"), "--allocator", "system"]) == 2
+    assert "exists and is not this benchmark's file" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == '{"my": "notes"}'
 
 
 def test_gpu_check_runs_on_a_tiny_config(tmp_path, capsys):

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -220,7 +220,10 @@ class _Adaptive(TokenReducer):
         raise NotImplementedError
 
     def scores(self, t: Tokens, k: Tensor, n: Tensor) -> Tensor:
-        """(B, N) keep logits; padding positions (`t.valid` False) get `NEVER`."""
+        """(B, N) keep logits in the controller's dtype (its inputs are cast to it: a float32 controller scores a
+        bfloat16 model's features); padding positions (`t.valid` False) get `NEVER`."""
+        dt = next(self.head.parameters()).dtype
+        t = replace(t, x=t.x.to(dt), extra=None if t.extra is None else t.extra.to(dt))
         h = self.content(self.norm(t.x))  # (B, N, H)
         f = self.fused(t, k, n)
         if f is not None:

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks import train_adaptive
 from benchmarks.defaults import SMOKE_MODEL
 from benchmarks.synthetic import generate, scenes
+from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods import Tokens, create_reducer
 from methods.adaptive import ControllerConfig, budget_encoding, gumbel_topk, plackett_luce_topk
-from methods.llava import ReducedLlava, load_llava
+from methods.llava import ReducedLlava, llava_prompt, load_llava
 from tests.conftest import tiny_batch
 
 
@@ -280,3 +282,20 @@ def test_synthetic_data_interleaves_the_tasks_it_names():
     assert questions == [q for pair in zip(vqa, sc, strict=True) for q in pair]
     assert synthetic("synth") == synthetic("synth_vqa") == (generate.SYNTH_VQA,)
     assert synthetic("/data/llava.json") is None and synthetic("synth_vqa,/x.json") is None
+
+
+@pytest.mark.parametrize("method", ["adaptive_a", "adaptive_b", "budget_blind"])
+def test_training_runs_on_a_bfloat16_model(tmp_path, method):
+    """--dtype bfloat16: the model in bfloat16, the controller in float32 scoring its features; a step runs and the
+    saved controller loads and keeps its budget on the bfloat16 model."""
+    out = tmp_path / method
+    argv = ["--model", str(SMOKE_MODEL), *TRAIN, "--method", method, "--steps", "1", "--dtype", "bfloat16",
+            "--out", str(out)]
+    assert train_adaptive.main(argv) == 0
+    base, processor = load_llava(SMOKE_MODEL, dtype="bfloat16")
+    reducer = create_reducer(method, 8, checkpoint=str(out)).eval()
+    samples = [generate.generate_sample(generate.SPLIT_SEEDS["val"], i) for i in range(2)]
+    inputs = processor(images=[Image.fromarray(s.image) for s in samples], padding=True, return_tensors="pt",
+                       text=[llava_prompt(processor, doc_to_text({"question": s.question})) for s in samples])
+    gen = ReducedLlava(base, reducer).generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 2)
+    assert gen.trace.visual_tokens[:, -1].tolist() == [8, 8] and torch.isfinite(gen.first_logits).all()

@@ -29,12 +29,16 @@ def smoke():
     return model, processor, inputs
 
 
+# A layer-averaged budget has a floor: every token runs until the first stage (SparseVLM's before layer 1, PyramidDrop's
+# before layer 2 of the 8-layer smoke LLM: 20.2 and 36.8 of 144)
+BUDGETS = {"full": 144, "prumerge": "auto", "sparsevlm": 72, "pdrop": 48}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_predictions_identical_at_batch_1_and_4(smoke, method):
     model, processor, inputs = smoke
     n = 144
-    # SparseVLM's first stage is before layer 1 of the 3-layer smoke LLM: a layer mean below 51 is out of its reach
-    budget = {"full": n, "prumerge": "auto", "sparsevlm": 72}.get(method, 36)
+    budget = BUDGETS.get(method, 36)
     run = ReducedLlava(model, make_reducer(Cell("synth_vqa", method, budget), RunSpec()))
     eos = model.generation_config.eos_token_id
 
@@ -55,3 +59,25 @@ def test_predictions_identical_at_batch_1_and_4(smoke, method):
             assert one.trace.visual_tokens[0].float().mean() <= budget
         elif budget not in (n, "auto"):
             assert one.trace.visual_tokens[0, -1] == budget
+
+
+@pytest.fixture(scope="module")
+def smoke_bf16(smoke):
+    return load_llava(SMOKE_MODEL, dtype="bfloat16")[0], smoke[2]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_in_bfloat16(smoke_bf16, method):
+    """bfloat16 on the CPU, every registered method (the learned controllers stay float32 and score the model's
+    bfloat16 features): it runs, honours its budget and gives finite logits."""
+    model, inputs = smoke_bf16
+    assert model.dtype == torch.bfloat16
+    budget = BUDGETS.get(method, 36)
+    run = ReducedLlava(model, make_reducer(Cell("synth_vqa", method, budget), RunSpec()))
+    rows = slice(0, 4)
+    extra = {"relevant": inputs["relevant"][rows]} if "relevant" in run.reducer.needs else {}
+    gen = run.generate(inputs["input_ids"][rows], inputs["attention_mask"][rows], inputs["pixel_values"][rows], 3,
+                       eos_token_id=model.generation_config.eos_token_id, **extra)
+    assert torch.isfinite(gen.first_logits).all() and (gen.lengths >= 1).all()
+    if budget not in (144, "auto") and run.reducer.budget_unit != "layer_mean":
+        assert gen.trace.visual_tokens[:, -1].tolist() == [budget] * 4

@@ -100,10 +100,8 @@ def machine() -> str:
             if not torch.cuda.is_available() else torch.cuda.get_device_name())
 
 
-def build(args: argparse.Namespace):
-    """The random-weight LLaVA of `--model-config` with its depths cut, on `--device` in `--dtype`."""
-    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415 - Hugging Face imports follow go_offline()
-
+def sweep_config(args: argparse.Namespace):
+    """`--model-config` with its depths cut as asked (SDPA attention)."""
     config = load_config(args.model_config)
     if config.model_type != "llava":
         raise ValueError(f"--model-config {args.model_config}: the speed sweep builds LLaVA-1.5 shapes")
@@ -112,6 +110,58 @@ def build(args: argparse.Namespace):
     if args.llm_layers:
         config.text_config.num_hidden_layers = args.llm_layers
     config._attn_implementation = "sdpa"
+    return config
+
+
+def memory_needed(args: argparse.Namespace, config) -> tuple[int, str]:
+    """Bytes the sweep needs on its device at least, before activations: the weights (parameters counted on the meta
+    device, at `--dtype`) and the KV cache of the largest batch (prompt and answer); and a line that says so."""
+    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlavaForConditionalGeneration(config).parameters())
+    size = DTYPE_BYTES[args.dtype]
+    text = config.text_config
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_width = text.num_key_value_heads * head
+    tokens = LlavaLayout.from_config(config).num_patches + args.text_tokens + args.answer_tokens
+    batch = max(args.batch_sizes)
+    kv = 2 * text.num_hidden_layers * tokens * kv_width * size * batch
+    need = params * size + kv
+    return need, (f"{args.model_config} at {config.vision_config.num_hidden_layers} vision / "
+                  f"{text.num_hidden_layers} LLM layers in {args.dtype} needs at least {need / 2**30:.1f} GiB on "
+                  f"{args.device}: {params * size / 2**30:.1f} GiB of weights ({params / 1e9:.2f} B parameters) and "
+                  f"{kv / 2**30:.2f} GiB of KV cache at batch {batch}, before activations")
+
+
+def memory_free(device: str) -> int | None:
+    """Bytes free on `device`: CUDA's own count, or the kernel's MemAvailable for the CPU (None if unknown)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(args: argparse.Namespace, config) -> None:
+    """Say what the sweep needs before building the model, and refuse (ValueError) when the device has less free."""
+    need, line = memory_needed(args, config)
+    free = memory_free(args.device)
+    print(line + ("" if free is None else f"; {free / 2**30:.1f} GiB free"))
+    if free is not None and need > free:
+        raise ValueError(f"{line}, but {args.device} has {free / 2**30:.1f} GiB free: use fewer --llm-layers, smaller "
+                         "--batch-sizes, another --dtype or a larger device")
+
+
+def build(args: argparse.Namespace):
+    """The random-weight LLaVA of `--model-config` with its depths cut, on `--device` in `--dtype`."""
+    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415 - Hugging Face imports follow go_offline()
+
+    config = sweep_config(args)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, args.dtype))  # built in place, on the device: a 7B fits and starts fast
@@ -454,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
                             "measures only the batch sizes it lacks")
         q.add_argument("--budgets", nargs="*", default=[],
                        help="plan labels (64 192 R=0.5 ...) or counts; default the whole plan; full always")
-        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        q.add_argument("--device", default="cuda" if q is g or torch.cuda.is_available() else "cpu",
+                       help="default: cuda for the GPU check (it stops in one line without one), else cuda if "
+                            "present, else cpu")
         q.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
         q.add_argument("--allocator", choices=["reuse", "system"], default="reuse",
                        help="on a CPU: reuse keeps freed memory in the process, as a GPU's caching allocator does "
@@ -470,9 +522,11 @@ def main(argv: list[str] | None = None) -> int:
             args.allocator_note = allocator(args)  # before any model is built, so that it is built in reused memory
         if args.what == "speedup":
             args.batch_sizes = args.batch_sizes or ([1, 8, 32] if args.device.startswith("cuda") else [1, 8])
+            check_memory(args, sweep_config(args))
             speedup(args, RowsFile.open(args))
         elif args.what == "gpu":
             args.batch_sizes = args.batch_sizes or [1, 8]
+            check_memory(args, sweep_config(args))
             return 0 if gpu(args, RowsFile.open(args)) else 1
         else:
             overhead(args)

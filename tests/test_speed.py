@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.speed import main
 
@@ -23,6 +24,7 @@ from benchmarks.speed import main
     (["speedup", "--output", "/no/such/folder/rows.json"], "/no/such/folder is not a folder"),
     (["speedup", "--output", "/"], "--output / is a folder; name a JSON file"),
     (["gpu", "--budgets", "R=7"], "--budgets R=7: give counts of visual tokens"),
+    (["speedup", "--batch-sizes", "1", "100000"], "GiB of KV cache at batch 100000, before activations, but cpu has"),
     (["overhead", "--samples", "0"], "--samples: must be >= 2"),
     (["overhead", "--samples", "4", "--batch-size", "4"], "give at least two batches"),
     (["nope"], "invalid choice"),
@@ -34,6 +36,13 @@ def test_bad_arguments_are_one_line(argv, phrase, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_the_gpu_check_without_a_gpu_stops_in_one_line(capsys):
+    assert main(["gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda: this machine has no usable CUDA device" in err, err
 
 
 def test_sweep_on_a_tiny_config(tmp_path, capsys):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import sys
+from pathlib import Path
 
 AUTO = "auto"  # as methods.base.AUTO, without importing torch
 MODEL_TYPES = {"llava": "LLaVA-1.5", "qwen2_5_vl": "Qwen2.5-VL"}  # config model_type -> family (methods.families)
@@ -18,10 +20,43 @@ def known_families() -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments get one line (what is wrong, where the options are listed) and exit status 2."""
+    """Bad arguments get one line (what is wrong, where the options are listed) and exit status 2; an option given
+    twice is refused (argparse would keep the last silently), unless it is made to repeat (`append`, `count`)."""
 
     def error(self, message: str) -> None:
         self.exit(2, f"error: {message}; `{self.prog} --help` lists the options\n")
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("type") is Path:  # "" would be the current folder: refused, as every path argument's type
+            kwargs["type"] = path_arg
+        return super().add_argument(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        seen: dict[argparse.Action, str] = {}
+        for token in args:
+            if token == "--":
+                break
+            if not token.startswith("--"):
+                continue
+            name = token.split("=", 1)[0]
+            matches = [a for o, a in self._option_string_actions.items() if o == name]
+            if not matches and self.allow_abbrev:
+                matches = list({a for o, a in self._option_string_actions.items() if o.startswith(name)})
+            if len(matches) != 1 or isinstance(matches[0], (argparse._AppendAction, argparse._CountAction,
+                                                             argparse._HelpAction)):
+                continue
+            if matches[0] in seen:
+                self.error(f"{seen[matches[0]]} given twice; give it once, with all its values")
+            seen[matches[0]] = name
+        return super().parse_known_args(args, namespace)
+
+
+def path_arg(text: str) -> Path:
+    """An argparse type: a path, never empty (Path("") is the current folder, which no one means)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return Path(text)
 
 
 def at_least(low: int):
@@ -84,6 +119,9 @@ def parse_method_arg(text: str) -> tuple[str, str, object]:
     method, dot, arg = head.partition(".")
     if not (sep and dot and method and arg):
         raise argparse.ArgumentTypeError(f"{text!r}: write METHOD.ARG=VALUE, e.g. fastv.layer=1")
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty value; give {head} a value, or leave it out for its "
+                                         "default")
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):

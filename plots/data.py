@@ -21,10 +21,22 @@ NUMERIC = ("value", "prefill_tflops_mean", "visual_tokens_mean", "ci95_low", "ci
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose mistakes are one line on stderr and exit status 2 (the figures' command lines)."""
+    """argparse whose mistakes are one line on stderr and exit status 2 (the figures' command lines); an empty path
+    is refused (Path("") would be the current folder)."""
 
     def error(self, message: str) -> None:
         self.exit(2, f"error: {message}; `{self.prog} --help` lists the options\n")
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("type") is Path:
+            kwargs["type"] = _path
+        return super().add_argument(*args, **kwargs)
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return Path(text)
 
 
 class ResultsError(ValueError):

@@ -120,6 +120,11 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                           f"adaptive_b.checkpoint={wrong_grid}"], "trained for 16 patches"),
         "output not writable": (["--methods", "full", "--output", str(blocker / "sub")], "cannot write to output"),
         "limit 0": (["--limit", "0"], "--limit: must be >= 1"),
+        "flag given twice": (["--budgets", "4", "--budgets", "8"], "--budgets given twice; give it once"),
+        "flag given twice, abbreviated": (["--lim", "3"], "--limit given twice"),  # after the test's own --limit 2
+        "empty path": (["--include-path", ""], "argument --include-path: an empty path"),
+        "empty method argument": (["--methods", "adaptive_b", "--method-args", "adaptive_b.checkpoint="],
+                                  "'adaptive_b.checkpoint=': an empty value"),
         "tasks with a comma": (["--tasks", "synth_vqa,gqa"], "separate task names with spaces"),
         "method argument out of range": (["--methods", "fastv", "--budgets", "4", "--method-args", "fastv.layer=9"],
                                          "LLM layer 9 must be in [1, 1] for this 2-layer"),
@@ -143,7 +148,8 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
 BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budget not a number", "model path missing",
        "not llava-hf", "corrupt weights", "NaN in a weight", "config of another family", "weights missing",
        "controller missing", "controller of another method",
-       "controller for another model", "output not writable", "limit 0", "tasks with a comma",
+       "controller for another model", "output not writable", "limit 0", "flag given twice",
+       "flag given twice, abbreviated", "empty path", "empty method argument", "tasks with a comma",
        "method argument out of range", "unknown method argument", "method argument of the wrong type",
        "budget too small for the method", "device this machine lacks", "device name",
        "checkpoint without its processor", "malformed task YAML", "task naming a missing function",
@@ -184,6 +190,17 @@ def test_a_dry_run_rejects_what_a_run_rejects(tiny_ckpt, cases, capsys, name):
     extra, phrase = cases[name]
     assert run_bench.main(["--model", str(tiny_ckpt), "--dry-run", *extra]) == 2
     assert phrase in capsys.readouterr().err
+
+
+def test_an_empty_controllers_folder_is_named_in_the_plan(tiny_ckpt, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_ckpt.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    (model / "controllers" / "adaptive_b" / "seed0").mkdir(parents=True)  # made, never trained into
+    assert run_bench.main(["--model", str(model), "--dry-run"]) == 0  # the default methods: a note, not an error
+    out = capsys.readouterr().out
+    assert f"adaptive_b skipped: no trained controller in {model / 'controllers' / 'adaptive_b'}" in out
 
 
 def test_duplicate_budgets_are_a_note_not_an_error(tiny_ckpt, capsys):

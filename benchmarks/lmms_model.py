@@ -96,6 +96,15 @@ def cli_message(e: BaseException, method: str | None, model_class: str = "Reduce
     return lmms_eval_syntax(text, method)
 
 
+class DocumentError(ValueError):
+    """One document of a task cannot be evaluated (its image unreadable, refused, or not one image); the runner adds
+    the task's data files to the message."""
+
+    def __init__(self, task: str, doc_id: int, what: str) -> None:
+        super().__init__(f"{task} doc {doc_id}: {what}")
+        self.task, self.doc_id = task, doc_id
+
+
 class ReducedLMM(lmms):
     """lmms-eval model: a LLaVA-1.5 or Qwen2.5-VL checkpoint with one token reducer.
 
@@ -230,7 +239,7 @@ class ReducedLMM(lmms):
                 chunk = [requests[i] for i in idx]
                 prompts, images = self._prepare(chunk)
                 gen = settings[idx[0]]
-                inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+                inputs = self._inputs(chunk, prompts, images)
                 extra = {"relevant": self._relevant(chunk)} if "relevant" in self.reducer.needs else {}
                 out = self.runner.generate(
                     *(inputs[k] for k in self.family.inputs),
@@ -282,16 +291,33 @@ class ReducedLMM(lmms):
         prompts, images = [], []
         for req in chunk:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-            visuals = [v for v in (visuals or []) if v is not None]
-            if len(visuals) != 1:
-                raise ValueError(
-                    f"{task} doc {doc_id}: {len(visuals)} images; reduced_vlm evaluates single-image prompts "
-                    "only"
-                )
-            images.append(visuals[0].convert("RGB"))
+            try:
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+                visuals = [v for v in (visuals or []) if v is not None]
+                image = visuals[0].convert("RGB") if len(visuals) == 1 else None
+            except Exception as e:  # noqa: BLE001 - PIL, the task's own function or the dataset: each its own type
+                raise DocumentError(task, doc_id, f"its image cannot be read ({type(e).__name__}: "
+                                                  f"{first_line(e)})") from e
+            if image is None:
+                raise DocumentError(task, doc_id, f"{len(visuals)} images; reduced_vlm evaluates single-image "
+                                                  "prompts only")
+            images.append(image)
             prompts.append(self.build_prompt(context))
         return prompts, images
+
+    def _inputs(self, chunk: list[Instance], prompts: list[str], images: list) -> dict:
+        """The processor's batch; when it refuses one, the document it refuses is named (`DocumentError`)."""
+        try:
+            return self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        except Exception:  # noqa: BLE001 - find the image at fault, one at a time
+            for req, prompt, image in zip(chunk, prompts, images, strict=True):
+                try:
+                    self.processor(images=[image], text=[prompt], return_tensors="pt")
+                except Exception as e:  # noqa: BLE001 - the processors raise ValueError or their own types
+                    _, _, _, doc_id, task, _ = req.args
+                    raise DocumentError(task, doc_id, f"the processor refuses its {image.width}x{image.height} "
+                                                      f"image ({type(e).__name__}: {first_line(e)})") from e
+            raise
 
     def _gen_settings(self, gen_kwargs: dict) -> dict:
         gen_kwargs = dict(gen_kwargs or {})

@@ -276,6 +276,18 @@ def content_identity(path: Path) -> list:
     return out
 
 
+def task_data_files(tm, spec: RunSpec, task: str) -> list[Path]:
+    """The local data a task reads: the files its YAML names that exist, and its `--task-data` copy."""
+    where = tm.task_index.get(task, {}).get("yaml_path")
+    files = []
+    if isinstance(where, str) and Path(where).is_file():
+        yaml = Path(where)
+        files = sorted(f for f in {(yaml.parent / m).resolve() for m in DATA_FILE.findall(yaml.read_text())}
+                       if f.is_file())
+    local = spec.data_path(task)
+    return files + ([local.expanduser().resolve()] if local is not None else [])
+
+
 def task_identity(tm, spec: RunSpec, task: str) -> list:
     """What a task's numbers depend on besides the model and method: the YAML and Python files of its folder (config,
     prompts, scoring), the local data files its YAML names (`data_files`), and its `--task-data` copy."""

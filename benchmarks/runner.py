@@ -27,8 +27,18 @@ from tqdm import tqdm
 from benchmarks.console import cell_line
 from benchmarks.defaults import SMOKE_TASKS, SYNTH_TASKS
 from benchmarks.distributed import World, current_world
-from benchmarks.lmms_model import ReducedLMM
-from benchmarks.plan import Cell, Plan, RunSpec, fingerprint, make_plan, run_conditions, short_hash, task_identity
+from benchmarks.lmms_model import DocumentError, ReducedLMM
+from benchmarks.plan import (
+    Cell,
+    Plan,
+    RunSpec,
+    fingerprint,
+    make_plan,
+    run_conditions,
+    short_hash,
+    task_data_files,
+    task_identity,
+)
 from benchmarks.records import Recorder, cell_records, peak_rss, provenance
 from benchmarks.standard_tasks import load_error, package_dirs, submission_args, task_config
 from benchmarks.store import ResultStore
@@ -105,10 +115,14 @@ def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> E
             )
     except RetryError as e:  # lmms-eval's retried dataset load failed
         raise load_error(cell.task, spec.data_path(cell.task), e) from e
+    except DocumentError as e:  # one document: name the data it came from
+        files = ", ".join(str(f) for f in task_data_files(tm, spec, cell.task)) or "the task's dataset"
+        raise ValueError(f"{e}; in {files}; fix or remove that document") from e
     except (AttributeError, ImportError, OSError, KeyError, TypeError) as e:  # the task's functions or data
         where = tm.task_index.get(cell.task, {}).get("yaml_path")
+        files = ", ".join(str(f) for f in task_data_files(tm, spec, cell.task)) or "its dataset"
         raise ValueError(f"{cell.task}: lmms-eval cannot evaluate this task ({type(e).__name__}: {first_line(e)}); "
-                         f"check the task's YAML and data ({where}); --debug shows where it failed") from e
+                         f"check the task's YAML ({where}) and data ({files}); --debug shows where it failed") from e
     wall = time.perf_counter() - t0
     lm.recorder.peak_bytes = torch.cuda.max_memory_allocated(lm.model.device) if cuda else peak_rss()
     if lm.rank == 0 and res is None:

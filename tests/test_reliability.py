@@ -141,7 +141,11 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "task naming a missing function": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
                                             str(no_function)], "my_vqa: lmms-eval cannot evaluate this task"),
         "corrupt image in a task": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
-                                     str(tmp / "corrupt" / "tasks")], "UnidentifiedImageError"),
+                                     str(tmp / "corrupt" / "tasks")],
+                                    "my_vqa: lmms-eval cannot evaluate this task (UnidentifiedImageError"),
+        "corrupt image names its file": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
+                                          str(tmp / "corrupt" / "tasks")],
+                                         f"and data ({(tmp / 'corrupt' / 'mydata' / 'test.parquet').resolve()})"),
     }
 
 
@@ -153,7 +157,7 @@ BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budg
        "method argument out of range", "unknown method argument", "method argument of the wrong type",
        "budget too small for the method", "device this machine lacks", "device name",
        "checkpoint without its processor", "malformed task YAML", "task naming a missing function",
-       "corrupt image in a task"]
+       "corrupt image in a task", "corrupt image names its file"]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +176,8 @@ def test_bad_input_gets_one_line_and_leaves_results_untouched(tiny_ckpt, cases, 
 
     before = snapshot()
     extra, phrase = cases[name]
-    argv = ["--model", str(tiny_ckpt), "--limit", "2", "--output", str(out), *extra]
+    base = {"--model": str(tiny_ckpt), "--limit": "2", "--output": str(out)}
+    argv = [*(x for k, v in base.items() if k not in extra for x in (k, v)), *extra]  # a case's own flags win
     try:
         code = run_bench.main(argv)
     except SystemExit as e:  # argparse's own checks (our parser prints one line)
@@ -475,3 +480,21 @@ def test_non_finite_logits_while_decoding_are_caught():
     padded = FiniteCheck()
     padded.watch("x", torch.tensor([[[float("nan")], [1.0]]]), real=torch.tensor([[False, True]]))
     padded.check("m")  # NaN on a padding position only: not an error
+
+
+def test_an_image_the_processor_refuses_names_its_task_and_document():
+    """Qwen2.5-VL's processor refuses an extreme aspect ratio: the batch's error names the document at fault."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+    from transformers import AutoProcessor  # noqa: PLC0415
+
+    from benchmarks.lmms_model import DocumentError, ReducedLMM  # noqa: PLC0415
+
+    lm = SimpleNamespace(processor=AutoProcessor.from_pretrained(QWEN_SMOKE_MODEL, local_files_only=True))
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>What is it?"
+    chunk = [SimpleNamespace(args=("q", {}, None, doc, "my_task", "test")) for doc in (3, 4)]
+    images = [Image.new("RGB", (64, 64)), Image.new("RGB", (2000, 4))]
+    with pytest.raises(DocumentError, match=r"my_task doc 4: the processor refuses its 2000x4 image \("):
+        ReducedLMM._inputs(lm, chunk, [prompt, prompt], images)
+    assert ReducedLMM._inputs(lm, chunk[:1], [prompt], images[:1])["pixel_values"].numel() > 0

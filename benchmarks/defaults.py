@@ -11,10 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "checkpoint"
 QWEN_SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "qwen_checkpoint"  # `--model` it for the Qwen2.5-VL family
 SYNTH_TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
-# The LLaVA smoke model's tasks, its sweep's default. The committed model knows synth_vqa only; the next one
-# (benchmarks/smoke_model/checkpoint_next, issue 33) knows both, and this becomes ("synth_vqa", "synth_scenes") when
-# it replaces the committed one with its controllers.
-SMOKE_TASKS = ("synth_vqa",)
+SMOKE_TASKS = ("synth_vqa", "synth_scenes")  # the LLaVA smoke model's tasks (trained on both), its sweep's default
 OTHER_TASKS = ("synth_vqa",)  # any other model's default (the Qwen2.5-VL smoke model knows this task only)
 SYNTH_TASK_DOCS = {"synth_vqa": 1000, "synth_scenes": 1000}  # questions in each synthetic task's test split
 RELEVANT_PATCH_TASKS = tuple(SYNTH_TASK_DOCS)  # tasks whose docs record each question's relevant_patches (`oracle`)

@@ -141,6 +141,6 @@ def test_default_tasks_follow_the_model():
     from benchmarks.defaults import QWEN_SMOKE_MODEL, SMOKE_TASKS  # noqa: PLC0415
     from benchmarks.plan import RunSpec  # noqa: PLC0415
 
-    assert RunSpec().tasks == SMOKE_TASKS
+    assert RunSpec().tasks == SMOKE_TASKS == ("synth_vqa", "synth_scenes")
     assert RunSpec(model=QWEN_SMOKE_MODEL).tasks == ("synth_vqa",)
     assert RunSpec(tasks=("synth_scenes",)).tasks == ("synth_scenes",)

@@ -18,7 +18,6 @@ from benchmarks.synthetic import scenes
 from benchmarks.synthetic.tasks.utils import doc_to_text
 
 CHECKPOINT = Path(build.__file__).resolve().parent / "checkpoint"
-NEXT = CHECKPOINT.with_name("checkpoint_next")  # the 8-layer model trained on both tasks (issue 33)
 EXPECTED_PROMPT = (
     "USER: <image>\nWhat color is the circle?\nAnswer the question using a single word or phrase. ASSISTANT:"
 )
@@ -161,33 +160,15 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypa
     assert train.WorkFolder(None, replace(cfg, n_test=99, eval_split="val")).key(4) == keys.key(4)
 
 
-@pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="checkpoint not trained yet")
-def test_committed_checkpoint_reloads_and_answers() -> None:
+def test_committed_checkpoint_reloads_and_answers_both_tasks() -> None:
+    """The committed smoke model: at most 20 MiB, the README's prompt, 8 LLM layers, and on 36 held-out questions per
+    task well above its own answers without image tokens (the 1,000-question scores are in MODEL_CARD.md)."""
     size = sum(f.stat().st_size for f in CHECKPOINT.iterdir() if f.is_file())
     assert size <= 20 * 2**20, f"checkpoint is {size / 2**20:.1f} MiB; the limit is 20"
     model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT, local_files_only=True)
     proc = AutoProcessor.from_pretrained(CHECKPOINT, local_files_only=True)
     assert build.chat_prompt(proc, doc_to_text({"question": "What color is the circle?"})) == EXPECTED_PROMPT
     assert proc.tokenizer.padding_side == "left"
-    samples = [g.generate_sample(g.SPLIT_SEEDS["test"], i) for i in range(40)]
-    full = train.evaluate(model, proc, samples)
-    blind = train.evaluate(model, proc, samples, keep=0)
-    assert full["overall"] >= 0.65, full  # the full 1000-question score is in MODEL_CARD.md
-    assert full["overall"] > blind["overall"] + 0.2, (full, blind)
-
-
-def test_the_next_models_card_tables_are_its_eval_json() -> None:
-    """The card's calibration and learnability tables are regenerated from eval.json (`--card`): they agree."""
-    record = json.loads((NEXT / "eval.json").read_text())
-    card = (NEXT / "MODEL_CARD.md").read_text()
-    assert train.calibration_table(record) in card
-    assert train.monitor_table(record) in card
-    assert record["config"]["model_kwargs"]["text_layers"] >= 8
-
-
-def test_the_next_model_answers_both_tasks() -> None:
-    model = LlavaForConditionalGeneration.from_pretrained(NEXT, local_files_only=True)
-    proc = AutoProcessor.from_pretrained(NEXT, local_files_only=True)
     assert model.config.text_config.num_hidden_layers >= 8
     for task in ("synth_vqa", "synth_scenes"):
         samples = train.split_samples(task, "test", 36)
@@ -195,11 +176,20 @@ def test_the_next_model_answers_both_tasks() -> None:
         assert full["overall"] >= 0.7 and full["overall"] > blind["overall"] + 0.2, (task, full, blind)
 
 
+def test_the_model_cards_tables_are_its_eval_json() -> None:
+    """The card's calibration and learnability tables are regenerated from eval.json (`--card`): they agree."""
+    record = json.loads((CHECKPOINT / "eval.json").read_text())
+    card = (CHECKPOINT / "MODEL_CARD.md").read_text()
+    assert train.calibration_table(record) in card
+    assert train.monitor_table(record) in card
+    assert record["config"]["model_kwargs"]["text_layers"] >= 8
+
+
 def test_bad_card_and_work_folders_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "eval.json").write_text("{bad")
     (tmp_path / "no_weights").mkdir()
-    (tmp_path / "no_weights" / "eval.json").write_text((NEXT / "eval.json").read_text())
+    (tmp_path / "no_weights" / "eval.json").write_text((CHECKPOINT / "eval.json").read_text())
     (tmp_path / "a_file").write_text("")
     cases = {("--card", str(tmp_path / "missing")): "no eval.json there",
              ("--card", str(tmp_path / "corrupt")): "JSONDecodeError",

@@ -19,6 +19,7 @@ from benchmarks.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_OUTPUT,
     OTHER_TASKS,
+    SMOKE_LIMIT,
     SMOKE_MODEL,
     SMOKE_TASKS,
     default_output,
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local checkpoint folder, LLaVA-1.5 (llava-hf) or Qwen2.5-VL (default: "
                    f"{_rel(SMOKE_MODEL)}, the committed smoke model)")
     p.add_argument("--limit", type=at_least(1), default=None,
-                   help="evaluate only the first N samples of each task (default: all)")
+                   help=f"evaluate only the first N samples of each task (default: {SMOKE_LIMIT} on the smoke model, "
+                        "all on any other)")
     p.add_argument("--seed", type=int, default=0, help="seeds lmms-eval and every method that draws at random "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE,

@@ -26,6 +26,7 @@ from benchmarks.defaults import (
     SMOKE_MODEL,
     SYNTH_TASK_DOCS,
     controllers,
+    default_limit,
     default_tasks,
 )
 from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
@@ -64,7 +65,7 @@ class RunSpec:
     methods: tuple[str, ...] = ()
     budgets: tuple[int | float | str, ...] = ()
     tasks: tuple[str, ...] = ()  # none: the model's default tasks (`benchmarks.defaults.default_tasks`)
-    limit: int | None = None
+    limit: int | None = None  # none: the model's default (`benchmarks.defaults.default_limit`)
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
     output: Path = DEFAULT_OUTPUT
@@ -83,6 +84,7 @@ class RunSpec:
         object.__setattr__(self, "methods_given", bool(self.methods))
         object.__setattr__(self, "methods", expand_methods(self.methods or default))
         object.__setattr__(self, "tasks", tuple(self.tasks) or default_tasks(self.model))
+        object.__setattr__(self, "limit", default_limit(self.model) if self.limit is None else self.limit)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:

@@ -21,9 +21,11 @@ prepended; the rest filtered in order; targets `arange(0, R, max(1, R // context
 by the argmax of normalised-key similarity; contextual = target + members' mean, counts clamped at 1) and
 `visionzip/utils.py` (`CLIPAttention_forward`: the metric is the layer's raw k projection, heads averaged).
 
+The budget counts the CLS token, as the reference's does: its "64" (dominant 54, contextual 10) is set up in
+`main.py` with ``dominant - 1`` patches, so the LLM gets 53 patches, the CLS token and 10 contextual tokens = 64,
+exactly as here (an earlier version of this docstring listed a 65-token difference that does not exist; issue 35).
+
 Differs from the reference code:
-* the budget counts the CLS token: the reference's "64" (dominant 54, contextual 10) hands the LLM 65 tokens (54
-  patches, the CLS token, 10 contextual), ours keeps exactly `budget` (53 patches + CLS + 10 at 64);
 * the attention row and the keys are read from the feature layer's own queries and keys by the adapter (no
   hooked attention class, no eager attention maps); values as `output_attentions` gives them (tested);
 * `contextual` can be set (default: the reference's 10 : 54 split); budgets below 2 are refused;

@@ -144,3 +144,13 @@ def test_default_tasks_follow_the_model():
     assert RunSpec().tasks == SMOKE_TASKS == ("synth_vqa", "synth_scenes")
     assert RunSpec(model=QWEN_SMOKE_MODEL).tasks == ("synth_vqa",)
     assert RunSpec(tasks=("synth_scenes",)).tasks == ("synth_scenes",)
+
+
+def test_default_limit_follows_the_model():
+    """No --limit: SMOKE_LIMIT questions per task on the LLaVA smoke model (its sweep in under 10 minutes), every
+    question on any other model; a given --limit is kept."""
+    from benchmarks.defaults import QWEN_SMOKE_MODEL, SMOKE_LIMIT  # noqa: PLC0415
+    from benchmarks.plan import RunSpec  # noqa: PLC0415
+
+    assert RunSpec().limit == SMOKE_LIMIT == 500
+    assert RunSpec(model=QWEN_SMOKE_MODEL).limit is None and RunSpec(limit=1000).limit == 1000

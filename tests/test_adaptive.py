@@ -191,6 +191,12 @@ def test_training_with_lora_and_projector_saves_a_plain_llava_model(tmp_path):
 TRAIN = ["--method", "adaptive_b", "--batch-size", "4", "--synth-samples", "64", "--device", "cpu", "--save-every", "1"]
 
 
+def train_with(*extra: str) -> list[str]:
+    """TRAIN with the options `extra` gives replaced by its values (an option given twice is refused)."""
+    pairs = [(TRAIN[i], TRAIN[i + 1]) for i in range(0, len(TRAIN), 2)]
+    return [x for flag, value in pairs if flag not in extra for x in (flag, value)] + list(extra)
+
+
 def test_training_never_replaces_a_controller_or_resumes_other_settings(tmp_path, capsys):
     trained = tmp_path / "trained"
     shutil.copytree(SMOKE_MODEL / "controllers" / "adaptive_b" / "seed0", trained)  # as committed: no training state
@@ -237,7 +243,7 @@ def test_training_bad_input_is_one_line(argv, phrase, tmp_path, capsys):
             for a in argv]
     argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "c")]
     try:
-        code = train_adaptive.main(["--model", str(SMOKE_MODEL), *TRAIN, *argv])
+        code = train_adaptive.main(["--model", str(SMOKE_MODEL), *train_with(*argv)])
     except SystemExit as e:  # argparse's own checks, one line
         code = e.code
     err = capsys.readouterr().err
@@ -289,8 +295,8 @@ def test_training_runs_on_a_bfloat16_model(tmp_path, method):
     """--dtype bfloat16: the model in bfloat16, the controller in float32 scoring its features; a step runs and the
     saved controller loads and keeps its budget on the bfloat16 model."""
     out = tmp_path / method
-    argv = ["--model", str(SMOKE_MODEL), *TRAIN, "--method", method, "--steps", "1", "--dtype", "bfloat16",
-            "--out", str(out)]
+    argv = ["--model", str(SMOKE_MODEL), *train_with("--method", method, "--steps", "1", "--dtype", "bfloat16",
+                                                     "--out", str(out))]
     assert train_adaptive.main(argv) == 0
     base, processor = load_llava(SMOKE_MODEL, dtype="bfloat16")
     reducer = create_reducer(method, 8, checkpoint=str(out)).eval()

@@ -15,7 +15,8 @@ the sequence from layer K on, original positions kept (as the reference does).
 
 Budgets. `max_num_trunction` T is the reference's knob: per_pivot = T // (pivots), so it keeps pivot_image +
 pivots x per_pivot tokens (132 at T = 128). A `budget` B is the tokens kept at most: per_pivot = (B - pivot_image)
-// pivots (60 at 64 on LLaVA-1.5, 36 at 36 here), so the LLM never sees more than B.
+// pivots (60 at 64 on LLaVA-1.5, 36 at 36 here), so the LLM never sees more than B; a budget at or above an image's
+tokens keeps all of them.
 
 Differs from the reference code:
 * pivots are taken in order of position (image pivots, then text pivots); the reference iterates a Python set of
@@ -93,6 +94,8 @@ class DART(TokenReducer):
         chosen = is_piv.clone()
         kmax = int(per.max()) if b else 0
         if kmax == 0:  # a budget of at most pivot_image tokens: the image pivots alone, no similarity needed
+            if not self.uses_trunction:  # ... unless the budget covers the whole image
+                chosen = chosen | (valid & (budget >= valid.sum(1)).unsqueeze(1))
             keep, kvalid = pack_true(chosen)
             return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=None if bool(kvalid.all()) else kvalid,
                            macs=torch.zeros(b, dtype=torch.long, device=dev))
@@ -104,6 +107,8 @@ class DART(TokenReducer):
             ok = ok & free.gather(1, pick)
             chosen = chosen.scatter(1, pick, chosen.gather(1, pick) | ok)  # picks of a row are distinct
             free = free & ~chosen
+        if not self.uses_trunction:  # a budget at or above an image's tokens keeps every one of them
+            chosen = chosen | (valid & (budget >= valid.sum(1)).unsqueeze(1))
         keep, kvalid = pack_true(chosen)  # (B, K) ascending
         macs = torch.full((b,), sim.size(1) * n * d, dtype=torch.long, device=dev)  # the pivot similarities
         return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=None if bool(kvalid.all()) else kvalid, macs=macs)

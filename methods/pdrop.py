@@ -116,7 +116,10 @@ class PyramidDrop(TokenReducer):
         layers = self.layers if self.layers is not None else default_layers(n_layers)
         if self.uses_ratios:
             return stage_counts(n, self.ratios)
-        lam = solve_ratio(self.budget if budget is None else max(1, budget), n, layers, n_layers)
+        budget = self.budget if budget is None else max(1, budget)
+        if budget >= n:  # at or above the image's tokens: every token stays (the bisection would lose one to rounding)
+            return [n] * len(layers)
+        lam = solve_ratio(budget, n, layers, n_layers)
         return stage_counts(n, tuple(lam ** (s + 1) for s in range(len(layers))))
 
     def forward(self, t: Tokens) -> Reduced:

@@ -109,6 +109,10 @@ class _PruMergeBase(TokenReducer):
     def forward(self, t: Tokens) -> Reduced:
         if t.valid is not None:
             raise NotImplementedError(f"{self.name} expects every image to arrive with all its patches")
+        b, n = t.cls_attn.shape
+        if not self.auto and self.budget >= n:  # the whole image fits the budget: every patch, unmerged
+            keep = torch.arange(n, device=t.x.device).expand(b, n)
+            return Reduced(x=t.x, keep=keep, macs=torch.zeros(b, dtype=torch.long, device=t.x.device))
         keep, valid = self.select(t.cls_attn)  # (B, M); M: budget - 1, or the largest IQR count (then padded)
         merged = merge_neighbours(t.x, t.keys, t.cls_attn, keep, self.neighbours)  # (B, M, D)
         kept_mask = torch.zeros_like(t.cls_attn, dtype=torch.bool).scatter(1, keep, valid)  # (B, N)

@@ -174,3 +174,22 @@ def test_recorded_arguments_of_fastv_and_prumerge_by_hand():
     assert create_reducer("prumerge", "auto").method_args == {"budget": "auto", "neighbours": 32}
     assert create_reducer("random", 8, seed=3).method_args == {"budget": 8, "seed": 3}
     assert create_reducer("full").method_args == {}
+
+
+@pytest.mark.parametrize("name", list_reducers())
+def test_contract_a_budget_at_or_above_the_image_keeps_every_token(name):
+    """Every method, at a budget equal to or above the image's 16 tokens, gives the LLM all 16 at every layer (a
+    layer-averaged schedule lost one to rounding, DART kept pivots + per-pivot picks only, PruMerge added its extra
+    token on top)."""
+    from methods.llava import ReducedLlava  # noqa: PLC0415
+    from tests.conftest import llava_runner, tiny_batch, tiny_llava  # noqa: PLC0415
+
+    model = tiny_llava(llm_layers=4)
+    ids, mask, pixels = tiny_batch(model, 2)
+    cls = methods.get_reducer_class(name)
+    kwargs = {"config": ControllerConfig(method=name, dim=32, num_patches=16)} if cls.needs_checkpoint else {}
+    for budget in (16, 19):
+        run = llava_runner(model, create_reducer(name, budget, **kwargs).eval())
+        assert isinstance(run, ReducedLlava)
+        trace = run.generate(ids, mask, pixels, 1).trace
+        assert trace.visual_tokens.tolist() == [[16] * 4] * 2, (name, budget)

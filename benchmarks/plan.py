@@ -293,6 +293,10 @@ def task_data_files(tm, spec: RunSpec, task: str) -> list[Path]:
 def task_identity(tm, spec: RunSpec, task: str) -> list:
     """What a task's numbers depend on besides the model and method: the YAML and Python files of its folder (config,
     prompts, scoring), the local data files its YAML names (`data_files`), and its `--task-data` copy."""
+    for f in task_data_files(tm, spec, task):
+        if f.is_file() and f.stat().st_size == 0:
+            raise ValueError(f"{task}: its data file {f} is empty (0 bytes); regenerate or replace it (the synthetic "
+                             "tasks rewrite a missing file on first use: delete it)")
     where = tm.task_index.get(task, {}).get("yaml_path")
     code, data = [task], []
     if isinstance(where, str) and Path(where).is_file():

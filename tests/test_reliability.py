@@ -93,6 +93,8 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     (no_function / "my_vqa.yaml").write_text((no_function / "my_vqa.yaml").read_text().replace(
         "utils.doc_to_text", "utils.no_such_function"))
     my_task(tmp / "corrupt", seed=1)
+    my_task(tmp / "empty", seed=1)
+    (tmp / "empty" / "mydata" / "test.parquet").write_bytes(b"")
 
     data = tmp / "corrupt" / "mydata" / "test.parquet"
     table = pq.read_table(data).to_pylist()
@@ -143,6 +145,8 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "corrupt image in a task": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
                                      str(tmp / "corrupt" / "tasks")],
                                     "my_vqa: lmms-eval cannot evaluate this task (UnidentifiedImageError"),
+        "empty data file": (["--methods", "full", "--tasks", "my_vqa", "--include-path", str(tmp / "empty" / "tasks")],
+                            f"my_vqa: its data file {(tmp / 'empty' / 'mydata' / 'test.parquet').resolve()} is empty"),
         "corrupt image names its file": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
                                           str(tmp / "corrupt" / "tasks")],
                                          f"and data ({(tmp / 'corrupt' / 'mydata' / 'test.parquet').resolve()})"),
@@ -157,7 +161,7 @@ BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budg
        "method argument out of range", "unknown method argument", "method argument of the wrong type",
        "budget too small for the method", "device this machine lacks", "device name",
        "checkpoint without its processor", "malformed task YAML", "task naming a missing function",
-       "corrupt image in a task", "corrupt image names its file"]
+       "corrupt image in a task", "corrupt image names its file", "empty data file"]
 
 
 @pytest.fixture(scope="module")

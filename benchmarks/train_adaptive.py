@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -261,11 +262,11 @@ def train(args: argparse.Namespace) -> Path:
         torch.manual_seed(args.seed + acc.process_index)
     params = list(controller.parameters()) + trained
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    order = torch.Generator().manual_seed(args.seed)  # the data order: each pass draws its shuffle from it
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
-                                         collate_fn=Collate(processor, family),
-                                         generator=torch.Generator().manual_seed(args.seed), drop_last=True)
+                                         collate_fn=Collate(processor, family), generator=order, drop_last=True)
     loader = acc.prepare(loader)
-    step = 0
+    step, skip = 0, 0
     state_path = out / STATE_FILE
     if state_path.is_file():  # resume
         state = torch.load(state_path, map_location=device, weights_only=False)
@@ -275,6 +276,11 @@ def train(args: argparse.Namespace) -> Path:
             p.data.copy_(saved)
         step = state["step"]
         torch.set_rng_state(state["rng"])  # the main process's state; the others get their own below
+        if "order" in state:  # the pass it stopped in: its shuffle drawn again, the batches it had done skipped
+            order.set_state(state["order"])
+            skip = state["pass_step"]
+            random.setstate(state["py_random"])
+            np.random.set_state(state["np_random"])
         if acc.process_index:
             torch.manual_seed(args.seed + acc.process_index + 7919 * step)  # prime stride: no two (rank, step) collide
         acc.print(f"resumed from {state_path} at step {step}")
@@ -295,7 +301,9 @@ def train(args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     try:
         while step < args.steps:
-            for batch in loader:
+            pass_start, pass_step = order.get_state(), skip  # before this pass draws its shuffle
+            batches, skip = (acc.skip_first_batches(loader, skip) if skip else loader), 0
+            for batch in batches:
                 if step >= args.steps:
                     break
                 if n is not None:
@@ -313,6 +321,7 @@ def train(args: argparse.Namespace) -> Path:
                         p.grad = acc.reduce(p.grad, reduction="mean")
                 opt.step()
                 step += 1
+                pass_step += 1
                 bar.update(1)
                 bar.set_postfix(lm_loss=f"{lm_loss:.3f}", k=k)
                 if acc.is_main_process:
@@ -321,7 +330,7 @@ def train(args: argparse.Namespace) -> Path:
                         f.write(json.dumps({"step": step, "lm_loss": round(lm_loss, 5), "loss": round(loss.item(), 5),
                                             "budget": k, "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
                     if step % args.save_every == 0 or step == args.steps:
-                        save(out, controller, opt, trained, step, model, processor, args)
+                        save(out, controller, opt, trained, step, model, processor, args, (pass_start, pass_step))
     finally:
         bar.close()  # before any message, so an error is the last line
     return out
@@ -337,13 +346,16 @@ def new_controller(args: argparse.Namespace, family: Family, layout):
     return controller
 
 
-def save(out: Path, controller, opt, trained, step: int, model, processor, args) -> None:
+def save(out: Path, controller, opt, trained, step: int, model, processor, args,
+         data_pass: tuple[torch.Tensor, int]) -> None:
     """The resumable training state (atomic), and at the last step the controller's weights and config (what the
     runner loads: a folder holds a controller only once its training has finished, never a half-trained one)."""
     if step == args.steps:  # before the state: a run killed in between redoes its last steps, never loses them
         controller.save(out)
     state = {"controller": controller.state_dict(), "optimizer": opt.state_dict(), "step": step,
-             "trained": [p.detach().cpu() for p in trained], "rng": torch.get_rng_state(), "args": vars(args)}
+             "trained": [p.detach().cpu() for p in trained], "rng": torch.get_rng_state(), "args": vars(args),
+             "order": data_pass[0], "pass_step": data_pass[1], "py_random": random.getstate(),
+             "np_random": np.random.get_state()}
     tmp = out / f".{STATE_FILE}.{os.getpid()}.tmp"
     try:
         torch.save(state, tmp)

@@ -305,3 +305,30 @@ def test_training_runs_on_a_bfloat16_model(tmp_path, method):
                        text=[llava_prompt(processor, doc_to_text({"question": s.question})) for s in samples])
     gen = ReducedLlava(base, reducer).generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 2)
     assert gen.trace.visual_tokens[:, -1].tolist() == [8, 8] and torch.isfinite(gen.first_logits).all()
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Interrupted after step 4 (inside the second pass over 12 questions in batches of 4) and resumed, a run ends
+    with the controller weights of the same run uninterrupted, bit for bit (CPU, same seed): the data order, the
+    budget draws and the Gumbel draws continue where they stopped."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    def argv(out):
+        return ["--model", str(SMOKE_MODEL), *train_with("--steps", "6", "--synth-samples", "12", "--out", str(out))]
+
+    assert train_adaptive.main(argv(tmp_path / "whole")) == 0
+    real, calls = train_adaptive.step_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_adaptive, "step_loss", interrupted)
+    assert train_adaptive.main(argv(tmp_path / "cut")) == 130
+    monkeypatch.setattr(train_adaptive, "step_loss", real)
+    assert train_adaptive.main(argv(tmp_path / "cut")) == 0
+    whole, cut = load_file(tmp_path / "whole" / "controller.safetensors"), load_file(tmp_path / "cut" /
+                                                                                     "controller.safetensors")
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)

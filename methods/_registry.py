@@ -74,15 +74,21 @@ def create_reducer(name: str, budget: int | None = None, **kwargs) -> TokenReduc
     every constructor argument counts without a method listing them again.
     """
     cls = get_reducer_class(name)
-    hints = typing.get_type_hints(cls.__init__)
-    for arg, value in kwargs.items():
-        if arg in hints and not _accepts(hints[arg], value):
-            raise ValueError(f"{name}.{arg}={value!r}: must be {_describe(hints[arg])}")
+    check_arguments(name, kwargs)
     reducer = cls(budget=budget, **kwargs)
     bound = inspect.signature(cls).bind(budget=budget, **kwargs)
     bound.apply_defaults()
     reducer.method_args = {arg: _plain(value) for arg, value in bound.arguments.items() if value is not None}
     return reducer
+
+
+def check_arguments(name: str, kwargs: dict) -> None:
+    """Raise ValueError unless each of `kwargs` fits the type annotation of `name`'s constructor argument (a whole
+    number, a number, a non-empty tuple of them, ...): the registry's types check every method alike."""
+    hints = typing.get_type_hints(get_reducer_class(name).__init__)
+    for arg, value in kwargs.items():
+        if arg in hints and not _accepts(hints[arg], value):
+            raise ValueError(f"{name}.{arg}={value!r}: must be {_describe(hints[arg])}")
 
 
 def _plain(value: object) -> object:
@@ -100,6 +106,9 @@ def _accepts(hint: object, value: object) -> bool:
         return any(_accepts(h, value) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a non-empty tuple (or list) whose every item is an X
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (tuple, list)) and len(value) > 0 and all(_accepts(item, v) for v in value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
@@ -112,6 +121,8 @@ def _accepts(hint: object, value: object) -> bool:
 def _describe(hint: object) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a non-empty tuple of {_describe(typing.get_args(hint)[0]).removeprefix('a ')}s, e.g. (2, 4)"
     names = {int: "a whole number", float: "a number", str: "a string", bool: "True or False", Path: "a path",
              type(None): "None"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
@@ -146,6 +157,7 @@ def method_budgets(methods: tuple[str, ...], budgets: list[int | float | str], n
     pairs: list[tuple[str, int | float | str]] = []
     for m in methods:
         cls = get_reducer_class(m)
+        check_arguments(m, kwargs(m))  # before any method reads them
         label = cls.budget_label(kwargs(m))  # e.g. fastv.ratio=0.5: one cell, "R=0.5"
         if label is not None:
             pairs.append((m, label))

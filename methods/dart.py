@@ -51,6 +51,9 @@ class DART(TokenReducer):
         if (budget is None) == (max_num_trunction is None):
             raise ValueError("dart: give exactly one of budget (image tokens kept at most) or max_num_trunction "
                              "(the reference's T: pivot_image + T // pivots tokens per pivot)")
+        if max_num_trunction is not None and max_num_trunction < 0:
+            raise ValueError(f"dart: max_num_trunction must be >= 0 (tokens each pivot may choose, times the pivots), "
+                             f"got {max_num_trunction}")
         if pivot_image < 1 or pivot_text < 0:
             raise ValueError(f"dart: pivot_image must be >= 1 and pivot_text >= 0, got {pivot_image}, {pivot_text}")
         self.uses_trunction = max_num_trunction is not None

@@ -86,7 +86,8 @@ class PyramidDrop(TokenReducer):
     needs = frozenset({"query_attn_next"})
     budget_unit = "layer_mean"
 
-    def __init__(self, budget: int | None = None, layers: tuple | None = None, ratios: tuple | None = None) -> None:
+    def __init__(self, budget: int | None = None, layers: tuple[int, ...] | None = None,
+                 ratios: tuple[float, ...] | None = None) -> None:
         if (budget is None) == (ratios is None):
             raise ValueError("pdrop: give exactly one of budget (layer-averaged visual tokens) or ratios (the share "
                              f"of the image's tokens each stage keeps, e.g. {DEFAULT_RATIOS})")
@@ -106,6 +107,10 @@ class PyramidDrop(TokenReducer):
 
     def llm_layers(self, n_layers: int, num_patches: int) -> tuple[int, ...]:
         layers = self.layers if self.layers is not None else default_layers(n_layers)
+        if self.uses_ratios and len(self.ratios) != len(layers):
+            raise ValueError(f"pdrop: {len(self.ratios)} ratios but {len(layers)} stages (layers {list(layers)} of "
+                             f"this {n_layers}-layer LLM); give one ratio per stage, or pdrop.layers with one layer "
+                             "per ratio")
         if not self.uses_ratios and len(set(layers)) == len(layers) and layers[-1] < n_layers:
             budget = self.budget if self.budget is not None else budget_count(self.fraction, num_patches)
             solve_ratio(budget, num_patches, layers, n_layers)  # refuses a budget the stages cannot meet

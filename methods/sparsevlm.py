@@ -189,8 +189,8 @@ class SparseVLM(TokenReducer):
     needs = frozenset({"text_attn", "embeds"})
     budget_unit = "layer_mean"
 
-    def __init__(self, budget: int | None = None, layers: tuple | None = None, retained_tokens: int | None = None,
-                 counts: tuple | None = None) -> None:
+    def __init__(self, budget: int | None = None, layers: tuple[int, ...] | None = None,
+                 retained_tokens: int | None = None, counts: tuple[int, ...] | None = None) -> None:
         if sum(v is not None for v in (budget, retained_tokens, counts)) != 1:
             raise ValueError("sparsevlm: give exactly one of budget (layer-averaged visual tokens), retained_tokens "
                              f"(the reference's table: {', '.join(map(str, REFERENCE_COUNTS))}) or counts (tokens "

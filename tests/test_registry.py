@@ -11,6 +11,7 @@ import torch
 
 import methods
 from benchmarks.defaults import CATALOGUE
+from benchmarks.defaults import catalogue as read_catalogue
 from benchmarks.plan import RunSpec, make_reducer
 from methods import (
     Reduced,
@@ -193,3 +194,28 @@ def test_contract_a_budget_at_or_above_the_image_keeps_every_token(name):
         assert isinstance(run, ReducedLlava)
         trace = run.generate(ids, mask, pixels, 1).trace
         assert trace.visual_tokens.tolist() == [[16] * 4] * 2, (name, budget)
+
+
+EDGES = ["-1", "0", "1000000", "0.5", "-0.5", "True", "'x'", "()", "(1,)", "(-1,)", "(0.5,)", "(3, 2, 1)"]
+
+
+@pytest.mark.parametrize("name", [m for m in list_reducers() if read_catalogue()[m]["args"]])
+def test_every_argument_at_its_edges_is_run_or_refused_in_one_line(name, capsys):
+    """Each method argument of the catalogue, fed edge values (negative, zero, huge, a number where a tuple is
+    expected, an empty tuple, ...), through `run_bench.py --dry-run`: the plan runs (exit 0) or one `error:` line
+    with exit status 2 names the problem; never a traceback. The registry's types check them for every method."""
+    import run_bench  # noqa: PLC0415
+
+    for arg in read_catalogue()[name]["args"]:
+        if arg in ("checkpoint", "config"):
+            continue
+        for value in EDGES:
+            argv = ["--methods", name, "--method-args", f"{name}.{arg}={value}", "--dry-run", "--tasks", "synth_vqa"]
+            try:
+                code = run_bench.main(argv)
+            except SystemExit as e:  # argparse's own checks
+                code = e.code
+            err = capsys.readouterr().err.strip()
+            assert code in (0, 2), (name, arg, value, err)
+            if code == 2:
+                assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (name, arg, value)

@@ -61,15 +61,17 @@ def recipe_minutes(cfg: TrainConfig, ms_full: float, ms_few: float) -> float:
 def main() -> None:
     torch.set_num_threads(2)
     cfg, rows = TrainConfig(), []
+    conditions = (f"Measured by `python -m benchmarks.smoke_model.pilot` on {platform.machine()}, "
+                  f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32, batch {cfg.batch_size}.")
     for layers, width in SHAPES:
         full, n = step_ms(layers, width, 144)
         few, _ = step_ms(layers, width, 24)
         rows.append({"layers": layers, "width": width, "llm_parameters": n, "ms_per_step_144": round(full, 1),
                      "ms_per_step_24": round(few, 1), "recipe_min": round(recipe_minutes(cfg, full, few), 1)})
         print(rows[-1], flush=True)
-    conditions = (f"Measured by `python -m benchmarks.smoke_model.pilot` on {platform.machine()}, "
-                  f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32, batch {cfg.batch_size}.")
-    OUT.write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1) + "\n")
+        tmp = OUT.with_name(f".{OUT.name}.tmp")  # after every shape, atomically: an interrupt keeps the rows so far
+        tmp.write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1) + "\n")
+        tmp.replace(OUT)
     print(f"wrote {OUT}")
 
 

@@ -120,6 +120,10 @@ def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> E
         raise ValueError(f"{e}; in {files}; fix or remove that document") from e
     except (AttributeError, ImportError, OSError, KeyError, TypeError) as e:  # the task's functions or data
         where = tm.task_index.get(cell.task, {}).get("yaml_path")
+        bad = unreadable_image(task_data_files(tm, spec, cell.task)) if isinstance(e, OSError) else None
+        if bad is not None:  # lmms-eval decoded the images itself: find the row at fault
+            raise ValueError(f"{cell.task} doc {bad[1]}: its image cannot be read ({type(e).__name__}: "
+                             f"{first_line(e)}); row {bad[1]} of {bad[0]}: fix or remove it") from e
         files = ", ".join(str(f) for f in task_data_files(tm, spec, cell.task)) or "its dataset"
         raise ValueError(f"{cell.task}: lmms-eval cannot evaluate this task ({type(e).__name__}: {first_line(e)}); "
                          f"check the task's YAML ({where}) and data ({files}); --debug shows where it failed") from e
@@ -128,6 +132,30 @@ def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> E
     if lm.rank == 0 and res is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
     return Evaluated(res, wall)
+
+
+def unreadable_image(files: list[Path]) -> tuple[Path, int] | None:
+    """The first (parquet file, row) whose image bytes PIL cannot open, among a task's local parquet files (rows in
+    order: a split's doc ids), or None. Only on the error path: it reads every image."""
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    for f in files:
+        if f.suffix != ".parquet" or not f.is_file():
+            continue
+        table = pq.read_table(f)
+        columns = [c for c in table.column_names if isinstance(t := table.schema.field(c).type, pa.StructType)
+                   and "bytes" in [x.name for x in t]]  # Hugging Face's image feature: {bytes, path}
+        for c in columns:
+            for row, cell in enumerate(table.column(c).to_pylist()):
+                if not cell or cell.get("bytes") is None:
+                    continue
+                try:
+                    Image.open(io.BytesIO(cell["bytes"])).load()
+                except Exception:  # noqa: BLE001 - PIL raises several types for bad bytes
+                    return f, row
+    return None
 
 
 @contextlib.contextmanager

@@ -96,10 +96,12 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     my_task(tmp / "empty", seed=1)
     (tmp / "empty" / "mydata" / "test.parquet").write_bytes(b"")
 
-    data = tmp / "corrupt" / "mydata" / "test.parquet"
-    table = pq.read_table(data).to_pylist()
-    table[0]["image"] = {**table[0]["image"], "bytes": b"not an image"}
-    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(data)), data)
+    my_task(tmp / "corrupt0", seed=1)
+    for folder, doc in (("corrupt", 1), ("corrupt0", 0)):  # doc 0: lmms-eval decodes it itself; doc 1: the runner
+        data = tmp / folder / "mydata" / "test.parquet"
+        table = pq.read_table(data).to_pylist()
+        table[doc]["image"] = {**table[doc]["image"], "bytes": b"not an image"}
+        pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(data)), data)
     return {
         "unknown method": (["--methods", "prumerg"], "Did you mean prumerge"),
         "unknown task": (["--tasks", "synth_vq"], "did you mean synth_vqa"),
@@ -144,12 +146,19 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                             str(no_function)], "my_vqa: lmms-eval cannot evaluate this task"),
         "corrupt image in a task": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
                                      str(tmp / "corrupt" / "tasks")],
-                                    "my_vqa: lmms-eval cannot evaluate this task (UnidentifiedImageError"),
+                                    "my_vqa doc 1: its image cannot be read (UnidentifiedImageError"),
         "empty data file": (["--methods", "full", "--tasks", "my_vqa", "--include-path", str(tmp / "empty" / "tasks")],
                             f"my_vqa: its data file {(tmp / 'empty' / 'mydata' / 'test.parquet').resolve()} is empty"),
         "corrupt image names its file": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
                                           str(tmp / "corrupt" / "tasks")],
-                                         f"and data ({(tmp / 'corrupt' / 'mydata' / 'test.parquet').resolve()})"),
+                                         f"in {(tmp / 'corrupt' / 'mydata' / 'test.parquet').resolve()}; fix"),
+        "corrupt first image": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
+                                 str(tmp / "corrupt0" / "tasks")],
+                                "my_vqa doc 0: its image cannot be read (UnidentifiedImageError: cannot identify "
+                                "image file"),
+        "corrupt first image names its row": (["--methods", "full", "--tasks", "my_vqa", "--include-path",
+                                               str(tmp / "corrupt0" / "tasks")],
+                                              f"row 0 of {(tmp / 'corrupt0' / 'mydata' / 'test.parquet').resolve()}"),
     }
 
 
@@ -161,7 +170,8 @@ BAD = ["unknown method", "unknown task", "zero budget", "negative budget", "budg
        "method argument out of range", "unknown method argument", "method argument of the wrong type",
        "budget too small for the method", "device this machine lacks", "device name",
        "checkpoint without its processor", "malformed task YAML", "task naming a missing function",
-       "corrupt image in a task", "corrupt image names its file", "empty data file"]
+       "corrupt image in a task", "corrupt image names its file", "empty data file",
+       "corrupt first image", "corrupt first image names its row"]
 
 
 @pytest.fixture(scope="module")

@@ -182,3 +182,20 @@ def test_reuse_freed_memory_stops_large_tensors_being_mapped_fresh():
                                          timeout=120, cwd=Path(__file__).parents[1]).stdout.split(maxsplit=2)
     assert int(before) >= 16_000 and int(after) < 1_000, (before, after)
     assert note.strip().startswith("glibc keeps freed memory for reuse (mallopt M_MMAP_MAX 0")
+
+
+def test_the_sweep_runs_every_entry_in_bfloat16(tmp_path, capsys):
+    """--dtype bfloat16 (the GPU check's default) through every plan entry, the learned controllers included."""
+    import json  # noqa: PLC0415
+
+    from tests.conftest import tiny_llava  # noqa: PLC0415
+
+    tiny_llava().config.to_json_file(tmp_path / "config.json")
+    out = tmp_path / "bf16.json"
+    assert main(["speedup", "--model-config", str(tmp_path / "config.json"), "--vision-layers", "2", "--llm-layers",
+                 "3", "--dtype", "bfloat16", "--batch-sizes", "1", "--repeats", "1", "--budgets", "4",
+                 "--answer-tokens", "2", "--text-tokens", "12", "--output", str(out), "--allocator", "system"]) == 0
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert all("layer-averaged budget" in line for line in skipped), skipped  # a budget's floor, never the dtype
+    rows = json.loads(out.read_text())["rows"]
+    assert {"adaptive_a", "adaptive_b", "fastv", "divprune", "dart"} <= {r["method"] for r in rows}

@@ -28,7 +28,7 @@ import sys
 from flops.analytic import count, model_shape
 from flops.roofline import PROFILES, device_profile, predict
 from flops.shapes import load_config, qwen_grid, shape_record, stand_in_reducer
-from methods import create_reducer, expand_methods, get_reducer_class, method_budgets
+from methods import check_arguments, create_reducer, expand_methods, get_reducer_class, method_budgets
 from methods.base import AUTO
 from methods.cli import OneLineParser, budget_count, parse_budget, parse_method_arg
 from methods.llava import check_reducer
@@ -102,6 +102,8 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     for method, arg, value in args.method_args:
         kwargs.setdefault(method, {})[arg] = value
     names = expand_methods(tuple(args.methods))
+    for m in names:
+        check_arguments(m, kwargs.get(m, {}))  # the registry's types, before any method reads its arguments
     if not args.budgets:
         plain = [m for m in names if get_reducer_class(m).uses_budget
                  and get_reducer_class(m).budget_label(kwargs.get(m, {})) is None]

@@ -7,6 +7,7 @@ serve the command lines' `--help` and argument errors at once.
 
 from methods._registry import (
     UnknownReducerError,
+    check_arguments,
     create_reducer,
     expand_methods,
     get_reducer_class,
@@ -20,6 +21,7 @@ _CONTRACT = ("Reduced", "Site", "TokenReducer", "Tokens")  # methods.base, impor
 __all__ = [
     *_CONTRACT,
     "UnknownReducerError",
+    "check_arguments",
     "create_reducer",
     "expand_methods",
     "get_reducer_class",

@@ -205,6 +205,7 @@ def test_every_argument_at_its_edges_is_run_or_refused_in_one_line(name, capsys)
     expected, an empty tuple, ...), through `run_bench.py --dry-run`: the plan runs (exit 0) or one `error:` line
     with exit status 2 names the problem; never a traceback. The registry's types check them for every method."""
     import run_bench  # noqa: PLC0415
+    from flops.__main__ import main as flops_main  # noqa: PLC0415
 
     for arg in read_catalogue()[name]["args"]:
         if arg in ("checkpoint", "config"):
@@ -219,3 +220,12 @@ def test_every_argument_at_its_edges_is_run_or_refused_in_one_line(name, capsys)
             assert code in (0, 2), (name, arg, value, err)
             if code == 2:
                 assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (name, arg, value)
+            try:  # the FLOPs counter's command line, on LLaVA-1.5-7B's shapes
+                code = flops_main(["--methods", name, "--method-args", f"{name}.{arg}={value}", "--budgets", "64"])
+            except SystemExit as e:
+                code = e.code
+            captured = capsys.readouterr()
+            err = [line for line in captured.err.splitlines() if not line.startswith("note: ")]
+            assert code in (0, 2), (name, arg, value, captured.err)
+            if code == 2:
+                assert len(err) == 1 and err[0].startswith("error: "), (name, arg, value, captured.err)

@@ -33,10 +33,15 @@ def default_output(model: Path) -> Path:
     return named.get(model, DEFAULT_OUTPUT.with_name(model.name))
 
 
+def is_smoke_model(model: Path) -> bool:
+    """Whether `model` is the committed LLaVA smoke model (the folder, however the path is written)."""
+    return Path(model).resolve() == SMOKE_MODEL.resolve()
+
+
 def default_tasks(model: Path) -> tuple[str, ...]:
     """The tasks a sweep on `model` runs when none are named: the LLaVA smoke model's (`SMOKE_TASKS`), `synth_vqa` on
     any other (the Qwen2.5-VL smoke model's one task; a real model is given its tasks with --tasks)."""
-    return SMOKE_TASKS if Path(model).resolve() == SMOKE_MODEL.resolve() else OTHER_TASKS
+    return SMOKE_TASKS if is_smoke_model(model) else OTHER_TASKS
 
 
 def catalogue() -> dict[str, dict]:
@@ -46,7 +51,7 @@ def catalogue() -> dict[str, dict]:
 
 def default_limit(model: Path) -> int | None:
     """Questions per task when --limit is not given: `SMOKE_LIMIT` on the LLaVA smoke model, all on any other."""
-    return SMOKE_LIMIT if Path(model).resolve() == SMOKE_MODEL.resolve() else None
+    return SMOKE_LIMIT if is_smoke_model(model) else None
 
 
 def reference_rows() -> frozenset[str]:

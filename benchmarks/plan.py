@@ -278,14 +278,15 @@ def content_identity(path: Path) -> list:
     return out
 
 
+def named_data_files(yaml: Path) -> list[Path]:
+    """The local data files a task YAML names (`data_files`) that exist, sorted."""
+    return sorted(f for f in {(yaml.parent / m).resolve() for m in DATA_FILE.findall(yaml.read_text())} if f.is_file())
+
+
 def task_data_files(tm, spec: RunSpec, task: str) -> list[Path]:
     """The local data a task reads: the files its YAML names that exist, and its `--task-data` copy."""
     where = tm.task_index.get(task, {}).get("yaml_path")
-    files = []
-    if isinstance(where, str) and Path(where).is_file():
-        yaml = Path(where)
-        files = sorted(f for f in {(yaml.parent / m).resolve() for m in DATA_FILE.findall(yaml.read_text())}
-                       if f.is_file())
+    files = named_data_files(Path(where)) if isinstance(where, str) and Path(where).is_file() else []
     local = spec.data_path(task)
     return files + ([local.expanduser().resolve()] if local is not None else [])
 
@@ -303,8 +304,7 @@ def task_identity(tm, spec: RunSpec, task: str) -> list:
         yaml = Path(where)
         code += [[f.name, hashlib.sha1(f.read_bytes()).hexdigest()] for f in sorted(yaml.parent.glob("*.yaml"))
                  + sorted(yaml.parent.glob("*.py"))]
-        named = {(yaml.parent / m).resolve() for m in DATA_FILE.findall(yaml.read_text())}
-        data = [content_identity(f) for f in sorted(named) if f.is_file()]
+        data = [content_identity(f) for f in named_data_files(yaml)]
     local = spec.data_path(task)
     if local is not None:
         data.append([str(local.expanduser().resolve()), content_identity(local.expanduser())])

@@ -119,12 +119,12 @@ def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> E
         files = ", ".join(str(f) for f in task_data_files(tm, spec, cell.task)) or "the task's dataset"
         raise ValueError(f"{e}; in {files}; fix or remove that document") from e
     except (AttributeError, ImportError, OSError, KeyError, TypeError) as e:  # the task's functions or data
-        where = tm.task_index.get(cell.task, {}).get("yaml_path")
-        bad = unreadable_image(task_data_files(tm, spec, cell.task)) if isinstance(e, OSError) else None
+        where, data = tm.task_index.get(cell.task, {}).get("yaml_path"), task_data_files(tm, spec, cell.task)
+        bad = unreadable_image(data) if isinstance(e, OSError) else None
         if bad is not None:  # lmms-eval decoded the images itself: find the row at fault
             raise ValueError(f"{cell.task} doc {bad[1]}: its image cannot be read ({type(e).__name__}: "
                              f"{first_line(e)}); row {bad[1]} of {bad[0]}: fix or remove it") from e
-        files = ", ".join(str(f) for f in task_data_files(tm, spec, cell.task)) or "its dataset"
+        files = ", ".join(str(f) for f in data) or "its dataset"
         raise ValueError(f"{cell.task}: lmms-eval cannot evaluate this task ({type(e).__name__}: {first_line(e)}); "
                          f"check the task's YAML ({where}) and data ({files}); --debug shows where it failed") from e
     wall = time.perf_counter() - t0

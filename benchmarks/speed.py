@@ -120,16 +120,13 @@ def memory_needed(args: argparse.Namespace, config) -> tuple[int, str]:
 
     with torch.device("meta"):
         params = sum(p.numel() for p in LlavaForConditionalGeneration(config).parameters())
-    size = DTYPE_BYTES[args.dtype]
-    text = config.text_config
-    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_width = text.num_key_value_heads * head
-    tokens = LlavaLayout.from_config(config).num_patches + args.text_tokens + args.answer_tokens
-    batch = max(args.batch_sizes)
-    kv = 2 * text.num_hidden_layers * tokens * kv_width * size * batch
+    size, layers, batch = DTYPE_BYTES[args.dtype], config.text_config.num_hidden_layers, max(args.batch_sizes)
+    prompt = LlavaLayout.from_config(config).num_patches + args.text_tokens  # as the sweep's prompts are built
+    sample = {"llm_tokens_per_layer": [prompt] * layers, "generated_tokens": args.answer_tokens}
+    kv = kv_cache_bytes(sample, ModelShape.from_config(config), size) * batch
     need = params * size + kv
     return need, (f"{args.model_config} at {config.vision_config.num_hidden_layers} vision / "
-                  f"{text.num_hidden_layers} LLM layers in {args.dtype} needs at least {need / 2**30:.1f} GiB on "
+                  f"{layers} LLM layers in {args.dtype} needs at least {need / 2**30:.1f} GiB on "
                   f"{args.device}: {params * size / 2**30:.1f} GiB of weights ({params / 1e9:.2f} B parameters) and "
                   f"{kv / 2**30:.2f} GiB of KV cache at batch {batch}, before activations")
 

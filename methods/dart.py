@@ -95,10 +95,10 @@ class DART(TokenReducer):
         piv_ok = torch.cat([img_piv < n, txt_ok], 1)  # (B, P)
         free = valid & ~is_piv
         chosen = is_piv.clone()
+        if not self.uses_trunction:  # a budget at or above an image's tokens keeps every one of them
+            chosen = chosen | (valid & (budget >= valid.sum(1)).unsqueeze(1))
         kmax = int(per.max()) if b else 0
         if kmax == 0:  # a budget of at most pivot_image tokens: the image pivots alone, no similarity needed
-            if not self.uses_trunction:  # ... unless the budget covers the whole image
-                chosen = chosen | (valid & (budget >= valid.sum(1)).unsqueeze(1))
             keep, kvalid = pack_true(chosen)
             return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=None if bool(kvalid.all()) else kvalid,
                            macs=torch.zeros(b, dtype=torch.long, device=dev))
@@ -110,8 +110,6 @@ class DART(TokenReducer):
             ok = ok & free.gather(1, pick)
             chosen = chosen.scatter(1, pick, chosen.gather(1, pick) | ok)  # picks of a row are distinct
             free = free & ~chosen
-        if not self.uses_trunction:  # a budget at or above an image's tokens keeps every one of them
-            chosen = chosen | (valid & (budget >= valid.sum(1)).unsqueeze(1))
         keep, kvalid = pack_true(chosen)  # (B, K) ascending
         macs = torch.full((b,), sim.size(1) * n * d, dtype=torch.long, device=dev)  # the pivot similarities
         return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=None if bool(kvalid.all()) else kvalid, macs=macs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import run_bench
 from benchmarks.defaults import DEFAULT_OUTPUT, QWEN_SMOKE_MODEL, SMOKE_MODEL, default_output
 from benchmarks.lmms_model import ReducedLMM
 from benchmarks.plan import RunSpec, make_plan
+from benchmarks.smoke_model import train_qwen as tq
 from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor
 from benchmarks.smoke_model.train_qwen import (
     QWEN_SMOKE_ARCH,
@@ -155,6 +157,34 @@ def test_trainer_tiny_run_writes_a_checkpoint_the_harness_runs(tmp_path):
     assert "## Held-out accuracy" in card and "| full |" in card
     plan = make_plan(RunSpec(model=tmp_path / "ckpt", methods=("full", "random"), tasks=("synth_vqa",)))
     assert plan.family is QWEN
+
+
+def test_trainer_resumes_an_interrupted_run_to_the_same_weights(tmp_path, monkeypatch):
+    """Stopped in stage 2 after its snapshot at step 10, a rerun loads stage 1 as finished, resumes stage 2 at step
+    10 and ends with the log and weights of an uninterrupted run; a stage-3 setting keeps stages 1-2's keys."""
+    cfg = QwenTrainConfig.tiny()
+    whole = train(cfg, tmp_path / "whole", work_dir=tmp_path / "whole.work")
+    real, calls = tq.splice, []
+
+    def stop_at_step_12(*args, **kwargs):  # the LLM stages splice one batch per step; stage 1 none
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tq, "splice", stop_at_step_12)
+    work = tmp_path / "run.work"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", work_dir=work)
+    assert sorted(p.name.split("-")[0] for p in work.iterdir()) == ["stage1", "stage2"]  # done + snapshot
+    monkeypatch.setattr(tq, "splice", real)
+    resumed = train(cfg, tmp_path / "run", work_dir=work)
+    assert resumed["log"] == whole["log"]
+    for (name, a), b in zip(resumed["model"].state_dict().items(), whole["model"].state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not list(work.glob("*.partial.pt")) and len(list(work.glob("stage*.pt"))) == 4
+    keys = [tq.WorkFolder(None, c).key(s) for c in (cfg, replace(cfg, stage3_steps=3)) for s in (1, 2, 3)]
+    assert keys[:2] == keys[3:5] and keys[2] != keys[5]
 
 
 def test_controllers_train_and_run_on_qwen(qwen_ckpt, tmp_path, capsys):

@@ -102,6 +102,16 @@ SMOKE_ARCH = {"vision_hidden": 96, "vision_layers": 4, "vision_heads": 4, "text_
               "text_heads": 4, "text_mlp_ratio": 2}
 
 
+def stage_settings(cfg, stage: int, first: tuple[str, ...], unused: set[str], data: dict) -> dict:
+    """What stage `stage` (1-4) of a recipe depends on, for its `WorkFolder` key: the settings named in `first` (all
+    that stage 1 reads) and, from stage 2 on, every setting but the `unused` ones and a later stage's own
+    (``stage3_*``, ``stage4_*``); the training data's identity `data`; and the stage."""
+    c = asdict(cfg)
+    later = {k for k in c if k.startswith(("stage3_", "stage4_")) and int(k[5]) > stage}
+    parts = {k: c[k] for k in c if k in first or stage > 1 and k not in unused | later}
+    return {**parts, "data": data, "stage": stage}
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines a training run (the two-task recipe in progress; see the module's Status)."""
@@ -132,6 +142,14 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=lambda: dict(SMOKE_ARCH))  # build_model(...) overrides
     vision_from: str | None = None  # a checkpoint whose trained vision tower replaces stage 1 (for LLM pilots)
     log_every: int = 50
+
+    def stage_inputs(self, stage: int) -> dict:
+        """What stage `stage` depends on (`stage_settings`), the tasks' question types and train seeds included."""
+        return stage_settings(
+            self, stage, ("tasks", "n_train", "stage1_steps", "batch_size", "lr_vision", "seed", "model_kwargs",
+                          "vision_from"),
+            {"n_test", "eval_keep", "eval_split", "n_monitor", "log_every", "save_every"},  # no stage reads them
+            {t: [TASKS[t][1], TASKS[t][0].seeds["train"]] for t in self.tasks})
 
     @classmethod
     def tiny(cls) -> TrainConfig:
@@ -300,20 +318,14 @@ class WorkFolder:
     a finished stage stores the model's weights, its log and its time, an unfinished one its last `Snapshot`.
     The same code is assumed: a change to the recipe's code needs a fresh folder."""
 
-    def __init__(self, folder: Path | None, cfg: TrainConfig) -> None:
+    def __init__(self, folder: Path | None, cfg) -> None:  # a TrainConfig or train_qwen.QwenTrainConfig
         self.folder, self.cfg = folder, cfg
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
     def key(self, stage: int) -> str:
-        """The hash of what stage `stage` (1-4) depends on."""
-        c = asdict(self.cfg)
-        first = ("tasks", "n_train", "stage1_steps", "batch_size", "lr_vision", "seed", "model_kwargs", "vision_from")
-        unused = {"n_test", "eval_keep", "eval_split", "n_monitor", "log_every", "save_every"}  # no stage reads them
-        later = {k for k in c if k.startswith(("stage3_", "stage4_")) and int(k[5]) > stage}  # a later stage's own
-        parts = {k: c[k] for k in c if k in first or stage > 1 and k not in unused | later}
-        parts["data"] = {t: [TASKS[t][1], TASKS[t][0].seeds["train"]] for t in self.cfg.tasks}
-        parts["stage"] = stage
+        """The hash of what stage `stage` (1-4) depends on (the config's `stage_inputs`)."""
+        parts = self.cfg.stage_inputs(stage)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def done(self, stage: int) -> Path | None:
@@ -1027,6 +1039,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {d.batch_size})")
     parser.add_argument("--seed", type=int, default=None, help=f"init/sampling seed (default {d.seed})")
     parser.add_argument("--lr-llm", type=float, default=None, help=f"LLM learning rate (default {d.lr_llm})")
+    parser.add_argument("--text-layers", type=int, default=None,
+                        help=f"LLM decoder layers (default {SMOKE_ARCH['text_layers']})")
+    parser.add_argument("--text-hidden", type=int, default=None,
+                        help=f"LLM width, a multiple of its {SMOKE_ARCH['text_heads']} heads "
+                        f"(default {SMOKE_ARCH['text_hidden']})")
     parser.add_argument("--vision-from", default=None, metavar="DIR",
                         help="skip stage 1: take the trained vision tower of checkpoint DIR (same vision config)")
     parser.add_argument("--work", type=Path, default=None, metavar="DIR",
@@ -1052,8 +1069,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.vision_from and not (Path(args.vision_from) / "config.json").is_file():  # before minutes of data
         parser.error(f"--vision-from {args.vision_from}: not a llava-hf checkpoint folder (no config.json)")
+    for name in ("text_layers", "text_hidden"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} {value}: give a positive number")
+    if args.text_hidden is not None and args.text_hidden % SMOKE_ARCH["text_heads"]:
+        parser.error(f"--text-hidden {args.text_hidden}: not a multiple of the LLM's {SMOKE_ARCH['text_heads']} "
+                     "heads; give e.g. 96 or 128")
     torch.set_num_threads(args.threads)
     cfg = TrainConfig.tiny() if args.tiny else TrainConfig()
+    arch = {k: getattr(args, k) for k in ("text_layers", "text_hidden") if getattr(args, k) is not None}
+    if arch:
+        cfg = replace(cfg, model_kwargs={**cfg.model_kwargs, **arch})
     names = ("n_train", "n_test", "stage1_steps", "stage2_steps", "stage3_steps", "stage4_steps", "batch_size",
              "seed", "lr_llm", "vision_from", "eval_split")
     overrides = {k: getattr(args, k) for k in names}

@@ -17,6 +17,10 @@ over to this family, with what the family changes:
 3. **Stage 2 again**, no curriculum, fresh optimiser and schedule.
 4. **Counting focus**: stage 2 at half the learning rate on a subset where half the questions are count questions.
 
+**Resumable**, as `train.py`: finished stages and snapshots every `save_every` steps go to a work folder (``--work``,
+by default ``OUT.work`` beside ``--out``), keyed by every setting a stage depends on (`train.WorkFolder`); rerunning
+the same command after an interruption continues from the last snapshot with the same result.
+
 Usage::
 
     python -m benchmarks.smoke_model.train_qwen --out benchmarks/smoke_model/qwen_checkpoint
@@ -40,8 +44,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from benchmarks.smoke_model.build_qwen import QWEN_MEAN, QWEN_STD, build_qwen_model, build_qwen_processor, save_qwen
-from benchmarks.smoke_model.train import IGNORE, N_PAIRS, Pool, make_pool, optimise, pick_tokens
-from benchmarks.synthetic.generate import GRID, NUM_PATCHES, SPLIT_SEEDS, SYNTH_VQA, Sample
+from benchmarks.smoke_model.train import (
+    IGNORE,
+    N_PAIRS,
+    Pool,
+    WorkFolder,
+    make_pool,
+    optimise,
+    pick_tokens,
+    stage_settings,
+)
+from benchmarks.synthetic.generate import GRID, NUM_PATCHES, QTYPES, SPLIT_SEEDS, SYNTH_VQA, Sample
 from benchmarks.synthetic.tasks.utils import doc_to_text, normalize_answer
 from methods import create_reducer
 from methods.qwen import ReducedQwen, qwen_prompt
@@ -79,11 +92,18 @@ class QwenTrainConfig:
     eval_keep: int = 16  # the random check: 16 of 144 tokens (1/9)
     model_kwargs: dict = field(default_factory=lambda: dict(QWEN_SMOKE_ARCH))
     log_every: int = 50
+    save_every: int = 250  # steps between a stage's resumable snapshots (with a work folder)
+
+    def stage_inputs(self, stage: int) -> dict:
+        """What stage `stage` (1-4) depends on (`train.stage_settings`), synth_vqa's question types and seed too."""
+        return stage_settings(self, stage, ("n_train", "stage1_steps", "stage1_batch", "lr_vision", "seed",
+                                            "model_kwargs"), {"n_test", "eval_keep", "log_every", "save_every"},
+                              {"synth_vqa": [QTYPES, SPLIT_SEEDS["train"]]})
 
     @classmethod
     def tiny(cls) -> QwenTrainConfig:
         return cls(n_train=96, n_test=16, stage1_steps=8, stage2_steps=16, stage3_steps=4, stage4_steps=4,
-                   stage1_batch=8, batch_size=8, lr_vision=3e-3, lr_llm=3e-3, log_every=4,
+                   stage1_batch=8, batch_size=8, lr_vision=3e-3, lr_llm=3e-3, log_every=4, save_every=5,
                    model_kwargs={**QWEN_SMOKE_ARCH, "vision_hidden": 32, "vision_depth": 2, "full_blocks": (1,),
                                  "text_hidden": 32, "text_layers": 2})
 
@@ -146,8 +166,9 @@ def merged_tokens(model, images: Tensor) -> Tensor:
     return out.pooler_output.view(len(images), -1, out.pooler_output.shape[-1])
 
 
-def train_vision(model, pool: Pool, cfg: QwenTrainConfig) -> list[dict]:
-    """Stage 1: the vision tower and merger with the auxiliary heads (discarded afterwards)."""
+def train_vision(model, pool: Pool, cfg: QwenTrainConfig, snap=None) -> list[dict]:
+    """Stage 1: the vision tower and merger with the auxiliary heads (discarded afterwards). `snap(modules,
+    generators)` gives the stage's `train.Snapshot` (None: not resumable)."""
     visual = model.model.visual
     aux = MergedAux(model.config.text_config.hidden_size)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -159,7 +180,8 @@ def train_vision(model, pool: Pool, cfg: QwenTrainConfig) -> list[dict]:
 
     visual.train()
     log = optimise([*visual.parameters(), *aux.parameters()], cfg.stage1_steps, cfg.lr_vision, batch_loss,
-                   "stage 1 (vision)", cfg.log_every, ("loss", "acc_color", "acc_shape"))
+                   "stage 1 (vision)", cfg.log_every, ("loss", "acc_color", "acc_shape"),
+                   snap(nn.ModuleList([visual, aux]), [gen]) if snap else None)
     visual.eval()
     return log
 
@@ -227,9 +249,10 @@ def splice(model, prompts: QwenPrompts, idx: list[int], feats: Tensor, kept: Ten
     return emb, pos, torch.stack([ends - 2, ends - 1], dim=1)
 
 
-def train_llm(model, processor, pool: Pool, feats: Tensor, cfg: QwenTrainConfig, stage: int = 2) -> list[dict]:
+def train_llm(model, processor, pool: Pool, feats: Tensor, cfg: QwenTrainConfig, stage: int = 2,
+              snap=None) -> list[dict]:
     """Stage 2 (3, 4): the LLM on the answer loss, the tower frozen, with the curriculum and random token dropping
-    of `train.pick_tokens`."""
+    of `train.pick_tokens`; `snap` as in `train_vision`."""
     prompts = tokenize(processor, pool.samples)
     answers = torch.tensor(prompts.answer)
     tok = processor.tokenizer
@@ -255,7 +278,7 @@ def train_llm(model, processor, pool: Pool, feats: Tensor, cfg: QwenTrainConfig,
 
     lm.train()
     log = optimise([*lm.parameters(), *head.parameters()], cfg.stage2_steps, cfg.lr_llm, batch_loss,
-                   f"stage {stage} (LLM)", cfg.log_every, ("loss", "acc"))
+                   f"stage {stage} (LLM)", cfg.log_every, ("loss", "acc"), snap(model, [gen]) if snap else None)
     model.eval()
     return log
 
@@ -283,7 +306,9 @@ def evaluate(model, processor, samples: list[Sample], method: str = "full", budg
     return result
 
 
-def train(cfg: QwenTrainConfig, out: Path | None = None, command: str = "") -> dict:
+def train(cfg: QwenTrainConfig, out: Path | None = None, command: str = "", work_dir: Path | None = None) -> dict:
+    """Run the four stages (resuming from `work_dir`'s finished stages and snapshots, `train.WorkFolder`), evaluate
+    on the held-out split, and save the checkpoint with its card to `out` (None: no save)."""
     torch.manual_seed(cfg.seed)
     timing = {}
     t0 = time.perf_counter()
@@ -291,32 +316,31 @@ def train(cfg: QwenTrainConfig, out: Path | None = None, command: str = "") -> d
     test = [SYNTH_VQA.sample(SPLIT_SEEDS["test"], i) for i in range(cfg.n_test)]
     timing["data_s"] = time.perf_counter() - t0
     model, processor = build_qwen_model(**cfg.model_kwargs, seed=cfg.seed), build_qwen_processor()
+    work = WorkFolder(work_dir, cfg)
+    log, timing["stage1_s"] = work.run(1, model, lambda snap: train_vision(model, pool, cfg, snap))
     t = time.perf_counter()
-    log = train_vision(model, pool, cfg)
-    timing["stage1_s"] = time.perf_counter() - t
     feats = cache_merged(model, pool.images)
-    t = time.perf_counter()
-    log += train_llm(model, processor, pool, feats, cfg)
-    timing["stage2_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    log += train_llm(model, processor, pool, feats, replace(cfg, stage2_steps=cfg.stage3_steps, objects_first=0.0,
-                                                            seed=cfg.seed + 5), stage=3)
-    timing["stage3_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    timing["features_s"] = time.perf_counter() - t
+    more, timing["stage2_s"] = work.run(2, model, lambda snap: train_llm(model, processor, pool, feats, cfg, 2, snap))
+    log += more
+    stage3 = replace(cfg, stage2_steps=cfg.stage3_steps, objects_first=0.0, seed=cfg.seed + 5)
+    more, timing["stage3_s"] = work.run(3, model, lambda snap: train_llm(model, processor, pool, feats, stage3, 3,
+                                                                          snap))
+    log += more
     counts = torch.tensor([s.qtype == "count" for s in pool.samples])
     gen = torch.Generator().manual_seed(cfg.seed + 11)
     others = (~counts).nonzero().flatten()
     n_other = int(counts.sum() * (1 - cfg.stage4_count_share) / cfg.stage4_count_share)
     pick = torch.cat([counts.nonzero().flatten(), others[torch.randperm(len(others), generator=gen)[:n_other]]])
-    log += train_llm(model, processor, pool.subset(pick), feats[pick],
-                     replace(cfg, stage2_steps=cfg.stage4_steps, objects_first=0.0, lr_llm=cfg.lr_llm / 2,
-                             seed=cfg.seed + 11), stage=4)
-    timing["stage4_s"] = time.perf_counter() - t
+    stage4 = replace(cfg, stage2_steps=cfg.stage4_steps, objects_first=0.0, lr_llm=cfg.lr_llm / 2, seed=cfg.seed + 11)
+    more, timing["stage4_s"] = work.run(4, model, lambda snap: train_llm(model, processor, pool.subset(pick),
+                                                                          feats[pick], stage4, 4, snap))
+    log += more
     t = time.perf_counter()
     results = {"full": evaluate(model, processor, test),
                f"random_{cfg.eval_keep}": evaluate(model, processor, test, "random", cfg.eval_keep)}
     timing["eval_s"] = time.perf_counter() - t
-    timing["total_s"] = time.perf_counter() - t0
+    timing["total_s"] = sum(timing.values())  # a resumed stage counts the time of every run of it
     if out is not None:
         save_qwen(model, processor, Path(out))
         (Path(out) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -393,13 +417,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.smoke_model.train_qwen", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tiny", action="store_true", help="a seconds-long run of a tiny model, for tests")
+    p.add_argument("--work", type=Path, default=None, metavar="DIR",
+                   help="keep finished stages and snapshots here, so that a rerun of the same command resumes "
+                   "(default: OUT.work beside --out)")
     args = p.parse_args(argv)
+    work = args.work or args.out.with_name(args.out.name + ".work")
+    if work.exists() and not work.is_dir():  # before minutes of data
+        p.error(f"--work {work}: a file, not a folder; give a folder for the finished stages and snapshots")
     torch.set_num_threads(2)
     cfg = QwenTrainConfig.tiny() if args.tiny else QwenTrainConfig()
-    res = train(cfg, args.out, command="python -m benchmarks.smoke_model.train_qwen " + " ".join(sys.argv[1:]))
+    res = train(cfg, args.out, command="python -m benchmarks.smoke_model.train_qwen " + " ".join(sys.argv[1:]),
+                work_dir=work)
     print(json.dumps({"results": res["results"], "timing": res["timing"], "config": asdict(cfg)}, indent=2,
                      default=str))
-
 
 if __name__ == "__main__":
     main()

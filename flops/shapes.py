@@ -258,6 +258,10 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
             if "embeds" in reducer.needs:
                 text["embeds"] = torch.randn(1, m, tc.hidden_size, generator=g)
                 sig["embeds"] = torch.randn(1, n, tc.hidden_size, generator=g)
+            if "prompt_index" in reducer.needs:  # the image after a stand-in system prompt of 35, the text after it
+                sig["prompt_index"] = 35 + torch.arange(kept).unsqueeze(0)
+                if "text" in reducer.needs:
+                    text["prompt_index"] = 35 + kept + torch.arange(m).unsqueeze(0)
             if text or "text" in reducer.needs:
                 sig["text"] = TextTokens(valid=torch.ones(1, m, dtype=torch.bool), **text)
             red = reducer(Tokens(x=torch.randn(1, kept, tc.hidden_size, generator=g), grid=image.grid,

@@ -1,7 +1,9 @@
 """The LLM side of a reduced prefill, shared by the adapters (`methods/llava.py`, `methods/qwen.py`): the decoder
 layers over a left-padded sequence, the LLM-site reductions before the reducer's layers (tokens removed, not masked;
-original position ids; a merged token in a removed token's place), the signals computed for them from what the
-prefill already has, the token trace, and greedy decoding steps over the KV cache.
+original position ids and a merged token in a removed token's place, or, for a reducer whose `positions` renumber,
+positions 0..T'-1 after each stage with merged tokens after the kept image tokens), the signals computed for them
+from what the prefill already has, the token trace, and greedy decoding steps over the KV cache (with renumbered
+positions each layer decodes on from its own prompt length, as the reference code's layers do).
 
 An adapter builds the spliced `Seq` (hidden states, real and visual masks, position ids on its rotary axes, source
 patch indices) and an `ImageSide` (the image's geometry and vision-side counts), inherits `LLMSide`, and says how its
@@ -22,7 +24,8 @@ from methods._ops import additive_mask, gather_tokens, pack_true
 from methods.base import Reduced, Site, TextTokens, TokenReducer, Tokens
 from methods.trace import Generation, Timing, TokenTrace, next_query_macs, query_row_macs
 
-LLM_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds"})
+LLM_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds",
+                         "prompt_index"})
 BELOW_SIGNALS = frozenset({"query_attn", "key_norms", "text", "text_attn"})  # read from layer `layer - 1`: layer >= 1
 
 
@@ -53,6 +56,7 @@ class DecodeState:
     logits: Tensor  # (B, V) logits of the last position
     trace: TokenTrace
     tail_logits: Tensor | None = None  # (B, m, V) logits of the last m positions, when prefill was asked for them
+    segment_pos: Tensor | None = None  # (S, B) when positions were renumbered: each segment of layers' own next
     aux: dict[str, Tensor] = field(default_factory=dict)  # the reducer's training-time extras (`Reduced.aux`)
     reducer_s: float = 0.0  # prefill time in the reducer and the signals computed for it (`Timing.reducer_s`)
 
@@ -127,15 +131,34 @@ class Seq:
         return Seq(x=gather_tokens(self.x, idx), real=real, pos=gather_tokens(self.pos, idx),
                    visual=self.visual.gather(1, idx) & real, src=self.src.gather(1, idx))
 
-    def keep_visual(self, at: Tensor, valid: Tensor, x: Tensor, merged: Tensor | None = None) -> Seq:
+    def keep_visual(self, at: Tensor, valid: Tensor, x: Tensor, merged: Tensor | None = None,
+                    renumber: bool = False) -> Seq:
         """Every real text token and only the visual tokens at sequence positions `at` (B, K) where `valid`, with
         the values `x` (B, K, D) a reducer returned for them (a merged token, where `merged`, takes the place of the
-        removed token at its position and has no source patch); re-packed with left padding, positions kept."""
+        removed token at its position and has no source patch); re-packed with left padding, positions kept.
+        `renumber`: the merged tokens move to just after the last kept visual token, in the reducer's order, and
+        the positions become 0..T''-1 over the real tokens (1-D positions only)."""
         x_all = self.x.scatter(1, at.unsqueeze(-1).expand(-1, -1, x.size(-1)), x)
         src = self.src if merged is None else self.src.scatter(1, at, torch.where(merged, -1, self.src.gather(1, at)))
         text = self.real & ~self.visual
-        idx, packed = pack_true(text.scatter(1, at, valid) | text, right=True)  # (B, T'')
-        return replace(self, x=x_all, src=src).take(idx, packed)
+        chosen = text.scatter(1, at, valid) | text  # (B, T')
+        if not renumber:
+            idx, packed = pack_true(chosen, right=True)  # (B, T'')
+            return replace(self, x=x_all, src=src).take(idx, packed)
+        t = self.x.size(1)
+        order = torch.arange(t, device=at.device, dtype=torch.float64).expand_as(chosen).clone()
+        if merged is not None:  # between the last visual token (kept or not) and the text after it
+            last = torch.where(self.visual, order, -1.0).amax(1, keepdim=True)  # (B, 1)
+            rank = merged.long().cumsum(1).double()  # (B, K) 1, 2, ... over the merged tokens
+            order = order.scatter(1, at, torch.where(merged, last + rank / (merged.size(1) + 1), order.gather(1, at)))
+        order = order.masked_fill(~chosen, float("inf"))
+        idx = order.argsort(dim=1, stable=True)[:, : int(chosen.sum(1).max())]  # (B, T'') chosen, in their order
+        packed = chosen.gather(1, idx)
+        lead = packed.size(1) - packed.sum(1, keepdim=True)  # left padding: the chosen tokens move to the end
+        idx = idx.gather(1, (torch.arange(packed.size(1), device=idx.device) - lead) % packed.size(1))
+        out = replace(self, x=x_all, src=src).take(idx, chosen.gather(1, idx))
+        pos = (out.real.long().cumsum(1) - 1).clamp(min=0)  # (B, T'') contiguous over the real tokens
+        return replace(out, pos=pos.unsqueeze(-1).expand_as(out.pos).contiguous())
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -205,6 +228,12 @@ class LLMSide:
         return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float(),
                           timing=timing)
 
+    def _renumbers(self) -> bool:
+        """Whether the reducer's LLM-site reductions renumber positions (`TokenReducer.positions`; "reference": where
+        the positions are 1-D)."""
+        p = self.reducer.positions
+        return p == "renumber" or (p == "reference" and self._rotary_axes == 1)
+
     def _model_name(self) -> str:
         """The checkpoint's path or hub name, for messages."""
         return getattr(self.model.config, "name_or_path", "") or type(self.model).__name__
@@ -260,6 +289,10 @@ class LLMSide:
                         seq.real.sum(1), seq.x.size(-1), lm.layers[j - 1].self_attn.q_proj.out_features)
                 if embeds is not None:
                     text["embeds"], rows["embeds"] = embeds[1], embeds[0]
+                if "prompt_index" in r.needs:  # (B, T') each token's index in the unpadded sequence as it stands
+                    rows["prompt_index"] = seq.real.long().cumsum(1) - 1
+                    if "text" in r.needs:
+                        text["prompt_index"] = rows["prompt_index"].gather(1, text_idx)
                 if text or "text" in r.needs:
                     rows["text"] = TextTokens(valid=text_valid, **text)
                 seq, red, done = self._reduce_in_llm(seq, rows, stages.index(j), budgets, key, image)
@@ -289,7 +322,12 @@ class LLMSide:
             image_grid=image.image_grid,
         )
         next_pos = seq.pos[:, -1].amax(-1) + 1  # (B,) the last prompt token is real and has the largest position
+        # renumbered: each segment's layers cached positions 0..T_s-1 and go on from T_s (the reference's layers
+        # take their own cache length); segment 0 holds the spliced prompt, whose positions were contiguous too
+        segment_pos = torch.stack([km.sum(1) for km in key_masks]) if len(key_masks) > 1 and self._renumbers() \
+            else None
         return DecodeState(cache=cache, key_masks=key_masks, layer_segment=layer_segment, next_pos=next_pos,
+                           segment_pos=segment_pos,
                            logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None, aux=log.aux,
                            reducer_s=log.seconds)
 
@@ -328,7 +366,7 @@ class LLMSide:
             raise ValueError(f"{r.name} returned two tokens for one place (a merged token's anchor must be a removed "
                              "token, each used once)")
         # a reducer may update the values of the tokens it keeps; a merged token overwrites its anchor
-        return seq.keep_visual(vidx.gather(1, at), kvalid, red.x, merged), red, done
+        return seq.keep_visual(vidx.gather(1, at), kvalid, red.x, merged, self._renumbers()), red, done
 
     def _query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, rows: Tensor,
                          keys: Tensor | None = None) -> Tensor:
@@ -378,12 +416,15 @@ class LLMSide:
         """Feed one token per sample through every layer; return the next logits (B, V)."""
         lm = self.model.model.language_model
         x = lm.embed_tokens(tok.unsqueeze(1))  # (B, 1, D)
-        pos = state.next_pos.view(-1, 1, 1).expand(-1, 1, self._rotary_axes)  # (B, 1, P): text moves every axis
-        cos_sin = self._rotary(x, pos)
+        nexts = [state.next_pos] if state.segment_pos is None else list(state.segment_pos)  # each (B,)
+        cos_sin = [self._rotary(x, p.view(-1, 1, 1).expand(-1, 1, self._rotary_axes)) for p in nexts]  # text: all axes
         state.key_masks = [torch.cat([km, km.new_ones(km.size(0), 1)], 1) for km in state.key_masks]
         masks = [additive_mask(km, 1, x.dtype) for km in state.key_masks]
         for j, layer in enumerate(lm.layers):
-            x = layer(x, attention_mask=masks[state.layer_segment[j]], position_ids=None,
-                      past_key_values=state.cache, use_cache=True, position_embeddings=cos_sin)
+            seg = state.layer_segment[j]
+            x = layer(x, attention_mask=masks[seg], position_ids=None, past_key_values=state.cache, use_cache=True,
+                      position_embeddings=cos_sin[seg if state.segment_pos is not None else 0])
         state.next_pos = state.next_pos + 1
+        if state.segment_pos is not None:
+            state.segment_pos = state.segment_pos + 1
         return self.model.lm_head(lm.norm(x))[:, 0]

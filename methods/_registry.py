@@ -109,6 +109,8 @@ def _accepts(hint: object, value: object) -> bool:
     if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a non-empty tuple (or list) whose every item is an X
         item = typing.get_args(hint)[0]
         return isinstance(value, (tuple, list)) and len(value) > 0 and all(_accepts(item, v) for v in value)
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
@@ -119,6 +121,8 @@ def _accepts(hint: object, value: object) -> bool:
 
 
 def _describe(hint: object) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:

@@ -28,7 +28,8 @@ class Site(enum.Enum):
 
 
 SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "query_attn",
-                     "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds", "relevant"})
+                     "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds", "relevant",
+                     "prompt_index"})
 AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
 
 
@@ -46,6 +47,7 @@ class TextTokens:
             query against that layer's cached keys, softmax per head over every real key up to its own position
             (causal), averaged over heads ("text_attn").
         embeds: (B, M, D) their LLM input embeddings ("embeds").
+        prompt_index: (B, M) long, each one's index in its sample's unpadded sequence ("prompt_index").
     """
 
     valid: Tensor
@@ -53,6 +55,7 @@ class TextTokens:
     key_norms: Tensor | None = None
     attn: Tensor | None = None
     embeds: Tensor | None = None
+    prompt_index: Tensor | None = None
 
 
 @dataclass
@@ -93,6 +96,9 @@ class Tokens:
             tokens before any LLM-site reduction; None means grid rows x cols for every sample.
         relevant: (B, N) bool, at the features site: the patches the task records as relevant to each question
             (`relevant_patches` of the synthetic tasks; "relevant", the `oracle` reference's only signal).
+        prompt_index: (B, N) long, at the LLM site: each image token's index in its sample's unpadded sequence as it
+            stands (padding excluded; tokens an earlier stage removed are not counted). DART's reference iterates a
+            Python set of these.
         stage: at the LLM site, which of the reducer's `llm_layers` this call is at (0 for the first).
         depth: at the LLM site, the language model's number of decoder layers.
     """
@@ -116,6 +122,7 @@ class Tokens:
     extra: Tensor | None = None
     image_tokens: Tensor | None = None
     relevant: Tensor | None = None
+    prompt_index: Tensor | None = None
     stage: int = 0
     depth: int | None = None
 
@@ -171,6 +178,11 @@ class TokenReducer(nn.Module):
     seeded: ClassVar[bool] = False  # True for methods that draw at random: a `seed` argument, set from --seed
     reference: ClassVar[bool] = False  # True for a reference row that is not a method (`oracle` reads the task's
     # relevant patches): tables and figures mark it, comparisons of methods leave it out
+    positions: str = "original"  # LLM site, after this method removes tokens: "original" (survivors keep
+    # their position ids; a merged token takes its anchor's place), "renumber" (PyramidDrop's and SparseVLM's
+    # reference code: positions 0..T'-1 after every stage, merged tokens right after the kept image tokens, and each
+    # layer decodes on from its own prompt length), or "reference": "renumber" where positions are 1-D (LLaVA),
+    # "original" on Qwen2.5-VL's M-RoPE (no reference code renumbers it); methods that renumber set it per instance
 
     method_args: dict  # the constructor's arguments as called (None ones left out), recorded by `create_reducer`
 

@@ -21,9 +21,17 @@ visual tokens entering the first layer and the layer average.
 
 `layers` defaults to L/4, L/2 and 3L/4 of the LLM's L layers: 8, 16, 24 on LLaVA-1.5-7B's 32, as the reference.
 
+Positions, as the reference code does them (re-read at its commit 6444f30: `pdrop_rank_drop` sets `position_ids` to
+0..T'-1 after each drop; in decoding each stage shifts the new token's position down by the tokens it dropped):
+after every stage the sequence's positions are renumbered 0..T'-1, each layer's cache holds the keys of the
+positions it saw, and in decoding the layers of stage s give the new token position T_s + t, T_s their prompt
+length (the layers before the first stage: the full prompt's length). The ranking row of a stage uses the positions
+before its drop. That is `positions="reference"` (the default; `"renumber"` asks for it explicitly and is refused on
+Qwen2.5-VL); `positions="original"` is the project's variant: survivors keep their original position ids and
+decoding goes on from the full prompt's length in every layer (as FastV's and DART's references do). On
+Qwen2.5-VL (M-RoPE, no reference code) positions stay original.
+
 Differs from the reference code:
-* survivors keep their original position ids (as every in-LLM method here, and FastV's reference); the reference
-  renumbers positions contiguously after each drop and shifts decoding positions per stage to match;
 * the ranking row's keys come from the layer's k projection of every token and the layer then computes them again
   for the survivors (the reference also runs q, k and v projections of every token once more); counted in MACs;
 * per-sample selection in a left-padded batch (the reference loops over samples with right padding), each stage
@@ -32,6 +40,8 @@ Differs from the reference code:
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -87,7 +97,8 @@ class PyramidDrop(TokenReducer):
     budget_unit = "layer_mean"
 
     def __init__(self, budget: int | None = None, layers: tuple[int, ...] | None = None,
-                 ratios: tuple[float, ...] | None = None) -> None:
+                 ratios: tuple[float, ...] | None = None,
+                 positions: Literal["reference", "renumber", "original"] = "reference") -> None:
         if (budget is None) == (ratios is None):
             raise ValueError("pdrop: give exactly one of budget (layer-averaged visual tokens) or ratios (the share "
                              f"of the image's tokens each stage keeps, e.g. {DEFAULT_RATIOS})")
@@ -99,6 +110,7 @@ class PyramidDrop(TokenReducer):
         super().__init__(1 if ratios is not None else budget)
         self.uses_ratios = ratios is not None
         self.layers, self.ratios = (None if layers is None else tuple(layers)), ratios
+        self.positions = positions  # "reference": renumbered where positions are 1-D (base.TokenReducer.positions)
 
     @classmethod
     def budget_label(cls, kwargs: dict) -> str | None:

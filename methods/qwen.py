@@ -178,4 +178,8 @@ def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> No
         raise NotImplementedError(f"{r.name} does not run on Qwen2.5-VL: {why}; these do: {', '.join(QWEN_METHODS)}")
     if r.site is Site.LLM:
         check_llm_reducer(r, lay.llm_layers, image_tokens)
+        if r.positions == "renumber":
+            raise ValueError(f"{r.name}.positions=renumber renumbers 1-D positions as its reference code does on "
+                             "LLaVA; Qwen2.5-VL's M-RoPE positions have no such numbering: leave it unset (original "
+                             f"positions on this family) or pass {r.name}.positions=original")
     r.check_model(None, lay.feature_width)  # a learned controller must be one for images of any size

@@ -34,9 +34,17 @@ reference's own "64" keeps 82.25 visual tokens on average over the 32 layers (57
 counting its merged tokens); at a budget of 64 this method keeps fewer, 64 or just under. A budget below what
 the first stage allows (all N tokens until it) is refused before the run.
 
+Positions, as the reference code does them (`LlamaModel.forward`: the merged tokens are concatenated right after the
+kept image tokens, before the text, and `position_ids` is cut to 0..T'-1; in decoding each layer's attention takes
+its own cache length as the new token's position): after every stage the merged tokens, in cluster order, follow
+the kept image tokens, the sequence's positions are renumbered 0..T'-1, each layer's cache holds the keys of the
+positions it saw, and in decoding the layers of stage s give the new token position T_s + t, T_s their prompt
+length. That is `positions="reference"` (the default; `"renumber"` asks for it explicitly and is refused on
+Qwen2.5-VL); `positions="original"` is the project's variant: survivors keep their position ids, a merged token takes
+its cluster centre's place and position id, and decoding goes on from the full prompt's length in every layer. On
+Qwen2.5-VL (M-RoPE, no reference code) positions stay original.
+
 Differs from the reference code:
-* survivors keep their original position ids, and a merged token takes the place and position id of its cluster's
-  centre (the reference appends the merged tokens after the kept image tokens and renumbers every position);
 * the raters are recomputed at each stage (the same inputs give the same raters; the reference computes them once),
   their N x M x D similarity counted in MACs each time; if no text token is above the mean (all equal), all rate;
 * no random noise is added to the densities (the reference adds U(0, 1e-6) so that no two are equal, which makes
@@ -51,6 +59,7 @@ Differs from the reference code:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -190,7 +199,8 @@ class SparseVLM(TokenReducer):
     budget_unit = "layer_mean"
 
     def __init__(self, budget: int | None = None, layers: tuple[int, ...] | None = None,
-                 retained_tokens: int | None = None, counts: tuple[int, ...] | None = None) -> None:
+                 retained_tokens: int | None = None, counts: tuple[int, ...] | None = None,
+                 positions: Literal["reference", "renumber", "original"] = "reference") -> None:
         if sum(v is not None for v in (budget, retained_tokens, counts)) != 1:
             raise ValueError("sparsevlm: give exactly one of budget (layer-averaged visual tokens), retained_tokens "
                              f"(the reference's table: {', '.join(map(str, REFERENCE_COUNTS))}) or counts (tokens "
@@ -209,6 +219,7 @@ class SparseVLM(TokenReducer):
         self.uses_budget_mean = budget is not None
         self.layers = None if layers is None else tuple(layers)
         self.retained_tokens, self.counts = retained_tokens, None if counts is None else tuple(counts)
+        self.positions = positions  # "reference": renumbered where positions are 1-D (base.TokenReducer.positions)
 
     @classmethod
     def budget_label(cls, kwargs: dict) -> str | None:

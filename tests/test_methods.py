@@ -120,11 +120,30 @@ def test_pdrop_keeps_the_most_attended_tokens_per_stage():
     assert out.x.squeeze(-1).tolist() == [[1], [9]]
 
 
-def _pdrop_restated(model, ids, pixels, layers, ratios):
+def _restated_decode(model, inputs, next_token):
+    """The next logits after `next_token`, each layer attending over its own prompt (`inputs[j]` = (hidden states
+    entering layer j, their position ids, the new token's position there)) plus the new token: what a KV-cached
+    decoding step computes, written without a cache."""
+    lm = model.model.language_model
+    with torch.no_grad():
+        x = lm.embed_tokens(torch.tensor([[next_token]]))
+        for layer, (h, pos, nxt) in zip(lm.layers, inputs, strict=True):
+            seq, p = torch.cat([h, x], 1), torch.cat([pos, torch.tensor([[nxt]])], 1)
+            t = seq.size(1)
+            m = torch.zeros(t, t).masked_fill(~torch.ones(t, t).tril().bool(), torch.finfo(torch.float32).min)
+            x = layer(seq, attention_mask=m[None, None], position_ids=p, position_embeddings=lm.rotary_emb(seq, p))
+            x = x[:, -1:]
+        return model.lm_head(lm.norm(x[:, -1]))[0]
+
+
+def _pdrop_restated(model, ids, pixels, layers, ratios, positions="renumber"):
     """PyramidDrop's prefill written out as its reference does it, for one prompt: before each stage layer, that
-    layer's q and k of every token (RoPE), the last token's softmax row, heads averaged, the image slice ranked and
-    the top int(N * ratio) kept in order (positions kept, as the adapter does). Returns the kept patch indices of the
-    last stage and the last position's logits."""
+    layer's q and k of every token (RoPE at the positions so far), the last token's softmax row, heads averaged, the
+    image slice ranked and the top int(N * ratio) kept in order, positions renumbered 0..T'-1 (`positions=
+    "original"`: kept, the project's variant). Returns the kept patch indices of the last stage, the last
+    position's logits, and each layer's (input, positions, decoding position) for `_restated_decode`: the stage's
+    prompt length when renumbered (the reference shifts the new token down by what each stage dropped), else the
+    full prompt's."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: PLC0415
 
     lm = model.model.language_model
@@ -132,9 +151,11 @@ def _pdrop_restated(model, ids, pixels, layers, ratios):
     with torch.no_grad():
         h, t = h[None], ids.size(1)
         pos = torch.arange(t)[None]
+        full = h.size(1)
         src = torch.full((t,), -1)
         src[img] = torch.arange(int(img.sum()))
         n = int(img.sum())
+        inputs = []
         for j, layer in enumerate(lm.layers):
             t = h.size(1)
             if j in layers:
@@ -150,24 +171,36 @@ def _pdrop_restated(model, ids, pixels, layers, ratios):
                 image = (src >= 0).nonzero()[:, 0]
                 top = row[image].topk(int(n * ratios[layers.index(j)])).indices.sort().values
                 keep = torch.cat([(src < 0).nonzero()[:, 0], image[top]]).sort().values
-                h, pos, src, t = h[:, keep], pos[:, keep], src[keep], len(keep)
+                h, src, t = h[:, keep], src[keep], len(keep)
+                pos = torch.arange(t)[None] if positions == "renumber" else pos[:, keep]
+            inputs.append((h, pos, t if positions == "renumber" else full))
             m = torch.zeros(t, t).masked_fill(~torch.ones(t, t).tril().bool(), torch.finfo(torch.float32).min)
             h = layer(h, attention_mask=m[None, None], position_ids=pos, position_embeddings=lm.rotary_emb(h, pos))
-        return src[src >= 0].tolist(), model.lm_head(lm.norm(h[:, -1]))[0]
+        return src[src >= 0].tolist(), model.lm_head(lm.norm(h[:, -1]))[0], inputs
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pdrop_equals_a_direct_restatement_of_the_reference(seed):
     """A 4-layer, grouped-query LLaVA with stages before layers 1 and 3 (16 -> 8 -> 2 image tokens): the same kept
-    tokens and logits as the restatement, and the same stage-0 row as eager attention of layer 1."""
+    tokens, counts, logits and next-token logits after one decoding step as the restatement, by default with the
+    reference's renumbered positions, with `positions=original` as the variant's restatement; the two differ."""
     model = tiny_llava(llm_layers=4, kv_heads=2, seed=seed)
     ids, mask, pixels = tiny_batch(model, 1, seed=seed + 3)
-    red = ReducedLlava(model, create_reducer("pdrop", ratios=(0.5, 0.125), layers=(1, 3)))
-    state = red.prefill(ids, mask, pixels)
-    kept, logits = _pdrop_restated(model, ids, pixels, (1, 3), (0.5, 0.125))
-    assert state.trace.sample(0, 16)["kept_indices"] == kept
-    assert state.trace.visual_tokens[0].tolist() == [16, 8, 8, 2]
-    torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
+    got = {}
+    for positions in ("renumber", "original"):
+        args = {} if positions == "renumber" else {"positions": "original"}
+        red = ReducedLlava(model, create_reducer("pdrop", ratios=(0.5, 0.125), layers=(1, 3), **args))
+        state = red.prefill(ids, mask, pixels)
+        kept, logits, inputs = _pdrop_restated(model, ids, pixels, (1, 3), (0.5, 0.125), positions)
+        assert state.trace.sample(0, 16)["kept_indices"] == kept, positions
+        assert state.trace.visual_tokens[0].tolist() == [16, 8, 8, 2]
+        torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
+        tok = int(state.logits[0].argmax())
+        with torch.no_grad():
+            step = red._decode_step(state, torch.tensor([tok]))
+        torch.testing.assert_close(step[0], _restated_decode(model, inputs, tok), atol=1e-4, rtol=1e-4)
+        got[positions] = (kept, logits)
+    assert got["renumber"][0] != got["original"][0] or not torch.allclose(got["renumber"][1], got["original"][1])
 
 
 def test_pdrop_row_equals_eager_attention_of_the_stage_layer():
@@ -183,40 +216,50 @@ def test_pdrop_row_equals_eager_attention_of_the_stage_layer():
 # ---------------------------------------------------------------------------------------------- DART
 
 
-def _dart_tokens():
-    """Six image tokens in 2-D and two text tokens. Key norms make token 1 the image pivot and text token 1 the
-    text pivot."""
+def _dart_tokens(text_at: tuple[int, int] = (13, 14)):
+    """Six image tokens in 2-D at sequence indices 3-8 and two text tokens at `text_at`. Key norms make token 1 the
+    image pivot (index 4) and text token 1 the text pivot."""
     x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7], [0.0, -1.0]]])
-    text = TextTokens(normed=torch.tensor([[[1.0, 1.0], [0.0, 1.0]]]), key_norms=torch.tensor([[0.5, 0.8]]),
-                      valid=torch.ones(1, 2, dtype=torch.bool))
+    text = TextTokens(normed=torch.tensor([[[1.0, 1.0], [0.1, 1.0]]]), key_norms=torch.tensor([[0.5, 0.8]]),
+                      valid=torch.ones(1, 2, dtype=torch.bool), prompt_index=torch.tensor([text_at]))
     return Tokens(x=x * 10, grid=(2, 3), normed=x, key_norms=torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.1, 0.2]]),
-                  text=text)
+                  text=text, prompt_index=torch.arange(3, 9).unsqueeze(0))
 
 
 def test_dart_by_hand():
-    """One image and one text pivot. Budget 3: one token per pivot, (3 - 1) // 2. The image pivot (1, 0.1) takes its
-    least similar free token, 3 (cosine -0.995); the text pivot (0, 1) then 5 (cosine -1). Budget 5: two per pivot:
-    the image pivot takes 3 and 5 (-0.0995, before 2 at +0.0995), the text pivot 0 and 4 (cosines 0 and 0.707, before
-    2 at 1): 1 + 2 x 2 = 5 tokens."""
+    """One image and one text pivot, at sequence indices 4 and 14: CPython's 8-slot set {4, 14} iterates slot 4,
+    then slot 6, in position order. Budget 3: one token per pivot, (3 - 1) // 2. The image pivot (1, 0.1) takes its
+    least similar free token, 3 (cosine -0.995); the text pivot (0.1, 1) then 5 (-0.995). Budget 5: two per pivot:
+    the image pivot takes 3 and 5 (-0.995, -0.0995, before 2 at +0.0995), the text pivot 0 and 4 (0.0995 and
+    0.774, before 2 at 0.995): 1 + 2 x 2 = 5 tokens. With the text pivot at 10 (slot 2) the set iterates it first:
+    it takes 5 and 3, the image pivot then 2 and 4; `pivot_order=position` keeps the image pivot first."""
     t = _dart_tokens()
     out = create_reducer("dart", 3, layer=1, pivot_image=1, pivot_text=1)(t)
     assert out.keep.tolist() == [[1, 3, 5]]
     torch.testing.assert_close(out.x, t.x[:, [1, 3, 5]])
     assert out.macs.tolist() == [2 * 6 * 2]  # two pivots against six tokens of width 2
     assert create_reducer("dart", 5, layer=1, pivot_image=1, pivot_text=1)(t).keep.tolist() == [[0, 1, 3, 4, 5]]
+    early = _dart_tokens(text_at=(9, 10))
+    assert list({4, 10}) == [10, 4]  # the interpreter's set order this test assumes
+    assert create_reducer("dart", 5, layer=1, pivot_image=1, pivot_text=1)(early).keep.tolist() == [[1, 2, 3, 4, 5]]
+    by_position = create_reducer("dart", 5, layer=1, pivot_image=1, pivot_text=1, pivot_order="position")
+    assert by_position(early).keep.tolist() == [[0, 1, 3, 4, 5]]
     # the reference's knob: T = 2 over 2 pivots is one token each, as budget 3
     r = create_reducer("dart", layer=1, pivot_image=1, pivot_text=1, max_num_trunction=2)
     assert r(t).keep.tolist() == [[1, 3, 5]]
     assert get_reducer_class("dart").budget_label({"max_num_trunction": 128}) == "T=128"
     with pytest.raises(ValueError, match="exactly one of budget"):
         create_reducer("dart", 64, max_num_trunction=64)
+    with pytest.raises(ValueError, match="pivot_order='norm': must be one of set, position"):
+        create_reducer("dart", 64, pivot_order="norm")
 
 
-def _dart_restated(model, ids, pixels, k_layer, pivot_image, pivot_text, per_pivot):
+def _dart_restated(model, ids, pixels, k_layer, pivot_image, pivot_text, per_pivot, order="set"):
     """DART's selection written out as its reference does it, for one prompt: layer K-1's keys (HF's own RoPE) and
-    their L1 norms, pivots by the largest norms among the image and the text after it, the final norm of the hidden
-    states entering layer K, then for each pivot the least cosine-similar remaining image tokens, with Python sets;
-    pivots in order of position (the reference iterates a set)."""
+    their L1 norms, pivots by the largest norms among the image and the text after it (absolute sequence indices,
+    in topk order), the final norm of the hidden states entering layer K, then for each pivot in the order of
+    ``list(set(image_pivots + text_pivots))`` the least cosine-similar remaining image tokens, with Python sets as
+    the reference keeps them. `order="position"`: the pivots sorted instead (the project's variant)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: PLC0415
 
     lm = model.model.language_model
@@ -235,26 +278,34 @@ def _dart_restated(model, ids, pixels, k_layer, pivot_image, pivot_text, per_piv
         start, n = int(img[0]), len(img)
         image_piv = (norms[start:start + n].topk(pivot_image).indices + start).tolist()
         text_piv = (norms[start + n:].topk(pivot_text).indices + start + n).tolist()
+        chosen = set(image_piv + text_piv)
         valid = set(range(start, start + n)) - set(image_piv)
-        chosen = set(image_piv)
-        for p in sorted(image_piv) + sorted(text_piv):
-            order = sorted(valid)
-            sims = torch.nn.functional.cosine_similarity(state[p], state[order], dim=-1)
-            picked = [order[i] for i in (-sims).topk(per_pivot).indices.tolist()]
+        pivots = list(chosen) if order == "set" else sorted(image_piv) + sorted(text_piv)
+        for p in pivots:
+            order_ = list(valid)
+            sims = -torch.nn.functional.cosine_similarity(state[p], state[order_], dim=-1)
+            picked = [order_[i] for i in sims.topk(per_pivot).indices.tolist()]
             chosen.update(picked)
             valid.difference_update(picked)
+        chosen.difference_update(text_piv)
         return sorted(i - start for i in chosen)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dart_equals_a_direct_restatement_of_the_reference(seed):
-    """64 image tokens (an 8 x 8 grid), a grouped-query LLM of 3 layers, K = 2, 2 + 2 pivots, 3 tokens each."""
+    """64 image tokens (an 8 x 8 grid), a grouped-query LLM of 3 layers, K = 2, 2 + 2 pivots, 3 tokens each: the
+    default takes its pivots in the reference's set order, `pivot_order=position` in position order; each keeps
+    what the restatement in that order keeps, and the two differ."""
     model = tiny_llava(image_size=64, kv_heads=2, seed=seed)
     ids, mask, pixels = tiny_batch(model, 1, seed=seed + 7)
-    red = ReducedLlava(model, create_reducer("dart", 14, layer=2, pivot_image=2, pivot_text=2))  # 2 + 4 x 3
-    kept = red.prefill(ids, mask, pixels).trace.sample(0, 64)["kept_indices"]
-    assert kept == _dart_restated(model, ids, pixels, 2, 2, 2, 3)
-    assert len(kept) == 14
+    kept = {}
+    for order in ("set", "position"):
+        red = ReducedLlava(model, create_reducer("dart", 14, layer=2, pivot_image=2, pivot_text=2,
+                                                 pivot_order=order))  # 2 + 4 x 3
+        kept[order] = red.prefill(ids, mask, pixels).trace.sample(0, 64)["kept_indices"]
+        assert kept[order] == _dart_restated(model, ids, pixels, 2, 2, 2, 3, order), order
+        assert len(kept[order]) == 14
+    assert kept["set"] != kept["position"]  # the old default fails this test on every seed
 
 
 # ---------------------------------------------------------------------------------------------- DivPrune
@@ -574,13 +625,15 @@ def _density_peaks(x: Tensor, k: int) -> tuple[list[Tensor], list[int]]:
     return merged, centres
 
 
-def _sparsevlm_restated(model, ids, pixels, layers, counts):
+def _sparsevlm_restated(model, ids, pixels, layers, counts, positions="renumber"):
     """SparseVLM's prefill for one prompt as its reference writes it (v1.5): raters once from the input embeddings;
     after each layer l = stage layer - 1, that layer's full attention (q and k of every token, RoPE, causal softmax,
     heads averaged), the raters' rows over the image tokens averaged, the top min(count, N_v - 1) kept, the
     best-ranked int(0.3 n_del) + 1 deleted ones clustered (plain Python) into int(n / 10) + 1 tokens of that layer's
-    outputs. With this harness's placement: positions kept, a merged token at its centre's place. Returns the kept
-    patch indices at the end, the visual tokens per layer and the last logits."""
+    outputs, placed right after the kept image tokens in cluster order, positions cut to 0..T'-1 (`positions=
+    "original"`: the project's variant, positions kept and a merged token at its centre's place). Returns the kept
+    patch indices at the end, the visual tokens per layer, the last logits and each layer's (input, positions,
+    decoding position) for `_restated_decode`."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: PLC0415
 
     lm = model.model.language_model
@@ -592,11 +645,13 @@ def _sparsevlm_restated(model, ids, pixels, layers, counts):
         m = (v_t @ t_t.T).softmax(1).mean(0)
         rater_from_end = [t_t.size(0) - i for i in (m > m.mean()).nonzero()[:, 0].tolist()]
         h, pos = h[None], torch.arange(ids.size(1))[None]
+        full = h.size(1)
         src = [i - start if img[i] else None for i in range(ids.size(1))]  # None: text; -1: a merged token
-        per_layer = []
+        per_layer, inputs = [], []
         for j, layer in enumerate(lm.layers):
             t = h.size(1)
             per_layer.append(sum(v is not None for v in src))
+            inputs.append((h, pos, t if positions == "renumber" else full))
             mask = torch.zeros(t, t).masked_fill(~torch.ones(t, t).tril().bool(), torch.finfo(torch.float32).min)
             cos, sin = lm.rotary_emb(h, pos)
             out = layer(h, attention_mask=mask[None, None], position_ids=pos, position_embeddings=(cos, sin))
@@ -615,28 +670,47 @@ def _sparsevlm_restated(model, ids, pixels, layers, counts):
                 deleted = sorted(set(range(len(vis))) - kept, key=lambda i: -float(rel[i]))  # best first, stable
                 cand = deleted[: int(len(deleted) * 0.3) + 1]
                 merged, centres = _density_peaks(out[0, [vis[i] for i in cand]], len(cand) // 10 + 1)
-                at_centre = {vis[cand[c]]: merged[q] for q, c in enumerate(centres)}
-                keep = [i for i in range(t) if src[i] is None or i in at_centre or vis.index(i) in kept]
-                for i, v in at_centre.items():
-                    out[0, i], src[i] = v, -1
-                out, pos, src = out[:, keep], pos[:, keep], [src[i] for i in keep]
+                if positions == "renumber":  # before the image, kept image tokens, merged ones, the text after
+                    before = [i for i in range(t) if src[i] is None and i < vis[0]]
+                    after = [i for i in range(t) if src[i] is None and i > vis[-1]]
+                    middle = [vis[i] for i in sorted(kept)]
+                    rows = [out[0, i] for i in before + middle] + merged + [out[0, i] for i in after]
+                    src = [src[i] for i in before + middle] + [-1] * len(merged) + [src[i] for i in after]
+                    out, pos = torch.stack(rows)[None], torch.arange(len(rows))[None]
+                else:
+                    at_centre = {vis[cand[c]]: merged[q] for q, c in enumerate(centres)}
+                    keep = [i for i in range(t) if src[i] is None or i in at_centre or vis.index(i) in kept]
+                    for i, v in at_centre.items():
+                        out[0, i], src[i] = v, -1
+                    out, pos, src = out[:, keep], pos[:, keep], [src[i] for i in keep]
             h = out
         kept = sorted(v for v in src if v is not None and v >= 0)
-        return kept, per_layer, model.lm_head(lm.norm(h[:, -1]))[0]
+        return kept, per_layer, model.lm_head(lm.norm(h[:, -1]))[0], inputs
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sparsevlm_equals_a_direct_restatement_of_the_reference(seed):
     """64 image tokens, a 4-layer grouped-query LLM, stages before layers 1 and 3 keeping 12 and 4: 12 + 2 merged
-    (16 recycled of 52) then 4 + 1: the same kept tokens, counts and logits as the restatement."""
+    (16 recycled of 52) then 4 + 1: the same kept tokens, counts, logits and next-token logits after one decoding
+    step as the restatement, with the reference's placement and positions by default and the variant's with
+    `positions=original`; the two differ."""
     model = tiny_llava(image_size=64, llm_layers=4, kv_heads=2, seed=seed)
     ids, mask, pixels = tiny_batch(model, 1, seed=seed + 11)
-    red = ReducedLlava(model, create_reducer("sparsevlm", counts=(12, 4), layers=(1, 3)))
-    state = red.prefill(ids, mask, pixels)
-    kept, per_layer, logits = _sparsevlm_restated(model, ids, pixels, (1, 3), (12, 4))
-    assert state.trace.visual_tokens[0].tolist() == per_layer == [64, 14, 14, 5]
-    assert state.trace.sample(0, 64)["kept_indices"] == kept
-    torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
+    got = {}
+    for positions in ("renumber", "original"):
+        args = {} if positions == "renumber" else {"positions": "original"}
+        red = ReducedLlava(model, create_reducer("sparsevlm", counts=(12, 4), layers=(1, 3), **args))
+        state = red.prefill(ids, mask, pixels)
+        kept, per_layer, logits, inputs = _sparsevlm_restated(model, ids, pixels, (1, 3), (12, 4), positions)
+        assert state.trace.visual_tokens[0].tolist() == per_layer == [64, 14, 14, 5]
+        assert state.trace.sample(0, 64)["kept_indices"] == kept, positions
+        torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
+        tok = int(state.logits[0].argmax())
+        with torch.no_grad():
+            step = red._decode_step(state, torch.tensor([tok]))
+        torch.testing.assert_close(step[0], _restated_decode(model, inputs, tok), atol=1e-4, rtol=1e-4)
+        got[positions] = (kept, logits)
+    assert got["renumber"][0] != got["original"][0] or not torch.allclose(got["renumber"][1], got["original"][1])
 
 
 def test_sparsevlm_rows_equal_eager_attention():

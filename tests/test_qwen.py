@@ -44,6 +44,12 @@ def test_layout_and_refusals():
                       lay)
     with pytest.raises(ValueError, match=r"must be in \[1, 1\]"):
         ReducedQwen(model, create_reducer("fastv", 4))  # layer 2 of a 2-layer LLM
+    for name in ("pdrop", "sparsevlm"):  # M-RoPE positions: the reference's renumbering is refused, its default runs
+        with pytest.raises(ValueError, match=f"{name}.positions=renumber renumbers 1-D positions"):
+            check_reducer(create_reducer(name, counts=(4,), layers=(1,), positions="renumber") if name == "sparsevlm"
+                          else create_reducer(name, ratios=(0.5,), layers=(1,), positions="renumber"), lay)
+        assert not ReducedQwen(model, create_reducer(name, **({"counts": (4,)} if name == "sparsevlm" else
+                                                              {"ratios": (0.5,)}), layers=(1,)))._renumbers()
     ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8)])
     with pytest.raises(ValueError, match="one image's run of image tokens"):
         ReducedQwen(model, create_reducer("full")).prefill(ids[:, 1:], mask[:, 1:], pixels, torch.tensor([[1, 8, 10]]))

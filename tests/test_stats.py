@@ -129,3 +129,33 @@ def test_learned_and_equal_flops_comparisons():
     outside = comparisons(recs("la", 16, [1, 0], 9.0) + recs("fv", 16, [1, 1], 2.0) + recs("fv", 36, [1, 1], 6.0),
                           registry)
     assert not [r for r in outside if r["reference_kind"] == "equal prefill FLOPs"]  # beyond the curve: no row
+
+
+def test_paired_runs_compares_two_folders_question_by_question(tmp_path, capsys):
+    """Two folders of one cell: 10 questions, the first answers 8 (docs 0-7), the second 5 (docs 0-4); only the
+    second folder has a second cell and a doc without a score: 8/10 vs 5/10 over 10 paired, +30 points, 3
+    discordant pairs all one way (McNemar p = 2 / 8), 3 answers changed."""
+    import json  # noqa: PLC0415
+
+    from benchmarks.paired_runs import compare, main  # noqa: PLC0415
+
+    def write(folder, correct, extra=()):
+        folder.mkdir()
+        rows = [{"task": "t", "method": "dart", "budget": "16", "doc_id": i, "correct": float(c),
+                 "prediction": "yes" if c else "no"} for i, c in enumerate(correct)]
+        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, *extra]))
+
+    write(tmp_path / "a", [1] * 8 + [0] * 2)
+    write(tmp_path / "b", [1] * 5 + [0] * 5, [{"task": "t", "method": "pdrop", "budget": "16", "doc_id": 0,
+                                               "correct": 1.0},
+                                              {"task": "t", "method": "dart", "budget": "16", "doc_id": 99,
+                                               "correct": None}])
+    row = compare(tmp_path / "a", tmp_path / "b").to_dict("records")
+    assert len(row) == 1 and row[0]["n_paired"] == 10
+    assert (row[0]["first_pct"], row[0]["second_pct"]) == (80.0, 50.0)
+    assert row[0]["difference_pt"] == pytest.approx(30.0) and row[0]["mcnemar_p"] == pytest.approx(0.25)
+    assert row[0]["answers_changed_pct"] == 30.0 and not row[0]["significant"]
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--csv", str(tmp_path / "out.csv")]) == 0
+    assert "| dart " in capsys.readouterr().out and (tmp_path / "out.csv").is_file()
+    with pytest.raises(SystemExit, match="no samples.jsonl there"):
+        compare(tmp_path / "a", tmp_path / "missing")

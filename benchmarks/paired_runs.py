@@ -1,0 +1,77 @@
+"""Two result folders of the same sweep compared question by question: a method's default against its variant.
+
+    python run_bench.py --methods pdrop dart --output results/runs/default
+    python run_bench.py --methods pdrop dart --method-args pdrop.positions=original dart.pivot_order=position \
+        --output results/runs/variant
+    python -m benchmarks.paired_runs results/runs/default results/runs/variant
+
+For every (task, method, budget) cell in both folders' `samples.jsonl`, over the questions both answered: the two
+accuracies, their difference (first minus second, in points), its 95 % paired-bootstrap interval, McNemar's exact p
+and whether the difference is significant (`benchmarks.stats.paired_difference`), and the share of questions whose
+answer changed. Prints a Markdown table; `--csv FILE` also writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.stats import paired_difference
+
+KEY = ("task", "method", "budget")
+
+
+def read_samples(folder: Path) -> dict[tuple, dict[int, dict]]:
+    """{(task, method, budget): {doc_id: record}} from a result folder's `samples.jsonl`."""
+    path = folder / "samples.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no samples.jsonl there; give a folder run_bench.py wrote (its --output)")
+    out: dict[tuple, dict[int, dict]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        out.setdefault(tuple(str(r[k]) for k in KEY), {})[r["doc_id"]] = r
+    return out
+
+
+def compare(first: Path, second: Path) -> pd.DataFrame:
+    """One row per cell present in both folders (see the module docstring)."""
+    a, b = read_samples(first), read_samples(second)
+    rows = []
+    for key in sorted(set(a) & set(b)):
+        docs = sorted(d for d in set(a[key]) & set(b[key])
+                      if a[key][d]["correct"] is not None and b[key][d]["correct"] is not None)
+        if not docs:
+            continue
+        x = [float(a[key][d]["correct"]) for d in docs]
+        y = [float(b[key][d]["correct"]) for d in docs]
+        d = paired_difference(x, y)
+        changed = sum(a[key][i].get("prediction") != b[key][i].get("prediction") for i in docs)
+        rows.append({**dict(zip(KEY, key, strict=True)), "n_paired": d["n_paired"],
+                     "first_pct": 100 * sum(x) / len(x), "second_pct": 100 * sum(y) / len(y),
+                     "difference_pt": 100 * d["difference"], "ci95_low_pt": 100 * d["ci95_low"],
+                     "ci95_high_pt": 100 * d["ci95_high"], "mcnemar_p": d["mcnemar_p"],
+                     "significant": d["significant"], "answers_changed_pct": 100 * changed / len(docs)})
+    if not rows:
+        raise SystemExit(f"error: {first} and {second} share no (task, method, budget) cell; run the same sweep "
+                         "into both")
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.paired_runs", description=__doc__.splitlines()[0])
+    parser.add_argument("first", type=Path, help="a result folder (e.g. the default run)")
+    parser.add_argument("second", type=Path, help="another result folder of the same sweep (e.g. the variant's)")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
+    args = parser.parse_args(argv)
+    table = compare(args.first, args.second)
+    if args.csv is not None:
+        table.to_csv(args.csv, index=False)
+    print(table.to_markdown(index=False, floatfmt=".3g"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

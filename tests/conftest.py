@@ -112,7 +112,7 @@ def spliced_embeds(model, ids, pixels):
     lm = model.model.language_model
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
-        img = ids[0] == IMAGE_TOKEN
+        img = ids[0] == model.config.image_token_id
         h = lm.embed_tokens(ids[0].masked_fill(img, 0))
         h[img] = feats
     return h, img

@@ -274,7 +274,7 @@ def _dart_restated(model, ids, pixels, k_layer, pivot_image, pivot_text, per_piv
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         norms = k[0].permute(1, 0, 2).reshape(t, -1).abs().sum(-1)  # (T,)
         state = lm.norm(hs[k_layer])[0]  # (T, D)
-        img = (ids[0] == 5).nonzero()[:, 0]
+        img = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
         start, n = int(img[0]), len(img)
         image_piv = (norms[start:start + n].topk(pivot_image).indices + start).tolist()
         text_piv = (norms[start + n:].topk(pivot_text).indices + start + n).tolist()

@@ -143,3 +143,47 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
     hf_text = tok.decode(ref[0, inputs["input_ids"].size(1):], skip_special_tokens=True).strip()
     ours = next(s["prediction"] for s in samples if s["method"] == "full" and s["doc_id"] == 0)
     assert ours == hf_text and hf_text, (ours, hf_text)  # a random model's words, but the same ones
+
+
+def test_in_llm_methods_equal_their_reference_restatements_on_7b_shapes(checkpoint):
+    """LLaVA-1.5-7B's widths, its 576 image tokens and its prompt: DART before layer 1 with the reference's 4 + 4
+    pivots (budget 64: 4 + 8 x 7 = 60 kept; the pivots' set order over sequence indices up to ~600), PyramidDrop
+    (one stage before layer 1 keeping half) and SparseVLM (one stage before layer 1 keeping 64, 16 merged) keep what
+    the direct restatements of their reference code keep, with the same logits, and for the two that renumber the
+    same logits after one decoding step."""
+    from methods import create_reducer  # noqa: PLC0415
+    from methods.llava import ReducedLlava  # noqa: PLC0415
+    from tests.test_methods import (  # noqa: PLC0415
+        _dart_restated,
+        _pdrop_restated,
+        _restated_decode,
+        _sparsevlm_restated,
+    )
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    complete_processor(processor, model.config)
+    sample = generate_sample(SPLIT_SEEDS["test"], 0)
+    prompt = llava_prompt(processor, doc_to_text({"question": sample.question}))
+    inputs = processor(images=[Image.fromarray(sample.image)], text=[prompt], return_tensors="pt")
+    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+
+    dart = ReducedLlava(model, create_reducer("dart", BUDGET, layer=1)).prefill(ids, mask, pixels)
+    assert dart.trace.sample(0, PATCHES)["kept_indices"] == _dart_restated(model, ids, pixels, 1, 4, 4, 7)
+    for name in ("pdrop", "sparsevlm"):
+        if name == "pdrop":
+            red = ReducedLlava(model, create_reducer("pdrop", ratios=(0.5,), layers=(1,)))
+            kept, logits, layer_inputs = _pdrop_restated(model, ids, pixels, (1,), (0.5,))
+            per_layer = [PATCHES, PATCHES // 2]
+        else:
+            red = ReducedLlava(model, create_reducer("sparsevlm", counts=(BUDGET,), layers=(1,)))
+            kept, per_layer, logits, layer_inputs = _sparsevlm_restated(model, ids, pixels, (1,), (BUDGET,))
+            assert per_layer == [PATCHES, BUDGET + 16]
+        state = red.prefill(ids, mask, pixels)
+        assert state.trace.sample(0, PATCHES)["kept_indices"] == kept, name
+        assert state.trace.visual_tokens[0].tolist() == per_layer
+        torch.testing.assert_close(state.logits[0], logits, atol=2e-3, rtol=2e-3)
+        tok = int(state.logits[0].argmax())
+        with torch.no_grad():
+            step = red._decode_step(state, torch.tensor([tok]))
+        torch.testing.assert_close(step[0], _restated_decode(model, layer_inputs, tok), atol=2e-3, rtol=2e-3)

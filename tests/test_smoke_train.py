@@ -194,7 +194,9 @@ def test_bad_card_and_work_folders_are_refused_in_one_line(tmp_path: Path, capsy
     cases = {("--card", str(tmp_path / "missing")): "no eval.json there",
              ("--card", str(tmp_path / "corrupt")): "JSONDecodeError",
              ("--card", str(tmp_path / "no_weights")): "not a checkpoint this script wrote (OSError",
-             ("--tiny", "--work", str(tmp_path / "a_file")): "a file, not a folder"}
+             ("--tiny", "--work", str(tmp_path / "a_file")): "a file, not a folder",
+             ("--tiny", "--text-hidden", "97"): "not a multiple of the LLM's 4 heads",
+             ("--tiny", "--text-layers", "0"): "--text-layers 0: give a positive number"}
     for argv, phrase in cases.items():
         with pytest.raises(SystemExit) as e:
             train.main(list(argv))

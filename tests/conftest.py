@@ -177,3 +177,18 @@ def llava_runner(model, reducer):
                                    relevant=relevant)
 
     return WithRelevant(model, reducer)
+
+
+def interrupted_on_call(monkeypatch, owner, name: str, call: int):
+    """Patch `owner.name` so that its `call`-th call raises KeyboardInterrupt (the earlier ones run as usual); return
+    the real function, to patch back."""
+    real, calls = getattr(owner, name), []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, stop)
+    return real

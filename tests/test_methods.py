@@ -136,6 +136,17 @@ def _restated_decode(model, inputs, next_token):
         return model.lm_head(lm.norm(x[:, -1]))[0]
 
 
+def _matches_restatement(red, state, n_patches, kept, logits, inputs, tol=1e-4) -> None:
+    """The adapter's prefill `state` (of runner `red`) keeps the restatement's tokens, gives its logits, and its first
+    decoding step (on the greedy token) gives `_restated_decode`'s logits."""
+    assert state.trace.sample(0, n_patches)["kept_indices"] == kept
+    torch.testing.assert_close(state.logits[0], logits, atol=tol, rtol=tol)
+    tok = int(state.logits[0].argmax())
+    with torch.no_grad():
+        step = red._decode_step(state, torch.tensor([tok]))
+    torch.testing.assert_close(step[0], _restated_decode(red.model, inputs, tok), atol=tol, rtol=tol)
+
+
 def _pdrop_restated(model, ids, pixels, layers, ratios, positions="renumber"):
     """PyramidDrop's prefill written out as its reference does it, for one prompt: before each stage layer, that
     layer's q and k of every token (RoPE at the positions so far), the last token's softmax row, heads averaged, the
@@ -192,13 +203,8 @@ def test_pdrop_equals_a_direct_restatement_of_the_reference(seed):
         red = ReducedLlava(model, create_reducer("pdrop", ratios=(0.5, 0.125), layers=(1, 3), **args))
         state = red.prefill(ids, mask, pixels)
         kept, logits, inputs = _pdrop_restated(model, ids, pixels, (1, 3), (0.5, 0.125), positions)
-        assert state.trace.sample(0, 16)["kept_indices"] == kept, positions
         assert state.trace.visual_tokens[0].tolist() == [16, 8, 8, 2]
-        torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
-        tok = int(state.logits[0].argmax())
-        with torch.no_grad():
-            step = red._decode_step(state, torch.tensor([tok]))
-        torch.testing.assert_close(step[0], _restated_decode(model, inputs, tok), atol=1e-4, rtol=1e-4)
+        _matches_restatement(red, state, 16, kept, logits, inputs)
         got[positions] = (kept, logits)
     assert got["renumber"][0] != got["original"][0] or not torch.allclose(got["renumber"][1], got["original"][1])
 
@@ -703,12 +709,7 @@ def test_sparsevlm_equals_a_direct_restatement_of_the_reference(seed):
         state = red.prefill(ids, mask, pixels)
         kept, per_layer, logits, inputs = _sparsevlm_restated(model, ids, pixels, (1, 3), (12, 4), positions)
         assert state.trace.visual_tokens[0].tolist() == per_layer == [64, 14, 14, 5]
-        assert state.trace.sample(0, 64)["kept_indices"] == kept, positions
-        torch.testing.assert_close(state.logits[0], logits, atol=1e-4, rtol=1e-4)
-        tok = int(state.logits[0].argmax())
-        with torch.no_grad():
-            step = red._decode_step(state, torch.tensor([tok]))
-        torch.testing.assert_close(step[0], _restated_decode(model, inputs, tok), atol=1e-4, rtol=1e-4)
+        _matches_restatement(red, state, 64, kept, logits, inputs)
         got[positions] = (kept, logits)
     assert got["renumber"][0] != got["original"][0] or not torch.allclose(got["renumber"][1], got["original"][1])
 

@@ -34,7 +34,7 @@ from methods import create_reducer
 from methods.adaptive import ControllerConfig
 from methods.families import LLAVA, QWEN, family_of
 from methods.qwen import QWEN_TURN, ReducedQwen, fraction_counts, qwen_prompt
-from tests.conftest import qwen_prompts, tiny_qwen
+from tests.conftest import interrupted_on_call, qwen_prompts, tiny_qwen
 
 
 def test_fraction_budgets_are_per_image():
@@ -164,15 +164,7 @@ def test_trainer_resumes_an_interrupted_run_to_the_same_weights(tmp_path, monkey
     10 and ends with the log and weights of an uninterrupted run; a stage-3 setting keeps stages 1-2's keys."""
     cfg = QwenTrainConfig.tiny()
     whole = train(cfg, tmp_path / "whole", work_dir=tmp_path / "whole.work")
-    real, calls = tq.splice, []
-
-    def stop_at_step_12(*args, **kwargs):  # the LLM stages splice one batch per step; stage 1 none
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tq, "splice", stop_at_step_12)
+    real = interrupted_on_call(monkeypatch, tq, "splice", 13)  # the LLM stages splice once per step; stage 1 not
     work = tmp_path / "run.work"
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "run", work_dir=work)

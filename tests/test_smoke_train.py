@@ -16,6 +16,7 @@ from benchmarks.smoke_model import build, train
 from benchmarks.synthetic import generate as g
 from benchmarks.synthetic import scenes
 from benchmarks.synthetic.tasks.utils import doc_to_text
+from tests.conftest import interrupted_on_call
 
 CHECKPOINT = Path(build.__file__).resolve().parent / "checkpoint"
 EXPECTED_PROMPT = (
@@ -130,15 +131,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypa
     whole = train.train(cfg, tmp_path / "whole", work_dir=tmp_path / "whole.work")
     reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "whole", local_files_only=True)
 
-    real, calls = train.splice_batch, []
-
-    def stop_at_step_30(*args, **kwargs):  # stage 2 splices one batch per step; stage 1 none
-        calls.append(1)
-        if len(calls) == 31:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "splice_batch", stop_at_step_30)
+    real = interrupted_on_call(monkeypatch, train, "splice_batch", 31)  # stage 2 splices once per step; stage 1 not
     work = tmp_path / "run.work"
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg, tmp_path / "run", work_dir=work)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from methods._ops import additive_mask, gather_tokens, pack_true
+from methods._ops import additive_mask, gather_tokens, pack_true, running_index
 from methods.base import Reduced, Site, TextTokens, TokenReducer, Tokens
 from methods.trace import Generation, Timing, TokenTrace, next_query_macs, query_row_macs
 
@@ -145,19 +145,16 @@ class Seq:
         if not renumber:
             idx, packed = pack_true(chosen, right=True)  # (B, T'')
             return replace(self, x=x_all, src=src).take(idx, packed)
-        t = self.x.size(1)
-        order = torch.arange(t, device=at.device, dtype=torch.float64).expand_as(chosen).clone()
+        perm = torch.arange(self.x.size(1), device=at.device).expand_as(chosen)  # (B, T') the new order
         if merged is not None:  # between the last visual token (kept or not) and the text after it
+            order = perm.double()
             last = torch.where(self.visual, order, -1.0).amax(1, keepdim=True)  # (B, 1)
             rank = merged.long().cumsum(1).double()  # (B, K) 1, 2, ... over the merged tokens
             order = order.scatter(1, at, torch.where(merged, last + rank / (merged.size(1) + 1), order.gather(1, at)))
-        order = order.masked_fill(~chosen, float("inf"))
-        idx = order.argsort(dim=1, stable=True)[:, : int(chosen.sum(1).max())]  # (B, T'') chosen, in their order
-        packed = chosen.gather(1, idx)
-        lead = packed.size(1) - packed.sum(1, keepdim=True)  # left padding: the chosen tokens move to the end
-        idx = idx.gather(1, (torch.arange(packed.size(1), device=idx.device) - lead) % packed.size(1))
-        out = replace(self, x=x_all, src=src).take(idx, chosen.gather(1, idx))
-        pos = (out.real.long().cumsum(1) - 1).clamp(min=0)  # (B, T'') contiguous over the real tokens
+            perm = order.argsort(dim=1, stable=True)
+        idx, packed = pack_true(chosen.gather(1, perm), right=True)  # (B, T'') into the new order
+        out = replace(self, x=x_all, src=src).take(perm.gather(1, idx), packed)
+        pos = running_index(out.real)  # (B, T'') contiguous over the real tokens
         return replace(out, pos=pos.unsqueeze(-1).expand_as(out.pos).contiguous())
 
 
@@ -290,7 +287,7 @@ class LLMSide:
                 if embeds is not None:
                     text["embeds"], rows["embeds"] = embeds[1], embeds[0]
                 if "prompt_index" in r.needs:  # (B, T') each token's index in the unpadded sequence as it stands
-                    rows["prompt_index"] = seq.real.long().cumsum(1) - 1
+                    rows["prompt_index"] = running_index(seq.real)
                     if "text" in r.needs:
                         text["prompt_index"] = rows["prompt_index"].gather(1, text_idx)
                 if text or "text" in r.needs:

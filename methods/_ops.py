@@ -11,6 +11,11 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
 
 
+def running_index(mask: Tensor) -> Tensor:
+    """(B, T) long: each True entry's index among the True entries of its row (0, 1, ...); 0 before the first."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 def pack_true(mask: Tensor, right: bool = False) -> tuple[Tensor, Tensor]:
     """Indices of the True entries of each row, in their original order, packed into M = max row count slots.
 

@@ -122,10 +122,10 @@ class DART(TokenReducer):
         m = min(self.pivot_text, text.valid.size(1))
         top_txt = text.key_norms.masked_fill(~text.valid, float("-inf")).topk(m, dim=1).indices  # (B, Pt)
         txt_ok = text.valid.gather(1, top_txt)
-        piv_vec = torch.cat([gather_tokens(t.normed, img_piv.clamp(max=n - 1)), gather_tokens(text.normed, top_txt)],
-                            1)  # (B, P, D)
+        img_at = img_piv.clamp(max=n - 1)  # a missing pivot points at some token; piv_ok masks it
+        piv_vec = torch.cat([gather_tokens(t.normed, img_at), gather_tokens(text.normed, top_txt)], 1)  # (B, P, D)
         piv_ok = torch.cat([img_ok, txt_ok], 1)  # (B, P)
-        order = self.pivot_sequence(t, img_piv.clamp(max=n - 1), top_txt, piv_ok)  # (B, P) the loop's order
+        order = self.pivot_sequence(t, img_at, top_txt, piv_ok)  # (B, P) the loop's order
         piv_vec, piv_ok = gather_tokens(piv_vec, order), piv_ok.gather(1, order)
         free = valid & ~is_piv
         chosen = is_piv.clone()

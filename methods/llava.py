@@ -46,7 +46,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import eager_attention_forward
 
 from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
-from methods._ops import gather_tokens, pack_true, pixel_key
+from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Reduced, Site, TokenReducer, Tokens
 from methods.cli import budget_count
 from methods.loading import load_pretrained
@@ -369,7 +369,7 @@ class ReducedLlava(LLMSide):
         keep = torch.where(in_vis, fvalid.gather(1, vis_idx), attention_mask.gather(1, txt_idx))  # (B, T2)
         src = torch.where(in_vis, fsrc.gather(1, vis_idx), -1)
         idx, real = pack_true(keep, right=True)  # (B, T')
-        pos = (real.long().cumsum(1) - 1).clamp(min=0)  # contiguous positions, like HF with left padding
+        pos = running_index(real)  # contiguous positions, like HF with left padding
         return Seq(x=gather_tokens(x, idx), real=real, pos=pos.unsqueeze(-1), visual=in_vis.gather(1, idx) & real,
                    src=src.gather(1, idx))
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
-from methods._ops import gather_tokens, pack_true, pixel_key
+from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Site, TokenReducer, Tokens
 from methods.cli import budget_count
 from methods.loading import load_pretrained
@@ -118,7 +118,7 @@ class ReducedQwen(LLMSide):
         lm = m.model.language_model
         x = lm.embed_tokens(input_ids.masked_fill(is_img, 0))  # (B, T, D); image ids are placeholders only
         x = x.masked_scatter(is_img.unsqueeze(-1), feats.to(x.dtype))  # each image's tokens in its run, in order
-        nth = (is_img.long().cumsum(1) - 1).clamp(min=0)  # (B, T) index of each image token within its image
+        nth = running_index(is_img)  # (B, T) index of each image token within its image
         seq = Seq(x=x, real=attention_mask, pos=pos.permute(1, 2, 0), visual=is_img & attention_mask,
                   src=torch.where(is_img, nth, -1))
         patches = grid.prod(-1)  # (B,) patches through every vision block and the merger

@@ -1,14 +1,14 @@
 """Two result folders of the same sweep compared question by question: a method's default against its variant.
 
-    python run_bench.py --methods pdrop dart --output results/runs/default
-    python run_bench.py --methods pdrop dart --method-args pdrop.positions=original dart.pivot_order=position \
-        --output results/runs/variant
+    python run_bench.py --methods dart sparsevlm --budgets 36 48 --output results/runs/default
+    python run_bench.py --methods dart sparsevlm --budgets 36 48 --output results/runs/variant \
+        --method-args dart.pivot_order=position sparsevlm.positions=original
     python -m benchmarks.paired_runs results/runs/default results/runs/variant
 
-For every (task, method, budget) cell in both folders' `samples.jsonl`, over the questions both answered: the two
-accuracies, their difference (first minus second, in points), its 95 % paired-bootstrap interval, McNemar's exact p
-and whether the difference is significant (`benchmarks.stats.paired_difference`), and the share of questions whose
-answer changed. Prints a Markdown table; `--csv FILE` also writes the rows.
+For every (task, method, budget, controller seed) cell in both folders' `samples.jsonl`, over the questions both
+answered: the two accuracies, their difference (first minus second, in points), its 95 % paired-bootstrap interval,
+McNemar's exact p and whether the difference is significant (`benchmarks.stats.paired_difference`), and the share of
+questions whose answer changed. Prints a Markdown table; `--csv FILE` also writes the rows.
 """
 
 from __future__ import annotations
@@ -21,18 +21,24 @@ import pandas as pd
 
 from benchmarks.stats import paired_difference
 
-KEY = ("task", "method", "budget")
+KEY = ("task", "method", "budget", "controller_seed")  # a learned method runs one cell per controller seed
 
 
 def read_samples(folder: Path) -> dict[tuple, dict[int, dict]]:
-    """{(task, method, budget): {doc_id: record}} from a result folder's `samples.jsonl`."""
+    """{(task, method, budget, controller seed): {doc_id: record}} from a result folder's `samples.jsonl` (the
+    seed "" for a method without controllers)."""
     path = folder / "samples.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path}: no samples.jsonl there; give a folder run_bench.py wrote (its --output)")
     out: dict[tuple, dict[int, dict]] = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        out.setdefault(tuple(str(r[k]) for k in KEY), {})[r["doc_id"]] = r
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            r = json.loads(line)
+            out.setdefault(tuple("" if r.get(k) is None else str(r[k]) for k in KEY), {})[r["doc_id"]] = r
+            r["correct"]  # noqa: B018 - every record must carry its score
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"error: {path} line {n}: not a sample record ({type(e).__name__}: {e}); rebuild the "
+                             "folder with run_bench.py") from None
     return out
 
 
@@ -55,7 +61,7 @@ def compare(first: Path, second: Path) -> pd.DataFrame:
                      "ci95_high_pt": 100 * d["ci95_high"], "mcnemar_p": d["mcnemar_p"],
                      "significant": d["significant"], "answers_changed_pct": 100 * changed / len(docs)})
     if not rows:
-        raise SystemExit(f"error: {first} and {second} share no (task, method, budget) cell; run the same sweep "
+        raise SystemExit(f"error: {first} and {second} share no (task, method, budget, seed) cell; run the same sweep "
                          "into both")
     return pd.DataFrame(rows)
 
@@ -66,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("second", type=Path, help="another result folder of the same sweep (e.g. the variant's)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
+    if args.csv is not None and not args.csv.parent.is_dir():
+        parser.error(f"--csv {args.csv}: its folder does not exist")
     table = compare(args.first, args.second)
-    if args.csv is not None:
-        table.to_csv(args.csv, index=False)
+    if args.csv is not None:  # whole or not at all
+        tmp = args.csv.with_name(f".{args.csv.name}.tmp")
+        table.to_csv(tmp, index=False)
+        tmp.replace(args.csv)
     print(table.to_markdown(index=False, floatfmt=".3g"))
     return 0
 

@@ -159,3 +159,15 @@ def test_paired_runs_compares_two_folders_question_by_question(tmp_path, capsys)
     assert "| dart " in capsys.readouterr().out and (tmp_path / "out.csv").is_file()
     with pytest.raises(SystemExit, match="no samples.jsonl there"):
         compare(tmp_path / "a", tmp_path / "missing")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "samples.jsonl").write_text('{"task": "t"}\n')
+    with pytest.raises(SystemExit, match="corrupt/samples.jsonl line 1: not a sample record"):
+        compare(tmp_path / "a", tmp_path / "corrupt")
+    # a learned method's cell per controller seed: seed 1 answers doc 0 right in both, seed 0 in neither
+    for name in ("c", "d"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "samples.jsonl").write_text("".join(
+            json.dumps({"task": "t", "method": "adaptive_b", "budget": "16", "controller_seed": s, "doc_id": 0,
+                        "correct": float(s)}) + "\n" for s in (0, 1)))
+    seeds = compare(tmp_path / "c", tmp_path / "d")
+    assert seeds["controller_seed"].tolist() == ["0", "1"] and seeds["first_pct"].tolist() == [0.0, 100.0]

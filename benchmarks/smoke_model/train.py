@@ -310,6 +310,26 @@ class Snapshot:
         return state["log"], state["step"]
 
 
+def work_folder(parser: argparse.ArgumentParser, work: Path | None, out: Path | None) -> Path | None:
+    """A trainer's `--work` folder: as given, else OUT.work beside `--out` (None without either); a file at that
+    path is refused in one line (before minutes of data)."""
+    work = work or (out.with_name(out.name + ".work") if out is not None else None)
+    if work is not None and work.exists() and not work.is_dir():
+        parser.error(f"--work {work}: a file, not a folder; give a folder for the finished stages and snapshots")
+    return work
+
+
+def until_interrupted(work: Path | None, run) -> None:
+    """Call `run()`; on Ctrl-C say in one line what was kept and exit 130 (no traceback)."""
+    try:
+        run()
+    except KeyboardInterrupt:
+        kept = (f"the finished stages and the last snapshot are in {work}; rerun the same command to resume"
+                if work is not None else "nothing was kept (no --out or --work): give --work DIR to resume later")
+        print(f"interrupted: {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 class WorkFolder:
     """Where a training run keeps what it has finished, so that an interrupted run resumes (`--work DIR`).
 
@@ -1085,11 +1105,9 @@ def main(argv: list[str] | None = None) -> None:
              "seed", "lr_llm", "vision_from", "eval_split")
     overrides = {k: getattr(args, k) for k in names}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    work = args.work or (args.out.with_name(args.out.name + ".work") if args.out is not None else None)
-    if work is not None and work.exists() and not work.is_dir():  # before minutes of data
-        parser.error(f"--work {work}: a file, not a folder; give a folder for the finished stages and snapshots")
-    train(cfg, args.out, command="python -m benchmarks.smoke_model.train " + " ".join(argv or sys.argv[1:]),
-          work_dir=work)
+    work = work_folder(parser, args.work, args.out)
+    command = "python -m benchmarks.smoke_model.train " + " ".join(argv or sys.argv[1:])
+    until_interrupted(work, lambda: train(cfg, args.out, command=command, work_dir=work))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ from benchmarks.smoke_model.train import (
     optimise,
     pick_tokens,
     stage_settings,
+    until_interrupted,
+    work_folder,
 )
 from benchmarks.synthetic.generate import GRID, NUM_PATCHES, QTYPES, SPLIT_SEEDS, SYNTH_VQA, Sample
 from benchmarks.synthetic.tasks.utils import doc_to_text, normalize_answer
@@ -421,13 +423,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="keep finished stages and snapshots here, so that a rerun of the same command resumes "
                    "(default: OUT.work beside --out)")
     args = p.parse_args(argv)
-    work = args.work or args.out.with_name(args.out.name + ".work")
-    if work.exists() and not work.is_dir():  # before minutes of data
-        p.error(f"--work {work}: a file, not a folder; give a folder for the finished stages and snapshots")
+    work = work_folder(p, args.work, args.out)
     torch.set_num_threads(2)
     cfg = QwenTrainConfig.tiny() if args.tiny else QwenTrainConfig()
-    res = train(cfg, args.out, command="python -m benchmarks.smoke_model.train_qwen " + " ".join(sys.argv[1:]),
-                work_dir=work)
+    command = "python -m benchmarks.smoke_model.train_qwen " + " ".join(sys.argv[1:])
+    res = {}
+    until_interrupted(work, lambda: res.update(train(cfg, args.out, command=command, work_dir=work)))
     print(json.dumps({"results": res["results"], "timing": res["timing"], "config": asdict(cfg)}, indent=2,
                      default=str))
 

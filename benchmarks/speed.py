@@ -476,7 +476,7 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m benchmarks.speed", description=" ".join(__doc__.split("\n\n")[0].split()),
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("speedup", help="the batch sweep: realised vs FLOPs-predicted speed-ups, roofline, 7B shapes")

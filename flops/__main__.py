@@ -42,7 +42,7 @@ TABLE = ("method", "budget", "visual_tokens", "visual_tokens_layer_mean", "llm_p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m flops", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m flops", description=" ".join(__doc__.split("\n\n")[0].split()),
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model-config", default="llava-1.5-7b",
                    help="llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b, a config.json or a checkpoint folder")

@@ -37,7 +37,7 @@ def build() -> dict:
             "supports_auto": cls.supports_auto,
             "reference": cls.reference,
             "args": {p: _default(v.default) for p, v in params.items() if p not in INTERNAL_ARGS},
-            "summary": (cls.__doc__ or "").strip().splitlines()[0],
+            "summary": " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()),  # the first paragraph
         }
     return out
 

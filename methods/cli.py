@@ -82,6 +82,9 @@ def parse_budget(text: str) -> int | float | str:
     value = _number(text)
     if value is None:
         raise argparse.ArgumentTypeError(f"budget {text!r} is not a number of visual tokens, a fraction or 'auto'")
+    if isinstance(value, float) and value >= 1 and value.is_integer():  # 1e3, 64.0: a count in a float's spelling
+        raise argparse.ArgumentTypeError(f"budget {text}: a count of visual tokens is a whole number "
+                                         f"({int(value)}); a fraction is strictly between 0 and 1")
     if isinstance(value, float) and not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"budget {text}: a fraction of the image's tokens must be strictly between "
                                          "0 and 1 (1 keeps them all: that is `full`)")

@@ -154,3 +154,19 @@ def test_default_limit_follows_the_model():
 
     assert RunSpec().limit == SMOKE_LIMIT == 500
     assert RunSpec(model=QWEN_SMOKE_MODEL).limit is None and RunSpec(limit=1000).limit == 1000
+
+
+def test_help_descriptions_and_method_summaries_are_whole_sentences(capsys):
+    """`--help` texts and `--list`'s method summaries end where their sentence ends (not at a docstring's line
+    break)."""
+    from benchmarks import speed  # noqa: PLC0415 - torch-heavy, only here
+    from flops import __main__ as flops_cli  # noqa: PLC0415
+
+    for module in (flops_cli, speed):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        description = " ".join(module.__doc__.split("\n\n")[0].split())
+        assert description.endswith((".", "?")), module.__name__
+        assert description in " ".join(capsys.readouterr().out.split()), module.__name__
+    for name, entry in json.loads((REPO / "methods" / "catalogue.json").read_text()).items():
+        assert entry["summary"].endswith("."), (name, entry["summary"])

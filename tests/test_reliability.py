@@ -107,6 +107,7 @@ def bad_cases(tiny: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown task": (["--tasks", "synth_vq"], "did you mean synth_vqa"),
         "zero budget": (["--budgets", "0"], "must be >= 1"),
         "negative budget": (["--budgets", "-3"], "must be >= 1"),
+        "count spelt as a float": (["--budgets", "1e3"], "a count of visual tokens is a whole number (1000)"),
         "budget not a number": (["--budgets", "many"], "is not a number of visual tokens, a fraction or"),
         "model path missing": (["--model", str(tmp / "nope")], "not a checkpoint folder"),
         "not llava-hf": (["--model", str(not_llava)], "'llama' checkpoint"),

@@ -213,7 +213,7 @@ def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True,
             print(f"{len(kept)} of {len(planned)} cells already in {spec.output} under the same conditions: kept "
                   f"(--force recomputes them){other}")
         bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr,
-                   disable=None if progress and world.is_main else True)  # None: only on a terminal
+                   disable=None if progress and todo and world.is_main else True)  # None: only on a terminal
         try:
             for i, (cell, reducer, fp) in enumerate(todo, 1):
                 bar.set_postfix_str(f"{cell.task} {cell.method} {cell.budget}")

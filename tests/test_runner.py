@@ -7,8 +7,10 @@ import json
 import shutil
 
 import pytest
+from tqdm import tqdm
 
 import run_bench
+from benchmarks import runner
 from benchmarks.defaults import SMOKE_MODEL, SYNTH_TASKS
 from benchmarks.plan import Cell, RunSpec, fingerprint, make_reducer
 from benchmarks.store import SUMMARY_COLUMNS, ResultStore
@@ -22,7 +24,7 @@ def read(out):
     return rows, samples
 
 
-def test_sweep_writes_rows_and_samples_and_resumes(tiny_ckpt, tmp_path, capsys):
+def test_sweep_writes_rows_and_samples_and_resumes(tiny_ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["--model", str(tiny_ckpt), "--methods", "full", "--limit", "6", "--output", str(out), "--batch-size", "3"]
     assert run_bench.main(argv) == 0
@@ -42,8 +44,11 @@ def test_sweep_writes_rows_and_samples_and_resumes(tiny_ckpt, tmp_path, capsys):
     assert sum(x["correct"] for x in samples) / 6 == pytest.approx(float(em["value"]))
     before = (out / "summary.csv").read_text()
     capsys.readouterr()
+    bars = []  # the sweep's progress bar: drawn on a terminal only when there is a cell to compute
+    monkeypatch.setattr(runner, "tqdm", lambda **kw: bars.append(kw) or tqdm(**{**kw, "disable": True}))
     assert run_bench.main(argv) == 0  # same command again: nothing to compute
     assert "1 of 1 cells already" in capsys.readouterr().out
+    assert [kw["total"] for kw in bars] == [0] and bars[0]["disable"] is True
     assert (out / "summary.csv").read_text() == before
 
 

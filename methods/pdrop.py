@@ -78,9 +78,9 @@ def solve_ratio(budget: float, n: int, layers: tuple[int, ...], n_layers: int) -
 
     if mean(0.0) > budget:
         raise ValueError(
-            f"pdrop: a layer-averaged budget of {budget:g} visual tokens is below the least its stages at layers "
-            f"{list(layers)} of {n_layers} allow ({mean(0.0):.1f}: every one of the {n} tokens until layer "
-            f"{layers[0]}); give a larger budget, earlier pdrop.layers or explicit pdrop.ratios")
+            f"pdrop: layer-averaged budgets below {mean(0.0):.1f} visual tokens cannot be met by its stages at "
+            f"layers {list(layers)} of {n_layers} (every one of the {n} tokens runs until layer {layers[0]}); give a "
+            f"larger budget, earlier pdrop.layers or explicit pdrop.ratios")
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2

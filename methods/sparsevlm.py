@@ -121,9 +121,9 @@ def solve_counts(budget: float, n: int, layers: tuple[int, ...], stages: tuple[i
 
     if mean(0.0) > budget:
         raise ValueError(
-            f"sparsevlm: a layer-averaged budget of {budget:g} visual tokens is below the least its stages at layers "
-            f"{list(layers)} of {n_layers} allow ({mean(0.0):.1f}: every one of the {n} tokens until layer "
-            f"{layers[0]}); give a larger budget, earlier sparsevlm.layers or sparsevlm.counts")
+            f"sparsevlm: layer-averaged budgets below {mean(0.0):.1f} visual tokens cannot be met by its stages at "
+            f"layers {list(layers)} of {n_layers} (every one of the {n} tokens runs until layer {layers[0]}); give a "
+            f"larger budget, earlier sparsevlm.layers or sparsevlm.counts")
     lo, hi = 0.0, n / min(shape)
     for _ in range(60):
         mid = (lo + hi) / 2

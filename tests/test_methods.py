@@ -98,7 +98,7 @@ def test_pdrop_schedule_by_hand():
     assert r.llm_layers(32, 576) == (8, 16, 24)  # L/4, L/2, 3L/4
     assert r.schedule(576, 32) == [146, 37, 9]
     assert create_reducer("pdrop", 145).schedule(576, 32) == [2, 1, 1]
-    with pytest.raises(ValueError, match="below the least its stages at layers \\[8, 16, 24\\] of 32 allow \\(144.8"):
+    with pytest.raises(ValueError, match="below 144.8 visual tokens cannot be met by its stages at layers \\[8, 16"):
         create_reducer("pdrop", 144).llm_layers(32, 576)
     assert create_reducer("pdrop", ratios=(0.5, 0.25, 0.125)).schedule(576, 32) == [288, 144, 72]
     assert get_reducer_class("pdrop").budget_label({"ratios": (0.5, 0.25)}) == "ratios=0.5,0.25"
@@ -569,7 +569,7 @@ def test_sparsevlm_schedule_by_hand():
     assert sum(visual_per_layer(576, solved, (3, 7, 16), 32)) / 32 <= 64
     bigger = tuple(c + 1 for c in solved)
     assert sum(visual_per_layer(576, bigger, (3, 7, 16), 32)) / 32 > 64  # the largest that fits
-    with pytest.raises(ValueError, match="below the least its stages"):
+    with pytest.raises(ValueError, match="budgets below 20.2 visual tokens cannot be met"):
         create_reducer("sparsevlm", 16).llm_layers(8, 144)  # 144 tokens run through layer 0: at least 20.2
     with pytest.raises(ValueError, match="retained_tokens must be one of"):
         create_reducer("sparsevlm", retained_tokens=100)

@@ -68,7 +68,8 @@ def test_default_set_skips_only_the_cells_a_method_cannot_run(tiny_ckpt, capsys)
     assert run_bench.main(["--model", str(tiny_ckpt), "--budgets", "2", "100", "--dry-run",
                            "--method-args", "pdrop.layers=(1,)"]) == 0
     out = capsys.readouterr().out
-    assert "pdrop at budget 2 skipped: pdrop: a layer-averaged budget of 2 visual tokens is below" in out
+    assert "pdrop at budget 2 skipped: pdrop: layer-averaged budgets below 72.5 visual tokens cannot be met" in out
+    assert max(map(len, out.splitlines())) <= 120  # the plan and its notes wrap at 120 columns
     assert [line.split()[:3] for line in out.splitlines() if line.startswith("synth_vqa  pdrop")] == [
         ["synth_vqa", "pdrop", "100"]]
 

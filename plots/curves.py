@@ -6,6 +6,7 @@ reference row (the question's relevant patches first: not a method) as a dotted 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -24,10 +25,17 @@ UPPER = "oracle"  # a reference row, not a method: drawn apart, never on the fro
 EXTRA_COLOURS = ("#e6ab02", "#1b9e77", "#e7298a", "#7570b3", "#66a61e", "#a6761d")
 
 
+# every registered method in the registry's order (the catalogue file), so that a method keeps its colour in every
+# figure of every run, whichever methods a run has
+CATALOGUE = Path(__file__).resolve().parent.parent / "methods" / "catalogue.json"
+
+
 def colours(methods) -> dict[str, tuple]:
-    """One fixed colour per method name (the same in every figure of a run): tab10, then `EXTRA_COLOURS`."""
+    """One fixed colour per method name, the same in every figure and every run: the registered methods take tab10,
+    then `EXTRA_COLOURS`, in the catalogue's order; names it does not hold come after them, sorted."""
     palette = [*plt.get_cmap("tab10").colors, *(matplotlib.colors.to_rgb(c) for c in EXTRA_COLOURS)]
-    named = sorted(set(methods) - {REFERENCE, UPPER})
+    known = [m for m in json.loads(CATALOGUE.read_text()) if m not in (REFERENCE, UPPER)] if CATALOGUE.is_file() else []
+    named = [*known, *sorted(set(methods) - {REFERENCE, UPPER} - set(known))]
     return {m: (*palette[i % len(palette)], 1.0) for i, m in enumerate(named)} | {REFERENCE: (0, 0, 0, 1),
                                                                                    UPPER: (0, 0, 0, 1)}
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from plots.__main__ import main
-from plots.curves import pareto
+from plots.curves import CATALOGUE, colours, pareto
 from plots.data import load
 from plots.pictures import selection_image
 from plots.tables import table, to_latex
@@ -209,3 +209,14 @@ def test_comparison_tables_from_comparisons_csv(tmp_path):
     assert all("| fastv | 5.3 |" in r for r in eq)  # 1.0 GMACs: a third of the way from budget 4 to 8
     assert "| adaptive_a | adaptive_b | 4 |" in sections[2] and "| oracle | adaptive_a | 4 |" in sections[3]
     assert comparison_tables(load([write_run(tmp_path / "bare", CELLS)])) == ""  # no comparisons.csv: nothing
+
+
+def test_a_method_keeps_its_colour_in_every_run():
+    """Colours follow the registry's order, not the run's method set: the same method, the same colour, whichever
+    methods a run has; every registered method its own colour."""
+    registered = [m for m in json.loads(CATALOGUE.read_text()) if m not in ("full", "oracle")]
+    every = colours(registered)
+    assert len({every[m] for m in registered}) == len(registered)
+    alone, with_others = colours(["vispruner", "full"]), colours(["fastv", "vispruner"])
+    assert alone["vispruner"] == with_others["vispruner"] == every["vispruner"]
+    assert colours(["mine", "fastv"])["mine"] not in {every[m] for m in registered}  # a name the registry lacks

@@ -154,8 +154,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypa
 
 
 def test_committed_checkpoint_reloads_and_answers_both_tasks() -> None:
-    """The committed smoke model: at most 20 MiB, the README's prompt, 8 LLM layers, and on 36 held-out questions per
-    task well above its own answers without image tokens (the 1,000-question scores are in MODEL_CARD.md)."""
+    """The committed smoke model: at most 20 MiB, the README's prompt, at least 8 LLM layers, and on 36 held-out
+    questions per task well above its own answers without image tokens (1,000-question scores: MODEL_CARD.md)."""
     size = sum(f.stat().st_size for f in CHECKPOINT.iterdir() if f.is_file())
     assert size <= 20 * 2**20, f"checkpoint is {size / 2**20:.1f} MiB; the limit is 20"
     model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT, local_files_only=True)
@@ -175,6 +175,10 @@ def test_the_model_cards_tables_are_its_eval_json() -> None:
     card = (CHECKPOINT / "MODEL_CARD.md").read_text()
     assert train.calibration_table(record) in card
     assert train.monitor_table(record) in card
+    if record["config"]["vision_from"]:  # a copied tower: the record names the run that trained it, and its time counts
+        source = record["vision_source"]
+        assert source["command"] in card and source["stage1_s"] > 0
+        assert train.training_minutes(record) == (record["time"]["total_s"] + source["stage1_s"]) / 60
     assert record["config"]["model_kwargs"]["text_layers"] >= 8
 
 

@@ -80,7 +80,8 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
         ax.axhline(y[i], color="black", linestyle="--", linewidth=1, label=f"{REFERENCE} ({kept})")
         if "ci95_low" in df.columns and pd.notna(df.at[i, "ci95_low"]) and pd.notna(df.at[i, "ci95_high"]):
             # full's 95 % interval, as a band
-            ax.axhspan(100 * df.at[i, "ci95_low"], 100 * df.at[i, "ci95_high"], color="black", alpha=0.06, zorder=0)
+            ax.axhspan(100 * df.at[i, "ci95_low"], 100 * df.at[i, "ci95_high"], color="black", alpha=0.06, zorder=0,
+                       label=f"{REFERENCE}'s 95 % interval")
         ax.plot([x[i]], [y[i]], marker="*", color="black", markersize=12, linestyle="none")
     methods = df.index[df["method"] != UPPER]
     front = pareto(x[methods], y[methods])
@@ -212,7 +213,7 @@ def tokens_per_layer(res: Results, out: Path) -> list[Path]:
         if not inside:
             continue
         colour = colours(res.summary["method"])
-        fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=130)
+        fig, ax = plt.subplots(figsize=(10, 4.5), dpi=130)
         styles = ["-", "--", ":", "-."]
         for (_, method, _), v in series.items():
             if method == REFERENCE:
@@ -227,7 +228,7 @@ def tokens_per_layer(res: Results, out: Path) -> list[Path]:
         ax.set_xticks(range(len(next(iter(inside.values())))))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the data
         fig.tight_layout()
         written.append(save(fig, out / f"tokens_per_layer_{task}.png"))
     return written

@@ -21,8 +21,9 @@ REFERENCE = "full"
 UPPER = "oracle"  # a reference row, not a method: drawn apart, never on the frontier
 
 
-# after tab10's ten: colours far from all of them (Dark2's gold, teal, magenta, ...), so that 16 methods stay apart
-EXTRA_COLOURS = ("#e6ab02", "#1b9e77", "#e7298a", "#7570b3", "#66a61e", "#a6761d")
+# after tab10's ten: darker or stronger colours than tab10's (gold, dark teal, dark magenta, navy, ...), drawn with
+# square markers and dashed lines (`marker_style`), so that 16 methods stay apart
+EXTRA_COLOURS = ("#e6ab02", "#00665e", "#a6005c", "#08306b", "#4d7a00", "#6b3d00")
 
 
 # every registered method in the registry's order (the catalogue file), so that a method keeps its colour in every
@@ -38,6 +39,13 @@ def colours(methods) -> dict[str, tuple]:
     named = [*known, *sorted(set(methods) - {REFERENCE, UPPER} - set(known))]
     return {m: (*palette[i % len(palette)], 1.0) for i, m in enumerate(named)} | {REFERENCE: (0, 0, 0, 1),
                                                                                    UPPER: (0, 0, 0, 1)}
+
+
+def marker_style(colour: dict, method: str) -> dict:
+    """Marker and line style of a method: circles and solid lines for tab10's colours, squares and dashed lines for
+    the extra ones (told apart from a tab10 colour of a similar hue by their shape)."""
+    tab10 = [(*c, 1.0) for c in plt.get_cmap("tab10").colors]
+    return {"marker": "o", "linestyle": "-"} if colour[method] in tab10 else {"marker": "s", "linestyle": "--"}
 
 
 def save(fig, path: Path) -> Path:
@@ -70,7 +78,7 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
     for j, (method, rows) in enumerate(df[df["method"] != REFERENCE].groupby("method")):
         idx = rows.sort_values("budget_tokens").index
         style = {"linestyle": ":", "marker": "^", "label": f"{UPPER} (reference: relevant patches first; not a method)"
-                 } if method == UPPER else {"marker": "o", "label": method}
+                 } if method == UPPER else {**marker_style(colour, method), "label": method}
         ax.plot(x[idx], y[idx], color=colour[method], linewidth=1.6, markersize=5, **style)
         _error_bars(ax, df.loc[idx], x[idx], y[idx], colour[method])
         labels += [(x[i], y[i], str(df.at[i, "budget"]), colour[method], j) for i in idx]
@@ -90,7 +98,7 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
     ax.scatter(x[front], y[front], s=110, facecolors="none", edgecolors="grey", linewidths=1.2, zorder=3)
     _budget_labels(ax, labels)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the data
 
 
 # where a budget label may sit beside its point: (x, y) offset in points and the text's alignment
@@ -163,7 +171,7 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
             if x is None or x.isna().all():
                 continue
             keep = x.notna()
-            fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
+            fig, ax = plt.subplots(figsize=(10, 4.8), dpi=130)
             _draw(ax, df[keep], x[keep], y[keep], colour)
             what = f"prefill {unit} per sample (vision + reducer + projector + LLM prefill)" if kind == "flops" \
                 else "measured prefill latency per sample (ms, median over batches)"
@@ -195,7 +203,7 @@ def relative_average(res: Results, out: Path) -> Path | None:
         acc_rel=("acc_rel", "mean"), flops_rel=("flops_rel", "mean"), tasks=("task", "nunique"),
         budget_tokens=("budget_tokens", "first"))
     agg = agg[agg["tasks"] == n_tasks].reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=130)
     _draw(ax, agg, agg["flops_rel"], agg["acc_rel"], colours(res.summary["method"]))
     ax.set_xlabel(f"prefill FLOPs relative to {REFERENCE} (%)")
     ax.set_ylabel(f"accuracy relative to {REFERENCE} (%), mean over tasks")

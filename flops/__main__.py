@@ -24,6 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
+from functools import partial
+
+from tabulate import tabulate
 
 from flops.analytic import count, model_shape
 from flops.roofline import PROFILES, device_profile, predict
@@ -37,8 +41,13 @@ from methods.trace import LlavaLayout, QwenLayout
 
 QWEN_DEFAULT_SIZE = (448, 448)
 
-TABLE = ("method", "budget", "visual_tokens", "visual_tokens_layer_mean", "llm_prefill_tmacs", "llm_prefill_tflops",
-         "prefill_tmacs", "prefill_tflops", "total_tflops", "llm_prefill_ratio", "prefill_ratio")
+# the console table's columns and headers (--json has every field, the MACs too: half the FLOPs); fits 120 columns
+TABLE = {
+    "method": "method", "budget": "budget", "visual_tokens": "tokens", "visual_tokens_layer_mean": "layer mean",
+    "llm_prefill_tflops": "LLM TFLOPs", "prefill_tflops": "prefill TFLOPs", "total_tflops": "total TFLOPs",
+    "llm_prefill_ratio": "LLM/full", "prefill_ratio": "prefill/full"}
+ROOFLINE = {"roofline_prefill_ms": "prefill ms", "roofline_decode_ms_per_token": "decode ms"}  # replace the last 3
+WIDTH = 120
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -163,19 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     grid = rows[0].get("image_grid_thw") if rows else None
     image = ("the image" if grid is None
              else f"an image of {grid[1]} x {grid[2]} patches ({rows[0]['image_tokens']} tokens)")
-    print(f"{args.model_config}: {args.text_tokens} text tokens + {image}, {args.generated_tokens} generated; "
-          "1 MAC = 1 multiply-add, FLOPs = 2 x MACs; prefill = vision + reducer + projector + LLM + lm_head (last "
-          "position); ratios are to full")
+    say = partial(textwrap.fill, width=WIDTH, break_on_hyphens=False, break_long_words=False)
+    print(say(f"{args.model_config}: {args.text_tokens} text tokens + {image}, {args.generated_tokens} generated; "
+              "1 MAC = 1 multiply-add, FLOPs = 2 x MACs; prefill = vision + reducer + projector + LLM + lm_head (last "
+              "position); ratios are to full"))
     table = TABLE
     if args.device_profile:
-        table = (*TABLE, "roofline_prefill_ms", "roofline_decode_ms_per_token")
-        print(f"roofline on {rows[0]['roofline_device']}, batch {args.batch_size}, {rows[0]['roofline_dtype']}: "
-              "milliseconds per batch (prefill) and per decoding step")
-    widths = [max(len(c), 10) for c in table]
-    print("  ".join(c.rjust(w) for c, w in zip(table, widths, strict=True)))
-    for r in rows:
-        cells = [str(r[c]) if c == "budget" or not isinstance(r[c], float) else f"{r[c]:.4f}" for c in table]
-        print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)))
+        table = {**dict(list(TABLE.items())[:-3]), **ROOFLINE}
+        print(say(f"roofline on {rows[0]['roofline_device']}, batch {args.batch_size}, {rows[0]['roofline_dtype']}: "
+                  "milliseconds per batch (prefill) and per decoding step"))
+    formats = ["g" if c in ("budget", "visual_tokens") else ".1f" if c.endswith("_mean") else ".4f" for c in table]
+    print(tabulate([[r[c] for c in table] for r in rows], headers=list(table.values()), floatfmt=formats))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from tabulate import tabulate
 
 from plots.curves import REFERENCE, UPPER, flops_axis
 from plots.data import Results
@@ -94,22 +95,18 @@ def comparison_tables(res: Results) -> str:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    return head + "".join("| " + " | ".join(_cell(v) for v in r) + " |\n" for r in df.itertuples(index=False))
+    """A pipe table (tabulate): every value as the table holds it, blanks where missing."""
+    return tabulate(_text(df), headers="keys", tablefmt="pipe", showindex=False, disable_numparse=True) + "\n"
 
 
 def to_latex(df: pd.DataFrame) -> str:
-    """A booktabs tabular (needs \\usepackage{booktabs})."""
-    esc = str.maketrans({"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"})
-    cols = "ll" + "r" * (len(df.columns) - 2)
-    lines = [rf"\begin{{tabular}}{{{cols}}}", r"\toprule", " & ".join(c.translate(esc) for c in df.columns) + r" \\",
-             r"\midrule"]
-    lines += [" & ".join(_cell(v).translate(esc) for v in r) + r" \\" for r in df.itertuples(index=False)]
-    return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
+    """A booktabs tabular (pandas; needs \\usepackage{booktabs}): two text columns, then numbers right-aligned."""
+    return _text(df).to_latex(index=False, escape=True, column_format="ll" + "r" * (len(df.columns) - 2))
 
 
-def _cell(v) -> str:
-    return "" if pd.isna(v) else str(v)
+def _text(df: pd.DataFrame) -> pd.DataFrame:
+    """Each value as its `str`, blank where missing (so 71.8 stays 71.8, not 71.800000)."""
+    return df.astype(object).map(lambda v: "" if pd.isna(v) else str(v))
 
 
 def write_tables(res: Results, out: Path) -> list[Path]:

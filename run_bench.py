@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 from benchmarks.defaults import (
@@ -27,10 +26,18 @@ from benchmarks.defaults import (
     go_offline,
 )
 from methods import expand_methods
-from methods.cli import MODEL_TYPES, OneLineParser, at_least, known_families, parse_budget, parse_method_arg
+from methods.cli import (
+    CONSOLE_WIDTH,
+    MODEL_TYPES,
+    OneLineParser,
+    at_least,
+    known_families,
+    parse_budget,
+    parse_method_arg,
+    wrap,
+)
 
 DRY_RUN_TEXT_TOKENS = 64  # prompt tokens besides the image assumed by a dry run's cost estimate (as python -m flops)
-CONSOLE_WIDTH = 120  # columns the plan and its notes are wrapped at (the result table fits them too)
 
 EPILOG = """examples:
   python run_bench.py                                    # smoke benchmark, every method, default budgets
@@ -55,7 +62,7 @@ Finished cells are kept in OUTPUT/cells; rerunning the same command computes onl
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=32, width=120)
+        super().__init__(prog, max_help_position=32, width=CONSOLE_WIDTH)
 
 
 def _rel(path: Path) -> str:
@@ -225,20 +232,17 @@ def _main(args: argparse.Namespace) -> int:
     say = print if is_main_process() else (lambda *_: None)  # several processes: rank 0 speaks
     methods = sorted({c.method for c in plan.cells})
     tokens = f"{plan.num_patches} patches" if plan.num_patches else "visual tokens per image vary"
-    say(textwrap.fill(f"plan: {len(plan.cells)} cells ({len(spec.tasks)} task{'s' * (len(spec.tasks) > 1)} x "
-                      f"{len(methods)} methods x their budgets) on {_rel(Path(spec.model))} ({plan.family.name}, "
-                      f"{tokens}) -> {_rel(Path(spec.output))}", CONSOLE_WIDTH, subsequent_indent="  ",
-                      break_on_hyphens=False, break_long_words=False))
-    for note in plan.notes:  # wrapped at the console's width, continuation lines indented under the note
-        say(textwrap.fill(note, CONSOLE_WIDTH, initial_indent="  note: ", subsequent_indent=" " * 8,
-                          break_on_hyphens=False, break_long_words=False))
+    say(wrap(f"plan: {len(plan.cells)} cells ({len(spec.tasks)} task{'s' * (len(spec.tasks) > 1)} x {len(methods)} "
+             f"methods x their budgets) on {_rel(Path(spec.model))} ({plan.family.name}, {tokens}) -> "
+             f"{_rel(Path(spec.output))}", rest="  "))
+    for note in plan.notes:  # continuation lines indented under the note
+        say(wrap(note, first="  note: ", rest=" " * 8))
     if args.dry_run:
         costs = plan_costs(plan, spec, DRY_RUN_TEXT_TOKENS)
         print(plan_table(costs))
         total = [c["gflops_per_sample"] * c["samples"] for c in costs if c["gflops_per_sample"] and c["samples"]]
-        print(textwrap.fill(f"estimated prefill cost: {sum(total) / 1e3:.4g} TFLOPs in all (FLOPs counter, assuming "
-                            f"{DRY_RUN_TEXT_TOKENS} text tokens per prompt; decoding adds a few percent for short "
-                            "answers)", CONSOLE_WIDTH))
+        print(wrap(f"estimated prefill cost: {sum(total) / 1e3:.4g} TFLOPs in all (FLOPs counter, assuming "
+                   f"{DRY_RUN_TEXT_TOKENS} text tokens per prompt; decoding adds a few percent for short answers)"))
         return 0
     import torch
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
-from functools import partial
 
 from tabulate import tabulate
 
@@ -34,7 +32,7 @@ from flops.roofline import PROFILES, device_profile, predict
 from flops.shapes import load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import check_arguments, create_reducer, expand_methods, get_reducer_class, method_budgets
 from methods.base import AUTO
-from methods.cli import OneLineParser, budget_count, parse_budget, parse_method_arg
+from methods.cli import OneLineParser, budget_count, parse_budget, parse_method_arg, wrap
 from methods.llava import check_reducer
 from methods.qwen import check_reducer as check_qwen_reducer
 from methods.trace import LlavaLayout, QwenLayout
@@ -47,7 +45,6 @@ TABLE = {
     "llm_prefill_tflops": "LLM TFLOPs", "prefill_tflops": "prefill TFLOPs", "total_tflops": "total TFLOPs",
     "llm_prefill_ratio": "LLM/full", "prefill_ratio": "prefill/full"}
 ROOFLINE = {"roofline_prefill_ms": "prefill ms", "roofline_decode_ms_per_token": "decode ms"}  # replace the last 3
-WIDTH = 120
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,14 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     grid = rows[0].get("image_grid_thw") if rows else None
     image = ("the image" if grid is None
              else f"an image of {grid[1]} x {grid[2]} patches ({rows[0]['image_tokens']} tokens)")
-    say = partial(textwrap.fill, width=WIDTH, break_on_hyphens=False, break_long_words=False)
-    print(say(f"{args.model_config}: {args.text_tokens} text tokens + {image}, {args.generated_tokens} generated; "
+    print(wrap(f"{args.model_config}: {args.text_tokens} text tokens + {image}, {args.generated_tokens} generated; "
               "1 MAC = 1 multiply-add, FLOPs = 2 x MACs; prefill = vision + reducer + projector + LLM + lm_head (last "
               "position); ratios are to full"))
     table = TABLE
     if args.device_profile:
         table = {**dict(list(TABLE.items())[:-3]), **ROOFLINE}
-        print(say(f"roofline on {rows[0]['roofline_device']}, batch {args.batch_size}, {rows[0]['roofline_dtype']}: "
+        print(wrap(f"roofline on {rows[0]['roofline_device']}, batch {args.batch_size}, {rows[0]['roofline_dtype']}: "
                   "milliseconds per batch (prefill) and per decoding step"))
     formats = ["g" if c in ("budget", "visual_tokens") else ".1f" if c.endswith("_mean") else ".4f" for c in table]
     print(tabulate([[r[c] for c in table] for r in rows], headers=list(table.values()), floatfmt=formats))

@@ -7,10 +7,19 @@ import argparse
 import ast
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 AUTO = "auto"  # as methods.base.AUTO, without importing torch
 MODEL_TYPES = {"llava": "LLaVA-1.5", "qwen2_5_vl": "Qwen2.5-VL"}  # config model_type -> family (methods.families)
+CONSOLE_WIDTH = 120  # columns the command-line tools' messages and tables fit
+
+
+def wrap(text: str, first: str = "", rest: str = "") -> str:
+    """`text` wrapped at `CONSOLE_WIDTH`, its first line after `first` and the others after `rest`; words (paths,
+    `--flags`) are never split."""
+    return textwrap.fill(text, CONSOLE_WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                         break_long_words=False)
 
 
 def known_families() -> str:

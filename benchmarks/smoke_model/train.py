@@ -320,10 +320,10 @@ def work_folder(parser: argparse.ArgumentParser, work: Path | None, out: Path | 
     return work
 
 
-def until_interrupted(work: Path | None, run) -> None:
-    """Call `run()`; on Ctrl-C say in one line what was kept and exit 130 (no traceback)."""
+def until_interrupted(work: Path | None, run):
+    """`run()`'s result; on Ctrl-C say in one line what was kept and exit 130 (no traceback)."""
     try:
-        run()
+        return run()
     except KeyboardInterrupt:
         kept = (f"the finished stages and the last snapshot are in {work}; rerun the same command to resume"
                 if work is not None else "nothing was kept (no --out or --work): give --work DIR to resume later")

@@ -427,8 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     cfg = QwenTrainConfig.tiny() if args.tiny else QwenTrainConfig()
     command = "python -m benchmarks.smoke_model.train_qwen " + " ".join(sys.argv[1:])
-    res = {}
-    until_interrupted(work, lambda: res.update(train(cfg, args.out, command=command, work_dir=work)))
+    res = until_interrupted(work, lambda: train(cfg, args.out, command=command, work_dir=work))
     print(json.dumps({"results": res["results"], "timing": res["timing"], "config": asdict(cfg)}, indent=2,
                      default=str))
 

@@ -186,16 +186,11 @@ def make_plan(spec: RunSpec) -> Plan:
     else:  # images differ in size: checked on the reference image (exactly, for the synthetic tasks), and per batch
         check = partial(family.check_reducer, image_tokens=int(layout.tokens(torch.tensor(grid))))
 
-    def refuse_off_family(method: str) -> None:
-        """The family's one-line refusal of a method it does not run (it reads only the class)."""
-        if family.methods is not None and method not in family.methods:
-            check(get_reducer_class(method), layout)
-
     kept, reducers = [], []
     skipped: dict[tuple[str, str], list] = {}  # (method, reason) -> the budgets it was skipped at
     for cell in cells:
         try:
-            refuse_off_family(cell.method)
+            family.refuse(cell.method)
             reducer = make_reducer(cell, spec, tokens)
             check(reducer, layout)
             if "relevant" in reducer.needs and cell.task not in RELEVANT_PATCH_TASKS:
@@ -213,7 +208,7 @@ def make_plan(spec: RunSpec) -> Plan:
         for m in list_reducers():
             if get_reducer_class(m).needs_checkpoint and m not in spec.methods:
                 try:
-                    refuse_off_family(m)
+                    family.refuse(m)
                     why = (f"no trained controller in {spec.model}/controllers/{m}; train one with `python -m "
                            f"benchmarks.train_adaptive --model {spec.model} --method {m}`")
                 except (ValueError, NotImplementedError) as e:

@@ -33,9 +33,7 @@ from flops.shapes import load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import check_arguments, create_reducer, expand_methods, get_reducer_class, method_budgets
 from methods.base import AUTO
 from methods.cli import OneLineParser, budget_count, parse_budget, parse_method_arg, wrap
-from methods.llava import check_reducer
-from methods.qwen import check_reducer as check_qwen_reducer
-from methods.trace import LlavaLayout, QwenLayout
+from methods.families import family_of
 
 QWEN_DEFAULT_SIZE = (448, 448)
 
@@ -125,10 +123,8 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
             raise ValueError(f"{method}: an 'auto' budget depends on the image; give numbers of visual tokens")
         budget = budget_count(label, n) if cls.uses_budget and cls.budget_label(kw) is None else None  # of this image
         reducer = stand_in_reducer(method, budget, config, **kw)
-        if grid is None:  # as run_bench.py checks it: layer in range, ...
-            check_reducer(reducer, LlavaLayout.from_config(config))
-        else:
-            check_qwen_reducer(reducer, QwenLayout.from_config(config), n)
+        family = family_of(config)  # as run_bench.py checks it: signals provided, layer in range, ...
+        family.check_reducer(reducer, family.layout(config), **({} if grid is None else {"image_tokens": n}))
         rec = shape_record(config, reducer, args.text_tokens, args.generated_tokens, image_grid=grid)
         macs = count(rec, shape)
         visual = [c - args.text_tokens for c in rec["llm_tokens_per_layer"]]  # entering each LLM layer

@@ -5,7 +5,8 @@
 LLaVA or Qwen2.5-VL config (LLaVA-1.5-7B/13B, Qwen2.5-VL-7B included; a Qwen2.5-VL image at a given grid) in
 milliseconds. The reducer itself runs once on random tokens of the
 right shapes (a few small matmuls, no model) so that its own MACs come from the same code as in real runs; the
-signals the adapter would compute for it use the adapter's own formulas.
+signals the adapter would compute for it are the stand-ins and MACs of `methods/signals.py`, the table the adapters
+read.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import torch
 from transformers import LlavaConfig, Qwen2_5_VLConfig
 
 from methods import create_reducer, get_reducer_class
-from methods.base import Site, TextTokens, TokenReducer, Tokens
+from methods.base import Site, TokenReducer, Tokens
 from methods.cli import budget_count, first_line
 from methods.families import family_of
-from methods.trace import LlavaLayout, QwenLayout, cls_signal_macs, feature_row_macs, next_query_macs, query_row_macs
-
-ROW_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms"})  # (B, N) rows at the LLM site
+from methods.signals import Dims, signal_macs, stand_ins
+from methods.trace import LlavaLayout, QwenLayout
 
 CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b
 
@@ -135,7 +135,7 @@ def _count(red) -> int:
     return red.x.size(1) if red.valid is None else int(red.valid.sum())
 
 
-def _own(red) -> int:
+def _reducer_macs(red) -> int:
     return 0 if red.macs is None else int(red.macs[0])
 
 
@@ -158,33 +158,23 @@ def _llava_image(config, reducer: TokenReducer, g: torch.Generator) -> _Image:
                              sample_key=torch.zeros(1, dtype=torch.long)))
         visual = red.x.size(1)
         vision = [1 + n] * reducer.layer + [1 + visual] * (lay.vision_layers_run - reducer.layer)
-        own += _own(red)
+        own += _reducer_macs(red)
     elif reducer.site is Site.FEATURES:
-        attn = torch.rand(1, n, generator=g).softmax(-1)
-        sig = {}
-        if {"cls_attn", "keys"} & reducer.needs:
-            sig = {"cls_attn": attn, "keys": torch.randn(1, n, vc.hidden_size, generator=g)}
-            own += cls_signal_macs(1 + n, vc.hidden_size)
-        if "feature_attn" in reducer.needs:
-            sig["feature_attn"] = attn
-            own += feature_row_macs(1 + n + e, vc.hidden_size)
-        if "feature_keys" in reducer.needs:
-            sig["feature_keys"] = torch.randn(1, n, vc.hidden_size // vc.num_attention_heads, generator=g)
-        if "feature_cls" in reducer.needs:
-            sig["feature_cls"] = torch.randn(1, dv, generator=g)
-        if "relevant" in reducer.needs:  # read from the task's records: its count does not change the cost
-            sig["relevant"] = torch.rand(1, n, generator=g) < 0.1
+        d = Dims(tokens=n, width=vc.hidden_size, seq=1 + n + e, extra=e, feature_width=dv,
+                 head_dim=vc.hidden_size // vc.num_attention_heads)
+        sig = stand_ins(reducer.needs, d, g)
+        own += signal_macs(reducer.needs, d)
         extra_out = None if extra is None else torch.randn(1, e, vc.hidden_size, generator=g)
         red = reducer(Tokens(x=torch.randn(1, n, dv, generator=g), grid=lay.grid, extra=extra_out,
                              sample_key=torch.zeros(1, dtype=torch.long), **sig))
         visual = _count(red)
-        own += _own(red)
+        own += _reducer_macs(red)
     projector = visual
     if reducer.site is Site.EMBEDDINGS:
         red = reducer(Tokens(x=torch.randn(1, n, tc.hidden_size, generator=g), grid=lay.grid,
                              sample_key=torch.zeros(1, dtype=torch.long)))
         visual = _count(red)
-        own += _own(red)
+        own += _reducer_macs(red)
     return _Image(vision=vision, projector=projector, visual=visual, num_patches=n, grid=lay.grid, macs=own)
 
 
@@ -202,7 +192,7 @@ def _qwen_image(config, reducer: TokenReducer, image_grid: tuple[int, int, int],
     if reducer.site in (Site.FEATURES, Site.EMBEDDINGS):
         red = reducer(Tokens(x=torch.randn(1, n, lay.width, generator=g), grid=(1, n), budget=_budgets(reducer, n),
                              sample_key=torch.zeros(1, dtype=torch.long)))
-        visual, own = _count(red), _own(red)
+        visual, own = _count(red), _reducer_macs(red)
     return _Image(vision=[patches] * lay.vision_layers, projector=patches, visual=visual, num_patches=n, grid=(1, n),
                   macs=own, image_tokens=torch.tensor([n]), extra={"image_grid_thw": [t, h, w]})
 
@@ -245,37 +235,14 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         kv_width = getattr(tc, "num_key_value_heads", None) or heads
         kept = image.visual
         for stage, layer in enumerate(reducer.llm_layers(layers, n)):
-            sig = {name: torch.rand(1, kept, generator=g) for name in sorted(reducer.needs & ROW_SIGNALS)}
-            if "normed" in reducer.needs:
-                sig["normed"] = torch.randn(1, kept, tc.hidden_size, generator=g)
             m = max(1, text_tokens // 2) if text_after is None else text_after  # the text tokens after the image
-            text = {}
-            if "text" in reducer.needs:
-                text.update(normed=torch.randn(1, m, tc.hidden_size, generator=g),
-                            key_norms=torch.rand(1, m, generator=g))
-            if "text_attn" in reducer.needs:
-                text["attn"] = torch.rand(1, m, kept, generator=g)
-            if "embeds" in reducer.needs:
-                text["embeds"] = torch.randn(1, m, tc.hidden_size, generator=g)
-                sig["embeds"] = torch.randn(1, n, tc.hidden_size, generator=g)
-            if "prompt_index" in reducer.needs:  # the image after a stand-in system prompt of 35, the text after it
-                sig["prompt_index"] = 35 + torch.arange(kept).unsqueeze(0)
-                if "text" in reducer.needs:
-                    text["prompt_index"] = 35 + kept + torch.arange(m).unsqueeze(0)
-            if text or "text" in reducer.needs:
-                sig["text"] = TextTokens(valid=torch.ones(1, m, dtype=torch.bool), **text)
+            d = Dims(tokens=kept, width=tc.hidden_size, seq=llm[layer], q_width=heads * head_dim,
+                     kv_width=kv_width * head_dim, text=m, image=n)
             red = reducer(Tokens(x=torch.randn(1, kept, tc.hidden_size, generator=g), grid=image.grid,
                                  budget=_budgets(reducer, n), sample_key=torch.zeros(1, dtype=torch.long),
-                                 stage=stage, depth=layers,
-                                 image_tokens=image.image_tokens, **sig))
-            seq = llm[layer]
-            if "query_attn" in sig:
-                own += query_row_macs(seq, tc.hidden_size, heads * head_dim)
-            if "text_attn" in reducer.needs:
-                own += m * query_row_macs(seq, tc.hidden_size, heads * head_dim)
-            if "query_attn_next" in sig:
-                own += next_query_macs(seq, tc.hidden_size, heads * head_dim, kv_width * head_dim)
-            own += _own(red)
+                                 stage=stage, depth=layers, image_tokens=image.image_tokens,
+                                 **stand_ins(reducer.needs, d, g)))
+            own += signal_macs(reducer.needs, d) + _reducer_macs(red)
             kept = red.x.size(1)
             llm[layer:] = [text_tokens + kept] * (layers - layer)
     return {

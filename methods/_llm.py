@@ -15,33 +15,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 
 from methods._ops import additive_mask, gather_tokens, pack_true, running_index
-from methods.base import Reduced, Site, TextTokens, TokenReducer, Tokens
-from methods.trace import Generation, Timing, TokenTrace, next_query_macs, query_row_macs
-
-LLM_SIGNALS = frozenset({"query_attn", "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds",
-                         "prompt_index"})
-BELOW_SIGNALS = frozenset({"query_attn", "key_norms", "text", "text_attn"})  # read from layer `layer - 1`: layer >= 1
-
-
-def check_llm_reducer(r: TokenReducer, n_layers: int, num_patches: int) -> None:
-    """Raise (saying what to do) unless LLM-site reducer `r` can run on an `n_layers`-layer language model whose
-    images carry `num_patches` visual tokens: its layers increasing and in range, its signals provided here."""
-    low = 1 if BELOW_SIGNALS & r.needs else 0
-    layers = r.llm_layers(n_layers, num_patches)
-    if not layers or list(layers) != sorted(set(layers)) or not low <= layers[0] <= layers[-1] < n_layers:
-        where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {list(layers)} (increasing)"
-        raise ValueError(
-            f"{r.name}: LLM {where} must be in [{low}, {n_layers - 1}] for this {n_layers}-layer language model; "
-            f"set {r.name}.layer{'s' * (len(layers) > 1)}"
-        )
-    if set(r.needs) - LLM_SIGNALS:
-        raise NotImplementedError(f"{r.name}: only {', '.join(sorted(LLM_SIGNALS))} are provided at the LLM site")
+from methods.base import Reduced, Site, Tokens
+from methods.signals import Dims, signal_macs, tokens_fields
+from methods.trace import Generation, Timing, TokenTrace
 
 
 @dataclass
@@ -186,6 +169,98 @@ class ImageSide:
     image_grid: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Stage:
+    """What the LLM side holds before decoder layer `j` when a reducer runs there: what the signal providers
+    (`LLM_PROVIDERS`) read. Pieces several providers share are computed once, on first use."""
+
+    side: LLMSide
+    seq: Seq  # the sequence entering layer j
+    spliced: Seq  # the sequence as spliced, before any LLM-site reduction
+    h_prev: Tensor  # (B, T', D) the input of layer j - 1, over the same tokens as `seq`
+    j: int
+    cache: DynamicCache  # the layers below j have run
+    cos_sin: tuple[Tensor, Tensor]  # each (B, T', hd) at `seq`'s positions
+
+    @cached_property
+    def image(self) -> tuple[Tensor, Tensor]:
+        """(B, N) sequence positions of the visual tokens, in order, and their valid mask."""
+        return pack_true(self.seq.visual & self.seq.real)
+
+    @cached_property
+    def text(self) -> tuple[Tensor, Tensor]:
+        """(B, M) sequence positions of the real tokens after each sample's last visual token, and their valid mask."""
+        return self.side._text_after_image(self.seq)
+
+    @cached_property
+    def key_norms(self) -> Tensor:
+        """(B, T') L1 norm of every token's key at layer j - 1 (after RoPE, key/value heads concatenated)."""
+        return self.cache.layers[self.j - 1].keys.abs().sum((1, 3)).float()  # keys (B, Hkv, T', hd)
+
+    @cached_property
+    def normed(self) -> Tensor:
+        """(B, T', D) every token's hidden state entering layer j, through the LLM's final norm."""
+        return self.side.model.model.language_model.norm(self.seq.x)
+
+    def at_image(self, row: Tensor) -> Tensor:
+        """A row over the sequence, (B, T') or (B, T', D), at the image tokens: (B, N) (0 on padding) or (B, N, D)."""
+        vidx, vvalid = self.image
+        return gather_tokens(row, vidx) if row.dim() == 3 else row.gather(1, vidx).masked_fill(~vvalid, 0)
+
+    def attention(self, layer: int, rows: Tensor, cached: bool) -> Tensor:
+        """(B, R, T') head-averaged attention of the tokens at sequence positions `rows` (B, R) at decoder `layer`:
+        j - 1 from its cached keys (`cached`), or j from its own k projection before it runs."""
+        h_in = self.h_prev if cached else self.seq.x
+        keys = self.cache.layers[layer].keys if cached else None
+        return self.side._query_attention(layer, h_in, self.seq.real, self.cos_sin, rows, keys)
+
+    def dims(self, text: bool) -> Dims:
+        """The sizes the signals' MACs read (`text`: count the text tokens after the image)."""
+        att = self.side.model.model.language_model.layers[self.j].self_attn
+        return Dims(batch=self.seq.x.size(0), tokens=self.image[0].size(1), width=self.seq.x.size(-1),
+                    seq=self.seq.real.sum(1), q_width=att.q_proj.out_features, kv_width=att.k_proj.out_features,
+                    text=self.text[1].sum(1) if text else 0)
+
+
+def _last(st: Stage) -> Tensor:
+    """(B, 1) the last position of the sequence: the prompt's last token (left padding)."""
+    return st.seq.real.new_full((st.seq.x.size(0), 1), st.seq.x.size(1) - 1, dtype=torch.long)
+
+
+def _text_attn(st: Stage) -> dict[str, Tensor]:
+    """Every text token's row at layer j - 1 (SparseVLM's raters choose among them), at the image tokens' columns."""
+    attn = st.attention(st.j - 1, st.text[0], cached=True)  # (B, M, T')
+    vidx, vvalid = st.image
+    cols = vidx.unsqueeze(1).expand(-1, attn.size(1), -1)
+    return {"text.attn": attn.gather(2, cols).masked_fill(~vvalid.unsqueeze(1), 0.0)}  # (B, M, N)
+
+
+def _embeds(st: Stage) -> dict[str, Tensor]:
+    """The LLM input embeddings of the image's tokens and of the text after it, as spliced (nothing removed)."""
+    image, text = st.side._input_embeds(st.spliced)
+    return {"embeds": image, "text.embeds": text}
+
+
+def _prompt_index(st: Stage) -> dict[str, Tensor]:
+    """Each token's index in its sample's unpadded sequence as it stands, at the image and the text tokens."""
+    index = running_index(st.seq.real)  # (B, T')
+    return {"prompt_index": st.at_image(index), "text.prompt_index": index.gather(1, st.text[0])}
+
+
+# signal name (methods/signals.py) -> its `Tokens` fields, computed from the prefill's state at a reducing layer
+LLM_PROVIDERS: dict[str, Callable[[Stage], dict[str, Tensor]]] = {
+    "query_attn": lambda st: {"query_attn": st.at_image(st.attention(st.j - 1, _last(st), cached=True)[:, 0])},
+    "query_attn_next": lambda st: {"query_attn_next": st.at_image(st.attention(st.j, _last(st), cached=False)[:, 0])},
+    "key_norms": lambda st: {"key_norms": st.at_image(st.key_norms)},
+    "normed": lambda st: {"normed": st.at_image(st.normed)},
+    "text": lambda st: {"text.normed": gather_tokens(st.normed, st.text[0]),
+                        "text.key_norms": st.key_norms.gather(1, st.text[0])},
+    "text_attn": _text_attn,
+    "embeds": _embeds,
+    "prompt_index": _prompt_index,
+}
+
+
 class LLMSide:
     """The LLM-side prefill and decoding of an adapter. The adapter sets `model` (a model with
     `model.language_model` and `lm_head`) and `reducer`, and defines `_rotary` and `_rotary_axes`."""
@@ -254,46 +329,19 @@ class LLMSide:
         mask = additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
         h_prev = seq.x
         stages = r.llm_layers(len(lm.layers), image.num_patches) if r.site is Site.LLM else ()
-        embeds = self._input_embeds(seq) if "embeds" in r.needs else None  # the image's and the text's, kept
+        spliced = replace(seq)  # the sequence as spliced (below, `seq.x` is overwritten layer by layer)
         for j, layer in enumerate(lm.layers):
             if j in stages:
                 t0 = self._clock()  # the reducer's time includes the signals computed for it
-                rows = {}  # signal name -> (B, T') row over the current sequence
-                last = seq.real.new_full((seq.x.size(0), 1), seq.x.size(1) - 1, dtype=torch.long)  # (B, 1)
-                if "query_attn" in r.needs:
-                    rows["query_attn"] = self._query_attention(j - 1, h_prev, seq.real, cos_sin, last,
-                                                               cache.layers[j - 1].keys)[:, 0]
-                    log.macs = log.macs + query_row_macs(seq.real.sum(1), seq.x.size(-1),
-                                                         lm.layers[j - 1].self_attn.q_proj.out_features)
-                if "query_attn_next" in r.needs:
-                    rows["query_attn_next"] = self._query_attention(j, seq.x, seq.real, cos_sin, last)[:, 0]
-                    att = layer.self_attn
-                    log.macs = log.macs + next_query_macs(seq.real.sum(1), seq.x.size(-1), att.q_proj.out_features,
-                                                          att.k_proj.out_features)
-                text = {}
-                if {"text", "text_attn"} & r.needs or embeds is not None:
-                    text_idx, text_valid = self._text_after_image(seq)  # (B, M)
-                if {"key_norms", "normed", "text"} & r.needs:  # DART's: norms only, no matmul-like work
-                    keys = cache.layers[j - 1].keys  # (B, Hkv, T', hd) layer j-1's keys, after RoPE
-                    l1, normed = keys.abs().sum((1, 3)).float(), lm.norm(seq.x)  # (B, T'), (B, T', D)
-                    rows.update({"key_norms": l1, "normed": normed})
-                    if "text" in r.needs:
-                        text.update(normed=gather_tokens(normed, text_idx), key_norms=l1.gather(1, text_idx))
-                if "text_attn" in r.needs:  # (B, M, T') every text token's row: SparseVLM's raters choose among them
-                    text["attn"] = self._query_attention(j - 1, h_prev, seq.real, cos_sin, text_idx,
-                                                         cache.layers[j - 1].keys)
-                    log.macs = log.macs + text_valid.sum(1) * query_row_macs(
-                        seq.real.sum(1), seq.x.size(-1), lm.layers[j - 1].self_attn.q_proj.out_features)
-                if embeds is not None:
-                    text["embeds"], rows["embeds"] = embeds[1], embeds[0]
-                if "prompt_index" in r.needs:  # (B, T') each token's index in the unpadded sequence as it stands
-                    rows["prompt_index"] = running_index(seq.real)
-                    if "text" in r.needs:
-                        text["prompt_index"] = rows["prompt_index"].gather(1, text_idx)
-                if text or "text" in r.needs:
-                    rows["text"] = TextTokens(valid=text_valid, **text)
-                seq, red, done = self._reduce_in_llm(seq, rows, stages.index(j), budgets, key, image)
-                log.add(red, done - t0)
+                st = Stage(self, seq, spliced, h_prev, j, cache, cos_sin)
+                fields = {}
+                for name in sorted(r.needs):
+                    fields.update(LLM_PROVIDERS[name](st))  # each a `Tokens` field at the image tokens
+                text = any(k.startswith("text.") for k in fields)
+                log.macs = log.macs + signal_macs(r.needs, st.dims(text))
+                sig = tokens_fields(fields, st.text[1] if text else None)
+                seq, red, t_end = self._reduce_in_llm(st, sig, stages.index(j), budgets, key, image)
+                log.add(red, t_end - t0)
                 key_masks.append(seq.real)
                 cos_sin = self._rotary(seq.x, seq.pos)
                 mask = additive_mask(seq.real, seq.x.size(1), seq.x.dtype)
@@ -328,29 +376,18 @@ class LLMSide:
                            logits=logits[:, -1], trace=trace, tail_logits=logits if tail > 1 else None, aux=log.aux,
                            reducer_s=log.seconds)
 
-    def _reduce_in_llm(self, seq: Seq, rows: dict, stage: int, budgets: Tensor | None, key: Tensor,
+    def _reduce_in_llm(self, st: Stage, sig: dict, stage: int, budgets: Tensor | None, key: Tensor,
                        image: ImageSide) -> tuple[Seq, Reduced, float]:
-        """Remove the non-kept image tokens from `seq` before a decoder layer (LLM site; call `stage` of the
-        reducer's `llm_layers`); return the shorter sequence, what the reducer returned and the `_clock()` reading
-        when it returned (for the caller's log).
-
-        `rows` holds the signals the reducer needs, each (B, T') or (B, T', D) over the sequence, "embeds" as the
-        reducer takes it, and "text" the text tokens after the image (`TextTokens`) when it needs them.
-        """
-        r = self.reducer
-        text = rows.get("text")
-        vidx, vvalid = pack_true(seq.visual & seq.real)  # (B, N) positions of the visual tokens, in order
-        sig = {name: gather_tokens(row, vidx) if row.dim() == 3 else row.gather(1, vidx).masked_fill(~vvalid, 0.0)
-               for name, row in rows.items() if name in r.needs and name not in ("embeds", "text")}  # (B, N[, D])
-        if text is not None and text.attn is not None:  # (B, M, T') -> (B, M, N): the image tokens' columns
-            cols = vidx.unsqueeze(1).expand(-1, text.attn.size(1), -1)
-            text = replace(text, attn=text.attn.gather(2, cols).masked_fill(~vvalid.unsqueeze(1), 0.0))
+        """Remove the non-kept image tokens from the sequence `st.seq` before a decoder layer (LLM site; call `stage`
+        of the reducer's `llm_layers`); return the shorter sequence, what the reducer returned and the `_clock()`
+        reading when it returned (for the caller's log). `sig` holds the `Tokens` fields of the signals it needs."""
+        r, seq = self.reducer, st.seq
+        vidx, vvalid = st.image  # (B, N) positions of the visual tokens, in order
         tokens = Tokens(x=gather_tokens(seq.x, vidx), grid=image.grid,
                         valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key, stage=stage,
-                        depth=len(self.model.model.language_model.layers), text=text, embeds=rows.get("embeds"),
-                        image_tokens=image.image_tokens, **sig)
+                        depth=len(self.model.model.language_model.layers), image_tokens=image.image_tokens, **sig)
         red = r(tokens)
-        done = self._clock()
+        t_end = self._clock()
         merged = red.keep < 0 if red.keep is not None else None  # (B, K) tokens standing in a removed one's place
         if red.keep is None or (bool(merged.any()) and red.anchor is None):
             raise ValueError(f"{r.name} acts inside the LLM and must return a subset of the image tokens (keep >= 0), "
@@ -363,7 +400,7 @@ class LLMSide:
             raise ValueError(f"{r.name} returned two tokens for one place (a merged token's anchor must be a removed "
                              "token, each used once)")
         # a reducer may update the values of the tokens it keeps; a merged token overwrites its anchor
-        return seq.keep_visual(vidx.gather(1, at), kvalid, red.x, merged, self._renumbers()), red, done
+        return seq.keep_visual(vidx.gather(1, at), kvalid, red.x, merged, self._renumbers()), red, t_end
 
     def _query_attention(self, layer_idx: int, h_in: Tensor, real: Tensor, cos_sin, rows: Tensor,
                          keys: Tensor | None = None) -> Tensor:

@@ -43,6 +43,12 @@ def register_reducer(name: str) -> Callable[[type[TokenReducer]], type[TokenRedu
             raise ValueError(f"reducer {name!r} is already registered by {_REDUCERS[name].__module__}")
         if not name.isidentifier() or name != name.lower():
             raise ValueError(f"reducer names are lower_snake identifiers, got {name!r}")
+        from methods.signals import SIGNALS  # noqa: PLC0415 - torch, which a method's module has imported already
+
+        unknown = sorted(set(cls.needs) - set(SIGNALS))
+        if unknown:
+            raise ValueError(f"{name} asks for unknown signals {unknown}; known: {', '.join(SIGNALS)} "
+                             "(a new signal is an entry in methods/signals.py and a provider in each adapter)")
         cls.name = name
         _REDUCERS[name] = cls
         return cls

@@ -2,8 +2,10 @@
 
 A reducer is a pure torch module. It receives the visual tokens at its site plus the signals it asked for
 (`needs`) and returns at most `budget` tokens. It never imports transformers, never holds a reference to the
-model and never installs hooks: `methods/llava.py` (the adapter) is the only code that knows where layers live,
-where the image span sits in the prompt and how positions, masks and the KV cache follow a reduction.
+model and never installs hooks: the adapters (`methods/llava.py`, `methods/qwen.py` and the LLM side they share,
+`methods/_llm.py`) are the only code that knows where layers live, where the image span sits in the prompt and how
+positions, masks and the KV cache follow a reduction. The signals a reducer may ask for are declared in
+`methods/signals.py`.
 
 Shape vocabulary used in every method file: B batch, N visual tokens in, K kept, D width, T prompt tokens,
 L layers, H heads.
@@ -27,9 +29,6 @@ class Site(enum.Enum):
     LLM = "llm"  # before LLM decoder layer `layer`, during prefill only; layers below keep every token
 
 
-SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "query_attn",
-                     "query_attn_next", "key_norms", "normed", "text", "text_attn", "embeds", "relevant",
-                     "prompt_index"})
 AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
 
 
@@ -168,7 +167,7 @@ class TokenReducer(nn.Module):
 
     name: ClassVar[str] = ""  # set by @register_reducer
     site: ClassVar[Site] = Site.FEATURES
-    needs: ClassVar[frozenset[str]] = frozenset()  # subset of SIGNALS
+    needs: ClassVar[frozenset[str]] = frozenset()  # signal names, each an entry of `methods.signals.SIGNALS`
     uses_budget: ClassVar[bool] = True  # False for methods (like `full`) that run once whatever the budgets
     supports_auto: ClassVar[bool] = False  # True when the method can choose its own count (budget "auto")
     needs_checkpoint: ClassVar[bool] = False  # True for learned methods: a `checkpoint` argument, found by default in
@@ -188,10 +187,6 @@ class TokenReducer(nn.Module):
 
     def __init__(self, budget: int | float | str | None, layer: int | None = None) -> None:
         super().__init__()
-        unknown = set(self.needs) - SIGNALS
-        if unknown:
-            raise ValueError(f"{type(self).__name__} asks for unknown signals {sorted(unknown)}; "
-                             f"known: {sorted(SIGNALS)}")
         self.auto = budget == AUTO
         if self.auto and not self.supports_auto:
             raise ValueError(f"{type(self).__name__} has no {AUTO!r} budget; give a number of visual tokens")

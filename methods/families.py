@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from methods import llava, qwen
+from methods import llava, qwen, signals
+from methods._registry import get_reducer_class
 from methods.adaptive import ControllerConfig
 from methods.base import TokenReducer
 from methods.cli import MODEL_TYPES, known_families
@@ -36,7 +37,8 @@ class Family:
         inputs: the processor outputs the adapter's `generate` takes, in order.
         fixed_tokens: whether every image has the same number of visual tokens (the layout's `num_patches`); when
             not, budgets are per image (a count is an upper bound, a fraction is each image's share).
-        methods: the registered methods that run on it (None: all).
+
+    Which methods it runs follows from what its adapter provides (`runner.provides`, `methods/signals.py`).
     """
 
     name: str
@@ -48,7 +50,14 @@ class Family:
     check_reducer: Callable[[TokenReducer, object], None]
     inputs: tuple[str, ...]
     fixed_tokens: bool
-    methods: tuple[str, ...] | None = None
+
+    def runs(self, method: str) -> bool:
+        """Whether this family runs the registered `method` (at some budget and layers)."""
+        return signals.runs(get_reducer_class(method), self.runner.provides)
+
+    def refuse(self, method: str) -> None:
+        """Raise NotImplementedError, in one line that says why, unless this family runs the registered `method`."""
+        signals.refuse(get_reducer_class(method), self.runner.provides)
 
     def controller_config(self, layout, method: str, **kwargs) -> ControllerConfig:
         """The shape of a learned controller for a model of `layout`: tokens of the features site's width, a fixed
@@ -62,8 +71,7 @@ LLAVA = Family(name="LLaVA-1.5", model_type="llava", layout=LlavaLayout.from_con
                inputs=("input_ids", "attention_mask", "pixel_values"), fixed_tokens=True)
 QWEN = Family(name="Qwen2.5-VL", model_type="qwen2_5_vl", layout=QwenLayout.from_config, load=qwen.load_qwen,
               prompt=qwen.qwen_prompt, runner=qwen.ReducedQwen, check_reducer=qwen.check_reducer,
-              inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False,
-              methods=qwen.QWEN_METHODS)
+              inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False)
 FAMILIES = {f.model_type: f for f in (LLAVA, QWEN)}
 assert {k: f.name for k, f in FAMILIES.items()} == MODEL_TYPES  # the torch-free copy the command lines read
 

@@ -1,9 +1,11 @@
 """ReducedLlava: run a Hugging Face LLaVA (llava-hf / LLaVA-1.5 format) with a token reducer at its site.
 
 The forward pass is written out over the model's own submodules (nanoGPT style) instead of patching transformers:
-no class attribute is assigned, no hook is installed, so the model is exactly as it was after use. This module is
-the only place that knows where layers live, where the image span sits in the prompt, and how positions, masks
-and the KV cache follow a reduction.
+no class attribute is assigned, no hook is installed, so the model is exactly as it was after use. This module and
+`methods/_llm.py` (the LLM side it shares with `methods/qwen.py`) are the only code that knows where LLaVA's layers
+live, where the image span sits in the prompt, and how positions, masks and the KV cache follow a reduction; the
+signals it computes for reducers are declared in `methods/signals.py` and computed here by `FEATURE_PROVIDERS` and
+by `_llm.py`'s `LLM_PROVIDERS`.
 
 Prefill of a left-padded batch, one image per prompt:
 
@@ -36,8 +38,11 @@ vision side, the splice and every piece of LLaVA knowledge.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -45,20 +50,16 @@ from transformers import LlavaForConditionalGeneration
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import eager_attention_forward
 
-from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
+from methods import signals
+from methods._llm import LLM_PROVIDERS, DecodeState, ImageSide, LLMSide, ReducerLog, Seq
 from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Reduced, Site, TokenReducer, Tokens
 from methods.cli import budget_count
 from methods.loading import load_pretrained
-from methods.trace import (
-    Generation,
-    LlavaLayout,
-    cls_signal_macs,
-    feature_row_macs,
-)
+from methods.signals import Dims, Provides, signal_macs
+from methods.trace import Generation, LlavaLayout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-FEATURE_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls", "relevant"})
 
 
 def llava_prompt(processor, text: str) -> str:
@@ -119,6 +120,43 @@ class _Features:
         return self.valid.sum(1) if self.valid is not None else torch.full_like(self.src[:, 0], self.x.size(1))
 
 
+@dataclass(frozen=True)
+class _VisionStage:
+    """What the vision side holds when a features-site reducer runs: what `FEATURE_PROVIDERS` read."""
+
+    side: ReducedLlava
+    h: Tensor  # (B, S, Dv) the output of the last encoder layer run: CLS, the patches, then E extras
+    attn_mask: Tensor | None  # (B, 1, 1, S) additive, when the patches were reduced unevenly
+    qk: tuple[Tensor, Tensor, float] | None  # the feature layer's own queries, keys and scale (`KEEPS_QK`)
+    hidden: dict[int, Tensor]  # vision hidden states by index (0: the embeddings after the pre-LayerNorm)
+    n: int  # N, the patches handed to the reducer
+    e: int  # E
+    relevant: Tensor | None  # (B, N) bool from the task's records
+
+    @cached_property
+    def consumer(self) -> dict[str, Tensor]:
+        """"cls_attn" and "keys", computed together from the layer that consumes the features."""
+        return self.side._vision_signals(self.h[:, : self.h.size(1) - self.e], self.attn_mask)
+
+
+def _feature_cls(st: _VisionStage) -> dict[str, Tensor]:
+    """(B, Dv * nf) the CLS token's features, as the patches' are selected."""
+    lay = st.side.layout
+    return {"feature_cls": torch.cat([st.hidden[j][:, 0] for j in lay.feature_layers], dim=-1)}
+
+
+# signal name (methods/signals.py) -> its `Tokens` fields, computed from the vision encoder's state
+FEATURE_PROVIDERS: dict[str, Callable[[_VisionStage], dict[str, Tensor]]] = {
+    "cls_attn": lambda st: {"cls_attn": st.consumer["cls_attn"]},
+    "keys": lambda st: {"keys": st.consumer["keys"]},
+    "feature_attn": lambda st: {"feature_attn": st.side._cls_row(*st.qk, st.attn_mask)[:, : st.n]},  # extras dropped
+    "feature_keys": lambda st: {"feature_keys": st.qk[1].mean(1)[:, 1 : 1 + st.n]},  # heads averaged; no extra MACs
+    "feature_cls": _feature_cls,
+    "relevant": lambda st: {"relevant": st.relevant.to(device=st.h.device, dtype=torch.bool)},  # no compute
+}
+KEEPS_QK = frozenset({"feature_attn", "feature_keys"})  # providers that read the feature layer's own q and k
+
+
 class ReducedLlava(LLMSide):
     """A LLaVA model and one reducer, run together. Holds no state between calls; the model is never modified.
 
@@ -127,6 +165,10 @@ class ReducedLlava(LLMSide):
             language model, attention implementation "sdpa" or "eager".
         reducer: the token reducer; its `site` and `layer` say where it acts.
     """
+
+    provides: ClassVar[Provides] = Provides(family="LLaVA-1.5", signals={  # what `methods.signals.check` reads
+        Site.VISION: frozenset(), Site.FEATURES: frozenset(FEATURE_PROVIDERS), Site.EMBEDDINGS: frozenset(),
+        Site.LLM: frozenset(LLM_PROVIDERS)})
 
     def __init__(self, model: nn.Module, reducer: TokenReducer) -> None:
         for path in ("model.vision_tower.embeddings", "model.multi_modal_projector", "model.language_model.layers"):
@@ -233,7 +275,7 @@ class ReducedLlava(LLMSide):
         h = vt.pre_layrnorm(h)
         src = torch.arange(n, device=h.device).expand(b, n)  # (B, N) original patch index of each token
         valid, attn_mask = None, None
-        hidden, counts = {0: h}, []
+        hidden, counts, qk = {0: h}, [], None
         for i, layer in enumerate(vt.encoder.layers[: lay.vision_layers_run]):
             if r.site is Site.VISION and i == r.layer:
                 if e:
@@ -248,7 +290,7 @@ class ReducedLlava(LLMSide):
                     attn_mask = torch.zeros(real.shape, dtype=h.dtype, device=h.device)
                     attn_mask = attn_mask.masked_fill(~real, torch.finfo(h.dtype).min)[:, None, None, :]
             counts.append(h.size(1) if valid is None else 1 + valid.sum(1))
-            if {"feature_attn", "feature_keys"} & r.needs and i == lay.vision_layers_run - 1:  # makes the features
+            if KEEPS_QK & r.needs and i == lay.vision_layers_run - 1:  # the layer that makes the features
                 h, qk = self._vision_layer_keeping_qk(layer, h, attn_mask)
             else:
                 h = layer(h, attn_mask)
@@ -261,18 +303,12 @@ class ReducedLlava(LLMSide):
         vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
         if r.site is Site.FEATURES:
             t0 = self._clock()
-            sig = self._vision_signals(h[:, : h.size(1) - e], attn_mask) if {"cls_attn", "keys"} & r.needs else {}
-            if sig:
-                log.macs = log.macs + cls_signal_macs(torch.as_tensor(counts[-1], device=h.device) - e, h.size(-1))
-            if "feature_attn" in r.needs:
-                sig["feature_attn"] = self._cls_row(*qk, attn_mask)[:, : feats.size(1)]  # (B, N), extras dropped
-                log.macs = log.macs + feature_row_macs(torch.as_tensor(counts[-1], device=h.device), h.size(-1))
-            if "feature_keys" in r.needs:  # the layer's own keys, heads averaged (B, N, hd); no extra MACs
-                sig["feature_keys"] = qk[1].mean(1)[:, 1 : 1 + feats.size(1)]
-            if "feature_cls" in r.needs:  # (B, Dv * nf) the CLS token's features, as the patches' are selected
-                sig["feature_cls"] = torch.cat([hidden[j][:, 0] for j in lay.feature_layers], dim=-1)
-            if "relevant" in r.needs:  # (B, N) bool, from the task's records: no compute
-                sig["relevant"] = relevant.to(device=h.device, dtype=torch.bool)
+            st = _VisionStage(self, h, attn_mask, qk, hidden, feats.size(1), e, relevant)
+            sig = {}
+            for name in sorted(r.needs):
+                sig.update(FEATURE_PROVIDERS[name](st))
+            log.macs = log.macs + signal_macs(r.needs, Dims(batch=b, tokens=feats.size(1), width=h.size(-1), extra=e,
+                                                            seq=torch.as_tensor(counts[-1], device=h.device)))
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))
             log.add(red, self._clock() - t0)
             feats, valid, src = self._apply(red, feats, valid, src, budgets)
@@ -388,30 +424,20 @@ class ReducedLlava(LLMSide):
             )
         return is_img, start
 
-    # ------------------------------------------------------------------ LLM
 
 def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
-    """Raise (saying what to do) unless reducer `r` can act at its site and layer on a model of layout `lay`; the
-    runner calls it for every cell before any work starts, the adapter again when it is built."""
+    """Raise (saying what to do) unless reducer `r` can act at its site and layer on a model of layout `lay`: the
+    signals' check (`methods.signals.check`), then what is LLaVA's own; the runner calls it for every cell before
+    any work starts, the adapter again when it is built."""
     if getattr(r, "fraction", None) is not None:
         raise ValueError(f"{r.name}: every LLaVA image has {lay.num_patches} visual tokens; give the budget as a count "
                          f"(fraction {r.fraction} of them: {budget_count(r.fraction, lay.num_patches)})")
-    if r.site is Site.VISION:
-        if r.needs:
-            raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the vision site")
-        if not 0 <= r.layer < min(lay.feature_layers):
-            raise ValueError(
-                f"{r.name}: vision layer {r.layer} must be below the feature layer {min(lay.feature_layers)} "
-                f"of this {lay.vision_layers}-layer encoder"
-            )
-    elif r.site is Site.LLM:
-        check_llm_reducer(r, lay.llm_layers, lay.num_patches)
-    elif r.site is Site.EMBEDDINGS:
-        if r.needs:
-            raise NotImplementedError(f"{r.name}: signals {sorted(r.needs)} are not provided at the embeddings site")
-    elif set(r.needs) - FEATURE_SIGNALS:
-        raise NotImplementedError(
-            f"{r.name}: only {', '.join(sorted(FEATURE_SIGNALS))} are provided at the features site")
+    signals.check(r, ReducedLlava.provides, lay.llm_layers, lay.num_patches)
+    if r.site is Site.VISION and not 0 <= r.layer < min(lay.feature_layers):
+        raise ValueError(
+            f"{r.name}: vision layer {r.layer} must be below the feature layer {min(lay.feature_layers)} "
+            f"of this {lay.vision_layers}-layer encoder"
+        )
     r.check_model(lay.num_patches, lay.feature_width)
 
 

@@ -31,22 +31,20 @@ VisionZip, VisPruner and FasterVLM rank by the vision encoder's CLS attention, w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from methods._llm import DecodeState, ImageSide, LLMSide, ReducerLog, Seq, check_llm_reducer
+from methods import signals
+from methods._llm import LLM_PROVIDERS, DecodeState, ImageSide, LLMSide, ReducerLog, Seq
 from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Site, TokenReducer, Tokens
 from methods.cli import budget_count
 from methods.loading import load_pretrained
+from methods.signals import Provides
 from methods.trace import Generation, QwenLayout
-
-QWEN_METHODS = ("full", "random", "divprune", "fastv", "dart", "pdrop", "sparsevlm", "adaptive_b",
-                "budget_blind")  # what runs on this family
-CLS_SIGNALS = frozenset({"cls_attn", "keys", "feature_attn", "feature_keys", "feature_cls"})  # need a CLS token
-
 
 QWEN_TURN = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
              "<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
@@ -73,10 +71,15 @@ class ReducedQwen(LLMSide):
 
     Args:
         model: a `Qwen2_5_VLForConditionalGeneration`, attention "sdpa" or "eager".
-        reducer: the token reducer, one of `QWEN_METHODS`.
+        reducer: the token reducer, one this family runs (`provides`; `methods.signals.check`).
     """
 
     _rotary_axes = 3
+    provides: ClassVar[Provides] = Provides(  # no CLS token, no signals before the LLM
+        family="Qwen2.5-VL", signals={Site.FEATURES: frozenset(), Site.EMBEDDINGS: frozenset(),
+                                      Site.LLM: frozenset(LLM_PROVIDERS)},
+        extra_vision_tokens="appends tokens to the vision encoder's input, which would have to join its window "
+                            "attention (not ported)")
 
     def __init__(self, model: nn.Module, reducer: TokenReducer) -> None:
         inner = getattr(model, "model", None)
@@ -164,22 +167,11 @@ def fraction_counts(fraction: float, tokens: Tensor) -> Tensor:
 
 def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> None:
     """Raise (saying why, in one line) unless reducer `r` runs on Qwen2.5-VL of layout `lay` with images of
-    `image_tokens` visual tokens (1: any size, the budgets are checked per batch). `r` may be a reducer class when
-    it is not one of `QWEN_METHODS` (the refusal reads only the class)."""
-    if r.name not in QWEN_METHODS:
-        if CLS_SIGNALS & r.needs:
-            why = "it ranks by the vision encoder's CLS token, which Qwen2.5-VL does not have"
-        elif (r if isinstance(r, type) else type(r)).extra_vision_tokens is not TokenReducer.extra_vision_tokens:
-            why = "its budget token would have to join the vision encoder's window attention, which is not ported"
-        elif "relevant" in r.needs:
-            why = "the tasks record relevant patches on LLaVA's grid, which Qwen2.5-VL's merged tokens do not follow"
-        else:
-            why = "it is not ported to this family yet"
-        raise NotImplementedError(f"{r.name} does not run on Qwen2.5-VL: {why}; these do: {', '.join(QWEN_METHODS)}")
-    if r.site is Site.LLM:
-        check_llm_reducer(r, lay.llm_layers, image_tokens)
-        if r.positions == "renumber":
-            raise ValueError(f"{r.name}.positions=renumber renumbers 1-D positions as its reference code does on "
-                             "LLaVA; Qwen2.5-VL's M-RoPE positions have no such numbering: leave it unset (original "
-                             f"positions on this family) or pass {r.name}.positions=original")
+    `image_tokens` visual tokens (1: any size, the budgets are checked per batch): the signals' check
+    (`methods.signals.check`), then what is Qwen2.5-VL's own."""
+    signals.check(r, ReducedQwen.provides, lay.llm_layers, image_tokens)
+    if r.site is Site.LLM and r.positions == "renumber":
+        raise ValueError(f"{r.name}.positions=renumber renumbers 1-D positions as its reference code does on "
+                         "LLaVA; Qwen2.5-VL's M-RoPE positions have no such numbering: leave it unset (original "
+                         f"positions on this family) or pass {r.name}.positions=original")
     r.check_model(None, lay.feature_width)  # a learned controller must be one for images of any size

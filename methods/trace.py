@@ -1,8 +1,7 @@
 """What a run is measured on and what it records: a checkpoint's geometry (`LlavaLayout`, `QwenLayout`: the one
 answer to "how many patches, how wide, how deep" for the adapters, the runner, the trainer, the FLOPs counter and the
-speed benchmark), each batch's token counts (`TokenTrace`), times (`Timing`) and output (`Generation`), and the MACs of
-the signals the adapter computes for a reducer. It imports nothing heavy; `flops/` reads the geometry here, never from
-the adapter.
+speed benchmark), each batch's token counts (`TokenTrace`), times (`Timing`) and output (`Generation`). It imports
+nothing heavy; `flops/` reads the geometry here, never from the adapter.
 """
 
 from __future__ import annotations
@@ -12,31 +11,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the geometry is read without torch
     from torch import Tensor
-
-
-def cls_signal_macs(tokens: int | Tensor, width: int) -> int | Tensor:
-    """MACs of the features-site signals for one image of `tokens` (CLS + patches): the CLS query (width^2), every
-    token's key (tokens width^2) and the CLS scores (tokens width)."""
-    return width * width + tokens * (width * width + width)
-
-
-def feature_row_macs(tokens: int | Tensor, width: int) -> int | Tensor:
-    """MACs of the feature layer's CLS attention row for one image of `tokens` (CLS + patches): the CLS query
-    against every token's key, all heads together (tokens width); the queries and keys are the layer's own."""
-    return tokens * width
-
-
-def query_row_macs(seq_len: int | Tensor, width: int, q_width: int) -> int | Tensor:
-    """MACs of FastV's ranking row for one sample: the last token's query (width q_width) and its scores over the
-    `seq_len` cached keys (seq_len q_width)."""
-    return width * q_width + seq_len * q_width
-
-
-def next_query_macs(seq_len: int | Tensor, width: int, q_width: int, kv_width: int) -> int | Tensor:
-    """MACs of PyramidDrop's ranking row for one sample at the layer about to run: the last token's query (width
-    q_width), every token's key from that layer's k projection (seq_len width kv_width) and the scores
-    (seq_len q_width)."""
-    return width * q_width + seq_len * width * kv_width + seq_len * q_width
 
 
 @dataclass(frozen=True)

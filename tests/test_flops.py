@@ -21,12 +21,15 @@ from flops.measured import UncountedOpError, flop_counter_macs, fvcore_prefill_m
 from flops.shapes import CONFIGS, load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
+from methods.families import QWEN
 from methods.llava import ReducedLlava, llava_prompt, load_llava
-from methods.qwen import QWEN_METHODS, ReducedQwen
+from methods.qwen import ReducedQwen
 from tests.conftest import IMAGE_TOKEN, QWEN_IMAGE, llava_runner, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [m for m in list_reducers() if get_reducer_class(m).__module__.startswith("methods.")]
+
+QWEN_METHODS = [m for m in list_reducers() if QWEN.runs(m)]  # what its adapter provides for
 
 
 def make(method: str, budget, config, **kw):
@@ -378,7 +381,7 @@ def test_qwen_cli_prices_the_7b_by_hand(capsys):
 
 @pytest.mark.parametrize(("argv", "phrase"), [
     (["--model-config", "qwen2.5-vl-7b", "--methods", "prumerge", "--budgets", "64"],
-     "prumerge does not run on Qwen2.5-VL: it ranks by the vision encoder's CLS token"),
+     "prumerge does not run on Qwen2.5-VL: it needs cls_attn and keys, which require a vision CLS token"),
     (["--image-size", "640x480"], "--image-size and --image-tokens apply to Qwen2.5-VL"),
     (["--model-config", "qwen2.5-vl-7b", "--methods", "pdrop", "--budgets", "0.25"],
      "cannot be met by its stages at layers [7, 14, 21] of 28"),

@@ -10,11 +10,14 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from flops.analytic import count, model_shape
 from flops.measured import flop_counter_macs
 from flops.shapes import load_config
-from methods import create_reducer, get_reducer_class
+from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
-from methods.qwen import QWEN_METHODS, ReducedQwen, check_reducer
+from methods.families import QWEN
+from methods.qwen import ReducedQwen, check_reducer
 from methods.trace import QwenLayout
 from tests.conftest import QWEN_IMAGE, qwen_prompts, tiny_qwen
+
+QWEN_METHODS = [m for m in list_reducers() if QWEN.runs(m)]  # what its adapter provides for
 
 
 @pytest.mark.parametrize("grids", [[(1, 8, 8)], [(1, 8, 8), (1, 6, 10)]], ids=["one", "two_sizes"])
@@ -37,9 +40,12 @@ def test_layout_and_refusals():
     lay = QwenLayout.from_config(model.config)
     assert lay.tokens(torch.tensor([[1, 8, 8], [1, 6, 10]])).tolist() == [16, 15]
     assert (lay.full_attention_blocks, lay.llm_layers, lay.width) == ((1,), 2, 64)
-    with pytest.raises(NotImplementedError, match="does not run on Qwen2.5-VL: it ranks by the vision encoder.s CLS"):
+    with pytest.raises(NotImplementedError, match="does not run on Qwen2.5-VL: it needs cls_attn and keys, which "
+                                                  "require a vision CLS token; these do: adaptive_b, budget_blind, "
+                                                  "dart, divprune, fastv, full, pdrop, random, sparsevlm$"):
         ReducedQwen(model, create_reducer("prumerge", 4))  # needs a CLS token
-    with pytest.raises(NotImplementedError, match="adaptive_a does not run on Qwen2.5-VL: its budget token"):
+    with pytest.raises(NotImplementedError,
+                       match="adaptive_a does not run on Qwen2.5-VL: it appends tokens to the vision encoder"):
         check_reducer(create_reducer("adaptive_a", 4, config=ControllerConfig("adaptive_a", dim=64, num_patches=16)),
                       lay)
     with pytest.raises(ValueError, match=r"must be in \[1, 1\]"):

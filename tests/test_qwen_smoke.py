@@ -12,13 +12,15 @@ from benchmarks.defaults import QWEN_SMOKE_MODEL, controllers
 from benchmarks.plan import Cell, RunSpec, make_plan, make_reducer
 from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
-from methods import create_reducer, get_reducer_class
+from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
 from methods.families import QWEN
-from methods.qwen import QWEN_METHODS, ReducedQwen, qwen_prompt
+from methods.qwen import ReducedQwen, qwen_prompt
 
 BUDGETS = {"full": 1.0, "pdrop": 0.333, "sparsevlm": 0.5}  # the layer-averaged ones at what 3 layers can reach
 PER_IMAGE = 144  # every 96 px image: 24 x 24 patches, 144 merged tokens
+
+QWEN_METHODS = [m for m in list_reducers() if QWEN.runs(m)]  # what its adapter provides for
 
 
 @pytest.fixture(scope="module")

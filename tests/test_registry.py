@@ -27,6 +27,7 @@ from methods import (
 from methods._registry import _REDUCERS, register_reducer
 from methods.adaptive import ControllerConfig
 from methods.cli import budget_count
+from methods.signals import Dims, stand_ins
 
 
 def test_full_is_registered_and_is_identity():
@@ -109,35 +110,28 @@ def test_catalogue_is_the_registry():
                                                                                               "ratio": None}}
 
 
-FEATURE_METHODS = [n for n in list_reducers() if methods.get_reducer_class(n).site in (Site.FEATURES, Site.EMBEDDINGS)]
-
-
-@pytest.mark.parametrize("name", FEATURE_METHODS)
+@pytest.mark.parametrize("name", list_reducers())
 def test_contract_batch_of_four_independent_samples(name):
-    """Every FEATURES and EMBEDDINGS reducer: shapes, budget, and one sample's output never depends on another's
-    (methods at the other sites run through the adapter in test_methods.py)."""
+    """Every reducer, on the stand-ins of its signals (methods/signals.py): shapes, budget, and one sample's output
+    never depends on another's."""
     cls = methods.get_reducer_class(name)
     kwargs = {"config": ControllerConfig(method=name, dim=8, num_patches=16)} if cls.needs_checkpoint else {}
-    r = create_reducer(name, 4 if cls.uses_budget else None, **kwargs).eval()
+    r = create_reducer(name, 8 if cls.uses_budget else None, **kwargs).eval()  # a layer mean of 8 is within reach
     g = torch.Generator().manual_seed(0)
+    d = Dims(batch=4, tokens=16, width=8, head_dim=4, feature_width=8, text=3, image=16)
     x = torch.randn(4, 16, 8, generator=g)
-    sig = {"cls_attn": torch.rand(4, 16, generator=g).softmax(1), "keys": torch.randn(4, 16, 8, generator=g),
-           "feature_attn": torch.rand(4, 16, generator=g).softmax(1),
-           "feature_keys": torch.randn(4, 16, 4, generator=g), "feature_cls": torch.randn(4, 8, generator=g),
-           "relevant": torch.rand(4, 16, generator=g) < 0.2}
+    sig = stand_ins(cls.needs, d, g)
     extra = r.extra_vision_tokens(4, 16, None)  # as if the encoder were the identity
     if extra is not None:
         sig["extra"] = extra.detach()
     key = torch.arange(4) * 7919
-    wanted = set(cls.needs) | {"extra"}
-    t = Tokens(x=x, grid=(4, 4), sample_key=key, **{k: v for k, v in sig.items() if k in wanted})
-    out = r(t)
+    at = {"depth": 4} if cls.site is Site.LLM else {}
+    out = r(Tokens(x=x, grid=(4, 4), sample_key=key, **at, **sig))
     x2 = x.clone()
     x2[1] = torch.randn(16, 8, generator=g)
-    out2 = r(Tokens(x=x2, grid=(4, 4), sample_key=key, **{k: v for k, v in sig.items() if k in wanted}))
+    out2 = r(Tokens(x=x2, grid=(4, 4), sample_key=key, **at, **sig))
     assert out.x.shape[0] == 4 and out.x.shape[-1] == 8
-    if cls.uses_budget:
-        assert out.x.shape[1] <= 4
+    assert out.x.shape[1] <= (8 if cls.uses_budget and cls.budget_unit == "kept" else 16)
     for i in (0, 2, 3):
         torch.testing.assert_close(out.x[i], out2.x[i])
 

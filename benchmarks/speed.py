@@ -52,18 +52,28 @@ from flops.roofline import (
     profile_for,
 )
 from flops.shapes import load_config, stand_in_reducer
+from methods import get_reducer_class, list_reducers
 from methods.cli import OneLineParser, at_least, check_device, first_line
 from methods.llava import ReducedLlava, llava_prompt, load_llava
 from methods.trace import LlavaLayout
 
-PLAN = [("full", None, {}), ("fastv", 64, {}), ("fastv", 192, {}), ("fastv", "R=0.5", {"ratio": 0.5}),
-        ("prumerge", 64, {}), ("prumerge", 192, {}), ("prumerge_plus", 64, {}), ("prumerge_plus", 192, {}),
-        ("random", 64, {}), ("random", 192, {}), ("adaptive_a", 64, {}), ("adaptive_a", 192, {}),
-        ("adaptive_b", 64, {}), ("adaptive_b", 192, {}), ("divprune", 64, {}), ("divprune", 192, {}),
-        ("fastervlm", 64, {}), ("fastervlm", 192, {}), ("vispruner", 64, {}), ("vispruner", 192, {}),
-        ("visionzip", 64, {}), ("visionzip", 192, {}), ("dart", 64, {}), ("dart", 192, {}),
-        ("pdrop", 192, {}), ("pdrop", "ratios", {"ratios": (0.5, 0.25, 0.125)}),  # pdrop 192: a layer mean
-        ("sparsevlm", 192, {}), ("sparsevlm", "retained=64", {"retained_tokens": 64})]  # sparsevlm 192: likewise
+COUNTS = (64, 192)  # the visual tokens every method is timed at (of LLaVA-1.5's 576)
+
+
+def default_plan() -> list[tuple[str, int | str | None, dict]]:
+    """(method, budget label, constructor arguments): `full` once, then every registered method (reference rows such
+    as `oracle` left out: they are not methods) at each of COUNTS and, where its own arguments can set its count, at
+    its `count_args_example` (FastV's R=0.5). An entry a model cannot run (a layer-averaged budget its stages cannot
+    meet, say) is skipped with its reason when the sweep starts."""
+    plan: list[tuple[str, int | str | None, dict]] = [("full", None, {})]
+    for m in list_reducers():
+        cls = get_reducer_class(m)
+        if cls.reference or not cls.uses_budget:
+            continue
+        plan += [(m, b, {}) for b in COUNTS]
+        if cls.count_args_example:
+            plan.append((m, cls.budget_label(cls.count_args_example), dict(cls.count_args_example)))
+    return plan
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
@@ -212,14 +222,15 @@ def roofline_profile(device: str) -> str:
 
 
 def plan_for(args: argparse.Namespace) -> list[tuple[str, int | str | None, dict]]:
-    """(method, budget label, constructor arguments): PLAN, or its entries at `--budgets` (a count PLAN does not
-    have runs every method PLAN runs at a count)."""
+    """(method, budget label, constructor arguments): `default_plan()`, or its entries at `--budgets` (a count it
+    does not have runs every method it runs at a count)."""
+    default = default_plan()
     if not args.budgets:
-        return list(PLAN)
-    counted = list(dict.fromkeys(m for m, b, kw in PLAN if isinstance(b, int) and not kw))
-    plan = [PLAN[0]]
+        return default
+    counted = list(dict.fromkeys(m for m, b, kw in default if isinstance(b, int) and not kw))
+    plan = [default[0]]
     for label in args.budgets:
-        known = [p for p in PLAN[1:] if str(p[1]) == label]
+        known = [p for p in default[1:] if str(p[1]) == label]
         plan += known or [(m, int(label), {}) for m in counted]
     return plan
 
@@ -459,7 +470,7 @@ def overhead(args: argparse.Namespace) -> float:
 def check(args: argparse.Namespace) -> None:
     """What the arguments can get wrong, before any model is built (ValueError)."""
     if args.what in ("speedup", "gpu"):
-        known = {str(b) for m, b, _ in PLAN if m != "full"}
+        known = {str(b) for m, b, _ in default_plan() if m != "full"}
         unknown = [b for b in args.budgets if b not in known and not (b.isdigit() and int(b) >= 1)]
         if unknown:
             raise ValueError(f"--budgets {' '.join(unknown)}: give counts of visual tokens or the plan's labels "

@@ -53,6 +53,7 @@ class DART(TokenReducer):
 
     site = Site.LLM
     needs = frozenset({"key_norms", "normed", "text", "prompt_index"})
+    count_args_example = {"max_num_trunction": 128}  # the reference's own setting
 
     def __init__(self, budget: int | None = None, layer: int = 2, pivot_image: int = 4, pivot_text: int = 4,
                  max_num_trunction: int | None = None, pivot_order: Literal["set", "position"] = "set") -> None:

@@ -28,6 +28,7 @@ class FastV(TokenReducer):
 
     site = Site.LLM
     needs = frozenset({"query_attn"})
+    count_args_example = {"ratio": 0.5}  # the reference's own setting
 
     def __init__(self, budget: int | None = None, layer: int = 2, ratio: float | None = None) -> None:
         if (budget is None) == (ratio is None):

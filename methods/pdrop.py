@@ -94,6 +94,7 @@ class PyramidDrop(TokenReducer):
 
     site = Site.LLM
     needs = frozenset({"query_attn_next"})
+    count_args_example = {"ratios": (0.5, 0.25, 0.125)}  # the reference's own setting
     budget_unit = "layer_mean"
 
     def __init__(self, budget: int | None = None, layers: tuple[int, ...] | None = None,

@@ -196,6 +196,7 @@ class SparseVLM(TokenReducer):
 
     site = Site.LLM
     needs = frozenset({"text_attn", "embeds"})
+    count_args_example = {"retained_tokens": 64}  # one of the reference's settings (192, 128, 64)
     budget_unit = "layer_mean"
 
     def __init__(self, budget: int | None = None, layers: tuple[int, ...] | None = None,

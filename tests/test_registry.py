@@ -137,6 +137,19 @@ def test_contract_batch_of_four_independent_samples(name):
 
 
 @pytest.mark.parametrize("name", list_reducers())
+def test_contract_a_method_that_sets_its_own_count_gives_an_example(name):
+    """A method whose arguments can set its token count (`budget_label`) says how (`count_args_example`), and the
+    example builds a reducer under that label; other methods have neither."""
+    cls = methods.get_reducer_class(name)
+    overridden = cls.budget_label.__func__ is not TokenReducer.budget_label.__func__
+    assert overridden == bool(cls.count_args_example), f"{name}: budget_label and count_args_example go together"
+    if overridden:
+        assert cls.budget_label(cls.count_args_example) is not None and cls.budget_label({}) is None
+        assert create_reducer(name, None, **cls.count_args_example).method_args.items() >= \
+            cls.count_args_example.items()
+
+
+@pytest.mark.parametrize("name", list_reducers())
 def test_contract_capabilities_match_the_constructor(name):
     """`seeded` and `needs_checkpoint` are declared on the class and agree with the constructor's arguments."""
     cls = methods.get_reducer_class(name)

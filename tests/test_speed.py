@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.speed import main
+from benchmarks.speed import COUNTS, default_plan, main
+from methods import get_reducer_class, list_reducers
 
 
 @pytest.mark.parametrize(("argv", "phrase"), [
@@ -36,6 +37,23 @@ def test_bad_arguments_are_one_line(argv, phrase, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
+
+
+def test_the_plan_follows_from_the_registry():
+    """Every registered method (reference rows aside) at each count and at its own-count setting; nothing listed."""
+    plan = default_plan()
+    assert plan[0] == ("full", None, {}) and len(plan) == len({(m, str(b)) for m, b, _ in plan})
+    for m in list_reducers():
+        cls = get_reducer_class(m)
+        entries = [(b, kw) for name, b, kw in plan if name == m]
+        if cls.reference or not cls.uses_budget:
+            assert entries == ([] if cls.reference else [(None, {})]), m
+            continue
+        labels = [b for b, _ in entries]
+        assert labels[: len(COUNTS)] == list(COUNTS), m
+        if cls.count_args_example:
+            assert labels[-1] == cls.budget_label(cls.count_args_example) and entries[-1][1], m
+    assert {b for m, b, _ in plan if m == "fastv"} == {64, 192, "R=0.5"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

@@ -26,13 +26,13 @@ from benchmarks.defaults import (
     go_offline,
 )
 from methods import expand_methods
+from methods.budget import parse_budget
 from methods.cli import (
     CONSOLE_WIDTH,
     MODEL_TYPES,
     OneLineParser,
     at_least,
     known_families,
-    parse_budget,
     parse_method_arg,
     wrap,
 )
@@ -215,7 +215,7 @@ def _main(args: argparse.Namespace) -> int:
     from benchmarks.console import plan_table, results_table
     from benchmarks.distributed import is_main_process
     from benchmarks.plan import RunSpec, make_plan, plan_costs
-    from benchmarks.runner import run, task_manager
+    from benchmarks.runner import load_model, run, task_manager
     from benchmarks.standard_tasks import parse_task_data
     from benchmarks.store import ResultStore
 
@@ -247,7 +247,8 @@ def _main(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(spec.seed)
-    rows = run(spec, plan=plan, tm=tm, verbose=args.verbose, force=args.force)
+    lm = load_model(spec, args.verbose)  # a model that cannot be loaded fails before the output folder is touched
+    rows = run(spec, plan, tm, lm, verbose=args.verbose, force=args.force)
     if not is_main_process():
         return 0  # rank 0 has written the results
     print()

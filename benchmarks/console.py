@@ -9,6 +9,7 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from benchmarks.defaults import reference_rows
+from methods.budget import Budget
 
 
 def _number(x: object) -> float | None:
@@ -37,11 +38,6 @@ def _score(value: float | None, percent: bool) -> str:
     if value is None:
         return "-"
     return f"{100 * value:.1f} %" if percent else f"{value:.4g}"
-
-
-def _budget_order(budget: object) -> float:
-    b = _number(budget)
-    return float("inf") if b is None else b  # "auto" last
 
 
 def cell_line(index: int, total: int, rows: list[dict]) -> str:
@@ -74,7 +70,7 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
     blocks, not_methods = [], reference_rows()
     for task in sorted({r["task"] for r in main}):
         cells = sorted((r for r in main if r["task"] == task),
-                       key=lambda r: (r["method"] == "full", _budget_order(r["budget"]), r["method"]))
+                       key=lambda r: (r["method"] == "full", Budget.of(r["budget"]).order, r["method"]))
         ref = next((_number(r["value"]) for r in cells if r["method"] == "full"), None)
         metric = cells[0]["metric"]
         pct = (task, metric) in percent

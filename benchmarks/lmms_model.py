@@ -24,11 +24,12 @@ by (task, doc_id), for the runner to join with lmms-eval's sample logs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -44,7 +45,8 @@ from benchmarks.defaults import controllers
 from benchmarks.distributed import current_world
 from benchmarks.records import Recorder
 from methods import TokenReducer, UnknownReducerError, create_reducer, get_reducer_class
-from methods.cli import budget_count, first_line
+from methods.budget import Budget
+from methods.cli import first_line
 from methods.families import family_of
 from methods.trace import Timing
 
@@ -148,8 +150,8 @@ class ReducedLMM(lmms):
             method_args["checkpoint"] = str(next(iter(found.values())))
         config = model.config if model is not None else AutoConfig.from_pretrained(pretrained, local_files_only=True)
         self.family = family_of(config)
-        if self.family.fixed_tokens and budget is not None:  # every image has the same count: a fraction is one
-            budget = budget_count(budget, self.family.layout(config).num_patches)
+        if self.family.fixed_tokens and isinstance(budget, float) and 0 < budget < 1:  # every image has the same
+            budget = Budget.fraction(budget).at(self.family.layout(config).num_patches)  # count: a fraction is one
         reducer = create_reducer(method, budget, **method_args)  # a bad method argument fails before the model loads
         world = current_world(device)  # several processes (accelerate launch / torchrun): one shard each
         device = world.device_for(device)
@@ -164,7 +166,7 @@ class ReducedLMM(lmms):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
-        self.recorder = Recorder()  # what samples and batches record beyond lmms-eval's logs; the runner sets its own
+        self.recorder = Recorder()  # what samples and batches record beyond lmms-eval's logs; the runner's per cell
         self._warned_sampling = False
         self.progress: Callable[[int, int], None] | None = None  # (done, total) after each batch; None: own bar
         self.set_reducer(reducer)  # checks the reducer against the model (site, layer, a controller's shapes)
@@ -192,6 +194,18 @@ class ReducedLMM(lmms):
         """Swap the reducer (the loaded model is reused)."""
         self.reducer = reducer.to(self.model.device).eval()
         self.runner = self.family.runner(self.model, self.reducer)
+
+    @contextlib.contextmanager
+    def cell(self, reducer: TokenReducer, recorder: Recorder, progress: Callable[[int, int], None] | None
+             ) -> Iterator[ReducedLMM]:
+        """The runner's one call per cell: evaluate with `reducer`, writing each sample's records to `recorder` and
+        (done, total) after each batch to `progress`; on leaving, the model draws its own progress bar again."""
+        self.set_reducer(reducer)
+        self.recorder, self.progress = recorder, progress
+        try:
+            yield self
+        finally:
+            self.progress = None
 
     @property
     def device(self) -> torch.device:
@@ -232,7 +246,7 @@ class ReducedLMM(lmms):
             batches += [group[s : s + self.batch_size] for s in range(0, len(group), self.batch_size)]
         tok = self.processor.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        with tqdm(total=len(requests), desc=f"{self.reducer.name} b={self.reducer.budget}", leave=False,
+        with tqdm(total=len(requests), desc=f"{self.reducer.name} b={self.reducer.token_budget}", leave=False,
                   disable=self.rank != 0 or self.progress is not None) as bar:
             done = 0
             for idx in batches:

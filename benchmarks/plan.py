@@ -35,8 +35,8 @@ from benchmarks.synthetic.generate import IMAGE_SIZE as SYNTH_IMAGE_SIZE
 from flops.analytic import count, model_shape
 from flops.shapes import check_shapes, processor_grid, shape_record
 from methods import TokenReducer, create_reducer, expand_methods, get_reducer_class, list_reducers, method_budgets
-from methods.base import AUTO
-from methods.cli import budget_count, check_device, first_line, is_fraction, known_families
+from methods.budget import Budget
+from methods.cli import check_device, first_line, known_families
 from methods.families import Family, family_of
 from methods.loading import check_processor_files, resolve_dtype
 
@@ -47,8 +47,11 @@ class Cell:
 
     task: str
     method: str
-    budget: int | float | str  # visual tokens, a fraction of each image's, or "auto" (the method's own count)
+    budget: Budget  # visual tokens, a fraction of each image's, `auto`, every token (`full`) or the method's own
     seed: int | None = None  # a learned method's controller, by training seed: one cell per trained controller
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", Budget.of(self.budget))  # a count, a fraction, "auto" read as budgets
 
     @property
     def name(self) -> str:
@@ -63,7 +66,7 @@ class RunSpec:
 
     model: Path = SMOKE_MODEL
     methods: tuple[str, ...] = ()
-    budgets: tuple[int | float | str, ...] = ()
+    budgets: tuple[Budget, ...] = ()  # parsed at the edge (`Budget.parse`, `Budget.of`)
     tasks: tuple[str, ...] = ()  # none: the model's default tasks (`benchmarks.defaults.default_tasks`)
     limit: int | None = None  # none: the model's default (`benchmarks.defaults.default_limit`)
     seed: int = 0
@@ -89,10 +92,14 @@ class RunSpec:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        for b in self.budgets:
-            if b != AUTO and not (isinstance(b, int) and b >= 1 or is_fraction(b) and 0 < b < 1):
-                raise ValueError(f"budgets are numbers of visual tokens >= 1, fractions in (0, 1) or {AUTO!r}, got "
-                                 f"{b!r}")
+        try:
+            budgets = tuple(Budget.of(b) for b in self.budgets)
+        except ValueError:
+            budgets = None
+        if budgets is None or any(b.kind in ("all", "method") for b in budgets):
+            raise ValueError(f"budgets are numbers of visual tokens >= 1, fractions in (0, 1) or 'auto', got "
+                             f"{list(self.budgets)}")
+        object.__setattr__(self, "budgets", budgets)
         if not self.tasks:
             raise ValueError("give at least one task")
         for method, arg, _ in self.method_kwargs:
@@ -126,9 +133,10 @@ class RunSpec:
 
     def cells(self, num_patches: int | None) -> tuple[list[Cell], list[str]]:
         """Expand methods x budgets x tasks by the plan rule (`methods.method_budgets`); `num_patches` is every
-        image's visual tokens, None when they vary. Returns the cells and notes for the printed plan."""
-        default = (sorted({max(1, round(num_patches * f)) for f in DEFAULT_BUDGET_FRACTIONS}) if num_patches
-                   else [round(f, 3) for f in DEFAULT_BUDGET_FRACTIONS])
+        image's visual tokens, None when they vary. Returns the cells and notes for the printed plan. The default
+        budgets are the same shares on every family (`Budget.tokens`: 16, 36 and 48 of 144 tokens), as counts where
+        every image has `num_patches`."""
+        default = [Budget.fraction(f, digits=3).at(num_patches) for f in DEFAULT_BUDGET_FRACTIONS]
         budgets = list(self.budgets) or default
         pairs, notes = method_budgets(self.methods, budgets, num_patches, self.kwargs_for)
         return [Cell(t, m, b, s) for t in self.tasks for m, b in pairs for s in self.controller_seeds(m)], notes
@@ -311,23 +319,77 @@ def short_hash(parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def run_conditions(spec: RunSpec) -> str:
-    """What every cell of a run shares: the model (path and its files, so a checkpoint rewritten in place is not
-    reused), the dtype as run, the device type, --limit and --seed."""
+@dataclass(frozen=True)
+class RunConditions:
+    """What a run is, computed once (`run_conditions`): what every cell shares. `key` hashes what the numbers depend
+    on (part of every cell's fingerprint); `records.provenance` writes the settings as columns of every row, with
+    the code and library versions."""
 
-    dtype = str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch.")
-    return short_hash([str(Path(spec.model).resolve()), file_identity(spec.model), dtype, spec.device.split(":")[0],
-                       spec.limit, spec.seed])
+    model: str  # the checkpoint as given
+    model_path: str  # resolved
+    model_files: list  # `file_identity`: a checkpoint rewritten in place is not reused
+    dtype: str  # as run, not "auto"
+    device_type: str  # cpu or cuda
+    limit: int | None
+    seed: int
+    batch_size: int  # recorded, not hashed: it does not change the numbers
+
+    @property
+    def key(self) -> str:
+        """The run's part of every cell's fingerprint."""
+        return short_hash([self.model_path, self.model_files, self.dtype, self.device_type, self.limit, self.seed])
+
+
+def run_conditions(spec: RunSpec) -> RunConditions:
+    """The run's conditions: the model (path and files), the dtype as run, the device type, --limit and --seed."""
+    return RunConditions(model=str(spec.model), model_path=str(Path(spec.model).resolve()),
+                         model_files=file_identity(spec.model),
+                         dtype=str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch."),
+                         device_type=spec.device.split(":")[0], limit=spec.limit, seed=spec.seed,
+                         batch_size=spec.batch_size)
 
 
 def fingerprint(run: str, method_args: dict, task: str) -> str:
-    """A cell's identity: the run's `run_conditions`, the method's arguments (and a controller checkpoint's files) and
-    the task's `short_hash(task_identity(...))`, both computed once per run. The code version is not part of it:
+    """A cell's identity: the run's `RunConditions.key`, the method's arguments (and a controller checkpoint's files)
+    and the task's `short_hash(task_identity(...))`, both computed once per run. The code version is not part of it:
     cells of another version are reported (`run`)."""
     parts = [run, method_args, task]
     if method_args.get("checkpoint"):
         parts.append(file_identity(method_args["checkpoint"]))
     return short_hash(parts)
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """A cell of the plan with its reducer and identity."""
+
+    cell: Cell
+    reducer: TokenReducer
+    fingerprint: str
+    conditions: dict  # {"run": RunConditions.key, "task": the task's identity hash}, stored with the cell
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who every cell of a plan is (`identify`): the run's conditions, each task's identity hash, and each cell's
+    fingerprint."""
+
+    conditions: RunConditions
+    tasks: dict[str, str]  # task -> short_hash(task_identity(...))
+    cells: list[PlannedCell]
+
+
+def identify(plan: Plan, spec: RunSpec, tm) -> Identity:
+    """Every cell's fingerprint, the run's conditions and each task's identity computed once (hashing the task's
+    files and the model's: after the synthetic tasks' data exist, before the output folder is touched)."""
+    conditions = run_conditions(spec)
+    tasks = {t: short_hash(task_identity(tm, spec, t)) for t in spec.tasks}
+    cells = []
+    for cell, reducer in zip(plan.cells, plan.reducers, strict=True):
+        task = tasks[cell.task]
+        fp = fingerprint(conditions.key, {"method": cell.method, **reducer.method_args}, task)
+        cells.append(PlannedCell(cell, reducer, fp, {"run": conditions.key, "task": task}))
+    return Identity(conditions, tasks, cells)
 
 
 def reference_image(spec: RunSpec) -> tuple[int, int]:
@@ -342,9 +404,7 @@ def make_reducer(cell: Cell, spec: RunSpec, num_patches: int | None = None) -> T
     """The cell's reducer, in eval mode: the method's defaults, overridden by --method-args. A fraction budget
     becomes a count when every image has `num_patches` tokens; otherwise the adapter applies it per image."""
     cls, kwargs = get_reducer_class(cell.method), spec.kwargs_for(cell.method, cell.seed)
-    budget = cell.budget if cls.uses_budget and cls.budget_label(kwargs) is None else None
-    if budget is not None and num_patches is not None:
-        budget = budget_count(budget, num_patches)
+    budget = cell.budget.at(num_patches) if cls.uses_budget and cls.budget_label(kwargs) is None else None
     try:
         return create_reducer(cell.method, budget, **kwargs).eval()
     except TypeError as e:  # an argument the constructor does not take

@@ -21,11 +21,11 @@ import transformers
 
 from benchmarks.defaults import REPO
 from benchmarks.distributed import World, launched_world_size
-from benchmarks.plan import Cell, RunSpec
+from benchmarks.plan import Cell, RunConditions
 from benchmarks.stats import CI_METHOD, mean_ci
 from flops.analytic import count, kv_cache_bytes, model_shape
 from methods import TokenReducer
-from methods.loading import resolve_dtype
+from methods.budget import Budget
 
 
 @dataclass
@@ -70,8 +70,9 @@ class Recorder:
         return out
 
 
-def provenance(spec: RunSpec, device: str) -> dict:
-    """What every row of a run shares: its settings, the device and dtype as run, the code and library versions."""
+def provenance(run: RunConditions, device: str) -> dict:
+    """What every row of a run shares: its settings and dtype as run (`run`, computed once by the plan), the device
+    `device` by name, the code and library versions."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=5).stdout.strip() or "unknown"
@@ -87,12 +88,12 @@ def provenance(spec: RunSpec, device: str) -> dict:
     if launched_world_size() > 1:
         dev += f" x {launched_world_size()} processes"
     return {
-        "model": str(spec.model),
-        "limit": spec.limit,
-        "seed": spec.seed,
-        "batch_size": spec.batch_size,
+        "model": run.model,
+        "limit": run.limit,
+        "seed": run.seed,
+        "batch_size": run.batch_size,
         "device": dev,
-        "dtype": str(resolve_dtype(spec.dtype, device)).removeprefix("torch."),  # as run, not "auto"
+        "dtype": run.dtype,
         "git_sha": sha,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -157,7 +158,7 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
         correct = d.get(primary)
         macs = count(rec, shape) if rec else None
         out = {
-            "task": cell.task, "method": cell.method, "budget": cell.budget, "controller_seed": cell.seed,
+            "task": cell.task, "method": cell.method, "budget": cell.budget.record, "controller_seed": cell.seed,
             "doc_id": d["doc_id"],
             "prediction": d["filtered_resps"][0] if d.get("filtered_resps") else None, "target": d.get("target"),
             "correct": float(correct) if isinstance(correct, (int, float)) else None,
@@ -189,6 +190,12 @@ def cell_records(evaluated, cell: Cell, reducer: TokenReducer, rec: Recorder, co
     return rows, samples
 
 
+def budget_tokens(budget: Budget, visual_tokens_mean: float | None) -> float | None:
+    """A cell's number to order and plot by (`budget_tokens`): its budget where that is a number (a count, a share,
+    every token), else the visual tokens it kept on average (`auto`, a method's own count)."""
+    return budget.record if budget.is_number else visual_tokens_mean
+
+
 def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReducer, wall: float,
                  prov: dict) -> list[dict]:
     """One flat row per metric of the cell, with the cell's token, FLOPs and timing means."""
@@ -198,7 +205,8 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
 
     visual = [s["visual_tokens"] for s in samples if "visual_tokens" in s]
     common = {
-        "task": cell.task, "method": cell.method, "budget": cell.budget, "controller_seed": cell.seed,
+        "task": cell.task, "method": cell.method, "budget": cell.budget.record, "controller_seed": cell.seed,
+        "budget_tokens": budget_tokens(cell.budget, _mean(visual)),
         "visual_tokens_mean": _mean(visual), "visual_tokens_max": max(visual) if visual else None,
         "visual_tokens_layer_mean": _mean([sum(v) / len(v) for s in samples
                                            if (v := s.get("visual_tokens_per_layer"))]),

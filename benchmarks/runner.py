@@ -26,19 +26,9 @@ from tqdm import tqdm
 
 from benchmarks.console import cell_line
 from benchmarks.defaults import SMOKE_TASKS, SYNTH_TASKS
-from benchmarks.distributed import World, current_world
+from benchmarks.distributed import current_world
 from benchmarks.lmms_model import DocumentError, ReducedLMM
-from benchmarks.plan import (
-    Cell,
-    Plan,
-    RunSpec,
-    fingerprint,
-    make_plan,
-    run_conditions,
-    short_hash,
-    task_data_files,
-    task_identity,
-)
+from benchmarks.plan import Cell, Plan, RunSpec, identify, task_data_files
 from benchmarks.records import Recorder, cell_records, peak_rss, provenance
 from benchmarks.standard_tasks import load_error, package_dirs, submission_args, task_config
 from benchmarks.store import ResultStore
@@ -92,15 +82,17 @@ def ensure_task_data(tasks: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class Evaluated:
-    """One cell as lmms-eval returned it: its results (rank 0; None on the other ranks) and its wall-clock time."""
+    """One cell as lmms-eval returned it: its results (rank 0; None on the other ranks), its wall-clock time and this
+    process's peak memory."""
 
     results: dict | None
     wall_s: float
+    peak_bytes: int  # CUDA's peak allocated memory, or on CPU the process's peak resident set so far
 
 
 def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> Evaluated:
-    """Run one cell through lmms-eval with the model's current reducer; the cell's peak memory goes to the model's
-    recorder. Unless `verbose`, lmms-eval's and datasets' progress bars are held back (`quiet_progress`)."""
+    """Run one cell through lmms-eval with the model's current reducer. Unless `verbose`, lmms-eval's and datasets'
+    progress bars are held back (`quiet_progress`)."""
     cuda = lm.model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(lm.model.device)
@@ -128,10 +120,10 @@ def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> E
         raise ValueError(f"{cell.task}: lmms-eval cannot evaluate this task ({type(e).__name__}: {first_line(e)}); "
                          f"check the task's YAML ({where}) and data ({files}); --debug shows where it failed") from e
     wall = time.perf_counter() - t0
-    lm.recorder.peak_bytes = torch.cuda.max_memory_allocated(lm.model.device) if cuda else peak_rss()
+    peak = torch.cuda.max_memory_allocated(lm.model.device) if cuda else peak_rss()
     if lm.rank == 0 and res is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
-    return Evaluated(res, wall)
+    return Evaluated(res, wall, peak)
 
 
 def unreadable_image(files: list[Path]) -> tuple[Path, int] | None:
@@ -179,88 +171,67 @@ def quiet_progress(enabled: bool = True):
                 print(line, file=sys.stderr)
 
 
-def run(spec: RunSpec, plan: Plan | None = None, tm=None, progress: bool = True, verbose: bool = False,
-        force: bool = False, lm=None) -> list[dict]:
-    """Evaluate every cell of `spec` (planned by `make_plan` unless given) that is not already in the output folder
-    under the same conditions (all of them with `force`); return the summary rows of this plan's cells (the folder's
-    summary.csv also keeps its other cells). Prints one line per finished cell; `progress` draws a bar over the cells
-    on a terminal; `verbose` lets lmms-eval's own progress bars and messages through."""
-    plan = plan or make_plan(spec)
+def load_model(spec: RunSpec, verbose: bool = False) -> ReducedLMM:
+    """The checkpoint as the lmms-eval model every cell of the sweep reuses (its reducer is set per cell); a model
+    that cannot be loaded fails here, before the output folder is touched. Unless `verbose`, transformers'
+    weight-loading bar is held back."""
+    with quiet_progress(enabled=not verbose):
+        return ReducedLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size, device=spec.device,
+                          dtype=spec.dtype)
+
+
+def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, verbose: bool = False,
+        force: bool = False) -> list[dict]:
+    """Evaluate every cell of `plan` (`make_plan(spec)`) that is not already in the output folder under the same
+    conditions (all of them with `force`), with task manager `tm` (`task_manager(spec)`) and model `lm`
+    (`load_model(spec)`); return the summary rows of this plan's cells (the folder's summary.csv also keeps its other
+    cells). Prints one line per finished cell; `progress` draws a bar over the cells on a terminal; `verbose` lets
+    lmms-eval's own progress bars and messages through.
+
+    Phases: the synthetic tasks' data; every cell's identity (`identify`); the folder held for the run
+    (`ResultStore.session`); the cells it lacks, each evaluated, recorded and stored as it finishes; the paired
+    comparisons."""
     world = current_world(spec.device)  # several processes: each evaluates a shard, rank 0 writes
-    store = ResultStore(spec.output)
     if world.is_main:
-        store.check_writable()  # fail before the model loads, without creating anything
-    tm = tm or task_manager(spec)
-    if lm is None:  # a model that cannot be loaded fails here, before the output directory is touched
-        with quiet_progress(enabled=not verbose):  # transformers' weight-loading bar
-            lm = ReducedLMM(pretrained=str(spec.model), method="full", batch_size=spec.batch_size,
-                            device=spec.device, dtype=spec.dtype)
-    lm.recorder = Recorder()  # the runner's: the model writes each sample's trace to it
-    if world.is_main:
-        store.prepare()
-    try:
-        if world.is_main:
-            with quiet_progress(enabled=not verbose):
-                ensure_task_data(spec.tasks)
-        planned, conditions = _fingerprints(spec, plan, tm, store, world)
-        done = world.broadcast([not force and store.done(cell, fp) for cell, _, fp in planned])  # rank 0's files decide
-        todo = [p for p, d in zip(planned, done, strict=True) if not d]
-        prov = provenance(spec, spec.device)
+        with quiet_progress(enabled=not verbose):
+            ensure_task_data(spec.tasks)
+    world.barrier()  # the data exist before anyone hashes them
+    ident = identify(plan, spec, tm)
+    prov = provenance(ident.conditions, spec.device)
+    store, recorder = ResultStore(spec.output), Recorder()  # the model writes each sample's trace to `recorder`
+    with store.session(world, spec.model, ident.conditions.key, ident.tasks) as notes:
+        for note in notes:
+            print(f"note: {note}")
+        done = world.broadcast([not force and store.done(p.cell, p.fingerprint) for p in ident.cells])  # rank 0's
+        todo = [p for p, d in zip(ident.cells, done, strict=True) if not d]
         if world.is_main and any(done):
-            kept = [(c, fp) for (c, _, fp), d in zip(planned, done, strict=True) if d]
+            kept = [(p.cell, p.fingerprint) for p, d in zip(ident.cells, done, strict=True) if d]
             shas = store.code_versions(kept) - {prov["git_sha"]}
             other = f"; computed by another code version ({', '.join(sorted(shas))})" if shas else ""
-            print(f"{len(kept)} of {len(planned)} cells already in {spec.output} under the same conditions: kept "
-                  f"(--force recomputes them){other}")
+            print(f"{len(kept)} of {len(ident.cells)} cells already in {spec.output} under the same conditions: "
+                  f"kept (--force recomputes them){other}")
         bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr,
                    disable=None if progress and todo and world.is_main else True)  # None: only on a terminal
-        try:
-            for i, (cell, reducer, fp) in enumerate(todo, 1):
+        with bar:
+            for i, p in enumerate(todo, 1):
+                cell = p.cell
                 bar.set_postfix_str(f"{cell.task} {cell.method} {cell.budget}")
-                lm.progress = lambda n, total, c=cell: bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: "
-                                                                            f"{n}/{total} samples")
-                lm.set_reducer(reducer)
-                evaluated = evaluate_cell(lm, cell, spec, tm, verbose)
-                records = lm.recorder.take(world)  # every process's records, on rank 0
+
+                def samples_done(n: int, total: int, c: Cell = cell) -> None:
+                    bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: {n}/{total} samples")
+
+                with lm.cell(p.reducer, recorder, samples_done):
+                    evaluated = evaluate_cell(lm, cell, spec, tm, verbose)
+                recorder.peak_bytes = evaluated.peak_bytes
+                records = recorder.take(world)  # every process's records, on rank 0
                 if world.is_main:
-                    rows, samples = cell_records(evaluated, cell, reducer, records, lm.model.config, prov)
-                    store.save(cell, fp, spec.model, conditions[fp], rows, samples)
+                    rows, samples = cell_records(evaluated, cell, p.reducer, records, lm.model.config, prov)
+                    store.save(cell, p.fingerprint, spec.model, p.conditions, rows, samples)
                     store.save_pictures(records.pictures)
                     store.rebuild()
                     bar.write(cell_line(i, len(todo), rows), file=sys.stdout)
                 bar.update()
-        finally:
-            bar.close()
-            lm.progress = None
         rows = store.rebuild(compare=True)[0] if world.is_main else []  # the paired comparisons, once per run
-    except BaseException:
-        if world.is_main:
-            store.abandon()  # a run that finished no cell leaves nothing behind
-        raise
-    store.release()
     world.barrier()  # the other processes end when rank 0 has written everything
-    return [r for r in rows if r.get("cell_id") in conditions]  # this plan's cells only, not others kept in the folder
-
-
-def _fingerprints(spec: RunSpec, plan: Plan, tm, store: ResultStore, world: World):
-    """Once the output folder is locked: set aside what is not a current cell of this model (saying so), and return
-    the plan's (cell, reducer, fingerprint) triples with each fingerprint's conditions ({"run": ..., "task": ...},
-    stored with the cell). The run's conditions and each task's identity are computed once."""
-    if world.is_main:
-        notes = store.set_aside(spec.model)  # unreadable or foreign cell files set aside, named
-        for note in notes:
-            print(f"note: {note}")
-        if notes:
-            store.rebuild()
-    world.barrier()
-    run_id = run_conditions(spec)
-    tasks = {t: short_hash(task_identity(tm, spec, t)) for t in spec.tasks}
-    if world.is_main:
-        moved = store.supersede(run_id, tasks)
-        if moved:
-            print(f"note: {moved} cells in {spec.output} were computed under other conditions (model files, dtype, "
-                  "device, --limit, --seed or the task's files): moved to cells/superseded/")
-            store.rebuild()
-    planned = [(cell, reducer, fingerprint(run_id, {"method": cell.method, **reducer.method_args}, tasks[cell.task]))
-               for cell, reducer in zip(plan.cells, plan.reducers, strict=True)]
-    return planned, {fp: {"run": run_id, "task": tasks[cell.task]} for cell, _, fp in planned}
+    mine = {p.fingerprint for p in ident.cells}
+    return [r for r in rows if r.get("cell_id") in mine]  # this plan's cells only, not others kept in the folder

@@ -35,8 +35,8 @@ import torch
 from PIL import Image
 
 from benchmarks.defaults import SMOKE_MODEL, go_offline
-from benchmarks.plan import RunSpec
-from benchmarks.runner import run
+from benchmarks.plan import RunSpec, make_plan
+from benchmarks.runner import load_model, run, task_manager
 from benchmarks.synthetic.generate import make_samples
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from flops.analytic import ModelShape, count, kv_cache_bytes
@@ -450,7 +450,8 @@ def overhead(args: argparse.Namespace) -> float:
     def harness(n: int) -> float:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
-            run(RunSpec(methods=("full",), limit=n, batch_size=bs, output=Path(out)), progress=False)
+            spec = RunSpec(methods=("full",), limit=n, batch_size=bs, output=Path(out))
+            run(spec, make_plan(spec), task_manager(spec), load_model(spec), progress=False)
             return time.perf_counter() - t0
 
     bare(bs), harness(bs)  # warm-up: one-time imports, the task index, the test split's file

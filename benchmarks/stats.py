@@ -23,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 from benchmarks.defaults import catalogue
+from methods.budget import Budget
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -120,7 +121,8 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
     for task in sorted(fractions):
         full = next(((b, v) for (t, m, b), v in scores.items() if t == task and m == REFERENCE), None)
         curves = {r: _curve(task, r, scores, cost) for r in sorted(in_llm)}
-        for budget in sorted({b for t, m, b in scores if t == task and m != REFERENCE}, key=_budget_order):
+        budgets = {b for t, m, b in scores if t == task and m != REFERENCE}
+        for budget in sorted(budgets, key=lambda b: Budget.of(b).order):
             cells = {m: v for (t, m, b), v in scores.items() if t == task and b == budget and m != REFERENCE}
             means = {m: float(np.mean(list(v.values()))) for m, v in cells.items()}
             ranked = sorted((m for m in cells if m not in not_methods), key=lambda m: (-means[m], m))
@@ -150,8 +152,8 @@ def _curve(task: str, method: str, scores: dict, cost: dict) -> list[tuple[float
     """(mean prefill GMACs, budget, per-question scores) of `method`'s cells with a numeric budget, cheapest first."""
     pts = []
     for (t, m, b), v in scores.items():
-        if t == task and m == method and (t, m, b) in cost and _budget_order(b) != float("inf"):
-            pts.append((cost[(t, m, b)], float(b), v))
+        if t == task and m == method and (t, m, b) in cost and Budget.of(b).is_number:
+            pts.append((cost[(t, m, b)], float(Budget.of(b).record), v))
     return sorted(pts, key=lambda p: p[0])
 
 
@@ -180,8 +182,3 @@ def _scaled(d: dict) -> dict:
             "significant": d["significant"]}
 
 
-def _budget_order(budget: str) -> float:
-    try:
-        return float(budget)
-    except ValueError:
-        return float("inf")  # "auto", "R=0.5" after the numbers

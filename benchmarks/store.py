@@ -19,15 +19,20 @@ import io
 import json
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 
+from benchmarks.distributed import World
 from benchmarks.plan import Cell
+from benchmarks.records import budget_tokens
 from benchmarks.stats import comparisons
+from methods.budget import Budget
 
 SUMMARY_COLUMNS = [
-    "task", "method", "budget", "controller_seed", "metric", "value", "ci95_low", "ci95_high", "primary", "n",
+    "task", "method", "budget", "budget_tokens", "controller_seed", "metric", "value", "ci95_low", "ci95_high",
+    "primary", "n",
     "visual_tokens_mean", "visual_tokens_max", "visual_tokens_layer_mean",
     "llm_prefill_tokens_mean", "generated_tokens_mean", "kv_cache_mb_mean", "prefill_tflops_mean",
     "llm_prefill_tflops_mean", "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean",
@@ -129,6 +134,34 @@ class ResultStore:
                                     "space or pass another --output") from None
             raise PermissionError(
                 f"cannot write to output directory {self.root}: {e.strerror}; pass --output DIR") from e
+
+    @contextlib.contextmanager
+    def session(self, world: World, model: Path, run: str, tasks: dict[str, str]) -> Iterator[list[str]]:
+        """A run's hold on the folder, as one block. On entering: create it and take the lock (`prepare`), set aside
+        what is not a readable cell of `model` (`set_aside`), and move the cells computed under other conditions
+        than run `run` and the task identities `tasks` to cells/superseded/ (`supersede`); yields notes saying what
+        was moved. On leaving: release the lock; on an error (Ctrl-C included), `abandon` (a run that finished no
+        cell leaves nothing behind). Several processes: rank 0 holds the folder, the others wait for it."""
+        notes: list[str] = []
+        if world.is_main:
+            self.prepare()
+        try:
+            if world.is_main:
+                notes = self.set_aside(model)
+                moved = self.supersede(run, tasks)
+                if moved:
+                    notes.append(f"{moved} cells in {self.root} were computed under other conditions (model files, "
+                                 "dtype, device, --limit, --seed or the task's files): moved to cells/superseded/")
+                if notes:
+                    self.rebuild()
+            world.barrier()
+            yield notes
+        except BaseException:
+            if world.is_main:
+                self.abandon()
+            raise
+        if world.is_main:
+            self.release()
 
     def _take_lock(self) -> None:
         f = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open until release() or the process ends
@@ -280,6 +313,9 @@ class ResultStore:
         from before is removed, since it no longer describes the folder's cells."""
         cells, notes = self._scan(model)
         rows = [r for c in cells for r in c["rows"]]
+        for r in rows:  # a cell written before `budget_tokens` was a column
+            if "budget_tokens" not in r:
+                r["budget_tokens"] = budget_tokens(Budget.of(r["budget"]), r.get("visual_tokens_mean"))
         if not rows and not (self.root / "summary.csv").exists():
             return rows, notes  # nothing finished yet: no empty files
         _write_csv(self.root / "summary.csv", SUMMARY_COLUMNS, rows)

@@ -53,6 +53,7 @@ from benchmarks.synthetic.scenes import SYNTH_SCENES
 from benchmarks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ESTIMATORS
+from methods.budget import Budget
 from methods.cli import OneLineParser, at_least, check_device, first_line
 from methods.families import LLAVA, Family, family_of
 from methods.qwen import fraction_counts
@@ -290,7 +291,7 @@ def train(args: argparse.Namespace) -> Path:
         (out / LOG_FILE).write_text("".join(f"{line}\n" for line in kept))
     plural = "es" if acc.num_processes > 1 else ""
     if n is not None:
-        lo, hi = (max(1, round(f * n)) for f in args.budget_range)
+        lo, hi = (Budget.fraction(f).tokens(n) if f < 1 else n for f in args.budget_range)  # the one share rule
         acc.print(f"training on {acc.num_processes} process{plural} ({device}), budgets {lo}-{hi} of {n} patches")
     else:
         acc.print(f"training on {acc.num_processes} process{plural} ({device}), budgets {args.budget_range[0]:g}-"

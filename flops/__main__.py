@@ -31,8 +31,8 @@ from flops.analytic import count, model_shape
 from flops.roofline import PROFILES, device_profile, predict
 from flops.shapes import load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import check_arguments, create_reducer, expand_methods, get_reducer_class, method_budgets
-from methods.base import AUTO
-from methods.cli import OneLineParser, budget_count, parse_budget, parse_method_arg, wrap
+from methods.budget import AUTO, parse_budget
+from methods.cli import OneLineParser, parse_method_arg, wrap
 from methods.families import family_of
 
 QWEN_DEFAULT_SIZE = (448, 448)
@@ -119,16 +119,16 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     rows = []
     for method, label in pairs:
         cls, kw = get_reducer_class(method), kwargs.get(method, {})
-        if label == AUTO:
+        if label.kind == AUTO:
             raise ValueError(f"{method}: an 'auto' budget depends on the image; give numbers of visual tokens")
-        budget = budget_count(label, n) if cls.uses_budget and cls.budget_label(kw) is None else None  # of this image
+        budget = label.at(n) if cls.uses_budget and cls.budget_label(kw) is None else None  # a count, of this image
         reducer = stand_in_reducer(method, budget, config, **kw)
         family = family_of(config)  # as run_bench.py checks it: signals provided, layer in range, ...
         family.check_reducer(reducer, family.layout(config), **({} if grid is None else {"image_tokens": n}))
         rec = shape_record(config, reducer, args.text_tokens, args.generated_tokens, image_grid=grid)
         macs = count(rec, shape)
         visual = [c - args.text_tokens for c in rec["llm_tokens_per_layer"]]  # entering each LLM layer
-        rows.append({"method": method, "budget": label, "visual_tokens": visual[0],
+        rows.append({"method": method, "budget": label.record, "visual_tokens": visual[0],
                      "visual_tokens_layer_mean": sum(visual) / len(visual),
                      "llm_prefill_tmacs": macs.llm_prefill / 1e12, "llm_prefill_tflops": 2 * macs.llm_prefill / 1e12,
                      "prefill_tmacs": macs.prefill / 1e12,

@@ -20,7 +20,7 @@ from transformers import LlavaConfig, Qwen2_5_VLConfig
 
 from methods import create_reducer, get_reducer_class
 from methods.base import Site, TokenReducer, Tokens
-from methods.cli import budget_count, first_line
+from methods.cli import first_line
 from methods.families import family_of
 from methods.signals import Dims, signal_macs, stand_ins
 from methods.trace import LlavaLayout, QwenLayout
@@ -141,7 +141,7 @@ def _reducer_macs(red) -> int:
 
 def _budgets(reducer: TokenReducer, tokens: int) -> torch.Tensor | None:
     """(1,) the count a fraction budget keeps of an image of `tokens`, as the adapter passes it; None for a count."""
-    return None if reducer.fraction is None else torch.tensor([budget_count(reducer.fraction, tokens)])
+    return None if reducer.fraction is None else torch.tensor([reducer.token_budget.tokens(tokens)])
 
 
 def _llava_image(config, reducer: TokenReducer, g: torch.Generator) -> _Image:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from methods.budget import AUTO, Budget
+
 if TYPE_CHECKING:
     from methods.base import TokenReducer
 
@@ -101,6 +103,8 @@ def _plain(value: object) -> object:
     """A constructor argument as JSON can hold it (a path as text, a config dataclass as a dict)."""
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, Budget):  # a count or a fraction as the number it is
+        return value.value if value.kind in ("count", "fraction") else str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return value
@@ -138,44 +142,43 @@ def _describe(hint: object) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def method_budgets(methods: tuple[str, ...], budgets: list[int | float | str], num_patches: int | None,
-                   kwargs: Callable[[str], dict]) -> tuple[list[tuple[str, int | float | str]], list[str]]:
+def method_budgets(methods: tuple[str, ...], budgets: list[Budget], num_patches: int | None,
+                   kwargs: Callable[[str], dict]) -> tuple[list[tuple[str, Budget]], list[str]]:
     """Which (method, budget) pairs a sweep runs, and notes on what it changed: the one plan rule, used by
     `run_bench.py` and `python -m flops`.
 
-    `budgets` are numbers of visual tokens, fractions of each image's (floats in (0, 1)) and/or AUTO;
-    `num_patches` is the image's visual tokens (None: it varies per image, Qwen2.5-VL); `kwargs(method)` gives a
-    method's constructor arguments. `full`, and counts >= `num_patches` (no pruning), become one (`full`,
-    num_patches) pair (`full`, 1.0 when the count varies); a method that sets its own count from its arguments
-    (FastV's ratio) runs once under its `budget_label`; AUTO goes only to methods that support it.
+    `budgets` are counts, fractions of each image's tokens and/or `auto`; `num_patches` is the image's visual tokens
+    (None: it varies per image, Qwen2.5-VL); `kwargs(method)` gives a method's constructor arguments. `full`, and
+    counts >= `num_patches` (no pruning), become one (`full`, every token) pair; a method that sets its own count
+    from its arguments (FastV's ratio) runs once under its `budget_label`; `auto` goes only to methods that support
+    it.
     """
-    from methods.base import AUTO  # noqa: PLC0415 - base imports torch; the registry's names need none
-
     notes = []
-    repeated = sorted({b for b in budgets if budgets.count(b) > 1}, key=str)
+    repeated = sorted({b for b in budgets if budgets.count(b) > 1}, key=lambda b: b.order)
     if repeated:
         notes.append(f"budget{'s' * (len(repeated) > 1)} {', '.join(map(str, repeated))} given more than once: "
                      "each runs once")
-    counts = sorted({b for b in budgets if isinstance(b, int)})
-    fractions = sorted({b for b in budgets if isinstance(b, float)})
-    over = [b for b in counts if num_patches is not None and b >= num_patches]
+    counts = sorted({b for b in budgets if b.kind == "count"}, key=lambda b: b.order)
+    fractions = sorted({b for b in budgets if b.kind == "fraction"}, key=lambda b: b.order)
+    over = [b for b in counts if num_patches is not None and b.value >= num_patches]
     if over:
-        notes.append(f"budgets {over} >= the {num_patches} patches mean no pruning: run once, as `full`")
-    kept: list[int | float | str] = ([b for b in counts if b not in over] + fractions
-                                     + ([AUTO] if AUTO in budgets else []))
-    whole = num_patches if num_patches is not None else 1.0  # `full`'s label: every token
-    pairs: list[tuple[str, int | float | str]] = []
+        notes.append(f"budgets {[b.value for b in over]} >= the {num_patches} patches mean no pruning: run once, as "
+                     "`full`")
+    auto = Budget(AUTO)
+    kept = [b for b in counts if b not in over] + fractions + ([auto] if auto in budgets else [])
+    whole = Budget.every(num_patches)  # `full`'s: every token
+    pairs: list[tuple[str, Budget]] = []
     for m in methods:
         cls = get_reducer_class(m)
         check_arguments(m, kwargs(m))  # before any method reads them
         label = cls.budget_label(kwargs(m))  # e.g. fastv.ratio=0.5: one cell, "R=0.5"
         if label is not None:
-            pairs.append((m, label))
+            pairs.append((m, Budget.own(label)))
         elif not cls.uses_budget:
             pairs.append((m, whole))
         else:
-            pairs += [(m, b) for b in kept if b != AUTO or cls.supports_auto]
-            if AUTO in kept and not cls.supports_auto:
+            pairs += [(m, b) for b in kept if b != auto or cls.supports_auto]
+            if auto in kept and not cls.supports_auto:
                 notes.append(f"{m} has no {AUTO!r} budget: runs at the numeric budgets only")
     if over or "full" in methods:
         pairs.append(("full", whole))

@@ -19,6 +19,8 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from methods.budget import AUTO, Budget
+
 
 class Site(enum.Enum):
     """Where a reducer acts."""
@@ -29,7 +31,6 @@ class Site(enum.Enum):
     LLM = "llm"  # before LLM decoder layer `layer`, during prefill only; layers below keep every token
 
 
-AUTO = "auto"  # the budget of methods that decide their own token count (PruMerge's IQR rule)
 
 
 @dataclass
@@ -157,10 +158,12 @@ class TokenReducer(nn.Module):
     """Base class for every method. Subclasses set `site` and `needs` and implement `forward`.
 
     Args:
-        budget: the largest number of visual tokens the LLM sees from the reduction point on (>= 1); or a fraction
+        budget: a `methods.budget.Budget`, or what `Budget.of` reads (a count, a fraction, "auto"): the largest
+            number of visual tokens the LLM sees from the reduction point on (a count >= 1, then `budget`); a fraction
             of each image's tokens (a float in (0, 1), `fraction`), for families whose images differ in size: the
-            adapter then passes each sample's count as `Tokens.budget` and `budget` is None. Methods that never
-            reduce (`full`) accept None.
+            adapter then passes each sample's count as `Tokens.budget` and `budget` is None; "auto" (`auto`) for
+            methods that choose their own count; or `Budget.own(label)` for a method whose own arguments set the count
+            (`own_count`). Kept as `token_budget`. Methods that never reduce (`full`) accept None.
         layer: for the VISION and LLM sites, the index of the first layer that sees the reduced tokens (an LLM-site
             method that acts at several layers overrides `llm_layers` instead and may leave it None).
     """
@@ -185,24 +188,34 @@ class TokenReducer(nn.Module):
 
     method_args: dict  # the constructor's arguments as called (None ones left out), recorded by `create_reducer`
 
-    def __init__(self, budget: int | float | str | None, layer: int | None = None) -> None:
+    def __init__(self, budget: Budget | int | float | str | None, layer: int | None = None) -> None:
         super().__init__()
-        self.auto = budget == AUTO
-        if self.auto and not self.supports_auto:
-            raise ValueError(f"{type(self).__name__} has no {AUTO!r} budget; give a number of visual tokens")
-        self.fraction = budget if isinstance(budget, float) and self.uses_budget else None
-        if self.fraction is not None and not 0 < self.fraction < 1:
-            raise ValueError(f"{type(self).__name__}: a fraction budget must be strictly between 0 and 1, got {budget}")
-        if self.auto or self.fraction is not None:
-            budget = None
-        elif self.uses_budget and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
-            raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1 or a fraction in (0, 1), got "
-                             f"{budget!r}")
+        who = self.name or type(self).__name__
+        if isinstance(budget, float) and not 0 < budget < 1:
+            raise ValueError(f"{who}: a fraction budget must be strictly between 0 and 1, got {budget}")
+        try:
+            spend = None if budget is None else Budget.of(budget)
+        except ValueError:
+            spend = None
+        if spend is None and (budget is not None or self.uses_budget) or spend is not None and spend.kind == "all":
+            raise ValueError(f"{who}: budget must be an integer >= 1 or a fraction in (0, 1), got {budget!r}")
+        if spend is not None and spend.kind == AUTO and not self.supports_auto:
+            raise ValueError(f"{who} has no {AUTO!r} budget; give a number of visual tokens")
+        self.token_budget = spend if self.uses_budget else None
+        self.auto = spend is not None and spend.kind == AUTO
+        self.fraction = spend.value if spend is not None and spend.kind == "fraction" and self.uses_budget else None
+        budget = spend.value if spend is not None and spend.kind == "count" else None
         multi = type(self).llm_layers is not TokenReducer.llm_layers
         if self.site in (Site.VISION, Site.LLM) and (layer is None and not multi or layer is not None and layer < 0):
             raise ValueError(f"{type(self).__name__} acts at site {self.site.value!r} and needs a `layer` index >= 0")
-        self.budget = None if budget is None else int(budget)
+        self.budget = budget
         self.layer = layer
+
+    @property
+    def own_count(self) -> bool:
+        """Whether this instance's own arguments set its token count (`budget_label`: FastV's `ratio`), not a
+        budget."""
+        return self.token_budget is not None and self.token_budget.kind == "method"
 
     count_args_example: ClassVar[dict] = {}  # for a method whose own arguments can set its token count
     # (`budget_label`): such arguments, as its paper uses them (FastV's {"ratio": 0.5}); the speed benchmark times it

@@ -1,16 +1,15 @@
 """What every command line of the project shares, torch-free at import: a parser whose errors are one line with exit
-status 2, the argument types for budgets, method arguments and positive counts, and the device check."""
+status 2, the argument types for method arguments and positive counts (budgets: `methods.budget.parse_budget`), and
+the device check."""
 
 from __future__ import annotations
 
 import argparse
 import ast
-import math
 import sys
 import textwrap
 from pathlib import Path
 
-AUTO = "auto"  # as methods.base.AUTO, without importing torch
 MODEL_TYPES = {"llava": "LLaVA-1.5", "qwen2_5_vl": "Qwen2.5-VL"}  # config model_type -> family (methods.families)
 CONSOLE_WIDTH = 120  # columns the command-line tools' messages and tables fit
 
@@ -81,48 +80,6 @@ def at_least(low: int):
         return value
 
     return parse
-
-
-def parse_budget(text: str) -> int | float | str:
-    """An argparse type: visual tokens the LLM sees, as a count (>= 1), a fraction of each image's tokens (strictly
-    between 0 and 1, e.g. 0.25), or 'auto'."""
-    if text == AUTO:
-        return text
-    value = _number(text)
-    if value is None:
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number of visual tokens, a fraction or 'auto'")
-    if isinstance(value, float) and value >= 1 and value.is_integer():  # 1e3, 64.0: a count in a float's spelling
-        raise argparse.ArgumentTypeError(f"budget {text}: a count of visual tokens is a whole number "
-                                         f"({int(value)}); a fraction is strictly between 0 and 1")
-    if isinstance(value, float) and not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"budget {text}: a fraction of the image's tokens must be strictly between "
-                                         "0 and 1 (1 keeps them all: that is `full`)")
-    if isinstance(value, int) and value < 1:
-        raise argparse.ArgumentTypeError(f"budget {value} must be >= 1 (visual tokens the LLM sees)")
-    return value
-
-
-def _number(text: str) -> int | float | None:
-    """`text` as an int if it is one, else as a float, else None."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return None
-
-
-def is_fraction(budget: object) -> bool:
-    """Whether a budget is a fraction of each image's tokens (a float), not a count or 'auto'."""
-    return isinstance(budget, float)
-
-
-def budget_count(budget: int | float | str, tokens: int) -> int | str:
-    """The count a budget keeps of an image of `tokens` visual tokens: a fraction f keeps floor(f x tokens), at
-    least 1; a count or 'auto' is itself."""
-    if is_fraction(budget):
-        return max(1, math.floor(budget * tokens + 1e-9))
-    return budget
 
 
 def parse_method_arg(text: str) -> tuple[str, str, object]:

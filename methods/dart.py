@@ -45,6 +45,7 @@ from torch import Tensor
 from methods._ops import gather_tokens, pack_true, sample_budgets
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
+from methods.budget import Budget
 
 
 @register_reducer("dart")
@@ -65,8 +66,8 @@ class DART(TokenReducer):
                              f"got {max_num_trunction}")
         if pivot_image < 1 or pivot_text < 0:
             raise ValueError(f"dart: pivot_image must be >= 1 and pivot_text >= 0, got {pivot_image}, {pivot_text}")
-        self.uses_trunction = max_num_trunction is not None
-        super().__init__(1 if self.uses_trunction else budget, layer)
+        own = self.budget_label({"max_num_trunction": max_num_trunction})
+        super().__init__(budget if own is None else Budget.own(own), layer)
         self.pivot_image, self.pivot_text, self.max_num_trunction = pivot_image, pivot_text, max_num_trunction
         self.pivot_order = pivot_order
 
@@ -105,7 +106,7 @@ class DART(TokenReducer):
         dev = t.x.device
         pivots = self.pivot_image + self.pivot_text
         valid = torch.ones(b, n, dtype=torch.bool, device=dev) if t.valid is None else t.valid
-        if self.uses_trunction:
+        if self.own_count:
             n_img = torch.full((b,), min(self.pivot_image, n), device=dev)
             per = torch.full((b,), self.max_num_trunction // pivots, device=dev)
         else:
@@ -130,7 +131,7 @@ class DART(TokenReducer):
         piv_vec, piv_ok = gather_tokens(piv_vec, order), piv_ok.gather(1, order)
         free = valid & ~is_piv
         chosen = is_piv.clone()
-        if not self.uses_trunction:  # a budget at or above an image's tokens keeps every one of them
+        if not self.own_count:  # a budget at or above an image's tokens keeps every one of them
             chosen = chosen | (valid & (budget >= valid.sum(1)).unsqueeze(1))
         kmax = int(per.max()) if b else 0
         if kmax == 0:  # a budget of at most pivot_image tokens: the image pivots alone, no similarity needed

@@ -20,6 +20,7 @@ from __future__ import annotations
 from methods._ops import gather_tokens, sample_budgets, select_top
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
+from methods.budget import Budget
 
 
 @register_reducer("fastv")
@@ -35,8 +36,7 @@ class FastV(TokenReducer):
             raise ValueError("fastv: give exactly one of budget (image tokens kept) or ratio (share dropped, R)")
         if ratio is not None and not 0.0 <= ratio < 1.0:
             raise ValueError(f"fastv: ratio R is the share of image tokens dropped, in [0, 1), got {ratio}")
-        self.uses_ratio = ratio is not None
-        super().__init__(1 if self.uses_ratio else budget, layer)
+        super().__init__(budget if ratio is None else Budget.own(self.budget_label({"ratio": ratio})), layer)
         self.ratio = ratio
 
     @classmethod
@@ -49,6 +49,6 @@ class FastV(TokenReducer):
         if t.budget is not None:
             k = sample_budgets(self.budget, t.budget, n, b, t.x.device)
         else:
-            k = max(1, round(n * (1 - self.ratio))) if self.uses_ratio else min(self.budget, n)
+            k = max(1, round(n * (1 - self.ratio))) if self.own_count else min(self.budget, n)
         keep, valid = select_top(t.query_attn, k, t.valid)  # (B, K) ascending positions
         return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=valid)

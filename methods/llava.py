@@ -54,7 +54,6 @@ from methods import signals
 from methods._llm import LLM_PROVIDERS, DecodeState, ImageSide, LLMSide, ReducerLog, Seq
 from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Reduced, Site, TokenReducer, Tokens
-from methods.cli import budget_count
 from methods.loading import load_pretrained
 from methods.signals import Dims, Provides, signal_macs
 from methods.trace import Generation, LlavaLayout
@@ -431,7 +430,7 @@ def check_reducer(r: TokenReducer, lay: LlavaLayout) -> None:
     any work starts, the adapter again when it is built."""
     if getattr(r, "fraction", None) is not None:
         raise ValueError(f"{r.name}: every LLaVA image has {lay.num_patches} visual tokens; give the budget as a count "
-                         f"(fraction {r.fraction} of them: {budget_count(r.fraction, lay.num_patches)})")
+                         f"(fraction {r.fraction} of them: {r.token_budget.tokens(lay.num_patches)})")
     signals.check(r, ReducedLlava.provides, lay.llm_layers, lay.num_patches)
     if r.site is Site.VISION and not 0 <= r.layer < min(lay.feature_layers):
         raise ValueError(

@@ -48,7 +48,7 @@ import torch
 from methods._ops import gather_tokens, select_top
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
-from methods.cli import budget_count
+from methods.budget import Budget
 
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)  # the reference's image_token_ratio_list after its leading 1.0
 
@@ -108,8 +108,7 @@ class PyramidDrop(TokenReducer):
             raise ValueError(f"pdrop: ratios must be non-increasing shares in (0, 1], one per stage, got {ratios}")
         if layers is not None and (ratios is not None and len(layers) != len(ratios)):
             raise ValueError(f"pdrop: {len(layers)} layers but {len(ratios)} ratios; give one ratio per stage")
-        super().__init__(1 if ratios is not None else budget)
-        self.uses_ratios = ratios is not None
+        super().__init__(budget if ratios is None else Budget.own(self.budget_label({"ratios": ratios})))
         self.layers, self.ratios = (None if layers is None else tuple(layers)), ratios
         self.positions = positions  # "reference": renumbered where positions are 1-D (base.TokenReducer.positions)
 
@@ -120,19 +119,19 @@ class PyramidDrop(TokenReducer):
 
     def llm_layers(self, n_layers: int, num_patches: int) -> tuple[int, ...]:
         layers = self.layers if self.layers is not None else default_layers(n_layers)
-        if self.uses_ratios and len(self.ratios) != len(layers):
+        if self.own_count and len(self.ratios) != len(layers):
             raise ValueError(f"pdrop: {len(self.ratios)} ratios but {len(layers)} stages (layers {list(layers)} of "
                              f"this {n_layers}-layer LLM); give one ratio per stage, or pdrop.layers with one layer "
                              "per ratio")
-        if not self.uses_ratios and len(set(layers)) == len(layers) and layers[-1] < n_layers:
-            budget = self.budget if self.budget is not None else budget_count(self.fraction, num_patches)
-            solve_ratio(budget, num_patches, layers, n_layers)  # refuses a budget the stages cannot meet
+        if not self.own_count and len(set(layers)) == len(layers) and layers[-1] < n_layers:
+            # refuses a budget the stages cannot meet
+            solve_ratio(self.token_budget.tokens(num_patches), num_patches, layers, n_layers)
         return layers
 
     def schedule(self, n: int, n_layers: int, budget: int | None = None) -> list[int]:
         """Image tokens kept at each stage for an image of `n` tokens on an `n_layers`-layer LLM."""
         layers = self.layers if self.layers is not None else default_layers(n_layers)
-        if self.uses_ratios:
+        if self.own_count:
             return stage_counts(n, self.ratios)
         budget = self.budget if budget is None else max(1, budget)
         if budget >= n:  # at or above the image's tokens: every token stays (the bisection would lose one to rounding)

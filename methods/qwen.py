@@ -41,7 +41,7 @@ from methods import signals
 from methods._llm import LLM_PROVIDERS, DecodeState, ImageSide, LLMSide, ReducerLog, Seq
 from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Site, TokenReducer, Tokens
-from methods.cli import budget_count
+from methods.budget import Budget
 from methods.loading import load_pretrained
 from methods.signals import Provides
 from methods.trace import Generation, QwenLayout
@@ -160,9 +160,10 @@ class ReducedQwen(LLMSide):
 
 
 def fraction_counts(fraction: float, tokens: Tensor) -> Tensor:
-    """(B,) tokens kept of images of `tokens` (B,) visual tokens at a fraction budget (`methods.cli.budget_count`:
-    floor(f x tokens), at least 1)."""
-    return torch.tensor([budget_count(fraction, n) for n in tokens.tolist()], device=tokens.device)
+    """(B,) tokens kept of images of `tokens` (B,) visual tokens at a fraction budget (`Budget.tokens`: floor(f x
+    tokens), at least 1)."""
+    share = Budget.fraction(fraction)
+    return torch.tensor([share.tokens(n) for n in tokens.tolist()], device=tokens.device)
 
 
 def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> None:

@@ -67,7 +67,7 @@ from torch import Tensor
 from methods._ops import gather_tokens, select_top
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
-from methods.cli import budget_count
+from methods.budget import Budget
 
 REFERENCE_COUNTS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}  # score.py, of 576 tokens
 REFERENCE_PATCHES, REFERENCE_DEPTH = 576, 32
@@ -216,8 +216,8 @@ class SparseVLM(TokenReducer):
         if layers is not None and counts is None and len(layers) != len(REFERENCE_LAYERS):
             raise ValueError(f"sparsevlm: the reference's table has {len(REFERENCE_LAYERS)} stages but layers has "
                              f"{len(layers)}; give {len(REFERENCE_LAYERS)} layers or explicit counts")
-        super().__init__(1 if budget is None else budget)
-        self.uses_budget_mean = budget is not None
+        own = self.budget_label({"retained_tokens": retained_tokens, "counts": counts})
+        super().__init__(budget if own is None else Budget.own(own))
         self.layers = None if layers is None else tuple(layers)
         self.retained_tokens, self.counts = retained_tokens, None if counts is None else tuple(counts)
         self.positions = positions  # "reference": renumbered where positions are 1-D (base.TokenReducer.positions)
@@ -242,9 +242,9 @@ class SparseVLM(TokenReducer):
         if self.counts is not None and len(layers) != len(self.counts):
             raise ValueError(f"sparsevlm: {len(self.counts)} counts but this {n_layers}-layer LLM has {len(layers)} "
                              "default stages; give sparsevlm.layers")
-        if self.uses_budget_mean and len(set(layers)) == len(layers) and 1 <= layers[0] and layers[-1] < n_layers:
-            budget = None if self.budget is not None else budget_count(self.fraction, num_patches)
-            self.schedule(num_patches, n_layers, budget)  # refuses a budget the stages cannot meet
+        if not self.own_count and len(set(layers)) == len(layers) and 1 <= layers[0] and layers[-1] < n_layers:
+            # refuses a budget the stages cannot meet
+            self.schedule(num_patches, n_layers, self.token_budget.tokens(num_patches))
         return layers
 
     def schedule(self, n: int, n_layers: int, budget: int | None = None) -> tuple[int, ...]:

@@ -83,7 +83,7 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
         _error_bars(ax, df.loc[idx], x[idx], y[idx], colour[method])
         labels += [(x[i], y[i], str(df.at[i, "budget"]), colour[method], j) for i in idx]
     for i in df.index[df["method"] == REFERENCE]:
-        whole = pd.to_numeric(df.at[i, "budget"], errors="coerce")  # a count, or 1.0 where images differ in size
+        whole = df.at[i, "budget_tokens"]  # a count, or 1.0 where images differ in size
         kept = f"{df.at[i, 'budget']} tokens" if whole > 1 else "every token"
         ax.axhline(y[i], color="black", linestyle="--", linewidth=1, label=f"{REFERENCE} ({kept})")
         if "ci95_low" in df.columns and pd.notna(df.at[i, "ci95_low"]) and pd.notna(df.at[i, "ci95_high"]):

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-REQUIRED = ("task", "method", "budget", "metric", "value", "prefill_tflops_mean", "visual_tokens_mean")
-NUMERIC = ("value", "prefill_tflops_mean", "visual_tokens_mean", "ci95_low", "ci95_high")  # the CI: when present
+REQUIRED = ("task", "method", "budget", "budget_tokens", "metric", "value", "prefill_tflops_mean",
+            "visual_tokens_mean")
+NUMERIC = ("value", "budget_tokens", "prefill_tflops_mean", "visual_tokens_mean", "ci95_low",
+           "ci95_high")  # the CI: when present
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -85,7 +87,9 @@ def load(dirs: list[Path]) -> Results:
             raise ResultsError(f"{path} is not a run_bench.py summary ({e}); rerun run_bench.py --output {d}") from None
         missing = [c for c in REQUIRED if c not in df.columns]
         if missing:
-            raise ResultsError(f"{path} is not a run_bench.py summary: no column(s) {', '.join(missing)}")
+            raise ResultsError(f"{path} is not a run_bench.py summary of this version: no column(s) "
+                               f"{', '.join(missing)}; if run_bench.py wrote it, rerun the same command with --output "
+                               f"{d} (it rebuilds summary.csv from cells/)")
         if df.empty:
             raise ResultsError(f"{path} has no rows yet; let run_bench.py finish at least one cell")
         for col in (c for c in NUMERIC if c in df.columns):
@@ -108,7 +112,6 @@ def load(dirs: list[Path]) -> Results:
     df = (df.sort_values("time_utc", kind="stable")
             .drop_duplicates(["task", "method", "method_args", "budget", "metric"], keep="last"))
     df = over_seeds(df)
-    df["budget_tokens"] = pd.to_numeric(df["budget"], errors="coerce").fillna(df["visual_tokens_mean"])
     df = df.sort_values(["task", "method", "budget_tokens"], kind="stable").reset_index(drop=True)
     primary = {}
     for task, rows in df.groupby("task", sort=False):

@@ -44,7 +44,8 @@ def selection_pictures(res: Results, out: Path, max_docs: int = 2) -> list[Path]
         if not entries:
             continue
         methods = sorted({m for m, _ in entries})
-        budgets = sorted({b for _, b in entries}, key=lambda b: (float(b) if b.replace(".", "").isdigit() else 1e9, b))
+        order = dict(zip(res.summary["budget"], res.summary["budget_tokens"], strict=True))  # the store's numbers
+        budgets = sorted({b for _, b in entries}, key=lambda b: (order.get(b, float("inf")), b))
         try:
             image = np.asarray(plt.imread(png))
             grid = tuple(meta["grid"])

@@ -27,7 +27,8 @@ def write_run(root: Path, cells: list[tuple], time_utc: str = "2026-01-01T00:00:
     root.mkdir(parents=True, exist_ok=True)
     rows, samples = [], []
     for task, method, budget, acc, tflops, ms in cells:
-        common = {"task": task, "method": method, "budget": budget, "n": 10, "visual_tokens_mean": float(budget),
+        common = {"task": task, "method": method, "budget": budget, "budget_tokens": budget, "n": 10,
+                  "visual_tokens_mean": float(budget),
                   "prefill_tflops_mean": tflops, "prefill_ms_median": ms, "relevant_precision_mean": 0.25,
                   "method_args": json.dumps({"budget": budget}), "time_utc": time_utc, "model": "/m/smoke/checkpoint",
                   "device": "cpu", "dtype": "float32", "batch_size": 4}

@@ -12,8 +12,9 @@ from tqdm import tqdm
 import run_bench
 from benchmarks import runner
 from benchmarks.defaults import SMOKE_MODEL, SYNTH_TASKS
+from benchmarks.distributed import current_world
 from benchmarks.plan import Cell, RunSpec, fingerprint, make_reducer
-from benchmarks.store import SUMMARY_COLUMNS, ResultStore
+from benchmarks.store import SUMMARY_COLUMNS, OutputBusyError, ResultStore
 
 REPO = SYNTH_TASKS.parent.parent.parent
 
@@ -135,3 +136,24 @@ def test_store_rebuild_reads_each_cell_once_and_sees_changed_files(tmp_path, mon
     lines = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert sorted((s["method"], s["correct"]) for s in lines) == [("fastv", 1.0), ("full", 1.0), ("random", 0.0)]
     store.release()
+
+
+def test_the_store_session_holds_the_folder_for_one_block(tmp_path):
+    """`ResultStore.session`: the folder is created and locked inside the block, released after it, and a block that
+    fails before any cell finished leaves nothing behind; a cell of another run's conditions is moved aside, said."""
+    world = current_world("cpu")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), ResultStore(out).session(world, SMOKE_MODEL, "run", {"t": "a"}) as notes:
+        assert notes == [] and (out / ".lock").is_file()
+        with pytest.raises(OutputBusyError):
+            ResultStore(out).check_writable()  # held
+        raise KeyboardInterrupt
+    assert not out.exists()  # nothing finished: nothing left
+    store = ResultStore(out)
+    with store.session(world, SMOKE_MODEL, "run", {"t": "a"}):
+        store.save(Cell("t", "full", 4), "fp", SMOKE_MODEL, {"run": "run", "task": "a"},
+                   [{"task": "t", "method": "full", "budget": 4, "metric": "exact_match", "value": 1.0}], [])
+    ResultStore(out).check_writable()  # released
+    with ResultStore(out).session(world, SMOKE_MODEL, "run", {"t": "b"}) as notes:  # the task's files changed
+        assert len(notes) == 1 and notes[0].startswith("1 cells in ") and "moved to cells/superseded/" in notes[0]
+    assert (out / "cells" / "superseded" / "t__full__4__fp.json").is_file()

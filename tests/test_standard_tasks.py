@@ -282,7 +282,7 @@ def test_fingerprint_follows_the_data(tmp_path):
 
     def fp(*task_data):
         spec = RunSpec(methods=("full",), tasks=("pope", "gqa"), task_data=task_data)
-        return fingerprint(run_conditions(spec), args, short_hash(task_identity(tm, spec, "pope")))
+        return fingerprint(run_conditions(spec).key, args, short_hash(task_identity(tm, spec, "pope")))
 
     plain, a, b = fp(), fp(("pope", tmp_path / "a")), fp(("pope", tmp_path / "b"))
     assert len({plain, a, b}) == 3

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face library is imported
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,6 +23,26 @@ from transformers import (
 from benchmarks.smoke_model.build import build_model, build_processor
 from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor, save_qwen
 from methods.trace import QwenLayout
+
+SLOW_PROGRAMS = ("python", "accelerate", "lmms-eval", "lmms_eval", "torchrun", "ruff")  # what a quick test never starts
+
+
+@pytest.fixture(autouse=True)
+def _subprocesses_are_slow(request, monkeypatch):
+    """A test that starts a program of ours in a subprocess (a Python interpreter, `accelerate launch`, lmms-eval,
+    ruff) is marked `slow`, so that `pytest -m "not slow"` is the contributor's quick loop: an unmarked one fails
+    here, saying so (system helpers such as git and uname, which libraries call, are not flagged)."""
+    if request.node.get_closest_marker("slow"):
+        return
+    real = subprocess.Popen.__init__
+
+    def init(self, args, *rest, **kwargs):
+        program = args if isinstance(args, str | os.PathLike) else args[0]
+        if Path(str(program).split()[0]).name.startswith(SLOW_PROGRAMS):
+            raise AssertionError(f"{request.node.nodeid} starts a subprocess ({program}): mark it @pytest.mark.slow")
+        real(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", init)
 
 IMAGE_TOKEN = 5  # id of the image placeholder in the tiny vocabulary
 

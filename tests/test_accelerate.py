@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 
 import datasets
+import pytest
 
 import run_bench
 from benchmarks.defaults import SMOKE_MODEL
 
+pytestmark = pytest.mark.slow  # every test here launches run_bench.py under accelerate
 REPO = Path(run_bench.__file__).resolve().parent
 ARGS = ["--model", str(SMOKE_MODEL), "--tasks", "synth_vqa", "--methods", "full", "random", "--budgets", "16",
         "--limit", "39", "--batch-size", "8", "--device", "cpu"]

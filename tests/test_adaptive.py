@@ -155,6 +155,7 @@ def test_training_command_rejects_one_sample_for_reinforce(tmp_path, capsys):
     assert "at least 2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_runs_under_accelerate_with_two_processes(tmp_path):
     """Two CPU processes (gloo) train one controller; the main process logs and saves it. Launched with
     `--multi_gpu` because `accelerate launch --cpu` starts a single process (see tests/test_accelerate.py)."""
@@ -251,6 +252,7 @@ def test_training_bad_input_is_one_line(argv, phrase, tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_sigint_during_training_exits_130_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "ctrl"
     cmd = [sys.executable, "-m", "benchmarks.train_adaptive", "--model", str(SMOKE_MODEL), *TRAIN, "--out", str(out)]

@@ -30,6 +30,7 @@ def in_fresh_python(argv: list[str]) -> tuple[int, str, bool]:
     return int(status), p.stderr, torch_seen == "TORCH"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--help"], ["--list"], ["--budgets", "0"], ["--methods", "prumerg"],
                                   ["--tasks", "synth_vqa,gqa"], ["--method-args", "fastv.depth=1"],
                                   ["--batch-size", "0"], ["--model", "/nonexistent"]])
@@ -96,6 +97,7 @@ def test_cell_line():
         "[3/22] synth_vqa  fastv           16: exact_match 87.6 %, 16.0 visual tokens, 0.3 prefill GFLOPs, 2.5 s")
 
 
+@pytest.mark.slow
 def test_a_run_prints_one_line_per_cell_and_no_progress_bars(tiny_ckpt, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     argv = [sys.executable, "run_bench.py", "--model", str(tiny_ckpt), "--methods", "full", "random", "--budgets", "4",

@@ -55,6 +55,7 @@ CELLS = [("synth_vqa", "full", 16, 0.9, 0.30, 10.0), ("synth_vqa", "prumerge", 4
          ("other", "full", 16, 0.6, 0.30, 10.0), ("other", "prumerge", 4, 0.3, 0.12, 5.0)]
 
 
+@pytest.mark.slow
 def test_every_figure_and_table_without_torch_in_seconds(tmp_path):
     run = write_run(tmp_path / "run", CELLS)
     code = ("import sys, time; t = time.time(); from plots.__main__ import main; rc = main([sys.argv[1]]); "

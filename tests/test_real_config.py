@@ -20,8 +20,8 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from benchmarks.lmms_model import ReducedLMM
-from benchmarks.plan import RunSpec
-from benchmarks.runner import run
+from benchmarks.plan import RunSpec, make_plan
+from benchmarks.runner import run, task_manager
 from benchmarks.smoke_model.build import IMAGE_TOKEN, build_processor
 from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.synthetic.tasks.utils import doc_to_text
@@ -103,7 +103,7 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
                    dtype="float32", method_kwargs=(("fastv", "layer", 1), ("dart", "layer", 1),
                                                    ("sparsevlm", "counts", (BUDGET,)), ("sparsevlm", "layers", (1,))))
     assert set(spec.methods) == set(list_reducers())  # the learned methods found their controllers
-    rows = run(spec, progress=False, lm=lm)
+    rows = run(spec, make_plan(spec), task_manager(spec), lm, progress=False)
 
     cells = {(r["method"], r["budget"]) for r in rows}
     fixed = {"full": PATCHES, "sparsevlm": f"counts={BUDGET}"}  # SparseVLM: one stage (2 layers) keeping 64
@@ -153,12 +153,10 @@ def test_in_llm_methods_equal_their_reference_restatements_on_7b_shapes(checkpoi
     same logits after one decoding step."""
     from methods import create_reducer  # noqa: PLC0415
     from methods.llava import ReducedLlava  # noqa: PLC0415
-    from tests.test_methods import (  # noqa: PLC0415
-        _dart_restated,
-        _matches_restatement,
-        _pdrop_restated,
-        _sparsevlm_restated,
-    )
+    from tests.restate import matches_restatement  # noqa: PLC0415
+    from tests.test_dart import _dart_restated  # noqa: PLC0415
+    from tests.test_pdrop import _pdrop_restated  # noqa: PLC0415
+    from tests.test_sparsevlm import _sparsevlm_restated  # noqa: PLC0415
 
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
@@ -181,4 +179,4 @@ def test_in_llm_methods_equal_their_reference_restatements_on_7b_shapes(checkpoi
             assert per_layer == [PATCHES, BUDGET + 16]
         state = red.prefill(ids, mask, pixels)
         assert state.trace.visual_tokens[0].tolist() == per_layer, name
-        _matches_restatement(red, state, PATCHES, kept, logits, layer_inputs, tol=2e-3)
+        matches_restatement(red, state, PATCHES, kept, logits, layer_inputs, tol=2e-3)

@@ -229,6 +229,7 @@ def test_duplicate_budgets_are_a_note_not_an_error(tiny_ckpt, capsys):
     assert "budget 8 given more than once: each runs once" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_traceback_only_with_debug(tiny_ckpt):
     quiet = bench("--model", str(tiny_ckpt), "--methods", "prumerg")
     assert quiet.wait(120) == 2 and "Traceback" not in quiet.stderr.read()
@@ -239,6 +240,7 @@ def test_a_traceback_only_with_debug(tiny_ckpt):
 SWEEP = ["--methods", "full", "random", "prumerge", "--budgets", "4", "8", "12", "--limit", "20", "--batch-size", "4"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_sweep_loses_no_finished_cell_and_the_rerun_completes_it(tiny_ckpt, tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     args = ["--model", str(tiny_ckpt), *SWEEP]
@@ -277,6 +279,7 @@ def test_same_command_same_numbers_and_the_seed_changes_only_what_is_random(tiny
     assert kept_a != kept_c  # the random method draws other patches
 
 
+@pytest.mark.slow
 def test_a_second_sweep_into_the_same_directory_refuses(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "shared"
     first = bench("--model", str(tiny_ckpt), *SWEEP, "--output", str(out))

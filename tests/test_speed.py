@@ -191,6 +191,7 @@ print(before, min(faults() for _ in range(3)), note)  # the fewest: a small bloc
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's; elsewhere the sweep says so")
 def test_reuse_freed_memory_stops_large_tensors_being_mapped_fresh():
     """glibc maps a 64 MiB block fresh every time, so each fill faults its 16,384 pages in again; once

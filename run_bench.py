@@ -18,13 +18,12 @@ from benchmarks.defaults import (
     CATALOGUE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_OUTPUT,
-    OTHER_TASKS,
     SMOKE_LIMIT,
     SMOKE_MODEL,
-    SMOKE_TASKS,
     default_output,
     go_offline,
 )
+from benchmarks.tasks import OTHER_TASKS, SMOKE_TASKS
 from methods import expand_methods
 from methods.budget import parse_budget
 from methods.cli import (
@@ -215,9 +214,10 @@ def _main(args: argparse.Namespace) -> int:
     from benchmarks.console import plan_table, results_table
     from benchmarks.distributed import is_main_process
     from benchmarks.plan import RunSpec, make_plan, plan_costs
-    from benchmarks.runner import load_model, run, task_manager
-    from benchmarks.standard_tasks import parse_task_data
+    from benchmarks.runner import load_model, run
     from benchmarks.store import ResultStore
+    from benchmarks.tasks.manager import task_manager
+    from benchmarks.tasks.standard import parse_task_data
 
     spec = RunSpec(model=args.model, methods=tuple(args.methods), budgets=tuple(args.budgets),
                    tasks=tuple(args.tasks or ()), limit=args.limit, seed=args.seed, batch_size=args.batch_size,
@@ -226,7 +226,7 @@ def _main(args: argparse.Namespace) -> int:
                    method_kwargs=tuple(args.method_args),
                    task_data=tuple(parse_task_data(t) for t in args.task_data))
     plan = make_plan(spec)  # every cell's reducer built and checked against the model's layout
-    tm = task_manager(spec)  # unknown tasks, with close matches
+    tm = task_manager(spec.tasks, spec.include_paths)  # unknown tasks, with close matches
     if is_main_process():
         ResultStore(spec.output).check_writable()  # and not in use by another sweep
     say = print if is_main_process() else (lambda *_: None)  # several processes: rank 0 speaks

@@ -10,11 +10,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "checkpoint"
 QWEN_SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "qwen_checkpoint"  # `--model` it for the Qwen2.5-VL family
-SYNTH_TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
-SMOKE_TASKS = ("synth_vqa", "synth_scenes")  # the LLaVA smoke model's tasks (trained on both), its sweep's default
-OTHER_TASKS = ("synth_vqa",)  # any other model's default (the Qwen2.5-VL smoke model knows this task only)
-SYNTH_TASK_DOCS = {"synth_vqa": 1000, "synth_scenes": 1000}  # questions in each synthetic task's test split
-RELEVANT_PATCH_TASKS = tuple(SYNTH_TASK_DOCS)  # tasks whose docs record each question's relevant_patches (`oracle`)
 DEFAULT_OUTPUT = REPO / "results" / "runs" / "smoke"  # the LLaVA smoke model's; another model gets its own
 DEFAULT_BATCH_SIZE = 32  # results do not depend on it (batch invariance is tested); 32 is the fastest on 2 cores
 # The LLaVA smoke model's default questions per task: the whole default sweep (2 tasks, 122 cells) in under 10
@@ -36,12 +31,6 @@ def default_output(model: Path) -> Path:
 def is_smoke_model(model: Path) -> bool:
     """Whether `model` is the committed LLaVA smoke model (the folder, however the path is written)."""
     return Path(model).resolve() == SMOKE_MODEL.resolve()
-
-
-def default_tasks(model: Path) -> tuple[str, ...]:
-    """The tasks a sweep on `model` runs when none are named: the LLaVA smoke model's (`SMOKE_TASKS`), `synth_vqa` on
-    any other (the Qwen2.5-VL smoke model's one task; a real model is given its tasks with --tasks)."""
-    return SMOKE_TASKS if is_smoke_model(model) else OTHER_TASKS
 
 
 def catalogue() -> dict[str, dict]:
@@ -69,8 +58,8 @@ def go_offline() -> None:
 
 def controllers(model: Path, method: str) -> dict[int | None, Path]:
     """A learned method's trained controllers for a checkpoint, by training seed: MODEL/controllers/METHOD/seed<N>/
-    (what `python -m benchmarks.train_adaptive --seed N` writes), or MODEL/controllers/METHOD/ itself when it holds
-    one controller (seed unknown: key None). A folder counts when it holds a controller.json."""
+    (what `python -m benchmarks.tools.train_adaptive --seed N` writes), or MODEL/controllers/METHOD/ itself when it
+    holds one controller (seed unknown: key None). A folder counts when it holds a controller.json."""
     root = Path(model) / "controllers" / method
     if (root / "controller.json").is_file():
         return {None: root}

@@ -66,7 +66,7 @@ def lmms_eval_syntax(message: str, method: str | None = None) -> str:
     `ARG=V in --model_args`, `set M.ARG` becomes `set ARG in --model_args`, `pass --model PATH` becomes
     `pass pretrained=PATH in --model_args` and any other `--model PATH` `pretrained=PATH` (in lmms-eval `--model`
     names the model class). Commands quoted in backticks (another
-    program's options, e.g. `python -m benchmarks.train_adaptive --model MODEL`) are left as they are."""
+    program's options, e.g. `python -m benchmarks.tools.train_adaptive --model MODEL`) are left as they are."""
     parts = message.split("`")
     for i in range(0, len(parts), 2):  # the even parts are outside backticks
         text = re.sub(r"--method-args (\w+)\.(\w+=[^\s;,)]+)", r"\2 in --model_args", parts[i])

@@ -22,16 +22,13 @@ from benchmarks.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUDGET_FRACTIONS,
     DEFAULT_OUTPUT,
-    RELEVANT_PATCH_TASKS,
     SMOKE_MODEL,
-    SYNTH_TASK_DOCS,
     controllers,
     default_limit,
-    default_tasks,
 )
-from benchmarks.standard_tasks import TASKS as STANDARD_TASKS
-from benchmarks.standard_tasks import check_task_data
-from benchmarks.synthetic.generate import IMAGE_SIZE as SYNTH_IMAGE_SIZE
+from benchmarks.tasks import RELEVANT_PATCH_TASKS, SYNTH_TASK_DOCS, default_tasks, reference_image
+from benchmarks.tasks.standard import TASKS as STANDARD_TASKS
+from benchmarks.tasks.standard import check_task_data
 from flops.analytic import count, model_shape
 from flops.shapes import check_shapes, processor_grid, shape_record
 from methods import TokenReducer, create_reducer, expand_methods, get_reducer_class, list_reducers, method_budgets
@@ -67,7 +64,7 @@ class RunSpec:
     model: Path = SMOKE_MODEL
     methods: tuple[str, ...] = ()
     budgets: tuple[Budget, ...] = ()  # parsed at the edge (`Budget.parse`, `Budget.of`)
-    tasks: tuple[str, ...] = ()  # none: the model's default tasks (`benchmarks.defaults.default_tasks`)
+    tasks: tuple[str, ...] = ()  # none: the model's default tasks (`benchmarks.tasks.default_tasks`)
     limit: int | None = None  # none: the model's default (`benchmarks.defaults.default_limit`)
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -188,7 +185,7 @@ def make_plan(spec: RunSpec) -> Plan:
     layout = family.layout(config)
     tokens = layout.num_patches if family.fixed_tokens else None  # every image's visual tokens, when fixed
     cells, notes = spec.cells(tokens)
-    grid = None if family.fixed_tokens else processor_grid(config, spec.model, *reference_image(spec))
+    grid = None if family.fixed_tokens else processor_grid(config, spec.model, *reference_image(spec.tasks))
     if grid is None:
         check = family.check_reducer
     else:  # images differ in size: checked on the reference image (exactly, for the synthetic tasks), and per batch
@@ -218,7 +215,7 @@ def make_plan(spec: RunSpec) -> Plan:
                 try:
                     family.refuse(m)
                     why = (f"no trained controller in {spec.model}/controllers/{m}; train one with `python -m "
-                           f"benchmarks.train_adaptive --model {spec.model} --method {m}`")
+                           f"benchmarks.tools.train_adaptive --model {spec.model} --method {m}`")
                 except (ValueError, NotImplementedError) as e:
                     why = first_line(e)
                 skipped.setdefault((m, why), [])
@@ -390,14 +387,6 @@ def identify(plan: Plan, spec: RunSpec, tm) -> Identity:
         fp = fingerprint(conditions.key, {"method": cell.method, **reducer.method_args}, task)
         cells.append(PlannedCell(cell, reducer, fp, {"run": conditions.key, "task": task}))
     return Identity(conditions, tasks, cells)
-
-
-def reference_image(spec: RunSpec) -> tuple[int, int]:
-    """(width, height) in pixels of the image a dry run prices when images differ in size: the synthetic tasks'
-    when the sweep runs only those, else 448 x 448."""
-    if all(t in SYNTH_TASK_DOCS for t in spec.tasks):
-        return SYNTH_IMAGE_SIZE, SYNTH_IMAGE_SIZE
-    return 448, 448
 
 
 def make_reducer(cell: Cell, spec: RunSpec, num_patches: int | None = None) -> TokenReducer:

@@ -9,7 +9,6 @@ finishes (`benchmarks.store`), its rows made from lmms-eval's results and the mo
 from __future__ import annotations
 
 import contextlib
-import difflib
 import io
 import re
 import sys
@@ -20,64 +19,20 @@ from pathlib import Path
 import datasets
 import torch
 from lmms_eval.evaluator import simple_evaluate
-from lmms_eval.tasks import TaskManager
 from tenacity import RetryError
 from tqdm import tqdm
 
 from benchmarks.console import cell_line
-from benchmarks.defaults import SMOKE_TASKS, SYNTH_TASKS
 from benchmarks.distributed import current_world
 from benchmarks.lmms_model import DocumentError, ReducedLMM
 from benchmarks.plan import Cell, Plan, RunSpec, identify, task_data_files
 from benchmarks.records import Recorder, cell_records, peak_rss, provenance
-from benchmarks.standard_tasks import load_error, package_dirs, submission_args, task_config
 from benchmarks.store import ResultStore
-from benchmarks.synthetic.generate import SYNTH_VQA, ensure_test_data
-from benchmarks.synthetic.scenes import SYNTH_SCENES
+from benchmarks.tasks.manager import ensure_task_data
+from benchmarks.tasks.standard import load_error, submission_args, task_config
 from methods.cli import first_line
 
 PROGRESS_LINE = re.compile(r"\d+%\||\[A$|it/s\]|s/it\]|examples/s\]")  # a tqdm bar's refresh
-
-
-def task_manager(spec: RunSpec):
-    """A TaskManager that knows our tasks and the user's include paths; lmms-eval's defaults only if needed."""
-    paths = [str(SYNTH_TASKS)] + [str(p) for p in spec.include_paths] + package_dirs(spec.tasks)
-    for p in spec.include_paths:
-        if not Path(p).is_dir():
-            raise FileNotFoundError(f"--include-path {p} is not a directory of lmms-eval task YAMLs")
-    try:
-        tm = TaskManager(include_defaults=False, include_path=paths)
-        if not all(t in tm.all_tasks for t in spec.tasks):
-            tm = TaskManager(include_path=paths)
-    except Exception as e:  # noqa: BLE001 - yaml's and lmms-eval's own errors for a malformed task file
-        mark = getattr(e, "problem_mark", None)  # yaml's position of the error
-        where = f" ({mark.name}, line {mark.line + 1})" if mark else ""
-        raise ValueError(f"a task YAML cannot be read{where} ({type(e).__name__}: {first_line(e)}); fix or move it "
-                         "out of the --include-path folders") from None
-    unknown = [t for t in spec.tasks if t not in tm.all_tasks]
-    if unknown:
-        hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=3) for t in unknown}
-        msg = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
-        raise KeyError(f"unknown task {msg}. Our tasks: {', '.join(SMOKE_TASKS)}; `run_bench.py --list` lists them")
-    return tm
-
-
-SYNTH_GENERATORS = {"synth_vqa": SYNTH_VQA, "synth_scenes": SYNTH_SCENES}
-
-
-def ensure_task_data(tasks: tuple[str, ...]) -> None:
-    """Our synthetic tasks' test splits are generated on first use (deterministic, seeded), and rewritten when a
-    stored file is not what the generator makes now."""
-    for task in tasks:
-        gen = SYNTH_GENERATORS.get(task)
-        if gen is None:
-            continue
-        if not gen.test_file.is_file():
-            print(f"writing {task}'s 1,000 questions to {gen.test_file} (first use, a few seconds)")
-        ensure_test_data(gen=gen)
-
-
-# ---------------------------------------------------------------------------------------------- running
 
 
 @dataclass(frozen=True)
@@ -183,10 +138,10 @@ def load_model(spec: RunSpec, verbose: bool = False) -> ReducedLMM:
 def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, verbose: bool = False,
         force: bool = False) -> list[dict]:
     """Evaluate every cell of `plan` (`make_plan(spec)`) that is not already in the output folder under the same
-    conditions (all of them with `force`), with task manager `tm` (`task_manager(spec)`) and model `lm`
-    (`load_model(spec)`); return the summary rows of this plan's cells (the folder's summary.csv also keeps its other
-    cells). Prints one line per finished cell; `progress` draws a bar over the cells on a terminal; `verbose` lets
-    lmms-eval's own progress bars and messages through.
+    conditions (all of them with `force`), with task manager `tm` (`benchmarks.tasks.manager.task_manager`) and model
+    `lm` (`load_model(spec)`); return the summary rows of this plan's cells (the folder's summary.csv also keeps its
+    other cells). Prints one line per finished cell; `progress` draws a bar over the cells on a terminal; `verbose`
+    lets lmms-eval's own progress bars and messages through.
 
     Phases: the synthetic tasks' data; every cell's identity (`identify`); the folder held for the run
     (`ResultStore.session`); the cells it lacks, each evaluated, recorded and stored as it finishes; the paired

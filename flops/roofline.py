@@ -18,7 +18,7 @@ the lm_head) takes max(FLOPs / peak compute, bytes / peak bandwidth) and the par
 Peaks: `DEVICES` lists dense matmul throughput per dtype and memory bandwidth from the vendors' datasheets; "cpu"
 is this machine, measured by `calibrate_cpu` (a matmul at several row counts, since a CPU's GEMM rate falls for
 skinny matrices, and a large copy for the bandwidth). Predicted times are lower bounds on an ideal implementation:
-kernel launches, Python overhead and cache effects are not in them, which is what `benchmarks.speed` compares.
+kernel launches, Python overhead and cache effects are not in them, which is what `benchmarks.tools.speed` compares.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Adaptively for Multimodal Large Language Models", arXiv 2503.10905): a scalar bu
 frequencies, then an MLP), fused with the image content, and a head scores every patch; "how many" is the budget
 itself (K = budget), "which" comes from the scores. Selection is Gumbel top-K in training (exactly K patches per
 sample, drawn without replacement from the scores' softmax) and plain top-K in eval. Trained with the LM loss only
-and a random budget per batch (`python -m benchmarks.train_adaptive`).
+and a random budget per batch (`python -m benchmarks.tools.train_adaptive`).
 
 Site: features. The kept patches go to the projector in their original order (CLS is dropped before the
 controller, as LLaVA's "default" feature selection does); the LLM sees exactly K visual tokens, in training as in
@@ -172,7 +172,7 @@ class _Adaptive(TokenReducer):
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         if (checkpoint is None) == (config is None):
             raise ValueError(f"{self.name}: no trained controller; train one with `python -m "
-                             f"benchmarks.train_adaptive --model MODEL --method {self.name}` (it lands in "
+                             f"benchmarks.tools.train_adaptive --model MODEL --method {self.name}` (it lands in "
                              f"MODEL/controllers/{self.name}/seed0) or pass --method-args {self.name}.checkpoint=DIR")
         if checkpoint is not None:
             config = load_config(checkpoint, self.name)
@@ -190,7 +190,7 @@ class _Adaptive(TokenReducer):
                 missing, unexpected = self.load_state_dict(state, strict=False)
             except Exception as e:  # unreadable file, or tensors of another shape
                 raise ValueError(f"{checkpoint}: cannot load the {self.name} controller ({first_line(e)}); retrain "
-                                 f"it with `python -m benchmarks.train_adaptive --method {self.name}`") from None
+                                 f"it with `python -m benchmarks.tools.train_adaptive --method {self.name}`") from None
             if missing or unexpected:
                 raise ValueError(f"{checkpoint} does not match {self.name}: missing {missing}, unexpected {unexpected}")
 
@@ -205,7 +205,7 @@ class _Adaptive(TokenReducer):
                 return "images of any size" if n is None else f"{n} patches"
             raise ValueError(f"{self.name}: this controller was trained for {said(fixed)} of width {self.config.dim}, "
                              f"the model gives {said(num_patches)} of width {feature_width}; train one for this "
-                             f"model with `python -m benchmarks.train_adaptive --method {self.name}`")
+                             f"model with `python -m benchmarks.tools.train_adaptive --method {self.name}`")
 
     def ratio(self, k: Tensor, n: Tensor | int) -> Tensor:
         return k.float() / n  # (B,) the budget as a share of each image's patches, in [0, 1]
@@ -278,7 +278,7 @@ def load_config(checkpoint: str | Path, method: str) -> ControllerConfig:
     path = Path(checkpoint) / CONFIG_FILE
     if not path.is_file() or not (Path(checkpoint) / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a trained controller folder ({CONFIG_FILE} + {WEIGHTS_FILE}); "
-                                f"train one with `python -m benchmarks.train_adaptive --method {method}`")
+                                f"train one with `python -m benchmarks.tools.train_adaptive --method {method}`")
     try:
         config = ControllerConfig(**json.loads(path.read_text()))
     except (TypeError, json.JSONDecodeError) as e:

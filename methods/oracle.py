@@ -3,7 +3,7 @@ method: it reads the answer's location from the task's records, which no real se
 
 It is the upper reference of the selection tables and figures (issue 33): how much a pre-LLM selection of `budget`
 patches can keep when it knows which patches the question is about. It runs only on tasks that record each
-question's `relevant_patches` (the synthetic tasks, `benchmarks/synthetic`); the runner refuses it in one line on
+question's `relevant_patches` (the synthetic tasks, `benchmarks/tasks/synthetic`); the runner refuses it in one line on
 any other task, and the adapter refuses a batch that carries no relevant patches.
 
 Site: features (what the smoke model's card calls ``oracle_16``, restated as a reducer). Removes tokens; keeps the

@@ -14,18 +14,19 @@ What differs from LLaVA:
   keeps each survivor's original 3-D position; decoding continues from each sample's largest position + 1 (what HF's
   `rope_deltas` amount to).
 
-Prefill of a left-padded batch, one image per prompt: the vision tower (the model's own `visual` module, run once on
-the batch's flattened patches) gives each image's tokens; they replace the prompt's image-token run; the LLM side
+Prefill of a left-padded batch, one image per prompt: the vision tower (the model's own `visual` module, run once on the
+batch's flattened patches) gives each image's tokens; they replace the prompt's image-token run; the LLM side
 (`methods/_llm.py`, shared with LLaVA) runs the decoder layers with an explicit additive mask (causal + padding), the
-model's M-RoPE cos/sin, and the LLM-site reductions. Sites: `features` / `embeddings` = after the merger, each
-image's tokens padded to the batch's largest with a validity mask, a budget = at most that many tokens per image
-or a fraction of each image's (`TokenReducer.fraction`: floor(f x tokens), at least 1, passed as per-sample budgets)
-(`random`, `divprune`, and the learned controllers `adaptive_b` and `budget_blind`, trained for this family by
-`benchmarks/train_adaptive.py`: they score each token and read the budget as a share of each image's tokens, so one
-controller serves every image size); `llm` (`fastv`, `dart`, `pdrop`, `sparsevlm`; the last two schedule each image
-by its own token count, `Tokens.image_tokens`). The rest are refused with one line (`check_reducer`): PruMerge(+),
-VisionZip, VisPruner and FasterVLM rank by the vision encoder's CLS attention, which this family does not have, and
-`adaptive_a`'s budget token would have to run through the vision encoder's window attention (not ported).
+model's M-RoPE cos/sin, and the LLM-site reductions. Sites: `features` / `embeddings` = after the merger, each image's
+tokens padded to the batch's largest with a validity mask, a budget = at most that many tokens per image or a fraction
+of each image's (`TokenReducer.fraction`: floor(f x tokens), at least 1, passed as per-sample budgets) (`random`,
+`divprune`, and the learned controllers `adaptive_b` and `budget_blind`, trained for this family by
+`benchmarks/tools/train_adaptive.py`: they score each token and read the budget as a share of each image's tokens, so
+one controller serves every image size); `llm` (`fastv`, `dart`, `pdrop`, `sparsevlm`; the last two schedule each image
+by its own token count, `Tokens.image_tokens`). The rest are refused with one line (`check_reducer`, from what the
+adapter `provides`): PruMerge(+), VisionZip, VisPruner and FasterVLM need CLS-attention signals, which this family
+cannot give (no CLS token), and `adaptive_a`'s budget token would have to run through the vision encoder's window
+attention (not ported).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """python -m plots.speed SPEED_JSON [SPEED_JSON ...] [--out PNG] [--budget 64]: the batch sweep's figure, from the
-files that `python -m benchmarks.speed speedup --output SPEED_JSON` (or `gpu --output`) writes (no model, no torch).
+files that `python -m benchmarks.tools.speed speedup --output SPEED_JSON` (or `gpu --output`) writes (no model, no
+torch).
 Several files join into one figure (e.g. batch 1 and batch 8 measured in separate runs); each batch size must come
 from one file, with its own `full`, so every speed-up is measured within one run.
 
@@ -36,8 +37,8 @@ def read_sweeps(paths: list[Path]) -> tuple[list[dict], str]:
             raise ValueError(f"{path}: not JSON ({e})") from None
         if not (isinstance(data, dict) and isinstance(data.get("rows"), list)
                 and all(isinstance(r, dict) for r in data["rows"])):
-            raise ValueError(f"{path}: not a sweep file (no list of rows); give a file `benchmarks.speed --output` "
-                             "wrote")
+            raise ValueError(f"{path}: not a sweep file (no list of rows); give a file that `benchmarks.tools.speed "
+                             "--output` wrote")
         sizes = {r["batch_size"] for r in data["rows"]}
         clash = sorted(sizes & owner.keys())
         if clash:
@@ -91,7 +92,7 @@ def speed_figure(paths: list[Path], out: Path, budget: int | None = None) -> Pat
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m plots.speed", description=__doc__.splitlines()[0])
-    p.add_argument("speed_json", type=Path, nargs="+", help="one or more files of `benchmarks.speed --output`")
+    p.add_argument("speed_json", type=Path, nargs="+", help="one or more files of `benchmarks.tools.speed --output`")
     p.add_argument("--out", type=Path, default=None, help="PNG to write (default: beside the first JSON, .png)")
     p.add_argument("--budget", type=int, default=None, help="the budget to draw (default: the smallest)")
     args = p.parse_args(argv)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyError as e:
         print(f"error: {' '.join(map(str, args.speed_json))}: a row lacks the field {e}; give files "
-              "`benchmarks.speed --output` wrote", file=sys.stderr)
+              "`benchmarks.tools.speed --output` wrote", file=sys.stderr)
         return 2
     except ValueError as e:  # not JSON, two files with one batch size, or not the rows asked for
         print(f"error: {e}", file=sys.stderr)

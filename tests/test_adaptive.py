@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import train_adaptive
 from benchmarks.defaults import SMOKE_MODEL
-from benchmarks.synthetic import generate, scenes
-from benchmarks.synthetic.tasks.utils import doc_to_text
+from benchmarks.tasks.synthetic import generate, scenes
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
+from benchmarks.tools import train_adaptive
 from methods import Tokens, create_reducer
 from methods.adaptive import ControllerConfig, budget_encoding, gumbel_topk, plackett_luce_topk
 from methods.llava import ReducedLlava, llava_prompt, load_llava
@@ -164,7 +164,8 @@ def test_training_runs_under_accelerate_with_two_processes(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}  # no accelerate default_config.yaml is read
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "benchmarks.train_adaptive", "--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out", str(out),
+           "-m", "benchmarks.tools.train_adaptive", "--model", str(SMOKE_MODEL), "--method", "adaptive_b", "--out",
+           str(out),
            "--batch-size", "4", "--synth-samples", "32", "--steps", "2", "--device", "cpu", "--save-every", "1"]
     res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                          timeout=300)
@@ -255,7 +256,8 @@ def test_training_bad_input_is_one_line(argv, phrase, tmp_path, capsys):
 @pytest.mark.slow
 def test_sigint_during_training_exits_130_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "ctrl"
-    cmd = [sys.executable, "-m", "benchmarks.train_adaptive", "--model", str(SMOKE_MODEL), *TRAIN, "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.tools.train_adaptive", "--model", str(SMOKE_MODEL), *TRAIN, "--out",
+           str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     repo = Path(__file__).resolve().parents[1]
     # SIGINT as a Ctrl-C delivers it: a shell without job control starts background jobs with SIGINT ignored, which

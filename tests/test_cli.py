@@ -140,8 +140,9 @@ def test_final_table_shows_a_mean_over_training_seeds_and_their_range():
 def test_default_tasks_follow_the_model():
     """No --tasks: the LLaVA smoke model's tasks (SMOKE_TASKS), synth_vqa alone on any other (the Qwen2.5-VL smoke
     model knows that task only); named tasks are kept."""
-    from benchmarks.defaults import QWEN_SMOKE_MODEL, SMOKE_TASKS  # noqa: PLC0415
+    from benchmarks.defaults import QWEN_SMOKE_MODEL  # noqa: PLC0415
     from benchmarks.plan import RunSpec  # noqa: PLC0415
+    from benchmarks.tasks import SMOKE_TASKS  # noqa: PLC0415
 
     assert RunSpec().tasks == SMOKE_TASKS == ("synth_vqa", "synth_scenes")
     assert RunSpec(model=QWEN_SMOKE_MODEL).tasks == ("synth_vqa",)
@@ -161,7 +162,7 @@ def test_default_limit_follows_the_model():
 def test_help_descriptions_and_method_summaries_are_whole_sentences(capsys):
     """`--help` texts and `--list`'s method summaries end where their sentence ends (not at a docstring's line
     break)."""
-    from benchmarks import speed  # noqa: PLC0415 - torch-heavy, only here
+    from benchmarks.tools import speed  # noqa: PLC0415 - torch-heavy, only here
     from flops import __main__ as flops_cli  # noqa: PLC0415
 
     for module in (flops_cli, speed):

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration, Qwen2VLImageProcessor
 
 from benchmarks.defaults import SMOKE_MODEL
-from benchmarks.synthetic.generate import generate_sample
+from benchmarks.tasks.synthetic.generate import generate_sample
 from flops.__main__ import main
 from flops.analytic import ModelShape, count, kv_cache_bytes, llm_layer_macs, model_shape, vision_layer_macs
 from flops.measured import UncountedOpError, flop_counter_macs, fvcore_prefill_macs

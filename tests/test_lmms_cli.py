@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from benchmarks.lmms_model import ReducedLMM
+from benchmarks.tasks import SYNTH_TASKS
 from methods import UnknownReducerError
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_MODEL = "benchmarks/smoke_model/checkpoint"  # relative, as in the README command (cwd is the repo root)
-TASKS = REPO / "benchmarks" / "synthetic" / "tasks"
+TASKS = SYNTH_TASKS
 
 # each lmms-eval process costs ~10-20 s on CPU (imports, lmms-eval's task index, the model): those tests are slow
 

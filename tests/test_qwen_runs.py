@@ -28,8 +28,8 @@ from benchmarks.smoke_model.train_qwen import (
     tokenize,
     train,
 )
-from benchmarks.synthetic.generate import SPLIT_SEEDS, SYNTH_VQA, generate_sample
-from benchmarks.synthetic.tasks.utils import doc_to_text
+from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, SYNTH_VQA, generate_sample
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer
 from methods.adaptive import ControllerConfig
 from methods.families import LLAVA, QWEN, family_of
@@ -182,11 +182,11 @@ def test_trainer_resumes_an_interrupted_run_to_the_same_weights(tmp_path, monkey
 
 
 def test_controllers_train_and_run_on_qwen(qwen_ckpt, tmp_path, capsys):
-    """`benchmarks.train_adaptive` on a Qwen2.5-VL folder, with images of two sizes in each batch: each batch's budget
-    is one share of every image's own tokens; the saved controller serves any image size (at the merger's width),
+    """`benchmarks.tools.train_adaptive` on a Qwen2.5-VL folder, with images of two sizes in each batch: each batch's
+    budget is one share of every image's own tokens; the saved controller serves any image size (at the merger's width),
     keeps exactly floor(f x tokens) of each image through the adapter and runs through run_bench.py; adaptive_a is
     refused in one line before any step."""
-    from benchmarks import train_adaptive  # noqa: PLC0415
+    from benchmarks.tools import train_adaptive  # noqa: PLC0415
 
     records = []
     for i, size in enumerate([(96, 96), (64, 80), (96, 96), (64, 80)]):

@@ -10,8 +10,8 @@ from PIL import Image
 
 from benchmarks.defaults import QWEN_SMOKE_MODEL, controllers
 from benchmarks.plan import Cell, RunSpec, make_plan, make_reducer
-from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
-from benchmarks.synthetic.tasks.utils import doc_to_text
+from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
 from methods.families import QWEN

@@ -21,10 +21,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from benchmarks.lmms_model import ReducedLMM
 from benchmarks.plan import RunSpec, make_plan
-from benchmarks.runner import run, task_manager
+from benchmarks.runner import run
 from benchmarks.smoke_model.build import IMAGE_TOKEN, build_processor
-from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
-from benchmarks.synthetic.tasks.utils import doc_to_text
+from benchmarks.tasks.manager import task_manager
+from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from flops.shapes import load_config, stand_in_reducer
 from methods import get_reducer_class, list_reducers
 from methods.llava import complete_processor, llava_prompt
@@ -103,7 +104,7 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
                    dtype="float32", method_kwargs=(("fastv", "layer", 1), ("dart", "layer", 1),
                                                    ("sparsevlm", "counts", (BUDGET,)), ("sparsevlm", "layers", (1,))))
     assert set(spec.methods) == set(list_reducers())  # the learned methods found their controllers
-    rows = run(spec, make_plan(spec), task_manager(spec), lm, progress=False)
+    rows = run(spec, make_plan(spec), task_manager(spec.tasks), lm, progress=False)
 
     cells = {(r["method"], r["budget"]) for r in rows}
     fixed = {"full": PATCHES, "sparsevlm": f"counts={BUDGET}"}  # SparseVLM: one stage (2 layers) keeping 64

@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import run_bench
-from benchmarks.defaults import QWEN_SMOKE_MODEL, SMOKE_MODEL, SYNTH_TASKS
-from benchmarks.synthetic.generate import write_split
+from benchmarks.defaults import QWEN_SMOKE_MODEL, SMOKE_MODEL
+from benchmarks.tasks import SYNTH_TASKS
+from benchmarks.tasks.synthetic.generate import write_split
 from methods import create_reducer
 from methods._llm import NonFiniteError
 from methods.adaptive import ControllerConfig

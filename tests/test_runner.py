@@ -11,12 +11,10 @@ from tqdm import tqdm
 
 import run_bench
 from benchmarks import runner
-from benchmarks.defaults import SMOKE_MODEL, SYNTH_TASKS
+from benchmarks.defaults import SMOKE_MODEL
 from benchmarks.distributed import current_world
 from benchmarks.plan import Cell, RunSpec, fingerprint, make_reducer
 from benchmarks.store import SUMMARY_COLUMNS, OutputBusyError, ResultStore
-
-REPO = SYNTH_TASKS.parent.parent.parent
 
 
 def read(out):

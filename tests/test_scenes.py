@@ -1,5 +1,5 @@
-"""synth_scenes (benchmarks/synthetic/scenes.py): every design rule of its docstring holds on generated scenes, and
-the lmms-eval task scores per type."""
+"""synth_scenes (benchmarks/tasks/synthetic/scenes.py): every design rule of its docstring holds on generated scenes,
+and the lmms-eval task scores per type."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from lmms_eval import evaluator
 from lmms_eval.tasks import TaskManager
 
-from benchmarks.synthetic import generate as g
-from benchmarks.synthetic import scenes as sc
+from benchmarks.tasks.synthetic import generate as g
+from benchmarks.tasks.synthetic import scenes as sc
 from tests.test_synthetic import TASKS_DIR, _dummy_lmms
 
 SCENES = [sc.generate_scene(sc.SPLIT_SEEDS["test"], i) for i in range(150)]

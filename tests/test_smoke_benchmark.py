@@ -8,8 +8,8 @@ from PIL import Image
 
 from benchmarks.defaults import SMOKE_MODEL
 from benchmarks.plan import Cell, RunSpec, make_reducer
-from benchmarks.synthetic.generate import SPLIT_SEEDS, generate_sample
-from benchmarks.synthetic.tasks.utils import doc_to_text
+from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from methods.llava import ReducedLlava, llava_prompt, load_llava
 
 METHODS = RunSpec().methods  # every method that can run on the smoke model (learned ones need its controllers)

@@ -13,9 +13,9 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from benchmarks.smoke_model import build, train
-from benchmarks.synthetic import generate as g
-from benchmarks.synthetic import scenes
-from benchmarks.synthetic.tasks.utils import doc_to_text
+from benchmarks.tasks.synthetic import generate as g
+from benchmarks.tasks.synthetic import scenes
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from tests.conftest import interrupted_on_call
 
 CHECKPOINT = Path(build.__file__).resolve().parent / "checkpoint"

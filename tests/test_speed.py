@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.speed import COUNTS, default_plan, main
+from benchmarks.tools.speed import COUNTS, default_plan, main
 from methods import get_reducer_class, list_reducers
 
 
@@ -121,7 +121,7 @@ def test_rows_are_kept_as_they_are_measured_and_a_rerun_adds_to_them(tmp_path, c
     alone."""
     import json  # noqa: PLC0415
 
-    import benchmarks.speed as speed  # noqa: PLC0415
+    import benchmarks.tools.speed as speed  # noqa: PLC0415
     from tests.conftest import tiny_llava  # noqa: PLC0415
 
     tiny_llava().config.to_json_file(tmp_path / "config.json")
@@ -176,7 +176,7 @@ def test_gpu_check_runs_on_a_tiny_config(tmp_path, capsys):
 REUSE = """
 import resource
 import torch
-from benchmarks.speed import reuse_freed_memory
+from benchmarks.tools.speed import reuse_freed_memory
 
 def faults():  # minor page faults of making, filling and freeing a 64 MiB tensor
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -24,7 +24,7 @@ import run_bench
 from benchmarks.plan import RunSpec, fingerprint, run_conditions, short_hash, task_identity
 from benchmarks.smoke_model.build import build_model, build_processor, vocabulary
 from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor, qwen_vocabulary, save_qwen
-from benchmarks.standard_tasks import TASKS, GqaImages, LocalCopy, parse_task_data
+from benchmarks.tasks.standard import TASKS, GqaImages, LocalCopy, parse_task_data
 
 COLORS = ["red", "green", "blue", "yellow"]
 TASK_NAMES = ("gqa", "pope", "mme", "textvqa_val", "scienceqa_img", "mmbench_en_dev_static")

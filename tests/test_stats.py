@@ -137,7 +137,7 @@ def test_paired_runs_compares_two_folders_question_by_question(tmp_path, capsys)
     discordant pairs all one way (McNemar p = 2 / 8), 3 answers changed."""
     import json  # noqa: PLC0415
 
-    from benchmarks.paired_runs import compare, main  # noqa: PLC0415
+    from benchmarks.tools.paired_runs import compare, main  # noqa: PLC0415
 
     def write(folder, correct, extra=()):
         folder.mkdir()

@@ -15,8 +15,8 @@ from lmms_eval import evaluator
 from lmms_eval.api.model import lmms
 from lmms_eval.tasks import TaskManager
 
-from benchmarks.synthetic import generate as g
-from benchmarks.synthetic.tasks import utils as task_utils
+from benchmarks.tasks.synthetic import generate as g
+from benchmarks.tasks.synthetic.tasks import utils as task_utils
 
 TASKS_DIR = Path(g.__file__).resolve().parent / "tasks"
 

@@ -27,8 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from benchmarks.synthetic import scenes
-from benchmarks.synthetic.generate import ANSWERS, COLOR_NAMES, PLURALS, SHAPES
+from benchmarks.tasks.synthetic import scenes
+from benchmarks.tasks.synthetic.generate import ANSWERS, COLOR_NAMES, PLURALS, SHAPES
 
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>")  # ids 0..4, in this order
 IMAGE_TOKEN = "<image>"

@@ -12,7 +12,7 @@ the second, then a counting focus):
 2. **Projector + LLM** with the vision tower frozen (its layer -2 features are cached), trained on the answer
    token and ``</s>`` only, on `stage2_tasks` (`synth_vqa`) alone: the LLM learns to search one task's
    scenes before it meets the second's. The prompt is exactly what evaluation feeds (`chat_prompt` around
-   `benchmarks.synthetic.tasks.utils.doc_to_text`). The first steps are a curriculum with few image tokens: the
+   `benchmarks.tasks.synthetic.tasks.utils.doc_to_text`). The first steps are a curriculum with few image tokens: the
    question's relevant patches among other objects' patches (distractors), so the named object must be found among
    a few others (finding it among 144 tokens otherwise plateaus for thousands of steps). Afterwards, in a fraction
    of the batches the image tokens are randomly dropped to K of 144 (uniformly, favouring object patches, or
@@ -65,8 +65,8 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from benchmarks.smoke_model.build import CLIP_MEAN, CLIP_STD, build_model, build_processor, chat_prompt
-from benchmarks.synthetic import generate, scenes
-from benchmarks.synthetic.generate import (
+from benchmarks.tasks.synthetic import generate, scenes
+from benchmarks.tasks.synthetic.generate import (
     COLOR_NAMES,
     GRID,
     NUM_PATCHES,
@@ -77,8 +77,8 @@ from benchmarks.synthetic.generate import (
     Sample,
     object_mask,
 )
-from benchmarks.synthetic.scenes import BACKGROUNDS, SYNTH_SCENES
-from benchmarks.synthetic.tasks.utils import doc_to_text, normalize_answer
+from benchmarks.tasks.synthetic.scenes import BACKGROUNDS, SYNTH_SCENES
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text, normalize_answer
 
 N_PAIRS = len(COLOR_NAMES) * len(SHAPES)  # 24 (colour, shape) presence targets
 MIN_SHAPE_PIXELS = 6  # patches with fewer object pixels get no shape label
@@ -942,7 +942,7 @@ def write_model_card(out: Path, model: LlavaForConditionalGeneration, record: di
     card = f"""# Smoke model: a {n_params / 1e6:.2f}M-parameter LLaVA-1.5-format model for the synthetic VQA tasks
 
 Trained from scratch on CPU by `benchmarks/smoke_model/train.py` on the `synth_vqa` and `synth_scenes` tasks
-(`benchmarks/synthetic/generate.py`, `benchmarks/synthetic/scenes.py`). Standard Hugging Face format: reload
+(`benchmarks/tasks/synthetic/generate.py`, `benchmarks/tasks/synthetic/scenes.py`). Standard Hugging Face format: reload
 offline with `LlavaForConditionalGeneration.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`.
 It exists to make token-reduction results testable on CPU; it knows nothing outside these tasks.
 

@@ -56,8 +56,8 @@ from benchmarks.smoke_model.train import (
     until_interrupted,
     work_folder,
 )
-from benchmarks.synthetic.generate import GRID, NUM_PATCHES, QTYPES, SPLIT_SEEDS, SYNTH_VQA, Sample
-from benchmarks.synthetic.tasks.utils import doc_to_text, normalize_answer
+from benchmarks.tasks.synthetic.generate import GRID, NUM_PATCHES, QTYPES, SPLIT_SEEDS, SYNTH_VQA, Sample
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text, normalize_answer
 from methods import create_reducer
 from methods.qwen import ReducedQwen, qwen_prompt
 

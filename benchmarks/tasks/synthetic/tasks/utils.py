@@ -9,7 +9,7 @@ type; the other ``acc_*`` keys are None and `mean_ignore_none` skips them.
 The task finds or makes its own data: lmms-eval executes this file (as a module named ``utils``) while it parses
 the YAML's ``!function utils.*`` entries, which is before it resolves the YAML's ``data_files`` and loads the
 dataset, so the import below writes ``../data/test.parquet`` (relative to this folder, the path the YAML reads) when
-it is missing. A plain ``import benchmarks.synthetic.tasks.utils`` (training, tests) writes nothing.
+it is missing. A plain ``import benchmarks.tasks.synthetic.tasks.utils`` (training, tests) writes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.synthetic.generate import QTYPES, ensure_test_data
+from benchmarks.tasks.synthetic.generate import QTYPES, ensure_test_data
 
 PRE_PROMPT = ""
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
@@ -33,7 +33,7 @@ def ensure_data() -> Path:
     """Write the task's data file (`DATA_FILE`) when it is missing; an existing file is never replaced here (it may
     be a user's own, in a copy of this folder; `run_bench.py` refreshes the project's own copy when it is stale).
 
-    The data is the default test split of `benchmarks.synthetic.generate` (1000 questions, seed 3, deterministic).
+    The data is the default test split of `benchmarks.tasks.synthetic.generate` (1000 questions, seed 3, deterministic).
     """
     if DATA_FILE.exists():
         return DATA_FILE
@@ -89,5 +89,6 @@ def mean_ignore_none(values: list[float | None]) -> float:
     return sum(kept) / len(kept) if kept else float("nan")
 
 
-if __name__ != "benchmarks.synthetic.tasks.utils":  # executed by lmms-eval's YAML loader, before the dataset loads
+# executed by lmms-eval's YAML loader, before the dataset loads
+if __name__ != "benchmarks.tasks.synthetic.tasks.utils":
     ensure_data()

@@ -1,9 +1,9 @@
 """Speed benchmarks (scripts that print figures, not tests): do FLOPs savings become time savings, and what does the
 harness itself cost?
 
-    python -m benchmarks.speed speedup      # LLaVA-1.5-7B-shaped random model, reduced depth: realised vs predicted
-    python -m benchmarks.speed overhead     # run_bench.py `full` vs a bare HF generate loop on the smoke model
-    python -m benchmarks.speed gpu          # on a CUDA machine: the prepared check (full-depth 7B, bfloat16)
+    python -m benchmarks.tools.speed speedup   # LLaVA-1.5-7B-shaped random model, reduced depth: realised vs predicted
+    python -m benchmarks.tools.speed overhead  # run_bench.py `full` vs a bare HF generate loop on the smoke model
+    python -m benchmarks.tools.speed gpu       # on a CUDA machine: the prepared check (full-depth 7B, bfloat16)
 
 `speedup` builds LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches; or
 `--model-config`) with the depths cut (`--vision-layers`, `--llm-layers`) and random weights, and for each batch size
@@ -36,9 +36,10 @@ from PIL import Image
 
 from benchmarks.defaults import SMOKE_MODEL, go_offline
 from benchmarks.plan import RunSpec, make_plan
-from benchmarks.runner import load_model, run, task_manager
-from benchmarks.synthetic.generate import make_samples
-from benchmarks.synthetic.tasks.utils import doc_to_text
+from benchmarks.runner import load_model, run
+from benchmarks.tasks.manager import task_manager
+from benchmarks.tasks.synthetic.generate import make_samples
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from flops.analytic import ModelShape, count, kv_cache_bytes
 from flops.roofline import (
     CALIBRATION_ROWS,
@@ -451,7 +452,7 @@ def overhead(args: argparse.Namespace) -> float:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
             spec = RunSpec(methods=("full",), limit=n, batch_size=bs, output=Path(out))
-            run(spec, make_plan(spec), task_manager(spec), load_model(spec), progress=False)
+            run(spec, make_plan(spec), task_manager(spec.tasks), load_model(spec), progress=False)
             return time.perf_counter() - t0
 
     bare(bs), harness(bs)  # warm-up: one-time imports, the task index, the test split's file
@@ -488,7 +489,7 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m benchmarks.speed", description=" ".join(__doc__.split("\n\n")[0].split()),
+    p = OneLineParser(prog="python -m benchmarks.tools.speed", description=" ".join(__doc__.split("\n\n")[0].split()),
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("speedup", help="the batch sweep: realised vs FLOPs-predicted speed-ups, roofline, 7B shapes")

@@ -41,8 +41,8 @@ Design (fixed before any reduction method was tuned on it):
 
 Usage::
 
-    python -m benchmarks.synthetic.generate                      # default test split -> data/test.parquet
-    python -m benchmarks.synthetic.generate --split train --n 5000 --out /tmp/train.parquet
+    python -m benchmarks.tasks.synthetic.generate                      # default test split -> data/test.parquet
+    python -m benchmarks.tasks.synthetic.generate --split train --n 5000 --out /tmp/train.parquet
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 96
+from benchmarks.tasks import SYNTH_IMAGE_SIZE
+
+IMAGE_SIZE = SYNTH_IMAGE_SIZE  # 96
 PATCH_SIZE = 8
 GRID = IMAGE_SIZE // PATCH_SIZE  # 12
 NUM_PATCHES = GRID * GRID  # 144
@@ -380,7 +382,7 @@ def write_split(path: str | Path, split: str, n: int, seed: int | None = None, g
 
 def ensure_test_data(path: str | Path | None = None, n: int = DEFAULT_TEST_N, seed: int | None = None,
                      gen: Generator | None = None) -> Path:
-    """Write a task's default test split (`gen`, default `SYNTH_VQA`: ``benchmarks/synthetic/data/test.parquet``)
+    """Write a task's default test split (`gen`, default `SYNTH_VQA`: ``benchmarks/tasks/synthetic/data/test.parquet``)
     unless it is already there.
 
     An existing file is kept only if it has `n` rows and its first records match what this generator makes now, so
@@ -410,11 +412,11 @@ def ensure_test_data(path: str | Path | None = None, n: int = DEFAULT_TEST_N, se
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point: write one split as parquet."""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.synthetic.generate",
+        prog="python -m benchmarks.tasks.synthetic.generate",
         description="Generate the synthetic VQA benchmark (96x96 images, 144 patches of 8 px, 5 question types) "
         "as a parquet file that the lmms-eval task 'synth_vqa' can read.",
         epilog="The default writes the held-out test split (1000 questions, seed 3) to "
-        "benchmarks/synthetic/data/test.parquet, which the task reads. Same seed -> identical records.",
+        "benchmarks/tasks/synthetic/data/test.parquet, which the task reads. Same seed -> identical records.",
     )
     parser.add_argument("--split", default="test", help="split name used in record ids (default: test)")
     parser.add_argument("--n", type=int, default=DEFAULT_TEST_N, help="number of questions (default: 1000)")

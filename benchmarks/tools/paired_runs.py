@@ -3,7 +3,7 @@
     python run_bench.py --methods dart sparsevlm --budgets 36 48 --output results/runs/default
     python run_bench.py --methods dart sparsevlm --budgets 36 48 --output results/runs/variant \
         --method-args dart.pivot_order=position sparsevlm.positions=original
-    python -m benchmarks.paired_runs results/runs/default results/runs/variant
+    python -m benchmarks.tools.paired_runs results/runs/default results/runs/variant
 
 For every (task, method, budget, controller seed) cell in both folders' `samples.jsonl`, over the questions both
 answered: the two accuracies, their difference (first minus second, in points), its 95 % paired-bootstrap interval,
@@ -67,7 +67,7 @@ def compare(first: Path, second: Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.paired_runs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tools.paired_runs", description=__doc__.splitlines()[0])
     parser.add_argument("first", type=Path, help="a result folder (e.g. the default run)")
     parser.add_argument("second", type=Path, help="another result folder of the same sweep (e.g. the variant's)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")

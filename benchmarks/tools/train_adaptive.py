@@ -1,9 +1,9 @@
 """Train an adaptive token-pruning controller with the LM loss only and a random budget per batch.
 
-    python -m benchmarks.train_adaptive --model benchmarks/smoke_model/checkpoint --method adaptive_b
-    accelerate launch --num_processes 8 -m benchmarks.train_adaptive --model /ckpt/llava-1.5-7b-hf \\
+    python -m benchmarks.tools.train_adaptive --model benchmarks/smoke_model/checkpoint --method adaptive_b
+    accelerate launch --num_processes 8 -m benchmarks.tools.train_adaptive --model /ckpt/llava-1.5-7b-hf \\
         --method adaptive_a --data /data/llava_v1_5_mix665k.json --image-folder /data/images --budget-range 0.05 0.5
-    python -m benchmarks.train_adaptive --model /ckpt/Qwen2.5-VL-7B-Instruct --method adaptive_b --data ...
+    python -m benchmarks.tools.train_adaptive --model /ckpt/Qwen2.5-VL-7B-Instruct --method adaptive_b --data ...
 
 Any checkpoint folder the harness runs (LLaVA-1.5 or Qwen2.5-VL, told apart by its config); on Qwen2.5-VL only
 the controllers that score each token (`adaptive_b`, `budget_blind`) train, on the merger's output.
@@ -48,9 +48,9 @@ from tqdm import tqdm
 
 from benchmarks.defaults import controller_dir, go_offline
 from benchmarks.plan import read_config
-from benchmarks.synthetic.generate import SYNTH_VQA, Generator
-from benchmarks.synthetic.scenes import SYNTH_SCENES
-from benchmarks.synthetic.tasks.utils import doc_to_text
+from benchmarks.tasks.synthetic.generate import SYNTH_VQA, Generator
+from benchmarks.tasks.synthetic.scenes import SYNTH_SCENES
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ESTIMATORS
 from methods.budget import Budget
@@ -63,7 +63,7 @@ LOG_FILE = "train_log.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m benchmarks.train_adaptive", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m benchmarks.tools.train_adaptive", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", type=Path, required=True,
                    help="local checkpoint folder (llava-hf LLaVA-1.5 or Qwen2.5-VL)")

@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.synthetic.generate import (
+from benchmarks.tasks.synthetic.generate import (
     COLOR_NAMES,
     COLORS,
     DATA_DIR,

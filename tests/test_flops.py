@@ -82,6 +82,7 @@ def smoke():
     return load_llava(SMOKE_MODEL, device="cpu", dtype="float32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,budget", [(m, 48) for m in list_reducers()] + [("prumerge", "auto")])
 def test_analytic_equals_fvcore_smoke_model(smoke, method, budget):
     """Every registered method on the committed smoke model (12 LLM layers: 48 is within every layer-averaged
@@ -112,6 +113,7 @@ def llava7b_shaped():
     return LlavaForConditionalGeneration(config).float().eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list_reducers())
 def test_analytic_equals_fvcore_llava7b_shaped(llava7b_shaped, method):
     model = llava7b_shaped

@@ -61,6 +61,7 @@ def test_layout_and_refusals():
         ReducedQwen(model, create_reducer("full")).prefill(ids[:, 1:], mask[:, 1:], pixels, torch.tensor([[1, 8, 10]]))
 
 
+@pytest.mark.slow
 def test_full_equals_hf_generate_on_the_real_config():
     """Qwen2.5-VL-7B's real config (3584-wide GQA LLM with 28 / 4 heads, 1280-wide vision tower, the real token ids)
     cut to 2 vision blocks (one windowed, one full) and 2 LLM layers, random weights, float32: two images of

@@ -36,6 +36,8 @@ from methods.families import LLAVA, QWEN, family_of
 from methods.qwen import QWEN_TURN, ReducedQwen, fraction_counts, qwen_prompt
 from tests.conftest import interrupted_on_call, qwen_prompts, tiny_qwen
 
+pytestmark = pytest.mark.slow  # sweeps and training runs on Qwen2.5-VL folders
+
 
 def test_fraction_budgets_are_per_image():
     """A fraction keeps floor(f x tokens) of each image, at least 1: 16 and 15 tokens at 0.25 keep 4 and 3, before

@@ -17,6 +17,8 @@ from methods.adaptive import ControllerConfig
 from methods.families import QWEN
 from methods.qwen import ReducedQwen, qwen_prompt
 
+pytestmark = pytest.mark.slow  # every method on the committed Qwen2.5-VL smoke model
+
 BUDGETS = {"full": 1.0, "pdrop": 0.333, "sparsevlm": 0.5}  # the layer-averaged ones at what 3 layers can reach
 PER_IMAGE = 144  # every 96 px image: 24 x 24 patches, 144 merged tokens
 

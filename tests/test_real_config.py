@@ -30,6 +30,8 @@ from flops.shapes import load_config, stand_in_reducer
 from methods import get_reducer_class, list_reducers
 from methods.llava import complete_processor, llava_prompt
 
+pytestmark = pytest.mark.slow  # every test here builds LLaVA-1.5-7B- or Qwen2.5-VL-7B-shaped models
+
 BUDGET = 64
 PATCHES = 576
 POST_PROMPT = "\nAnswer the question using a single word or phrase."

@@ -27,6 +27,8 @@ from methods import create_reducer
 from methods._llm import NonFiniteError
 from methods.adaptive import ControllerConfig
 
+pytestmark = pytest.mark.slow  # sweeps end to end, interrupted, corrupted and rerun
+
 REPO = Path(run_bench.__file__).resolve().parent
 MEASURED = {"prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
             "wall_s", "samples_per_s", "time_utc", "git_sha", "prefill_ms", "decode_ms_per_token", "reducer_ms"}

@@ -12,6 +12,8 @@ from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from methods.llava import ReducedLlava, llava_prompt, load_llava
 
+pytestmark = pytest.mark.slow  # every method on the committed smoke model, batch 1 against batch 4
+
 METHODS = RunSpec().methods  # every method that can run on the smoke model (learned ones need its controllers)
 
 

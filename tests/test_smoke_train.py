@@ -18,6 +18,8 @@ from benchmarks.tasks.synthetic import scenes
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from tests.conftest import interrupted_on_call
 
+pytestmark = pytest.mark.slow  # the smoke model's trainer, resumed and retrained
+
 CHECKPOINT = Path(build.__file__).resolve().parent / "checkpoint"
 EXPECTED_PROMPT = (
     "USER: <image>\nWhat color is the circle?\nAnswer the question using a single word or phrase. ASSISTANT:"

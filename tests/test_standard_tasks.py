@@ -26,6 +26,8 @@ from benchmarks.smoke_model.build import build_model, build_processor, vocabular
 from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor, qwen_vocabulary, save_qwen
 from benchmarks.tasks.standard import TASKS, GqaImages, LocalCopy, parse_task_data
 
+pytestmark = pytest.mark.slow  # local copies of the standard tasks through lmms-eval
+
 COLORS = ["red", "green", "blue", "yellow"]
 TASK_NAMES = ("gqa", "pope", "mme", "textvqa_val", "scienceqa_img", "mmbench_en_dev_static")
 

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="run_bench.py", description=__doc__.splitlines()[0], epilog=EPILOG,
                       formatter_class=_Formatter)
     p.add_argument("--methods", nargs="+", default=[], metavar="NAME",
-                   help="methods or families (default: every method that can run on the model; learned ones need "
-                   "a trained controller)")
+                   help="methods, families (adaptive) or groups: question_aware, the methods that read the question "
+                   "(--list's question column), question_blind, those that do not (default: every method that can run "
+                   "on the model; learned ones need a trained controller)")
     p.add_argument("--budgets", nargs="+", type=parse_budget, default=[], metavar="N",
                    help="visual tokens the LLM sees: a count, a fraction of each image's (0.25), or 'auto' for "
                    "methods that choose their own count (prumerge) (default: about 1/9, 1/4 and 1/3 of them)")
@@ -169,10 +170,11 @@ def list_everything() -> None:
         args = [f"{a}={v}" for a, v in m["args"].items()]
         if m["learned"]:
             args = ["checkpoint=MODEL/controllers/<name>"]
-        rows.append([name, m["site"], " ".join(args) or "-", m["summary"]])
-    print("methods (`--method-args METHOD.ARG=VALUE` sets an argument; budgets come from --budgets):")
-    print(tabulate(rows, headers=["name", "site", "arguments (defaults)", "what it keeps"], tablefmt="simple",
-                   maxcolwidths=[None, None, 36, 56]))
+        rows.append([name, m["site"], "yes" if m["question"] else "-", " ".join(args) or "-", m["summary"]])
+    print(wrap("methods (`--method-args METHOD.ARG=VALUE` sets an argument; budgets come from --budgets; question: it "
+               "reads the question, `--methods question_aware` runs those, `question_blind` the others):", rest="  "))
+    print(tabulate(rows, headers=["name", "site", "question", "arguments (defaults)", "what it keeps"],
+                   tablefmt="simple", maxcolwidths=[None, None, None, 36, 43]))
     print("\ntasks of this project: synth_vqa (synthetic VQA, 1,000 questions; per-type metrics acc_color, "
           "acc_shape,\n  acc_count, acc_exists, acc_position); synth_scenes (40-48 objects per scene, 1,000 questions; "
           "acc_shape,\n  acc_color, acc_position, acc_exists, acc_count, acc_background; the Qwen2.5-VL smoke model "

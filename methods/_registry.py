@@ -7,6 +7,7 @@ import difflib
 import fnmatch
 import importlib
 import inspect
+import json
 import types
 import typing
 from collections.abc import Callable
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from methods.base import TokenReducer
 
 _REDUCERS: dict[str, type[TokenReducer]] = {}
+CATALOGUE = Path(__file__).with_name("catalogue.json")  # the registry as data (methods/catalogue.py writes it)
 # one file per method; add new ones here
 METHOD_MODULES = ("adaptive", "dart", "divprune", "fastervlm", "fastv", "full", "oracle", "pdrop", "prumerge",
                   "random", "sparsevlm", "visionzip", "vispruner")
@@ -191,18 +193,27 @@ def list_reducers(pattern: str = "*") -> list[str]:
     return sorted(fnmatch.filter(_REDUCERS, pattern))
 
 
+GROUPS = {"question_aware": True, "question_blind": False}  # methods that see the question, or not (catalogue.json)
+
+
 def expand_methods(names: tuple[str, ...], known: list[str] | None = None) -> tuple[str, ...]:
-    """Registered names stay; a family prefix (`adaptive` -> `adaptive_a`, `adaptive_b`) expands; others raise.
-    `known` (names read from methods/catalogue.json) replaces the registry, so the command line can check names
-    without importing the methods."""
+    """Registered names stay; a family prefix (`adaptive` -> `adaptive_a`, `adaptive_b`) expands; a group
+    (`question_aware`, `question_blind`: the methods that read the question, or not, from methods/catalogue.json's
+    `question`; `full` and reference rows are in neither) expands; others raise. `known` (names read from
+    methods/catalogue.json) replaces the registry, so the command line can check names without importing the
+    methods."""
     known = list_reducers() if known is None else sorted(known)
     out: list[str] = []
     for name in names:
         family = fnmatch.filter(known, f"{name}_*")
-        if name in known:
+        if name in GROUPS:
+            entries = json.loads(CATALOGUE.read_text())
+            out += [m for m in known if m in entries and entries[m]["question"] is GROUPS[name]
+                    and entries[m]["uses_budget"] and not entries[m]["reference"]]
+        elif name in known:
             out.append(name)
         elif family:
             out += family
         else:
-            raise unknown_method(name, known)
+            raise unknown_method(name, [*known, *GROUPS])
     return tuple(dict.fromkeys(out))

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from methods import get_reducer_class, list_reducers
+from methods.signals import sees_question
 
 PATH = Path(__file__).with_suffix(".json")
 INTERNAL_ARGS = {"self", "budget", "config"}  # budget comes from --budgets; config is the trainer's, in Python
@@ -36,6 +37,7 @@ def build() -> dict:
             "uses_budget": cls.uses_budget,
             "supports_auto": cls.supports_auto,
             "reference": cls.reference,
+            "question": sees_question(cls.needs),  # it reads a signal that depends on the question
             "args": {p: _default(v.default) for p, v in params.items() if p not in INTERNAL_ARGS},
             "summary": " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()),  # the first paragraph
         }

@@ -69,6 +69,9 @@ class Signal:
         macs: dims -> the MACs of computing it per sample (None: no matmul-like work).
         together: signals computed in one pass share a name here: their MACs are charged once.
         below: read at the layer below the reducing one (an LLM-site reducer's first layer must then be >= 1).
+        question: it depends on the question (the prompt's text): a method that reads one "sees the question"
+            (`sees_question`). The image's own tokens come before the question in the prompt, so in a causal LLM their
+            keys and hidden states do not.
         requires: what a model must have to provide it, for the refusal of a family that cannot
             ("a vision CLS token").
     """
@@ -80,6 +83,7 @@ class Signal:
     macs: Callable[[Dims], int | Tensor] | None = None
     together: str = ""
     below: bool = False
+    question: bool = False
     requires: str = ""
 
 
@@ -108,26 +112,26 @@ SIGNALS: dict[str, Signal] = {s.name: s for s in (
            stand_in=lambda d, g: {"feature_keys": torch.randn(d.batch, d.tokens, d.head_dim, generator=g)}),
     Signal("feature_cls", Site.FEATURES, {"feature_cls": "(B, feature_width)"}, requires=CLS,
            stand_in=lambda d, g: {"feature_cls": torch.randn(d.batch, d.feature_width, generator=g)}),
-    Signal("relevant", Site.FEATURES, {"relevant": "(B, N) bool"},
+    Signal("relevant", Site.FEATURES, {"relevant": "(B, N) bool"}, question=True,
            requires="the relevant patches on its own token grid (the tasks record them on LLaVA's)",
            stand_in=lambda d, g: {"relevant": torch.rand(d.batch, d.tokens, generator=g) < 0.1}),
     # LLM site: from the decoder layers around the reducing one
-    Signal("query_attn", Site.LLM, {"query_attn": "(B, N)"}, below=True, macs=_query_row_macs,
+    Signal("query_attn", Site.LLM, {"query_attn": "(B, N)"}, below=True, question=True, macs=_query_row_macs,
            stand_in=lambda d, g: {"query_attn": torch.rand(d.batch, d.tokens, generator=g)}),
-    Signal("query_attn_next", Site.LLM, {"query_attn_next": "(B, N)"},
+    Signal("query_attn_next", Site.LLM, {"query_attn_next": "(B, N)"}, question=True,
            macs=lambda d: d.width * d.q_width + d.seq * d.width * d.kv_width + d.seq * d.q_width,  # + every key
            stand_in=lambda d, g: {"query_attn_next": torch.rand(d.batch, d.tokens, generator=g)}),
     Signal("key_norms", Site.LLM, {"key_norms": "(B, N)"}, below=True,
            stand_in=lambda d, g: {"key_norms": torch.rand(d.batch, d.tokens, generator=g)}),
     Signal("normed", Site.LLM, {"normed": "(B, N, width)"},
            stand_in=lambda d, g: {"normed": torch.randn(d.batch, d.tokens, d.width, generator=g)}),
-    Signal("text", Site.LLM, {"text.normed": "(B, M, width)", "text.key_norms": "(B, M)"}, below=True,
+    Signal("text", Site.LLM, {"text.normed": "(B, M, width)", "text.key_norms": "(B, M)"}, below=True, question=True,
            stand_in=lambda d, g: {"text.normed": torch.randn(d.batch, d.text, d.width, generator=g),
                                   "text.key_norms": torch.rand(d.batch, d.text, generator=g)}),
-    Signal("text_attn", Site.LLM, {"text.attn": "(B, M, N)"}, below=True,
+    Signal("text_attn", Site.LLM, {"text.attn": "(B, M, N)"}, below=True, question=True,
            macs=lambda d: d.text * _query_row_macs(d),  # every text token's row
            stand_in=lambda d, g: {"text.attn": torch.rand(d.batch, d.text, d.tokens, generator=g)}),
-    Signal("embeds", Site.LLM, {"embeds": "(B, N0, width)", "text.embeds": "(B, M, width)"},
+    Signal("embeds", Site.LLM, {"embeds": "(B, N0, width)", "text.embeds": "(B, M, width)"}, question=True,
            stand_in=lambda d, g: {"embeds": torch.randn(d.batch, d.image, d.width, generator=g),
                                   "text.embeds": torch.randn(d.batch, d.text, d.width, generator=g)}),
     # the image after a stand-in system prompt of 35 tokens, the text after it
@@ -135,6 +139,12 @@ SIGNALS: dict[str, Signal] = {s.name: s for s in (
            stand_in=lambda d, g: {"prompt_index": 35 + torch.arange(d.tokens).expand(d.batch, -1),
                                   "text.prompt_index": 35 + d.tokens + torch.arange(d.text).expand(d.batch, -1)}),
 )}
+
+
+def sees_question(needs: frozenset[str]) -> bool:
+    """Whether a method that reads the signals `needs` sees the question (`Signal.question`): FastV, PyramidDrop, DART
+    and SparseVLM do, inside the LLM; the methods before the LLM that read the image alone do not."""
+    return any(SIGNALS[name].question for name in needs)
 
 
 def tokens_fields(values: dict[str, Tensor], text_valid: Tensor | None) -> dict[str, object]:

@@ -8,14 +8,15 @@ import re
 import pytest
 import torch
 
-from methods import get_reducer_class, list_reducers
+from benchmarks.defaults import catalogue as read_catalogue
+from methods import UnknownReducerError, expand_methods, get_reducer_class, list_reducers
 from methods._llm import LLM_PROVIDERS
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
 from methods.families import FAMILIES, LLAVA, QWEN
 from methods.llava import FEATURE_PROVIDERS, ReducedLlava
 from methods.qwen import ReducedQwen
-from methods.signals import SIGNALS, Dims, refusal, refuse, signal_macs, stand_ins
+from methods.signals import SIGNALS, Dims, refusal, refuse, sees_question, signal_macs, stand_ins
 from tests.conftest import qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
 
 ADAPTERS = {"llava": ReducedLlava, "qwen": ReducedQwen}
@@ -144,3 +145,17 @@ def test_qwen_providers_fill_the_declared_fields_with_the_declared_shapes():
     n = t.x.size(1)
     _check_fields(t, llm, Dims(batch=2, tokens=n, width=model.config.text_config.hidden_size,
                                text=t.text.valid.size(1), image=n))
+
+
+def test_which_methods_see_the_question_follows_from_their_signals():
+    """A method sees the question when it reads a signal that depends on it (`Signal.question`): the in-LLM methods
+    and the oracle; the catalogue records it, and `question_aware` / `question_blind` name the two groups of methods
+    (without `full` and reference rows)."""
+    aware = {m for m in list_reducers() if sees_question(get_reducer_class(m).needs)}
+    assert aware == {"dart", "fastv", "oracle", "pdrop", "sparsevlm"}
+    assert {m for m, e in read_catalogue().items() if e["question"]} == aware
+    assert set(expand_methods(("question_aware",))) == aware - {"oracle"}
+    assert set(expand_methods(("question_blind",))) == set(list_reducers()) - aware - {"full"}
+    assert expand_methods(("question_aware",), list(read_catalogue())) == expand_methods(("question_aware",))
+    with pytest.raises(UnknownReducerError, match="Did you mean question_aware"):
+        expand_methods(("question_awar",))

@@ -144,7 +144,7 @@ def _budgets(reducer: TokenReducer, tokens: int) -> torch.Tensor | None:
     return None if reducer.fraction is None else torch.tensor([reducer.token_budget.tokens(tokens)])
 
 
-def _llava_image(config, reducer: TokenReducer, g: torch.Generator) -> _Image:
+def _llava_image(config, reducer: TokenReducer, g: torch.Generator, text_after: int) -> _Image:
     lay = LlavaLayout.from_config(config)
     vc, tc = config.vision_config, config.text_config
     n, dv = lay.num_patches, lay.feature_width
@@ -161,7 +161,7 @@ def _llava_image(config, reducer: TokenReducer, g: torch.Generator) -> _Image:
         own += _reducer_macs(red)
     elif reducer.site is Site.FEATURES:
         d = Dims(tokens=n, width=vc.hidden_size, seq=1 + n + e, extra=e, feature_width=dv,
-                 head_dim=vc.hidden_size // vc.num_attention_heads)
+                 head_dim=vc.hidden_size // vc.num_attention_heads, text=text_after, text_width=tc.hidden_size)
         sig = stand_ins(reducer.needs, d, g)
         own += signal_macs(reducer.needs, d)
         extra_out = None if extra is None else torch.randn(1, e, vc.hidden_size, generator=g)
@@ -178,7 +178,8 @@ def _llava_image(config, reducer: TokenReducer, g: torch.Generator) -> _Image:
     return _Image(vision=vision, projector=projector, visual=visual, num_patches=n, grid=lay.grid, macs=own)
 
 
-def _qwen_image(config, reducer: TokenReducer, image_grid: tuple[int, int, int], g: torch.Generator) -> _Image:
+def _qwen_image(config, reducer: TokenReducer, image_grid: tuple[int, int, int], g: torch.Generator,
+                text_after: int) -> _Image:
     """As `methods.qwen.ReducedQwen` runs it: every patch through every vision block and the merger; a features-
     or embeddings-site reducer on the merged tokens (the LLM's input embeddings), no signals."""
     lay = QwenLayout.from_config(config)
@@ -190,8 +191,9 @@ def _qwen_image(config, reducer: TokenReducer, image_grid: tuple[int, int, int],
     n = patches // lay.merge ** 2
     visual, own = n, 0
     if reducer.site in (Site.FEATURES, Site.EMBEDDINGS):
+        sig = stand_ins(reducer.needs, Dims(tokens=n, text=text_after, text_width=lay.width), g)
         red = reducer(Tokens(x=torch.randn(1, n, lay.width, generator=g), grid=(1, n), budget=_budgets(reducer, n),
-                             sample_key=torch.zeros(1, dtype=torch.long)))
+                             sample_key=torch.zeros(1, dtype=torch.long), **sig))
         visual, own = _count(red), _reducer_macs(red)
     return _Image(vision=[patches] * lay.vision_layers, projector=patches, visual=visual, num_patches=n, grid=(1, n),
                   macs=own, image_tokens=torch.tensor([n]), extra={"image_grid_thw": [t, h, w]})
@@ -219,12 +221,13 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
     if getattr(reducer, "auto", False):
         raise ValueError(f"{reducer.name}: an 'auto' budget depends on the image; give a number of visual tokens")
     g = torch.Generator().manual_seed(seed)
+    m = max(1, text_tokens // 2) if text_after is None else text_after  # the text tokens after the image
     if config.model_type == "qwen2_5_vl":
         if image_grid is None:
             raise ValueError("a Qwen2.5-VL image has no fixed size: give its patch grid (t, h, w)")
-        image = _qwen_image(config, reducer, tuple(image_grid), g)
+        image = _qwen_image(config, reducer, tuple(image_grid), g, m)
     else:
-        image = _llava_image(config, reducer, g)
+        image = _llava_image(config, reducer, g, m)
     tc = config.text_config
     n, layers = image.num_patches, tc.num_hidden_layers
     own = image.macs
@@ -235,7 +238,6 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         kv_width = getattr(tc, "num_key_value_heads", None) or heads
         kept = image.visual
         for stage, layer in enumerate(reducer.llm_layers(layers, n)):
-            m = max(1, text_tokens // 2) if text_after is None else text_after  # the text tokens after the image
             d = Dims(tokens=kept, width=tc.hidden_size, seq=llm[layer], q_width=heads * head_dim,
                      kv_width=kv_width * head_dim, text=m, image=n)
             red = reducer(Tokens(x=torch.randn(1, kept, tc.hidden_size, generator=g), grid=image.grid,

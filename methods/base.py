@@ -82,7 +82,8 @@ class Tokens:
             concatenated; LLM site; DART's pivots).
         normed: (B, N, D) the image tokens' hidden states entering the reducing layer, through the LLM's final norm
             (LLM site; DART's similarities).
-        text: the text tokens after the image, as `TextTokens` (LLM site; for "text", "text_attn" or "embeds").
+        text: the text tokens after the image, as `TextTokens` (LLM site: for "text", "text_attn" or "embeds"; features
+            site: "question", their LLM input embeddings).
         embeds: (B, N0, D) the LLM input embeddings of every one of the image's N0 tokens, as the projector made them,
             whatever earlier stages removed (LLM site; SparseVLM chooses its raters from them).
         query_attn_next: (B, N) the same row at the layer about to run (the one the reduced tokens enter), from

@@ -55,7 +55,7 @@ from methods._llm import LLM_PROVIDERS, DecodeState, ImageSide, LLMSide, Reducer
 from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Reduced, Site, TokenReducer, Tokens
 from methods.loading import load_pretrained
-from methods.signals import Dims, Provides, signal_macs
+from methods.signals import Dims, Provides, signal_macs, tokens_fields
 from methods.trace import Generation, LlavaLayout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -131,11 +131,23 @@ class _VisionStage:
     n: int  # N, the patches handed to the reducer
     e: int  # E
     relevant: Tensor | None  # (B, N) bool from the task's records
+    prompt: tuple[Tensor, Tensor]  # (input_ids, attention_mask) (B, T), for the question's tokens
 
     @cached_property
     def consumer(self) -> dict[str, Tensor]:
         """"cls_attn" and "keys", computed together from the layer that consumes the features."""
         return self.side._vision_signals(self.h[:, : self.h.size(1) - self.e], self.attn_mask)
+
+
+def _question(st: _VisionStage) -> dict[str, Tensor]:
+    """(B, M, D) the LLM's input embeddings of the prompt's text after the image (the question and the answer prompt),
+    left-packed, and their (B, M) valid mask."""
+    ids, mask = st.prompt
+    _, start = st.side._image_span(ids)  # (B,) where each image run starts
+    t = torch.arange(ids.size(1), device=ids.device)
+    idx, valid = pack_true(mask.bool() & (t > (start + st.side.layout.num_patches - 1).unsqueeze(1)))  # (B, M)
+    embeds = st.side.model.model.language_model.embed_tokens(ids.gather(1, idx))
+    return {"text.embeds": embeds, "text.valid": valid}
 
 
 def _feature_cls(st: _VisionStage) -> dict[str, Tensor]:
@@ -152,6 +164,7 @@ FEATURE_PROVIDERS: dict[str, Callable[[_VisionStage], dict[str, Tensor]]] = {
     "feature_keys": lambda st: {"feature_keys": st.qk[1].mean(1)[:, 1 : 1 + st.n]},  # heads averaged; no extra MACs
     "feature_cls": _feature_cls,
     "relevant": lambda st: {"relevant": st.relevant.to(device=st.h.device, dtype=torch.bool)},  # no compute
+    "question": _question,
 }
 KEEPS_QK = frozenset({"feature_attn", "feature_keys"})  # providers that read the feature layer's own q and k
 
@@ -239,7 +252,7 @@ class ReducedLlava(LLMSide):
         if "relevant" in self.reducer.needs and (relevant is None or tuple(relevant.shape) != wanted):
             raise ValueError(f"{self.reducer.name} needs each question's relevant patches as a (batch, "
                              f"{self.layout.num_patches}) mask; only tasks that record relevant_patches have them")
-        feats = self._encode_images(pixel_values, budgets, key, log, relevant)  # feats.x (B, K, Dv * nf)
+        feats = self._encode_images(pixel_values, budgets, key, log, relevant, (input_ids, attention_mask))
         projected = m.model.multi_modal_projector(feats.x)  # (B, K, D)
         log.finite.watch("the projector's output", projected, feats.valid)
         valid, src = feats.valid, feats.src
@@ -259,7 +272,7 @@ class ReducedLlava(LLMSide):
     # ------------------------------------------------------------------ vision
 
     def _encode_images(self, pixel_values: Tensor, budgets: Tensor | None, key: Tensor, log: ReducerLog,
-                       relevant: Tensor | None = None) -> _Features:
+                       relevant: Tensor | None, prompt: tuple[Tensor, Tensor]) -> _Features:
         """(B, 3, H, W) -> the features of the visual tokens (VISION and FEATURES sites reduce them here); the
         reducer's MACs and time go into `log`."""
         vt, lay, r = self.model.model.vision_tower, self.layout, self.reducer
@@ -302,10 +315,11 @@ class ReducedLlava(LLMSide):
         vision_tokens = torch.stack([torch.as_tensor(c, device=h.device).expand(b) for c in counts], 1)
         if r.site is Site.FEATURES:
             t0 = self._clock()
-            st = _VisionStage(self, h, attn_mask, qk, hidden, feats.size(1), e, relevant)
-            sig = {}
+            st = _VisionStage(self, h, attn_mask, qk, hidden, feats.size(1), e, relevant, prompt)
+            fields = {}
             for name in sorted(r.needs):
-                sig.update(FEATURE_PROVIDERS[name](st))
+                fields.update(FEATURE_PROVIDERS[name](st))
+            sig = tokens_fields(fields)
             log.macs = log.macs + signal_macs(r.needs, Dims(batch=b, tokens=feats.size(1), width=h.size(-1), extra=e,
                                                             seq=torch.as_tensor(counts[-1], device=h.device)))
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))

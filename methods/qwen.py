@@ -31,6 +31,7 @@ attention (not ported).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -44,7 +45,7 @@ from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Site, TokenReducer, Tokens
 from methods.budget import Budget
 from methods.loading import load_pretrained
-from methods.signals import Provides
+from methods.signals import Provides, tokens_fields
 from methods.trace import Generation, QwenLayout
 
 QWEN_TURN = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -67,6 +68,17 @@ def load_qwen(path: str | Path, device: str = "cpu", dtype: str = "auto"):
     return load_pretrained(path, Qwen2_5_VLForConditionalGeneration, device, dtype)
 
 
+def _question(seq: Seq) -> dict[str, Tensor]:
+    """(B, M, D) the LLM input embeddings of the text after the image (the spliced sequence holds them) and their
+    (B, M) valid mask."""
+    idx, valid = LLMSide._text_after_image(seq)
+    return {"text.embeds": gather_tokens(seq.x, idx), "text.valid": valid}
+
+
+# signal name (methods/signals.py) -> its `Tokens` fields, at the features site (the merger's output)
+FEATURE_PROVIDERS: dict[str, Callable[[Seq], dict[str, Tensor]]] = {"question": _question}
+
+
 class ReducedQwen(LLMSide):
     """A Qwen2.5-VL model and one reducer, run together. Holds no state between calls; the model is never modified.
 
@@ -77,7 +89,7 @@ class ReducedQwen(LLMSide):
 
     _rotary_axes = 3
     provides: ClassVar[Provides] = Provides(  # no CLS token, no signals before the LLM
-        family="Qwen2.5-VL", signals={Site.FEATURES: frozenset(), Site.EMBEDDINGS: frozenset(),
+        family="Qwen2.5-VL", signals={Site.FEATURES: frozenset(FEATURE_PROVIDERS), Site.EMBEDDINGS: frozenset(),
                                       Site.LLM: frozenset(LLM_PROVIDERS)},
         extra_vision_tokens="appends tokens to the vision encoder's input, which would have to join its window "
                             "attention (not ported)")
@@ -142,8 +154,12 @@ class ReducedQwen(LLMSide):
         r = self.reducer
         t0 = self._clock()
         vidx, vvalid = pack_true(seq.visual)  # (B, N) each image's tokens in order
+        fields = {}
+        for name in sorted(r.needs):
+            fields.update(FEATURE_PROVIDERS[name](seq))
         red = r(Tokens(x=gather_tokens(seq.x, vidx), grid=(1, vidx.size(1)),
-                       valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key))
+                       valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key,
+                       **tokens_fields(fields)))
         log.add(red, self._clock() - t0)
         if red.keep is None:
             return seq

@@ -41,6 +41,7 @@ class Dims:
         q_width, kv_width: LLM site: the widths of the query and key projections.
         text: LLM site: the text tokens after the image (M; the real ones, per sample, for MACs).
         image: LLM site: the image's tokens before any LLM-site reduction (N0).
+        text_width: features site: the LLM's input-embedding width (the question's tokens, "question").
     """
 
     batch: int = 1
@@ -54,6 +55,7 @@ class Dims:
     kv_width: int = 0
     text: int | Tensor = 0
     image: int = 0
+    text_width: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,11 @@ SIGNALS: dict[str, Signal] = {s.name: s for s in (
     Signal("relevant", Site.FEATURES, {"relevant": "(B, N) bool"}, question=True,
            requires="the relevant patches on its own token grid (the tasks record them on LLaVA's)",
            stand_in=lambda d, g: {"relevant": torch.rand(d.batch, d.tokens, generator=g) < 0.1}),
+    # the question before the LLM: the LLM's own input embeddings of the text after the image (a lookup, no MACs)
+    Signal("question", Site.FEATURES, {"text.embeds": "(B, M, text_width)", "text.valid": "(B, M) bool"},
+           question=True,
+           stand_in=lambda d, g: {"text.embeds": torch.randn(d.batch, d.text, d.text_width, generator=g),
+                                  "text.valid": torch.ones(d.batch, d.text, dtype=torch.bool)}),
     # LLM site: from the decoder layers around the reducing one
     Signal("query_attn", Site.LLM, {"query_attn": "(B, N)"}, below=True, question=True, macs=_query_row_macs,
            stand_in=lambda d, g: {"query_attn": torch.rand(d.batch, d.tokens, generator=g)}),
@@ -147,13 +154,13 @@ def sees_question(needs: frozenset[str]) -> bool:
     return any(SIGNALS[name].question for name in needs)
 
 
-def tokens_fields(values: dict[str, Tensor], text_valid: Tensor | None) -> dict[str, object]:
+def tokens_fields(values: dict[str, Tensor], text_valid: Tensor | None = None) -> dict[str, object]:
     """`Tokens` keyword arguments from signal fields as `fills` names them: the "text.*" ones gathered into one
-    `TextTokens` (`text_valid` (B, M) its mask) when there are any."""
+    `TextTokens` when there are any, its mask `text_valid` (B, M) unless a signal filled "text.valid" itself."""
     out = {k: v for k, v in values.items() if not k.startswith("text.")}
     text = {k.removeprefix("text."): v for k, v in values.items() if k.startswith("text.")}
     if text:
-        out["text"] = TextTokens(valid=text_valid, **text)
+        out["text"] = TextTokens(**{"valid": text_valid, **text})
     return out
 
 
@@ -162,7 +169,7 @@ def stand_ins(needs: frozenset[str], d: Dims, g: torch.Generator) -> dict[str, o
     values = {}
     for name in sorted(needs):
         values.update(SIGNALS[name].stand_in(d, g))
-    return tokens_fields(values, torch.ones(d.batch, d.text, dtype=torch.bool))
+    return tokens_fields(values, torch.ones(d.batch, d.text, dtype=torch.bool))  # "question" fills its own mask
 
 
 def signal_macs(needs: frozenset[str], d: Dims) -> int | Tensor:

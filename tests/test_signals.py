@@ -17,7 +17,7 @@ from methods.families import FAMILIES, LLAVA, QWEN
 from methods.llava import FEATURE_PROVIDERS, ReducedLlava
 from methods.qwen import ReducedQwen
 from methods.signals import SIGNALS, Dims, refusal, refuse, sees_question, signal_macs, stand_ins
-from tests.conftest import qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
+from tests.conftest import IMAGE_TOKEN, QWEN_IMAGE, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
 
 ADAPTERS = {"llava": ReducedLlava, "qwen": ReducedQwen}
 
@@ -73,14 +73,14 @@ def test_macs_of_signals_computed_together_are_counted_once():
 def _dims_of(shape: str, d: Dims) -> tuple[int, ...]:
     """A `fills` shape such as "(B, M, width)" in numbers."""
     sizes = {"B": d.batch, "N": d.tokens, "M": d.text, "N0": d.image, "width": d.width, "head_dim": d.head_dim,
-             "feature_width": d.feature_width}
+             "feature_width": d.feature_width, "text_width": d.text_width}
     return tuple(sizes[k] for k in re.findall(r"\w+", shape.split(")")[0]))
 
 
 @pytest.mark.parametrize("name", SIGNALS)
 def test_stand_ins_fill_the_fields_the_table_names_with_its_shapes(name):
     s = SIGNALS[name]
-    d = Dims(batch=2, tokens=5, width=8, head_dim=4, feature_width=16, text=3, image=7)
+    d = Dims(batch=2, tokens=5, width=8, head_dim=4, feature_width=16, text=3, image=7, text_width=6)
     values = s.stand_in(d, torch.Generator().manual_seed(0))
     assert set(values) == set(s.fills)
     for field, shape in s.fills.items():
@@ -126,8 +126,13 @@ def test_llava_providers_fill_the_declared_fields_with_the_declared_shapes():
     feats = frozenset(FEATURE_PROVIDERS)
     probe = _probe(Site.FEATURES, feats)
     ReducedLlava(model, probe).prefill(ids, mask, pixels, relevant=torch.zeros(2, n, dtype=torch.bool))
-    _check_fields(probe.seen[0], feats, Dims(batch=2, tokens=n, width=vc.hidden_size, feature_width=vc.hidden_size,
-                                             head_dim=vc.hidden_size // vc.num_attention_heads))
+    t = probe.seen[0]
+    _check_fields(t, feats, Dims(batch=2, tokens=n, width=vc.hidden_size, feature_width=vc.hidden_size,
+                                 head_dim=vc.hidden_size // vc.num_attention_heads, text=t.text.valid.size(1),
+                                 text_width=tc.hidden_size))
+    after = [(mask[i].bool() & (torch.arange(ids.size(1)) > torch.nonzero(ids[i] == IMAGE_TOKEN)[-1])).sum().item()
+             for i in range(2)]
+    assert t.text.valid.sum(1).tolist() == after  # the question: the real tokens after each image
     llm = frozenset(LLM_PROVIDERS)
     probe = _probe(Site.LLM, llm, layer=1)
     ReducedLlava(model, probe).prefill(ids, mask, pixels)
@@ -138,6 +143,15 @@ def test_llava_providers_fill_the_declared_fields_with_the_declared_shapes():
 def test_qwen_providers_fill_the_declared_fields_with_the_declared_shapes():
     model = tiny_qwen()
     ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8), (1, 4, 8)])
+    probe = _probe(Site.FEATURES, frozenset({"question"}))
+    ReducedQwen(model, probe).prefill(ids, mask, pixels, grid)
+    t = probe.seen[0]
+    lm = model.model.language_model
+    for i in range(2):  # the question's tokens: the LLM's own embeddings of the real tokens after the image
+        after = (mask[i].bool() & (torch.arange(ids.size(1)) > torch.nonzero(ids[i] == QWEN_IMAGE)[-1]))
+        m = int(after.sum())
+        assert t.text.valid[i].sum() == m
+        torch.testing.assert_close(t.text.embeds[i, :m], lm.embed_tokens(ids[i, after]))
     llm = frozenset(LLM_PROVIDERS)
     probe = _probe(Site.LLM, llm, layer=1)
     ReducedQwen(model, probe).prefill(ids, mask, pixels, grid)

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from benchmarks.defaults import (
-    CATALOGUE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_OUTPUT,
     SMOKE_LIMIT,
     SMOKE_MODEL,
+    catalogue,
     default_output,
     go_offline,
 )
@@ -126,11 +126,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- torch-free checks
-
-
-def catalogue() -> dict:
-    """{method: site, learned, arguments, summary}: the registry as data (`python -m methods.catalogue`)."""
-    return json.loads(CATALOGUE.read_text())
 
 
 def check_arguments(args: argparse.Namespace) -> None:

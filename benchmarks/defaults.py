@@ -3,9 +3,10 @@ argument errors answer without loading torch."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from methods._registry import read_catalogue as catalogue  # the registry as data, read without torch
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "checkpoint"
@@ -16,7 +17,6 @@ DEFAULT_BATCH_SIZE = 32  # results do not depend on it (batch invariance is test
 # minutes on 2 CPU cores; `--limit 1000` runs every question of the test splits (about 13 minutes there)
 SMOKE_LIMIT = 500
 DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
-CATALOGUE = REPO / "methods" / "catalogue.json"  # the registry's names, sites and arguments, readable without torch
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -31,11 +31,6 @@ def default_output(model: Path) -> Path:
 def is_smoke_model(model: Path) -> bool:
     """Whether `model` is the committed LLaVA smoke model (the folder, however the path is written)."""
     return Path(model).resolve() == SMOKE_MODEL.resolve()
-
-
-def catalogue() -> dict[str, dict]:
-    """The registry's entries by name (site, learned, reference, arguments, summary), read without torch."""
-    return json.loads(CATALOGUE.read_text())
 
 
 def default_limit(model: Path) -> int | None:

@@ -392,9 +392,8 @@ def identify(plan: Plan, spec: RunSpec, tm) -> Identity:
 def make_reducer(cell: Cell, spec: RunSpec, num_patches: int | None = None) -> TokenReducer:
     """The cell's reducer, in eval mode: the method's defaults, overridden by --method-args. A fraction budget
     becomes a count when every image has `num_patches` tokens; otherwise the adapter applies it per image."""
-    cls, kwargs = get_reducer_class(cell.method), spec.kwargs_for(cell.method, cell.seed)
-    budget = cell.budget.at(num_patches) if cls.uses_budget and cls.budget_label(kwargs) is None else None
+    kwargs = spec.kwargs_for(cell.method, cell.seed)
     try:
-        return create_reducer(cell.method, budget, **kwargs).eval()
+        return create_reducer(cell.method, cell.budget.argument(num_patches), **kwargs).eval()
     except TypeError as e:  # an argument the constructor does not take
         raise ValueError(f"{cell.method}: {e}; see the method's docstring for its arguments") from None

@@ -152,8 +152,11 @@ def _curve(task: str, method: str, scores: dict, cost: dict) -> list[tuple[float
     """(mean prefill GMACs, budget, per-question scores) of `method`'s cells with a numeric budget, cheapest first."""
     pts = []
     for (t, m, b), v in scores.items():
-        if t == task and m == method and (t, m, b) in cost and Budget.of(b).is_number:
-            pts.append((cost[(t, m, b)], float(Budget.of(b).record), v))
+        if t != task or m != method or (t, m, b) not in cost:
+            continue
+        budget = Budget.of(b)
+        if budget.is_number:
+            pts.append((cost[(t, m, b)], float(budget.record), v))
     return sorted(pts, key=lambda p: p[0])
 
 

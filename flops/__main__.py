@@ -118,11 +118,10 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
         print(f"note: {note}", file=sys.stderr)
     rows = []
     for method, label in pairs:
-        cls, kw = get_reducer_class(method), kwargs.get(method, {})
+        kw = kwargs.get(method, {})
         if label.kind == AUTO:
             raise ValueError(f"{method}: an 'auto' budget depends on the image; give numbers of visual tokens")
-        budget = label.at(n) if cls.uses_budget and cls.budget_label(kw) is None else None  # a count, of this image
-        reducer = stand_in_reducer(method, budget, config, **kw)
+        reducer = stand_in_reducer(method, label.argument(n), config, **kw)  # a fraction: a count, of this image
         family = family_of(config)  # as run_bench.py checks it: signals provided, layer in range, ...
         family.check_reducer(reducer, family.layout(config), **({} if grid is None else {"image_tokens": n}))
         rec = shape_record(config, reducer, args.text_tokens, args.generated_tokens, image_grid=grid)

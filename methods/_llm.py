@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from methods._ops import additive_mask, gather_tokens, pack_true, running_index
 from methods.base import Reduced, Site, Tokens
-from methods.signals import Dims, signal_macs, tokens_fields
+from methods.signals import Dims, provide, signal_macs, tokens_fields
 from methods.trace import Generation, Timing, TokenTrace
 
 
@@ -334,9 +334,7 @@ class LLMSide:
             if j in stages:
                 t0 = self._clock()  # the reducer's time includes the signals computed for it
                 st = Stage(self, seq, spliced, h_prev, j, cache, cos_sin)
-                fields = {}
-                for name in sorted(r.needs):
-                    fields.update(LLM_PROVIDERS[name](st))  # each a `Tokens` field at the image tokens
+                fields = provide(r.needs, LLM_PROVIDERS, st)  # `Tokens` fields at the image tokens
                 text = any(k.startswith("text.") for k in fields)
                 log.macs = log.macs + signal_macs(r.needs, st.dims(text))
                 sig = tokens_fields(fields, st.text[1] if text else None)

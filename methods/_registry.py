@@ -26,6 +26,12 @@ METHOD_MODULES = ("adaptive", "dart", "divprune", "fastervlm", "fastv", "full", 
                   "random", "sparsevlm", "visionzip", "vispruner")
 
 
+def read_catalogue() -> dict[str, dict]:
+    """The registry's entries by name (site, learned, reference, question, arguments, summary), read from
+    `CATALOGUE` without importing the methods (so without torch)."""
+    return json.loads(CATALOGUE.read_text())
+
+
 def load_methods() -> None:
     """Import every method module (once; Python caches them), so that the registry holds every method."""
     for name in METHOD_MODULES:
@@ -207,7 +213,7 @@ def expand_methods(names: tuple[str, ...], known: list[str] | None = None) -> tu
     for name in names:
         family = fnmatch.filter(known, f"{name}_*")
         if name in GROUPS:
-            entries = json.loads(CATALOGUE.read_text())
+            entries = read_catalogue()
             out += [m for m in known if m in entries and entries[m]["question"] is GROUPS[name]
                     and entries[m]["uses_budget"] and not entries[m]["reference"]]
         elif name in known:

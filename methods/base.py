@@ -31,8 +31,6 @@ class Site(enum.Enum):
     LLM = "llm"  # before LLM decoder layer `layer`, during prefill only; layers below keep every token
 
 
-
-
 @dataclass
 class TextTokens:
     """The prompt's text tokens after the image (the instruction and the answer prompt) at an LLM-site reduction
@@ -178,6 +176,8 @@ class TokenReducer(nn.Module):
     # MODEL/controllers/<name>
     budget_unit: ClassVar[str] = "kept"  # "layer_mean": the budget is the visual tokens averaged over the LLM's
     # layers (PyramidDrop), not the count kept from the reduction point on
+    count_args_example: ClassVar[dict] = {}  # for a method whose own arguments can set its token count
+    # (`budget_label`): such arguments, as its paper uses them (FastV's {"ratio": 0.5}); the speed benchmark times it
     seeded: ClassVar[bool] = False  # True for methods that draw at random: a `seed` argument, set from --seed
     reference: ClassVar[bool] = False  # True for a reference row that is not a method (`oracle` reads the task's
     # relevant patches): tables and figures mark it, comparisons of methods leave it out
@@ -198,7 +198,8 @@ class TokenReducer(nn.Module):
             spend = None if budget is None else Budget.of(budget)
         except ValueError:
             spend = None
-        if spend is None and (budget is not None or self.uses_budget) or spend is not None and spend.kind == "all":
+        usable = spend is not None and spend.kind != "all"  # `full`'s every-token budget is no reducer's
+        if not usable and (budget is not None or self.uses_budget):
             raise ValueError(f"{who}: budget must be an integer >= 1 or a fraction in (0, 1), got {budget!r}")
         if spend is not None and spend.kind == AUTO and not self.supports_auto:
             raise ValueError(f"{who} has no {AUTO!r} budget; give a number of visual tokens")
@@ -217,9 +218,6 @@ class TokenReducer(nn.Module):
         """Whether this instance's own arguments set its token count (`budget_label`: FastV's `ratio`), not a
         budget."""
         return self.token_budget is not None and self.token_budget.kind == "method"
-
-    count_args_example: ClassVar[dict] = {}  # for a method whose own arguments can set its token count
-    # (`budget_label`): such arguments, as its paper uses them (FastV's {"ratio": 0.5}); the speed benchmark times it
 
     @classmethod
     def budget_label(cls, kwargs: dict) -> str | None:

@@ -147,6 +147,11 @@ class Budget:
             return Budget.count(self.tokens(image_tokens))
         return self
 
+    def argument(self, image_tokens: int | None) -> Budget | None:
+        """What a reducer's constructor takes for this cell budget (`at(image_tokens)`), or None where the method sets
+        its own count from its arguments (`method`) or reduces nothing (`all`, `full`'s)."""
+        return None if self.kind in ("method", "all") else self.at(image_tokens)
+
     @property
     def order(self) -> tuple[int, float, str]:
         """The one sort key: counts, the image's tokens and fractions by size (a fraction before any count), then

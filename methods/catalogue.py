@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import inspect
 import json
-from pathlib import Path
 
 from methods import get_reducer_class, list_reducers
+from methods._registry import CATALOGUE
 from methods.signals import sees_question
 
-PATH = Path(__file__).with_suffix(".json")
+PATH = CATALOGUE
 INTERNAL_ARGS = {"self", "budget", "config"}  # budget comes from --budgets; config is the trainer's, in Python
 
 

@@ -55,7 +55,7 @@ from methods._llm import LLM_PROVIDERS, DecodeState, ImageSide, LLMSide, Reducer
 from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Reduced, Site, TokenReducer, Tokens
 from methods.loading import load_pretrained
-from methods.signals import Dims, Provides, signal_macs, tokens_fields
+from methods.signals import Dims, Provides, provide, signal_macs, tokens_fields
 from methods.trace import Generation, LlavaLayout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -316,10 +316,7 @@ class ReducedLlava(LLMSide):
         if r.site is Site.FEATURES:
             t0 = self._clock()
             st = _VisionStage(self, h, attn_mask, qk, hidden, feats.size(1), e, relevant, prompt)
-            fields = {}
-            for name in sorted(r.needs):
-                fields.update(FEATURE_PROVIDERS[name](st))
-            sig = tokens_fields(fields)
+            sig = tokens_fields(provide(r.needs, FEATURE_PROVIDERS, st))
             log.macs = log.macs + signal_macs(r.needs, Dims(batch=b, tokens=feats.size(1), width=h.size(-1), extra=e,
                                                             seq=torch.as_tensor(counts[-1], device=h.device)))
             red = r(Tokens(x=feats, grid=lay.grid, valid=valid, budget=budgets, sample_key=key, extra=extra_out, **sig))

@@ -45,7 +45,7 @@ from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Site, TokenReducer, Tokens
 from methods.budget import Budget
 from methods.loading import load_pretrained
-from methods.signals import Provides, tokens_fields
+from methods.signals import Provides, provide, tokens_fields
 from methods.trace import Generation, QwenLayout
 
 QWEN_TURN = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -154,9 +154,7 @@ class ReducedQwen(LLMSide):
         r = self.reducer
         t0 = self._clock()
         vidx, vvalid = pack_true(seq.visual)  # (B, N) each image's tokens in order
-        fields = {}
-        for name in sorted(r.needs):
-            fields.update(FEATURE_PROVIDERS[name](seq))
+        fields = provide(r.needs, FEATURE_PROVIDERS, seq)
         red = r(Tokens(x=gather_tokens(seq.x, vidx), grid=(1, vidx.size(1)),
                        valid=None if bool(vvalid.all()) else vvalid, budget=budgets, sample_key=key,
                        **tokens_fields(fields)))

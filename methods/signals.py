@@ -154,6 +154,16 @@ def sees_question(needs: frozenset[str]) -> bool:
     return any(SIGNALS[name].question for name in needs)
 
 
+def provide(needs: frozenset[str], providers: dict[str, Callable[[object], dict[str, Tensor]]],
+            state: object) -> dict[str, Tensor]:
+    """The `Tokens` fields (as `fills` names them) of every needed signal, each from the adapter's provider for it
+    over the adapter's `state` at the reducing point."""
+    fields: dict[str, Tensor] = {}
+    for name in sorted(needs):
+        fields.update(providers[name](state))
+    return fields
+
+
 def tokens_fields(values: dict[str, Tensor], text_valid: Tensor | None = None) -> dict[str, object]:
     """`Tokens` keyword arguments from signal fields as `fills` names them: the "text.*" ones gathered into one
     `TextTokens` when there are any, its mask `text_valid` (B, M) unless a signal filled "text.valid" itself."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.defaults import CATALOGUE
 from benchmarks.defaults import catalogue as read_catalogue
 from benchmarks.plan import RunSpec, make_reducer
 from methods import (
@@ -19,7 +18,7 @@ from methods import (
     expand_methods,
     list_reducers,
 )
-from methods._registry import _REDUCERS, register_reducer
+from methods._registry import _REDUCERS, CATALOGUE, register_reducer
 
 
 def test_full_is_registered_and_is_identity():

@@ -171,8 +171,9 @@ def _llava_image(config, reducer: TokenReducer, g: torch.Generator, text_after: 
         own += _reducer_macs(red)
     projector = visual
     if reducer.site is Site.EMBEDDINGS:
+        sig = stand_ins(reducer.needs, Dims(tokens=n, text=text_after, text_width=tc.hidden_size), g)
         red = reducer(Tokens(x=torch.randn(1, n, tc.hidden_size, generator=g), grid=lay.grid,
-                             sample_key=torch.zeros(1, dtype=torch.long)))
+                             sample_key=torch.zeros(1, dtype=torch.long), **sig))
         visual = _count(red)
         own += _reducer_macs(red)
     return _Image(vision=vision, projector=projector, visual=visual, num_patches=n, grid=lay.grid, macs=own)

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 _REDUCERS: dict[str, type[TokenReducer]] = {}
 CATALOGUE = Path(__file__).with_name("catalogue.json")  # the registry as data (methods/catalogue.py writes it)
 # one file per method; add new ones here
-METHOD_MODULES = ("adaptive", "dart", "divprune", "fastervlm", "fastv", "full", "oracle", "pdrop", "prumerge",
-                  "random", "sparsevlm", "visionzip", "vispruner")
+METHOD_MODULES = ("adaptive", "cdpruner", "dart", "divprune", "fastervlm", "fastv", "full", "oracle", "pdrop",
+                  "prumerge", "random", "sparsevlm", "visionzip", "vispruner")
 
 
 def read_catalogue() -> dict[str, dict]:

@@ -154,6 +154,7 @@ class ControllerConfig:
     heads: int = 4
     tau: float = 5.0  # Gumbel-softmax temperature; only the straight-through estimator uses it
     estimator: str = "reinforce"  # how training gets gradients to the scores: one of ESTIMATORS
+    text_dim: int = 0  # width of the question's tokens (the LLM's input embeddings) for a controller that reads them
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -250,19 +251,25 @@ class _Adaptive(TokenReducer):
             x = gather_tokens(ref + mask.unsqueeze(-1).to(t.x.dtype) * (t.x - ref), keep)  # (B, K, D), = x forward
             return Reduced(x=x, keep=keep, valid=valid, aux={"logits": logits})
         keep, valid = select_top(logits, k, t.valid)  # (B, K) ascending: eval is plain top-K (= gumbel_topk's eval)
-        return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=valid, macs=self.macs(n), aux={"logits": logits})
+        return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=valid, macs=self.macs(n, self.words(t)),
+                       aux={"logits": logits})
 
-    def macs(self, n: Tensor | int) -> Tensor | int:
+    def words(self, t: Tokens) -> Tensor | int:
+        """(B,) question tokens the controller reads per sample (0: it reads none)."""
+        return 0
+
+    def macs(self, n: Tensor | int, m: Tensor | int = 0) -> Tensor | int:
         """MACs of scoring one sample's n patches: content N D H and head N H; with a budget, its embedding
-        (2F H + H D) and the condition (D H); plus the subclass's fusion."""
+        (2F H + H D) and the condition (D H); plus the subclass's fusion (over `m` question tokens where it reads
+        them)."""
         d, h = self.config.dim, self.config.hidden
         total = n * d * h + n * h
         if self.budget_embedding is not None:
             total += 2 * self.budget_embedding.num_freqs * h + h * d + d * h
-        return total + self.fusion_macs(n)
+        return total + self.fusion_macs(n, m)
 
-    def fusion_macs(self, n: Tensor | int) -> Tensor | int:
-        """MACs of the budget-content fusion for one sample of `n` patches (subclasses)."""
+    def fusion_macs(self, n: Tensor | int, m: Tensor | int = 0) -> Tensor | int:
+        """MACs of the budget-content fusion for one sample of `n` patches and `m` question tokens (subclasses)."""
         return 0
 
     def save(self, directory: str | Path) -> None:
@@ -297,15 +304,21 @@ class AdaptiveB(_Adaptive):
     def build_fusion(self, config: ControllerConfig) -> None:
         self.attend = nn.MultiheadAttention(config.dim, config.heads, batch_first=True)
 
-    def fusion_macs(self, n: Tensor | int) -> Tensor | int:
+    def fusion_macs(self, n: Tensor | int, m: Tensor | int = 0) -> Tensor | int:
         d = self.config.dim  # q and out projections D^2 each, k and v N D^2 each, scores and weighted sum N D each
         return 2 * d * d + 2 * n * d * d + 2 * n * d
 
     def fused(self, t: Tokens, k: Tensor, n: Tensor) -> Tensor:
         q = self.budget_embedding(self.ratio(k, n)).unsqueeze(1).to(t.x.dtype)  # (B, 1, D)
-        kv = self.norm(t.x)
+        kv = self.norm(t.x)  # (B, N, D)
         pad = None if t.valid is None else ~t.valid  # (B, N) keys the budget may not attend to
+        kv, pad = self.keys(t, kv, pad)
         return self.attend(q, kv, kv, key_padding_mask=pad, need_weights=False)[0][:, 0]  # (B, D)
+
+    def keys(self, t: Tokens, kv: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """What the budget query attends to, (B, S, D), and (B, S) True where it may not (None: all of it): the
+        patches here."""
+        return kv, pad
 
 
 @register_reducer("adaptive_a")
@@ -336,3 +349,59 @@ class BudgetBlind(_Adaptive):
 
     def fused(self, t: Tokens, k: Tensor, n: Tensor) -> None:
         return None
+
+
+@register_reducer("adaptive_q")
+class AdaptiveQ(AdaptiveB):
+    """Option B with the question: the budget query attends to the patch features and to the question's tokens.
+
+    As AdaLLaVA's budget token attends to the image and the text before its scheduler reads it (Path 1): "how many"
+    is still the budget, "which" depends on the budget, the image and the question.
+
+    The question's tokens are the LLM's own input embeddings of the prompt's text after the image (the question and
+    the answer prompt; the "question" signal, a lookup), LayerNorm-ed and projected to the controller's width by one
+    linear layer (M T D MACs for M tokens of width T), then appended to the patches as keys and values of the same
+    cross-attention (its K and V projections and scores then run over N + M). The scorer is Option B's.
+
+    Args:
+        question: False masks the question out (the "text term off" ablation): the same trained weights, the budget
+            query attends to the patches only, as `adaptive_b`'s does; its cost is then `adaptive_b`'s.
+    """
+
+    needs = frozenset({"question"})
+
+    def __init__(self, budget: int | None = None, checkpoint: str | Path | None = None,
+                 config: ControllerConfig | None = None, question: bool = True) -> None:
+        super().__init__(budget, checkpoint, config)
+        self.question = question
+
+    def build_fusion(self, config: ControllerConfig) -> None:
+        super().build_fusion(config)
+        if config.text_dim < 1:
+            raise ValueError(f"{self.name}: its controller config gives no question width (text_dim); build it with "
+                             "methods.families.Family.controller_config, which reads the LLM's width")
+        self.text_norm = nn.LayerNorm(config.text_dim)
+        self.text = nn.Linear(config.text_dim, config.dim)
+
+    def words(self, t: Tokens) -> Tensor | int:
+        return t.text.valid.sum(1) if self.question and t.text is not None else 0
+
+    def fusion_macs(self, n: Tensor | int, m: Tensor | int = 0) -> Tensor | int:
+        d = self.config.dim  # the question's projection M T D, then Option B's attention over N + M keys
+        return m * self.config.text_dim * d + super().fusion_macs(n + m)
+
+    def keys(self, t: Tokens, kv: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if not self.question:
+            return kv, pad
+        if t.text is None or t.text.embeds is None:
+            raise ValueError(f"{self.name} needs the question's tokens (Tokens.text.embeds); run it through an adapter "
+                             "(methods.llava.ReducedLlava, methods.qwen.ReducedQwen)")
+        e = t.text.embeds
+        if e.size(-1) != self.config.text_dim:
+            raise ValueError(f"{self.name}: this controller was trained on question tokens of width "
+                             f"{self.config.text_dim}, the model gives {e.size(-1)}; train one for this model with "
+                             f"`python -m benchmarks.tools.train_adaptive --method {self.name}`")
+        words = self.text(self.text_norm(e.to(kv.dtype)))  # (B, M, D)
+        if pad is None:
+            pad = torch.zeros(kv.shape[:2], dtype=torch.bool, device=kv.device)
+        return torch.cat([kv, words], 1), torch.cat([pad, ~t.text.valid], 1)  # (B, N + M, D), (B, N + M)

@@ -62,8 +62,9 @@ class Family:
     def controller_config(self, layout, method: str, **kwargs) -> ControllerConfig:
         """The shape of a learned controller for a model of `layout`: tokens of the features site's width, a fixed
         count per image where the family has one (None: any count)."""
+        text = layout.text_width if "question" in get_reducer_class(method).needs else 0  # the question's width
         return ControllerConfig(method=method, dim=layout.feature_width,
-                                num_patches=layout.num_patches if self.fixed_tokens else None, **kwargs)
+                                num_patches=layout.num_patches if self.fixed_tokens else None, text_dim=text, **kwargs)
 
 
 LLAVA = Family(name="LLaVA-1.5", model_type="llava", layout=LlavaLayout.from_config, load=llava.load_llava,

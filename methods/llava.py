@@ -120,6 +120,14 @@ class _Features:
 
 
 @dataclass(frozen=True)
+class _Prompt:
+    """What the embeddings site holds for `EMBEDDING_PROVIDERS`: the prompt."""
+
+    side: ReducedLlava
+    prompt: tuple[Tensor, Tensor]  # (input_ids, attention_mask) (B, T)
+
+
+@dataclass(frozen=True)
 class _VisionStage:
     """What the vision side holds when a features-site reducer runs: what `FEATURE_PROVIDERS` read."""
 
@@ -139,7 +147,7 @@ class _VisionStage:
         return self.side._vision_signals(self.h[:, : self.h.size(1) - self.e], self.attn_mask)
 
 
-def _question(st: _VisionStage) -> dict[str, Tensor]:
+def _question(st: _VisionStage | _Prompt) -> dict[str, Tensor]:
     """(B, M, D) the LLM's input embeddings of the prompt's text after the image (the question and the answer prompt),
     left-packed, and their (B, M) valid mask."""
     ids, mask = st.prompt
@@ -166,6 +174,8 @@ FEATURE_PROVIDERS: dict[str, Callable[[_VisionStage], dict[str, Tensor]]] = {
     "relevant": lambda st: {"relevant": st.relevant.to(device=st.h.device, dtype=torch.bool)},  # no compute
     "question": _question,
 }
+# at the embeddings site (the projector's output): the question, from the prompt (`_Prompt`)
+EMBEDDING_PROVIDERS: dict[str, Callable[[_Prompt], dict[str, Tensor]]] = {"question": _question}
 KEEPS_QK = frozenset({"feature_attn", "feature_keys"})  # providers that read the feature layer's own q and k
 
 
@@ -179,7 +189,7 @@ class ReducedLlava(LLMSide):
     """
 
     provides: ClassVar[Provides] = Provides(family="LLaVA-1.5", signals={  # what `methods.signals.check` reads
-        Site.VISION: frozenset(), Site.FEATURES: frozenset(FEATURE_PROVIDERS), Site.EMBEDDINGS: frozenset(),
+        Site.VISION: frozenset(), Site.FEATURES: frozenset(FEATURE_PROVIDERS), Site.EMBEDDINGS: frozenset(EMBEDDING_PROVIDERS),
         Site.LLM: frozenset(LLM_PROVIDERS)})
 
     def __init__(self, model: nn.Module, reducer: TokenReducer) -> None:
@@ -258,7 +268,10 @@ class ReducedLlava(LLMSide):
         valid, src = feats.valid, feats.src
         if self.reducer.site is Site.EMBEDDINGS:  # the trace keeps `feats`: every token went through the projector
             t0 = self._clock()
-            red = self.reducer(Tokens(x=projected, grid=self.layout.grid, valid=valid, budget=budgets, sample_key=key))
+            st = _Prompt(self, (input_ids, attention_mask))
+            sig = tokens_fields(provide(self.reducer.needs, EMBEDDING_PROVIDERS, st))
+            red = self.reducer(Tokens(x=projected, grid=self.layout.grid, valid=valid, budget=budgets, sample_key=key,
+                                      **sig))
             log.add(red, self._clock() - t0)
             projected, valid, src = self._apply(red, projected, valid, src, budgets)  # (B, K', D)
         seq = self._splice(input_ids, attention_mask, projected, valid, src)  # seq.x (B, T', D)

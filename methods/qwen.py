@@ -75,7 +75,7 @@ def _question(seq: Seq) -> dict[str, Tensor]:
     return {"text.embeds": gather_tokens(seq.x, idx), "text.valid": valid}
 
 
-# signal name (methods/signals.py) -> its `Tokens` fields, at the features site (the merger's output)
+# signal name (methods/signals.py) -> its `Tokens` fields, at the features and embeddings sites (the merger's output)
 FEATURE_PROVIDERS: dict[str, Callable[[Seq], dict[str, Tensor]]] = {"question": _question}
 
 
@@ -89,7 +89,7 @@ class ReducedQwen(LLMSide):
 
     _rotary_axes = 3
     provides: ClassVar[Provides] = Provides(  # no CLS token, no signals before the LLM
-        family="Qwen2.5-VL", signals={Site.FEATURES: frozenset(FEATURE_PROVIDERS), Site.EMBEDDINGS: frozenset(),
+        family="Qwen2.5-VL", signals={Site.FEATURES: frozenset(FEATURE_PROVIDERS), Site.EMBEDDINGS: frozenset(FEATURE_PROVIDERS),
                                       Site.LLM: frozenset(LLM_PROVIDERS)},
         extra_vision_tokens="appends tokens to the vision encoder's input, which would have to join its window "
                             "attention (not ported)")

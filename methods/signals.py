@@ -76,6 +76,7 @@ class Signal:
             keys and hidden states do not.
         requires: what a model must have to provide it, for the refusal of a family that cannot
             ("a vision CLS token").
+        also: other sites it is served at (the question is the same before the projector and after it).
     """
 
     name: str
@@ -87,6 +88,12 @@ class Signal:
     below: bool = False
     question: bool = False
     requires: str = ""
+    also: tuple[Site, ...] = ()
+
+    @property
+    def sites(self) -> frozenset[Site]:
+        """Every site a reducer may read it at."""
+        return frozenset((self.site, *self.also))
 
 
 def _cls_macs(d: Dims) -> int | Tensor:
@@ -119,7 +126,7 @@ SIGNALS: dict[str, Signal] = {s.name: s for s in (
            stand_in=lambda d, g: {"relevant": torch.rand(d.batch, d.tokens, generator=g) < 0.1}),
     # the question before the LLM: the LLM's own input embeddings of the text after the image (a lookup, no MACs)
     Signal("question", Site.FEATURES, {"text.embeds": "(B, M, text_width)", "text.valid": "(B, M) bool"},
-           question=True,
+           question=True, also=(Site.EMBEDDINGS,),
            stand_in=lambda d, g: {"text.embeds": torch.randn(d.batch, d.text, d.text_width, generator=g),
                                   "text.valid": torch.ones(d.batch, d.text, dtype=torch.bool)}),
     # LLM site: from the decoder layers around the reducing one
@@ -219,8 +226,8 @@ def refusal(cls: type[TokenReducer], provides: Provides) -> str:
         sig = SIGNALS[name]
         if sig.requires:
             why = f"which require{{s}} {sig.requires}"
-        elif sig.site is not cls.site:
-            why = f"computed at the {sig.site.value} site only"
+        elif cls.site not in sig.sites:
+            why = f"computed at the {' and '.join(sorted(x.value for x in sig.sites))} site{'s' * (len(sig.sites) > 1)} only"
         else:
             why = "which this family's adapter does not compute"
         groups.setdefault(why, []).append(name)

@@ -26,6 +26,7 @@ class LlavaLayout:
             layer i - 1) that LLaVA concatenates into its features.
         llm_layers: decoder layers of the language model.
         vision_width: hidden size of the vision encoder.
+        llm_width: hidden size of the language model (its input embeddings: the question's tokens, `text_width`).
     """
 
     image_token_id: int
@@ -35,6 +36,12 @@ class LlavaLayout:
     feature_layers: tuple[int, ...]
     llm_layers: int
     vision_width: int
+    llm_width: int = 0
+
+    @property
+    def text_width(self) -> int:
+        """Width of the question's tokens a features-site reducer receives (the LLM's input embeddings)."""
+        return self.llm_width
 
     @property
     def num_patches(self) -> int:
@@ -73,6 +80,7 @@ class LlavaLayout:
             feature_layers=idx,
             llm_layers=tc.num_hidden_layers,
             vision_width=vc.hidden_size,
+            llm_width=tc.hidden_size,
         )
 
 
@@ -107,6 +115,11 @@ class QwenLayout:
     @property
     def feature_width(self) -> int:
         """Channels of the tokens a features-site reducer receives: the merger's output, the LLM's width."""
+        return self.width
+
+    @property
+    def text_width(self) -> int:
+        """Width of the question's tokens a features-site reducer receives (the LLM's input embeddings)."""
         return self.width
 
     def tokens(self, grid_thw: Tensor) -> Tensor:

@@ -19,15 +19,20 @@ from benchmarks.defaults import SMOKE_MODEL
 from benchmarks.tasks.synthetic import generate, scenes
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from benchmarks.tools import train_adaptive
-from methods import Tokens, create_reducer
+from methods import Tokens, create_reducer, get_reducer_class
+from methods.base import TextTokens
 from methods.adaptive import ControllerConfig, budget_encoding, gumbel_topk, plackett_luce_topk
 from methods.llava import ReducedLlava, llava_prompt, load_llava
 from tests.conftest import tiny_batch
 
 
-def make(name, budget=4, dim=32, n=16):
+def make(name, budget=4, dim=32, n=16, text=24, **kwargs):
+    """An untrained controller for `n` tokens of width `dim` (and question tokens of width `text` where it reads
+    them), seeded."""
     torch.manual_seed(0)
-    return create_reducer(name, budget, config=ControllerConfig(method=name, dim=dim, num_patches=n))
+    text = text if "question" in get_reducer_class(name).needs else 0
+    return create_reducer(name, budget, config=ControllerConfig(method=name, dim=dim, num_patches=n, text_dim=text),
+                          **kwargs)
 
 
 def test_gumbel_topk_exact_k_train_and_topk_eval():
@@ -92,10 +97,10 @@ def test_budget_encoding_hand_computed():
     torch.testing.assert_close(enc[0], torch.cat([s.sin(), s.cos()]))
 
 
-@pytest.mark.parametrize("name", ["adaptive_a", "adaptive_b", "budget_blind"])
+@pytest.mark.parametrize("name", ["adaptive_a", "adaptive_b", "adaptive_q", "budget_blind"])
 def test_exact_budget_per_sample_and_edges_through_the_adapter(tiny_model, name):
     dim = tiny_model.config.vision_config.hidden_size
-    r = make(name, budget=5, dim=dim).eval()
+    r = make(name, budget=5, dim=dim, text=tiny_model.config.text_config.hidden_size).eval()
     ids, mask, pixels = tiny_batch(tiny_model, 4, seed=2)
     run = ReducedLlava(tiny_model, r)
     out = run.prefill(ids, mask, pixels)
@@ -118,6 +123,45 @@ def test_budget_changes_the_choice_only_when_conditioned():
         s4 = r.scores(Tokens(x=x, grid=(4, 4)), torch.tensor([4, 4]), torch.tensor([16, 16]))
         s12 = r.scores(Tokens(x=x, grid=(4, 4)), torch.tensor([12, 12]), torch.tensor([16, 16]))
         assert (not torch.allclose(s4, s12)) == differs
+
+
+def test_the_question_changes_the_scores_and_masking_it_gives_option_b():
+    """adaptive_q's scores depend on the question; with `question=False` they do not, and they are Option B's with the
+    same weights (the text term off). Padding in the question is ignored."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 32, generator=g)
+    words = [TextTokens(valid=torch.ones(2, 3, dtype=torch.bool), embeds=torch.randn(2, 3, 24, generator=g))
+             for _ in range(2)]
+    q = make("adaptive_q", dim=32).eval()  # its initial weights: larger ones saturate the attention on one patch
+    k, n = torch.tensor([4, 4]), torch.tensor([16, 16])
+    s1, s2 = (q.scores(Tokens(x=x, grid=(4, 4), text=w), k, n) for w in words)
+    assert not torch.allclose(s1, s2)
+    padded = TextTokens(valid=torch.tensor([[True] * 3 + [False]] * 2),
+                        embeds=torch.cat([words[0].embeds, torch.randn(2, 1, 24, generator=g)], 1))
+    torch.testing.assert_close(q.scores(Tokens(x=x, grid=(4, 4), text=padded), k, n), s1)
+    q.question = False
+    off = [q.scores(Tokens(x=x, grid=(4, 4), text=w), k, n) for w in words]
+    torch.testing.assert_close(off[0], off[1])
+    b = make("adaptive_b", dim=32).eval()
+    b.load_state_dict({k: v for k, v in q.state_dict().items() if not k.startswith("text")})
+    torch.testing.assert_close(b.scores(Tokens(x=x, grid=(4, 4)), k, n), off[0])
+
+
+def test_adaptive_q_macs_hand_computed():
+    """Option B's MACs (content, head, budget path, attention over N keys) with the question's M tokens: their
+    projection M T D, and N + M keys in the attention. The ablation costs Option B's."""
+    d, h, t, n, m = 32, 256, 24, 16, 3
+    content_head_budget = n * d * h + n * h + 2 * 128 * h + h * d + d * h
+    attention = 2 * d * d + 2 * (n + m) * d * d + 2 * (n + m) * d
+    q = make("adaptive_q", dim=d, text=t).eval()
+    x = torch.randn(2, n, d)
+    words = TextTokens(valid=torch.tensor([[True] * m, [True] * (m - 1) + [False]]), embeds=torch.randn(2, m, t))
+    out = q(Tokens(x=x, grid=(4, 4), text=words))
+    assert out.macs.tolist() == [content_head_budget + m * t * d + attention,
+                                 content_head_budget + (m - 1) * t * d + attention - 2 * d * d - 2 * d]
+    off = make("adaptive_q", dim=d, text=t, question=False).eval()(Tokens(x=x, grid=(4, 4), text=words))
+    b = make("adaptive_b", dim=d).eval()(Tokens(x=x, grid=(4, 4)))
+    assert off.macs.tolist() == b.macs.tolist() == [content_head_budget + 2 * d * d + 2 * n * d * d + 2 * n * d] * 2
 
 
 def test_save_and_load_roundtrip(tmp_path):
@@ -294,7 +338,7 @@ def test_synthetic_data_interleaves_the_tasks_it_names():
     assert synthetic("/data/llava.json") is None and synthetic("synth_vqa,/x.json") is None
 
 
-@pytest.mark.parametrize("method", ["adaptive_a", "adaptive_b", "budget_blind"])
+@pytest.mark.parametrize("method", ["adaptive_a", "adaptive_b", "adaptive_q", "budget_blind"])
 def test_training_runs_on_a_bfloat16_model(tmp_path, method):
     """--dtype bfloat16: the model in bfloat16, the controller in float32 scoring its features; a step runs and the
     saved controller loads and keeps its budget on the bfloat16 model."""

@@ -51,6 +51,12 @@ def one_prompt(family, model) -> tuple[tuple, int]:
 # ---------------------------------------------------------------------------------------------- the classes
 
 
+def small_controller(name: str) -> ControllerConfig:
+    """An untrained controller's shape for 16 tokens of width 8 (and question tokens of width 8 where it reads them)."""
+    return ControllerConfig(method=name, dim=8, num_patches=16, text_dim=8 if "question" in get_reducer_class(name).needs
+                            else 0)
+
+
 @pytest.mark.parametrize("name", list_reducers())
 def test_capabilities_match_the_constructor(name):
     """`seeded` and `needs_checkpoint` are declared on the class and agree with the constructor's arguments."""
@@ -65,7 +71,7 @@ def test_recorded_arguments_are_every_constructor_argument(name):
     """`create_reducer` records every argument the constructor received, defaults filled in, None left out: a
     changed argument changes `method_args` (and so the cell's fingerprint), without the method listing them."""
     cls = get_reducer_class(name)
-    kwargs = {"config": ControllerConfig(method=name, dim=8, num_patches=16)} if cls.needs_checkpoint else {}
+    kwargs = {"config": small_controller(name)} if cls.needs_checkpoint else {}
     r = create_reducer(name, 4 if cls.uses_budget else None, **kwargs)
     expected = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not None}
     expected.update({"budget": 4} if cls.uses_budget else {})
@@ -96,11 +102,12 @@ def test_batch_of_four_independent_samples_on_stand_in_signals(name):
     """Every reducer, at its site, on the stand-ins of its signals (methods/signals.py): shapes, budget, and one
     sample's output never depends on another's."""
     cls = get_reducer_class(name)
-    kwargs = {"config": ControllerConfig(method=name, dim=8, num_patches=16)} if cls.needs_checkpoint else {}
+    kwargs = {"config": small_controller(name)} if cls.needs_checkpoint else {}
     r = create_reducer(name, 8 if cls.uses_budget else None, **kwargs).eval()  # a layer mean of 8 is within reach
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, 8, generator=g)
-    sig = stand_ins(cls.needs, Dims(batch=4, tokens=16, width=8, head_dim=4, feature_width=8, text=3, image=16), g)
+    sig = stand_ins(cls.needs, Dims(batch=4, tokens=16, width=8, head_dim=4, feature_width=8, text=3, image=16,
+                                    text_width=8), g)
     extra = r.extra_vision_tokens(4, 16, None)  # as if the encoder were the identity
     if extra is not None:
         sig["extra"] = extra.detach()
@@ -210,7 +217,7 @@ def test_a_budget_at_or_above_the_image_keeps_every_token(name):
     model = tiny_llava(llm_layers=4)
     ids, mask, pixels = tiny_batch(model, 2)
     cls = get_reducer_class(name)
-    kwargs = {"config": ControllerConfig(method=name, dim=32, num_patches=16)} if cls.needs_checkpoint else {}
+    kwargs = {"config": LLAVA.controller_config(LLAVA.layout(model.config), name)} if cls.needs_checkpoint else {}
     for budget in (16, 19):
         trace = llava_runner(model, create_reducer(name, budget, **kwargs).eval()).generate(ids, mask, pixels, 1).trace
         assert trace.visual_tokens.tolist() == [[16] * 4] * 2, (name, budget)

@@ -41,8 +41,9 @@ def test_layout_and_refusals():
     assert lay.tokens(torch.tensor([[1, 8, 8], [1, 6, 10]])).tolist() == [16, 15]
     assert (lay.full_attention_blocks, lay.llm_layers, lay.width) == ((1,), 2, 64)
     with pytest.raises(NotImplementedError, match="does not run on Qwen2.5-VL: it needs cls_attn and keys, which "
-                                                  "require a vision CLS token; these do: adaptive_b, budget_blind, "
-                                                  "dart, divprune, fastv, full, pdrop, random, sparsevlm$"):
+                                                  "require a vision CLS token; these do: adaptive_b, adaptive_q, "
+                                                  "budget_blind, cdpruner, dart, divprune, fastv, full, pdrop, "
+                                                  "random, sparsevlm$"):
         ReducedQwen(model, create_reducer("prumerge", 4))  # needs a CLS token
     with pytest.raises(NotImplementedError,
                        match="adaptive_a does not run on Qwen2.5-VL: it appends tokens to the vision encoder"):
@@ -129,7 +130,8 @@ def test_fastv_keeps_original_mrope_positions(seed):
 def qwen_reducer(method: str, budget: int, **kwargs):
     """`method` at `budget` for the tiny Qwen (learned ones: an untrained controller for its 64-wide tokens)."""
     if get_reducer_class(method).needs_checkpoint:
-        kwargs["config"] = ControllerConfig(method, dim=64, num_patches=None)
+        text = 64 if "question" in get_reducer_class(method).needs else 0  # the LLM's width, for adaptive_q
+        kwargs["config"] = ControllerConfig(method, dim=64, num_patches=None, text_dim=text)
     return create_reducer(method, budget, **kwargs).eval()
 
 

@@ -212,6 +212,11 @@ def test_controllers_train_and_run_on_qwen(qwen_ckpt, tmp_path, capsys):
     inputs = processor(images=images, text=[qwen_prompt(processor, "What?")] * 2, padding=True, return_tensors="pt")
     trace = ReducedQwen(model, controller).prefill(*(inputs[k] for k in QWEN.inputs)).trace
     assert trace.visual_tokens[:, 0].tolist() == [36, 20]  # 144 and 80 tokens at 0.25
+    assert train_adaptive.main([*common, "--method", "adaptive_q", "--out", str(tmp_path / "q"), "--steps", "1"]) == 0
+    question = create_reducer("adaptive_q", 0.25, checkpoint=tmp_path / "q").eval()  # reads the LLM's embeddings
+    assert (question.config.num_patches, question.config.dim, question.config.text_dim) == (None, 64, 64)
+    trace = ReducedQwen(model, question).prefill(*(inputs[k] for k in QWEN.inputs)).trace
+    assert trace.visual_tokens[:, 0].tolist() == [36, 20]
     capsys.readouterr()
     assert train_adaptive.main([*common, "--method", "adaptive_a", "--out", str(tmp_path / "a"), "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip()

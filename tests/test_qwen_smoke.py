@@ -46,7 +46,9 @@ def reducer_for(method: str, budget: float):
     model's shape (batch invariance and budgets are the mechanism's, not the weights')."""
     spec = RunSpec(model=QWEN_SMOKE_MODEL)
     if get_reducer_class(method).needs_checkpoint and not controllers(QWEN_SMOKE_MODEL, method):
-        return create_reducer(method, budget, config=ControllerConfig(method, dim=128, num_patches=None)).eval()
+        text = 128 if "question" in get_reducer_class(method).needs else 0  # the LLM's width, for adaptive_q
+        return create_reducer(method, budget, config=ControllerConfig(method, dim=128, num_patches=None,
+                                                                      text_dim=text)).eval()
     return make_reducer(Cell("synth_vqa", method, budget), spec)
 
 

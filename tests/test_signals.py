@@ -14,7 +14,7 @@ from methods._llm import LLM_PROVIDERS
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
 from methods.families import FAMILIES, LLAVA, QWEN
-from methods.llava import FEATURE_PROVIDERS, ReducedLlava
+from methods.llava import EMBEDDING_PROVIDERS, FEATURE_PROVIDERS, ReducedLlava
 from methods.qwen import ReducedQwen
 from methods.signals import SIGNALS, Dims, refusal, refuse, sees_question, signal_macs, stand_ins
 from tests.conftest import IMAGE_TOKEN, QWEN_IMAGE, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
@@ -32,19 +32,21 @@ def test_every_needed_signal_has_an_entry_and_a_new_one_is_refused_at_registrati
 
 @pytest.mark.parametrize("adapter", ADAPTERS.values(), ids=ADAPTERS)
 def test_each_adapter_provides_signals_of_their_site_and_has_a_provider_for_each(adapter):
-    providers = {Site.FEATURES: FEATURE_PROVIDERS, Site.LLM: LLM_PROVIDERS}
+    providers = {Site.FEATURES: FEATURE_PROVIDERS, Site.LLM: LLM_PROVIDERS, Site.EMBEDDINGS: EMBEDDING_PROVIDERS}
     for site, names in adapter.provides.signals.items():
-        assert all(SIGNALS[n].site is site for n in names), site
+        assert all(site in SIGNALS[n].sites for n in names), site
         assert names <= set(providers.get(site, {})), site
     assert set(FEATURE_PROVIDERS) == {n for n, s in SIGNALS.items() if s.site is Site.FEATURES}
     assert set(LLM_PROVIDERS) == {n for n, s in SIGNALS.items() if s.site is Site.LLM}
 
 
 def test_which_family_runs_which_method_follows_from_the_table():
-    """Derived, not listed: these are the lists the two families ran before the table existed."""
+    """Derived, not listed: these are the lists the two families ran before the table existed, plus the methods
+    that read the question before the LLM (issue 37), which run on both."""
     assert [m for m in list_reducers() if LLAVA.runs(m)] == list_reducers()
-    assert [m for m in list_reducers() if QWEN.runs(m)] == ["adaptive_b", "budget_blind", "dart", "divprune", "fastv",
-                                                           "full", "pdrop", "random", "sparsevlm"]
+    assert [m for m in list_reducers() if QWEN.runs(m)] == ["adaptive_b", "adaptive_q", "budget_blind", "cdpruner",
+                                                           "dart", "divprune", "fastv", "full", "pdrop", "random",
+                                                           "sparsevlm"]
     assert set(FAMILIES.values()) == {LLAVA, QWEN}
 
 
@@ -163,10 +165,10 @@ def test_qwen_providers_fill_the_declared_fields_with_the_declared_shapes():
 
 def test_which_methods_see_the_question_follows_from_their_signals():
     """A method sees the question when it reads a signal that depends on it (`Signal.question`): the in-LLM methods
-    and the oracle; the catalogue records it, and `question_aware` / `question_blind` name the two groups of methods
-    (without `full` and reference rows)."""
+    and the oracle, and before the LLM adaptive_q and cdpruner; the catalogue records it, and `question_aware` /
+    `question_blind` name the two groups of methods (without `full` and reference rows)."""
     aware = {m for m in list_reducers() if sees_question(get_reducer_class(m).needs)}
-    assert aware == {"dart", "fastv", "oracle", "pdrop", "sparsevlm"}
+    assert aware == {"adaptive_q", "cdpruner", "dart", "fastv", "oracle", "pdrop", "sparsevlm"}
     assert {m for m, e in read_catalogue().items() if e["question"]} == aware
     assert set(expand_methods(("question_aware",))) == aware - {"oracle"}
     assert set(expand_methods(("question_blind",))) == set(list_reducers()) - aware - {"full"}

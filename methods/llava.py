@@ -189,8 +189,8 @@ class ReducedLlava(LLMSide):
     """
 
     provides: ClassVar[Provides] = Provides(family="LLaVA-1.5", signals={  # what `methods.signals.check` reads
-        Site.VISION: frozenset(), Site.FEATURES: frozenset(FEATURE_PROVIDERS), Site.EMBEDDINGS: frozenset(EMBEDDING_PROVIDERS),
-        Site.LLM: frozenset(LLM_PROVIDERS)})
+        Site.VISION: frozenset(), Site.FEATURES: frozenset(FEATURE_PROVIDERS),
+        Site.EMBEDDINGS: frozenset(EMBEDDING_PROVIDERS), Site.LLM: frozenset(LLM_PROVIDERS)})
 
     def __init__(self, model: nn.Module, reducer: TokenReducer) -> None:
         for path in ("model.vision_tower.embeddings", "model.multi_modal_projector", "model.language_model.layers"):

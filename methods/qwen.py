@@ -88,8 +88,9 @@ class ReducedQwen(LLMSide):
     """
 
     _rotary_axes = 3
-    provides: ClassVar[Provides] = Provides(  # no CLS token, no signals before the LLM
-        family="Qwen2.5-VL", signals={Site.FEATURES: frozenset(FEATURE_PROVIDERS), Site.EMBEDDINGS: frozenset(FEATURE_PROVIDERS),
+    provides: ClassVar[Provides] = Provides(  # no CLS token; before the LLM, the question only
+        family="Qwen2.5-VL", signals={Site.FEATURES: frozenset(FEATURE_PROVIDERS),
+                                      Site.EMBEDDINGS: frozenset(FEATURE_PROVIDERS),
                                       Site.LLM: frozenset(LLM_PROVIDERS)},
         extra_vision_tokens="appends tokens to the vision encoder's input, which would have to join its window "
                             "attention (not ported)")

@@ -227,7 +227,8 @@ def refusal(cls: type[TokenReducer], provides: Provides) -> str:
         if sig.requires:
             why = f"which require{{s}} {sig.requires}"
         elif cls.site not in sig.sites:
-            why = f"computed at the {' and '.join(sorted(x.value for x in sig.sites))} site{'s' * (len(sig.sites) > 1)} only"
+            where = " and ".join(sorted(x.value for x in sig.sites))
+            why = f"computed at the {where} site{'s' * (len(sig.sites) > 1)} only"
         else:
             why = "which this family's adapter does not compute"
         groups.setdefault(why, []).append(name)

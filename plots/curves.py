@@ -22,8 +22,9 @@ UPPER = "oracle"  # a reference row, not a method: drawn apart, never on the fro
 
 
 # after tab10's ten: darker or stronger colours than tab10's (gold, dark teal, dark magenta, navy, ...), drawn with
-# square markers and dashed lines (`marker_style`), so that 16 methods stay apart
-EXTRA_COLOURS = ("#e6ab02", "#00665e", "#a6005c", "#08306b", "#4d7a00", "#6b3d00")
+# square markers and dashed lines (`marker_style`), so that 20 methods stay apart
+EXTRA_COLOURS = ("#e6ab02", "#00665e", "#a6005c", "#08306b", "#4d7a00", "#6b3d00", "#800000", "#3f007d",
+                 "#737373", "#b15928")
 
 
 # every registered method in the registry's order (the catalogue file), so that a method keeps its colour in every
@@ -239,4 +240,52 @@ def tokens_per_layer(res: Results, out: Path) -> list[Path]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the data
         fig.tight_layout()
         written.append(save(fig, out / f"tokens_per_layer_{task}.png"))
+    return written
+
+
+QUESTION_COLOURS = {True: "#c0392b", False: "#2471a3"}  # methods that see the question, those that do not
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h")
+
+
+def sees_question(methods) -> dict[str, bool]:
+    """Which of `methods` see the question, from the catalogue's `question` field (a name it lacks: no)."""
+    known = json.loads(CATALOGUE.read_text()) if CATALOGUE.is_file() else {}
+    return {m: bool(known.get(m, {}).get("question")) for m in methods}
+
+
+def question_families(res: Results, out: Path) -> list[Path]:
+    """Per task where methods of both kinds ran: accuracy vs prefill FLOPs with each method coloured by whether it
+    sees the question (red) or not (blue), each its own marker; `full`'s line and the `oracle` row (dotted) as the
+    references. Written as `accuracy_vs_flops_by_question_<task>.png`."""
+    written = []
+    for task, metric in res.primary.items():
+        df = res.main_rows(task)
+        methods = [m for m in df["method"].unique() if m not in (REFERENCE, UPPER)]
+        aware = sees_question(methods)
+        if len(set(aware.values())) < 2:
+            continue
+        x, unit = flops_axis(df)
+        y = 100 * df["value"]
+        fig, ax = plt.subplots(figsize=(10, 4.8), dpi=130)
+        for family in (True, False):
+            ax.plot([], [], color=QUESTION_COLOURS[family], linewidth=3,
+                    label="sees the question:" if family else "does not see it:")
+            for j, method in enumerate(sorted(m for m in methods if aware[m] == family)):
+                idx = df[df["method"] == method].sort_values("budget_tokens").index
+                ax.plot(x[idx], y[idx], color=QUESTION_COLOURS[family], marker=MARKERS[j % len(MARKERS)],
+                        linestyle="-" if family else "--", linewidth=1.4, markersize=6, label=f"  {method}")
+        idx = df[df["method"] == UPPER].sort_values("budget_tokens").index
+        if len(idx):
+            ax.plot(x[idx], y[idx], color="black", linestyle=":", marker="^", markersize=5,
+                    label=f"{UPPER} (reference: relevant patches first)")
+        for i in df.index[df["method"] == REFERENCE]:
+            ax.axhline(y[i], color="black", linestyle="--", linewidth=1, label=f"{REFERENCE} (every token)")
+        ax.set_xlabel(f"prefill {unit} per sample (vision + reducer + projector + LLM prefill)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{task}: does the question matter? red: the method sees it, blue: it does not", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the data
+        _footer(fig, df)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        written.append(save(fig, out / f"accuracy_vs_flops_by_question_{task}.png"))
     return written

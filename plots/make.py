@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from plots.curves import accuracy_curves, relative_average, tokens_per_layer
+from plots.curves import accuracy_curves, question_families, relative_average, tokens_per_layer
 from plots.data import load
 from plots.pictures import selection_pictures
 from plots.tables import write_tables
@@ -16,7 +16,7 @@ def make_all(dirs: list[Path], out: Path | None = None) -> list[Path]:
     res = load(dirs)
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    written = accuracy_curves(res, out)
+    written = accuracy_curves(res, out) + question_families(res, out)
     rel = relative_average(res, out)
     written += ([rel] if rel else []) + write_tables(res, out) + selection_pictures(res, out)
     return written + tokens_per_layer(res, out)

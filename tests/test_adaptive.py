@@ -20,8 +20,8 @@ from benchmarks.tasks.synthetic import generate, scenes
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from benchmarks.tools import train_adaptive
 from methods import Tokens, create_reducer, get_reducer_class
-from methods.base import TextTokens
 from methods.adaptive import ControllerConfig, budget_encoding, gumbel_topk, plackett_luce_topk
+from methods.base import TextTokens
 from methods.llava import ReducedLlava, llava_prompt, load_llava
 from tests.conftest import tiny_batch
 

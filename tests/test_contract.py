@@ -52,9 +52,9 @@ def one_prompt(family, model) -> tuple[tuple, int]:
 
 
 def small_controller(name: str) -> ControllerConfig:
-    """An untrained controller's shape for 16 tokens of width 8 (and question tokens of width 8 where it reads them)."""
-    return ControllerConfig(method=name, dim=8, num_patches=16, text_dim=8 if "question" in get_reducer_class(name).needs
-                            else 0)
+    """An untrained controller's shape for 16 tokens of width 8 (question tokens of width 8 where it reads them)."""
+    text = 8 if "question" in get_reducer_class(name).needs else 0
+    return ControllerConfig(method=name, dim=8, num_patches=16, text_dim=text)
 
 
 @pytest.mark.parametrize("name", list_reducers())

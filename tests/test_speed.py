@@ -3,6 +3,7 @@ runs end to end on a tiny config, and on a CPU it keeps freed memory for reuse."
 
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.tools.speed import COUNTS, default_plan, main
+from benchmarks.tools.speed import COUNTS, default_plan, main, plan_for
 from methods import get_reducer_class, list_reducers
 
 
@@ -29,6 +30,7 @@ from methods import get_reducer_class, list_reducers
     (["overhead", "--samples", "0"], "--samples: must be >= 2"),
     (["overhead", "--samples", "4", "--batch-size", "4"], "give at least two batches"),
     (["nope"], "invalid choice"),
+    (["speedup", "--methods", "fastv", "oracle"], "--methods oracle: not in the plan; it times "),
 ])
 def test_bad_arguments_are_one_line(argv, phrase, capsys):
     try:
@@ -54,6 +56,8 @@ def test_the_plan_follows_from_the_registry():
         if cls.count_args_example:
             assert labels[-1] == cls.budget_label(cls.count_args_example) and entries[-1][1], m
     assert {b for m, b, _ in plan if m == "fastv"} == {64, 192, "R=0.5"}
+    picked = plan_for(argparse.Namespace(methods=["cdpruner", "fastv"], budgets=["64"]))
+    assert picked == [("full", None, {}), ("cdpruner", 64, {}), ("fastv", 64, {})]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

@@ -225,7 +225,7 @@ def roofline_profile(device: str) -> str:
 def plan_for(args: argparse.Namespace) -> list[tuple[str, int | str | None, dict]]:
     """(method, budget label, constructor arguments): `default_plan()`, or its entries at `--budgets` (a count it
     does not have runs every method it runs at a count)."""
-    default = default_plan()
+    default = [p for p in default_plan() if p[0] == "full" or not args.methods or p[0] in args.methods]
     if not args.budgets:
         return default
     counted = list(dict.fromkeys(m for m, b, kw in default if isinstance(b, int) and not kw))
@@ -477,6 +477,10 @@ def check(args: argparse.Namespace) -> None:
         if unknown:
             raise ValueError(f"--budgets {' '.join(unknown)}: give counts of visual tokens or the plan's labels "
                              f"{' '.join(sorted(known, key=str))}")
+        planned = {m for m, _, _ in default_plan()}
+        if set(args.methods) - planned:
+            raise ValueError(f"--methods {' '.join(sorted(set(args.methods) - planned))}: not in the plan; it times "
+                             f"{' '.join(sorted(planned))}")
         check_device(args.device)
         if args.output is not None and not args.output.parent.is_dir():
             raise ValueError(f"--output {args.output}: {args.output.parent} is not a folder; the rows would be lost "
@@ -514,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                             "measures only the batch sizes it lacks")
         q.add_argument("--budgets", nargs="*", default=[],
                        help="plan labels (64 192 R=0.5 ...) or counts; default the whole plan; full always")
+        q.add_argument("--methods", nargs="*", default=[],
+                       help="the plan's methods to time (default all); full always")
         q.add_argument("--device", default="cuda" if q is g or torch.cuda.is_available() else "cpu",
                        help="default: cuda for the GPU check (it stops in one line without one), else cuda if "
                             "present, else cpu")

@@ -85,6 +85,9 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
       reference row;
     * `learned`: each learned method against each other learned method at the same budget (once per pair, in name
       order);
+    * `question`: the best method that sees the question (the catalogue's `question`) against the best that does not,
+      at the same budget, once among the training-free methods and once among the learned ones (reference rows
+      aside; a side with no such method gets no row);
     * `equal prefill FLOPs`: a method that acts before the LLM (learned or not) against each in-LLM method (site
       `llm`: FastV, DART, PyramidDrop, SparseVLM) at the same mean prefill FLOPs. The in-LLM method's curve over its
       numeric budgets is interpolated linearly in mean prefill MACs, per question (its two neighbouring cells'
@@ -94,9 +97,11 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
     A learned method with controllers of several training seeds is compared by its mean over seeds per question (then
     not 0/1: the paired bootstrap interval decides); so is an interpolated reference. Differences are in points
     (x 100): tasks whose primary scores are not all in [0, 1] get no comparison. `registry` (default the catalogue,
-    `benchmarks.defaults.catalogue`) says which names are learned, in-LLM or reference rows; others are none."""
+    `benchmarks.defaults.catalogue`) says which names are learned, in-LLM, see the question or are reference rows;
+    others are none."""
     registry = catalogue() if registry is None else registry
     learned = {m for m, e in registry.items() if e.get("learned")}
+    aware = {m for m, e in registry.items() if e.get("question")}
     in_llm = {m for m, e in registry.items() if e.get("site") == "llm"}
     not_methods = {m for m, e in registry.items() if e.get("reference")}
     per_seed: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -126,6 +131,11 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
             cells = {m: v for (t, m, b), v in scores.items() if t == task and b == budget and m != REFERENCE}
             means = {m: float(np.mean(list(v.values()))) for m, v in cells.items()}
             ranked = sorted((m for m in cells if m not in not_methods), key=lambda m: (-means[m], m))
+            for kind in (False, True):  # training-free, then learned: the best that sees the question vs the best not
+                side = [m for m in ranked if (m in learned) == kind]
+                sees, blind = ([m for m in side if (m in aware) == a] for a in (True, False))
+                if sees and blind:
+                    add(task, budget, sees[0], cells[sees[0]], "question", blind[0], cells[blind[0]], budget)
             for method, mine in sorted(cells.items()):
                 if full:
                     add(task, budget, method, mine, "full", REFERENCE, full[1], full[0])

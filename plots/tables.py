@@ -54,6 +54,8 @@ def _with_comparisons(out: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFr
 
 HEADINGS = {  # comparisons.md: what each kind of comparisons.csv answers, in this order
     "best training-free": "The learned methods against the best training-free method at the same budget",
+    "question": ("Does the question matter? The best method that sees the question against the best that does not, "
+                 "at the same budget (training-free, then learned)"),
     "equal prefill FLOPs": "Each method that acts before the LLM against each in-LLM method at equal prefill FLOPs",
     "learned": "The learned methods against each other",
     "headroom": "The oracle's headroom: the reference row against the best method at the same budget",

@@ -201,14 +201,20 @@ def test_comparison_tables_from_comparisons_csv(tmp_path):
         w.writerows(comparisons(samples))
     text = comparison_tables(load([run]))
     sections = text.split("## ")[1:]
-    assert [s.split("\n")[0] for s in sections] == [
-        "The learned methods against the best training-free method at the same budget",
-        "Each method that acts before the LLM against each in-LLM method at equal prefill FLOPs",
-        "The learned methods against each other", "The oracle's headroom: the reference row against the best "
-        "method at the same budget"]
+
     def rows(section: str) -> list[list[str]]:  # the table's synth_vqa rows, cell by cell (padding dropped)
         return [[c.strip() for c in r.strip().strip("|").split("|")] for r in section.splitlines()
                 if r.startswith("| synth_vqa")]
+
+    assert [s.split("\n")[0] for s in sections] == [
+        "The learned methods against the best training-free method at the same budget",
+        "Does the question matter? The best method that sees the question against the best that does not, at the "
+        "same budget (training-free, then learned)",
+        "Each method that acts before the LLM against each in-LLM method at equal prefill FLOPs",
+        "The learned methods against each other", "The oracle's headroom: the reference row against the best "
+        "method at the same budget"]
+    question = rows(sections.pop(1))
+    assert ["synth_vqa", "4", "fastv"] == question[0][:3] and question[0][3] != "fastv"  # fastv sees it, the rest not
 
     first = rows(sections[0])[0]
     assert first[:5] == ["synth_vqa", "4", "adaptive_a", "divprune", "4"] and first[5].endswith("*")

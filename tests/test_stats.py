@@ -100,6 +100,24 @@ def test_several_controller_seeds_are_compared_by_their_mean_per_question():
     assert rows[("b", "best other")]["reference"] == "a"
 
 
+def test_question_comparisons_pair_the_best_of_each_side():
+    """Per budget, the best method that sees the question against the best that does not, among the training-free
+    methods and among the learned ones; reference rows never take part; one side missing: no row."""
+    registry = {"qa": {"question": True}, "qb": {"question": True}, "n": {}, "lq": {"learned": True, "question": True},
+                "lb": {"learned": True}, "orc": {"reference": True, "question": True}}
+
+    def recs(method, budget, correct):
+        return [{"task": "t", "method": method, "budget": budget, "doc_id": i, "correct": c}
+                for i, c in enumerate(correct)]
+
+    samples = (recs("qa", 8, [1, 0, 0, 0]) + recs("qb", 8, [1, 1, 0, 0]) + recs("n", 8, [1, 1, 1, 0])
+               + recs("lq", 8, [1, 1, 1, 1]) + recs("lb", 8, [0, 0, 0, 0]) + recs("orc", 8, [1, 1, 1, 1])
+               + recs("qa", 16, [1, 1, 1, 1]) + recs("orc", 16, [1, 1, 1, 1]))
+    rows = [(r["budget"], r["method"], r["reference"], r["difference_pts"])
+            for r in comparisons(samples, registry) if r["reference_kind"] == "question"]
+    assert rows == [("8", "qb", "n", -25.0), ("8", "lq", "lb", 100.0)]  # at 16 nothing blind ran
+
+
 def test_learned_and_equal_flops_comparisons():
     """The learned methods against the best training-free method and each other; a pre-LLM method against an in-LLM
     one at equal prefill FLOPs, interpolated per question between its two neighbouring budgets (hand-computed)."""

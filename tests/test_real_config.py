@@ -183,3 +183,27 @@ def test_in_llm_methods_equal_their_reference_restatements_on_7b_shapes(checkpoi
         state = red.prefill(ids, mask, pixels)
         assert state.trace.visual_tokens[0].tolist() == per_layer, name
         matches_restatement(red, state, PATCHES, kept, logits, layer_inputs, tol=2e-3)
+
+
+def test_cdpruner_equals_the_reference_restatement_on_7b_shapes(checkpoint):
+    """LLaVA-1.5-7B's widths, 576 image tokens and prompt: CDPruner at 64 keeps what the direct restatement of its
+    reference code keeps over the projector's output of HF's own vision tower (layer -2, CLS dropped) and the LLM's
+    embeddings of the prompt's tokens after the image."""
+    from methods import create_reducer  # noqa: PLC0415
+    from methods.llava import ReducedLlava  # noqa: PLC0415
+    from tests.test_cdpruner import _cdpruner_restated  # noqa: PLC0415
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    complete_processor(processor, model.config)
+    sample = generate_sample(SPLIT_SEEDS["test"], 0)
+    prompt = llava_prompt(processor, doc_to_text({"question": sample.question}))
+    inputs = processor(images=[Image.fromarray(sample.image)], text=[prompt], return_tensors="pt")
+    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    with torch.no_grad():
+        state = ReducedLlava(model, create_reducer("cdpruner", BUDGET)).prefill(ids, mask, pixels)
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        feats = model.model.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])[0]  # (576, 4096)
+        after = ids[0][int((ids[0] == model.config.image_token_id).nonzero().max()) + 1 :]
+        text = model.model.language_model.embed_tokens(after)
+    assert state.trace.sample(0, PATCHES)["kept_indices"] == _cdpruner_restated(feats, feats, text, BUDGET)

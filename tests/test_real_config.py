@@ -148,6 +148,18 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
     assert ours == hf_text and hf_text, (ours, hf_text)  # a random model's words, but the same ones
 
 
+def float32_model_and_prompt(checkpoint: Path) -> tuple:
+    """The 7B-shaped model in float32 and one test question's (input_ids, attention_mask, pixel_values)."""
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    complete_processor(processor, model.config)
+    sample = generate_sample(SPLIT_SEEDS["test"], 0)
+    prompt = llava_prompt(processor, doc_to_text({"question": sample.question}))
+    inputs = processor(images=[Image.fromarray(sample.image)], text=[prompt], return_tensors="pt")
+    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    return model, (ids, mask, pixels)
+
+
 def test_in_llm_methods_equal_their_reference_restatements_on_7b_shapes(checkpoint):
     """LLaVA-1.5-7B's widths, its 576 image tokens and its prompt: DART before layer 1 with the reference's 4 + 4
     pivots (budget 64: 4 + 8 x 7 = 60 kept; the pivots' set order over sequence indices up to ~600), PyramidDrop
@@ -161,13 +173,7 @@ def test_in_llm_methods_equal_their_reference_restatements_on_7b_shapes(checkpoi
     from tests.test_pdrop import _pdrop_restated  # noqa: PLC0415
     from tests.test_sparsevlm import _sparsevlm_restated  # noqa: PLC0415
 
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    complete_processor(processor, model.config)
-    sample = generate_sample(SPLIT_SEEDS["test"], 0)
-    prompt = llava_prompt(processor, doc_to_text({"question": sample.question}))
-    inputs = processor(images=[Image.fromarray(sample.image)], text=[prompt], return_tensors="pt")
-    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    model, (ids, mask, pixels) = float32_model_and_prompt(checkpoint)
 
     dart = ReducedLlava(model, create_reducer("dart", BUDGET, layer=1)).prefill(ids, mask, pixels)
     assert dart.trace.sample(0, PATCHES)["kept_indices"] == _dart_restated(model, ids, pixels, 1, 4, 4, 7)
@@ -193,13 +199,7 @@ def test_cdpruner_equals_the_reference_restatement_on_7b_shapes(checkpoint):
     from methods.llava import ReducedLlava  # noqa: PLC0415
     from tests.test_cdpruner import _cdpruner_restated  # noqa: PLC0415
 
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    complete_processor(processor, model.config)
-    sample = generate_sample(SPLIT_SEEDS["test"], 0)
-    prompt = llava_prompt(processor, doc_to_text({"question": sample.question}))
-    inputs = processor(images=[Image.fromarray(sample.image)], text=[prompt], return_tensors="pt")
-    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    model, (ids, mask, pixels) = float32_model_and_prompt(checkpoint)
     with torch.no_grad():
         state = ReducedLlava(model, create_reducer("cdpruner", BUDGET)).prefill(ids, mask, pixels)
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states

@@ -272,11 +272,38 @@ class LLMSide:
         raise NotImplementedError
 
     def _generate(self, prefill: Callable[[], DecodeState], max_new_tokens: int, eos_token_id: int | list[int] | None,
-                  pad_token_id: int) -> Generation:
-        """Greedy decoding with the KV cache after `prefill()` (the adapter's prefill of the batch), timed."""
+                  pad_token_id: int, keep_state: bool = False) -> Generation:
+        """Greedy decoding with the KV cache after `prefill()` (the adapter's prefill of the batch), timed; the state
+        stays in `Generation.state` only with `keep_state`."""
         t0 = self._clock()
         state = prefill()
-        t1 = self._clock()
+        gen = self._decode(state, t0, self._clock(), max_new_tokens, eos_token_id, pad_token_id)
+        gen.state = gen.state if keep_state else None
+        return gen
+
+    @torch.no_grad()
+    def ask_again(self, state: DecodeState, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int = 0) -> Generation:
+        """A follow-up turn on the conversation a `Generation.state` holds ("prune once"): `input_ids` (B, T), left-
+        padded (`attention_mask` 1 on real tokens), the text to append after everything the cache holds (the end of
+        the previous answer, the turn separators and the new question, in the model's chat format) is prefilled on
+        top of the cache, with the visual tokens the first turn's reduction left, and answered greedily. The image is
+        not encoded again and the reducer does not run; `state` is advanced and kept in the result's `state`, so a
+        third turn can follow. The returned trace is the first turn's; `timing.prefill_s` is this turn's prefill.
+        The first turn must have kept its state (`generate(..., keep_state=True)`)."""
+        if state is None:
+            raise ValueError("ask_again needs the first turn's decoding state: call generate(..., keep_state=True)")
+        t0 = self._clock()
+        state.logits = self._extend(state, input_ids.to(state.next_pos.device),
+                                    attention_mask.to(state.next_pos.device).bool())
+        return self._decode(state, t0, self._clock(), max_new_tokens, eos_token_id, pad_token_id)
+
+    def _decode(self, state: DecodeState, t0: float, t1: float, max_new_tokens: int,
+                eos_token_id: int | list[int] | None, pad_token_id: int) -> Generation:
+        """Greedy decoding from `state.logits` (a prefill's, begun at t0 and done at t1), timed. Every generated token
+        of a sample but its last (its end-of-sequence token, or the last one `max_new_tokens` allows) goes through
+        the cache as a real key; later steps cache padding keys that nothing attends to. The state stays in
+        `Generation.state` for a follow-up turn, whose text starts with each sample's last generated token."""
         device = state.logits.device
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
         b = state.logits.size(0)
@@ -290,7 +317,7 @@ class LLMSide:
             done |= torch.isin(tok, eos)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            logits = self._decode_step(state, tok)
+            logits = self._decode_step(state, tok, real=~done)  # an ended sample's last token waits, as at the end
             finite.watch(f"decoding step {step + 1}'s logits", logits)
         finite.check(self._model_name())
         state.trace.generated_tokens = lengths
@@ -298,7 +325,7 @@ class LLMSide:
         timing = Timing(prefill_s=t1 - t0, decode_s=self._clock() - t1, decode_steps=max(len(out) - 1, 0),
                         reducer_s=state.reducer_s)
         return Generation(tokens=tokens, lengths=lengths, trace=state.trace, first_logits=state.logits.float(),
-                          timing=timing)
+                          timing=timing, state=state)
 
     def _renumbers(self) -> bool:
         """Whether the reducer's LLM-site reductions renumber positions (`TokenReducer.positions`; "reference": where
@@ -444,19 +471,32 @@ class LLMSide:
         tidx, _ = self._text_after_image(seq)
         return gather_tokens(seq.x, vidx), gather_tokens(seq.x, tidx)
 
-    def _decode_step(self, state: DecodeState, tok: Tensor) -> Tensor:
-        """Feed one token per sample through every layer; return the next logits (B, V)."""
+    def _decode_step(self, state: DecodeState, tok: Tensor, real: Tensor | None = None) -> Tensor:
+        """Feed one token per sample through every layer; return the next logits (B, V). `real` (B,) bool: False
+        for a sample whose answer has ended (its token is padding: cached, never attended to, no position used)."""
+        return self._extend(state, tok.unsqueeze(1), None if real is None else real.unsqueeze(1))
+
+    def _extend(self, state: DecodeState, ids: Tensor, real: Tensor | None = None) -> Tensor:
+        """Feed a chunk of text tokens per sample, `ids` (B, T) left-padded (`real` (B, T) bool, None: all real),
+        through every layer on top of the cache: a decoding step (T = 1) or a follow-up turn appended to the
+        conversation the cache holds (its image is not encoded again). Each sample's real tokens take the positions
+        after its last one (text: every M-RoPE axis alike); returns the logits of the last position (B, V) and
+        advances `state` (cache, key masks, next positions)."""
         lm = self.model.model.language_model
-        x = lm.embed_tokens(tok.unsqueeze(1))  # (B, 1, D)
+        real = torch.ones_like(ids, dtype=torch.bool) if real is None else real.to(ids.device).bool()
+        x = lm.embed_tokens(ids)  # (B, T, D)
+        step = (real.long().cumsum(1) - 1).clamp(min=0)  # (B, T) each real token's offset after the cache's last
         nexts = [state.next_pos] if state.segment_pos is None else list(state.segment_pos)  # each (B,)
-        cos_sin = [self._rotary(x, p.view(-1, 1, 1).expand(-1, 1, self._rotary_axes)) for p in nexts]  # text: all axes
-        state.key_masks = [torch.cat([km, km.new_ones(km.size(0), 1)], 1) for km in state.key_masks]
-        masks = [additive_mask(km, 1, x.dtype) for km in state.key_masks]
+        cos_sin = [self._rotary(x, (p.view(-1, 1) + step).unsqueeze(-1).expand(-1, -1, self._rotary_axes))
+                   for p in nexts]
+        state.key_masks = [torch.cat([km, real], 1) for km in state.key_masks]
+        masks = [additive_mask(km, ids.size(1), x.dtype) for km in state.key_masks]
         for j, layer in enumerate(lm.layers):
             seg = state.layer_segment[j]
             x = layer(x, attention_mask=masks[seg], position_ids=None, past_key_values=state.cache, use_cache=True,
                       position_embeddings=cos_sin[seg if state.segment_pos is not None else 0])
-        state.next_pos = state.next_pos + 1
+        added = real.sum(1)  # (B,)
+        state.next_pos = state.next_pos + added
         if state.segment_pos is not None:
-            state.segment_pos = state.segment_pos + 1
-        return self.model.lm_head(lm.norm(x))[:, 0]
+            state.segment_pos = state.segment_pos + added
+        return self.model.lm_head(lm.norm(x[:, -1:]))[:, 0]

@@ -223,6 +223,7 @@ class ReducedLlava(LLMSide):
         pad_token_id: int = 0,
         budgets: Tensor | None = None,
         relevant: Tensor | None = None,
+        keep_state: bool = False,
     ) -> Generation:
         """Greedy decoding with the KV cache.
 
@@ -236,10 +237,12 @@ class ReducedLlava(LLMSide):
             pad_token_id: written after a sample has ended.
             budgets: (B,) optional per-sample budgets passed to the reducer.
             relevant: (B, N) bool, each question's relevant patches, for a reducer that needs them (`oracle`).
+            keep_state: keep the decoding state (its KV cache) in `Generation.state`, for a follow-up turn
+                (`ask_again`); by default it is freed with the call.
         """
         return self._generate(lambda: self.prefill(input_ids, attention_mask, pixel_values, budgets=budgets,
                                                    relevant=relevant),
-                              max_new_tokens, eos_token_id, pad_token_id)
+                              max_new_tokens, eos_token_id, pad_token_id, keep_state)
 
     def prefill(
         self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, budgets: Tensor | None = None,

@@ -106,11 +106,11 @@ class ReducedQwen(LLMSide):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
                  max_new_tokens: int, eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
-                 budgets: Tensor | None = None) -> Generation:
+                 budgets: Tensor | None = None, keep_state: bool = False) -> Generation:
         """Greedy decoding with the KV cache (as `ReducedLlava.generate`; `image_grid_thw` (B, 3) as the processor
         writes it)."""
         return self._generate(lambda: self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, budgets),
-                              max_new_tokens, eos_token_id, pad_token_id)
+                              max_new_tokens, eos_token_id, pad_token_id, keep_state)
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
                 budgets: Tensor | None = None, tail: int = 1) -> DecodeState:

@@ -201,6 +201,8 @@ class Generation:
         trace: token counts of the batch.
         first_logits: (B, V) logits of the last prompt position (float32), for consistency checks.
         timing: wall-clock times of the batch.
+        state: the decoding state after the answer (`methods._llm.DecodeState`: cache, masks, positions), for a
+            follow-up turn (`ask_again`); the last generated token is not in its cache yet.
     """
 
     tokens: Tensor
@@ -208,3 +210,4 @@ class Generation:
     trace: TokenTrace
     first_logits: Tensor
     timing: Timing
+    state: object = None

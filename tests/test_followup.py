@@ -1,0 +1,64 @@
+"""Prune once, ask again (issue 38, the adapters' part): a follow-up turn prefilled on top of the cache a first turn's
+answer left equals, for `full`, one prefill of the whole two-turn conversation, on both families, at batch 1 and on a
+left-padded batch whose answers and follow-ups differ in length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from methods import create_reducer
+from methods.llava import ReducedLlava
+from methods.qwen import ReducedQwen
+from tests.conftest import qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
+
+ANSWER, FOLLOW_UP = 4, 6  # first answer's tokens at most; the follow-up's tokens (before each sample's own offset)
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids, mask = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    return ids, mask
+
+
+def case(family: str, batch: int):
+    """(runner of `full`, the first turn's inputs, a function giving the inputs with other ids and mask, the range of
+    text ids safe to draw)."""
+    if family == "llava":
+        model = tiny_llava(seed=1)
+        ids, mask, pixels = tiny_batch(model, batch, seed=0)
+        return ReducedLlava(model, create_reducer("full")), (ids, mask, pixels), lambda i, m: (i, m, pixels), (6, 96)
+    model = tiny_qwen(seed=3)
+    grids = [(1, 8, 8), (1, 6, 10)][:batch]
+    ids, mask, pixels, grid = qwen_prompts(model, grids, seed=4)
+    return (ReducedQwen(model, create_reducer("full")), (ids, mask, pixels, grid),
+            lambda i, m: (i, m, pixels, grid), (3, 59))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_a_follow_up_on_the_cache_equals_one_prefill_of_both_turns(family, batch):
+    run, inputs, with_ids, (lo, hi) = case(family, batch)
+    ids, mask = inputs[0], inputs[1]
+    first = run.generate(*inputs, max_new_tokens=ANSWER, keep_state=True)
+    assert run.generate(*inputs, max_new_tokens=1).state is None  # freed unless asked for
+    if batch > 1:  # an end-of-sequence id that ends the answers at different lengths: padding inside the cache
+        eos = next(t for t in first.tokens.flatten().tolist()
+                   if len({row.index(t) if t in row else ANSWER for row in first.tokens.tolist()}) > 1)
+        first = run.generate(*inputs, max_new_tokens=ANSWER, eos_token_id=eos, keep_state=True)
+    g = torch.Generator().manual_seed(9)
+    prompts = [ids[i][mask[i].bool()].tolist() for i in range(batch)]
+    answers = [first.tokens[i, : int(first.lengths[i])].tolist() for i in range(batch)]
+    follow = [torch.randint(lo, hi, (FOLLOW_UP + 2 * i,), generator=g).tolist() for i in range(batch)]
+    assert batch == 1 or len(set(map(len, answers))) > 1  # batch 2: the answers differ in length
+    # the follow-up's text starts with the last answer token, which decoding produced but never fed
+    chunk, chunk_mask = left_pad([a[-1:] + f for a, f in zip(answers, follow, strict=True)])
+    second = run.ask_again(first.state, chunk, chunk_mask, max_new_tokens=3)
+    whole, whole_mask = left_pad([p + a + f for p, a, f in zip(prompts, answers, follow, strict=True)])
+    once = run.generate(*with_ids(whole, whole_mask), max_new_tokens=3)
+    torch.testing.assert_close(second.first_logits, once.first_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(second.tokens, once.tokens)
+    third, third_mask = left_pad([a[-1:] for a in second.tokens[:, :1].tolist()])  # and once more: a third turn
+    assert run.ask_again(second.state, third, third_mask, max_new_tokens=1).tokens.shape == (batch, 1)

@@ -23,6 +23,7 @@ from methods.qwen import ReducedQwen
 from methods.signals import Dims, stand_ins
 from tests.cases import build, takes_budget
 from tests.conftest import IMAGE_TOKEN, QWEN_IMAGE, llava_runner, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
+from tests.test_followup import left_pad
 
 FAMILIES = (LLAVA, QWEN)
 RUNS = [pytest.param(f, m, id=f"{f.model_type}-{m}") for f in FAMILIES for m in list_reducers() if f.runs(m)]
@@ -141,7 +142,8 @@ def test_every_method_has_a_working_case(models, family, name):
 @pytest.mark.parametrize(("family", "name"), RUNS)
 def test_batch_of_one_equals_batch_of_four_through_the_adapter(models, family, name):
     """Through the family's adapter: each sample's answer and kept tokens are the same alone as in a left-padded batch
-    of four (of different lengths, and on Qwen2.5-VL of different image sizes), and the budget is honoured."""
+    of four (of different lengths, and on Qwen2.5-VL of different image sizes), and the budget is honoured; so is the
+    answer to a follow-up question of its own length asked on the pruned cache (`ask_again`)."""
     model = models[family]
     budget = 6
     run = runner(family, model, build(name, budget, model.config))
@@ -157,14 +159,24 @@ def test_batch_of_one_equals_batch_of_four_through_the_adapter(models, family, n
     def generate(rows: slice, keep: torch.Tensor):
         images = pixels[rows] if grid is None else pixels[per_image[rows.start]:per_image[rows.stop]]
         extra = () if grid is None else (grid[rows],)
-        return run.generate(ids[rows][:, keep], mask[rows][:, keep], images, *extra, 3, eos_token_id=None)
+        return run.generate(ids[rows][:, keep], mask[rows][:, keep], images, *extra, 3, eos_token_id=None,
+                            keep_state=True)
+
+    g = torch.Generator().manual_seed(12)
+    follow = [[int(t) for t in torch.randint(6, 59, (2 + i,), generator=g)] for i in range(4)]  # text ids of both
+
+    def ask(gen, rows: list[int]):  # each sample's follow-up after its last answer token, left-padded
+        chunk, chunk_mask = left_pad([[int(gen.tokens[j, -1])] + follow[i] for j, i in enumerate(rows)])
+        return run.ask_again(gen.state, chunk, chunk_mask, 2)
 
     with torch.no_grad():
         four = generate(slice(0, 4), mask.any(0))
+        again = ask(four, [0, 1, 2, 3])
         for i in range(4):
             one = generate(slice(i, i + 1), mask[i].bool())
             assert one.tokens[0].tolist() == four.tokens[i].tolist(), i
             assert one.trace.sample(0, tokens[i])["kept_indices"] == four.trace.sample(i, tokens[i])["kept_indices"], i
+            assert ask(one, [i]).tokens[0].tolist() == again.tokens[i].tolist(), i
     seen = four.trace.visual_tokens.float()  # (4, LLM layers) visual tokens entering each layer
     limit = torch.tensor(tokens, dtype=torch.float).clamp(max=budget)
     if not takes_budget(name):

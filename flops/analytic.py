@@ -22,6 +22,10 @@ Conventions (one place, tested):
 * Decode: a sample that generated G tokens ran G - 1 decode steps (the first token comes from the prefill logits).
   Step i feeds one token per layer attending over c_l + i keys, c_l = that layer's prefill length:
   2 d^2 + 2 d d_kv + 2 (c_l + i) d + 3 d m, plus lm_head.
+* A follow-up turn on the cache (`ask_again`, "prune once"): the cache holds, per layer, c_l + G - 1 keys after a
+  first answer of G tokens; the follow-up's T tokens (the last answer token, then the new text) run as one chunk:
+  per layer T x (the layer's weights) + 2 T (c_l + G - 1 + T) d (the dense rectangle of T queries over every key),
+  lm_head on its last position, then its own decode steps over the grown cache (`follow_up`).
 * Reducer: its own matmul-like work (a controller, a cross-attention, similarity and merging matmuls) plus the
   signals the adapter computes for it (CLS query and keys, FastV's ranking row), per sample, as the trace's
   `reducer_macs`; each method states its formula where it computes it (`Reduced.macs`).
@@ -215,3 +219,17 @@ def count(record: dict, s: ModelShape | QwenShape) -> MacReport:
     attention = sum(2 * d * (c + i) for c in lengths for i in range(1, steps + 1))
     return MacReport(vision=vision, reducer=int(record.get("reducer_macs") or 0), projector=projector,
                      llm_prefill=prefill, lm_head_prefill=head, decode=steps * per_step_fixed + attention)
+
+
+def follow_up(record: dict, s: LLMShape, tokens: int, generated: int) -> MacReport:
+    """MACs of one sample's follow-up turn on the cache its first turn left (`methods._llm.LLMSide.ask_again`): its
+    `tokens` (T, the last answer token included) prefilled over every cached key of each layer, then `generated`
+    tokens answered. `record` is the first turn's (`llm_tokens_per_layer`, `generated_tokens`); vision, reducer and
+    projector do not run again (0)."""
+    d, head = s.width, s.width * s.vocab
+    cached = [c + max((record.get("generated_tokens") or 1) - 1, 0) for c in record["llm_tokens_per_layer"]]
+    prefill = sum(tokens * llm_layer_weights(s) + 2 * tokens * (c + tokens) * d for c in cached)
+    steps = max(generated - 1, 0)
+    attention = sum(2 * d * (c + tokens + i) for c in cached for i in range(1, steps + 1))
+    return MacReport(vision=0, reducer=0, projector=0, llm_prefill=prefill, lm_head_prefill=head,
+                     decode=steps * (s.layers * llm_layer_weights(s) + head) + attention)

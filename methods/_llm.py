@@ -289,10 +289,12 @@ class LLMSide:
         the previous answer, the turn separators and the new question, in the model's chat format) is prefilled on
         top of the cache, with the visual tokens the first turn's reduction left, and answered greedily. The image is
         not encoded again and the reducer does not run; `state` is advanced and kept in the result's `state`, so a
-        third turn can follow. The returned trace is the first turn's; `timing.prefill_s` is this turn's prefill.
+        third turn can follow. The returned trace is the first turn's token counts with this turn's
+        `generated_tokens`; `timing.prefill_s` is this turn's prefill.
         The first turn must have kept its state (`generate(..., keep_state=True)`)."""
         if state is None:
             raise ValueError("ask_again needs the first turn's decoding state: call generate(..., keep_state=True)")
+        state.trace = replace(state.trace)  # this turn's generated_tokens, the first turn's record left as it was
         t0 = self._clock()
         state.logits = self._extend(state, input_ids.to(state.next_pos.device),
                                     attention_mask.to(state.next_pos.device).bool())

@@ -7,10 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flops.analytic import follow_up, model_shape
+from flops.measured import flop_counter_macs
 from methods import create_reducer
 from methods.llava import ReducedLlava
 from methods.qwen import ReducedQwen
-from tests.conftest import qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
+from tests.cases import build
+from tests.conftest import llava_runner, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
 
 ANSWER, FOLLOW_UP = 4, 6  # first answer's tokens at most; the follow-up's tokens (before each sample's own offset)
 
@@ -62,3 +65,27 @@ def test_a_follow_up_on_the_cache_equals_one_prefill_of_both_turns(family, batch
     assert torch.equal(second.tokens, once.tokens)
     third, third_mask = left_pad([a[-1:] for a in second.tokens[:, :1].tolist()])  # and once more: a third turn
     assert run.ask_again(second.state, third, third_mask, max_new_tokens=1).tokens.shape == (batch, 1)
+
+
+@pytest.mark.parametrize("method", ["full", "fastv", "divprune", "pdrop"])
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_a_follow_ups_analytic_macs_equal_the_flop_counter(family, method):
+    """The follow-up turn's MACs (`flops.analytic.follow_up`: its chunk over every cached key of each layer, lm_head,
+    its own decode steps) equal FlopCounterMode's around `ask_again`, after first turns that kept different counts
+    per layer (FastV from layer 2, PyramidDrop per stage); the cache then holds what the count assumes."""
+    if family == "llava":
+        model = tiny_llava(attn="eager", kv_heads=2, seed=2)
+        inputs, n = tiny_batch(model, 1, seed=6), 16
+    else:
+        model = tiny_qwen(seed=2, attn="eager")
+        inputs, n = qwen_prompts(model, [(1, 8, 12)], seed=3), 24
+    reducer = build(method, 5, model.config)
+    run = llava_runner(model, reducer) if family == "llava" else ReducedQwen(model, reducer)
+    first = run.generate(*inputs, max_new_tokens=3, eos_token_id=None, keep_state=True)
+    chunk = torch.tensor([[int(first.tokens[0, -1]), 7, 8, 9, 10]])
+    measured, second = flop_counter_macs(lambda: run.ask_again(first.state, chunk, torch.ones_like(chunk), 4))
+    rec = first.trace.sample(0, n)
+    assert (rec["generated_tokens"], int(second.trace.generated_tokens[0])) == (3, 4)  # each turn its own answer
+    assert measured == follow_up(rec, model_shape(model.config), tokens=5, generated=4).total
+    cached = [c + 2 + 5 + 3 for c in rec["llm_tokens_per_layer"]]  # 2 answer tokens fed, the chunk, 3 decode steps
+    assert [second.state.cache.layers[j].keys.size(2) for j in range(len(cached))] == cached

@@ -196,12 +196,15 @@ def llm_layer_macs(n: int, s: LLMShape) -> int:
     return n * llm_layer_weights(s) + 2 * n * n * s.width
 
 
-def kv_cache_bytes(record: dict, s: LLMShape, bytes_per_value: int) -> int:
+def kv_cache_bytes(record: dict, s: LLMShape, bytes_per_value: int,
+                   follow_ups: tuple[tuple[int, int], ...] = ()) -> int:
     """Bytes of one sample's KV cache when its generation ends: each layer holds keys and values (`kv_width` each)
     for the c_l tokens that entered it in prefill plus one per decoding step (a sample that generated G tokens fed
-    G - 1 of them back), so 2 x kv_width x sum_l (c_l + G - 1) values. Batch padding is not counted (the sample's
-    own cache, as the analytic MACs)."""
+    G - 1 of them back), so 2 x kv_width x sum_l (c_l + G - 1) values; each follow-up turn on that cache
+    (`follow_ups`: its tokens T and generated tokens G', as `follow_up` prices it) adds T + G' - 1 per layer. Batch
+    padding is not counted (the sample's own cache, as the analytic MACs)."""
     steps = max((record.get("generated_tokens") or 1) - 1, 0)
+    steps += sum(t + max(g - 1, 0) for t, g in follow_ups)
     return 2 * s.kv_width * sum(c + steps for c in record["llm_tokens_per_layer"]) * bytes_per_value
 
 

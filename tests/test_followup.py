@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flops.analytic import follow_up, model_shape
+from flops.analytic import follow_up, kv_cache_bytes, model_shape
 from flops.measured import flop_counter_macs
 from methods import create_reducer
 from methods.llava import ReducedLlava
@@ -72,7 +72,8 @@ def test_a_follow_up_on_the_cache_equals_one_prefill_of_both_turns(family, batch
 def test_a_follow_ups_analytic_macs_equal_the_flop_counter(family, method):
     """The follow-up turn's MACs (`flops.analytic.follow_up`: its chunk over every cached key of each layer, lm_head,
     its own decode steps) equal FlopCounterMode's around `ask_again`, after first turns that kept different counts
-    per layer (FastV from layer 2, PyramidDrop per stage); the cache then holds what the count assumes."""
+    per layer (FastV from layer 2, PyramidDrop per stage); the cache then holds what the count assumes, and
+    `kv_cache_bytes` with the follow-up gives its size."""
     if family == "llava":
         model = tiny_llava(attn="eager", kv_heads=2, seed=2)
         inputs, n = tiny_batch(model, 1, seed=6), 16
@@ -88,4 +89,7 @@ def test_a_follow_ups_analytic_macs_equal_the_flop_counter(family, method):
     assert (rec["generated_tokens"], int(second.trace.generated_tokens[0])) == (3, 4)  # each turn its own answer
     assert measured == follow_up(rec, model_shape(model.config), tokens=5, generated=4).total
     cached = [c + 2 + 5 + 3 for c in rec["llm_tokens_per_layer"]]  # 2 answer tokens fed, the chunk, 3 decode steps
-    assert [second.state.cache.layers[j].keys.size(2) for j in range(len(cached))] == cached
+    layers = second.state.cache.layers
+    assert [layer.keys.size(2) for layer in layers] == cached
+    held = sum(layer.keys.numel() + layer.values.numel() for layer in layers) * 4  # float32
+    assert kv_cache_bytes(rec, model_shape(model.config), 4, follow_ups=((5, 4),)) == held

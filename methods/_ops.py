@@ -81,6 +81,24 @@ def select_top(scores: Tensor, k: Tensor | int, valid: Tensor | None = None) -> 
     return keep, None if bool(keep_valid.all()) else keep_valid
 
 
+def select_picks(order: Tensor, k: Tensor, n: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The first k[b] picks of each row of a greedy's pick order, returned in original token order (`select_top`'s
+    output).
+
+    Args:
+        order: (B, Kmax) long indices into N, first pick first (Kmax = k.max()).
+        k: (B,) long picks to keep per row.
+        n: N, the tokens picked from.
+        valid: (B, N) bool; invalid tokens are never kept.
+    """
+    b, kmax = order.shape
+    step = torch.arange(kmax, device=order.device).expand(b, -1)  # (B, Kmax)
+    # the first k picks of each row rank kmax, kmax-1, ...; later picks go to a dropped column N
+    rank = torch.full((b, n + 1), float("-inf"), device=order.device)
+    rank.scatter_(1, torch.where(step < k.unsqueeze(1), order, n), (kmax - step).to(rank.dtype))
+    return select_top(rank[:, :n], k, valid)
+
+
 def mix32(h: Tensor) -> Tensor:
     """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values: a bijective bit mixer."""
     m = 0xFFFFFFFF

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods._ops import gather_tokens, sample_budgets, select_top
+from methods._ops import gather_tokens, sample_budgets, select_picks
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
 
@@ -148,11 +148,7 @@ class CDPruner(TokenReducer):
         kmax = int(k.max())
         kernel = conditional_kernel(t.x, t.text.embeds, t.text.valid, t.valid, self.negate)  # (B, N, N)
         order = greedy_map_order(kernel, kmax, t.valid)  # (B, Kmax) pick order
-        step = torch.arange(kmax, device=t.x.device).expand(b, -1)  # (B, Kmax)
-        # the first k picks of each sample rank kmax, kmax-1, ...; later picks go to a dropped column N
-        rank = torch.full((b, n + 1), float("-inf"), device=t.x.device)
-        rank.scatter_(1, torch.where(step < k.unsqueeze(1), order, n), (kmax - step).to(rank.dtype))
-        keep, valid = select_top(rank[:, :n], k, t.valid)  # (B, K) the picks, in original order
+        keep, valid = select_picks(order, k, n, t.valid)  # (B, K) the first k picks, in original order
         m = t.text.valid.sum(1)  # (B,) real text tokens
         # the similarity, the relevance, and the greedy's rows 1..k-2 (t x N each)
         macs = counts * counts * d + counts * m * d + counts * (k - 1) * (k - 2) // 2

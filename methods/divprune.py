@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods._ops import gather_tokens, sample_budgets, select_top
+from methods._ops import gather_tokens, sample_budgets, select_picks
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
 
@@ -90,10 +90,6 @@ class DivPrune(TokenReducer):
         k = torch.minimum(sample_budgets(self.budget, t.budget, n, b, t.x.device), counts)  # (B,) at most what is there
         kmax = int(k.max())
         order = max_min_order(t.x, kmax, t.valid)  # (B, Kmax) pick order
-        step = torch.arange(kmax, device=t.x.device).expand(b, -1)  # (B, Kmax)
-        # the first k picks of each sample rank kmax, kmax-1, ...; later picks go to a dropped column N
-        rank = torch.full((b, n + 1), float("-inf"), device=t.x.device)
-        rank.scatter_(1, torch.where(step < k.unsqueeze(1), order, n), (kmax - step).to(rank.dtype))
-        keep, valid = select_top(rank[:, :n], k, t.valid)  # (B, K) the picks, in original order
+        keep, valid = select_picks(order, k, n, t.valid)  # (B, K) the first k picks, in original order
         macs = torch.full((b,), n * n * d, dtype=torch.long, device=t.x.device)  # the similarity matrix
         return Reduced(x=gather_tokens(t.x, keep), keep=keep, valid=valid, macs=macs)  # (B, K, D)

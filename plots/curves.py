@@ -32,11 +32,16 @@ EXTRA_COLOURS = ("#e6ab02", "#00665e", "#a6005c", "#08306b", "#4d7a00", "#6b3d00
 CATALOGUE = Path(__file__).resolve().parent.parent / "methods" / "catalogue.json"
 
 
+def catalogue() -> dict[str, dict]:
+    """The registry's entries by name, from the catalogue file (plots import nothing from `methods`); {} without it."""
+    return json.loads(CATALOGUE.read_text()) if CATALOGUE.is_file() else {}
+
+
 def colours(methods) -> dict[str, tuple]:
     """One fixed colour per method name, the same in every figure and every run: the registered methods take tab10,
     then `EXTRA_COLOURS`, in the catalogue's order; names it does not hold come after them, sorted."""
     palette = [*plt.get_cmap("tab10").colors, *(matplotlib.colors.to_rgb(c) for c in EXTRA_COLOURS)]
-    known = [m for m in json.loads(CATALOGUE.read_text()) if m not in (REFERENCE, UPPER)] if CATALOGUE.is_file() else []
+    known = [m for m in catalogue() if m not in (REFERENCE, UPPER)]
     named = [*known, *sorted(set(methods) - {REFERENCE, UPPER} - set(known))]
     return {m: (*palette[i % len(palette)], 1.0) for i, m in enumerate(named)} | {REFERENCE: (0, 0, 0, 1),
                                                                                    UPPER: (0, 0, 0, 1)}
@@ -244,12 +249,12 @@ def tokens_per_layer(res: Results, out: Path) -> list[Path]:
 
 
 QUESTION_COLOURS = {True: "#c0392b", False: "#2471a3"}  # methods that see the question, those that do not
-MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h")
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "d", "p")  # 12: no two methods of a side alike
 
 
 def sees_question(methods) -> dict[str, bool]:
     """Which of `methods` see the question, from the catalogue's `question` field (a name it lacks: no)."""
-    known = json.loads(CATALOGUE.read_text()) if CATALOGUE.is_file() else {}
+    known = catalogue()
     return {m: bool(known.get(m, {}).get("question")) for m in methods}
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.defaults import (
+    CONVERSATIONS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_OUTPUT,
     SMOKE_LIMIT,
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                    help=f"lmms-eval task names, separated by spaces (default: {' '.join(SMOKE_TASKS)} on the LLaVA "
                    f"smoke model, the tasks it knows; {' '.join(OTHER_TASKS)} on any other)")
+    p.add_argument("--conversation", nargs="+", choices=CONVERSATIONS, default=list(CONVERSATIONS),
+                   metavar="MODE", help="how a conversation task (synth_scenes_followup) answers its later questions, "
+                   "one cell per mode: prune-once (on the cache the first turn left, the image reduced once) and/or "
+                   "re-prune (the whole conversation prefilled again from the full image) (default: both)")
     p.add_argument("--model", type=Path, default=SMOKE_MODEL,
                    help="local checkpoint folder, LLaVA-1.5 (llava-hf) or Qwen2.5-VL (default: "
                    f"{_rel(SMOKE_MODEL)}, the committed smoke model)")
@@ -173,9 +178,10 @@ def list_everything() -> None:
     print("\ntasks of this project: synth_vqa (synthetic VQA, 1,000 questions; per-type metrics acc_color, "
           "acc_shape,\n  acc_count, acc_exists, acc_position); synth_scenes (40-48 objects per scene, 1,000 questions; "
           "acc_shape,\n  acc_color, acc_position, acc_exists, acc_count, acc_background; the Qwen2.5-VL smoke model "
-          "is not trained on it)\nany lmms-eval task name also works, e.g. gqa pope mme "
-          "textvqa_val scienceqa_img mmbench_en_dev_static;\n  offline, point each at a local copy of its dataset "
-          "with --task-data TASK=PATH (docs/standard_tasks.md)")
+          "is not trained on it);\n  synth_scenes_followup (1,000 two-question conversations on synth_scenes-like "
+          "images; exact_match_turn1,\n  exact_match_turn2; --conversation picks how the second is answered)\n"
+          "any lmms-eval task name also works, e.g. gqa pope mme textvqa_val scienceqa_img mmbench_en_dev_static;\n"
+          "  offline, point each at a local copy of its dataset with --task-data TASK=PATH (docs/standard_tasks.md)")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -220,7 +226,7 @@ def _main(args: argparse.Namespace) -> int:
                    tasks=tuple(args.tasks or ()), limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                    output=args.output or default_output(args.model), include_paths=tuple(args.include_path),
                    device=args.device, dtype=args.dtype,
-                   method_kwargs=tuple(args.method_args),
+                   method_kwargs=tuple(args.method_args), conversations=tuple(dict.fromkeys(args.conversation)),
                    task_data=tuple(parse_task_data(t) for t in args.task_data))
     plan = make_plan(spec)  # every cell's reducer built and checked against the model's layout
     tm = task_manager(spec.tasks, spec.include_paths)  # unknown tasks, with close matches

@@ -54,15 +54,22 @@ def cell_line(index: int, total: int, rows: list[dict]) -> str:
              f"{_number(main.get('wall_s')) or 0:.1f} s"]
     seed = main.get("controller_seed")
     method = main["method"] + ("" if seed in (None, "") else f"[{seed}]")  # a learned method's training seed
-    return f"[{index}/{total}] {main['task']}  {method:<13} {main['budget']!s:>4}: " + ", ".join(parts)
+    return f"[{index}/{total}] {_task(main)}  {method:<13} {main['budget']!s:>4}: " + ", ".join(parts)
+
+
+def _task(row: dict) -> str:
+    """A row's task as shown: a conversation task's with its mode, `synth_scenes_followup (re-prune)`."""
+    return row["task"] + (f" ({row['conversation']})" if row.get("conversation") else "")
 
 
 def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> str:
     """Per task, one row per (method, budget): the primary metric with its 95 % interval, its difference from `full`
     and from the best other method at that budget (from `comparisons`, the rows of `benchmarks.stats.comparisons`;
     `*` marks a difference significant at 95 %), visual tokens, prefill GFLOPs and prefill ms,
-    sorted by budget with `full` last. Fits 120 columns; per-type metrics are in summary.csv."""
-    main = _over_seeds(_primary(rows))
+    sorted by budget with `full` last; a conversation task's modes in blocks of their own. Fits 120 columns; per-type
+    metrics are in summary.csv."""
+    main = _over_seeds([{**r, "task": _task(r)} for r in _primary(rows)])
+    comparisons = [{**c, "task": _task(c)} for c in comparisons or []]
     if not main:
         return "no results"
     percent = _fractions(main)

@@ -17,6 +17,9 @@ DEFAULT_BATCH_SIZE = 32  # results do not depend on it (batch invariance is test
 # minutes on 2 CPU cores; `--limit 1000` runs every question of the test splits (about 13 minutes there)
 SMOKE_LIMIT = 500
 DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 of 576, in spirit
+# how a conversation task's later turns are answered: on the cache the previous turn left (the image reduced once), or
+# the whole conversation prefilled again from the full image (reduced again); a sweep runs both by default
+CONVERSATIONS = ("prune-once", "re-prune")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

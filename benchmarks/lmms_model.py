@@ -30,6 +30,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from lmms_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from benchmarks.defaults import controllers
+from benchmarks.defaults import CONVERSATIONS, controllers
 from benchmarks.distributed import current_world
 from benchmarks.records import Recorder
 from methods import TokenReducer, UnknownReducerError, create_reducer, get_reducer_class
@@ -75,6 +76,12 @@ def lmms_eval_syntax(message: str, method: str | None = None) -> str:
         text = re.sub(r"\bpass --model ([^\s;,)]+)", r"pass pretrained=\1 in --model_args", text)
         parts[i] = re.sub(r"--model (?=\S)", "pretrained=", text)
     return "`".join(parts)
+
+
+def check_conversation(mode: str) -> str:
+    if mode not in CONVERSATIONS:
+        raise ValueError(f"conversation must be one of {', '.join(CONVERSATIONS)}, got {mode!r}")
+    return mode
 
 
 def per_sample_ms(t: Timing, batch: int) -> dict:
@@ -119,6 +126,9 @@ class ReducedLMM(lmms):
             each process's own GPU, cuda:LOCAL_RANK.
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
         max_new_tokens: default when a task does not set it.
+        conversation: how a multi-round task's later turns are answered (`generate_until_multi_round`):
+            "prune-once" (on the cache the previous turn left, the image reduced once) or "re-prune" (the whole
+            conversation prefilled again from the full image, reduced again).
         **method_args: extra constructor arguments of the method (e.g. `layer=2`). A learned method (its class
             sets `needs_checkpoint`) given no `checkpoint` gets the controller trained for PRETRAINED with the lowest
             seed (PRETRAINED/controllers/<method>/seed<N>, `benchmarks.defaults.controllers`).
@@ -139,6 +149,7 @@ class ReducedLMM(lmms):
         device: str = "cpu",
         dtype: str = "auto",
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        conversation: str = "prune-once",
         max_batch_size: int | None = None,
         model=None,
         processor=None,
@@ -166,6 +177,7 @@ class ReducedLMM(lmms):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
+        self.conversation = check_conversation(conversation)
         self.recorder = Recorder()  # what samples and batches record beyond lmms-eval's logs; the runner's per cell
         self._warned_sampling = False
         self.progress: Callable[[int, int], None] | None = None  # (done, total) after each batch; None: own bar
@@ -196,12 +208,14 @@ class ReducedLMM(lmms):
         self.runner = self.family.runner(self.model, self.reducer)
 
     @contextlib.contextmanager
-    def cell(self, reducer: TokenReducer, recorder: Recorder, progress: Callable[[int, int], None] | None
-             ) -> Iterator[ReducedLMM]:
-        """The runner's one call per cell: evaluate with `reducer`, writing each sample's records to `recorder` and
-        (done, total) after each batch to `progress`; on leaving, the model draws its own progress bar again."""
+    def cell(self, reducer: TokenReducer, recorder: Recorder, progress: Callable[[int, int], None] | None,
+             conversation: str | None = None) -> Iterator[ReducedLMM]:
+        """The runner's one call per cell: evaluate with `reducer` (a multi-round task's later turns as
+        `conversation` says, default "prune-once"), writing each sample's records to `recorder` and (done, total)
+        after each batch to `progress`; on leaving, the model draws its own progress bar again."""
         self.set_reducer(reducer)
         self.recorder, self.progress = recorder, progress
+        self.conversation = check_conversation(conversation or "prune-once")
         try:
             yield self
         finally:
@@ -237,50 +251,155 @@ class ReducedLMM(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
-        settings = [self._gen_settings(r.args[1]) for r in requests]
-        # batches share decoding settings (so a sample's output never depends on its batch-mates); similar lengths
-        order = sorted(range(len(requests)), key=lambda i: (repr(settings[i]), len(requests[i].args[0])))
+        for idx, chunk, gen in self._batches(requests):
+            prompts, images = self._prepare(chunk)
+            inputs = self._inputs(chunk, prompts, images)
+            out = self._generate(inputs, gen, self._extra(chunk, 0))
+            times = per_sample_ms(out.timing, len(chunk))
+            self.recorder.batches.append(times)
+            for j, req in enumerate(chunk):
+                n = int(out.lengths[j])
+                rec = {**out.trace.sample(j, self.image_tokens(inputs, j)), **times}
+                self._record(req, rec, inputs, j)
+                counts = TokenCounts(input_tokens=rec["llm_tokens_per_layer"][0], output_tokens=n)
+                results[idx[j]] = GenerationResult(text=self._text(out.tokens[j, :n], gen), token_counts=counts)
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """A conversation per request, through lmms-eval's multi-round protocol: turn 1 is the request's context;
+        after each answer the task's `doc_to_text(doc, previous_output=..., round_idx=r, previous_round_info=...)`
+        returns (visuals, the next turn's text, terminal, the results so far, round info). Every turn asks about
+        the first turn's image (a round that brings images is refused). Each later turn is answered as `conversation`
+        says: "prune-once" appends it to the cache the previous turn left (the image reduced once, for turn 1's
+        question: `methods._llm.LLMSide.ask_again`); "re-prune" prefills the whole conversation again from the full
+        image, the reducer running on it. Both see the same tokens: the prompt, each answer as generated (its end-of-
+        sequence token left out) and the chat format's text between turns (`Family.follow_up`). Returns each
+        conversation's results as the task returned them when it ended (lmms-eval passes them to
+        `process_results`)."""
+        results: list[list[str] | None] = [None] * len(requests)
+        for idx, chunk, gen in self._batches(requests):
+            for j, res in enumerate(self._converse(chunk, gen)):
+                results[idx[j]] = res
+        return results
+
+    def _batches(self, requests: list[Instance]) -> Iterator[tuple[list[int], list[Request], dict]]:
+        """(indices, requests, decoding settings) per batch, with the progress bar and `progress` calls. Batches
+        share decoding settings (so a sample's output never depends on its batch-mates) and similar lengths."""
+        reqs = [Request.of(r) for r in requests]
+        settings = [self._gen_settings(r.gen_kwargs) for r in reqs]
+        order = sorted(range(len(reqs)), key=lambda i: (repr(settings[i]), len(reqs[i].context)))
         batches = []
         for _, group in itertools.groupby(order, key=lambda i: repr(settings[i])):
             group = list(group)
             batches += [group[s : s + self.batch_size] for s in range(0, len(group), self.batch_size)]
-        tok = self.processor.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         with tqdm(total=len(requests), desc=f"{self.reducer.name} b={self.reducer.token_budget}", leave=False,
                   disable=self.rank != 0 or self.progress is not None) as bar:
             done = 0
             for idx in batches:
-                chunk = [requests[i] for i in idx]
-                prompts, images = self._prepare(chunk)
-                gen = settings[idx[0]]
-                inputs = self._inputs(chunk, prompts, images)
-                extra = {"relevant": self._relevant(chunk)} if "relevant" in self.reducer.needs else {}
-                out = self.runner.generate(
-                    *(inputs[k] for k in self.family.inputs),
-                    max_new_tokens=gen["max_new_tokens"], eos_token_id=self._eos_ids(), pad_token_id=pad_id, **extra,
-                )
-                times = per_sample_ms(out.timing, len(chunk))
-                self.recorder.batches.append(times)
-                for j, req in enumerate(chunk):
-                    n = int(out.lengths[j])
-                    text = tok.decode(out.tokens[j, :n], skip_special_tokens=True)
-                    for stop in gen["until"]:
-                        if stop and stop in text:
-                            text = text.split(stop)[0]
-                    text = text.strip()
-                    _, _, _, doc_id, task, _ = req.args
-                    rec = {**out.trace.sample(j, self.image_tokens(inputs, j)), **times}
-                    self.recorder.samples[(task, doc_id)] = rec
-                    if self.family.fixed_tokens and self.recorder.wants_picture(task, doc_id):  # LLaVA: one grid
-                        self.recorder.pictures[(task, doc_id)] = {"image": self._model_image(inputs["pixel_values"][j]),
-                                                         "question": req.args[0], "grid": list(self.runner.layout.grid)}
-                    counts = TokenCounts(input_tokens=rec["llm_tokens_per_layer"][0], output_tokens=n)
-                    results[idx[j]] = GenerationResult(text=text, token_counts=counts)
-                bar.update(len(chunk))
-                done += len(chunk)
+                yield idx, [reqs[i] for i in idx], settings[idx[0]]
+                bar.update(len(idx))
+                done += len(idx)
                 if self.progress is not None:
                     self.progress(done, len(requests))
-        return results
+
+    def _generate(self, inputs, gen: dict, extra: dict, keep_state: bool = False):
+        """The adapter's greedy generation on a processor batch."""
+        return self.runner.generate(*(inputs[k] for k in self.family.inputs), max_new_tokens=gen["max_new_tokens"],
+                                    eos_token_id=self._eos_ids(), pad_token_id=self._pad_id(), keep_state=keep_state,
+                                    **extra)
+
+    def _extra(self, chunk: list[Request], turn: int) -> dict:
+        """The reducer's extra inputs for turn `turn` (0: the first) of `chunk`: the oracle's relevant patches."""
+        return {"relevant": self._relevant(chunk, turn)} if "relevant" in self.reducer.needs else {}
+
+    def _text(self, tokens: torch.Tensor, gen: dict) -> str:
+        """An answer's text: decoded, cut at the task's first stop string, stripped."""
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in gen["until"]:
+            if stop and stop in text:
+                text = text.split(stop)[0]
+        return text.strip()
+
+    def _record(self, req: Request, rec: dict, inputs, j: int) -> None:
+        """Sample j's records for the runner: its trace and times, and for the first docs its model-input image."""
+        self.recorder.samples[(req.task, req.doc_id)] = rec
+        if self.family.fixed_tokens and self.recorder.wants_picture(req.task, req.doc_id):  # LLaVA: one grid
+            self.recorder.pictures[(req.task, req.doc_id)] = {
+                "image": self._model_image(inputs["pixel_values"][j]), "question": req.context,
+                "grid": list(self.runner.layout.grid)}
+
+    def _pad_id(self) -> int:
+        tok = self.processor.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def _content(self, tokens: torch.Tensor, n: int) -> list[int]:
+        """An answer's tokens as the conversation keeps them: the n generated, less a final end-of-sequence token."""
+        ids = tokens[:n].tolist()
+        return ids[:-1] if ids and ids[-1] in self._eos_ids() else ids
+
+    def _converse(self, chunk: list[Request], gen: dict) -> list[list[str]]:
+        """One batch of conversations (`generate_until_multi_round`); records each sample's first turn's trace and
+        times, its `conversation` mode and per later turn (`follow_ups`) the tokens prefilled and generated, and in
+        re-prune mode that prefill's whole trace."""
+        tok, eos, prune_once = self.processor.tokenizer, self._eos_ids(), self.conversation == "prune-once"
+        prompts, images = self._prepare(chunk)
+        inputs = self._inputs(chunk, prompts, images)
+        out = self._generate(inputs, gen, self._extra(chunk, 0), keep_state=prune_once)
+        times = per_sample_ms(out.timing, len(chunk))
+        b = len(chunk)
+        lengths = [int(n) for n in out.lengths]
+        answers = [[self._text(out.tokens[j, : lengths[j]], gen)] for j in range(b)]
+        content = [self._content(out.tokens[j], lengths[j]) for j in range(b)]
+        history = [inputs["input_ids"][j][inputs["attention_mask"][j].bool()].tolist() + content[j] for j in range(b)]
+        # prune once: the cache holds all but each answer's last generated token, which the next turn's text begins
+        pending = [content[j][lengths[j] - 1 :] for j in range(b)]
+        later: list[list[dict]] = [[] for _ in range(b)]
+        ended: list[list[str] | None] = [None] * b
+        info: list = [None] * b
+        state, follow_ms = out.state, 0.0
+        for r in itertools.count(1):
+            asks: dict[int, list[int]] = {}  # sample -> the tokens of its next turn's text (after its answer)
+            for j, req in enumerate(chunk):
+                if ended[j] is not None:
+                    continue
+                visuals, text, terminal, so_far, info[j] = req.doc_to_text(
+                    req.doc(self.task_dict), previous_output=answers[j], round_idx=r, previous_round_info=info[j])
+                if terminal:
+                    ended[j] = [str(a) for a in so_far]
+                    continue
+                if [v for v in (visuals or []) if v is not None]:
+                    raise DocumentError(req.task, req.doc_id, f"round {r} brings images; reduced_vlm's conversations "
+                                                              "ask every round about the first round's image")
+                answers[j] = list(so_far)
+                asks[j] = tok(self.family.follow_up(self.processor, text), add_special_tokens=False).input_ids
+            if not asks:
+                break
+            if prune_once:  # every sample of the cache takes part; one that has ended gets one token, unread
+                ids, mask = left_pad([pending[j] + asks[j] if j in asks else [self._pad_id()] for j in range(b)],
+                                     self._pad_id())
+                nxt = self.runner.ask_again(state, ids, mask, gen["max_new_tokens"], eos, self._pad_id())
+                state, rows = nxt.state, {j: j for j in asks}
+            else:  # the whole conversation again, from the full image, for the samples still talking
+                js = sorted(asks)
+                sub = self._inputs([chunk[j] for j in js], [prompts[j] for j in js], [images[j] for j in js])
+                sub["input_ids"], sub["attention_mask"] = left_pad([history[j] + asks[j] for j in js], self._pad_id())
+                nxt = self._generate(sub, gen, self._extra([chunk[j] for j in js], r))
+                rows = {j: i for i, j in enumerate(js)}
+            follow_ms += per_sample_ms(nxt.timing, nxt.tokens.size(0))["prefill_ms"]
+            for j, i in rows.items():
+                n = int(nxt.lengths[i])
+                answers[j].append(self._text(nxt.tokens[i, :n], gen))
+                said = self._content(nxt.tokens[i], n)
+                pending[j], history[j] = said[n - 1 :], history[j] + asks[j] + said
+                later[j].append({"tokens": int(mask[i].sum()), "generated_tokens": n} if prune_once
+                                else nxt.trace.sample(i, self.image_tokens(sub, i)))
+        times |= {"follow_up_prefill_ms": round(follow_ms, 4)}  # every later turn's prefill, per sample
+        for j, req in enumerate(chunk):
+            rec = {**out.trace.sample(j, self.image_tokens(inputs, j)), **times, "conversation": self.conversation,
+                   "follow_ups": later[j]}
+            self._record(req, rec, inputs, j)
+        self.recorder.batches.append(times)
+        return [e if e is not None else a for e, a in zip(ended, answers, strict=True)]
 
     def _model_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(3, H, W) normalised pixels -> (H, W, 3) uint8: the resized, cropped image the patch grid is cut from."""
@@ -289,37 +408,38 @@ class ReducedLMM(lmms):
         std = torch.tensor(ip.image_std).view(3, 1, 1)
         return (pixels.float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
 
-    def _relevant(self, chunk: list[Instance]) -> torch.Tensor:
-        """(B, N) bool: each doc's recorded `relevant_patches` (the `oracle` reference's signal)."""
+    def _relevant(self, chunk: list[Request], turn: int = 0) -> torch.Tensor:
+        """(B, N) bool: each doc's recorded `relevant_patches` of turn `turn` (the `oracle` reference's signal; a
+        later turn's are in the doc's `follow_ups`)."""
         mask = torch.zeros(len(chunk), self.runner.layout.num_patches, dtype=torch.bool)
         for b, req in enumerate(chunk):
-            _, _, _, doc_id, task, split = req.args
-            doc = self.task_dict[task][split][doc_id]
+            doc = req.doc(self.task_dict)
+            if turn:
+                doc = (doc.get("follow_ups") or [{}] * turn)[turn - 1]
             if "relevant_patches" not in doc:
-                raise ValueError(f"{self.reducer.name} needs each question's relevant_patches, which {task} does not "
-                                 "record; run it on synth_vqa or synth_scenes")
+                raise ValueError(f"{self.reducer.name} needs each question's relevant_patches, which {req.task} does "
+                                 "not record; run it on synth_vqa, synth_scenes or synth_scenes_followup")
             mask[b, list(doc["relevant_patches"])] = True
         return mask
 
-    def _prepare(self, chunk: list[Instance]) -> tuple[list[str], list]:
+    def _prepare(self, chunk: list[Request]) -> tuple[list[str], list]:
         prompts, images = [], []
         for req in chunk:
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             try:
-                visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+                visuals = req.doc_to_visual(req.doc(self.task_dict))
                 visuals = [v for v in (visuals or []) if v is not None]
                 image = visuals[0].convert("RGB") if len(visuals) == 1 else None
             except Exception as e:  # noqa: BLE001 - PIL, the task's own function or the dataset: each its own type
-                raise DocumentError(task, doc_id, f"its image cannot be read ({type(e).__name__}: "
-                                                  f"{first_line(e)})") from e
+                raise DocumentError(req.task, req.doc_id, f"its image cannot be read ({type(e).__name__}: "
+                                                          f"{first_line(e)})") from e
             if image is None:
-                raise DocumentError(task, doc_id, f"{len(visuals)} images; reduced_vlm evaluates single-image "
-                                                  "prompts only")
+                raise DocumentError(req.task, req.doc_id, f"{len(visuals)} images; reduced_vlm evaluates single-image "
+                                                          "prompts only")
             images.append(image)
-            prompts.append(self.build_prompt(context))
+            prompts.append(self.build_prompt(req.context))
         return prompts, images
 
-    def _inputs(self, chunk: list[Instance], prompts: list[str], images: list) -> dict:
+    def _inputs(self, chunk: list[Request], prompts: list[str], images: list) -> dict:
         """The processor's batch; when it refuses one, the document it refuses is named (`DocumentError`)."""
         try:
             return self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
@@ -328,9 +448,9 @@ class ReducedLMM(lmms):
                 try:
                     self.processor(images=[image], text=[prompt], return_tensors="pt")
                 except Exception as e:  # noqa: BLE001 - the processors raise ValueError or their own types
-                    _, _, _, doc_id, task, _ = req.args
-                    raise DocumentError(task, doc_id, f"the processor refuses its {image.width}x{image.height} "
-                                                      f"image ({type(e).__name__}: {first_line(e)})") from e
+                    raise DocumentError(req.task, req.doc_id, f"the processor refuses its {image.width}x"
+                                                              f"{image.height} image ({type(e).__name__}: "
+                                                              f"{first_line(e)})") from e
             raise
 
     def _gen_settings(self, gen_kwargs: dict) -> dict:
@@ -348,5 +468,37 @@ class ReducedLMM(lmms):
             "(all of gqa, pope, mme, textvqa_val, scienceqa_img, mmbench_en_dev_static generate)"
         )
 
-    def generate_until_multi_round(self, requests):
-        raise NotImplementedError("reduced_vlm does not implement multi-round generation")
+
+@dataclass(frozen=True)
+class Request:
+    """One lmms-eval generation request, by name: `generate_until`'s arguments, or `generate_until_multi_round`'s
+    (which add `doc_to_text`, called for each later round)."""
+
+    context: str
+    gen_kwargs: dict
+    doc_to_visual: Callable
+    doc_to_text: Callable | None
+    doc_id: int
+    task: str
+    split: str
+
+    @classmethod
+    def of(cls, instance: Instance) -> Request:
+        args = instance.args
+        if len(args) == 7:  # multi-round: (context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split)
+            return cls(*args)
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = args
+        return cls(context, gen_kwargs, doc_to_visual, None, doc_id, task, split)
+
+    def doc(self, task_dict: dict) -> dict:
+        return task_dict[self.task][self.split][self.doc_id]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask of token lists, left-padded with `pad_id` to the longest."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask

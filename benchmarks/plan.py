@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig
 
 from benchmarks.defaults import (
+    CONVERSATIONS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUDGET_FRACTIONS,
     DEFAULT_OUTPUT,
@@ -26,7 +27,7 @@ from benchmarks.defaults import (
     controllers,
     default_limit,
 )
-from benchmarks.tasks import RELEVANT_PATCH_TASKS, SYNTH_TASK_DOCS, default_tasks, reference_image
+from benchmarks.tasks import CONVERSATION_TASKS, RELEVANT_PATCH_TASKS, SYNTH_TASK_DOCS, default_tasks, reference_image
 from benchmarks.tasks.standard import TASKS as STANDARD_TASKS
 from benchmarks.tasks.standard import check_task_data
 from flops.analytic import count, model_shape
@@ -46,6 +47,7 @@ class Cell:
     method: str
     budget: Budget  # visual tokens, a fraction of each image's, `auto`, every token (`full`) or the method's own
     seed: int | None = None  # a learned method's controller, by training seed: one cell per trained controller
+    conversation: str | None = None  # a conversation task's: "prune-once" or "re-prune" (`CONVERSATIONS`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", Budget.of(self.budget))  # a count, a fraction, "auto" read as budgets
@@ -53,7 +55,8 @@ class Cell:
     @property
     def name(self) -> str:
         base = f"{self.task}__{self.method}__{self.budget}"
-        return base if self.seed is None else f"{base}__seed{self.seed}"
+        base = base if self.seed is None else f"{base}__seed{self.seed}"
+        return base if self.conversation is None else f"{base}__{self.conversation}"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class RunSpec:
     dtype: str = "auto"
     method_kwargs: tuple[tuple[str, str, object], ...] = ()  # (method, argument, value), from --method-args
     task_data: tuple[tuple[str, Path], ...] = ()  # (task, local dataset copy), from --task-data
+    conversations: tuple[str, ...] = CONVERSATIONS  # the modes a conversation task runs in, one cell each
 
     methods_given: bool = dataclasses.field(init=False, default=False)  # False: the default set (every method)
 
@@ -103,6 +107,9 @@ class RunSpec:
             if method not in self.methods:
                 raise ValueError(f"--method-args names {method}.{arg}, but {method} is not among the methods run")
         check_task_data(self.tasks, self.task_data, self.limit)
+        bad = [c for c in self.conversations if c not in CONVERSATIONS]
+        if bad or not self.conversations:
+            raise ValueError(f"--conversation takes {' and/or '.join(CONVERSATIONS)}, got {list(self.conversations)}")
 
     def data_path(self, task: str) -> Path | None:
         """The local dataset copy given for `task` with --task-data, or None (lmms-eval's own loading)."""
@@ -129,14 +136,15 @@ class RunSpec:
         return list(controllers(self.model, method)) or [None]
 
     def cells(self, num_patches: int | None) -> tuple[list[Cell], list[str]]:
-        """Expand methods x budgets x tasks by the plan rule (`methods.method_budgets`); `num_patches` is every
-        image's visual tokens, None when they vary. Returns the cells and notes for the printed plan. The default
-        budgets are the same shares on every family (`Budget.tokens`: 16, 36 and 48 of 144 tokens), as counts where
-        every image has `num_patches`."""
+        """Expand methods x budgets x tasks (x `conversations` on a conversation task) by the plan rule
+        (`methods.method_budgets`); `num_patches` is every image's visual tokens, None when they vary. Returns the
+        cells and notes for the printed plan. The default budgets are the same shares on every family
+        (`Budget.tokens`: 16, 36 and 48 of 144 tokens), as counts where every image has `num_patches`."""
         default = [Budget.fraction(f, digits=3).at(num_patches) for f in DEFAULT_BUDGET_FRACTIONS]
         budgets = list(self.budgets) or default
         pairs, notes = method_budgets(self.methods, budgets, num_patches, self.kwargs_for)
-        return [Cell(t, m, b, s) for t in self.tasks for m, b in pairs for s in self.controller_seeds(m)], notes
+        return [Cell(t, m, b, s, c) for t in self.tasks for m, b in pairs for s in self.controller_seeds(m)
+                for c in (self.conversations if t in CONVERSATION_TASKS else (None,))], notes
 
 
 @dataclass
@@ -384,7 +392,8 @@ def identify(plan: Plan, spec: RunSpec, tm) -> Identity:
     cells = []
     for cell, reducer in zip(plan.cells, plan.reducers, strict=True):
         task = tasks[cell.task]
-        fp = fingerprint(conditions.key, {"method": cell.method, **reducer.method_args}, task)
+        mode = {} if cell.conversation is None else {"conversation": cell.conversation}
+        fp = fingerprint(conditions.key, {"method": cell.method, **reducer.method_args, **mode}, task)
         cells.append(PlannedCell(cell, reducer, fp, {"run": conditions.key, "task": task}))
     return Identity(conditions, tasks, cells)
 

@@ -23,7 +23,7 @@ from benchmarks.defaults import REPO
 from benchmarks.distributed import World, launched_world_size
 from benchmarks.plan import Cell, RunConditions
 from benchmarks.stats import CI_METHOD, mean_ci
-from flops.analytic import count, kv_cache_bytes, model_shape
+from flops.analytic import conversation_kv_bytes, count, later_turns, model_shape
 from methods import TokenReducer
 from methods.budget import Budget
 
@@ -119,8 +119,9 @@ def cell_times(batches: list[dict]) -> dict:
         values = [b[key] for b in kept if b[key] is not None]
         return round(statistics.median(values), 4) if values else None
 
-    return {f"{k}_median": median(k) for k in ("prefill_ms", "decode_ms_per_token", "reducer_ms")} | {
-        "timed_batches": len(kept)}
+    keys = ("prefill_ms", "decode_ms_per_token", "reducer_ms") + (
+        ("follow_up_prefill_ms",) if any("follow_up_prefill_ms" in b for b in kept) else ())  # a conversation task's
+    return {f"{k}_median": median(k) for k in keys} | {"timed_batches": len(kept)}
 
 
 def peak_rss() -> int:
@@ -157,18 +158,23 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
         rec = traces.get((cell.task, d["doc_id"]), {})
         correct = d.get(primary)
         macs = count(rec, shape) if rec else None
+        later = later_turns(rec, shape) if rec else []
         out = {
             "task": cell.task, "method": cell.method, "budget": cell.budget.record, "controller_seed": cell.seed,
-            "doc_id": d["doc_id"],
+            "conversation": cell.conversation, "doc_id": d["doc_id"],
             "prediction": d["filtered_resps"][0] if d.get("filtered_resps") else None, "target": d.get("target"),
             "correct": float(correct) if isinstance(correct, (int, float)) else None,
             **rec,
             "prefill_gmacs": None if macs is None else round(macs.prefill / 1e9, 6),
             "llm_prefill_gmacs": None if macs is None else round(macs.llm_prefill / 1e9, 6),
             "reducer_gmacs": None if macs is None else round(macs.reducer / 1e9, 6),
-            "total_gmacs": None if macs is None else round(macs.total / 1e9, 6),
-            "kv_cache_mb": None if macs is None else round(kv_cache_bytes(rec, shape, value_bytes) / 2**20, 4),
+            "total_gmacs": None if macs is None else round((macs.total + sum(m.total for m in later)) / 1e9, 6),
+            "kv_cache_mb": None if macs is None else round(conversation_kv_bytes(rec, shape, value_bytes) / 2**20, 4),
         }
+        if "follow_ups" in rec:  # a conversation: its later turns' MACs (in `total_gmacs` too; `prefill_gmacs` is
+            # the first turn's); `kv_cache_mb` is the cache after its last turn
+            out["follow_up_prefill_gmacs"] = round(sum(m.prefill for m in later) / 1e9, 6)
+            out["follow_up_gmacs"] = round(sum(m.total for m in later) / 1e9, 6)
         relevant = (d.get("doc") or {}).get("relevant_patches")
         if relevant is not None and rec:
             whole = range(shape.image_tokens(rec))  # the image's visual tokens (relevant_patches index them)
@@ -176,6 +182,12 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
             hit = len(kept & set(relevant))
             out["relevant_precision"] = round(hit / len(kept), 4) if kept else None
             out["relevant_recall"] = round(hit / len(relevant), 4) if relevant else None
+        ups = (d.get("doc") or {}).get("follow_ups") or []
+        if ups and rec.get("follow_ups"):  # the second question's patches among those its turn saw
+            seen = rec["follow_ups"][0] if "kept_indices" in rec["follow_ups"][0] else rec  # re-prune: its own
+            kept = set(range(shape.image_tokens(rec))) if seen["kept_indices"] is None else set(seen["kept_indices"])
+            relevant = set(ups[0]["relevant_patches"])
+            out["relevant_recall_turn2"] = round(len(kept & relevant) / len(relevant), 4) if relevant else None
         samples.append(out)
     return samples
 
@@ -206,7 +218,7 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
     visual = [s["visual_tokens"] for s in samples if "visual_tokens" in s]
     common = {
         "task": cell.task, "method": cell.method, "budget": cell.budget.record, "controller_seed": cell.seed,
-        "budget_tokens": budget_tokens(cell.budget, _mean(visual)),
+        "conversation": cell.conversation, "budget_tokens": budget_tokens(cell.budget, _mean(visual)),
         "visual_tokens_mean": _mean(visual), "visual_tokens_max": max(visual) if visual else None,
         "visual_tokens_layer_mean": _mean([sum(v) / len(v) for s in samples
                                            if (v := s.get("visual_tokens_per_layer"))]),
@@ -217,6 +229,10 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
         **{f"{k}_tflops_mean": mean_of(f"{k}_gmacs", 2e-3, 6) for k in ("prefill", "llm_prefill", "reducer", "total")},
         "relevant_precision_mean": mean_of("relevant_precision", digits=4),
         "relevant_recall_mean": mean_of("relevant_recall", digits=4),
+        **({"follow_up_prefill_tflops_mean": mean_of("follow_up_prefill_gmacs", 2e-3, 6),
+            "follow_up_tflops_mean": mean_of("follow_up_gmacs", 2e-3, 6),
+            "relevant_recall_turn2_mean": mean_of("relevant_recall_turn2", digits=4)}
+           if cell.conversation else {}),
         "wall_s": round(wall, 3), "samples_per_s": round(len(samples) / wall, 3) if wall > 0 else None,
         "method_args": json.dumps(reducer.method_args, sort_keys=True),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

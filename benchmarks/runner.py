@@ -175,7 +175,7 @@ def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, ve
                 def samples_done(n: int, total: int, c: Cell = cell) -> None:
                     bar.set_postfix_str(f"{c.task} {c.method} {c.budget}: {n}/{total} samples")
 
-                with lm.cell(p.reducer, recorder, samples_done):
+                with lm.cell(p.reducer, recorder, samples_done, cell.conversation):
                     evaluated = evaluate_cell(lm, cell, spec, tm, verbose)
                 recorder.peak_bytes = evaluated.peak_bytes
                 records = recorder.take(world)  # every process's records, on rank 0

@@ -92,13 +92,16 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
       `llm`: FastV, DART, PyramidDrop, SparseVLM) at the same mean prefill FLOPs. The in-LLM method's curve over its
       numeric budgets is interpolated linearly in mean prefill MACs, per question (its two neighbouring cells'
       scores weighted, so the difference is still paired); `reference_budget` is the interpolated budget. A cell
-      outside that curve's range of FLOPs gets no row (no extrapolation).
+      outside that curve's range of FLOPs gets no row (no extrapolation);
+    * `re-prune`: on a conversation task, a method's prune-once cell against its own re-prune cell (what pruning
+      once, for the first question, costs the later ones).
 
-    A learned method with controllers of several training seeds is compared by its mean over seeds per question (then
-    not 0/1: the paired bootstrap interval decides); so is an interpolated reference. Differences are in points
-    (x 100): tasks whose primary scores are not all in [0, 1] get no comparison. `registry` (default the catalogue,
-    `benchmarks.defaults.catalogue`) says which names are learned, in-LLM, see the question or are reference rows;
-    others are none."""
+    A conversation task's cells of each mode (`conversation`) are compared apart, each mode's against its own `full`;
+    its primary metric is its last turn's. A learned method with controllers of several training seeds is compared by
+    its mean over seeds per question (then not 0/1: the paired bootstrap interval decides); so is an interpolated
+    reference. Differences are in points (x 100): tasks whose primary scores are not all in [0, 1] get no comparison.
+    `registry` (default the catalogue, `benchmarks.defaults.catalogue`) says which names are learned, in-LLM, see the
+    question or are reference rows; others are none."""
     registry = catalogue() if registry is None else registry
     learned = {m for m, e in registry.items() if e.get("learned")}
     aware = {m for m, e in registry.items() if e.get("question")}
@@ -108,7 +111,7 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
     gmacs: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for s in samples:
         if isinstance(s.get("correct"), (int, float)):
-            key = (s["task"], s["method"], str(s["budget"]))
+            key = (_task_key(s), s["method"], str(s["budget"]))
             per_seed[key][s["doc_id"]].append(float(s["correct"]))
             if isinstance(s.get("prefill_gmacs"), (int, float)):
                 gmacs[key].append(float(s["prefill_gmacs"]))
@@ -120,8 +123,10 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
     out = []
 
     def add(task, budget, method, mine, kind, name, theirs, reference_budget):
-        out.append({"task": task, "budget": budget, "method": method, "reference": name, "reference_kind": kind,
-                    "reference_budget": reference_budget, **_scaled(paired_difference(*_paired(mine, theirs)))})
+        task, _, mode = task.partition(MODE_MARK)
+        out.append({"task": task, "conversation": mode or None, "budget": budget, "method": method, "reference": name,
+                    "reference_kind": kind, "reference_budget": reference_budget,
+                    **_scaled(paired_difference(*_paired(mine, theirs)))})
 
     for task in sorted(fractions):
         full = next(((b, v) for (t, m, b), v in scores.items() if t == task and m == REFERENCE), None)
@@ -148,6 +153,9 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
                         add(task, budget, method, mine, "best training-free", static[0], cells[static[0]], budget)
                     for other in sorted(m for m in others if m in learned and m > method):
                         add(task, budget, method, mine, "learned", other, cells[other], budget)
+                again = task.replace(f"{MODE_MARK}prune-once", f"{MODE_MARK}re-prune")
+                if again != task and (again, method, budget) in scores:  # a conversation: the same method re-pruned
+                    add(task, budget, method, mine, "re-prune", method, scores[(again, method, budget)], budget)
                 x = cost.get((task, method, budget))
                 if method in in_llm or method in not_methods or x is None:
                     continue
@@ -156,6 +164,14 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
                     if at is not None:
                         add(task, budget, method, mine, "equal prefill FLOPs", r, at[1], f"{at[0]:.1f}")
     return out
+
+
+MODE_MARK = "\x1f"  # joins a conversation task's name and its mode in the comparisons' grouping key
+
+
+def _task_key(s: dict) -> str:
+    """A sample's task as the comparisons group it: a conversation task's cells of each mode apart."""
+    return s["task"] if not s.get("conversation") else f"{s['task']}{MODE_MARK}{s['conversation']}"
 
 
 def _curve(task: str, method: str, scores: dict, cost: dict) -> list[tuple[float, float, dict[int, float]]]:

@@ -31,19 +31,19 @@ from benchmarks.stats import comparisons
 from methods.budget import Budget
 
 SUMMARY_COLUMNS = [
-    "task", "method", "budget", "budget_tokens", "controller_seed", "metric", "value", "ci95_low", "ci95_high",
-    "primary", "n",
+    "task", "method", "budget", "budget_tokens", "controller_seed", "conversation", "metric", "value", "ci95_low",
+    "ci95_high", "primary", "n",
     "visual_tokens_mean", "visual_tokens_max", "visual_tokens_layer_mean",
     "llm_prefill_tokens_mean", "generated_tokens_mean", "kv_cache_mb_mean", "prefill_tflops_mean",
     "llm_prefill_tflops_mean", "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean",
-    "relevant_recall_mean",
-    "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
-    "wall_s", "samples_per_s", "model", "method_args", "cell_id",
+    "relevant_recall_mean", "follow_up_prefill_tflops_mean", "follow_up_tflops_mean", "relevant_recall_turn2_mean",
+    "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "follow_up_prefill_ms_median",
+    "timed_batches", "peak_memory_mb", "wall_s", "samples_per_s", "model", "method_args", "cell_id",
     "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
     "lmms_eval_version", "time_utc", "ci_method",
 ]
-COMPARISON_COLUMNS = ["task", "budget", "method", "reference", "reference_kind", "reference_budget", "n_paired",
-                      "difference_pts", "difference_ci95_low_pts", "difference_ci95_high_pts", "mcnemar_p",
+COMPARISON_COLUMNS = ["task", "conversation", "budget", "method", "reference", "reference_kind", "reference_budget",
+                      "n_paired", "difference_pts", "difference_ci95_low_pts", "difference_ci95_high_pts", "mcnemar_p",
                       "significant"]
 
 

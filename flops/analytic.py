@@ -224,15 +224,43 @@ def count(record: dict, s: ModelShape | QwenShape) -> MacReport:
                      llm_prefill=prefill, lm_head_prefill=head, decode=steps * per_step_fixed + attention)
 
 
-def follow_up(record: dict, s: LLMShape, tokens: int, generated: int) -> MacReport:
-    """MACs of one sample's follow-up turn on the cache its first turn left (`methods._llm.LLMSide.ask_again`): its
-    `tokens` (T, the last answer token included) prefilled over every cached key of each layer, then `generated`
-    tokens answered. `record` is the first turn's (`llm_tokens_per_layer`, `generated_tokens`); vision, reducer and
-    projector do not run again (0)."""
+def follow_up(record: dict, s: LLMShape, tokens: int, generated: int,
+              before: tuple[tuple[int, int], ...] = ()) -> MacReport:
+    """MACs of one sample's follow-up turn on the cache its earlier turns left (`methods._llm.LLMSide.ask_again`):
+    its `tokens` (T, the last answer token included) prefilled over every cached key of each layer, then `generated`
+    tokens answered. `record` is the first turn's (`llm_tokens_per_layer`, `generated_tokens`); `before`, the (T, G)
+    of follow-ups asked before this one on the same cache (each left T + G - 1 more keys per layer); vision, reducer
+    and projector do not run again (0)."""
     d, head = s.width, s.width * s.vocab
-    cached = [c + max((record.get("generated_tokens") or 1) - 1, 0) for c in record["llm_tokens_per_layer"]]
+    earlier = max((record.get("generated_tokens") or 1) - 1, 0) + sum(t + max(g - 1, 0) for t, g in before)
+    cached = [c + earlier for c in record["llm_tokens_per_layer"]]
     prefill = sum(tokens * llm_layer_weights(s) + 2 * tokens * (c + tokens) * d for c in cached)
     steps = max(generated - 1, 0)
     attention = sum(2 * d * (c + tokens + i) for c in cached for i in range(1, steps + 1))
     return MacReport(vision=0, reducer=0, projector=0, llm_prefill=prefill, lm_head_prefill=head,
                      decode=steps * (s.layers * llm_layer_weights(s) + head) + attention)
+
+
+def later_turns(record: dict, s: ModelShape | QwenShape) -> list[MacReport]:
+    """MACs of each later turn of a conversation (a record's `follow_ups`, as `benchmarks.lmms_model` writes them):
+    a turn asked on the cache (prune once: its `tokens` and `generated_tokens`) as `follow_up` prices it after the
+    turns before it; a turn prefilled again from the full image (re-prune: a whole token trace) as `count` does."""
+    out, asked = [], []
+    for turn in record.get("follow_ups") or []:
+        if "llm_tokens_per_layer" in turn:
+            out.append(count(turn, s))
+        else:
+            out.append(follow_up(record, s, turn["tokens"], turn["generated_tokens"], tuple(asked)))
+            asked.append((turn["tokens"], turn["generated_tokens"]))
+    return out
+
+
+def conversation_kv_bytes(record: dict, s: LLMShape, bytes_per_value: int) -> int:
+    """Bytes of one sample's KV cache after its last turn: the first turn's cache grown by every turn asked on it
+    (`kv_cache_bytes` with `follow_ups`), or, when the last turn was prefilled again (re-prune), that prefill's."""
+    turns = record.get("follow_ups") or []
+    if turns and "llm_tokens_per_layer" in turns[-1]:
+        return kv_cache_bytes(turns[-1], s, bytes_per_value)
+    return kv_cache_bytes(record, s, bytes_per_value,
+                          follow_ups=tuple((t["tokens"], t["generated_tokens"]) for t in turns))
+

@@ -32,6 +32,7 @@ class Family:
         layout: config -> the family's geometry (`LlavaLayout`, `QwenLayout`).
         load: (path, device, dtype) -> (model, processor), from a local folder.
         prompt: (processor, text) -> the prompt for one image and `text`.
+        follow_up: (processor, text) -> what follows an answer up to the next one, for a next question `text`.
         runner: (model, reducer) -> the adapter that runs them (`generate`, `prefill`).
         check_reducer: (reducer, layout) -> None, or a one-line error when the method cannot run on this model.
         inputs: the processor outputs the adapter's `generate` takes, in order.
@@ -46,6 +47,7 @@ class Family:
     layout: Callable
     load: Callable
     prompt: Callable
+    follow_up: Callable
     runner: Callable
     check_reducer: Callable[[TokenReducer, object], None]
     inputs: tuple[str, ...]
@@ -68,10 +70,12 @@ class Family:
 
 
 LLAVA = Family(name="LLaVA-1.5", model_type="llava", layout=LlavaLayout.from_config, load=llava.load_llava,
-               prompt=llava.llava_prompt, runner=llava.ReducedLlava, check_reducer=llava.check_reducer,
+               prompt=llava.llava_prompt, follow_up=llava.llava_follow_up, runner=llava.ReducedLlava,
+               check_reducer=llava.check_reducer,
                inputs=("input_ids", "attention_mask", "pixel_values"), fixed_tokens=True)
 QWEN = Family(name="Qwen2.5-VL", model_type="qwen2_5_vl", layout=QwenLayout.from_config, load=qwen.load_qwen,
-              prompt=qwen.qwen_prompt, runner=qwen.ReducedQwen, check_reducer=qwen.check_reducer,
+              prompt=qwen.qwen_prompt, follow_up=qwen.qwen_follow_up, runner=qwen.ReducedQwen,
+              check_reducer=qwen.check_reducer,
               inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False)
 FAMILIES = {f.model_type: f for f in (LLAVA, QWEN)}
 assert {k: f.name for k, f in FAMILIES.items()} == MODEL_TYPES  # the torch-free copy the command lines read

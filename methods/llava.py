@@ -54,7 +54,7 @@ from methods import signals
 from methods._llm import LLM_PROVIDERS, DecodeState, ImageSide, LLMSide, ReducerLog, Seq
 from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Reduced, Site, TokenReducer, Tokens
-from methods.loading import load_pretrained
+from methods.loading import load_pretrained, template_follow_up
 from methods.signals import Dims, Provides, provide, signal_macs, tokens_fields
 from methods.trace import Generation, LlavaLayout
 
@@ -69,6 +69,15 @@ def llava_prompt(processor, text: str) -> str:
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(conv, add_generation_prompt=True)
     return f"USER: <image>\n{text} ASSISTANT:"
+
+
+def llava_follow_up(processor, text: str) -> str:
+    """What follows an answer in LLaVA-1.5's chat format up to the next answer, for a next question `text`: the chat
+    template's (llava-hf's: ` USER: {text} ASSISTANT:`), else LLaVA's own conversation format's
+    `</s>USER: {text} ASSISTANT:`."""
+    text = text.replace("<image>", "").lstrip("\n")
+    found = template_follow_up(processor, text)
+    return f"</s>USER: {text} ASSISTANT:" if found is None else found
 
 
 def load_llava(path: str | Path, device: str = "cpu", dtype: str = "auto"):

@@ -24,6 +24,21 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+ANSWER_MARK = "\x1eANSWER\x1e"  # stands for an answer while a chat template renders a conversation
+
+
+def template_follow_up(processor, text: str) -> str | None:
+    """What the checkpoint's chat template puts after an assistant answer up to the next answer, for a next user turn
+    holding `text` only (the end of the answer's turn, the user turn, the generation prompt); None when the
+    processor has no chat template."""
+    if not getattr(processor, "chat_template", None):
+        return None
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": ANSWER_MARK}]},
+            {"role": "user", "content": [{"type": "text", "text": text}]}]
+    return processor.apply_chat_template(conv, add_generation_prompt=True).split(ANSWER_MARK, 1)[1]
+
+
 def check_processor_files(path: Path) -> None:
     """Raise FileNotFoundError unless the checkpoint folder holds an image-processor config and a tokenizer."""
     for names in PROCESSOR_FILES:

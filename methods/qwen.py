@@ -44,7 +44,7 @@ from methods._llm import LLM_PROVIDERS, DecodeState, ImageSide, LLMSide, Reducer
 from methods._ops import gather_tokens, pack_true, pixel_key, running_index
 from methods.base import Site, TokenReducer, Tokens
 from methods.budget import Budget
-from methods.loading import load_pretrained
+from methods.loading import load_pretrained, template_follow_up
 from methods.signals import Provides, provide, tokens_fields
 from methods.trace import Generation, QwenLayout
 
@@ -60,6 +60,15 @@ def qwen_prompt(processor, text: str) -> str:
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(conv, add_generation_prompt=True)
     return QWEN_TURN.format(text=text)
+
+
+def qwen_follow_up(processor, text: str) -> str:
+    """What follows an answer in Qwen2.5-VL-Instruct's chat format up to the next answer, for a next question `text`
+    (the end of the assistant turn, the user turn, the generation prompt), through the chat template when there is
+    one."""
+    text = text.replace("<image>", "").lstrip("\n")
+    found = template_follow_up(processor, text)
+    return f"<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n" if found is None else found
 
 
 def load_qwen(path: str | Path, device: str = "cpu", dtype: str = "auto"):

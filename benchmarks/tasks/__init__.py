@@ -13,7 +13,9 @@ from benchmarks.defaults import is_smoke_model
 SYNTH_TASKS = Path(__file__).resolve().parent / "synthetic" / "tasks"  # our task YAMLs (an lmms-eval include path)
 SMOKE_TASKS = ("synth_vqa", "synth_scenes")  # the LLaVA smoke model's tasks (trained on both), its sweep's default
 OTHER_TASKS = ("synth_vqa",)  # any other model's default (the Qwen2.5-VL smoke model knows this task only)
-SYNTH_TASK_DOCS = {"synth_vqa": 1000, "synth_scenes": 1000}  # questions in each synthetic task's test split
+# documents in each synthetic task's test split (a conversation task's document is one conversation)
+SYNTH_TASK_DOCS = {"synth_vqa": 1000, "synth_scenes": 1000, "synth_scenes_followup": 1000}
+CONVERSATION_TASKS = ("synth_scenes_followup",)  # multi-round: each doc a conversation of several questions
 SYNTH_IMAGE_SIZE = 96  # side of the synthetic tasks' square images, in pixels
 RELEVANT_PATCH_TASKS = tuple(SYNTH_TASK_DOCS)  # tasks whose docs record each question's relevant_patches (`oracle`)
 

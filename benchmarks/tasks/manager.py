@@ -8,8 +8,9 @@ from pathlib import Path
 
 from lmms_eval.tasks import TaskManager
 
-from benchmarks.tasks import SMOKE_TASKS, SYNTH_TASKS
+from benchmarks.tasks import SYNTH_TASK_DOCS, SYNTH_TASKS
 from benchmarks.tasks.standard import package_dirs
+from benchmarks.tasks.synthetic.followup import SYNTH_SCENES_FOLLOWUP
 from benchmarks.tasks.synthetic.generate import SYNTH_VQA, ensure_test_data
 from benchmarks.tasks.synthetic.scenes import SYNTH_SCENES
 from methods.cli import first_line
@@ -35,11 +36,12 @@ def task_manager(tasks: tuple[str, ...], include_paths: tuple[Path, ...] = ()) -
     if unknown:
         hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=3) for t in unknown}
         msg = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
-        raise KeyError(f"unknown task {msg}. Our tasks: {', '.join(SMOKE_TASKS)}; `run_bench.py --list` lists them")
+        raise KeyError(f"unknown task {msg}. Our tasks: {', '.join(SYNTH_TASK_DOCS)}; `run_bench.py --list` lists them")
     return tm
 
 
-SYNTH_GENERATORS = {"synth_vqa": SYNTH_VQA, "synth_scenes": SYNTH_SCENES}
+SYNTH_GENERATORS = {"synth_vqa": SYNTH_VQA, "synth_scenes": SYNTH_SCENES,
+                    "synth_scenes_followup": SYNTH_SCENES_FOLLOWUP}
 
 
 def ensure_task_data(tasks: tuple[str, ...]) -> None:

@@ -107,6 +107,7 @@ class Sample:
     answer: str
     qtype: str
     relevant_patches: list[int]
+    follow_ups: list[dict] | None = None  # later turns on the same image: {question, answer, qtype, relevant_patches}
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,8 @@ def make_samples(split: str, n: int, seed: int | None = None, gen: Generator | N
 
     Returns:
         Records with ``doc_id``, ``id``, ``image`` (``{"bytes": PNG, "path": None}``), ``question``, ``answer``,
-        ``qtype``, ``relevant_patches`` and ``objects`` (JSON list of {shape, color, x, y, r}).
+        ``qtype``, ``relevant_patches`` and ``objects`` (JSON list of {shape, color, x, y, r}); a conversation
+        task's (`Sample.follow_ups`) also ``follow_ups``.
     """
     gen = gen or SYNTH_VQA
     if seed is None:
@@ -343,7 +345,7 @@ def make_samples(split: str, n: int, seed: int | None = None, gen: Generator | N
             "qtype": s.qtype,
             "relevant_patches": s.relevant_patches,
             "objects": json.dumps([asdict(o) for o in s.objects]),
-        })
+        } | ({} if s.follow_ups is None else {"follow_ups": s.follow_ups}))
     return records
 
 
@@ -371,6 +373,10 @@ def write_split(path: str | Path, split: str, n: int, seed: int | None = None, g
         "objects": datasets.Value("string"),
     })
     records = make_samples(split, n, seed, gen)
+    if records and "follow_ups" in records[0]:  # a conversation task's later turns
+        features["follow_ups"] = datasets.List({"question": datasets.Value("string"),
+                                                "answer": datasets.Value("string"), "qtype": datasets.Value("string"),
+                                                "relevant_patches": datasets.List(datasets.Value("int32"))})
     columns = {k: [r[k] for r in records] for k in features}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -245,7 +245,8 @@ def _main(args: argparse.Namespace) -> int:
         print(plan_table(costs))
         total = [c["gflops_per_sample"] * c["samples"] for c in costs if c["gflops_per_sample"] and c["samples"]]
         print(wrap(f"estimated prefill cost: {sum(total) / 1e3:.4g} TFLOPs in all (FLOPs counter, assuming "
-                   f"{DRY_RUN_TEXT_TOKENS} text tokens per prompt; decoding adds a few percent for short answers)"))
+                   f"{DRY_RUN_TEXT_TOKENS} text tokens per prompt; decoding adds a few percent for short answers; a "
+                   "conversation's later turns are not priced here)"))
         return 0
     import torch
 

@@ -150,12 +150,13 @@ def _difference(c: dict, unit: bool = True) -> str:
 
 
 def plan_table(plan: list[dict]) -> str:
-    """A dry run's cells with their estimated cost: [{task, method, budget, samples, gflops_per_sample}]."""
+    """A dry run's cells with their estimated cost: [{task, method, budget, samples, gflops_per_sample}] (a
+    conversation task's cells also `conversation`: priced by their first turn)."""
     table = []
     for p in plan:
         per = p["gflops_per_sample"]
         total = None if per is None or p["samples"] is None else per * p["samples"] / 1e3
-        table.append([p["task"], p["method"], p["budget"], "?" if p["samples"] is None else p["samples"],
+        table.append([_task(p), p["method"], p["budget"], "?" if p["samples"] is None else p["samples"],
                       "-" if per is None else f"{per:.4g}", "?" if total is None else f"{total:.4g}"])
     headers = ["task", "method", "budget", "samples", "prefill GFLOPs per sample", "prefill TFLOPs per cell"]
     return tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True,

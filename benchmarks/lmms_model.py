@@ -17,8 +17,11 @@ Usable three ways:
 
 Prompts follow the family's: the checkpoint's chat template renders a user turn holding the image and the task's
 text (LLaVA-1.5: `USER: <image>\\n{text} ASSISTANT:`; Qwen2.5-VL-Instruct: its system turn, then the image span and
-the text in the user turn); decoding is greedy with the KV cache. Per-sample token traces, batch times
-and a few model-input images go to the model's `recorder` (`benchmarks.records.Recorder`, set by the runner), keyed
+the text in the user turn); decoding is greedy with the KV cache. Multi-round tasks (lmms-eval's
+`generate_until_multi_round`, e.g. `synth_scenes_followup`) are conversations about one image: each later question is
+answered in the `conversation` mode, "prune-once" (on the cache, `methods._llm.LLMSide.ask_again`) or "re-prune"
+(the whole conversation prefilled again). Per-sample token traces, batch times and a few model-input images go to the
+model's `recorder` (`benchmarks.records.Recorder`, set by the runner), keyed
 by (task, doc_id), for the runner to join with lmms-eval's sample logs.
 """
 
@@ -156,6 +159,7 @@ class ReducedLMM(lmms):
         **method_args,
     ) -> None:
         super().__init__()
+        self.conversation = check_conversation(conversation)  # before the model loads, as every bad argument
         found = controllers(Path(pretrained), method) if get_reducer_class(method).needs_checkpoint else {}
         if found and "checkpoint" not in method_args:  # the lowest training seed's (seed0 when trained here)
             method_args["checkpoint"] = str(next(iter(found.values())))
@@ -177,7 +181,6 @@ class ReducedLMM(lmms):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
-        self.conversation = check_conversation(conversation)
         self.recorder = Recorder()  # what samples and batches record beyond lmms-eval's logs; the runner's per cell
         self._warned_sampling = False
         self.progress: Callable[[int, int], None] | None = None  # (done, total) after each batch; None: own bar

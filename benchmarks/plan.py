@@ -255,8 +255,8 @@ def plan_costs(plan: Plan, spec: RunSpec, text_tokens: int) -> list[dict]:
         if not getattr(reducer, "auto", False):  # an 'auto' count depends on the image
             rec = shape_record(plan.config, reducer, text_tokens, image_grid=plan.reference_grid)
             per = 2 * count(rec, shape).prefill / 1e9
-        out.append({"task": cell.task, "method": cell.method, "budget": cell.budget,
-                    "samples": task_docs(cell.task, spec.limit), "gflops_per_sample": per})
+        out.append({"task": cell.task, "conversation": cell.conversation, "method": cell.method,
+                    "budget": cell.budget, "samples": task_docs(cell.task, spec.limit), "gflops_per_sample": per})
     return out
 
 

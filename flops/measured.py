@@ -18,6 +18,7 @@ counter; no command of the harness needs it.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -72,9 +73,17 @@ def fvcore_prefill_macs(runner, *inputs: Tensor) -> int:
     Raises:
         UncountedOpError: fvcore met a matmul-like op with no handle.
     """
+    return _fvcore_total(_Prefill(runner).eval(), inputs)
+
+
+def _fvcore_total(wrapper: torch.nn.Module, inputs: tuple) -> int:
+    """fvcore's MACs of `wrapper(*inputs)`, with this project's handles (SDPA counted, norms left out).
+
+    Raises:
+        UncountedOpError: fvcore met a matmul-like op with no handle.
+    """
     from fvcore.nn import FlopCountAnalysis  # noqa: PLC0415 - fvcore is a test-only dependency
 
-    wrapper = _Prefill(runner).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # jit deprecation and tracer warnings about data-dependent shapes
         fa = FlopCountAnalysis(wrapper, inputs)
@@ -89,6 +98,25 @@ def fvcore_prefill_macs(runner, *inputs: Tensor) -> int:
         raise UncountedOpError(f"fvcore has no FLOP handle for {missed}; add one with set_op_handle or the count "
                                "misses real work")
     return int(total)
+
+
+class _FollowUp(torch.nn.Module):
+    """A follow-up turn's prefill on a copy of a conversation's decoding state, as a module fvcore can trace."""
+
+    def __init__(self, runner, state) -> None:
+        super().__init__()
+        self.runner, self.state = runner, state
+        self.model = runner.model  # registered: the trace sees its weights
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.runner._extend(copy.deepcopy(self.state), ids, mask.bool())  # noqa: SLF001 - the prefill alone
+
+
+def fvcore_follow_up_macs(runner, state, ids: Tensor, mask: Tensor) -> int:
+    """MACs of a follow-up turn's prefill (`ids`, `mask` (B, T), left-padded) on the cache `state` holds (a
+    `Generation.state` kept by `generate(..., keep_state=True)`; left as it was) as fvcore counts them: the chunk
+    through every layer over the cached keys, then lm_head on its last position."""
+    return _fvcore_total(_FollowUp(runner, state).eval(), (ids, mask))
 
 
 def _matmul_like(op: str) -> bool:

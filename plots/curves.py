@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from plots.data import Results  # noqa: E402
+from plots.data import Results, file_part  # noqa: E402
 
 REFERENCE = "full"
 UPPER = "oracle"  # a reference row, not a method: drawn apart, never on the frontier
@@ -172,7 +172,12 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
         df = res.main_rows(task)
         colour = colours(res.summary["method"])
         y = 100 * df["value"]
-        axes = [("flops", *flops_axis(df)), ("latency", df.get("prefill_ms_median"), "ms")]
+        turns = "follow_up_prefill_tflops_mean" in df.columns and df["follow_up_prefill_tflops_mean"].notna().all()
+        if turns:  # a conversation: every turn's prefill (re-prune's second prefill included) and its time
+            df = df.assign(conversation_tflops=df["prefill_tflops_mean"] + df["follow_up_prefill_tflops_mean"],
+                           conversation_ms=df["prefill_ms_median"] + df.get("follow_up_prefill_ms_median", 0))
+        axes = [("flops", *flops_axis(df, "conversation_tflops" if turns else "prefill_tflops_mean")),
+                ("latency", df.get("conversation_ms" if turns else "prefill_ms_median"), "ms")]
         for kind, x, unit in axes:
             if x is None or x.isna().all():
                 continue
@@ -181,6 +186,7 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
             _draw(ax, df[keep], x[keep], y[keep], colour)
             what = f"prefill {unit} per sample (vision + reducer + projector + LLM prefill)" if kind == "flops" \
                 else "measured prefill latency per sample (ms, median over batches)"
+            what = what.replace("per sample", "per conversation, every turn's prefill" if turns else "per sample")
             ax.set_xlabel(what)
             ax.set_ylabel(f"{metric} (%)")
             labels = "budgets: shares of each image's tokens" if (df["budget_tokens"] < 1).any() else "visual tokens"
@@ -188,7 +194,7 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
                          fontsize=10)
             _footer(fig, df)
             fig.tight_layout(rect=(0, 0.03, 1, 1))
-            written.append(save(fig, out / f"accuracy_vs_{kind}_{task}.png"))
+            written.append(save(fig, out / f"accuracy_vs_{kind}_{file_part(task)}.png"))
     return written
 
 
@@ -244,7 +250,7 @@ def tokens_per_layer(res: Results, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the data
         fig.tight_layout()
-        written.append(save(fig, out / f"tokens_per_layer_{task}.png"))
+        written.append(save(fig, out / f"tokens_per_layer_{file_part(task)}.png"))
     return written
 
 
@@ -292,5 +298,5 @@ def question_families(res: Results, out: Path) -> list[Path]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the data
         _footer(fig, df)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
-        written.append(save(fig, out / f"accuracy_vs_flops_by_question_{task}.png"))
+        written.append(save(fig, out / f"accuracy_vs_flops_by_question_{file_part(task)}.png"))
     return written

@@ -72,6 +72,17 @@ class Results:
         return df if task is None else df[df["task"] == task]
 
 
+def shown_task(task: str, conversation: object = None) -> str:
+    """A task as tables and figures name it: a conversation task's with its mode, `synth_scenes_followup (re-prune)`
+    (as the console shows it)."""
+    return f"{task} ({conversation})" if isinstance(conversation, str) and conversation else task
+
+
+def file_part(task: str) -> str:
+    """A shown task as part of a file name: `synth_scenes_followup.re-prune`."""
+    return task.replace(" (", ".").replace(")", "")
+
+
 def load(dirs: list[Path]) -> Results:
     """Read and combine results directories. Raises ResultsError for an empty or foreign directory."""
     frames = []
@@ -109,6 +120,8 @@ def load(dirs: list[Path]) -> Results:
         if col not in df.columns:
             df[col] = float("nan")
     df["budget"] = df["budget"].astype(str)
+    if "conversation" in df.columns:  # a conversation task's modes are tasks of their own in every figure and table
+        df["task"] = [shown_task(t, c) for t, c in zip(df["task"], df["conversation"], strict=True)]
     df = (df.sort_values("time_utc", kind="stable")
             .drop_duplicates(["task", "method", "method_args", "budget", "metric"], keep="last"))
     df = over_seeds(df)
@@ -137,7 +150,7 @@ def _read_samples(path: Path, res: Results) -> None:
         for number, line in enumerate(f, 1):
             try:
                 s = json.loads(line)
-                key = (s["task"], s["method"], str(s["budget"]))
+                key = (shown_task(s["task"], s.get("conversation")), s["method"], str(s["budget"]))
                 per_layer = [float(v) for v in s.get("visual_tokens_per_layer") or []]
                 doc_id = s.get("doc_id")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
@@ -151,8 +164,8 @@ def _read_samples(path: Path, res: Results) -> None:
                     for i, v in enumerate(per_layer):
                         acc[i] += v
                     counts[key] += 1
-            if (s["task"], doc_id) in res.pictures:
-                res.kept[(*key, doc_id)] = s.get("kept_indices")
+            if (s["task"], doc_id) in res.pictures and s.get("conversation") != "re-prune":  # turn 1's selection,
+                res.kept[(s["task"], *key[1:], doc_id)] = s.get("kept_indices")  # the same in both modes
     res.layers.update({k: [v / counts[k] for v in acc] for k, acc in sums.items() if counts[k]})
     if skipped:
         print(f"warning: {path}: {len(skipped)} line(s) are not sample records (line {', '.join(map(str, skipped[:5]))}"
@@ -193,7 +206,10 @@ def _read_comparisons(dirs: list[Path]) -> pd.DataFrame:
             print(f"warning: {path} is not a comparisons table: skipped; rerun run_bench.py --output {d}",
                   file=sys.stderr)
     frames = [f for f in frames if f is not None and not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if "conversation" in df.columns:  # as the summary's tasks (`load`)
+        df["task"] = [shown_task(t, c) for t, c in zip(df["task"], df["conversation"], strict=True)]
+    return df
 
 
 def _read_pictures(folder: Path, res: Results) -> None:

@@ -278,7 +278,9 @@ class ReducedLMM(lmms):
         image, the reducer running on it. Both see the same tokens: the prompt, each answer as generated (its end-of-
         sequence token left out) and the chat format's text between turns (`Family.follow_up`). Returns each
         conversation's results as the task returned them when it ended (lmms-eval passes them to
-        `process_results`)."""
+        `process_results`). Each later round's text is read as the next user turn's question, not as a whole new
+        context (lmms-eval's own clients rebuild the prompt from it): a task whose later texts repeat the conversation
+        would repeat it here."""
         results: list[list[str] | None] = [None] * len(requests)
         for idx, chunk, gen in self._batches(requests):
             for j, res in enumerate(self._converse(chunk, gen)):

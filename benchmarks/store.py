@@ -151,7 +151,8 @@ class ResultStore:
                 moved = self.supersede(run, tasks)
                 if moved:
                     notes.append(f"{moved} cells in {self.root} were computed under other conditions (model files, "
-                                 "dtype, device, --limit, --seed or the task's files): moved to cells/superseded/")
+                                 "dtype, device, --limit, --seed or the task's files): moved to cells/superseded/, "
+                                 f"where a run under their conditions takes them back ({self.superseded_size()})")
                 if notes:
                     self.rebuild()
             world.barrier()
@@ -164,6 +165,10 @@ class ResultStore:
             self.release()
 
     def _take_lock(self) -> None:
+        """Hold OUTPUT/.lock (an exclusive, non-blocking flock) and write who holds it there, for a second run's
+        message. Hand-written rather than filelock's on purpose: filelock 4.2 (the version lmms-eval allows) keeps
+        in-process bookkeeping per path, and a second FileLock on a held path in the same process did not refuse once
+        other tests had run in it, while a second flock on its own descriptor always does, as another process's."""
         f = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open until release() or the process ends
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -210,6 +215,27 @@ class ResultStore:
     def done(self, cell: Cell, fingerprint: str) -> bool:
         """True when the cell's file is there and readable (an unreadable one is set aside by `set_aside`)."""
         return self.path(cell, fingerprint).is_file() and self._memo(self.path(cell, fingerprint))[0] is not None
+
+    def take_back(self, cells: list[tuple[Cell, str]]) -> int:
+        """Move back from cells/superseded/ every (cell, fingerprint) of `cells` stored there and not in cells/ (a
+        cell is kept by its identity: a quick `--limit` check, or a dtype changed and changed back, costs no finished
+        cell); the cell's file of another fingerprint, if any, takes its place there. Returns how many came back."""
+        back = 0
+        for cell, fp in cells:
+            kept = self.cells_dir / "superseded" / self.path(cell, fp).name
+            if self.path(cell, fp).is_file() or not kept.is_file() or self._memo(kept)[0] is None:
+                continue
+            for other in self.cells_dir.glob(f"{cell.name}__*.json"):
+                if other.stem.rpartition("__")[0] == cell.name:
+                    self._move(other, "superseded")
+            os.replace(kept, self.path(cell, fp))
+            back += 1
+        return back
+
+    def superseded_size(self) -> str:
+        """How much cells/superseded/ holds: `12 cells, 3.4 MB`."""
+        files = list((self.cells_dir / "superseded").glob("*.json"))
+        return f"it holds {len(files)} cells, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
 
     def code_versions(self, cells: list[tuple[Cell, str]]) -> set[str]:
         """The code versions (`git_sha`) that computed these stored (cell, fingerprint) pairs."""

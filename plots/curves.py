@@ -201,9 +201,11 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
 def relative_average(res: Results, out: Path) -> Path | None:
     """Mean over tasks of accuracy / full's accuracy (%), against mean prefill FLOPs / full's (%).
 
-    Only tasks with a `full` row count; a (method, budget) enters the average only if it ran on all of them.
+    Only tasks with a `full` row count; a (method, budget) enters the average only if it ran on all of them. A
+    conversation task counts once, by its prune-once cells (the mode a serving engine runs).
     """
     rows = res.main_rows()
+    rows = rows[~rows["task"].str.endswith("(re-prune)")]
     full = rows[rows["method"] == REFERENCE].drop_duplicates("task").set_index("task")
     rows = rows[rows["task"].isin(full.index)]
     if rows.empty:

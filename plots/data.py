@@ -164,8 +164,12 @@ def _read_samples(path: Path, res: Results) -> None:
                     for i, v in enumerate(per_layer):
                         acc[i] += v
                     counts[key] += 1
-            if (s["task"], doc_id) in res.pictures and s.get("conversation") != "re-prune":  # turn 1's selection,
-                res.kept[(s["task"], *key[1:], doc_id)] = s.get("kept_indices")  # the same in both modes
+            if (s["task"], doc_id) in res.pictures:  # a conversation's: turn 1's selection, the same in both modes
+                picked = (s["task"], *key[1:], doc_id)
+                if s.get("conversation") == "re-prune":
+                    res.kept.setdefault(picked, s.get("kept_indices"))
+                else:
+                    res.kept[picked] = s.get("kept_indices")
     res.layers.update({k: [v / counts[k] for v in acc] for k, acc in sums.items() if counts[k]})
     if skipped:
         print(f"warning: {path}: {len(skipped)} line(s) are not sample records (line {', '.join(map(str, skipped[:5]))}"

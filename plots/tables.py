@@ -58,6 +58,8 @@ HEADINGS = {  # comparisons.md: what each kind of comparisons.csv answers, in th
                  "at the same budget (training-free, then learned)"),
     "equal prefill FLOPs": "Each method that acts before the LLM against each in-LLM method at equal prefill FLOPs",
     "learned": "The learned methods against each other",
+    "re-prune": ("Prune once, ask again: each method's later answers on its first turn's selection (prune once) "
+                 "against the same method reducing the whole conversation again (re-prune)"),
     "headroom": "The oracle's headroom: the reference row against the best method at the same budget",
 }
 

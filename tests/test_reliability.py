@@ -351,6 +351,25 @@ def test_a_cell_is_recomputed_when_its_task_data_dtype_or_model_changes(tiny_ckp
     assert len({r["cell_id"] for r in rows}) == 1 and all(r["cell_id"] for r in rows)
     assert len(list((out / "cells" / "superseded").glob("*.json"))) == 3
     assert "already" not in run_quiet(capsys, *base, "--dtype", "bfloat16", "--force")
+    text = run_quiet(capsys, *base)  # the dtype changed back: its cells are taken back, nothing is computed
+    assert "1 of 1 cells already" in text and "1 cells computed earlier under these conditions taken back" in text
+    assert {r["dtype"] for r in csv.DictReader(open(out / "summary.csv"))} == {"float32"}
+
+
+def test_a_quick_check_costs_no_finished_cell(tiny_ckpt, tmp_path, capsys):
+    """The README's sequence: the full run, a quick `--limit` check into the same folder, the full run again, which
+    computes nothing; each run reports only its own cells, and the folder says what cells/superseded/ holds."""
+    out = tmp_path / "out"
+    full = ["--model", str(tiny_ckpt), "--methods", "full", "random", "--budgets", "4", "--limit", "4",
+            "--output", str(out)]
+    run_quiet(capsys, *full)
+    quick = run_quiet(capsys, *full[:-4], "--limit", "2", "--output", str(out))
+    assert "moved to cells/superseded/" in quick and "it holds 2 cells" in quick and "already" not in quick
+    assert {r["limit"] for r in csv.DictReader(open(out / "summary.csv"))} == {"2"}
+    again = run_quiet(capsys, *full)
+    assert "2 of 2 cells already" in again and "[1/" not in again  # nothing evaluated
+    assert {r["limit"] for r in csv.DictReader(open(out / "summary.csv"))} == {"4"}
+    assert len(cell_files(out)) == 2 and len(list((out / "cells" / "superseded").glob("*.json"))) == 2
 
 
 def test_a_cell_of_another_model_is_set_aside_and_never_reported(tiny_ckpt, tmp_path, capsys):

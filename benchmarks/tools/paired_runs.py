@@ -21,12 +21,13 @@ import pandas as pd
 
 from benchmarks.stats import paired_difference
 
-KEY = ("task", "method", "budget", "controller_seed")  # a learned method runs one cell per controller seed
+# a learned method runs one cell per controller seed; a conversation task one per mode
+KEY = ("task", "method", "budget", "controller_seed", "conversation")
 
 
 def read_samples(folder: Path) -> dict[tuple, dict[int, dict]]:
-    """{(task, method, budget, controller seed): {doc_id: record}} from a result folder's `samples.jsonl` (the
-    seed "" for a method without controllers)."""
+    """{(task, method, budget, controller seed, conversation mode): {doc_id: record}} from a result folder's
+    `samples.jsonl` (the seed "" for a method without controllers, the mode "" on a single-question task)."""
     path = folder / "samples.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path}: no samples.jsonl there; give a folder run_bench.py wrote (its --output)")

@@ -115,9 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-data", nargs="+", action="extend", default=[], metavar="TASK=PATH",
                    help="run lmms-eval's TASK on a local copy of its dataset (a save_to_disk folder or an "
                    "`hf download` snapshot), offline; repeatable; see docs/standard_tasks.md (default: none)")
-    p.add_argument("--force", action="store_true",
-                   help="recompute every cell of the plan, even those already in the output folder under the same "
-                   "conditions (the earlier files move to OUTPUT/cells/superseded/)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--force", action="store_true",
+                       help="recompute every cell of the plan, even those already in the output folder under the "
+                       "same conditions (the earlier files move to OUTPUT/cells/superseded/)")
+    again.add_argument("--retime", action="store_true",
+                       help="measure the timings of the plan's stored cells again (on a quieter machine) and keep "
+                       "them only if every prediction is the stored one; cells not stored yet are computed")
     p.add_argument("--list", action="store_true", help="list methods and tasks, then exit")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything a run would check, print the plan and its estimated cost, then exit")
@@ -252,7 +256,7 @@ def _main(args: argparse.Namespace) -> int:
 
     torch.manual_seed(spec.seed)
     lm = load_model(spec, args.verbose)  # a model that cannot be loaded fails before the output folder is touched
-    rows = run(spec, plan, tm, lm, verbose=args.verbose, force=args.force)
+    rows = run(spec, plan, tm, lm, verbose=args.verbose, force=args.force, retime=args.retime)
     if not is_main_process():
         return 0  # rank 0 has written the results
     print()

@@ -100,7 +100,8 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
                               " pt" if pct else ""),
                           f"{_difference(best, unit=False)} {best['reference']}" if best else "",
                           "-" if tokens is None else f"{tokens:.1f}",
-                          "-" if tflops is None else f"{1e3 * tflops:.4g}", "-" if ms is None else f"{ms:.4g}"])
+                          "-" if tflops is None else f"{1e3 * tflops:.4g}",
+                          "-" if ms is None else f"{ms:.4g}" + ("" if _reliable(r) else "?")])
         headers = ["method", "budget", metric, "95 % CI", "vs full", "vs best other, pt", "tokens", "GFLOPs",
                    "prefill ms"]
         align = ["left", "right", "right", "right", "right", "left", "right", "right", "right"]
@@ -115,7 +116,11 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
         note += "(ref): a reference row, not a method (oracle: the question's relevant patches first)\n"
     note += ("* significant at 95 % on the same questions (McNemar's exact test for 0/1 scores, else the paired\n"
             "  bootstrap interval excludes 0); comparisons.csv has the intervals and p-values")
-    return "\n\n".join(blocks) + (f"\n\n{note}" if paired or seeded or referenced else "")
+    unreliable = [r for r in main if not _reliable(r)]
+    if unreliable:
+        note += (f"\n?: timing not to be trusted ({len(unreliable)} cells: its spread over batches or other processes' "
+                 "load was high);\n  `--retime` measures it again on a quieter machine, keeping the results")
+    return "\n\n".join(blocks) + (f"\n\n{note}" if paired or seeded or referenced or unreliable else "")
 
 
 def _over_seeds(rows: list[dict]) -> list[dict]:
@@ -133,9 +138,15 @@ def _over_seeds(rows: list[dict]) -> list[dict]:
             continue
         mean = {k: _mean_of([_number(r.get(k)) for r in group]) for k in
                 ("prefill_tflops_mean", "prefill_ms_median", "visual_tokens_mean")}
-        out.append({**group[0], **mean, "value": sum(values) / len(values), "seeds": len(group),
+        out.append({**group[0], **mean, "timing_reliable": all(_reliable(r) for r in group),
+                    "value": sum(values) / len(values), "seeds": len(group),
                     "seed_min": min(values), "seed_max": max(values), "ci95_low": None, "ci95_high": None})
     return out
+
+
+def _reliable(row: dict) -> bool:
+    """Whether a row's timings can be trusted (`records.cell_times`); rows written before the column: yes."""
+    return str(row.get("timing_reliable", True)) not in ("False", "false")
 
 
 def _mean_of(values: list[float | None]) -> float | None:

@@ -5,6 +5,7 @@ provenance."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -108,20 +109,49 @@ def _dist_version(name: str) -> str:
         return "unknown"
 
 
-def cell_times(batches: list[dict]) -> dict:
-    """Medians over a cell's batches of their per-sample times (`lmms_model.per_sample_ms`), after a warm-up batch.
+UNRELIABLE_SPREAD = 0.25  # a timing whose interquartile range over batches exceeds this share of its median
+UNRELIABLE_LOAD = 0.25  # other processes' busy threads per core, while the cell ran, above which timings compete
+
+
+def cell_times(batches: list[dict], load: dict | None = None) -> dict:
+    """Medians over a cell's batches of their per-sample times (`lmms_model.per_sample_ms`), after a warm-up batch,
+    each with its spread (`_iqr`: the interquartile range over those batches, in ms; 0 for one batch), and whether
+    the timings can be trusted (`timing_reliable`): False when the prefill's spread exceeds `UNRELIABLE_SPREAD` of its
+    median or `load` (`machine_load`, from the runner) says other processes kept more than `UNRELIABLE_LOAD` of the
+    cores busy.
 
     The first batch is the warm-up (allocator, kernel selection, caches) and is left out when there are others.
     """
     kept = batches[1:] if len(batches) > 1 else batches
-
-    def median(key: str) -> float | None:
-        values = [b[key] for b in kept if b[key] is not None]
-        return round(statistics.median(values), 4) if values else None
-
+    out: dict = {}
     keys = ("prefill_ms", "decode_ms_per_token", "reducer_ms") + (
         ("follow_up_prefill_ms",) if any("follow_up_prefill_ms" in b for b in kept) else ())  # a conversation task's
-    return {f"{k}_median": median(k) for k in keys} | {"timed_batches": len(kept)}
+    for k in keys:
+        values = [b[k] for b in kept if b.get(k) is not None]
+        out[f"{k}_median"] = round(statistics.median(values), 4) if values else None
+        if len(values) > 1:
+            q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+            out[f"{k}_iqr"] = round(q3 - q1, 4)
+        else:
+            out[f"{k}_iqr"] = 0.0 if values else None
+    out["timed_batches"] = len(kept)
+    load = load or {}
+    out |= load
+    median, iqr = out["prefill_ms_median"], out["prefill_ms_iqr"]
+    spread_ok = median is None or not median or iqr <= UNRELIABLE_SPREAD * median
+    load_ok = (load.get("machine_load_other") or 0) <= UNRELIABLE_LOAD * (load.get("cpu_cores") or 1)
+    out["timing_reliable"] = bool(spread_ok and load_ok)
+    return out
+
+
+def machine_load(wall_s: float, cpu_s: float, load_after: float | None) -> dict:
+    """How busy the machine was besides this process while a cell ran: the 1-minute load average at its end (busy and
+    waiting threads) less this process's own CPU use over the cell (`cpu_s` / `wall_s`, in cores), floored at 0, as
+    `machine_load_other`; `cpu_cores` the machine's. A lagging average: a cell of a few seconds after a busy minute
+    reads busy too, which errs on the side of distrust. None where the OS gives no load average."""
+    own = cpu_s / wall_s if wall_s > 0 else 0.0
+    other = None if load_after is None else round(max(0.0, load_after - own), 2)
+    return {"machine_load_other": other, "cpu_cores": os.cpu_count()}
 
 
 def peak_rss() -> int:
@@ -197,7 +227,7 @@ def cell_records(evaluated, cell: Cell, reducer: TokenReducer, rec: Recorder, co
     """A finished cell's summary rows and sample records, from lmms-eval's results (`runner.Evaluated`), the model's
     records of the cell (`Recorder.take`) and the run's provenance; `config`: the checkpoint's, for the FLOPs."""
     samples = sample_records(evaluated.results, cell, rec.samples, config)
-    times = cell_times(rec.batches) | {"peak_memory_mb": round(rec.peak_bytes / 2**20, 1)}
+    times = cell_times(rec.batches, evaluated.load) | {"peak_memory_mb": round(rec.peak_bytes / 2**20, 1)}
     rows = summary_rows(evaluated.results, cell, samples, reducer, evaluated.wall_s, {**times, **prov})
     return rows, samples
 

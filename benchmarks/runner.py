@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import sys
 import time
@@ -26,7 +27,7 @@ from benchmarks.console import cell_line
 from benchmarks.distributed import current_world
 from benchmarks.lmms_model import DocumentError, ReducedLMM
 from benchmarks.plan import Cell, Plan, RunSpec, identify, task_data_files
-from benchmarks.records import Recorder, cell_records, peak_rss, provenance
+from benchmarks.records import Recorder, cell_records, machine_load, peak_rss, provenance
 from benchmarks.store import ResultStore
 from benchmarks.tasks.manager import ensure_task_data
 from benchmarks.tasks.standard import load_error, submission_args, task_config
@@ -43,6 +44,7 @@ class Evaluated:
     results: dict | None
     wall_s: float
     peak_bytes: int  # CUDA's peak allocated memory, or on CPU the process's peak resident set so far
+    load: dict | None = None  # how busy the machine was besides this process (`records.machine_load`)
 
 
 def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> Evaluated:
@@ -51,7 +53,7 @@ def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> E
     cuda = lm.model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(lm.model.device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         with quiet_progress(enabled=not verbose):
             res = simple_evaluate(
@@ -74,11 +76,12 @@ def evaluate_cell(lm, cell: Cell, spec: RunSpec, tm, verbose: bool = False) -> E
         files = ", ".join(str(f) for f in data) or "its dataset"
         raise ValueError(f"{cell.task}: lmms-eval cannot evaluate this task ({type(e).__name__}: {first_line(e)}); "
                          f"check the task's YAML ({where}) and data ({files}); --debug shows where it failed") from e
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    load = machine_load(wall, cpu, os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     peak = torch.cuda.max_memory_allocated(lm.model.device) if cuda else peak_rss()
     if lm.rank == 0 and res is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.name}")
-    return Evaluated(res, wall, peak)
+    return Evaluated(res, wall, peak, load)
 
 
 def unreadable_image(files: list[Path]) -> tuple[Path, int] | None:
@@ -126,6 +129,16 @@ def quiet_progress(enabled: bool = True):
                 print(line, file=sys.stderr)
 
 
+def check_retimed(stored: dict[int, object], samples: list[dict], cell: Cell) -> None:
+    """`--retime`'s guarantee: the cell measured again answered every question as the stored cell did."""
+    new = {s["doc_id"]: s.get("prediction") for s in samples}
+    differ = sorted(d for d in stored.keys() | new.keys() if stored.get(d) != new.get(d))
+    if differ:
+        raise ValueError(f"--retime: {cell.name} now answers {len(differ)} of {len(stored)} questions differently from "
+                         f"its stored cell (first doc {differ[0]}): the code, the environment or the device changed "
+                         "the numbers; --force recomputes it")
+
+
 def load_model(spec: RunSpec, verbose: bool = False) -> ReducedLMM:
     """The checkpoint as the lmms-eval model every cell of the sweep reuses (its reducer is set per cell); a model
     that cannot be loaded fails here, before the output folder is touched. Unless `verbose`, transformers'
@@ -136,12 +149,14 @@ def load_model(spec: RunSpec, verbose: bool = False) -> ReducedLMM:
 
 
 def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, verbose: bool = False,
-        force: bool = False) -> list[dict]:
+        force: bool = False, retime: bool = False) -> list[dict]:
     """Evaluate every cell of `plan` (`make_plan(spec)`) that is not already in the output folder under the same
     conditions (all of them with `force`), with task manager `tm` (`benchmarks.tasks.manager.task_manager`) and model
     `lm` (`load_model(spec)`); return the summary rows of this plan's cells (the folder's summary.csv also keeps its
     other cells). Prints one line per finished cell; `progress` draws a bar over the cells on a terminal; `verbose`
-    lets lmms-eval's own progress bars and messages through.
+    lets lmms-eval's own progress bars and messages through. `retime` evaluates the stored cells again for their
+    timings and keeps the new ones only when every prediction is the stored one (else a ValueError says which cell
+    differs; `force` recomputes it).
 
     Phases: the synthetic tasks' data; every cell's identity (`identify`); the folder held for the run
     (`ResultStore.session`); the cells it lacks, each evaluated, recorded and stored as it finishes; the paired
@@ -163,8 +178,9 @@ def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, ve
         for note in notes:
             print(f"note: {note}")
         done = world.broadcast([not force and store.done(p.cell, p.fingerprint) for p in ident.cells])  # rank 0's
-        todo = [p for p, d in zip(ident.cells, done, strict=True) if not d]
-        if world.is_main and any(done):
+        again = {p.fingerprint for p, d in zip(ident.cells, done, strict=True) if d and retime}  # timed again
+        todo = [p for p, d in zip(ident.cells, done, strict=True) if not d or p.fingerprint in again]
+        if world.is_main and any(done) and not retime:
             kept = [(p.cell, p.fingerprint) for p, d in zip(ident.cells, done, strict=True) if d]
             shas = store.code_versions(kept) - {prov["git_sha"]}
             other = f"; computed by another code version ({', '.join(sorted(shas))})" if shas else ""
@@ -186,6 +202,8 @@ def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, ve
                 records = recorder.take(world)  # every process's records, on rank 0
                 if world.is_main:
                     rows, samples = cell_records(evaluated, cell, p.reducer, records, lm.model.config, prov)
+                    if p.fingerprint in again:
+                        check_retimed(store.predictions(cell, p.fingerprint), samples, cell)
                     store.save(cell, p.fingerprint, spec.model, p.conditions, rows, samples)
                     store.save_pictures(records.pictures)
                     store.rebuild()

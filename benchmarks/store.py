@@ -37,8 +37,10 @@ SUMMARY_COLUMNS = [
     "llm_prefill_tokens_mean", "generated_tokens_mean", "kv_cache_mb_mean", "prefill_tflops_mean",
     "llm_prefill_tflops_mean", "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean",
     "relevant_recall_mean", "follow_up_prefill_tflops_mean", "follow_up_tflops_mean", "relevant_recall_turn2_mean",
-    "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "follow_up_prefill_ms_median",
-    "timed_batches", "peak_memory_mb", "wall_s", "samples_per_s", "model", "method_args", "cell_id",
+    "prefill_ms_median", "prefill_ms_iqr", "decode_ms_per_token_median", "decode_ms_per_token_iqr",
+    "reducer_ms_median", "reducer_ms_iqr", "follow_up_prefill_ms_median", "follow_up_prefill_ms_iqr",
+    "timed_batches", "machine_load_other", "cpu_cores", "timing_reliable", "peak_memory_mb", "wall_s",
+    "samples_per_s", "model", "method_args", "cell_id",
     "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
     "lmms_eval_version", "time_utc", "ci_method",
 ]
@@ -215,6 +217,11 @@ class ResultStore:
     def done(self, cell: Cell, fingerprint: str) -> bool:
         """True when the cell's file is there and readable (an unreadable one is set aside by `set_aside`)."""
         return self.path(cell, fingerprint).is_file() and self._memo(self.path(cell, fingerprint))[0] is not None
+
+    def predictions(self, cell: Cell, fingerprint: str) -> dict[int, object]:
+        """{doc_id: prediction} of the stored cell (for `--retime`'s check)."""
+        meta = self._memo(self.path(cell, fingerprint))[0] or {"lines": ""}
+        return {r["doc_id"]: r.get("prediction") for r in map(json.loads, meta["lines"].splitlines())}
 
     def take_back(self, cells: list[tuple[Cell, str]]) -> int:
         """Move back from cells/superseded/ every (cell, fingerprint) of `cells` stored there and not in cells/ (a

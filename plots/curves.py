@@ -78,8 +78,9 @@ def flops_axis(df: pd.DataFrame, column: str = "prefill_tflops_mean") -> tuple[p
     return df[column], "TFLOPs"
 
 
-def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> None:
-    """Method lines with budget labels, the reference line, the Pareto frontier."""
+def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict, timed: bool = False) -> None:
+    """Method lines with budget labels, the reference line, the Pareto frontier (`timed`: x is a measured time, and
+    points whose timing is not to be trusted do not enter the frontier)."""
     labels = []
     for j, (method, rows) in enumerate(df[df["method"] != REFERENCE].groupby("method")):
         idx = rows.sort_values("budget_tokens").index
@@ -98,6 +99,8 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict) -> Non
                        label=f"{REFERENCE}'s 95 % interval")
         ax.plot([x[i]], [y[i]], marker="*", color="black", markersize=12, linestyle="none")
     methods = df.index[df["method"] != UPPER]
+    if timed and "timing_reliable" in df.columns:
+        methods = methods[~df.loc[methods, "timing_reliable"].astype(str).isin(["False", "false"])]
     front = pareto(x[methods], y[methods])
     ax.plot(x[front], y[front], color="grey", linewidth=4, alpha=0.25, drawstyle="steps-post", zorder=0,
             label="Pareto frontier")
@@ -154,6 +157,25 @@ def _error_bars(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour) -> Non
                 bars[2][0].set_linestyle(style)
 
 
+def _timing_spread(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict, turns: bool) -> None:
+    """Each point's timing spread, as a horizontal bar of its interquartile range over batches centred on the median
+    (`prefill_ms_iqr`; a conversation's turns' ranges added), and a red ring round a point whose timing is not to be
+    trusted (`timing_reliable` False: that spread or other processes' load was high)."""
+    iqr = df.get("prefill_ms_iqr")
+    if iqr is not None and turns and "follow_up_prefill_ms_iqr" in df.columns:
+        iqr = iqr + df["follow_up_prefill_ms_iqr"].fillna(0)
+    if iqr is not None and iqr.notna().any():
+        for method, rows in df.groupby("method"):
+            has = rows.index[iqr[rows.index].notna()]
+            ax.errorbar(x[has], y[has], xerr=iqr[has] / 2, fmt="none", ecolor=colour.get(method, "black"),
+                        elinewidth=1, capsize=2.5, alpha=0.6)
+    if "timing_reliable" in df.columns:
+        bad = df.index[df["timing_reliable"].astype(str).isin(["False", "false"])]
+        if len(bad):
+            ax.scatter(x[bad], y[bad], s=160, facecolors="none", edgecolors="red", linewidths=1.4, zorder=4,
+                       label="timing not trusted (spread or machine load): --retime")
+
+
 def _footer(fig, df: pd.DataFrame) -> None:
     first = df.iloc[0]
     where = f"{first.get('device', '?')}, {first.get('dtype', '?')}, batch {first.get('batch_size', '?')}"
@@ -183,9 +205,11 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
                 continue
             keep = x.notna()
             fig, ax = plt.subplots(figsize=(10, 4.8), dpi=130)
-            _draw(ax, df[keep], x[keep], y[keep], colour)
+            if kind == "latency":  # before `_draw`, so the legend lists its marks
+                _timing_spread(ax, df[keep], x[keep], y[keep], colour, turns)
+            _draw(ax, df[keep], x[keep], y[keep], colour, timed=kind == "latency")
             what = f"prefill {unit} per sample (vision + reducer + projector + LLM prefill)" if kind == "flops" \
-                else "measured prefill latency per sample (ms, median over batches)"
+                else "measured prefill latency per sample (ms, median over batches; bars: interquartile range)"
             what = what.replace("per sample", "per conversation, every turn's prefill" if turns else "per sample")
             ax.set_xlabel(what)
             ax.set_ylabel(f"{metric} (%)")

@@ -235,3 +235,27 @@ def test_a_method_keeps_its_colour_in_every_run():
     alone, with_others = colours(["vispruner", "full"]), colours(["fastv", "vispruner"])
     assert alone["vispruner"] == with_others["vispruner"] == every["vispruner"]
     assert colours(["mine", "fastv"])["mine"] not in {every[m] for m in registered}  # a name the registry lacks
+
+
+def test_the_latency_figure_draws_the_spread_and_leaves_untrusted_timings_off_the_frontier(tmp_path, monkeypatch):
+    """A fast time measured on a busy machine (`timing_reliable` False) is ringed, and never the frontier's."""
+    import plots.curves as curves  # noqa: PLC0415
+
+    run = write_run(tmp_path / "run", CELLS[:4])
+    summary = pd.read_csv(run / "summary.csv")
+    summary["prefill_ms_iqr"] = 1.0
+    summary["timing_reliable"] = summary["method"] != "fastv"  # fastv's 8 ms would beat full's 10 ms at 0.75
+    summary.loc[summary["method"] == "fastv", "prefill_ms_median"] = 1.0  # ... and now beats everything, untrusted
+    summary.to_csv(run / "summary.csv", index=False)
+    fronts, rings = [], []
+    real_pareto = curves.pareto
+    monkeypatch.setattr(curves, "pareto", lambda x, y: fronts.append(list(x.index)) or real_pareto(x, y))
+    real_spread = curves._timing_spread
+    monkeypatch.setattr(curves, "_timing_spread", lambda ax, df, *a: rings.append(
+        set(df.loc[~df["timing_reliable"], "method"])) or real_spread(ax, df, *a))
+    res = load([run])
+    curves.accuracy_curves(res, run)
+    rows = res.main_rows("synth_vqa")
+    fastv = set(rows.index[rows["method"] == "fastv"])
+    assert fastv <= set(fronts[0]) and not fastv & set(fronts[1])  # FLOPs: a candidate; latency: left out
+    assert rings == [{"fastv"}]

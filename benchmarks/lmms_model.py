@@ -40,14 +40,16 @@ import torch
 from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.utils import simple_parse_args_string
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from benchmarks.defaults import CONVERSATIONS, controllers
 from benchmarks.distributed import current_world
-from benchmarks.records import Recorder
+from benchmarks.plan import read_config
+from benchmarks.records import Recorder, cache_value_bytes
+from flops.analytic import conversation_kv_bytes, count, model_shape
 from methods import TokenReducer, UnknownReducerError, create_reducer, get_reducer_class
 from methods.budget import Budget
 from methods.cli import first_line
@@ -163,7 +165,7 @@ class ReducedLMM(lmms):
         found = controllers(Path(pretrained), method) if get_reducer_class(method).needs_checkpoint else {}
         if found and "checkpoint" not in method_args:  # the lowest training seed's (seed0 when trained here)
             method_args["checkpoint"] = str(next(iter(found.values())))
-        config = model.config if model is not None else AutoConfig.from_pretrained(pretrained, local_files_only=True)
+        config = model.config if model is not None else read_config(Path(pretrained))  # a one-line error if not one
         self.family = family_of(config)
         if self.family.fixed_tokens and isinstance(budget, float) and 0 < budget < 1:  # every image has the same
             budget = Budget.fraction(budget).at(self.family.layout(config).num_patches)  # count: a fraction is one
@@ -260,13 +262,35 @@ class ReducedLMM(lmms):
             out = self._generate(inputs, gen, self._extra(chunk, 0))
             times = per_sample_ms(out.timing, len(chunk))
             self.recorder.batches.append(times)
+            records = []
             for j, req in enumerate(chunk):
                 n = int(out.lengths[j])
                 rec = {**out.trace.sample(j, self.image_tokens(inputs, j)), **times}
                 self._record(req, rec, inputs, j)
+                records.append(rec)
                 counts = TokenCounts(input_tokens=rec["llm_tokens_per_layer"][0], output_tokens=n)
                 results[idx[j]] = GenerationResult(text=self._text(out.tokens[j, :n], gen), token_counts=counts)
+            self._log_batch(out.timing, records)
         return results
+
+    def _log_batch(self, timing: Timing, records: list[dict]) -> None:
+        """The batch's means in lmms-eval's own throughput log (`log_metrics`), so that its results JSON's
+        `throughput` block carries them (`avg_<name>`, means over batches) for a user who stays in lmms-eval: visual
+        tokens entering the LLM and averaged over its layers, prefill GFLOPs (analytic; a conversation's first turn),
+        the KV cache in MiB (after the last turn), and per-sample prefill and reducer milliseconds."""
+        shape, b = model_shape(self.model.config), len(records)
+        value_bytes = cache_value_bytes(self.model.config)
+        generated = sum(int(r["generated_tokens"]) for r in records)
+        elapsed = timing.prefill_s + timing.decode_s
+        log_metrics(total_elapsed_time=elapsed, total_gen_tokens=generated,
+                    avg_speed=generated / elapsed if elapsed > 0 else 0.0, additional_metrics={
+                        "request_count": b,
+                        "visual_tokens": sum(r["visual_tokens"] for r in records) / b,
+                        "visual_tokens_layer_mean": sum(sum(v) / len(v) for r in records
+                                                        if (v := r.get("visual_tokens_per_layer"))) / b,
+                        "prefill_gflops": sum(2 * count(r, shape).prefill for r in records) / b / 1e9,
+                        "kv_cache_mb": sum(conversation_kv_bytes(r, shape, value_bytes) for r in records) / b / 2**20,
+                        "prefill_ms": 1e3 * timing.prefill_s / b, "reducer_ms": 1e3 * timing.reducer_s / b})
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         """A conversation per request, through lmms-eval's multi-round protocol: turn 1 is the request's context;
@@ -404,6 +428,7 @@ class ReducedLMM(lmms):
                    "follow_ups": later[j]}
             self._record(req, rec, inputs, j)
         self.recorder.batches.append(times)
+        self._log_batch(out.timing, [self.recorder.samples[(r.task, r.doc_id)] for r in chunk])
         return [e if e is not None else a for e, a in zip(ended, answers, strict=True)]
 
     def _model_image(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ errors for bad `--model_args` (lmms-eval itself would print a traceback and exit
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,7 +50,10 @@ def test_readme_command_generates_the_task_data(tmp_path):
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert data.is_file()
     assert "exact_match" in r.stdout and "synth_vqa" in r.stdout  # lmms-eval's results table
-    assert list((tmp_path / "out").rglob("*_results.json"))
+    (results,) = (tmp_path / "out").rglob("*_results.json")
+    throughput = json.loads(results.read_text())["throughput"]  # our means, in lmms-eval's own results JSON
+    assert throughput["avg_visual_tokens"] == 144.0 and throughput["avg_prefill_gflops"] > 0
+    assert {"avg_kv_cache_mb", "avg_prefill_ms", "avg_reducer_ms", "avg_visual_tokens_layer_mean"} <= set(throughput)
 
 
 @pytest.mark.slow
@@ -66,6 +70,8 @@ BAD = {  # case -> (model_args after pretrained=..., a phrase of the one-line er
     "zero_budget": ("method=fastv,budget=0", "budget must be an integer >= 1 or a fraction in (0, 1), got 0"),
     "missing_controller": ("method=adaptive_b,budget=16,checkpoint=/nonexistent", "is not a trained controller"),
     "no_default_controller": ("method=adaptive_b,budget=16", "checkpoint=DIR in --model_args"),
+    "missing_pretrained": ("method=full", "pretrained=/nonexistent is not a checkpoint folder (no config.json)"),
+    "bad_conversation": ("method=full,conversation=sideways", "conversation must be one of prune-once, re-prune"),
 }
 
 
@@ -77,7 +83,7 @@ def bad_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     shutil.copytree(REPO / SMOKE_MODEL, bare, ignore=shutil.ignore_patterns("controllers"))
     procs = {}
     for case, (args, _) in BAD.items():
-        model = bare if case == "no_default_controller" else SMOKE_MODEL
+        model = {"no_default_controller": bare, "missing_pretrained": "/nonexistent"}.get(case, SMOKE_MODEL)
         procs[case] = subprocess.Popen(lmms_eval(f"pretrained={model},{args}", tmp / case, limit=4), cwd=REPO,
                                        env=env(tmp / case), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True)

@@ -21,14 +21,19 @@ REFERENCE = "full"
 UPPER = "oracle"  # a reference row, not a method: drawn apart, never on the frontier
 
 
-# after tab10's ten: darker or stronger colours than tab10's (gold, dark teal, dark magenta, navy, ...), drawn with
-# square markers and dashed lines (`marker_style`), so that 20 methods stay apart
-EXTRA_COLOURS = ("#e6ab02", "#00665e", "#a6005c", "#08306b", "#4d7a00", "#6b3d00", "#800000", "#3f007d",
-                 "#737373", "#b15928")
+# every registered method's own colour, fixed here so that it never changes with the methods a figure or a run has,
+# nor when a method is registered (tests/test_plots.py fails until a new one is given a colour): tab10's ten, then
+# darker or stronger ones; a name not listed takes the spare colours after them, sorted
+METHOD_COLOURS = {
+    "fastv": "#1f77b4", "pdrop": "#ff7f0e", "sparsevlm": "#2ca02c", "dart": "#d62728", "cdpruner": "#9467bd",
+    "divprune": "#8c564b", "visionzip": "#e377c2", "random": "#7f7f7f", "vispruner": "#bcbd22", "fastervlm": "#17becf",
+    "prumerge": "#e6ab02", "prumerge_plus": "#b15928", "adaptive_a": "#00665e", "adaptive_b": "#a6005c",
+    "adaptive_q": "#08306b", "budget_blind": "#4d7a00",
+}
+SPARE_COLOURS = ("#6b3d00", "#800000", "#3f007d", "#737373", "#00a087", "#f39b7f", "#4dbbd5", "#91d1c2")
 
 
-# every registered method in the registry's order (the catalogue file), so that a method keeps its colour in every
-# figure of every run, whichever methods a run has
+# the registry as data (the catalogue file): what kind each method is, for its marker
 CATALOGUE = Path(__file__).resolve().parent.parent / "methods" / "catalogue.json"
 
 
@@ -38,20 +43,21 @@ def catalogue() -> dict[str, dict]:
 
 
 def colours(methods) -> dict[str, tuple]:
-    """One fixed colour per method name, the same in every figure and every run: the registered methods take tab10,
-    then `EXTRA_COLOURS`, in the catalogue's order; names it does not hold come after them, sorted."""
-    palette = [*plt.get_cmap("tab10").colors, *(matplotlib.colors.to_rgb(c) for c in EXTRA_COLOURS)]
-    known = [m for m in catalogue() if m not in (REFERENCE, UPPER)]
-    named = [*known, *sorted(set(methods) - {REFERENCE, UPPER} - set(known))]
-    return {m: (*palette[i % len(palette)], 1.0) for i, m in enumerate(named)} | {REFERENCE: (0, 0, 0, 1),
-                                                                                   UPPER: (0, 0, 0, 1)}
+    """One fixed colour per method name, the same in every figure and every run (`METHOD_COLOURS`); names it does
+    not hold take `SPARE_COLOURS`, sorted; `full` and `oracle` are black."""
+    spare = sorted(set(methods) - set(METHOD_COLOURS) - {REFERENCE, UPPER})
+    named = METHOD_COLOURS | {m: SPARE_COLOURS[i % len(SPARE_COLOURS)] for i, m in enumerate(spare)}
+    return {m: (*matplotlib.colors.to_rgb(c), 1.0) for m, c in named.items()} | {REFERENCE: (0, 0, 0, 1),
+                                                                                 UPPER: (0, 0, 0, 1)}
 
 
-def marker_style(colour: dict, method: str) -> dict:
-    """Marker and line style of a method: circles and solid lines for tab10's colours, squares and dashed lines for
-    the extra ones (told apart from a tab10 colour of a similar hue by their shape)."""
-    tab10 = [(*c, 1.0) for c in plt.get_cmap("tab10").colors]
-    return {"marker": "o", "linestyle": "-"} if colour[method] in tab10 else {"marker": "s", "linestyle": "--"}
+def marker_style(method: str) -> dict:
+    """Marker and line of a method, by its kind in the registry: learned methods dashed lines with squares (diamonds
+    when they also read the question), training-free ones that read the question triangles, the others circles."""
+    entry = catalogue().get(method, {})
+    learned, question = bool(entry.get("learned")), bool(entry.get("question"))
+    marker = ("D" if question else "s") if learned else ("^" if question else "o")
+    return {"marker": marker, "linestyle": "--" if learned else "-"}
 
 
 def save(fig, path: Path) -> Path:
@@ -85,7 +91,7 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict, timed:
     for j, (method, rows) in enumerate(df[df["method"] != REFERENCE].groupby("method")):
         idx = rows.sort_values("budget_tokens").index
         style = {"linestyle": ":", "marker": "^", "label": f"{UPPER} (reference: relevant patches first; not a method)"
-                 } if method == UPPER else {**marker_style(colour, method), "label": method}
+                 } if method == UPPER else {**marker_style(method), "label": method}
         ax.plot(x[idx], y[idx], color=colour[method], linewidth=1.6, markersize=5, **style)
         _error_bars(ax, df.loc[idx], x[idx], y[idx], colour[method])
         labels += [(x[i], y[i], str(df.at[i, "budget"]), colour[method], j) for i in idx]
@@ -208,9 +214,9 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
             if kind == "latency":  # before `_draw`, so the legend lists its marks
                 _timing_spread(ax, df[keep], x[keep], y[keep], colour, turns)
             _draw(ax, df[keep], x[keep], y[keep], colour, timed=kind == "latency")
-            what = f"prefill {unit} per sample (vision + reducer + projector + LLM prefill)" if kind == "flops" \
-                else "measured prefill latency per sample (ms, median over batches; bars: interquartile range)"
-            what = what.replace("per sample", "per conversation, every turn's prefill" if turns else "per sample")
+            per = "per conversation, all turns" if turns else "per sample"
+            what = (f"prefill {unit} {per} (vision + reducer + projector + LLM prefill)" if kind == "flops" else
+                    f"measured prefill time {per} (ms, median over batches; bars: interquartile range)")
             ax.set_xlabel(what)
             ax.set_ylabel(f"{metric} (%)")
             labels = "budgets: shares of each image's tokens" if (df["budget_tokens"] < 1).any() else "visual tokens"

@@ -227,14 +227,20 @@ def test_comparison_tables_from_comparisons_csv(tmp_path):
 
 
 def test_a_method_keeps_its_colour_in_every_run():
-    """Colours follow the registry's order, not the run's method set: the same method, the same colour, whichever
-    methods a run has; every registered method its own colour."""
+    """Every registered method has its own fixed colour (`METHOD_COLOURS`: registering a method fails here until it
+    has one), the same whichever methods a run has; its marker says its kind."""
+    from plots.curves import METHOD_COLOURS, marker_style  # noqa: PLC0415
+
     registered = [m for m in json.loads(CATALOGUE.read_text()) if m not in ("full", "oracle")]
+    assert set(registered) <= set(METHOD_COLOURS), "give each new method a colour in plots/curves.py METHOD_COLOURS"
     every = colours(registered)
     assert len({every[m] for m in registered}) == len(registered)
     alone, with_others = colours(["vispruner", "full"]), colours(["fastv", "vispruner"])
     assert alone["vispruner"] == with_others["vispruner"] == every["vispruner"]
     assert colours(["mine", "fastv"])["mine"] not in {every[m] for m in registered}  # a name the registry lacks
+    kinds = ("divprune", "fastv", "adaptive_b", "adaptive_q")  # plain, reads the question, learned, learned + question
+    assert [marker_style(m)["marker"] for m in kinds] == ["o", "^", "s", "D"]
+    assert marker_style("adaptive_b")["linestyle"] == "--" and marker_style("fastv")["linestyle"] == "-"
 
 
 def test_the_latency_figure_draws_the_spread_and_leaves_untrusted_timings_off_the_frontier(tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ from methods._registry import read_catalogue as catalogue  # the registry as dat
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "checkpoint"
 QWEN_SMOKE_MODEL = REPO / "benchmarks" / "smoke_model" / "qwen_checkpoint"  # `--model` it for the Qwen2.5-VL family
-DEFAULT_OUTPUT = REPO / "results" / "runs" / "smoke"  # the LLaVA smoke model's; another model gets its own
+# the LLaVA smoke model's results, under the directory the command runs in (the repository's results/ when run from
+# its root, as the README does; never inside an installed package); another model gets its own
+DEFAULT_OUTPUT = Path("results") / "runs" / "smoke"
 DEFAULT_BATCH_SIZE = 32  # results do not depend on it (batch invariance is tested); 32 is the fastest on 2 cores
 # The LLaVA smoke model's default questions per task: the whole default sweep (2 tasks, 122 cells) in under 10
 # minutes on 2 CPU cores; `--limit 1000` runs every question of the test splits (about 13 minutes there)
@@ -24,8 +26,9 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PA
 
 
 def default_output(model: Path) -> Path:
-    """Where a sweep on `model` writes by default: results/runs/smoke for the LLaVA smoke model, results/runs/
-    smoke_qwen for the Qwen2.5-VL one, results/runs/<folder name> for any other (so that no two models share one)."""
+    """Where a sweep on `model` writes by default, under the working directory: results/runs/smoke for the LLaVA smoke
+    model, results/runs/smoke_qwen for the Qwen2.5-VL one, results/runs/<folder name> for any other (so that no two
+    models share one)."""
     named = {SMOKE_MODEL.resolve(): DEFAULT_OUTPUT, QWEN_SMOKE_MODEL.resolve(): DEFAULT_OUTPUT.with_name("smoke_qwen")}
     model = Path(model).resolve()
     return named.get(model, DEFAULT_OUTPUT.with_name(model.name))

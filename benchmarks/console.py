@@ -116,6 +116,12 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
         note += "(ref): a reference row, not a method (oracle: the question's relevant patches first)\n"
     note += ("* significant at 95 % on the same questions (McNemar's exact test for 0/1 scores, else the paired\n"
             "  bootstrap interval excludes 0); comparisons.csv has the intervals and p-values")
+    tested = [c for c in comparisons if str(c.get("significant_bh")) in ("True", "true", "False", "false")]
+    if tested:
+        kept = sum(str(c["significant_bh"]) in ("True", "true") for c in tested)
+        hits = sum(str(c["significant"]) in ("True", "true") for c in tested)
+        note += (f"\n  of the sweep's {len(tested)} McNemar tests, {hits} are significant alone and {kept} after "
+                 "Benjamini-Hochberg's\n  false-discovery control over all of them (comparisons.csv: p_adjusted_bh)")
     unreliable = [r for r in main if not _reliable(r)]
     if unreliable:
         note += (f"\n?: timing not to be trusted ({len(unreliable)} cells: its spread over batches or other processes' "

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
+from scipy.stats import false_discovery_control
 
 from benchmarks.defaults import catalogue
 from methods.budget import Budget
@@ -163,7 +164,22 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
                     at = _at_flops(curve, x)
                     if at is not None:
                         add(task, budget, method, mine, "equal prefill FLOPs", r, at[1], f"{at[0]:.1f}")
-    return out
+    return with_fdr(out)
+
+
+def with_fdr(rows: list[dict]) -> list[dict]:
+    """Each comparison's McNemar p-value adjusted for the many a sweep makes (`p_adjusted_bh`: Benjamini-Hochberg's
+    false discovery rate over every row with a McNemar p-value, through scipy's `false_discovery_control`), and
+    whether it stays significant at 5 % (`significant_bh`); rows decided by the bootstrap interval (scores not 0/1)
+    get neither."""
+    tested = [i for i, r in enumerate(rows) if r.get("mcnemar_p") is not None]
+    adjusted = false_discovery_control([rows[i]["mcnemar_p"] for i in tested], method="bh") if tested else []
+    for r in rows:
+        r["p_adjusted_bh"], r["significant_bh"] = None, None
+    for i, p in zip(tested, adjusted, strict=True):
+        rows[i]["p_adjusted_bh"] = round(float(p), 6)
+        rows[i]["significant_bh"] = bool(p < 1 - CONFIDENCE)
+    return rows
 
 
 MODE_MARK = "\x1f"  # joins a conversation task's name and its mode in the comparisons' grouping key

@@ -46,7 +46,7 @@ SUMMARY_COLUMNS = [
 ]
 COMPARISON_COLUMNS = ["task", "conversation", "budget", "method", "reference", "reference_kind", "reference_budget",
                       "n_paired", "difference_pts", "difference_ci95_low_pts", "difference_ci95_high_pts", "mcnemar_p",
-                      "significant"]
+                      "significant", "p_adjusted_bh", "significant_bh"]
 
 
 class DiskFullError(OSError):

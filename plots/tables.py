@@ -88,14 +88,17 @@ def comparison_tables(res: Results) -> str:
             "95 % interval (pt)": [f"{lo:+.1f} to {hi:+.1f}" for lo, hi in
                                    zip(rows["difference_ci95_low_pts"], rows["difference_ci95_high_pts"],
                                        strict=True)],
-            "questions": rows["n_paired"]})
+            "questions": rows["n_paired"],
+            "p, FDR-adjusted": [("" if pd.isna(p) else f"{p:.3g}") for p in
+                                rows.get("p_adjusted_bh", pd.Series(float("nan"), index=rows.index))]})
         parts.append(f"## {heading}\n\n{to_markdown(table)}")
     if not parts:
         return ""
     return ("# Paired comparisons (from comparisons.csv)\n\nDifferences in points, method minus the one it is "
             "against, on the questions both answered; `*`: significant at 95 % (McNemar's exact test for two "
-            "0/1 cells, otherwise the paired bootstrap interval). Learned methods: the mean over their controllers "
-            "per question.\n\n" + "\n".join(parts))
+            "0/1 cells, otherwise the paired bootstrap interval). `p, FDR-adjusted`: McNemar's p-value after "
+            "Benjamini-Hochberg's false-discovery control over every McNemar test of the sweep (below 0.05: still "
+            "significant). Learned methods: the mean over their controllers per question.\n\n" + "\n".join(parts))
 
 
 def to_markdown(df: pd.DataFrame) -> str:

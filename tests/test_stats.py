@@ -189,3 +189,13 @@ def test_paired_runs_compares_two_folders_question_by_question(tmp_path, capsys)
                         "correct": float(s)}) + "\n" for s in (0, 1)))
     seeds = compare(tmp_path / "c", tmp_path / "d")
     assert seeds["controller_seed"].tolist() == ["0", "1"] and seeds["first_pct"].tolist() == [0.0, 100.0]
+
+
+def test_the_sweeps_mcnemar_tests_get_benjamini_hochberg_adjusted_p_values():
+    """Hand-computed: sorted p 0.01, 0.03, 0.04, 0.5 over m = 4 give 0.04, min(0.06, 0.0533), 0.0533, 0.5; a row the
+    bootstrap decides (no McNemar p) gets neither column."""
+    from benchmarks.stats import with_fdr  # noqa: PLC0415
+
+    rows = with_fdr([{"mcnemar_p": p} for p in (0.01, 0.04, 0.03, 0.5, None)])
+    assert [r["p_adjusted_bh"] for r in rows] == [0.04, 0.053333, 0.053333, 0.5, None]
+    assert [r["significant_bh"] for r in rows] == [True, False, False, False, None]

@@ -10,9 +10,13 @@ methods/catalogue.json); everything else a run would reject is checked before an
 from __future__ import annotations
 
 import argparse
+import difflib
+import hashlib
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 from benchmarks.defaults import (
     CONVERSATIONS,
@@ -122,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--retime", action="store_true",
                        help="measure the timings of the plan's stored cells again (on a quieter machine) and keep "
                        "them only if every prediction is the stored one; cells not stored yet are computed")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a sweep config file (YAML) holding any of: " + ", ".join(CONFIG_KEYS) + "; the command "
+                   "line's options replace its values (default: none)")
     p.add_argument("--list", action="store_true", help="list methods and tasks, then exit")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything a run would check, print the plan and its estimated cost, then exit")
@@ -130,8 +137,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what a sweep config file may set (run_bench.py's options by their names, `-` or `_`), and what stays per command
+CONFIG_KEYS = ("model", "tasks", "methods", "budgets", "method_args", "limit", "seed", "batch_size", "output",
+               "device", "dtype", "include_path", "task_data", "conversation")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    """The command line; with `--config FILE`, the file's settings first and the command line's over them (an
+    option given on the command line replaces the file's value). The file is checked on its own first, its errors
+    one line naming it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    tokens = config_tokens(args.config, parser, argv)
+    checker = build_parser()
+    checker.error = lambda message: checker.exit(2, f"error: {args.config}: {message}\n")  # the file's own errors
+    checker.parse_args(tokens)
+    args = parser.parse_args(tokens + argv)
+    args.config_record = f"{args.config} (sha1 {hashlib.sha1(args.config.read_bytes()).hexdigest()[:10]})"
+    return args
+
+
+def config_tokens(path: Path, parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """A sweep config file (YAML: a mapping of `CONFIG_KEYS`) as command-line tokens, leaving out the options the
+    command line gives. `method_args` is a mapping {method: {argument: value}} (a list is a tuple), `task_data`
+    {task: path}; lists give several values. A wrong key or shape exits with one line naming the file."""
+    def fail(message: str) -> None:
+        parser.exit(2, f"error: {path}: {message}\n")
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        fail(f"cannot be read ({e.strerror})")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        fail(f"is not YAML{f' (line {mark.line + 1})' if mark else ''}: {getattr(e, 'problem', None) or e}")
+    if not isinstance(data, dict):
+        fail("must be a YAML mapping of run_bench.py's options, e.g. `methods: [full, fastv]`")
+    given = {t.split("=", 1)[0] for t in argv if t.startswith("--")}
+    tokens = []
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in CONFIG_KEYS:
+            close = difflib.get_close_matches(name, CONFIG_KEYS, n=1)
+            fail(f"unknown key {key!r}{f' (did you mean {close[0]}?)' if close else ''}; it may set "
+                 f"{', '.join(CONFIG_KEYS)}")
+        flag = "--" + name.replace("_", "-")
+        if flag in given or value is None:
+            continue
+        if name == "method_args":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                fail("method_args must map each method to its arguments, e.g. `method_args: {fastv: {layer: 3}}`")
+            values = [f"{m}.{a}={tuple(v) if isinstance(v, list) else v!r}" for m, d in value.items()
+                      for a, v in d.items()]
+        elif name == "task_data":
+            if not isinstance(value, dict):
+                fail("task_data must map each task to its local dataset copy, e.g. `task_data: {gqa: /data/gqa}`")
+            values = [f"{t}={p}" for t, p in value.items()]
+        else:
+            values = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        if isinstance(value, (dict, list)) and not values:
+            continue
+        tokens += [flag, *values]
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------- torch-free checks
@@ -231,6 +301,7 @@ def _main(args: argparse.Namespace) -> int:
                    output=args.output or default_output(args.model), include_paths=tuple(args.include_path),
                    device=args.device, dtype=args.dtype,
                    method_kwargs=tuple(args.method_args), conversations=tuple(dict.fromkeys(args.conversation)),
+                   config=getattr(args, "config_record", None),
                    task_data=tuple(parse_task_data(t) for t in args.task_data))
     plan = make_plan(spec)  # every cell's reducer built and checked against the model's layout
     tm = task_manager(spec.tasks, spec.include_paths)  # unknown tasks, with close matches

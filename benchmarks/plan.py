@@ -78,6 +78,7 @@ class RunSpec:
     method_kwargs: tuple[tuple[str, str, object], ...] = ()  # (method, argument, value), from --method-args
     task_data: tuple[tuple[str, Path], ...] = ()  # (task, local dataset copy), from --task-data
     conversations: tuple[str, ...] = CONVERSATIONS  # the modes a conversation task runs in, one cell each
+    config: str | None = None  # the sweep config file it came from (`--config`), as "path (sha1 ...)"; recorded only
 
     methods_given: bool = dataclasses.field(init=False, default=False)  # False: the default set (every method)
 

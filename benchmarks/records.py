@@ -71,9 +71,9 @@ class Recorder:
         return out
 
 
-def provenance(run: RunConditions, device: str) -> dict:
+def provenance(run: RunConditions, device: str, config: str | None = None) -> dict:
     """What every row of a run shares: its settings and dtype as run (`run`, computed once by the plan), the device
-    `device` by name, the code and library versions."""
+    `device` by name, the sweep config file it came from (`config`), the code and library versions."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=5).stdout.strip() or "unknown"
@@ -95,6 +95,7 @@ def provenance(run: RunConditions, device: str) -> dict:
         "batch_size": run.batch_size,
         "device": dev,
         "dtype": run.dtype,
+        "config": config,
         "git_sha": sha,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,

@@ -167,7 +167,7 @@ def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, ve
             ensure_task_data(spec.tasks)
     world.barrier()  # the data exist before anyone hashes them
     ident = identify(plan, spec, tm)
-    prov = provenance(ident.conditions, spec.device)
+    prov = provenance(ident.conditions, spec.device, spec.config)
     store, recorder = ResultStore(spec.output), Recorder()  # the model writes each sample's trace to `recorder`
     with store.session(world, spec.model, ident.conditions.key, ident.tasks) as notes:
         if world.is_main and not force:  # cells of these conditions set aside by an earlier run under others

@@ -41,7 +41,7 @@ SUMMARY_COLUMNS = [
     "reducer_ms_median", "reducer_ms_iqr", "follow_up_prefill_ms_median", "follow_up_prefill_ms_iqr",
     "timed_batches", "machine_load_other", "cpu_cores", "timing_reliable", "peak_memory_mb", "wall_s",
     "samples_per_s", "model", "method_args", "cell_id",
-    "limit", "seed", "batch_size", "device", "dtype", "git_sha", "torch_version", "transformers_version",
+    "limit", "seed", "batch_size", "device", "dtype", "config", "git_sha", "torch_version", "transformers_version",
     "lmms_eval_version", "time_utc", "ci_method",
 ]
 COMPARISON_COLUMNS = ["task", "conversation", "budget", "method", "reference", "reference_kind", "reference_budget",

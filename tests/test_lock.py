@@ -1,7 +1,7 @@
 """The lock file and pyproject.toml agree, and this environment is exactly what the lock says.
 
 `requirements.lock` pins every package the install brings in (runtime and the `test` extra). It is made by the
-command in its own header, which the README documents; rerun that command after any change to the dependencies.
+command in its own header, which docs/install.md documents; rerun that command after any change to the dependencies.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def installed_closure(roots: list[Requirement]) -> dict[str, str]:
 
 def test_pyproject_and_lock_agree():
     problems = disagreements((REPO / "pyproject.toml").read_text(), (REPO / "requirements.lock").read_text())
-    assert not problems, "; ".join(problems) + ". Refresh the lock with the command in its header (README: The lock)"
+    assert not problems, "; ".join(problems) + ". Refresh the lock with the command in its header (docs/install.md)"
 
 
 def test_a_dependency_added_or_repinned_without_relocking_is_caught():
@@ -96,7 +96,8 @@ def test_a_dependency_added_or_repinned_without_relocking_is_caught():
 def test_lock_header_is_the_documented_refresh_command():
     header = (REPO / "requirements.lock").read_text().splitlines()[1].strip("# ").strip()
     assert header.startswith("uv pip compile pyproject.toml")
-    assert header in (REPO / "README.md").read_text(), "the README must show the command that made the lock"
+    documented = (REPO / "docs" / "install.md").read_text()
+    assert header in documented, "docs/install.md must show the command that made the lock"
 
 
 def test_this_environment_is_exactly_the_lock():

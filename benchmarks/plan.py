@@ -209,7 +209,7 @@ def make_plan(spec: RunSpec) -> Plan:
             check(reducer, layout)
             if "relevant" in reducer.needs and cell.task not in RELEVANT_PATCH_TASKS:
                 raise ValueError(f"{cell.method} reads each question's relevant_patches, which only "
-                                 f"{' and '.join(RELEVANT_PATCH_TASKS)} record; {cell.task} does not")
+                                 f"{', '.join(RELEVANT_PATCH_TASKS)} record; {cell.task} does not")
         except (ValueError, NotImplementedError) as e:
             if spec.methods_given:
                 raise

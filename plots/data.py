@@ -24,7 +24,9 @@ NUMERIC = ("value", "budget_tokens", "prefill_tflops_mean", "visual_tokens_mean"
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose mistakes are one line on stderr and exit status 2 (the figures' command lines); an empty path
-    is refused (Path("") would be the current folder)."""
+    is refused (Path("") would be the current folder). A smaller twin of `methods.cli.OneLineParser`, kept on purpose:
+    plots read stored files and import nothing from the project's other packages (`tests/test_layers.py`), so that
+    `python -m plots` needs neither torch nor the registry."""
 
     def error(self, message: str) -> None:
         self.exit(2, f"error: {message}; `{self.prog} --help` lists the options\n")

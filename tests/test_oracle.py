@@ -71,7 +71,8 @@ def test_through_the_adapter_the_kept_patches_are_the_relevant_ones():
 def test_refused_in_one_line_where_no_relevant_patches_are_recorded():
     assert get_reducer_class("oracle").reference and not get_reducer_class("random").reference
     spec = RunSpec(model=SMOKE_MODEL, methods=("oracle",), budgets=(16,), tasks=("pope",), limit=2)
-    with pytest.raises(ValueError, match="only synth_vqa, synth_scenes, synth_scenes_followup record; pope does not") as e:
+    only = "only synth_vqa, synth_scenes, synth_scenes_followup record; pope does not"
+    with pytest.raises(ValueError, match=only) as e:
         make_plan(spec)
     assert "\n" not in str(e.value)
     default = make_plan(RunSpec(model=SMOKE_MODEL, budgets=(16,), tasks=("pope",), limit=2))  # the default set

@@ -12,16 +12,16 @@ controller, as LLaVA's "default" feature selection does); the LLM sees exactly K
 eval.
 
 **Gradient estimator: a deviation from the plan, measured.** The plan (and AdaLLaVA) use K rounds of masked
-Gumbel-softmax with the straight-through trick (tau = 5). AdaLLaVA's mask switches whole layers or heads, whose
-"off" state is exact; a dropped *token* has no such state, and the mask's straight-through gradient then measures
-how sensitive the loss is to a patch, not whether keeping it helps. On the smoke model it learned to avoid the
-question's objects, below `random`, whichever way the mask acted (the numbers: docs/adaptive.md, "How it
-learns"). The default estimator is therefore the score function (REINFORCE): the Gumbel top-K draw is a
-Plackett-Luce sample whose log-probability is exact (`plackett_luce_topk`); each question is run with S draws
-(default 4) and a draw's advantage is how much lower its answer loss is than the other draws' mean (leave-one-out baseline). The LLM and the
-features need no gradient, so a step is S forward passes and no backward through the model. The loss is still the LM
-loss alone (no FLOPs or sparsity term), one budget per batch. The straight-through estimator stays available
-(`--estimator straight_through`, the mean-reference variant) to reproduce the plan as written.
+Gumbel-softmax with the straight-through trick (tau = 5). AdaLLaVA's mask switches whole layers or heads, whose "off"
+state is exact; a dropped *token* has no such state, and the mask's straight-through gradient then measures how
+sensitive the loss is to a patch, not whether keeping it helps. On the smoke model it learned to avoid the question's
+objects, below `random`, whichever way the mask acted (the numbers: docs/adaptive.md, "How it learns"). The default
+estimator is therefore the score function (REINFORCE): the Gumbel top-K draw is a Plackett-Luce sample whose
+log-probability is exact (`plackett_luce_topk`); each question is run with S draws (default 4) and a draw's advantage
+is how much lower its answer loss is than the other draws' mean (leave-one-out baseline). The LLM and the features
+need no gradient, so a step is S forward passes and no backward through the model. The loss is still the LM loss alone
+(no FLOPs or sparsity term), one budget per batch. The straight-through estimator stays available (`--estimator
+straight_through`, the mean-reference variant) to reproduce the plan as written.
 
 * `adaptive_b` (Option B): the vision encoder runs unchanged; the budget embedding attends to the patch features
   (one cross-attention, budget as query) and the fused vector conditions the scores.

@@ -110,6 +110,13 @@ def _dist_version(name: str) -> str:
         return "unknown"
 
 
+# what a run measures of the machine rather than computes: differs between two runs of the same cell (`--retime`
+# keeps the rest; the tests of identical reruns compare everything else)
+MEASURED_COLUMNS = frozenset({
+    "prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "follow_up_prefill_ms_median",
+    "prefill_ms_iqr", "decode_ms_per_token_iqr", "reducer_ms_iqr", "follow_up_prefill_ms_iqr", "timed_batches",
+    "machine_load_other", "cpu_cores", "timing_reliable", "peak_memory_mb", "wall_s", "samples_per_s", "time_utc",
+    "prefill_ms", "decode_ms_per_token", "reducer_ms", "follow_up_prefill_ms"})
 UNRELIABLE_SPREAD = 0.25  # a timing whose interquartile range over batches exceeds this share of its median
 UNRELIABLE_LOAD = 0.25  # other processes' busy threads per core, while the cell ran, above which timings compete
 

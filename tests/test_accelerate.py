@@ -21,6 +21,7 @@ import pytest
 
 import run_bench
 from benchmarks.defaults import SMOKE_MODEL
+from benchmarks.records import MEASURED_COLUMNS
 
 pytestmark = pytest.mark.slow  # every test here launches run_bench.py under accelerate
 REPO = Path(run_bench.__file__).resolve().parent
@@ -82,8 +83,7 @@ def test_two_processes_give_the_results_of_one(tmp_path):
 def differences_but_measured(a: tuple[dict, list[dict]], b: tuple[dict, list[dict]]) -> list:
     """What differs between two summaries and their samples, up to the measured columns of the recomputed cell:
     [(row key or sample index, column, value in a, value in b)]."""
-    measured = {"prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "peak_memory_mb", "wall_s",
-                "samples_per_s", "time_utc", "timed_batches"}
+    measured = MEASURED_COLUMNS
     (rows_a, samples_a), (rows_b, samples_b) = a, b
     out = [(k, None, None, None) for k in set(rows_a) ^ set(rows_b)]
     out += [(k, c, rows_a[k].get(c), rows_b[k].get(c)) for k in set(rows_a) & set(rows_b)

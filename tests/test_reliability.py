@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import run_bench
 from benchmarks.defaults import QWEN_SMOKE_MODEL, SMOKE_MODEL
+from benchmarks.records import MEASURED_COLUMNS
 from benchmarks.tasks import SYNTH_TASKS
 from benchmarks.tasks.synthetic.generate import write_split
 from methods import create_reducer
@@ -30,8 +31,7 @@ from methods.adaptive import ControllerConfig
 pytestmark = pytest.mark.slow  # sweeps end to end, interrupted, corrupted and rerun
 
 REPO = Path(run_bench.__file__).resolve().parent
-MEASURED = {"prefill_ms_median", "decode_ms_per_token_median", "reducer_ms_median", "timed_batches", "peak_memory_mb",
-            "wall_s", "samples_per_s", "time_utc", "git_sha", "prefill_ms", "decode_ms_per_token", "reducer_ms"}
+MEASURED = MEASURED_COLUMNS | {"git_sha"}
 
 
 def unmeasured(out: Path) -> tuple[list[dict], list[dict]]:
@@ -530,11 +530,11 @@ def test_an_image_the_processor_refuses_names_its_task_and_document():
     from PIL import Image  # noqa: PLC0415
     from transformers import AutoProcessor  # noqa: PLC0415
 
-    from benchmarks.lmms_model import DocumentError, ReducedLMM  # noqa: PLC0415
+    from benchmarks.lmms_model import DocumentError, ReducedLMM, Request  # noqa: PLC0415
 
     lm = SimpleNamespace(processor=AutoProcessor.from_pretrained(QWEN_SMOKE_MODEL, local_files_only=True))
     prompt = "<|vision_start|><|image_pad|><|vision_end|>What is it?"
-    chunk = [SimpleNamespace(args=("q", {}, None, doc, "my_task", "test")) for doc in (3, 4)]
+    chunk = [Request("q", {}, None, None, doc, "my_task", "test") for doc in (3, 4)]
     images = [Image.new("RGB", (64, 64)), Image.new("RGB", (2000, 4))]
     with pytest.raises(DocumentError, match=r"my_task doc 4: the processor refuses its 2000x4 image \("):
         ReducedLMM._inputs(lm, chunk, [prompt, prompt], images)

@@ -111,7 +111,9 @@ def unreadable_image(files: list[Path]) -> tuple[Path, int] | None:
 @contextlib.contextmanager
 def quiet_progress(enabled: bool = True):
     """Hold back the progress bars that lmms-eval and datasets draw on stderr (several per cell, and one line per
-    refresh in a log file); whatever else they write there is passed on when the block ends."""
+    refresh in a log file); whatever else they write there is passed on when the block ends. datasets' bars go by its
+    own switch; lmms-eval 0.7.3 has none and passes `disable=` explicitly to its bars (`Postprocessing`, the request
+    building), which overrides tqdm's `TQDM_DISABLE`, so those are filtered out of the held stderr by their shape."""
     if not enabled:
         yield
         return

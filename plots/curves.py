@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.font_manager import FontProperties  # noqa: E402
 
 from plots.data import Results, file_part  # noqa: E402
 
@@ -118,7 +119,9 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict, timed:
 
 # where a budget label may sit beside its point: (x, y) offset in points and the text's alignment
 LABEL_SPOTS = ((4, 4, "left"), (4, -11, "left"), (-4, 4, "right"), (-4, -11, "right"), (4, 13, "left"),
-               (4, -20, "left"), (-4, 13, "right"), (-4, -20, "right"))
+               (4, -20, "left"), (-4, 13, "right"), (-4, -20, "right"),
+               *((dx, dy, ha) for dy in (22, -29, 31, -38) for dx, ha in ((4, "left"), (-4, "right"))),
+               *((dx, dy, ha) for dy in (4, -11, 13, -20) for dx, ha in ((16, "left"), (-16, "right"))))
 
 
 def _budget_labels(ax, labels: list[tuple[float, float, str, str, int]], size: float = 8) -> None:
@@ -136,14 +139,16 @@ def _budget_labels(ax, labels: list[tuple[float, float, str, str, int]], size: f
         clear = clear and all(x1 <= a or b <= x0 or y1 <= c or d <= y0 for a, c, b, d in boxes)
         return clear and not any(x0 - 2 < mx < x1 + 2 and y0 - 2 < my < y1 + 2 for mx, my in marks)
 
+    renderer, font = ax.figure.canvas.get_renderer(), FontProperties(size=size)
     for (x, y, text, colour, curve), (mx, my) in zip(labels, marks, strict=True):
-        width = 0.6 * size * len(text)  # a digit is about 0.6 em wide
+        width, height, _ = (v / per_pt for v in renderer.get_text_width_height_descent(text, font, ismath=False))
         order = [LABEL_SPOTS[(curve + k) % 4] for k in range(4)] + list(LABEL_SPOTS[4:])
         spots = [(dx, dy, ha, (mx + dx - width * (ha == "right"), my + dy, mx + dx + width * (ha == "left"),
-                               my + dy + 0.75 * size)) for dx, dy, ha in order]
+                               my + dy + height)) for dx, dy, ha in order]
         dx, dy, ha, box = next((s for s in spots if free(s[3])), spots[0])
         boxes.append(box)
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=size, color=colour)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va="bottom", fontsize=size,
+                    color=colour)
 
 
 def _error_bars(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour) -> None:

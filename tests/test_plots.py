@@ -265,3 +265,29 @@ def test_the_latency_figure_draws_the_spread_and_leaves_untrusted_timings_off_th
     fastv = set(rows.index[rows["method"] == "fastv"])
     assert fastv <= set(fronts[0]) and not fastv & set(fronts[1])  # FLOPs: a candidate; latency: left out
     assert rings == [{"fastv"}]
+
+
+def test_budget_labels_never_overlap_each_other_nor_leave_the_axes():
+    """Eleven points, eight of them in a diagonal cluster as a figure's methods bunch at one budget: every budget
+    label lands on a spot of its own inside the axes (their drawn extents, measured by the renderer)."""
+    import itertools  # noqa: PLC0415
+
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    from plots.curves import _budget_labels  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=130)
+    pts = [(0.30 + 0.004 * i, 70 + 2 * i) for i in range(8)] + [(0.31, 69), (0.5, 60), (0.7, 90)]
+    for x, y in pts:
+        ax.plot([x], [y], "o")
+    ax.set_xlim(0.2, 0.8)
+    ax.set_ylim(50, 100)
+    _budget_labels(ax, [(x, y, ("0.111", "16", "36")[i % 3], "C0", i) for i, (x, y) in enumerate(pts)])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    inside = ax.get_window_extent(renderer)
+    assert len(boxes) == len(pts)
+    assert not [(i, j) for i, j in itertools.combinations(range(len(boxes)), 2) if boxes[i].overlaps(boxes[j])]
+    assert all(inside.contains(b.x0, b.y0) and inside.contains(b.x1, b.y1) for b in boxes)
+    plt.close(fig)

@@ -28,8 +28,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch.distributed as dist
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 
 
 def launched_world_size() -> int:
@@ -67,25 +67,22 @@ class World:
         return str(device)
 
     def barrier(self) -> None:
-        """Wait for every process (no-op in a single process)."""
+        """Wait for every process (no-op in a single process): accelerate's `wait_for_everyone`."""
         if self.size > 1:
-            dist.barrier()
+            PartialState().wait_for_everyone()
 
     def broadcast(self, obj):
-        """Rank 0's `obj` on every process (picklable objects)."""
+        """Rank 0's `obj` on every process (picklable objects): accelerate's `broadcast_object_list`."""
         if self.size == 1:
             return obj
-        box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_object_list([obj if self.is_main else None], from_process=0)[0]
 
     def gather(self, obj) -> list:
-        """Every process's `obj`, in rank order, on every process (picklable objects)."""
+        """Every process's `obj`, in rank order, on every process (picklable objects): accelerate's
+        `gather_object` of a one-item list each."""
         if self.size == 1:
             return [obj]
-        out = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_object([obj])
 
 
 def current_world(device: str = "cpu") -> World:

@@ -44,6 +44,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.utils import simple_parse_args_string
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from benchmarks.defaults import CONVERSATIONS, controllers
 from benchmarks.distributed import current_world
@@ -110,6 +111,20 @@ def cli_message(e: BaseException, method: str | None, model_class: str = "Reduce
     return lmms_eval_syntax(text, method)
 
 
+def pretrained_config(pretrained: str):
+    """The config of `pretrained`: a local checkpoint folder (`plan.read_config`, its one-line errors), or a model id
+    already in the local Hugging Face cache; a one-line FileNotFoundError when it is neither."""
+    if Path(pretrained).is_dir():
+        return read_config(Path(pretrained))
+    try:
+        config = AutoConfig.from_pretrained(pretrained, local_files_only=True)
+    except Exception:  # noqa: BLE001 - transformers raises OSError, ValueError or HFValidationError for a bad id
+        raise FileNotFoundError(f"--model {pretrained} is not a checkpoint folder (no config.json) nor a model in the "
+                                "local Hugging Face cache") from None
+    family_of(config)  # a foreign family: ValueError, said in one line by the caller
+    return config
+
+
 class DocumentError(ValueError):
     """One document of a task cannot be evaluated (its image unreadable, refused, or not one image); the runner adds
     the task's data files to the message."""
@@ -165,7 +180,7 @@ class ReducedLMM(lmms):
         found = controllers(Path(pretrained), method) if get_reducer_class(method).needs_checkpoint else {}
         if found and "checkpoint" not in method_args:  # the lowest training seed's (seed0 when trained here)
             method_args["checkpoint"] = str(next(iter(found.values())))
-        config = model.config if model is not None else read_config(Path(pretrained))  # a one-line error if not one
+        config = model.config if model is not None else pretrained_config(pretrained)
         self.family = family_of(config)
         if self.family.fixed_tokens and isinstance(budget, float) and 0 < budget < 1:  # every image has the same
             budget = Budget.fraction(budget).at(self.family.layout(config).num_patches)  # count: a fraction is one

@@ -121,8 +121,7 @@ def pretrained_config(pretrained: str):
     except Exception:  # noqa: BLE001 - transformers raises OSError, ValueError or HFValidationError for a bad id
         raise FileNotFoundError(f"--model {pretrained} is not a checkpoint folder (no config.json) nor a model in the "
                                 "local Hugging Face cache") from None
-    family_of(config)  # a foreign family: ValueError, said in one line by the caller
-    return config
+    return config  # a foreign family is refused by the caller's `family_of`, in one line
 
 
 class DocumentError(ValueError):

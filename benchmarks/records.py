@@ -215,19 +215,24 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
             out["follow_up_gmacs"] = round(sum(m.total for m in later) / 1e9, 6)
         relevant = (d.get("doc") or {}).get("relevant_patches")
         if relevant is not None and rec:
-            whole = range(shape.image_tokens(rec))  # the image's visual tokens (relevant_patches index them)
-            kept = set(whole) if rec["kept_indices"] is None else set(rec["kept_indices"])
+            kept = kept_patches(rec, rec, shape)
             hit = len(kept & set(relevant))
             out["relevant_precision"] = round(hit / len(kept), 4) if kept else None
             out["relevant_recall"] = round(hit / len(relevant), 4) if relevant else None
         ups = (d.get("doc") or {}).get("follow_ups") or []
         if ups and rec.get("follow_ups"):  # the second question's patches among those its turn saw
             seen = rec["follow_ups"][0] if "kept_indices" in rec["follow_ups"][0] else rec  # re-prune: its own
-            kept = set(range(shape.image_tokens(rec))) if seen["kept_indices"] is None else set(seen["kept_indices"])
+            kept = kept_patches(seen, rec, shape)
             relevant = set(ups[0]["relevant_patches"])
             out["relevant_recall_turn2"] = round(len(kept & relevant) / len(relevant), 4) if relevant else None
         samples.append(out)
     return samples
+
+
+def kept_patches(trace: dict, rec: dict, shape) -> set[int]:
+    """The patch indices a turn's `trace` kept (`kept_indices`; None: every one of the image's visual tokens, counted
+    from the sample's record `rec`), as `relevant_patches` index them."""
+    return set(range(shape.image_tokens(rec))) if trace["kept_indices"] is None else set(trace["kept_indices"])
 
 
 def cell_records(evaluated, cell: Cell, reducer: TokenReducer, rec: Recorder, config, prov: dict

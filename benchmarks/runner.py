@@ -171,12 +171,8 @@ def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, ve
     ident = identify(plan, spec, tm)
     prov = provenance(ident.conditions, spec.device, spec.config)
     store, recorder = ResultStore(spec.output), Recorder()  # the model writes each sample's trace to `recorder`
-    with store.session(world, spec.model, ident.conditions.key, ident.tasks) as notes:
-        if world.is_main and not force:  # cells of these conditions set aside by an earlier run under others
-            back = store.take_back([(p.cell, p.fingerprint) for p in ident.cells])
-            if back:
-                notes.append(f"{back} cells computed earlier under these conditions taken back from cells/superseded/")
-                store.rebuild()
+    wanted = [] if force else [(p.cell, p.fingerprint) for p in ident.cells]  # taken back if set aside earlier
+    with store.session(world, spec.model, ident.conditions.key, ident.tasks, wanted) as notes:
         for note in notes:
             print(f"note: {note}")
         done = world.broadcast([not force and store.done(p.cell, p.fingerprint) for p in ident.cells])  # rank 0's

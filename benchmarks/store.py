@@ -138,12 +138,14 @@ class ResultStore:
                 f"cannot write to output directory {self.root}: {e.strerror}; pass --output DIR") from e
 
     @contextlib.contextmanager
-    def session(self, world: World, model: Path, run: str, tasks: dict[str, str]) -> Iterator[list[str]]:
+    def session(self, world: World, model: Path, run: str, tasks: dict[str, str],
+                wanted: list[tuple[Cell, str]] = ()) -> Iterator[list[str]]:
         """A run's hold on the folder, as one block. On entering: create it and take the lock (`prepare`), set aside
-        what is not a readable cell of `model` (`set_aside`), and move the cells computed under other conditions
-        than run `run` and the task identities `tasks` to cells/superseded/ (`supersede`); yields notes saying what
-        was moved. On leaving: release the lock; on an error (Ctrl-C included), `abandon` (a run that finished no
-        cell leaves nothing behind). Several processes: rank 0 holds the folder, the others wait for it."""
+        what is not a readable cell of `model` (`set_aside`), move the cells computed under other conditions than
+        run `run` and the task identities `tasks` to cells/superseded/ (`supersede`), and take back from there the
+        (cell, fingerprint) pairs of `wanted` (`take_back`); yields notes saying what was moved. On leaving: release
+        the lock; on an error (Ctrl-C included), `abandon` (a run that finished no cell leaves nothing behind).
+        Several processes: rank 0 holds the folder, the others wait for it."""
         notes: list[str] = []
         if world.is_main:
             self.prepare()
@@ -155,6 +157,10 @@ class ResultStore:
                     notes.append(f"{moved} cells in {self.root} were computed under other conditions (model files, "
                                  "dtype, device, --limit, --seed or the task's files): moved to cells/superseded/, "
                                  f"where a run under their conditions takes them back ({self.superseded_size()})")
+                back = self.take_back(list(wanted))
+                if back:
+                    notes.append(f"{back} cells computed earlier under these conditions taken back from "
+                                 "cells/superseded/")
                 if notes:
                     self.rebuild()
             world.barrier()
@@ -232,15 +238,13 @@ class ResultStore:
             kept = self.cells_dir / "superseded" / self.path(cell, fp).name
             if self.path(cell, fp).is_file() or not kept.is_file() or self._memo(kept)[0] is None:
                 continue
-            for other in self.cells_dir.glob(f"{cell.name}__*.json"):
-                if other.stem.rpartition("__")[0] == cell.name:
-                    self._move(other, "superseded")
+            self._supersede_others(cell, fp)
             os.replace(kept, self.path(cell, fp))
             back += 1
         return back
 
     def superseded_size(self) -> str:
-        """How much cells/superseded/ holds: `12 cells, 3.4 MB`."""
+        """How much cells/superseded/ holds: `it holds 12 cells, 3.4 MB`."""
         files = list((self.cells_dir / "superseded").glob("*.json"))
         return f"it holds {len(files)} cells, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
 
@@ -258,6 +262,10 @@ class ResultStore:
         record = {"cell": cell.name, "fingerprint": fingerprint, "model": str(Path(model).resolve()),
                   "conditions": conditions, "rows": rows, "samples": samples}
         _atomic_write(self.path(cell, fingerprint), json.dumps(record))
+        self._supersede_others(cell, fingerprint)
+
+    def _supersede_others(self, cell: Cell, fingerprint: str) -> None:
+        """Move the cell's files of other fingerprints (other conditions) in cells/ to cells/superseded/."""
         for old in self.cells_dir.glob(f"{cell.name}__*.json"):
             if old.name != self.path(cell, fingerprint).name and old.stem.rpartition("__")[0] == cell.name:
                 self._move(old, "superseded")

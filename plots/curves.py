@@ -6,6 +6,7 @@ reference row (the question's relevant patches first: not a method) as a dotted 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -38,6 +39,7 @@ SPARE_COLOURS = ("#6b3d00", "#800000", "#3f007d", "#737373", "#00a087", "#f39b7f
 CATALOGUE = Path(__file__).resolve().parent.parent / "methods" / "catalogue.json"
 
 
+@functools.cache
 def catalogue() -> dict[str, dict]:
     """The registry's entries by name, from the catalogue file (plots import nothing from `methods`); {} without it."""
     return json.loads(CATALOGUE.read_text()) if CATALOGUE.is_file() else {}
@@ -106,8 +108,8 @@ def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict, timed:
                        label=f"{REFERENCE}'s 95 % interval")
         ax.plot([x[i]], [y[i]], marker="*", color="black", markersize=12, linestyle="none")
     methods = df.index[df["method"] != UPPER]
-    if timed and "timing_reliable" in df.columns:
-        methods = methods[~df.loc[methods, "timing_reliable"].astype(str).isin(["False", "false"])]
+    if timed:
+        methods = methods[~untrusted(df.loc[methods])]
     front = pareto(x[methods], y[methods])
     ax.plot(x[front], y[front], color="grey", linewidth=4, alpha=0.25, drawstyle="steps-post", zorder=0,
             label="Pareto frontier")
@@ -168,6 +170,13 @@ def _error_bars(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour) -> Non
                 bars[2][0].set_linestyle(style)
 
 
+def untrusted(df: pd.DataFrame) -> pd.Series:
+    """Rows whose timing is not to be trusted (`timing_reliable` False); none in results written before the column."""
+    if "timing_reliable" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["timing_reliable"].astype(str).isin(["False", "false"])
+
+
 def _timing_spread(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict, turns: bool) -> None:
     """Each point's timing spread, as a horizontal bar of its interquartile range over batches centred on the median
     (`prefill_ms_iqr`; a conversation's turns' ranges added), and a red ring round a point whose timing is not to be
@@ -180,11 +189,10 @@ def _timing_spread(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dic
             has = rows.index[iqr[rows.index].notna()]
             ax.errorbar(x[has], y[has], xerr=iqr[has] / 2, fmt="none", ecolor=colour.get(method, "black"),
                         elinewidth=1, capsize=2.5, alpha=0.6)
-    if "timing_reliable" in df.columns:
-        bad = df.index[df["timing_reliable"].astype(str).isin(["False", "false"])]
-        if len(bad):
-            ax.scatter(x[bad], y[bad], s=160, facecolors="none", edgecolors="red", linewidths=1.4, zorder=4,
-                       label="timing not trusted (spread or machine load): --retime")
+    bad = df.index[untrusted(df)]
+    if len(bad):
+        ax.scatter(x[bad], y[bad], s=160, facecolors="none", edgecolors="red", linewidths=1.4, zorder=4,
+                   label="timing not trusted (spread or machine load): --retime")
 
 
 def _footer(fig, df: pd.DataFrame) -> None:

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from benchmarks.lmms_model import left_pad
 from flops.analytic import count, model_shape
 from flops.measured import flop_counter_macs, fvcore_prefill_macs
 from flops.shapes import shape_record
@@ -23,7 +24,6 @@ from methods.qwen import ReducedQwen
 from methods.signals import Dims, stand_ins
 from tests.cases import build, takes_budget
 from tests.conftest import IMAGE_TOKEN, QWEN_IMAGE, llava_runner, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
-from tests.test_followup import left_pad
 
 FAMILIES = (LLAVA, QWEN)
 RUNS = [pytest.param(f, m, id=f"{f.model_type}-{m}") for f in FAMILIES for m in list_reducers() if f.runs(m)]
@@ -166,7 +166,7 @@ def test_batch_of_one_equals_batch_of_four_through_the_adapter(models, family, n
     follow = [[int(t) for t in torch.randint(6, 59, (2 + i,), generator=g)] for i in range(4)]  # text ids of both
 
     def ask(gen, rows: list[int]):  # each sample's follow-up after its last answer token, left-padded
-        chunk, chunk_mask = left_pad([[int(gen.tokens[j, -1])] + follow[i] for j, i in enumerate(rows)])
+        chunk, chunk_mask = left_pad([[int(gen.tokens[j, -1])] + follow[i] for j, i in enumerate(rows)], 0)
         return run.ask_again(gen.state, chunk, chunk_mask, 2)
 
     with torch.no_grad():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.lmms_model import left_pad
 from flops.analytic import follow_up, kv_cache_bytes, model_shape
 from flops.measured import flop_counter_macs
 from methods import create_reducer
@@ -16,14 +17,6 @@ from tests.cases import build
 from tests.conftest import llava_runner, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
 
 ANSWER, FOLLOW_UP = 4, 6  # first answer's tokens at most; the follow-up's tokens (before each sample's own offset)
-
-
-def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids, mask = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    return ids, mask
 
 
 def case(family: str, batch: int):
@@ -57,13 +50,13 @@ def test_a_follow_up_on_the_cache_equals_one_prefill_of_both_turns(family, batch
     follow = [torch.randint(lo, hi, (FOLLOW_UP + 2 * i,), generator=g).tolist() for i in range(batch)]
     assert batch == 1 or len(set(map(len, answers))) > 1  # batch 2: the answers differ in length
     # the follow-up's text starts with the last answer token, which decoding produced but never fed
-    chunk, chunk_mask = left_pad([a[-1:] + f for a, f in zip(answers, follow, strict=True)])
+    chunk, chunk_mask = left_pad([a[-1:] + f for a, f in zip(answers, follow, strict=True)], 0)
     second = run.ask_again(first.state, chunk, chunk_mask, max_new_tokens=3)
-    whole, whole_mask = left_pad([p + a + f for p, a, f in zip(prompts, answers, follow, strict=True)])
+    whole, whole_mask = left_pad([p + a + f for p, a, f in zip(prompts, answers, follow, strict=True)], 0)
     once = run.generate(*with_ids(whole, whole_mask), max_new_tokens=3)
     torch.testing.assert_close(second.first_logits, once.first_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(second.tokens, once.tokens)
-    third, third_mask = left_pad([a[-1:] for a in second.tokens[:, :1].tolist()])  # and once more: a third turn
+    third, third_mask = left_pad([a[-1:] for a in second.tokens[:, :1].tolist()], 0)  # and once more: a third turn
     assert run.ask_again(second.state, third, third_mask, max_new_tokens=1).tokens.shape == (batch, 1)
 
 

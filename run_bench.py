@@ -171,6 +171,8 @@ def config_tokens(path: Path, parser: argparse.ArgumentParser, argv: list[str]) 
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         fail(f"cannot be read ({e.strerror})")
+    except UnicodeDecodeError:
+        fail("is not a text file (not UTF-8); a sweep config is YAML text")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         fail(f"is not YAML{f' (line {mark.line + 1})' if mark else ''}: {getattr(e, 'problem', None) or e}")

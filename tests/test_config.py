@@ -10,9 +10,9 @@ import pytest
 import run_bench
 
 
-def write(tmp_path, text: str):
+def write(tmp_path, text: str | bytes):
     path = tmp_path / "sweep.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
@@ -36,6 +36,7 @@ def test_the_file_sets_the_sweep_and_the_command_line_overrides_it(tmp_path):
     ("- full\n", "must be a YAML mapping"),
     ("method_args: [fastv.layer=3]\n", "method_args must map each method to its arguments"),
     ("force: true\n", "unknown key 'force'"),  # an action of one command, not a sweep's setting
+    (b"\xff\xfe\x00bad", "is not a text file (not UTF-8)"),  # a corrupt file
 ])
 def test_a_bad_file_is_one_line_naming_it(tmp_path, capsys, text, message):
     path = write(tmp_path, text)

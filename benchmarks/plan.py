@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from lmms_eval.utils import load_yaml_config
 from transformers import AutoConfig
 
 from benchmarks.defaults import (
@@ -272,7 +272,6 @@ def file_identity(path: str | Path) -> list:
 
 
 HASHED_BYTES = 64 * 2**20  # files up to this size are identified by their content, larger ones by size and mtime
-DATA_FILE = re.compile(r"[\w./~-]+\.(?:parquet|jsonl|json|csv|tsv|arrow)\b")
 
 
 def content_identity(path: Path) -> list:
@@ -288,8 +287,23 @@ def content_identity(path: Path) -> list:
 
 
 def named_data_files(yaml: Path) -> list[Path]:
-    """The local data files a task YAML names (`data_files`) that exist, sorted."""
-    return sorted(f for f in {(yaml.parent / m).resolve() for m in DATA_FILE.findall(yaml.read_text())} if f.is_file())
+    """The local data files a task YAML names (`dataset_kwargs.data_files`, read by lmms-eval's own loader: relative to
+    the YAML, or a `!function` value such as our synthetic tasks' cache paths) that exist, sorted. A YAML that cannot be
+    loaded names none here; building the task reports its error."""
+    try:
+        config = load_yaml_config(yaml_path=str(yaml))
+    except Exception:  # noqa: BLE001 - the task's own build gives the one-line error
+        return []
+    names, todo = [], [(config.get("dataset_kwargs") or {}).get("data_files")]
+    while todo:  # data_files: a path, a list of them, or {split: path or list}
+        value = todo.pop()
+        if isinstance(value, (str, Path)):
+            names.append(value)
+        elif isinstance(value, dict):
+            todo += value.values()
+        elif isinstance(value, (list, tuple)):
+            todo += value
+    return sorted(f for f in {(yaml.parent / Path(n).expanduser()).resolve() for n in names} if f.is_file())
 
 
 def task_data_files(tm, spec: RunSpec, task: str) -> list[Path]:

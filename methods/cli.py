@@ -83,7 +83,12 @@ def at_least(low: int):
 
 
 def parse_method_arg(text: str) -> tuple[str, str, object]:
-    """An argparse type: METHOD.ARG=VALUE -> (method, argument, value as a Python literal, or the plain string)."""
+    """An argparse type: METHOD.ARG=VALUE -> (method, argument, value as a Python literal, or the plain string).
+
+    VALUE is read by Python's own literal parser (`ast.literal_eval`), not as YAML, for a measured reason: the forms
+    users write on a command line, `pdrop.ratios=0.5,0.25,0.125` (a tuple), `x=None` and `x=1e3`, are a string, a
+    string and a string to PyYAML. A sweep config's `method_args` (YAML) reach this parser as the `repr` of what YAML
+    read, so both spellings give the same value; the method's constructor checks it (one line when it is wrong)."""
     head, sep, value = text.partition("=")
     method, dot, arg = head.partition(".")
     if not (sep and dot and method and arg):

@@ -41,11 +41,10 @@ def run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_readme_command_generates_the_task_data(tmp_path):
-    tasks = tmp_path / "tasks"  # a copy: its data file (../data/test.parquet) starts missing
-    shutil.copytree(TASKS, tasks, ignore=shutil.ignore_patterns("__pycache__"))
-    data = tmp_path / "data" / "test.parquet"
-    assert not data.exists()
-    r = run(lmms_eval(f"pretrained={SMOKE_MODEL},method=full", tmp_path, limit=8, include_path=tasks), tmp_path)
+    data = tmp_path / "cache" / "synthetic" / "test.parquet"  # the task's data, in a cache folder that starts empty
+    r = subprocess.run(lmms_eval(f"pretrained={SMOKE_MODEL},method=full", tmp_path, limit=8), cwd=REPO,
+                       env={**env(tmp_path), "TOKEN_REDUCTION_BENCH_CACHE": str(tmp_path / "cache")},
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert data.is_file()

@@ -326,10 +326,8 @@ def my_task(tmp_path: Path, seed: int) -> Path:
         tasks.mkdir(parents=True)
         (tasks / "utils.py").write_text((SYNTH_TASKS / "utils.py").read_text())
         yaml = (SYNTH_TASKS / "synth_vqa.yaml").read_text().replace("task: synth_vqa", "task: my_vqa")
-        (tasks / "my_vqa.yaml").write_text(yaml.replace("../data/test.parquet", "../mydata/test.parquet"))
+        (tasks / "my_vqa.yaml").write_text(yaml.replace("!function utils.test_file", "../mydata/test.parquet"))
     write_split(tmp_path / "mydata" / "test.parquet", "test", 6, seed)
-    if not (tmp_path / "data" / "test.parquet").is_file():  # the copied utils.py writes its own data only if missing
-        write_split(tmp_path / "data" / "test.parquet", "test", 6, seed)
     return tasks
 
 

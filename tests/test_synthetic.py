@@ -14,7 +14,9 @@ import yaml
 from lmms_eval import evaluator
 from lmms_eval.api.model import lmms
 from lmms_eval.tasks import TaskManager
+from lmms_eval.utils import load_yaml_config
 
+from benchmarks.plan import named_data_files
 from benchmarks.tasks.synthetic import generate as g
 from benchmarks.tasks.synthetic.tasks import utils as task_utils
 
@@ -106,6 +108,27 @@ def test_ensure_test_data_rewrites_stale_files(tmp_path: Path) -> None:
     stamp = path.stat().st_mtime_ns
     g.ensure_test_data(path, n=5)
     assert path.stat().st_mtime_ns == stamp, "an up-to-date file must not be rewritten"
+
+
+def test_task_data_lives_in_a_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The XDG convention (as HF_HOME's default), our own variable first; lmms-eval's loader and the runner's cell
+    identity both read each synthetic task's data there, written on first use, never inside the package."""
+    monkeypatch.delenv(g.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert g.data_dir() == tmp_path / "xdg" / "token-reduction-bench" / "synthetic"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert g.data_dir() == tmp_path / "home" / ".cache" / "token-reduction-bench" / "synthetic"
+    monkeypatch.setenv(g.CACHE_ENV, str(tmp_path / "mine"))
+    monkeypatch.setattr(g, "DEFAULT_TEST_N", 6)  # a short split, written faster
+    assert g.SYNTH_VQA.test_file == tmp_path / "mine" / "synthetic" / "test.parquet"
+
+    yamls = sorted(TASKS_DIR.glob("*.yaml"))
+    for task_yaml in yamls:  # what lmms-eval reads: the cache file, written while its loader runs the utils file
+        test = load_yaml_config(str(task_yaml))["dataset_kwargs"]["data_files"]["test"]
+        assert Path(test).parent == tmp_path / "mine" / "synthetic" and Path(test).is_file(), task_yaml.name
+        assert named_data_files(task_yaml) == [Path(test)]  # and what a cell's identity hashes
+    assert len(list((tmp_path / "mine" / "synthetic").iterdir())) == len(yamls)
 
 
 def _dummy_lmms(seen: list) -> object:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.tasks.synthetic.generate import COLOR_NAMES, DATA_DIR, GRID, NUM_PATCHES, SHAPES, Generator, Obj, Sample
+from benchmarks.tasks.synthetic.generate import COLOR_NAMES, GRID, NUM_PATCHES, SHAPES, Generator, Obj, Sample
 from benchmarks.tasks.synthetic.scenes import (
     BACKGROUNDS,
     LEFT_COLS,
@@ -97,4 +97,4 @@ def generate_followup(seed: int, index: int) -> Sample:
                   first["relevant_patches"], follow_ups=turns[1:])
 
 
-SYNTH_SCENES_FOLLOWUP = Generator("followup", generate_followup, SPLIT_SEEDS, DATA_DIR / "followup_test.parquet")
+SYNTH_SCENES_FOLLOWUP = Generator("followup", generate_followup, SPLIT_SEEDS, "followup_test.parquet")

@@ -41,7 +41,7 @@ Design (fixed before any reduction method was tuned on it):
 
 Usage::
 
-    python -m benchmarks.tasks.synthetic.generate                      # default test split -> data/test.parquet
+    python -m benchmarks.tasks.synthetic.generate                      # default test split -> <data_dir()>/test.parquet
     python -m benchmarks.tasks.synthetic.generate --split train --n 5000 --out /tmp/train.parquet
 """
 
@@ -51,6 +51,7 @@ import argparse
 import io
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ QTYPES: tuple[str, ...] = ("color", "shape", "count", "exists", "position")
 ANSWERS: tuple[str, ...] = (*COLOR_NAMES, *SHAPES, "1", "2", "3", "yes", "no", "left", "right")
 SPLIT_SEEDS: dict[str, int] = {"train": 1, "val": 2, "test": 3}
 DEFAULT_TEST_N = 1000
-DATA_DIR = Path(__file__).resolve().parent / "data"
+CACHE_ENV = "TOKEN_REDUCTION_BENCH_CACHE"
 RADIUS_RANGE = (5.0, 6.0)
 LEFT_MAX_X, RIGHT_MIN_X = 30.0, 66.0  # position questions: object centre x bounds (midline at 48)
 
@@ -118,13 +119,30 @@ class Generator:
         name: record id prefix (``{name}-{split}-{i:06d}``).
         sample: (seed, index) -> `Sample`, a pure function of both.
         seeds: default seed of each split.
-        test_file: where the task's YAML reads its test split.
+        test_name: file name of its test split in `data_dir()`, where the task's YAML reads it.
     """
 
     name: str
     sample: Callable[[int, int], Sample]
     seeds: dict[str, int]
-    test_file: Path
+    test_name: str
+
+    @property
+    def test_file(self) -> Path:
+        """The test split the task reads: ``data_dir() / test_name``."""
+        return data_dir() / self.test_name
+
+
+def data_dir() -> Path:
+    """Where the synthetic tasks' generated data lives: a cache folder, by the XDG convention Hugging Face's `HF_HOME`
+    follows too. ``$TOKEN_REDUCTION_BENCH_CACHE/synthetic`` when that is set, else
+    ``$XDG_CACHE_HOME/token-reduction-bench/synthetic`` (default ``~/.cache/token-reduction-bench/synthetic``). Read at
+    each call, so a change of the environment takes effect at once. The files are deterministic and rewritten when
+    stale, so deleting the folder costs a few seconds."""
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "token-reduction-bench"
+    return Path(root).expanduser() / "synthetic"
 
 
 def object_mask(obj: Obj, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -304,7 +322,7 @@ def generate_sample(seed: int, index: int) -> Sample:
     return Sample(image, objects, question, answer, qtype, relevant_patches([o for o in objects if about(o)]))
 
 
-SYNTH_VQA = Generator("synth", generate_sample, SPLIT_SEEDS, DATA_DIR / "test.parquet")
+SYNTH_VQA = Generator("synth", generate_sample, SPLIT_SEEDS, "test.parquet")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -386,24 +404,24 @@ def write_split(path: str | Path, split: str, n: int, seed: int | None = None, g
     return path
 
 
-def ensure_test_data(path: str | Path | None = None, n: int = DEFAULT_TEST_N, seed: int | None = None,
+def ensure_test_data(path: str | Path | None = None, n: int | None = None, seed: int | None = None,
                      gen: Generator | None = None) -> Path:
-    """Write a task's default test split (`gen`, default `SYNTH_VQA`: ``benchmarks/tasks/synthetic/data/test.parquet``)
-    unless it is already there.
+    """Write a task's default test split (`gen`, default `SYNTH_VQA`: ``data_dir() / "test.parquet"``) unless it is
+    already there.
 
     An existing file is kept only if it has `n` rows and its first records match what this generator makes now, so
     data left over from an older benchmark version is rewritten.
 
     Args:
         path: Output file; defaults to the generator's `test_file` (the file its task reads).
-        n: Number of questions (default 1000, 200 per type).
+        n: Number of questions (default `DEFAULT_TEST_N`, 1000: 200 per type).
         seed: Split seed (default the generator's test seed).
         gen: The task's generator.
 
     Returns:
         Path of the parquet file.
     """
-    gen = gen or SYNTH_VQA
+    gen, n = gen or SYNTH_VQA, n or DEFAULT_TEST_N
     path = Path(path) if path is not None else gen.test_file
     seed = gen.seeds["test"] if seed is None else seed
     if path.exists():
@@ -415,6 +433,27 @@ def ensure_test_data(path: str | Path | None = None, n: int = DEFAULT_TEST_N, se
     return write_split(path, "test", n, seed, gen)
 
 
+def task_data_file(gen: Generator, task: str, write: bool) -> str:
+    """A synthetic task's data file, as its YAML reads it (``data_files: {test: !function <utils>.test_file}``:
+    lmms-eval's YAML loader returns whatever attribute the tag names, here this path). With `write` (lmms-eval's loader
+    executing the task's utils file, before the dataset loads) a missing file is written first; a stale one is left
+    to `run_bench.py`, which refreshes it.
+
+    Args:
+        gen: The task's generator.
+        task: The task's name, for the message.
+        write: Whether to write a missing file.
+
+    Returns:
+        The file's path, as a string.
+    """
+    path = gen.test_file
+    if write and not path.exists():
+        print(f"{task}: writing the task's data to {path} (first use; deterministic, a few seconds)", file=sys.stderr)
+        ensure_test_data(gen=gen)
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point: write one split as parquet."""
     parser = argparse.ArgumentParser(
@@ -422,15 +461,16 @@ def main(argv: list[str] | None = None) -> None:
         description="Generate the synthetic VQA benchmark (96x96 images, 144 patches of 8 px, 5 question types) "
         "as a parquet file that the lmms-eval task 'synth_vqa' can read.",
         epilog="The default writes the held-out test split (1000 questions, seed 3) to "
-        "benchmarks/tasks/synthetic/data/test.parquet, which the task reads. Same seed -> identical records.",
+        "test.parquet in the cache folder the task reads ($TOKEN_REDUCTION_BENCH_CACHE/synthetic, else "
+        "$XDG_CACHE_HOME/token-reduction-bench/synthetic, default ~/.cache/...). Same seed -> identical records.",
     )
     parser.add_argument("--split", default="test", help="split name used in record ids (default: test)")
     parser.add_argument("--n", type=int, default=DEFAULT_TEST_N, help="number of questions (default: 1000)")
     parser.add_argument("--seed", type=int, default=None, help="split seed (default: train=1, val=2, test=3)")
-    parser.add_argument("--out", type=Path, default=None, help="output parquet (default: data/<split>.parquet)")
+    parser.add_argument("--out", type=Path, default=None, help="output parquet (default: <cache>/<split>.parquet)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = parser.parse_args(argv)
-    out = args.out or DATA_DIR / f"{args.split}.parquet"
+    out = args.out or data_dir() / f"{args.split}.parquet"
     if out.exists() and not args.force:
         parser.exit(0, f"{out} exists; pass --force to regenerate it\n")
     print(f"wrote {write_split(out, args.split, args.n, args.seed)}")

@@ -74,7 +74,6 @@ import numpy as np
 from benchmarks.tasks.synthetic.generate import (
     COLOR_NAMES,
     COLORS,
-    DATA_DIR,
     GRID,
     IMAGE_SIZE,
     NUM_PATCHES,
@@ -189,4 +188,4 @@ def generate_scene(seed: int, index: int) -> Sample:
     return Sample(image, [objects[int(k)] for k in order], question, answer, qtype, relevant)
 
 
-SYNTH_SCENES = Generator("scenes", generate_scene, SPLIT_SEEDS, DATA_DIR / "scenes_test.parquet")
+SYNTH_SCENES = Generator("scenes", generate_scene, SPLIT_SEEDS, "scenes_test.parquet")

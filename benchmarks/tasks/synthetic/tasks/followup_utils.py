@@ -6,24 +6,20 @@ The protocol is lmms-eval's: the request's context is turn 1's text; after each 
 round_results, round_info)``: ``visuals`` None (the same image), the text of turn ``r + 1``, and ``terminal`` True once
 every turn is answered. The prompt wording and the scoring are `synth_scenes`' (`utils.py`).
 
-As `utils.py` does for its task, this file writes the task's data (``../data/followup_test.parquet``) when lmms-eval
-executes it while parsing the YAML, before the dataset loads; a plain import writes nothing.
+As `utils.py` does for its task, this file names the task's data file (`test_file`, in the cache folder) and writes it
+when lmms-eval executes the file while parsing the YAML, before the dataset loads; a plain import writes nothing.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 from benchmarks.tasks.synthetic.followup import SYNTH_SCENES_FOLLOWUP
-from benchmarks.tasks.synthetic.generate import ensure_test_data
+from benchmarks.tasks.synthetic.generate import task_data_file
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text as question_text
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_visual, mean_ignore_none, normalize_answer
 
 __all__ = ["doc_to_text", "doc_to_visual", "mean_ignore_none", "process_results", "turns"]
-# the YAML's `../data/followup_test.parquet`, resolved the way the OS opens it
-DATA_FILE = Path(__file__).parent.resolve().parent / "data" / SYNTH_SCENES_FOLLOWUP.test_file.name
 
 
 def turns(doc: dict) -> list[dict]:
@@ -56,7 +52,6 @@ def process_results(doc: dict, results: list) -> dict[str, Any]:
     return out
 
 
-if __name__ != "benchmarks.tasks.synthetic.tasks.followup_utils" and not DATA_FILE.exists():  # lmms-eval's loader
-    print(f"synth_scenes_followup: writing the task's data to {DATA_FILE} (first use; deterministic, a few seconds)",
-          file=sys.stderr)
-    ensure_test_data(DATA_FILE, gen=SYNTH_SCENES_FOLLOWUP)
+# the YAML's data file; written when missing if lmms-eval's YAML loader runs this file
+test_file = task_data_file(SYNTH_SCENES_FOLLOWUP, "synth_scenes_followup",
+                           write=__name__ != "benchmarks.tasks.synthetic.tasks.followup_utils")

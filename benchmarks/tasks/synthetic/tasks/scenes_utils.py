@@ -1,23 +1,19 @@
 """lmms-eval hooks for the ``synth_scenes`` task (`benchmarks/tasks/synthetic/scenes.py`); the prompt, the scoring and
 the aggregation are `synth_vqa`'s (`utils.py`), with this task's question types.
 
-As `utils.py` does for its task, this file writes the task's data (``../data/scenes_test.parquet``) when lmms-eval
-executes it while parsing the YAML, before the dataset loads; a plain import writes nothing.
+As `utils.py` does for its task, this file names the task's data file (`test_file`, in the cache folder) and writes it
+when lmms-eval executes the file while parsing the YAML, before the dataset loads; a plain import writes nothing.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-from benchmarks.tasks.synthetic.generate import ensure_test_data
+from benchmarks.tasks.synthetic.generate import task_data_file
 from benchmarks.tasks.synthetic.scenes import QTYPES, SYNTH_SCENES
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text, doc_to_visual, mean_ignore_none, normalize_answer
 
 __all__ = ["doc_to_text", "doc_to_visual", "mean_ignore_none", "process_results"]
-# the YAML's `../data/scenes_test.parquet`, resolved the way the OS opens it
-DATA_FILE = Path(__file__).parent.resolve().parent / "data" / SYNTH_SCENES.test_file.name
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, Any]:
@@ -27,7 +23,6 @@ def process_results(doc: dict, results: list[str]) -> dict[str, Any]:
     return {"exact_match": hit} | {f"acc_{q}": (hit if doc["qtype"] == q else None) for q in QTYPES}
 
 
-if __name__ != "benchmarks.tasks.synthetic.tasks.scenes_utils" and not DATA_FILE.exists():  # run by lmms-eval's loader
-    print(f"synth_scenes: writing the task's data to {DATA_FILE} (first use; deterministic, a few seconds)",
-          file=sys.stderr)
-    ensure_test_data(DATA_FILE, gen=SYNTH_SCENES)
+# the YAML's data file; written when missing if lmms-eval's YAML loader runs this file
+test_file = task_data_file(SYNTH_SCENES, "synth_scenes",
+                           write=__name__ != "benchmarks.tasks.synthetic.tasks.scenes_utils")

@@ -6,42 +6,23 @@ returns (wrapped by the LLaVA-1.5 chat template), so evaluation and training can
 Metrics per doc: ``exact_match`` (normalised string equality) and ``acc_<qtype>`` for the doc's own question
 type; the other ``acc_*`` keys are None and `mean_ignore_none` skips them.
 
-The task finds or makes its own data: lmms-eval executes this file (as a module named ``utils``) while it parses
-the YAML's ``!function utils.*`` entries, which is before it resolves the YAML's ``data_files`` and loads the
-dataset, so the import below writes ``../data/test.parquet`` (relative to this folder, the path the YAML reads) when
-it is missing. A plain ``import benchmarks.tasks.synthetic.tasks.utils`` (training, tests) writes nothing.
+The task finds or makes its own data, in a cache folder (`generate.data_dir`): the YAML's ``data_files`` names this
+file's `test_file`, and lmms-eval executes this file (as a module named ``utils``) while it parses the YAML, before it
+loads the dataset, so `test_file` is written then when it is missing. A plain
+``import benchmarks.tasks.synthetic.tasks.utils`` (training, tests) writes nothing.
 """
 
 from __future__ import annotations
 
 import re
 import string
-import sys
-from pathlib import Path
 from typing import Any
 
-from benchmarks.tasks.synthetic.generate import QTYPES, ensure_test_data
+from benchmarks.tasks.synthetic.generate import QTYPES, SYNTH_VQA, task_data_file
 
 PRE_PROMPT = ""
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-# the YAML's `../data/test.parquet`: resolved the way the OS opens it (this folder's real path, then its parent)
-DATA_FILE = Path(__file__).parent.resolve().parent / "data" / "test.parquet"
-
-
-def ensure_data() -> Path:
-    """Write the task's data file (`DATA_FILE`) when it is missing; an existing file is never replaced here (it may
-    be a user's own, in a copy of this folder; `run_bench.py` refreshes the project's own copy when it is stale).
-
-    The data is the default test split of `benchmarks.tasks.synthetic.generate` (1000 questions, seed 3, deterministic).
-    """
-    if DATA_FILE.exists():
-        return DATA_FILE
-    print(f"synth_vqa: writing the task's data to {DATA_FILE} (first use; deterministic, a few seconds)",
-          file=sys.stderr)
-    return ensure_test_data(DATA_FILE)
-
-
 def doc_to_visual(doc: dict) -> list:
     """The doc's image as a one-element list of RGB PIL images."""
     return [doc["image"].convert("RGB")]
@@ -89,6 +70,5 @@ def mean_ignore_none(values: list[float | None]) -> float:
     return sum(kept) / len(kept) if kept else float("nan")
 
 
-# executed by lmms-eval's YAML loader, before the dataset loads
-if __name__ != "benchmarks.tasks.synthetic.tasks.utils":
-    ensure_data()
+# the YAML's data file; written when missing if lmms-eval's YAML loader runs this file
+test_file = task_data_file(SYNTH_VQA, "synth_vqa", write=__name__ != "benchmarks.tasks.synthetic.tasks.utils")

@@ -321,7 +321,7 @@ def _main(args: argparse.Namespace) -> int:
         costs = plan_costs(plan, spec, DRY_RUN_TEXT_TOKENS)
         print(plan_table(costs))
         total = [c["gflops_per_sample"] * c["samples"] for c in costs if c["gflops_per_sample"] and c["samples"]]
-        print(wrap(f"estimated prefill cost: {sum(total) / 1e3:.4g} TFLOPs in all (FLOPs counter, assuming "
+        print(wrap(f"estimated prefill cost: {sum(total):.4g} GFLOPs in all (FLOPs counter, assuming "
                    f"{DRY_RUN_TEXT_TOKENS} text tokens per prompt; decoding adds a few percent for short answers; a "
                    "conversation's later turns are not priced here)"))
         return 0

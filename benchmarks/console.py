@@ -47,10 +47,10 @@ def cell_line(index: int, total: int, rows: list[dict]) -> str:
         return f"[{index}/{total}] no results"
     value = _number(main["value"])
     percent = value is not None and 0.0 <= value <= 1.0
-    tflops, tokens = _number(main.get("prefill_tflops_mean")), _number(main.get("visual_tokens_mean"))
+    gflops, tokens = _number(main.get("prefill_gflops_mean")), _number(main.get("visual_tokens_mean"))
     parts = [f"{main['metric']} {_score(value, percent)}",
              "-" if tokens is None else f"{tokens:.1f} visual tokens",
-             "-" if tflops is None else f"{1e3 * tflops:.4g} prefill GFLOPs",
+             "-" if gflops is None else f"{gflops:.4g} prefill GFLOPs",
              f"{_number(main.get('wall_s')) or 0:.1f} s"]
     seed = main.get("controller_seed")
     method = main["method"] + ("" if seed in (None, "") else f"[{seed}]")  # a learned method's training seed
@@ -91,7 +91,7 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
             vs_full = paired.get((task, str(r["budget"]), r["method"], "full"))
             best = paired.get((task, str(r["budget"]), r["method"], "best other"))
             delta = None if value is None or ref is None or r["method"] == "full" else (value - ref) * scale
-            tflops, ms = _number(r.get("prefill_tflops_mean")), _number(r.get("prefill_ms_median"))
+            gflops, ms = _number(r.get("prefill_gflops_mean")), _number(r.get("prefill_ms_median"))
             tokens = _number(r.get("visual_tokens_mean"))
             name = r["method"] + (f" x{r['seeds']}" if r.get("seeds", 1) > 1 else "") + (
                 " (ref)" if r["method"] in not_methods else "")
@@ -100,7 +100,7 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> st
                               " pt" if pct else ""),
                           f"{_difference(best, unit=False)} {best['reference']}" if best else "",
                           "-" if tokens is None else f"{tokens:.1f}",
-                          "-" if tflops is None else f"{1e3 * tflops:.4g}",
+                          "-" if gflops is None else f"{gflops:.4g}",
                           "-" if ms is None else f"{ms:.4g}" + ("" if _reliable(r) else "?")])
         headers = ["method", "budget", metric, "95 % CI", "vs full", "vs best other, pt", "tokens", "GFLOPs",
                    "prefill ms"]
@@ -143,7 +143,7 @@ def _over_seeds(rows: list[dict]) -> list[dict]:
             out += group
             continue
         mean = {k: _mean_of([_number(r.get(k)) for r in group]) for k in
-                ("prefill_tflops_mean", "prefill_ms_median", "visual_tokens_mean")}
+                ("prefill_gflops_mean", "prefill_ms_median", "visual_tokens_mean")}
         out.append({**group[0], **mean, "timing_reliable": all(_reliable(r) for r in group),
                     "value": sum(values) / len(values), "seeds": len(group),
                     "seed_min": min(values), "seed_max": max(values), "ci95_low": None, "ci95_high": None})
@@ -172,9 +172,9 @@ def plan_table(plan: list[dict]) -> str:
     table = []
     for p in plan:
         per = p["gflops_per_sample"]
-        total = None if per is None or p["samples"] is None else per * p["samples"] / 1e3
+        total = None if per is None or p["samples"] is None else per * p["samples"]
         table.append([_task(p), p["method"], p["budget"], "?" if p["samples"] is None else p["samples"],
                       "-" if per is None else f"{per:.4g}", "?" if total is None else f"{total:.4g}"])
-    headers = ["task", "method", "budget", "samples", "prefill GFLOPs per sample", "prefill TFLOPs per cell"]
+    headers = ["task", "method", "budget", "samples", "prefill GFLOPs per sample", "prefill GFLOPs per cell"]
     return tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True,
                     colalign=("left", "left", "right", "right", "right", "right"))

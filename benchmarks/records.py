@@ -202,17 +202,17 @@ def sample_records(res: dict, cell: Cell, traces: dict[tuple[str, int], dict], c
             "conversation": cell.conversation, "doc_id": d["doc_id"],
             "prediction": d["filtered_resps"][0] if d.get("filtered_resps") else None, "target": d.get("target"),
             "correct": float(correct) if isinstance(correct, (int, float)) else None,
-            **rec,
-            "prefill_gmacs": None if macs is None else round(macs.prefill / 1e9, 6),
-            "llm_prefill_gmacs": None if macs is None else round(macs.llm_prefill / 1e9, 6),
-            "reducer_gmacs": None if macs is None else round(macs.reducer / 1e9, 6),
-            "total_gmacs": None if macs is None else round((macs.total + sum(m.total for m in later)) / 1e9, 6),
+            **{k: v for k, v in rec.items() if k != "reducer_macs"},  # the trace; its MACs as `reducer_gflops`
+            "prefill_gflops": None if macs is None else round(2 * macs.prefill / 1e9, 6),
+            "llm_prefill_gflops": None if macs is None else round(2 * macs.llm_prefill / 1e9, 6),
+            "reducer_gflops": None if macs is None else round(2 * macs.reducer / 1e9, 6),
+            "total_gflops": None if macs is None else round(2 * (macs.total + sum(m.total for m in later)) / 1e9, 6),
             "kv_cache_mb": None if macs is None else round(conversation_kv_bytes(rec, shape, value_bytes) / 2**20, 4),
         }
-        if "follow_ups" in rec:  # a conversation: its later turns' MACs (in `total_gmacs` too; `prefill_gmacs` is
+        if "follow_ups" in rec:  # a conversation: its later turns' FLOPs (in `total_gflops` too; `prefill_gflops` is
             # the first turn's); `kv_cache_mb` is the cache after its last turn
-            out["follow_up_prefill_gmacs"] = round(sum(m.prefill for m in later) / 1e9, 6)
-            out["follow_up_gmacs"] = round(sum(m.total for m in later) / 1e9, 6)
+            out["follow_up_prefill_gflops"] = round(2 * sum(m.prefill for m in later) / 1e9, 6)
+            out["follow_up_gflops"] = round(2 * sum(m.total for m in later) / 1e9, 6)
         relevant = (d.get("doc") or {}).get("relevant_patches")
         if relevant is not None and rec:
             kept = kept_patches(rec, rec, shape)
@@ -255,8 +255,8 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
                  prov: dict) -> list[dict]:
     """One flat row per metric of the cell, with the cell's token, FLOPs and timing means."""
 
-    def mean_of(key: str, scale: float = 1.0, digits: int = 3) -> float | None:
-        return _mean([scale * s[key] for s in samples if s.get(key) is not None], digits)
+    def mean_of(key: str, digits: int = 3) -> float | None:
+        return _mean([s[key] for s in samples if s.get(key) is not None], digits)
 
     visual = [s["visual_tokens"] for s in samples if "visual_tokens" in s]
     common = {
@@ -269,11 +269,12 @@ def summary_rows(res: dict, cell: Cell, samples: list[dict], reducer: TokenReduc
                                           if "llm_tokens_per_layer" in s]),
         "generated_tokens_mean": mean_of("generated_tokens"),
         "kv_cache_mb_mean": mean_of("kv_cache_mb", digits=4),
-        **{f"{k}_tflops_mean": mean_of(f"{k}_gmacs", 2e-3, 6) for k in ("prefill", "llm_prefill", "reducer", "total")},
+        **{f"{k}_gflops_mean": mean_of(f"{k}_gflops", digits=6)
+           for k in ("prefill", "llm_prefill", "reducer", "total")},
         "relevant_precision_mean": mean_of("relevant_precision", digits=4),
         "relevant_recall_mean": mean_of("relevant_recall", digits=4),
-        **({"follow_up_prefill_tflops_mean": mean_of("follow_up_prefill_gmacs", 2e-3, 6),
-            "follow_up_tflops_mean": mean_of("follow_up_gmacs", 2e-3, 6),
+        **({"follow_up_prefill_gflops_mean": mean_of("follow_up_prefill_gflops", digits=6),
+            "follow_up_gflops_mean": mean_of("follow_up_gflops", digits=6),
             "relevant_recall_turn2_mean": mean_of("relevant_recall_turn2", digits=4)}
            if cell.conversation else {}),
         "wall_s": round(wall, 3), "samples_per_s": round(len(samples) / wall, 3) if wall > 0 else None,

@@ -76,7 +76,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
 
 def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) -> list[dict]:
     """Paired comparisons from sample records (`task`, `method`, `budget`, `doc_id`, `correct`: the primary metric of
-    the doc; `prefill_gmacs` for the equal-compute kind). Per task, one row per (cell, reference) of these kinds
+    the doc; `prefill_gflops` for the equal-compute kind). Per task, one row per (cell, reference) of these kinds
     (`reference_kind`), over the questions both answered:
 
     * `full`: every cell against the task's `full` cell;
@@ -109,16 +109,16 @@ def comparisons(samples: list[dict], registry: dict[str, dict] | None = None) ->
     in_llm = {m for m, e in registry.items() if e.get("site") == "llm"}
     not_methods = {m for m, e in registry.items() if e.get("reference")}
     per_seed: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    gmacs: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    gflops: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for s in samples:
         if isinstance(s.get("correct"), (int, float)):
             key = (_task_key(s), s["method"], str(s["budget"]))
             per_seed[key][s["doc_id"]].append(float(s["correct"]))
-            if isinstance(s.get("prefill_gmacs"), (int, float)):
-                gmacs[key].append(float(s["prefill_gmacs"]))
+            if isinstance(s.get("prefill_gflops"), (int, float)):
+                gflops[key].append(float(s["prefill_gflops"]))
     # a learned method's cells of several controllers (training seeds): each question's score is their mean
     scores = {k: {d: float(np.mean(v)) for d, v in docs.items()} for k, docs in per_seed.items()}
-    cost = {k: float(np.mean(v)) for k, v in gmacs.items() if len(v) == sum(map(len, per_seed[k].values()))}
+    cost = {k: float(np.mean(v)) for k, v in gflops.items() if len(v) == sum(map(len, per_seed[k].values()))}
     fractions = {t for t, _, _ in scores} - {t for (t, _, _), v in scores.items() if not all(0 <= x <= 1
                                                                                            for x in v.values())}
     out = []
@@ -191,7 +191,7 @@ def _task_key(s: dict) -> str:
 
 
 def _curve(task: str, method: str, scores: dict, cost: dict) -> list[tuple[float, float, dict[int, float]]]:
-    """(mean prefill GMACs, budget, per-question scores) of `method`'s cells with a numeric budget, cheapest first."""
+    """(mean prefill GFLOPs, budget, per-question scores) of `method`'s cells with a numeric budget, cheapest first."""
     pts = []
     for (t, m, b), v in scores.items():
         if t != task or m != method or (t, m, b) not in cost:
@@ -203,7 +203,7 @@ def _curve(task: str, method: str, scores: dict, cost: dict) -> list[tuple[float
 
 
 def _at_flops(curve: list, x: float) -> tuple[float, dict[int, float]] | None:
-    """The curve's (budget, per-question scores) at mean prefill GMACs `x`, linearly between its two neighbouring
+    """The curve's (budget, per-question scores) at mean prefill GFLOPs `x`, linearly between its two neighbouring
     cells (questions both answered); None outside its range or with fewer than two cells unless one sits at `x`."""
     for (x0, b0, s0), (x1, b1, s1) in itertools.pairwise(curve):
         if x0 <= x <= x1 and x1 > x0:

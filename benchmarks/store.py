@@ -34,9 +34,9 @@ SUMMARY_COLUMNS = [
     "task", "method", "budget", "budget_tokens", "controller_seed", "conversation", "metric", "value", "ci95_low",
     "ci95_high", "primary", "n",
     "visual_tokens_mean", "visual_tokens_max", "visual_tokens_layer_mean",
-    "llm_prefill_tokens_mean", "generated_tokens_mean", "kv_cache_mb_mean", "prefill_tflops_mean",
-    "llm_prefill_tflops_mean", "reducer_tflops_mean", "total_tflops_mean", "relevant_precision_mean",
-    "relevant_recall_mean", "follow_up_prefill_tflops_mean", "follow_up_tflops_mean", "relevant_recall_turn2_mean",
+    "llm_prefill_tokens_mean", "generated_tokens_mean", "kv_cache_mb_mean", "prefill_gflops_mean",
+    "llm_prefill_gflops_mean", "reducer_gflops_mean", "total_gflops_mean", "relevant_precision_mean",
+    "relevant_recall_mean", "follow_up_prefill_gflops_mean", "follow_up_gflops_mean", "relevant_recall_turn2_mean",
     "prefill_ms_median", "prefill_ms_iqr", "decode_ms_per_token_median", "decode_ms_per_token_iqr",
     "reducer_ms_median", "reducer_ms_iqr", "follow_up_prefill_ms_median", "follow_up_prefill_ms_iqr",
     "timed_batches", "machine_load_other", "cpu_cores", "timing_reliable", "peak_memory_mb", "wall_s",
@@ -47,6 +47,32 @@ SUMMARY_COLUMNS = [
 COMPARISON_COLUMNS = ["task", "conversation", "budget", "method", "reference", "reference_kind", "reference_budget",
                       "n_paired", "difference_pts", "difference_ci95_low_pts", "difference_ci95_high_pts", "mcnemar_p",
                       "significant", "p_adjusted_bh", "significant_bh"]
+
+
+# FLOPs columns of cells written before one unit (GFLOPs) everywhere: old name -> (new name, factor)
+OLD_FLOPS_COLUMNS = {
+    **{f"{k}_tflops_mean": (f"{k}_gflops_mean", 1e3) for k in
+       ("prefill", "llm_prefill", "reducer", "total", "follow_up_prefill", "follow_up")},
+    **{f"{k}_gmacs": (f"{k}_gflops", 2.0) for k in
+       ("prefill", "llm_prefill", "reducer", "total", "follow_up_prefill", "follow_up")},
+}
+
+
+def upgraded(data: dict) -> dict:
+    """A cell file's content in the current columns: a cell written before `budget_tokens` gets it, and one written
+    before FLOPs had one unit its GFLOPs (summary TFLOPs x 1000, samples' GMACs x 2, and no `reducer_macs`). The file
+    itself is not changed; its cell is taken as it is, like any other cell of an earlier code version."""
+    for r in data["rows"]:
+        if "budget_tokens" not in r:
+            r["budget_tokens"] = budget_tokens(Budget.of(r["budget"]), r.get("visual_tokens_mean"))
+    for s in data["samples"]:
+        s.pop("reducer_macs", None)  # the trace's count, now only as `reducer_gflops`
+    for r in [*data["rows"], *data["samples"]]:
+        for old in [k for k in r if k in OLD_FLOPS_COLUMNS]:
+            new, factor = OLD_FLOPS_COLUMNS[old]
+            value = r.pop(old)
+            r[new] = None if value is None else round(factor * value, 6)
+    return data
 
 
 class DiskFullError(OSError):
@@ -325,7 +351,7 @@ class ResultStore:
             return None, "a cell file of an older version of run_bench.py"
         if data.get("cell") != name or data.get("fingerprint") != fp or not isinstance(data.get("samples"), list):
             return None, "a cell file whose name does not match its content"
-        return data, ""
+        return upgraded(data), ""
 
     def _scan(self, model: Path | None) -> tuple[list[dict], list[str]]:
         """Every readable cell (`_memo`'s dicts) and notes. A file that is not a readable cell, or a cell of another
@@ -354,9 +380,6 @@ class ResultStore:
         from before is removed, since it no longer describes the folder's cells."""
         cells, notes = self._scan(model)
         rows = [r for c in cells for r in c["rows"]]
-        for r in rows:  # a cell written before `budget_tokens` was a column
-            if "budget_tokens" not in r:
-                r["budget_tokens"] = budget_tokens(Budget.of(r["budget"]), r.get("visual_tokens_mean"))
         if not rows and not (self.root / "summary.csv").exists():
             return rows, notes  # nothing finished yet: no empty files
         _write_csv(self.root / "summary.csv", SUMMARY_COLUMNS, rows)

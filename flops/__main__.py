@@ -37,11 +37,15 @@ from methods.families import family_of
 
 QWEN_DEFAULT_SIZE = (448, 448)
 
-# the console table's columns and headers (--json has every field, the MACs too: half the FLOPs); fits 120 columns
+# the console table's columns and headers (--json has every field); fits 120 columns. FLOPs in GFLOPs, the one unit of
+# every column of this project (MACs, which some papers call "FLOPs", are half)
 TABLE = {
     "method": "method", "budget": "budget", "visual_tokens": "tokens", "visual_tokens_layer_mean": "layer mean",
-    "llm_prefill_tflops": "LLM TFLOPs", "prefill_tflops": "prefill TFLOPs", "total_tflops": "total TFLOPs",
+    "llm_prefill_gflops": "LLM GFLOPs", "prefill_gflops": "prefill GFLOPs", "total_gflops": "total GFLOPs",
     "llm_prefill_ratio": "LLM/full", "prefill_ratio": "prefill/full"}
+# the JSON's FLOPs fields: {name}_gflops <- 2 x the counter's MACs of that part
+GFLOPS_PARTS = {"llm_prefill": "llm_prefill", "prefill": "prefill", "total": "total", "vision": "vision",
+                "reducer": "reducer", "projector": "projector", "lm_head": "lm_head_prefill"}
 ROOFLINE = {"roofline_prefill_ms": "prefill ms", "roofline_decode_ms_per_token": "decode ms"}  # replace the last 3
 
 
@@ -129,11 +133,7 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
         visual = [c - args.text_tokens for c in rec["llm_tokens_per_layer"]]  # entering each LLM layer
         rows.append({"method": method, "budget": label.record, "visual_tokens": visual[0],
                      "visual_tokens_layer_mean": sum(visual) / len(visual),
-                     "llm_prefill_tmacs": macs.llm_prefill / 1e12, "llm_prefill_tflops": 2 * macs.llm_prefill / 1e12,
-                     "prefill_tmacs": macs.prefill / 1e12,
-                     "prefill_tflops": 2 * macs.prefill / 1e12, "total_tflops": 2 * macs.total / 1e12,
-                     "vision_tmacs": macs.vision / 1e12, "reducer_tmacs": macs.reducer / 1e12,
-                     "projector_tmacs": macs.projector / 1e12, "lm_head_tmacs": macs.lm_head_prefill / 1e12,
+                     **{f"{part}_gflops": 2 * getattr(macs, attr) / 1e9 for part, attr in GFLOPS_PARTS.items()},
                      "image_tokens": n, **({} if grid is None else {"image_grid_thw": list(grid)})})
         if device is not None:
             p = predict([rec] * args.batch_size, shape, device, dtype)
@@ -144,8 +144,8 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
     full = count(shape_record(config, create_reducer("full"), args.text_tokens, args.generated_tokens, image_grid=grid),
                  shape)
     for r in rows:
-        r["llm_prefill_ratio"] = r["llm_prefill_tmacs"] * 1e12 / full.llm_prefill
-        r["prefill_ratio"] = r["prefill_tmacs"] * 1e12 / full.prefill
+        r["llm_prefill_ratio"] = r["llm_prefill_gflops"] * 1e9 / (2 * full.llm_prefill)
+        r["prefill_ratio"] = r["prefill_gflops"] * 1e9 / (2 * full.prefill)
     return rows
 
 
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         table = {**dict(list(TABLE.items())[:-3]), **ROOFLINE}
         print(wrap(f"roofline on {rows[0]['roofline_device']}, batch {args.batch_size}, {rows[0]['roofline_dtype']}: "
                   "milliseconds per batch (prefill) and per decoding step"))
-    formats = ["g" if c in ("budget", "visual_tokens") else ".1f" if c.endswith("_mean") else ".4f" for c in table]
+    formats = ["g" if c in ("budget", "visual_tokens") else ".1f" if c.endswith("_mean")
+               else ".5g" if c.endswith("_gflops") else ".4f" for c in table]
     print(tabulate([[r[c] for c in table] for r in rows], headers=list(table.values()), floatfmt=formats))
     return 0
 

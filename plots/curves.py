@@ -80,11 +80,9 @@ def pareto(x: pd.Series, y: pd.Series) -> list[int]:
     return front
 
 
-def flops_axis(df: pd.DataFrame, column: str = "prefill_tflops_mean") -> tuple[pd.Series, str]:
-    """Prefill FLOPs per sample in TFLOPs, or GFLOPs when every value is below 0.1 TFLOPs (small models)."""
-    if df[column].max() < 0.1:
-        return df[column] * 1e3, "GFLOPs"
-    return df[column], "TFLOPs"
+def flops_axis(df: pd.DataFrame, column: str = "prefill_gflops_mean") -> tuple[pd.Series, str]:
+    """Prefill FLOPs per sample and their unit: GFLOPs, the one unit of every column, table and figure."""
+    return df[column], "GFLOPs"
 
 
 def _draw(ax, df: pd.DataFrame, x: pd.Series, y: pd.Series, colour: dict, timed: bool = False) -> None:
@@ -213,11 +211,11 @@ def accuracy_curves(res: Results, out: Path) -> list[Path]:
         df = res.main_rows(task)
         colour = colours(res.summary["method"])
         y = 100 * df["value"]
-        turns = "follow_up_prefill_tflops_mean" in df.columns and df["follow_up_prefill_tflops_mean"].notna().all()
+        turns = "follow_up_prefill_gflops_mean" in df.columns and df["follow_up_prefill_gflops_mean"].notna().all()
         if turns:  # a conversation: every turn's prefill (re-prune's second prefill included) and its time
-            df = df.assign(conversation_tflops=df["prefill_tflops_mean"] + df["follow_up_prefill_tflops_mean"],
+            df = df.assign(conversation_gflops=df["prefill_gflops_mean"] + df["follow_up_prefill_gflops_mean"],
                            conversation_ms=df["prefill_ms_median"] + df.get("follow_up_prefill_ms_median", 0))
-        axes = [("flops", *flops_axis(df, "conversation_tflops" if turns else "prefill_tflops_mean")),
+        axes = [("flops", *flops_axis(df, "conversation_gflops" if turns else "prefill_gflops_mean")),
                 ("latency", df.get("conversation_ms" if turns else "prefill_ms_median"), "ms")]
         for kind, x, unit in axes:
             if x is None or x.isna().all():
@@ -254,7 +252,7 @@ def relative_average(res: Results, out: Path) -> Path | None:
     if rows.empty:
         return None
     rel = rows.assign(acc_rel=100 * rows["value"] / rows["task"].map(full["value"]),
-                      flops_rel=100 * rows["prefill_tflops_mean"] / rows["task"].map(full["prefill_tflops_mean"]))
+                      flops_rel=100 * rows["prefill_gflops_mean"] / rows["task"].map(full["prefill_gflops_mean"]))
     n_tasks = len(full)
     agg = rel.groupby(["method", "budget"], as_index=False).agg(
         acc_rel=("acc_rel", "mean"), flops_rel=("flops_rel", "mean"), tasks=("task", "nunique"),

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-REQUIRED = ("task", "method", "budget", "budget_tokens", "metric", "value", "prefill_tflops_mean",
+REQUIRED = ("task", "method", "budget", "budget_tokens", "metric", "value", "prefill_gflops_mean",
             "visual_tokens_mean")
-NUMERIC = ("value", "budget_tokens", "prefill_tflops_mean", "visual_tokens_mean", "ci95_low",
+NUMERIC = ("value", "budget_tokens", "prefill_gflops_mean", "visual_tokens_mean", "ci95_low",
            "ci95_high")  # the CI: when present
 
 

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from plots.curves import REFERENCE, colours, save  # noqa: E402
 from plots.data import OneLineParser  # noqa: E402
 
-PHASES = (("prefill", "prefill_ms", "prefill_gmacs"), ("decode", "decode_ms_per_token", "decode_gmacs_per_token"))
+PHASES = (("prefill", "prefill_ms", "prefill_gflops"), ("decode", "decode_ms_per_token", "decode_gflops_per_token"))
 
 
 def read_sweeps(paths: list[Path]) -> tuple[list[dict], str]:

@@ -21,7 +21,7 @@ def table(res: Results) -> pd.DataFrame:
         "task": rows["task"], "metric": rows["metric"], "method": rows["method"], "budget": rows["budget"],
         "reference_row": rows["method"] == UPPER, "accuracy_pct": (100 * rows["value"]).round(1),
         "relative_to_full_pct": (100 * rows["value"] / rows["task"].map(full)).round(1),
-        f"prefill_{unit.lower()}": flops.round(4 if unit == "GFLOPs" else 3),
+        f"prefill_{unit.lower()}": flops.round(4),
         "visual_tokens": rows["visual_tokens_mean"].round(1),
         "prefill_ms": rows.get("prefill_ms_median", pd.Series(index=rows.index, dtype=float)).round(2),
     })

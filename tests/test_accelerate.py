@@ -28,7 +28,7 @@ REPO = Path(run_bench.__file__).resolve().parent
 ARGS = ["--model", str(SMOKE_MODEL), "--tasks", "synth_vqa", "--methods", "full", "random", "--budgets", "16",
         "--limit", "39", "--batch-size", "8", "--device", "cpu"]
 FLOPS_COLUMNS = ["visual_tokens_mean", "visual_tokens_max", "llm_prefill_tokens_mean", "generated_tokens_mean",
-                 "prefill_tflops_mean", "llm_prefill_tflops_mean", "reducer_tflops_mean", "total_tflops_mean",
+                 "prefill_gflops_mean", "llm_prefill_gflops_mean", "reducer_gflops_mean", "total_gflops_mean",
                  "relevant_precision_mean", "relevant_recall_mean"]
 TIMES = {"prefill_ms", "decode_ms_per_token", "reducer_ms"}  # measured, so they differ between runs
 
@@ -67,7 +67,7 @@ def test_two_processes_give_the_results_of_one(tmp_path):
         assert r2["device"].endswith("x 2 processes") and "processes" not in r1["device"]
     assert len(samples2) == len(samples1) == 2 * 39
     for s2, s1 in zip(samples2, samples1, strict=True):
-        assert s2["visual_tokens"] is not None and s2["prefill_gmacs"] is not None  # rank 1's traces reached rank 0
+        assert s2["visual_tokens"] is not None and s2["prefill_gflops"] is not None  # rank 1's traces reached rank 0
         assert {k: v for k, v in s2.items() if k not in TIMES} == {k: v for k, v in s1.items() if k not in TIMES}
     assert {p.name for p in (multi / "pictures").glob("*.json")} == {f"synth_vqa__{i}.json" for i in range(4)}
     assert len(list((multi / "cells").glob("*.json"))) == 2

@@ -68,13 +68,13 @@ def test_dry_run_prints_the_cost_from_the_flops_counter(tiny_ckpt, capsys):
                     ModelShape.from_config(config)).prefill / 1e9
     line = next(x for x in out.splitlines() if x.startswith("synth_vqa") and " random " in x)
     assert line.split()[3] == "10" and line.split()[4] == f"{per:.4g}"
-    assert float(line.split()[5]) == pytest.approx(per * 10 / 1e3, rel=1e-3)
+    assert float(line.split()[5]) == pytest.approx(per * 10, rel=1e-3)
     assert "estimated prefill cost" in out
 
 
-def rows(method, budget, value, tflops=0.0003, ms=1.5):
+def rows(method, budget, value, gflops=0.3, ms=1.5):
     common = {"task": "synth_vqa", "method": method, "budget": budget, "visual_tokens_mean": float(budget),
-              "prefill_tflops_mean": tflops, "prefill_ms_median": ms, "wall_s": 2.5}
+              "prefill_gflops_mean": gflops, "prefill_ms_median": ms, "wall_s": 2.5}
     return [{**common, "metric": "exact_match", "value": value, "primary": True},
             {**common, "metric": "acc_color", "value": 0.5, "primary": False}]
 

@@ -176,9 +176,9 @@ def test_a_sweep_runs_each_conversation_mode_as_a_cell_of_its_own(tiny_ckpt, tmp
     for d in range(6):
         assert by[("full", "prune-once", d)]["prediction"] == by[("full", "re-prune", d)]["prediction"]
         once, again = by[("fastv", "prune-once", d)], by[("fastv", "re-prune", d)]
-        assert once["prefill_gmacs"] == again["prefill_gmacs"]  # turn 1 is the same computation
-        assert once["follow_up_gmacs"] < again["follow_up_gmacs"]  # a second prefill costs what it is
-        assert again["total_gmacs"] > again["prefill_gmacs"] + again["follow_up_gmacs"]  # both turns, decoding too
+        assert once["prefill_gflops"] == again["prefill_gflops"]  # turn 1 is the same computation
+        assert once["follow_up_gflops"] < again["follow_up_gflops"]  # a second prefill costs what it is
+        assert again["total_gflops"] > again["prefill_gflops"] + again["follow_up_gflops"]  # both turns, decoding too
     kinds = {(c["method"], c["conversation"], c["reference_kind"]) for c in comparisons}
     assert ("fastv", "prune-once", "re-prune") in kinds and ("fastv", "re-prune", "full") in kinds
     assert "synth_scenes_followup (re-prune)" in capsys.readouterr().out

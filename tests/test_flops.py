@@ -140,10 +140,10 @@ def test_cli_reproduces_paper_numbers(capsys):
         assert code == 0, err
         return json.loads(out)[0]
 
-    # LLaVA-1.5-7B, 576 visual + 64 text tokens: 4.25 TMACs = 8.50 TFLOPs of LLM prefill
+    # LLaVA-1.5-7B, 576 visual + 64 text tokens: 4.25 TMACs = 8.50 TFLOPs (8,504 GFLOPs) of LLM prefill
     full = row("--model-config", "llava-1.5-7b", "--text-tokens", "64", "--methods", "full")
-    assert full["llm_prefill_tmacs"] == pytest.approx(4.252, abs=5e-4)
-    assert full["llm_prefill_tflops"] == pytest.approx(8.504, abs=1e-3)
+    assert full["llm_prefill_gflops"] / 2e3 == pytest.approx(4.252, abs=5e-4)
+    assert full["llm_prefill_gflops"] / 1e3 == pytest.approx(8.504, abs=1e-3)
     # FastV K=2, R=50%: 57.2% of that; FastV README: "57%" for K=3 R=50% (about 40 text tokens)
     k2 = row("--text-tokens", "64", "--methods", "fastv", "--method-args", "fastv.layer=2", "fastv.ratio=0.5")
     assert k2["llm_prefill_ratio"] == pytest.approx(0.572, abs=5e-4)
@@ -152,8 +152,8 @@ def test_cli_reproduces_paper_numbers(capsys):
     # 576 visual tokens, no text: LLM-Viewer's 7.64 T (FLOPs; it adds norms and softmax) and PyramidDrop's
     # 3.82 "TFLOPs" (which are MACs)
     bare = row("--text-tokens", "0", "--methods", "full")
-    assert bare["llm_prefill_tflops"] == pytest.approx(7.64, abs=0.01)
-    assert round(bare["llm_prefill_tmacs"], 2) == 3.82
+    assert bare["llm_prefill_gflops"] / 1e3 == pytest.approx(7.64, abs=0.01)
+    assert round(bare["llm_prefill_gflops"] / 2e3, 2) == 3.82
 
 
 def test_cli_reproduces_the_baselines_published_flops(capsys):
@@ -167,16 +167,16 @@ def test_cli_reproduces_the_baselines_published_flops(capsys):
 
     # PyramidDrop (arXiv 2410.17247), inference-only table, in "TFLOPs" that are MACs of 576 visual tokens and no
     # text: vanilla 3.82, FastV 2.01, PDrop 1.78 (layers 8/16/24 keeping 1/2, 1/4, 1/8 of the image)
-    assert round(row("--text-tokens", "0", "--methods", "full")["llm_prefill_tmacs"], 2) == 3.82
+    assert round(row("--text-tokens", "0", "--methods", "full")["llm_prefill_gflops"] / 2e3, 2) == 3.82
     fastv = row("--text-tokens", "0", "--methods", "fastv", "--method-args", "fastv.layer=2", "fastv.ratio=0.5")
-    assert round(fastv["llm_prefill_tmacs"], 2) == 2.01
+    assert round(fastv["llm_prefill_gflops"] / 2e3, 2) == 2.01
     pdrop = row("--text-tokens", "0", "--methods", "pdrop", "--method-args", "pdrop.ratios=0.5,0.25,0.125")
-    assert round(pdrop["llm_prefill_tmacs"], 2) == 1.78
+    assert round(pdrop["llm_prefill_gflops"] / 2e3, 2) == 1.78
     # SparseVLM (ICML 2025 version), Table 1 at 64 tokens: 1.30 "TFLOPs" against vanilla 4.62 (MACs again: 4.62 is
     # 576 visual tokens with 118 text tokens)
-    assert round(row("--text-tokens", "118", "--methods", "full")["llm_prefill_tmacs"], 2) == 4.62
+    assert round(row("--text-tokens", "118", "--methods", "full")["llm_prefill_gflops"] / 2e3, 2) == 4.62
     sparse = row("--text-tokens", "118", "--methods", "sparsevlm", "--method-args", "sparsevlm.retained_tokens=64")
-    assert sparse["llm_prefill_tmacs"] == pytest.approx(1.30, abs=0.02)
+    assert sparse["llm_prefill_gflops"] / 2e3 == pytest.approx(1.30, abs=0.02)
     # DivPrune (arXiv 2503.02175), Table 1: 0.512 of 3.228 TFLOP at ratio 0.098 (56 tokens); it counts with FastV's
     # per-layer formula (4nd^2 + 2n^2d + 2ndm: a two-matrix MLP), which gives 3.228 T at 45 text tokens, so only the
     # ratio compares: 0.159 (its 15.63 % in the same row does not match its own 0.512 / 3.228 = 15.86 %)
@@ -297,7 +297,7 @@ def test_qwen_cli_prices_the_7b_by_hand(capsys):
     assert (full["budget"], full["image_tokens"], full["image_grid_thw"]) == (256, 256, [1, 32, 32])
     d, kv, m, layers = 3584, 512, 18944, 28  # Qwen2.5-VL-7B's LLM: 28 x 128 query and 4 x 128 key/value widths
     for row, n in ((full, 64 + 256), (half, 64 + 64)):
-        assert row["llm_prefill_tmacs"] * 1e12 == pytest.approx(
+        assert row["llm_prefill_gflops"] * 1e9 / 2 == pytest.approx(
             layers * (2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + 3 * n * d * m), rel=1e-12)
     assert (half["budget"], half["visual_tokens"]) == (0.25, 64)
     code, out, err = run_flops(capsys, "--model-config", "qwen2.5-vl-7b", "--image-size", "640x480", "--methods",

@@ -23,13 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_run(root: Path, cells: list[tuple], time_utc: str = "2026-01-01T00:00:00Z", layers: int = 3) -> Path:
-    """A results directory like run_bench.py writes: cells are (task, method, budget, accuracy, tflops, ms)."""
+    """A results directory like run_bench.py writes: cells are (task, method, budget, accuracy, gflops, ms)."""
     root.mkdir(parents=True, exist_ok=True)
     rows, samples = [], []
-    for task, method, budget, acc, tflops, ms in cells:
+    for task, method, budget, acc, gflops, ms in cells:
         common = {"task": task, "method": method, "budget": budget, "budget_tokens": budget, "n": 10,
                   "visual_tokens_mean": float(budget),
-                  "prefill_tflops_mean": tflops, "prefill_ms_median": ms, "relevant_precision_mean": 0.25,
+                  "prefill_gflops_mean": gflops, "prefill_ms_median": ms, "relevant_precision_mean": 0.25,
                   "method_args": json.dumps({"budget": budget}), "time_utc": time_utc, "model": "/m/smoke/checkpoint",
                   "device": "cpu", "dtype": "float32", "batch_size": 4}
         rows.append({**common, "metric": "exact_match", "value": acc, "primary": True})
@@ -95,7 +95,7 @@ def test_runs_combine_newest_row_wins_and_partial_sweeps_plot(tmp_path):
     t = table(load([a, b])).set_index(["method", "budget"])
     assert t.loc[("prumerge", "8"), "accuracy_pct"] == 85.0  # the newer run's row
     assert t.loc[("random", "8"), "relative_to_full_pct"] == pytest.approx(100 * 0.5 / 0.9, abs=0.05)
-    assert t.loc[("prumerge", "4"), "prefill_tflops"] == 0.12
+    assert t.loc[("prumerge", "4"), "prefill_gflops"] == 0.12
     assert main([str(b)]) == 0  # no `full` in it: no relative plot, the rest still drawn
     assert not (b / "relative_to_full.png").exists() and (b / "accuracy_vs_flops_synth_vqa.png").exists()
 
@@ -194,7 +194,7 @@ def test_comparison_tables_from_comparisons_csv(tmp_path):
     scores = {("adaptive_a", 4, 1.0): 0.9, ("adaptive_b", 4, 1.0): 0.6, ("divprune", 4, 1.0): 0.5,
               ("oracle", 4, 1.0): 0.95, ("fastv", 4, 0.5): 0.2, ("fastv", 8, 2.0): 0.9, ("full", 16, 3.0): 0.9}
     samples = [{"task": "synth_vqa", "method": m, "budget": b, "doc_id": i, "correct": float(rng.random() < p),
-                "prefill_gmacs": g} for (m, b, g), p in scores.items() for i in range(n)]
+                "prefill_gflops": g} for (m, b, g), p in scores.items() for i in range(n)]
     with (run / "comparisons.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, COMPARISON_COLUMNS)
         w.writeheader()
@@ -220,7 +220,7 @@ def test_comparison_tables_from_comparisons_csv(tmp_path):
     assert first[:5] == ["synth_vqa", "4", "adaptive_a", "divprune", "4"] and first[5].endswith("*")
     eq = rows(sections[1])
     assert {r[2] for r in eq} == {"adaptive_a", "adaptive_b", "divprune"}  # not oracle, full
-    assert all(r[3:5] == ["fastv", "5.3"] for r in eq)  # 1.0 GMACs: a third of the way from budget 4 to 8
+    assert all(r[3:5] == ["fastv", "5.3"] for r in eq)  # 1.0 GFLOPs: a third of the way from budget 4 to 8
     assert ["adaptive_a", "adaptive_b", "4"] in [r[2:5] for r in rows(sections[2])]
     assert ["oracle", "adaptive_a", "4"] in [r[2:5] for r in rows(sections[3])]
     assert comparison_tables(load([write_run(tmp_path / "bare", CELLS)])) == ""  # no comparisons.csv: nothing

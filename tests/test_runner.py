@@ -136,6 +136,29 @@ def test_store_rebuild_reads_each_cell_once_and_sees_changed_files(tmp_path, mon
     store.release()
 
 
+def test_cells_of_earlier_versions_read_in_the_current_columns(tmp_path):
+    """A cell written before FLOPs had one unit (summary TFLOPs, samples' GMACs) or before `budget_tokens` reads in
+    GFLOPs with every current column; its file stays as it is."""
+    store = ResultStore(tmp_path / "out")
+    store.prepare()
+    row = {"task": "t", "method": "fastv", "budget": 16, "metric": "exact_match", "value": 0.5,
+           "prefill_tflops_mean": 0.000125, "total_tflops_mean": 0.0003, "follow_up_tflops_mean": None}
+    sample = {"task": "t", "method": "fastv", "budget": 16, "doc_id": 0, "correct": 1.0, "prefill_gmacs": 0.0625,
+              "follow_up_prefill_gmacs": 0.01, "reducer_macs": 5, "reducer_gmacs": 5e-9}
+    store.save(Cell("t", "fastv", 16), "fp0", tmp_path, {}, [row], [sample])
+    written = (tmp_path / "out" / "cells" / "t__fastv__16__fp0.json").read_text()
+    rows, _ = store.rebuild()
+    assert (rows[0]["prefill_gflops_mean"], rows[0]["total_gflops_mean"], rows[0]["budget_tokens"]) == (0.125, 0.3, 16)
+    assert rows[0]["follow_up_gflops_mean"] is None and not any("tflops" in k for k in rows[0])
+    (line,) = (tmp_path / "out" / "samples.jsonl").read_text().splitlines()
+    assert json.loads(line) == {**{k: v for k, v in sample.items() if "macs" not in k}, "prefill_gflops": 0.125,
+                                "follow_up_prefill_gflops": 0.02, "reducer_gflops": 0.0}
+    with open(tmp_path / "out" / "summary.csv") as f:
+        assert float(next(csv.DictReader(f))["prefill_gflops_mean"]) == 0.125
+    assert (tmp_path / "out" / "cells" / "t__fastv__16__fp0.json").read_text() == written
+    store.release()
+
+
 def test_the_store_session_holds_the_folder_for_one_block(tmp_path):
     """`ResultStore.session`: the folder is created and locked inside the block, released after it, and a block that
     fails before any cell finished leaves nothing behind; a cell of another run's conditions is moved aside, said."""

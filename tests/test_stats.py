@@ -124,8 +124,8 @@ def test_learned_and_equal_flops_comparisons():
     registry = {"la": {"learned": True}, "lb": {"learned": True}, "s": {}, "fv": {"site": "llm"},
                 "orc": {"reference": True}}
 
-    def recs(method, budget, correct, gmacs):
-        return [{"task": "t", "method": method, "budget": budget, "doc_id": i, "correct": c, "prefill_gmacs": gmacs}
+    def recs(method, budget, correct, gflops):
+        return [{"task": "t", "method": method, "budget": budget, "doc_id": i, "correct": c, "prefill_gflops": gflops}
                 for i, c in enumerate(correct)]
 
     samples = (recs("full", 144, [1, 1, 1, 1], 10.0) + recs("la", 16, [1, 1, 1, 0], 3.0)
@@ -138,7 +138,7 @@ def test_learned_and_equal_flops_comparisons():
     assert ("la", "learned", "lb") in rows and ("lb", "learned", "la") not in rows  # once per pair
     assert rows[("la", "learned", "lb")]["difference_pts"] == 25.0
     assert not any(k[0] in ("s", "fv", "orc", "full") and k[1] in ("learned", "best training-free") for k in rows)
-    # la costs 3.0 GMACs; fv's curve runs 2.0 (budget 16) -> 6.0 (budget 36): w = 1/4, budget 21.0, and per
+    # la costs 3.0 GFLOPs; fv's curve runs 2.0 (budget 16) -> 6.0 (budget 36): w = 1/4, budget 21.0, and per
     # question fv scores 0.25, 0.25, 1, 1 (mean 0.625) against la's 1, 1, 1, 0 (0.75): +12.5 points
     eq = rows[("la", "equal prefill FLOPs", "fv")]
     assert eq["reference_budget"] == "21.0" and eq["difference_pts"] == 12.5 and eq["mcnemar_p"] is None

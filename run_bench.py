@@ -334,8 +334,8 @@ def _main(args: argparse.Namespace) -> int:
         return 0  # rank 0 has written the results
     print()
     print(results_table(rows, ResultStore(spec.output).comparisons()))
-    print(f"\nwrote {_rel(spec.output / 'summary.csv')} and {_rel(spec.output / 'samples.jsonl')} (every metric, "
-          "per-sample records)")
+    print(f"\nwrote {_rel(spec.output / 'summary.csv')} (every metric) and the per-sample records in "
+          f"{_rel(spec.output / 'cells')}/*.parquet (results/README.md)")
     from plots.data import ResultsError
     from plots.make import make_all
 

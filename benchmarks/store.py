@@ -1,12 +1,16 @@
-"""Finished cells on disk and the combined files rebuilt from them (documented for users in results/README.md).
+"""Finished cells on disk and the combined files built from them (documented for users in results/README.md).
 
-* `cells/<task>__<method>__<budget>__<fingerprint>.json`: one finished cell (its summary rows and sample records),
-  written atomically (temporary file + rename). A sweep killed part-way keeps every finished cell; the same command
-  afterwards keeps cells whose file exists with the same fingerprint. Files of a cell recomputed under other
-  conditions move to `cells/superseded/`; files that are not readable cells, or cells of another model, move to
-  `cells/set_aside/`. Nothing is deleted.
-* `summary.csv`: one flat row per (task, method, budget, metric), rebuilt from `cells/` after every cell.
-* `samples.jsonl`: one record per (task, method, budget, sample), rebuilt the same way.
+* `cells/<task>__<method>__<budget>__<fingerprint>.parquet`: one finished cell, written atomically (temporary file +
+  rename): its sample records as columns (`samples_table`), its identity, conditions and summary rows in the file's
+  metadata. A sweep killed part-way keeps every finished cell; the same command afterwards keeps cells whose file
+  exists with the same fingerprint. Files of a cell recomputed under other conditions move to `cells/superseded/`;
+  files that are not readable cells, or cells of another model, move to `cells/set_aside/`. Nothing is deleted.
+  Cell files of earlier versions (`.json`) are converted once, their originals kept in `cells/converted/`.
+* `summary.csv`: one flat row per (task, method, budget, metric), from the cells' metadata after every cell (it reads
+  no sample); `comparisons.csv`, the paired comparisons, at the end of a run, reading only the columns they need, one
+  cell at a time. Finishing a cell costs what that cell costs, however large the folder.
+* `read_samples` reads a folder's sample records back; `write_samples_jsonl` writes them as one JSON-lines file
+  (what earlier versions kept as `samples.jsonl`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import io
 import json
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from benchmarks.distributed import World
@@ -58,6 +64,65 @@ OLD_FLOPS_COLUMNS = {
 }
 
 
+META_KEY = b"run_bench.cell"  # a cell file's Parquet metadata: cell, fingerprint, model, conditions, rows, json_columns
+COMPARED = ("task", "conversation", "method", "budget", "doc_id", "correct", "prefill_gflops")  # what stats reads
+
+
+def samples_table(samples: list[dict], meta: dict) -> pa.Table:
+    """A cell's sample records as one Arrow table, with `meta` (cell, fingerprint, model, conditions, summary rows) in
+    its schema's metadata. One column per key in first-seen order (null in a record without the key); per-layer
+    counts, kept indices and a conversation's turns are list columns. A column whose values Arrow cannot type as one
+    (a `target` that is a string in one record and a list in another) is stored as JSON text and named in the
+    metadata's `json_columns`, so that every value reads back as it was written."""
+    keys = list(dict.fromkeys(k for s in samples for k in s))
+    columns, as_json = {}, []
+    for k in keys:
+        values = [s.get(k) for s in samples]
+        try:
+            columns[k] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            columns[k] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+            as_json.append(k)
+    return pa.table(columns).replace_schema_metadata({META_KEY: json.dumps({**meta, "json_columns": as_json})})
+
+
+def cell_meta(path: Path) -> dict:
+    """A cell file's metadata (`samples_table`), read from its footer alone. Raises ValueError, OSError or KeyError for
+    a file that is not one."""
+    return json.loads(pq.read_schema(path).metadata[META_KEY])
+
+
+def cell_samples(path: Path, columns: Iterable[str] | None = None) -> list[dict]:
+    """A cell file's sample records, or only `columns` of them (those it has); JSON-text columns decoded."""
+    table = pq.read_table(path, columns=None if columns is None else [c for c in columns
+                                                                      if c in pq.read_schema(path).names])
+    records = table.to_pylist()
+    for k in set(cell_meta(path).get("json_columns", ())) & set(table.column_names):
+        for r in records:
+            if r[k] is not None:
+                r[k] = json.loads(r[k])
+    return records
+
+
+def read_samples(root: Path, columns: Iterable[str] | None = None) -> list[dict]:
+    """Every sample record of the results folder `root` (its finished cells, in file-name order), or only `columns`
+    of them. For a large folder, read cell by cell (`cell_samples` over `cells/*.parquet`) or query the Parquet files
+    directly (pandas, pyarrow.dataset, DuckDB)."""
+    return [r for f in sorted((Path(root) / "cells").glob("*.parquet")) for r in cell_samples(f, columns)]
+
+
+def write_samples_jsonl(root: Path, out: Path) -> int:
+    """Write every sample record of the results folder `root` to `out` as JSON lines (one record per line, as earlier
+    versions kept `samples.jsonl`), one cell at a time; returns how many."""
+    n = 0
+    with _temporary(Path(out)) as tmp, open(tmp, "w") as f:
+        for cell in sorted((Path(root) / "cells").glob("*.parquet")):
+            records = cell_samples(cell)
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            n += len(records)
+    return n
+
+
 def upgraded(data: dict) -> dict:
     """A cell file's content in the current columns: a cell written before `budget_tokens` gets it, and one written
     before FLOPs had one unit its GFLOPs (summary TFLOPs x 1000, samples' GMACs x 2, and no `reducer_macs`). The file
@@ -65,9 +130,9 @@ def upgraded(data: dict) -> dict:
     for r in data["rows"]:
         if "budget_tokens" not in r:
             r["budget_tokens"] = budget_tokens(Budget.of(r["budget"]), r.get("visual_tokens_mean"))
-    for s in data["samples"]:
+    for s in data.get("samples", ()):
         s.pop("reducer_macs", None)  # the trace's count, now only as `reducer_gflops`
-    for r in [*data["rows"], *data["samples"]]:
+    for r in [*data["rows"], *data.get("samples", ())]:
         for old in [k for k in r if k in OLD_FLOPS_COLUMNS]:
             new, factor = OLD_FLOPS_COLUMNS[old]
             value = r.pop(old)
@@ -177,7 +242,7 @@ class ResultStore:
             self.prepare()
         try:
             if world.is_main:
-                notes = self.set_aside(model)
+                notes = self.convert_old() + self.set_aside(model)
                 moved = self.supersede(run, tasks)
                 if moved:
                     notes.append(f"{moved} cells in {self.root} were computed under other conditions (model files, "
@@ -231,7 +296,7 @@ class ResultStore:
         """After a run failed before finishing any cell: remove what `prepare` created (the folder, cells/, the lock
         file), so a failed run leaves nothing behind. A folder with finished cells keeps everything."""
         self.release()
-        if any(self.cells_dir.rglob("*.json")):
+        if any(self.cells_dir.rglob("*.parquet")) or any(self.cells_dir.rglob("*.json")):
             return
         created = self._created
         if ".lock" in created:
@@ -244,7 +309,7 @@ class ResultStore:
             self.root.rmdir()
 
     def path(self, cell: Cell, fingerprint: str) -> Path:
-        return self.cells_dir / f"{cell.name}__{fingerprint}.json"
+        return self.cells_dir / f"{cell.name}__{fingerprint}.parquet"
 
     def done(self, cell: Cell, fingerprint: str) -> bool:
         """True when the cell's file is there and readable (an unreadable one is set aside by `set_aside`)."""
@@ -252,8 +317,8 @@ class ResultStore:
 
     def predictions(self, cell: Cell, fingerprint: str) -> dict[int, object]:
         """{doc_id: prediction} of the stored cell (for `--retime`'s check)."""
-        meta = self._memo(self.path(cell, fingerprint))[0] or {"lines": ""}
-        return {r["doc_id"]: r.get("prediction") for r in map(json.loads, meta["lines"].splitlines())}
+        return {r["doc_id"]: r.get("prediction") for r in cell_samples(self.path(cell, fingerprint),
+                                                                        ("doc_id", "prediction"))}
 
     def take_back(self, cells: list[tuple[Cell, str]]) -> int:
         """Move back from cells/superseded/ every (cell, fingerprint) of `cells` stored there and not in cells/ (a
@@ -271,7 +336,7 @@ class ResultStore:
 
     def superseded_size(self) -> str:
         """How much cells/superseded/ holds: `it holds 12 cells, 3.4 MB`."""
-        files = list((self.cells_dir / "superseded").glob("*.json"))
+        files = list((self.cells_dir / "superseded").glob("*.parquet"))
         return f"it holds {len(files)} cells, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
 
     def code_versions(self, cells: list[tuple[Cell, str]]) -> set[str]:
@@ -285,14 +350,15 @@ class ResultStore:
         row and sample record gets the fingerprint as its `cell_id`."""
         for r in rows + samples:
             r["cell_id"] = fingerprint
-        record = {"cell": cell.name, "fingerprint": fingerprint, "model": str(Path(model).resolve()),
-                  "conditions": conditions, "rows": rows, "samples": samples}
-        _atomic_write(self.path(cell, fingerprint), json.dumps(record))
+        meta = {"cell": cell.name, "fingerprint": fingerprint, "model": str(Path(model).resolve()),
+                "conditions": conditions, "rows": rows}
+        with _temporary(self.path(cell, fingerprint)) as tmp:
+            pq.write_table(samples_table(samples, meta), tmp)
         self._supersede_others(cell, fingerprint)
 
     def _supersede_others(self, cell: Cell, fingerprint: str) -> None:
         """Move the cell's files of other fingerprints (other conditions) in cells/ to cells/superseded/."""
-        for old in self.cells_dir.glob(f"{cell.name}__*.json"):
+        for old in self.cells_dir.glob(f"{cell.name}__*.parquet"):
             if old.name != self.path(cell, fingerprint).name and old.stem.rpartition("__")[0] == cell.name:
                 self._move(old, "superseded")
 
@@ -301,7 +367,7 @@ class ResultStore:
         --limit, --seed) or, for the tasks in `tasks`, another version of the task; return how many moved. The folder
         then reports one set of conditions, never a stale cell beside a current one."""
         moved = 0
-        for f in sorted(self.cells_dir.glob("*.json")):
+        for f in sorted(self.cells_dir.glob("*.parquet")):
             meta, _ = self._memo(f)
             if meta is None:
                 continue
@@ -314,17 +380,17 @@ class ResultStore:
 
     def _move(self, f: Path, why: str) -> Path:
         """Set a file aside (never delete what may be the user's): cells/<why>/<name>."""
-        (self.cells_dir / why).mkdir(exist_ok=True)
+        (self.cells_dir / why).mkdir(parents=True, exist_ok=True)
         target = self.cells_dir / why / f.name
         os.replace(f, target)
         return target
 
     def _memo(self, f: Path) -> tuple[dict | None, str]:
-        """A cell file's model, conditions, code versions, rows and sample records as JSON lines (``{"model",
-        "conditions", "git_shas", "rows", "lines"}``), or None and why it is not a cell file (truncated, foreign,
-        renamed, older format). Parsed once while the file stays as it is (same size and modification time): a run's
-        start checks every file several ways, and rebuilding after every cell then reads only the new cell. The
-        parsed sample records are not kept (they would hold the whole folder in memory), only their JSON lines."""
+        """A cell file's model, conditions, code versions and summary rows (``{"file", "model", "conditions",
+        "git_shas", "rows"}``, from its metadata: no sample is read), or None and why it is not a cell file
+        (truncated, foreign, renamed). Parsed once while the file stays as it is (same size and modification time):
+        a run's start checks every file several ways, and the summary after every cell then reads only the new
+        cell's footer."""
         try:
             st = f.stat()
         except OSError as e:
@@ -333,32 +399,64 @@ class ResultStore:
         if seen is None or seen[0] != (st.st_size, st.st_mtime_ns):
             data, why = self._parse(f)
             item = None if data is None else {
-                "model": data.get("model"), "conditions": data.get("conditions") or {},
-                "git_shas": {str(r.get("git_sha")) for r in data["rows"]}, "rows": data["rows"],
-                "lines": "".join(json.dumps(r) + "\n" for r in data["samples"])}
+                "file": f, "model": data.get("model"), "conditions": data.get("conditions") or {},
+                "git_shas": {str(r.get("git_sha")) for r in data["rows"]}, "rows": data["rows"]}
             seen = self._seen[f] = ((st.st_size, st.st_mtime_ns), item, why)
         return seen[1], seen[2]
 
-    def _parse(self, f: Path) -> tuple[dict | None, str]:
+    @staticmethod
+    def _parse(f: Path) -> tuple[dict | None, str]:
         try:
-            data = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = cell_meta(f)
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
             return None, f"not readable ({type(e).__name__})"
         name, _, fp = f.stem.rpartition("__")
-        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        if not isinstance(meta, dict) or not isinstance(meta.get("rows"), list):
             return None, "not a cell file of run_bench.py"
-        if "fingerprint" not in data:
-            return None, "a cell file of an older version of run_bench.py"
-        if data.get("cell") != name or data.get("fingerprint") != fp or not isinstance(data.get("samples"), list):
+        if meta.get("cell") != name or meta.get("fingerprint") != fp:
             return None, "a cell file whose name does not match its content"
-        return upgraded(data), ""
+        return upgraded(meta), ""
+
+    def convert_old(self) -> list[str]:
+        """Convert the cell files of earlier versions (`.json`: rows and sample records) in cells/ and
+        cells/superseded/ to this version's Parquet cells, once; the originals move to cells/converted/ (and
+        cells/converted/superseded/), and a `samples.jsonl` they left to cells/converted/. A `.json` file that is not
+        a readable cell of a version with fingerprints is set aside. Returns the notes saying so."""
+        notes, done = [], 0
+        for folder, dest in ((self.cells_dir, "converted"), (self.cells_dir / "superseded", "converted/superseded")):
+            for f in sorted(folder.glob("*.json")):
+                name, _, fp = f.stem.rpartition("__")
+                try:
+                    data = json.loads(f.read_text())
+                    ok = (isinstance(data, dict) and "fingerprint" in data and data.get("cell") == name
+                          and data.get("fingerprint") == fp and isinstance(data.get("rows"), list)
+                          and isinstance(data.get("samples"), list))
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                    ok = False
+                if not ok:
+                    notes.append(f"{f.name} is not a readable cell file of this or an earlier version: moved to "
+                                 f"{self._move(f, 'set_aside')}")
+                    continue
+                data = upgraded(data)
+                meta = {k: v for k, v in data.items() if k != "samples"}
+                with _temporary(f.with_suffix(".parquet")) as tmp:
+                    pq.write_table(samples_table(data["samples"], meta), tmp)
+                self._move(f, dest)
+                done += 1
+        if done:
+            old = self.root / "samples.jsonl"
+            if old.is_file():
+                self._move(old, "converted")
+            notes.append(f"converted {done} cell files of an earlier version to Parquet (cells/*.parquet; the "
+                         "originals, and the samples.jsonl built from them, are kept in cells/converted/)")
+        return notes
 
     def _scan(self, model: Path | None) -> tuple[list[dict], list[str]]:
         """Every readable cell (`_memo`'s dicts) and notes. A file that is not a readable cell, or a cell of another
         model than `model`, is moved to cells/set_aside/ and named in the notes (its cell is recomputed)."""
         cells, notes = [], []
         here = None if model is None else str(Path(model).resolve())
-        for f in sorted(self.cells_dir.glob("*.json")):
+        for f in sorted(self.cells_dir.glob("*.parquet")):
             item, why = self._memo(f)
             if item is not None and here is not None and item["model"] != here:
                 item, why = None, f"a cell of another model ({item['model']})"
@@ -374,18 +472,18 @@ class ResultStore:
         return self._scan(model)[1]
 
     def rebuild(self, model: Path | None = None, compare: bool = False) -> tuple[list[dict], list[str]]:
-        """Rewrite summary.csv and samples.jsonl from every finished cell; return the summary rows and the notes of
-        `_scan` (files set aside). With `compare`, also comparisons.csv (`benchmarks.stats.comparisons`, seconds
-        of bootstrap for a large folder: the runner asks once, at the end of a run); without, a comparisons.csv left
-        from before is removed, since it no longer describes the folder's cells."""
+        """Rewrite summary.csv from every finished cell's metadata (no sample is read); return the summary rows and
+        the notes of `_scan` (files set aside). With `compare`, also comparisons.csv (`benchmarks.stats.comparisons`
+        over the columns it needs, read one cell at a time; seconds of bootstrap for a large folder: the runner asks
+        once, at the end of a run); without, a comparisons.csv left from before is removed, since it no longer
+        describes the folder's cells."""
         cells, notes = self._scan(model)
         rows = [r for c in cells for r in c["rows"]]
         if not rows and not (self.root / "summary.csv").exists():
             return rows, notes  # nothing finished yet: no empty files
         _write_csv(self.root / "summary.csv", SUMMARY_COLUMNS, rows)
-        _atomic_write(self.root / "samples.jsonl", "".join(c["lines"] for c in cells))
         if compare:
-            samples = [json.loads(line) for c in cells for line in c["lines"].splitlines()]
+            samples = (r for c in cells for r in cell_samples(c["file"], COMPARED))
             _write_csv(self.root / "comparisons.csv", COMPARISON_COLUMNS, comparisons(samples))
         else:
             (self.root / "comparisons.csv").unlink(missing_ok=True)

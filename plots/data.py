@@ -1,7 +1,8 @@
 """Read what `run_bench.py` wrote (one or several results directories) into one table, without torch.
 
-A results directory holds `summary.csv` (one row per task, method, budget and metric), `samples.jsonl` (one record
-per sample) and `pictures/` (the model-input images of a few fixed samples); `results/README.md` documents them.
+A results directory holds `summary.csv` (one row per task, method, budget and metric), `cells/*.parquet` (one file
+per cell, one row per sample; `samples.jsonl` in folders of earlier versions) and `pictures/` (the model-input images
+of a few fixed samples); `results/README.md` documents them.
 Several directories combine: rows for the same (task, method, method arguments, budget, metric) keep the newest.
 """
 
@@ -11,10 +12,13 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 REQUIRED = ("task", "method", "budget", "budget_tokens", "metric", "value", "prefill_gflops_mean",
             "visual_tokens_mean")
@@ -137,46 +141,73 @@ def load(dirs: list[Path]) -> Results:
     for d in dirs:
         _read_pictures(Path(d) / "pictures", res)
     for d in dirs:  # after every picture: the docs that have one are the docs whose kept patches are drawn
-        _read_samples(Path(d) / "samples.jsonl", res)
+        _read_samples(Path(d), res)
     return res
 
 
-def _read_samples(path: Path, res: Results) -> None:
-    """Kept patches of the docs that have a picture, and per-layer visual-token means, streamed from samples.jsonl."""
-    if not path.is_file():
+SAMPLE_COLUMNS = ("task", "conversation", "method", "budget", "doc_id", "visual_tokens_per_layer", "kept_indices")
+CELL_META = b"run_bench.cell"  # a cell file's metadata key (benchmarks/store.py); its `json_columns` are JSON text
+
+
+def _sample_records(folder: Path) -> Iterator[tuple[str, int, dict | None]]:
+    """(file, number, record) of a results folder's samples, `SAMPLE_COLUMNS` only, one cell file at a time from
+    cells/*.parquet; a folder of an earlier version, from its samples.jsonl. A record that cannot be read is None."""
+    cells = sorted((folder / "cells").glob("*.parquet"))
+    if cells:
+        for f in cells:
+            try:
+                schema = pq.read_schema(f)
+                as_json = set(json.loads(schema.metadata[CELL_META]).get("json_columns", ()))
+                records = pq.read_table(f, columns=[c for c in SAMPLE_COLUMNS if c in schema.names]).to_pylist()
+            except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+                yield f.name, 0, None
+                continue
+            for number, r in enumerate(records, 1):
+                yield f.name, number, {k: json.loads(v) if k in as_json and v is not None else v for k, v in r.items()}
         return
+    path = folder / "samples.jsonl"
+    if path.is_file():
+        with open(path, errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    yield path.name, number, json.loads(line)
+                except json.JSONDecodeError:
+                    yield path.name, number, None
+
+
+def _read_samples(folder: Path, res: Results) -> None:
+    """Kept patches of the docs that have a picture, and per-layer visual-token means, streamed from the folder's
+    sample records (`_sample_records`)."""
     sums: dict[tuple, list[float]] = defaultdict(list)
     counts: dict[tuple, int] = defaultdict(int)
     skipped = []
-    with open(path, errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                s = json.loads(line)
-                key = (shown_task(s["task"], s.get("conversation")), s["method"], str(s["budget"]))
-                per_layer = [float(v) for v in s.get("visual_tokens_per_layer") or []]
-                doc_id = s.get("doc_id")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-                skipped.append(number)
-                continue
-            if per_layer:
-                acc = sums[key]
-                if not acc:
-                    acc.extend([0.0] * len(per_layer))
-                if len(acc) == len(per_layer):
-                    for i, v in enumerate(per_layer):
-                        acc[i] += v
-                    counts[key] += 1
-            if (s["task"], doc_id) in res.pictures:  # a conversation's: turn 1's selection, the same in both modes
-                picked = (s["task"], *key[1:], doc_id)
-                if s.get("conversation") == "re-prune":
-                    res.kept.setdefault(picked, s.get("kept_indices"))
-                else:
-                    res.kept[picked] = s.get("kept_indices")
+    for name, number, s in _sample_records(folder):
+        try:
+            key = (shown_task(s["task"], s.get("conversation")), s["method"], str(s["budget"]))
+            per_layer = [float(v) for v in s.get("visual_tokens_per_layer") or []]
+            doc_id = s.get("doc_id")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            skipped.append(f"{name}:{number}" if number else name)
+            continue
+        if per_layer:
+            acc = sums[key]
+            if not acc:
+                acc.extend([0.0] * len(per_layer))
+            if len(acc) == len(per_layer):
+                for i, v in enumerate(per_layer):
+                    acc[i] += v
+                counts[key] += 1
+        if (s["task"], doc_id) in res.pictures:  # a conversation's: turn 1's selection, the same in both modes
+            picked = (s["task"], *key[1:], doc_id)
+            if s.get("conversation") == "re-prune":
+                res.kept.setdefault(picked, s.get("kept_indices"))
+            else:
+                res.kept[picked] = s.get("kept_indices")
     res.layers.update({k: [v / counts[k] for v in acc] for k, acc in sums.items() if counts[k]})
     if skipped:
-        print(f"warning: {path}: {len(skipped)} line(s) are not sample records (line {', '.join(map(str, skipped[:5]))}"
-              f"{', ...' if len(skipped) > 5 else ''}): skipped; the pictures and per-layer plots lack them",
-              file=sys.stderr)
+        print(f"warning: {folder}: {len(skipped)} sample record(s) or cell file(s) cannot be read "
+              f"({', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}): skipped; the pictures and per-layer "
+              "plots lack them", file=sys.stderr)
 
 
 def over_seeds(df: pd.DataFrame) -> pd.DataFrame:

@@ -10,7 +10,6 @@ give uneven shards (20 + 19): lmms-eval pads the shorter rank with a copy of its
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 import run_bench
 from benchmarks.defaults import SMOKE_MODEL
 from benchmarks.records import MEASURED_COLUMNS
+from benchmarks.store import read_samples
 
 pytestmark = pytest.mark.slow  # every test here launches run_bench.py under accelerate
 REPO = Path(run_bench.__file__).resolve().parent
@@ -46,7 +46,7 @@ def accelerate_launch(processes: int, out: Path, tmp: Path) -> subprocess.Comple
 
 def read(out: Path) -> tuple[dict, list[dict]]:
     rows = {(r["task"], r["method"], r["budget"], r["metric"]): r for r in csv.DictReader(open(out / "summary.csv"))}
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(out )
     return rows, samples
 
 
@@ -70,10 +70,10 @@ def test_two_processes_give_the_results_of_one(tmp_path):
         assert s2["visual_tokens"] is not None and s2["prefill_gflops"] is not None  # rank 1's traces reached rank 0
         assert {k: v for k, v in s2.items() if k not in TIMES} == {k: v for k, v in s1.items() if k not in TIMES}
     assert {p.name for p in (multi / "pictures").glob("*.json")} == {f"synth_vqa__{i}.json" for i in range(4)}
-    assert len(list((multi / "cells").glob("*.json"))) == 2
+    assert len(list((multi / "cells").glob("*.parquet"))) == 2
 
     # resume: rank 0's files decide for every process (a disagreement would leave one process waiting forever)
-    next((multi / "cells").glob("synth_vqa__random__*.json")).unlink()
+    next((multi / "cells").glob("synth_vqa__random__*.parquet")).unlink()
     res = accelerate_launch(2, multi, tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert res.stdout.count("1 of 2 cells already") == 1

@@ -162,10 +162,10 @@ def test_default_limit_follows_the_model():
 def test_help_descriptions_and_method_summaries_are_whole_sentences(capsys):
     """`--help` texts and `--list`'s method summaries end where their sentence ends (not at a docstring's line
     break)."""
-    from benchmarks.tools import speed  # noqa: PLC0415 - torch-heavy, only here
+    from benchmarks.tools import export, paired_runs, speed, store_scale  # noqa: PLC0415 - torch-heavy, only here
     from flops import __main__ as flops_cli  # noqa: PLC0415
 
-    for module in (flops_cli, speed):
+    for module in (flops_cli, speed, export, paired_runs, store_scale):
         with pytest.raises(SystemExit):
             module.main(["--help"])
         description = " ".join(module.__doc__.split("\n\n")[0].split())

@@ -17,6 +17,7 @@ from PIL import Image
 import run_bench
 from benchmarks.lmms_model import ReducedLMM
 from benchmarks.records import Recorder
+from benchmarks.store import read_samples
 from benchmarks.tasks.synthetic.followup import LOOKUPS, generate_followup
 from benchmarks.tasks.synthetic.generate import make_samples
 from benchmarks.tasks.synthetic.scenes import cell_of
@@ -152,8 +153,7 @@ def test_a_round_that_brings_images_is_refused(lm):
 def read(out):
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    with open(out / "samples.jsonl") as f:
-        samples = [json.loads(line) for line in f]
+    samples = read_samples(out)
     with open(out / "comparisons.csv") as f:
         comparisons = list(csv.DictReader(f))
     return rows, samples, comparisons

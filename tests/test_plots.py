@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,12 +19,15 @@ from plots.curves import CATALOGUE, colours, pareto
 from plots.data import load
 from plots.pictures import selection_image
 from plots.tables import table, to_latex
+from tests.folders import write_cells
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_run(root: Path, cells: list[tuple], time_utc: str = "2026-01-01T00:00:00Z", layers: int = 3) -> Path:
-    """A results directory like run_bench.py writes: cells are (task, method, budget, accuracy, gflops, ms)."""
+def write_run(root: Path, cells: list[tuple], time_utc: str = "2026-01-01T00:00:00Z", layers: int = 3,
+              legacy: bool = False) -> Path:
+    """A results directory like run_bench.py writes: cells are (task, method, budget, accuracy, gflops, ms); the
+    samples in Parquet cell files, or (`legacy`) in one samples.jsonl as earlier versions wrote them."""
     root.mkdir(parents=True, exist_ok=True)
     rows, samples = [], []
     for task, method, budget, acc, gflops, ms in cells:
@@ -40,7 +44,10 @@ def write_run(root: Path, cells: list[tuple], time_utc: str = "2026-01-01T00:00:
                             "kept_indices": None if method == "full" else list(range(budget)),
                             "visual_tokens_per_layer": per_layer})
     pd.DataFrame(rows).to_csv(root / "summary.csv", index=False)
-    (root / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    if legacy:
+        (root / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    else:
+        write_cells(root, samples)
     pics = root / "pictures"
     pics.mkdir(exist_ok=True)
     for task in {c[0] for c in cells}:
@@ -136,10 +143,16 @@ def test_malformed_files_give_one_line_or_a_warning(tmp_path, capsys):
 
     broken = tmp_path / "broken_samples"
     shutil.copytree(good, broken)
-    with open(broken / "samples.jsonl", "a") as f:
-        f.write('{"task": "synth_vqa", "meth\n')
+    (broken / "cells" / "synth_vqa__x__4__fp9.parquet").write_bytes(b"PAR1 truncated")
     assert main([str(broken)]) == 0
-    assert "1 line(s) are not sample records" in capsys.readouterr().err
+    assert "1 sample record(s) or cell file(s) cannot be read (synth_vqa__x__4__fp9.parquet)" in capsys.readouterr().err
+    legacy = write_run(tmp_path / "legacy", CELLS, legacy=True)  # a folder of an earlier version: samples.jsonl
+    with open(legacy / "samples.jsonl", "a") as f:
+        f.write('{"task": "synth_vqa", "meth\n')
+    assert main([str(legacy)]) == 0
+    assert "1 sample record(s) or cell file(s) cannot be read (samples.jsonl:13)" in capsys.readouterr().err
+    assert load([legacy]).kept == load([good]).kept and load([legacy]).layers == load([good]).layers
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main([str(good), "--nope"])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
@@ -147,13 +160,14 @@ def test_malformed_files_give_one_line_or_a_warning(tmp_path, capsys):
 
 def test_unreadable_sample_fields_and_pictures_are_skipped_with_a_warning(tmp_path, capsys):
     run = write_run(tmp_path / "run", CELLS)
-    with open(run / "samples.jsonl", "a") as f:
-        f.write(json.dumps({"task": "synth_vqa", "method": "full", "budget": 16, "doc_id": "x",
-                            "visual_tokens_per_layer": "many"}) + "\n")
+    write_cells(tmp_path / "more", [{"task": "synth_vqa", "method": "full", "budget": 16, "doc_id": "x",
+                                     "visual_tokens_per_layer": "many"}])
+    os.replace(next((tmp_path / "more" / "cells").glob("*.parquet")), run / "cells" / "synth_vqa__full__16__fq.parquet")
     (run / "pictures" / "other__0.png").write_bytes(b"not a png")
     assert main([str(run)]) == 0
     err = capsys.readouterr().err
-    assert "1 line(s) are not sample records" in err and "other__0.png cannot be read" in err
+    assert "1 sample record(s) or cell file(s) cannot be read (synth_vqa__full__16__fq.parquet:1)" in err
+    assert "other__0.png cannot be read" in err
 
 
 def test_controllers_of_several_seeds_become_their_mean_and_range(tmp_path):

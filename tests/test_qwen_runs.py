@@ -28,6 +28,7 @@ from benchmarks.smoke_model.train_qwen import (
     tokenize,
     train,
 )
+from benchmarks.store import read_samples
 from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, SYNTH_VQA, generate_sample
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer
@@ -99,7 +100,7 @@ def test_run_bench_on_a_qwen_folder(qwen_ckpt, tmp_path):
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert {(r["method"], r["budget"]) for r in rows} == {("full", "1.0"), ("divprune", "0.25"), ("divprune", "16"),
                                                          ("fastv", "0.25"), ("fastv", "16")}
-    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    samples = read_samples(out)
     by = {(s["method"], str(s["budget"])): s for s in samples if s["doc_id"] == 0}
     assert by["full", "1.0"]["image_grid_thw"] == [1, 24, 24] and by["full", "1.0"]["visual_tokens"] == 144
     assert by["divprune", "0.25"]["visual_tokens"] == 36 and by["divprune", "16"]["visual_tokens"] == 16
@@ -226,5 +227,5 @@ def test_controllers_train_and_run_on_qwen(qwen_ckpt, tmp_path, capsys):
     assert run_bench.main(["--model", str(qwen_ckpt), "--methods", "adaptive_b", "--budgets", "0.25", "--limit", "2",
                            "--output", str(out), "--method-args",
                            f"adaptive_b.checkpoint={tmp_path / 'reinforce'}"]) == 0
-    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    samples = read_samples(out)
     assert [s["visual_tokens"] for s in samples] == [36, 36]

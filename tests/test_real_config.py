@@ -23,6 +23,7 @@ from benchmarks.lmms_model import ReducedLMM
 from benchmarks.plan import RunSpec, make_plan
 from benchmarks.runner import run
 from benchmarks.smoke_model.build import IMAGE_TOKEN, build_processor
+from benchmarks.store import read_samples
 from benchmarks.tasks.manager import task_manager
 from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, generate_sample
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
@@ -112,7 +113,7 @@ def test_every_method_on_llava15_7b_shapes(checkpoint, tmp_path):
     fixed = {"full": PATCHES, "sparsevlm": f"counts={BUDGET}"}  # SparseVLM: one stage (2 layers) keeping 64
     assert cells == {(m, fixed.get(m, BUDGET)) for m in list_reducers()}
     assert all(r["n"] == 2 for r in rows if r["metric"] == "exact_match")
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(out )
     assert sorted({s["method"] for s in samples}) == list_reducers() and len(samples) == 2 * len(list_reducers())
     for s in samples:
         per_layer = s["visual_tokens_per_layer"]

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 import run_bench
 from benchmarks.defaults import QWEN_SMOKE_MODEL, SMOKE_MODEL
 from benchmarks.records import MEASURED_COLUMNS
+from benchmarks.store import cell_samples, read_samples
 from benchmarks.tasks import SYNTH_TASKS
 from benchmarks.tasks.synthetic.generate import write_split
 from methods import create_reducer
@@ -37,7 +38,7 @@ MEASURED = MEASURED_COLUMNS | {"git_sha"}
 def unmeasured(out: Path) -> tuple[list[dict], list[dict]]:
     """summary.csv rows and samples.jsonl records without the measured (timing, time stamp) columns."""
     rows = [{k: v for k, v in r.items() if k not in MEASURED} for r in csv.DictReader(open(out / "summary.csv"))]
-    samples = [{k: v for k, v in json.loads(line).items() if k not in MEASURED} for line in open(out / "samples.jsonl")]
+    samples = [{k: v for k, v in s.items() if k not in MEASURED} for s in read_samples(out)]
     return rows, samples
 
 
@@ -249,14 +250,14 @@ def test_sigkill_mid_sweep_loses_no_finished_cell_and_the_rerun_completes_it(tin
     args = ["--model", str(tiny_ckpt), *SWEEP]
     proc = bench(*args, "--output", str(killed))
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((killed / "cells").glob("*.json"))) < 2:
+    while time.time() < deadline and len(list((killed / "cells").glob("*.parquet"))) < 2:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
-    cells = list((killed / "cells").glob("*.json"))
+    cells = list((killed / "cells").glob("*.parquet"))
     assert 2 <= len(cells) < 7, "the kill must land mid-sweep"
     for f in cells:
-        json.loads(f.read_text())  # every finished cell is whole
+        cell_samples(f)  # every finished cell is whole
     rows = list(csv.DictReader(open(killed / "summary.csv")))
     assert {r["method"] + r["budget"] for r in rows} <= {c.name.split("__")[1] + c.name.split("__")[2] for c in cells}
 
@@ -308,7 +309,7 @@ def test_every_bad_case_is_listed(cases):
 
 
 def cell_files(out: Path) -> list[Path]:
-    return sorted((out / "cells").glob("*.json"))
+    return sorted((out / "cells").glob("*.parquet"))
 
 
 def run_quiet(capsys, *argv: str) -> str:
@@ -340,14 +341,14 @@ def test_a_cell_is_recomputed_when_its_task_data_dtype_or_model_changes(tiny_ckp
     assert "1 of 1 cells already" in run_quiet(capsys, *mine)  # unchanged: kept
     my_task(tmp_path, seed=6)  # the user rewrites the questions and answers
     assert "already" not in run_quiet(capsys, *mine)
-    assert len(cell_files(out)) == 1 and len(list((out / "cells" / "superseded").glob("*.json"))) == 1
+    assert len(cell_files(out)) == 1 and len(list((out / "cells" / "superseded").glob("*.parquet"))) == 1
 
     run_quiet(capsys, *base)
     assert "already" not in run_quiet(capsys, *base, "--dtype", "bfloat16")  # float32 numbers are not bfloat16's
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert {r["dtype"] for r in rows} == {"bfloat16"}  # the float32 cells (both tasks) moved to cells/superseded
     assert len({r["cell_id"] for r in rows}) == 1 and all(r["cell_id"] for r in rows)
-    assert len(list((out / "cells" / "superseded").glob("*.json"))) == 3
+    assert len(list((out / "cells" / "superseded").glob("*.parquet"))) == 3
     assert "already" not in run_quiet(capsys, *base, "--dtype", "bfloat16", "--force")
     text = run_quiet(capsys, *base)  # the dtype changed back: its cells are taken back, nothing is computed
     assert "1 of 1 cells already" in text and "1 cells computed earlier under these conditions taken back" in text
@@ -367,7 +368,7 @@ def test_a_quick_check_costs_no_finished_cell(tiny_ckpt, tmp_path, capsys):
     again = run_quiet(capsys, *full)
     assert "2 of 2 cells already" in again and "[1/" not in again  # nothing evaluated
     assert {r["limit"] for r in csv.DictReader(open(out / "summary.csv"))} == {"4"}
-    assert len(cell_files(out)) == 2 and len(list((out / "cells" / "superseded").glob("*.json"))) == 2
+    assert len(cell_files(out)) == 2 and len(list((out / "cells" / "superseded").glob("*.parquet"))) == 2
 
 
 def test_a_cell_of_another_model_is_set_aside_and_never_reported(tiny_ckpt, tmp_path, capsys):
@@ -378,7 +379,7 @@ def test_a_cell_of_another_model_is_set_aside_and_never_reported(tiny_ckpt, tmp_
     assert "is a cell of another model" in text and "set_aside" in text
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert {r["method"] for r in rows} == {"random"} and {r["model"] for r in rows} == {str(SMOKE_MODEL)}
-    assert len(list((out / "cells" / "set_aside").glob("*.json"))) == 1
+    assert len(list((out / "cells" / "set_aside").glob("*.parquet"))) == 1
 
 
 @pytest.mark.parametrize("damage", ["truncated", "users_json", "renamed"])
@@ -389,7 +390,7 @@ def test_a_corrupt_or_foreign_cell_file_is_named_set_aside_and_recomputed(tiny_c
     run_quiet(capsys, *argv)
     first = cell_files(out)[0]
     if damage == "truncated":
-        first.write_text(first.read_text()[:50])
+        first.write_bytes(first.read_bytes()[:50])
     elif damage == "users_json":
         (out / "cells" / "notes.json").write_text('{"mine": 1}')
     else:
@@ -420,7 +421,7 @@ def test_fastv_ratio_runs_from_run_bench(tiny_ckpt, tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert {r["budget"] for r in rows} == {"R=0.5"} and "[1/1]" in text
     assert {float(r["visual_tokens_mean"]) for r in rows} == {144.0}  # all tokens below layer 1
-    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    samples = read_samples(out)
     assert all(s["visual_tokens_per_layer"] == [144, 72] for s in samples)
 
 
@@ -455,7 +456,7 @@ def test_a_full_disk_is_one_line_leaves_no_partial_file_and_the_rerun_completes(
     assert not [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]
     filler.unlink()
     assert run_bench.main(argv) == 0
-    assert (out / "summary.csv").is_file() and len(list((out / "cells").glob("*.json"))) == 1
+    assert (out / "summary.csv").is_file() and len(list((out / "cells").glob("*.parquet"))) == 1
 
 
 def test_a_copied_task_folder_keeps_the_users_own_data(tiny_ckpt, tmp_path, capsys):

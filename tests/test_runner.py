@@ -14,12 +14,13 @@ from benchmarks import runner
 from benchmarks.defaults import SMOKE_MODEL
 from benchmarks.distributed import current_world
 from benchmarks.plan import Cell, RunSpec, fingerprint, make_reducer
-from benchmarks.store import SUMMARY_COLUMNS, OutputBusyError, ResultStore
+from benchmarks.store import SUMMARY_COLUMNS, OutputBusyError, ResultStore, read_samples
+from benchmarks.tools import export
 
 
 def read(out):
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    samples = read_samples(out)
     return rows, samples
 
 
@@ -126,37 +127,55 @@ def test_store_rebuild_reads_each_cell_once_and_sees_changed_files(tmp_path, mon
         store.save(Cell("t", method, 4), f"fp{i}", tmp_path, {}, [{**row, "method": method}],
                    [{"task": "t", "method": method, "budget": 4, "doc_id": 0, "correct": 1.0}])
         store.rebuild()
-    assert sorted(parsed) == sorted(f"t__{m}__4__fp{i}.json" for i, m in enumerate(["full", "random", "fastv"]))
+    assert sorted(parsed) == sorted(f"t__{m}__4__fp{i}.parquet" for i, m in enumerate(["full", "random", "fastv"]))
     store.save(Cell("t", "random", 4), "fp1", tmp_path, {}, [{**row, "method": "random", "value": 0.25}],
                [{"task": "t", "method": "random", "budget": 4, "doc_id": 0, "correct": 0.0}])
     rows, _ = store.rebuild()
     assert sorted(float(r["value"]) for r in rows) == [0.25, 0.5, 0.5]
-    lines = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    lines = read_samples(tmp_path / "out")
     assert sorted((s["method"], s["correct"]) for s in lines) == [("fastv", 1.0), ("full", 1.0), ("random", 0.0)]
     store.release()
+    assert export.main([str(tmp_path / "out"), "--samples-jsonl"]) == 0  # the file earlier versions kept, on demand
+    with open(tmp_path / "out" / "samples.jsonl") as f:
+        assert [json.loads(line) for line in f] == lines
 
 
-def test_cells_of_earlier_versions_read_in_the_current_columns(tmp_path):
-    """A cell written before FLOPs had one unit (summary TFLOPs, samples' GMACs) or before `budget_tokens` reads in
-    GFLOPs with every current column; its file stays as it is."""
-    store = ResultStore(tmp_path / "out")
-    store.prepare()
+def test_cell_files_of_earlier_versions_are_converted_once_and_kept(tmp_path):
+    """A folder of an earlier version (JSON cell files, in cells/ and cells/superseded/, and samples.jsonl; FLOPs in
+    summary TFLOPs and samples' GMACs; no `budget_tokens`): converted to Parquet cells once, with a note, reading in
+    GFLOPs with every current column; the originals kept in cells/converted/; a JSON file that is no cell set aside."""
+    out = tmp_path / "out"
+    (out / "cells" / "superseded").mkdir(parents=True)
     row = {"task": "t", "method": "fastv", "budget": 16, "metric": "exact_match", "value": 0.5,
            "prefill_tflops_mean": 0.000125, "total_tflops_mean": 0.0003, "follow_up_tflops_mean": None}
     sample = {"task": "t", "method": "fastv", "budget": 16, "doc_id": 0, "correct": 1.0, "prefill_gmacs": 0.0625,
-              "follow_up_prefill_gmacs": 0.01, "reducer_macs": 5, "reducer_gmacs": 5e-9}
-    store.save(Cell("t", "fastv", 16), "fp0", tmp_path, {}, [row], [sample])
-    written = (tmp_path / "out" / "cells" / "t__fastv__16__fp0.json").read_text()
-    rows, _ = store.rebuild()
+              "follow_up_prefill_gmacs": 0.01, "reducer_macs": 5, "reducer_gmacs": 5e-9, "prediction": ["a", "b"],
+              "kept_indices": [3, 1]}
+    old = {"cell": "t__fastv__16", "fingerprint": "fp0", "model": str(SMOKE_MODEL.resolve()),
+           "conditions": {"run": "run"}, "rows": [row], "samples": [sample]}
+    (out / "cells" / "t__fastv__16__fp0.json").write_text(json.dumps(old))
+    (out / "cells" / "superseded" / "t__fastv__16__fp1.json").write_text(json.dumps({**old, "fingerprint": "fp1"}))
+    (out / "cells" / "t__full__16__fp2.json").write_text("{not json")
+    (out / "samples.jsonl").write_text(json.dumps(sample) + "\n")
+    store = ResultStore(out)
+    with store.session(current_world("cpu"), SMOKE_MODEL, "run", {}) as notes:
+        rows, _ = store.rebuild()
+    assert any("converted 2 cell files of an earlier version to Parquet" in n for n in notes), notes
+    assert any("t__full__16__fp2.json is not a readable cell file" in n for n in notes), notes
     assert (rows[0]["prefill_gflops_mean"], rows[0]["total_gflops_mean"], rows[0]["budget_tokens"]) == (0.125, 0.3, 16)
     assert rows[0]["follow_up_gflops_mean"] is None and not any("tflops" in k for k in rows[0])
-    (line,) = (tmp_path / "out" / "samples.jsonl").read_text().splitlines()
-    assert json.loads(line) == {**{k: v for k, v in sample.items() if "macs" not in k}, "prefill_gflops": 0.125,
-                                "follow_up_prefill_gflops": 0.02, "reducer_gflops": 0.0}
-    with open(tmp_path / "out" / "summary.csv") as f:
+    (record,) = read_samples(out)
+    assert record == {**{k: v for k, v in sample.items() if "macs" not in k}, "prefill_gflops": 0.125,
+                      "follow_up_prefill_gflops": 0.02, "reducer_gflops": 0.0}
+    with open(out / "summary.csv") as f:
         assert float(next(csv.DictReader(f))["prefill_gflops_mean"]) == 0.125
-    assert (tmp_path / "out" / "cells" / "t__fastv__16__fp0.json").read_text() == written
-    store.release()
+    assert json.loads((out / "cells" / "converted" / "t__fastv__16__fp0.json").read_text()) == old  # kept as it was
+    assert (out / "cells" / "converted" / "superseded" / "t__fastv__16__fp1.json").is_file()
+    assert (out / "cells" / "superseded" / "t__fastv__16__fp1.parquet").is_file()
+    assert (out / "cells" / "converted" / "samples.jsonl").is_file() and not (out / "samples.jsonl").exists()
+    assert (out / "cells" / "set_aside" / "t__full__16__fp2.json").is_file()
+    with store.session(current_world("cpu"), SMOKE_MODEL, "run", {}) as notes:  # once
+        assert notes == []
 
 
 def test_the_store_session_holds_the_folder_for_one_block(tmp_path):
@@ -177,4 +196,4 @@ def test_the_store_session_holds_the_folder_for_one_block(tmp_path):
     ResultStore(out).check_writable()  # released
     with ResultStore(out).session(world, SMOKE_MODEL, "run", {"t": "b"}) as notes:  # the task's files changed
         assert len(notes) == 1 and notes[0].startswith("1 cells in ") and "moved to cells/superseded/" in notes[0]
-    assert (out / "cells" / "superseded" / "t__full__4__fp.json").is_file()
+    assert (out / "cells" / "superseded" / "t__full__4__fp.parquet").is_file()

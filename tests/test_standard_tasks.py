@@ -9,7 +9,6 @@ snapshot (README `configs:` + parquet).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +23,7 @@ import run_bench
 from benchmarks.plan import RunSpec, fingerprint, run_conditions, short_hash, task_identity
 from benchmarks.smoke_model.build import build_model, build_processor, vocabulary
 from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor, qwen_vocabulary, save_qwen
+from benchmarks.store import read_samples
 from benchmarks.tasks.standard import TASKS, GqaImages, LocalCopy, parse_task_data
 
 pytestmark = pytest.mark.slow  # local copies of the standard tasks through lmms-eval
@@ -227,7 +227,7 @@ def test_six_standard_tasks_on_save_to_disk_copies(family, request, in_tmp):
     """Each family with its own prompt format and processor (Qwen2.5-VL: each image at its own size)."""
     ckpt = request.getfixturevalue("yes_ckpt" if family == "llava" else "qwen_yes_ckpt")
     values = run(ckpt, in_tmp / "run", save_copies(in_tmp / "data"))
-    grids = {tuple(s.get("image_grid_thw") or ()) for s in map(json.loads, open(in_tmp / "run" / "samples.jsonl"))}
+    grids = {tuple(s.get("image_grid_thw") or ()) for s in read_samples(in_tmp / "run")}
     assert grids == ({()} if family == "llava" else {(1, 8, 10), (1, 8, 12), (1, 8, 14)})
     assert {t for t, _ in values} == set(TASK_NAMES)
     for task in TASK_NAMES:  # each task's own metric names, as separate rows
@@ -245,7 +245,7 @@ def test_snapshot_copies_and_gqa_image_join(yes_ckpt, in_tmp):
     assert set(values) == {("gqa", "exact_match"), *(("pope", m) for m in TASKS["pope"].metrics)}
     assert values[("gqa", "exact_match")] == 0.5  # docs 0 (yes, right) and 1 (no), their images joined by imageId
     assert values[("pope", "pope_accuracy")] == 0.5
-    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    samples = read_samples(out)
     assert len(samples) == 4 and {s["prediction"] for s in samples} == {"yes"}  # --limit 2 of each task
 
 

@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from benchmarks.records import metric_ci
-from benchmarks.stats import comparisons, mcnemar_exact, mean_ci, paired_difference
+from benchmarks.stats import bootstrap_mean_ci, comparisons, mcnemar_exact, mean_ci, paired_difference
 
 
 def test_mcnemar_exact_by_hand():
@@ -153,15 +154,14 @@ def test_paired_runs_compares_two_folders_question_by_question(tmp_path, capsys)
     """Two folders of one cell: 10 questions, the first answers 8 (docs 0-7), the second 5 (docs 0-4); only the
     second folder has a second cell and a doc without a score: 8/10 vs 5/10 over 10 paired, +30 points, 3
     discordant pairs all one way (McNemar p = 2 / 8), 3 answers changed."""
-    import json  # noqa: PLC0415
-
     from benchmarks.tools.paired_runs import compare, main  # noqa: PLC0415
+    from tests.folders import write_cells  # noqa: PLC0415
 
     def write(folder, correct, extra=()):
         folder.mkdir()
         rows = [{"task": "t", "method": "dart", "budget": "16", "doc_id": i, "correct": float(c),
                  "prediction": "yes" if c else "no"} for i, c in enumerate(correct)]
-        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, *extra]))
+        write_cells(folder, [*rows, *extra])
 
     write(tmp_path / "a", [1] * 8 + [0] * 2)
     write(tmp_path / "b", [1] * 5 + [0] * 5, [{"task": "t", "method": "pdrop", "budget": "16", "doc_id": 0,
@@ -175,18 +175,15 @@ def test_paired_runs_compares_two_folders_question_by_question(tmp_path, capsys)
     assert row[0]["answers_changed_pct"] == 30.0 and not row[0]["significant"]
     assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--csv", str(tmp_path / "out.csv")]) == 0
     assert "| dart " in capsys.readouterr().out and (tmp_path / "out.csv").is_file()
-    with pytest.raises(SystemExit, match="no samples.jsonl there"):
+    with pytest.raises(SystemExit, match="no cells/\\*.parquet there"):
         compare(tmp_path / "a", tmp_path / "missing")
-    (tmp_path / "corrupt").mkdir()
-    (tmp_path / "corrupt" / "samples.jsonl").write_text('{"task": "t"}\n')
-    with pytest.raises(SystemExit, match="corrupt/samples.jsonl line 1: not a sample record"):
+    write_cells(tmp_path / "corrupt", [{"task": "t", "method": "dart", "budget": "16"}])
+    with pytest.raises(SystemExit, match="corrupt/cells/t__dart__16__fp0.parquet: not a cell file with sample records"):
         compare(tmp_path / "a", tmp_path / "corrupt")
     # a learned method's cell per controller seed: seed 1 answers doc 0 right in both, seed 0 in neither
     for name in ("c", "d"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "samples.jsonl").write_text("".join(
-            json.dumps({"task": "t", "method": "adaptive_b", "budget": "16", "controller_seed": s, "doc_id": 0,
-                        "correct": float(s)}) + "\n" for s in (0, 1)))
+        write_cells(tmp_path / name, [{"task": "t", "method": "adaptive_b", "budget": "16", "controller_seed": s,
+                                       "doc_id": 0, "correct": float(s)} for s in (0, 1)])
     seeds = compare(tmp_path / "c", tmp_path / "d")
     assert seeds["controller_seed"].tolist() == ["0", "1"] and seeds["first_pct"].tolist() == [0.0, 100.0]
 
@@ -199,3 +196,18 @@ def test_the_sweeps_mcnemar_tests_get_benjamini_hochberg_adjusted_p_values():
     rows = with_fdr([{"mcnemar_p": p} for p in (0.01, 0.04, 0.03, 0.5, None)])
     assert [r["p_adjusted_bh"] for r in rows] == [0.04, 0.053333, 0.053333, 0.5, None]
     assert [r["significant_bh"] for r in rows] == [True, False, False, False, None]
+
+
+def test_the_bootstrap_by_counts_is_the_bootstrap_by_indices():
+    """`bootstrap_mean_ci` draws each resample as multinomial counts of the distinct values: the same distribution as
+    resampling questions (scipy's paired bootstrap, the slow restatement), so both intervals agree to Monte-Carlo
+    error, on 0/1 differences and on a mean over seeds' few values; and it is fixed by its seed."""
+    rng = np.random.default_rng(7)
+    for d in ((rng.random(800) < 0.7).astype(float) - (rng.random(800) < 0.5),
+              rng.choice([-1, -2 / 3, -1 / 3, 0, 1 / 3, 2 / 3, 1], 300)):
+        ours = bootstrap_mean_ci(d)
+        slow = stats.bootstrap((d,), np.mean, n_resamples=20_000, method="percentile", rng=np.random.default_rng(1))
+        half = (slow.confidence_interval.high - slow.confidence_interval.low) / 2
+        assert ours[0] == pytest.approx(slow.confidence_interval.low, abs=0.08 * half)
+        assert ours[1] == pytest.approx(slow.confidence_interval.high, abs=0.08 * half)
+        assert bootstrap_mean_ci(d) == ours

@@ -5,7 +5,7 @@
         --method-args dart.pivot_order=position sparsevlm.positions=original
     python -m benchmarks.tools.paired_runs results/runs/default results/runs/variant
 
-For every (task, method, budget, controller seed) cell in both folders' `samples.jsonl`, over the questions both
+For every (task, method, budget, controller seed) cell in both folders' `cells/`, over the questions both
 answered: the two accuracies, their difference (first minus second, in points), its 95 % paired-bootstrap interval,
 McNemar's exact p and whether the difference is significant (`benchmarks.stats.paired_difference`), and the share of
 questions whose answer changed. Prints a Markdown table; `--csv FILE` also writes the rows.
@@ -14,38 +14,40 @@ questions whose answer changed. Prints a Markdown table; `--csv FILE` also write
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from benchmarks.stats import paired_difference
+from benchmarks.store import cell_samples
 
 # a learned method runs one cell per controller seed; a conversation task one per mode
 KEY = ("task", "method", "budget", "controller_seed", "conversation")
 
 
-def read_samples(folder: Path) -> dict[tuple, dict[int, dict]]:
-    """{(task, method, budget, controller seed, conversation mode): {doc_id: record}} from a result folder's
-    `samples.jsonl` (the seed "" for a method without controllers, the mode "" on a single-question task)."""
-    path = folder / "samples.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"error: {path}: no samples.jsonl there; give a folder run_bench.py wrote (its --output)")
+def by_cell(folder: Path) -> dict[tuple, dict[int, dict]]:
+    """{(task, method, budget, controller seed, conversation mode): {doc_id: record}} from a result folder's cells
+    (the seed "" for a method without controllers, the mode "" on a single-question task)."""
+    files = sorted((folder / "cells").glob("*.parquet"))
+    if not files:
+        raise SystemExit(f"error: {folder}: no cells/*.parquet there; give a folder run_bench.py wrote (its --output)")
     out: dict[tuple, dict[int, dict]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for f in files:
         try:
-            r = json.loads(line)
-            out.setdefault(tuple("" if r.get(k) is None else str(r[k]) for k in KEY), {})[r["doc_id"]] = r
-            r["correct"]  # noqa: B018 - every record must carry its score
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SystemExit(f"error: {path} line {n}: not a sample record ({type(e).__name__}: {e}); rebuild the "
-                             "folder with run_bench.py") from None
+            records = cell_samples(f, (*KEY, "doc_id", "correct", "prediction"))
+            for r in records:
+                out.setdefault(tuple("" if r.get(k) is None else str(r[k]) for k in KEY), {})[r["doc_id"]] = r
+                r["correct"]  # noqa: B018 - every record must carry its score
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+            raise SystemExit(f"error: {f}: not a cell file with sample records ({type(e).__name__}: {e}); rerun "
+                             "its cell with run_bench.py") from None
     return out
 
 
 def compare(first: Path, second: Path) -> pd.DataFrame:
     """One row per cell present in both folders (see the module docstring)."""
-    a, b = read_samples(first), read_samples(second)
+    a, b = by_cell(first), by_cell(second)
     rows = []
     for key in sorted(set(a) & set(b)):
         docs = sorted(d for d in set(a[key]) & set(b[key])

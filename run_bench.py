@@ -22,6 +22,7 @@ from benchmarks.defaults import (
     CONVERSATIONS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_OUTPUT,
+    PLANNED_TEXT_TOKENS,
     SMOKE_LIMIT,
     SMOKE_MODEL,
     catalogue,
@@ -38,10 +39,9 @@ from methods.cli import (
     at_least,
     known_families,
     parse_method_arg,
+    parse_shard,
     wrap,
 )
-
-DRY_RUN_TEXT_TOKENS = 64  # prompt tokens besides the image assumed by a dry run's cost estimate (as python -m flops)
 
 EPILOG = """examples:
   python run_bench.py                                    # smoke benchmark, every method, default budgets
@@ -55,6 +55,7 @@ EPILOG = """examples:
   python run_bench.py --dry-run                          # check everything, print the plan and its cost, exit
   accelerate launch --multi_gpu --num_processes 4 run_bench.py --device cuda ...   # one shard per GPU
   accelerate launch --multi_gpu --num_processes 2 run_bench.py --device cpu ...    # CPU processes (gloo)
+  python run_bench.py ... --shard 2/8                    # the 2nd of 8 parts of the plan's cells (a cluster's jobs)
 
 A method name that is a family prefix expands to the family: `adaptive` runs adaptive_a and adaptive_b.
 `full`, and any budget >= the model's patch count, mean no pruning and run once per task, as `full`.
@@ -126,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--retime", action="store_true",
                        help="measure the timings of the plan's stored cells again (on a quieter machine) and keep "
                        "them only if every prediction is the stored one; cells not stored yet are computed")
+    p.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                   help="run only the I-th of N disjoint parts of the plan's cells, balanced by planned cost, e.g. "
+                   "one per job of a cluster's job array; parts may share the --output folder; the same command "
+                   "without --shard afterwards computes nothing stored and builds the comparisons and figures "
+                   "(default: the whole plan)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="a sweep config file (YAML) holding any of: " + ", ".join(CONFIG_KEYS) + "; the command "
                    "line's options replace its values (default: none)")
@@ -303,12 +309,12 @@ def _main(args: argparse.Namespace) -> int:
                    output=args.output or default_output(args.model), include_paths=tuple(args.include_path),
                    device=args.device, dtype=args.dtype,
                    method_kwargs=tuple(args.method_args), conversations=tuple(dict.fromkeys(args.conversation)),
-                   config=getattr(args, "config_record", None),
+                   config=getattr(args, "config_record", None), shard=args.shard,
                    task_data=tuple(parse_task_data(t) for t in args.task_data))
     plan = make_plan(spec)  # every cell's reducer built and checked against the model's layout
     tm = task_manager(spec.tasks, spec.include_paths)  # unknown tasks, with close matches
     if is_main_process():
-        ResultStore(spec.output).check_writable()  # and not in use by another sweep
+        ResultStore(spec.output, shared=spec.shard is not None).check_writable()  # and not in use by another sweep
     say = print if is_main_process() else (lambda *_: None)  # several processes: rank 0 speaks
     methods = sorted({c.method for c in plan.cells})
     tokens = f"{plan.num_patches} patches" if plan.num_patches else "visual tokens per image vary"
@@ -318,11 +324,11 @@ def _main(args: argparse.Namespace) -> int:
     for note in plan.notes:  # continuation lines indented under the note
         say(wrap(note, first="  note: ", rest=" " * 8))
     if args.dry_run:
-        costs = plan_costs(plan, spec, DRY_RUN_TEXT_TOKENS)
+        costs = plan_costs(plan, spec, PLANNED_TEXT_TOKENS)
         print(plan_table(costs))
         total = [c["gflops_per_sample"] * c["samples"] for c in costs if c["gflops_per_sample"] and c["samples"]]
         print(wrap(f"estimated prefill cost: {sum(total):.4g} GFLOPs in all (FLOPs counter, assuming "
-                   f"{DRY_RUN_TEXT_TOKENS} text tokens per prompt; decoding adds a few percent for short answers; a "
+                   f"{PLANNED_TEXT_TOKENS} text tokens per prompt; decoding adds a few percent for short answers; a "
                    "conversation's later turns are not priced here)"))
         return 0
     import torch
@@ -336,6 +342,11 @@ def _main(args: argparse.Namespace) -> int:
     print(results_table(rows, ResultStore(spec.output).comparisons()))
     print(f"\nwrote {_rel(spec.output / 'summary.csv')} (every metric) and the per-sample records in "
           f"{_rel(spec.output / 'cells')}/*.parquet (results/README.md)")
+    if spec.shard is not None:  # the folder's comparisons and figures need every part
+        print(wrap(f"shard {spec.shard[0]}/{spec.shard[1]} done. When every part has finished, the same command "
+                   "without --shard (on the same --output) computes nothing stored and builds the paired comparisons, "
+                   "tables and figures of the whole sweep"))
+        return 0
     from plots.data import ResultsError
     from plots.make import make_all
 

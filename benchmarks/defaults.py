@@ -22,6 +22,7 @@ DEFAULT_BUDGET_FRACTIONS = (1 / 9, 1 / 4, 1 / 3)  # LLaVA-1.5's 64 / 144 / 192 o
 # how a conversation task's later turns are answered: on the cache the previous turn left (the image reduced once), or
 # the whole conversation prefilled again from the full image (reduced again); a sweep runs both by default
 CONVERSATIONS = ("prune-once", "re-prune")
+PLANNED_TEXT_TOKENS = 64  # prompt tokens besides the image that cost estimates assume (dry run, shards, flops CLI)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

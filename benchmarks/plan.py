@@ -23,6 +23,7 @@ from benchmarks.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUDGET_FRACTIONS,
     DEFAULT_OUTPUT,
+    PLANNED_TEXT_TOKENS,
     SMOKE_MODEL,
     controllers,
     default_limit,
@@ -79,6 +80,7 @@ class RunSpec:
     task_data: tuple[tuple[str, Path], ...] = ()  # (task, local dataset copy), from --task-data
     conversations: tuple[str, ...] = CONVERSATIONS  # the modes a conversation task runs in, one cell each
     config: str | None = None  # the sweep config file it came from (`--config`), as "path (sha1 ...)"; recorded only
+    shard: tuple[int, int] | None = None  # (I, N): run the I-th of N parts of the plan (`shard`); not in any identity
 
     methods_given: bool = dataclasses.field(init=False, default=False)  # False: the default set (every method)
 
@@ -108,6 +110,8 @@ class RunSpec:
             if method not in self.methods:
                 raise ValueError(f"--method-args names {method}.{arg}, but {method} is not among the methods run")
         check_task_data(self.tasks, self.task_data, self.limit)
+        if self.shard is not None and not 1 <= self.shard[0] <= self.shard[1]:
+            raise ValueError(f"--shard {self.shard[0]}/{self.shard[1]}: write I/N with 1 <= I <= N")
         bad = [c for c in self.conversations if c not in CONVERSATIONS]
         if bad or not self.conversations:
             raise ValueError(f"--conversation takes {' and/or '.join(CONVERSATIONS)}, got {list(self.conversations)}")
@@ -235,7 +239,33 @@ def make_plan(spec: RunSpec) -> Plan:
         notes.append(f"{m}{at} skipped: {why}")
     if not kept:
         raise ValueError("the plan is empty: give methods and budgets that apply to each other")
-    return Plan(config, family, layout, grid, kept, reducers, notes)
+    plan = Plan(config, family, layout, grid, kept, reducers, notes)
+    return plan if spec.shard is None else shard(plan, spec)
+
+
+def shard(plan: Plan, spec: RunSpec) -> Plan:
+    """Part I of N of `plan` (`spec.shard`): the cells dealt to N parts by their planned cost (prefill FLOPs x
+    samples, `plan_costs`; a cell of unknown cost counts as the median known one), the costliest first, each to the
+    part with the least so far (ties: the cell's name, then the lower part), so every part of the same command
+    computes the same split, the parts are disjoint and together the whole plan. A note says what this part got."""
+    index, count = spec.shard
+    costs = [None if c["gflops_per_sample"] is None else c["gflops_per_sample"] * (c["samples"] or 1)
+             for c in plan_costs(plan, spec, PLANNED_TEXT_TOKENS)]
+    known = sorted(c for c in costs if c is not None)
+    costs = [known[len(known) // 2] if c is None else c for c in costs] if known else [1.0] * len(costs)
+    load, part = [0.0] * count, {}
+    for k in sorted(range(len(plan.cells)), key=lambda k: (-costs[k], plan.cells[k].name)):
+        j = min(range(count), key=lambda j: (load[j], j))
+        part[k] = j
+        load[j] += costs[k]
+    mine = [k for k in range(len(plan.cells)) if part[k] == index - 1]
+    if not mine:
+        raise ValueError(f"--shard {index}/{count}: part {index} gets no cell, the plan has {len(plan.cells)}; give "
+                         f"at most {len(plan.cells)} parts")
+    note = (f"shard {index}/{count}: {len(mine)} of the plan's {len(plan.cells)} cells, "
+            f"{100 * load[index - 1] / (sum(load) or 1):.0f} % of its planned prefill FLOPs")
+    return dataclasses.replace(plan, cells=[plan.cells[k] for k in mine], reducers=[plan.reducers[k] for k in mine],
+                               notes=[*plan.notes, note])
 
 
 def task_docs(task: str, limit: int | None) -> int | None:

@@ -170,7 +170,8 @@ def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, ve
     world.barrier()  # the data exist before anyone hashes them
     ident = identify(plan, spec, tm)
     prov = provenance(ident.conditions, spec.device, spec.config)
-    store, recorder = ResultStore(spec.output), Recorder()  # the model writes each sample's trace to `recorder`
+    # several parts of one sweep (--shard) may share the folder; the model writes each sample's trace to `recorder`
+    store, recorder = ResultStore(spec.output, shared=spec.shard is not None), Recorder()
     wanted = [] if force else [(p.cell, p.fingerprint) for p in ident.cells]  # taken back if set aside earlier
     with store.session(world, spec.model, ident.conditions.key, ident.tasks, wanted) as notes:
         for note in notes:
@@ -207,7 +208,8 @@ def run(spec: RunSpec, plan: Plan, tm, lm: ReducedLMM, progress: bool = True, ve
                     store.rebuild()
                     bar.write(cell_line(i, len(todo), rows), file=sys.stdout)
                 bar.update()
-        rows = store.rebuild(compare=True)[0] if world.is_main else []  # the paired comparisons, once per run
+        # the paired comparisons, once per run (a part of a sharded sweep leaves them to the whole command)
+        rows = store.rebuild(compare=spec.shard is None)[0] if world.is_main else []
     world.barrier()  # the other processes end when rank 0 has written everything
     mine = {p.fingerprint for p in ident.cells}
     return [r for r in rows if r.get("cell_id") in mine]  # this plan's cells only, not others kept in the folder

@@ -183,10 +183,14 @@ class OutputBusyError(RuntimeError):
 
 class ResultStore:
     """Finished cells on disk, and the combined files rebuilt from them. One writer at a time: `prepare` takes an
-    exclusive lock on OUTPUT/.lock (released when the process ends, however it ends), and a second run refuses."""
+    exclusive lock on OUTPUT/.lock (released when the process ends, however it ends), and a second run refuses. The
+    parts of one sharded sweep (`shared`) take it shared: they write the folder together (each its own cells,
+    atomically; the conditions they move cells by are the same for all), and a whole run and a part exclude each
+    other."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, shared: bool = False) -> None:
         self.root = Path(root)
+        self.shared = shared
         self.cells_dir = self.root / "cells"
         self.pictures_dir = self.root / "pictures"
         self._lock = None
@@ -264,23 +268,26 @@ class ResultStore:
             self.release()
 
     def _take_lock(self) -> None:
-        """Hold OUTPUT/.lock (an exclusive, non-blocking flock) and write who holds it there, for a second run's
-        message. Hand-written rather than filelock's on purpose: filelock 4.2 (the version lmms-eval allows) keeps
-        in-process bookkeeping per path, and a second FileLock on a held path in the same process did not refuse once
-        other tests had run in it, while a second flock on its own descriptor always does, as another process's."""
+        """Hold OUTPUT/.lock (a non-blocking flock, exclusive or, for a part of a sharded sweep, shared) and write who
+        holds it there, for a refused run's message (the parts append a line each). Hand-written rather than
+        filelock's on purpose: filelock 4.2 (the version lmms-eval allows) keeps in-process bookkeeping per path, and a
+        second FileLock on a held path in the same process did not refuse once other tests had run in it, while a
+        second flock on its own descriptor always does, as another process's; and filelock has no shared lock."""
         f = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open until release() or the process ends
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = "; ".join(f.read().strip().splitlines()[-3:]) or "another process"
             f.close()
-            raise OutputBusyError(f"{self.root} is in use by another run_bench.py ({holder}); wait for it to "
-                                  "finish or pass another --output") from None
+            what = "a run of the whole sweep" if self.shared else "another run_bench.py"
+            raise OutputBusyError(f"{self.root} is in use by {what} ({holder}); wait for it to finish or pass another "
+                                  "--output") from None
         self._lock = f  # the file stays; only the lock on it says whether a run is writing
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {platform.node()}")
+        if not self.shared:
+            f.seek(0)
+            f.truncate()
+        f.write(f"{'a part of a sharded sweep, ' if self.shared else ''}pid {os.getpid()} on {platform.node()}\n")
         try:
             f.flush()
         except OSError:
@@ -296,8 +303,8 @@ class ResultStore:
         """After a run failed before finishing any cell: remove what `prepare` created (the folder, cells/, the lock
         file), so a failed run leaves nothing behind. A folder with finished cells keeps everything."""
         self.release()
-        if any(self.cells_dir.rglob("*.parquet")) or any(self.cells_dir.rglob("*.json")):
-            return
+        if self.shared or any(self.cells_dir.rglob("*.parquet")) or any(self.cells_dir.rglob("*.json")):
+            return  # a part of a sharded sweep: the other parts may be using the folder
         created = self._created
         if ".lock" in created:
             (self.root / ".lock").unlink(missing_ok=True)
@@ -382,7 +389,8 @@ class ResultStore:
         """Set a file aside (never delete what may be the user's): cells/<why>/<name>."""
         (self.cells_dir / why).mkdir(parents=True, exist_ok=True)
         target = self.cells_dir / why / f.name
-        os.replace(f, target)
+        with contextlib.suppress(FileNotFoundError):  # another part of a sharded sweep moved it first
+            os.replace(f, target)
         return target
 
     def _memo(self, f: Path) -> tuple[dict | None, str]:
@@ -431,6 +439,8 @@ class ResultStore:
                     ok = (isinstance(data, dict) and "fingerprint" in data and data.get("cell") == name
                           and data.get("fingerprint") == fp and isinstance(data.get("rows"), list)
                           and isinstance(data.get("samples"), list))
+                except FileNotFoundError:  # another part of a sharded sweep converted it first
+                    continue
                 except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                     ok = False
                 if not ok:

@@ -82,6 +82,18 @@ def at_least(low: int):
     return parse
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """An argparse type: I/N -> (I, N), the I-th of N parts, 1 <= I <= N."""
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = 0
+    if not sep or not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"{text!r}: write I/N with 1 <= I <= N, e.g. 2/8 for the second of 8 parts")
+    return i, n
+
+
 def parse_method_arg(text: str) -> tuple[str, str, object]:
     """An argparse type: METHOD.ARG=VALUE -> (method, argument, value as a Python literal, or the plain string).
 

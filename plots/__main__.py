@@ -3,7 +3,8 @@
 Writes into the first directory (or --out): accuracy_vs_flops_<task>.png, accuracy_vs_latency_<task>.png,
 relative_to_full.png, table.md / table.csv / table.tex, selection_<task>_doc<i>.png, where methods that see the
 question and methods that do not both ran, accuracy_vs_flops_by_question_<task>.png, and, for methods that act
-inside the LLM, tokens_per_layer_<task>.png. Several directories are combined (the newest row wins).
+inside the LLM, tokens_per_layer_<task>.png. Several directories are combined (the newest row wins), and their
+summary rows written to combined_summary.csv.
 """
 
 from __future__ import annotations

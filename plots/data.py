@@ -63,10 +63,14 @@ class Results:
         pictures: (task, doc_id) -> (png path, meta dict with `question`, `grid`).
         comparisons: the paired comparisons of each directory's comparisons.csv (one row per method, budget and
             reference: `full` or the best other method at that budget), with `budget` as text.
+        combined: the directories' summary.csv rows as they are, one per (task, conversation, method, method
+            arguments, budget, metric), the newest where several directories hold one (what `combined_summary.csv`
+            holds).
     """
 
     summary: pd.DataFrame
     primary: dict[str, str]
+    combined: pd.DataFrame = field(default_factory=pd.DataFrame)
     kept: dict[tuple, list[int] | None] = field(default_factory=dict)
     layers: dict[tuple, list[float]] = field(default_factory=dict)
     pictures: dict[tuple, tuple[Path, dict]] = field(default_factory=dict)
@@ -126,6 +130,8 @@ def load(dirs: list[Path]) -> Results:
         if col not in df.columns:
             df[col] = float("nan")
     df["budget"] = df["budget"].astype(str)
+    same = [c for c in ("task", "conversation", "method", "method_args", "budget", "metric") if c in df.columns]
+    combined = df.sort_values("time_utc", kind="stable").drop_duplicates(same, keep="last").sort_index()
     if "conversation" in df.columns:  # a conversation task's modes are tasks of their own in every figure and table
         df["task"] = [shown_task(t, c) for t, c in zip(df["task"], df["conversation"], strict=True)]
     df = (df.sort_values("time_utc", kind="stable")
@@ -136,7 +142,7 @@ def load(dirs: list[Path]) -> Results:
     for task, rows in df.groupby("task", sort=False):
         flagged = rows[rows["primary"].astype(str) == "True"] if "primary" in rows.columns else rows.iloc[:0]
         primary[task] = flagged["metric"].iloc[0] if len(flagged) else rows["metric"].iloc[0]
-    res = Results(summary=df, primary=primary)
+    res = Results(summary=df, primary=primary, combined=combined)
     res.comparisons = _read_comparisons(dirs)
     for d in dirs:
         _read_pictures(Path(d) / "pictures", res)

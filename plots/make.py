@@ -12,11 +12,19 @@ from plots.tables import write_tables
 
 
 def make_all(dirs: list[Path], out: Path | None = None) -> list[Path]:
-    """Every figure and table for the results in `dirs`; returns the written paths."""
+    """Every figure and table for the results in `dirs` (several: also their rows in one `combined_summary.csv`, e.g.
+    the parts of a sharded sweep written to separate folders); returns the written paths."""
     res = load(dirs)
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    written = accuracy_curves(res, out) + question_families(res, out)
+    written = []
+    if len(dirs) > 1:
+        path = out / "combined_summary.csv"
+        tmp = path.with_name(f".{path.name}.tmp")
+        res.combined.to_csv(tmp, index=False)
+        tmp.replace(path)
+        written.append(path)
+    written += accuracy_curves(res, out) + question_families(res, out)
     rel = relative_average(res, out)
     written += ([rel] if rel else []) + write_tables(res, out) + selection_pictures(res, out)
     return written + tokens_per_layer(res, out)

@@ -14,7 +14,7 @@ import pytest
 
 import run_bench
 from benchmarks.console import cell_line, results_table
-from benchmarks.defaults import REPO
+from benchmarks.defaults import PLANNED_TEXT_TOKENS, REPO
 from flops.analytic import ModelShape, count
 from flops.shapes import load_config, shape_record
 from methods import create_reducer, list_reducers
@@ -64,7 +64,7 @@ def test_dry_run_prints_the_cost_from_the_flops_counter(tiny_ckpt, capsys):
                            "--limit", "10", "--dry-run"]) == 0
     out = capsys.readouterr().out
     config = load_config(tiny_ckpt)
-    per = 2 * count(shape_record(config, create_reducer("random", 4), run_bench.DRY_RUN_TEXT_TOKENS),
+    per = 2 * count(shape_record(config, create_reducer("random", 4), PLANNED_TEXT_TOKENS),
                     ModelShape.from_config(config)).prefill / 1e9
     line = next(x for x in out.splitlines() if x.startswith("synth_vqa") and " random " in x)
     assert line.split()[3] == "10" and line.split()[4] == f"{per:.4g}"

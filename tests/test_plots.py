@@ -105,6 +105,10 @@ def test_runs_combine_newest_row_wins_and_partial_sweeps_plot(tmp_path):
     assert t.loc[("prumerge", "4"), "prefill_gflops"] == 0.12
     assert main([str(b)]) == 0  # no `full` in it: no relative plot, the rest still drawn
     assert not (b / "relative_to_full.png").exists() and (b / "accuracy_vs_flops_synth_vqa.png").exists()
+    assert main([str(a), str(b), "--out", str(tmp_path / "both")]) == 0  # e.g. the parts of a sharded sweep
+    both = pd.read_csv(tmp_path / "both" / "combined_summary.csv")
+    assert len(both) == 2 * 4 and set(pd.read_csv(a / "summary.csv").columns) <= set(both.columns)
+    assert both.set_index(["method", "budget", "metric"]).loc[("prumerge", 8, "exact_match"), "value"] == 0.85
 
 
 def test_latex_table_escapes_and_aligns():

@@ -5,13 +5,14 @@ cells again and keeps the new timings only when every prediction is the stored o
 from __future__ import annotations
 
 import csv
-import json
 
+import pyarrow.parquet as pq
 import pytest
 
 import run_bench
 from benchmarks.console import results_table
 from benchmarks.records import cell_times, machine_load
+from benchmarks.store import cell_meta, cell_samples, samples_table
 
 
 def batches(*prefill_ms: float) -> list[dict]:
@@ -63,10 +64,10 @@ def test_retime_keeps_the_results_and_refuses_changed_predictions(tiny_ckpt, tmp
     assert [r["value"] for r in again] == [r["value"] for r in first]
     assert all(r["prefill_ms_iqr"] != "" and r["cpu_cores"] != "" and r["timing_reliable"] in ("True", "False")
                for r in again)
-    (cell,) = (out / "cells").glob("*.json")
-    record = json.loads(cell.read_text())
-    record["samples"][0]["prediction"] = "something else"
-    cell.write_text(json.dumps(record))
+    (cell,) = (out / "cells").glob("*.parquet")
+    samples = cell_samples(cell)
+    samples[0]["prediction"] = "something else"
+    pq.write_table(samples_table(samples, cell_meta(cell)), cell)
     assert run_bench.main([*argv, "--retime"]) == 2
     err = capsys.readouterr().err
     assert "--retime" in err and "answers 1 of 4 questions differently" in err and "--force" in err

@@ -9,8 +9,8 @@
 
 Beside it: `stats.py` (intervals, paired tests, the comparisons), `console.py` (what a sweep prints), `distributed.py`
 (several processes), `defaults.py` (paths and defaults, torch-free). `tasks/` is what a sweep evaluates on (the task
-catalogue, the task manager, local copies of the standard tasks, our synthetic tasks); `tools/` holds commands built
-on the sweep, not part of it (the speed benchmarks, the controller trainer, two result folders compared,
-exports of a folder, the results store's scaling benchmark);
-`smoke_model/` the committed small models with their builders and trainers.
+catalogue, the task manager, local copies of the standard tasks, our synthetic tasks); `tools/` holds commands built on
+the sweep, not part of it (the speed benchmarks, the controller trainer, two result folders compared, exports of a
+folder, the results store's scaling benchmark); `smoke_model/` the committed small models with their builders and
+trainers.
 """

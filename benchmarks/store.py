@@ -104,6 +104,12 @@ def cell_samples(path: Path, columns: Iterable[str] | None = None) -> list[dict]
     return records
 
 
+def read_summary(root: Path) -> list[dict]:
+    """The summary rows of every finished cell of the results folder `root` (what summary.csv holds), from the cell
+    files' metadata alone, in file-name order."""
+    return [r for f in sorted((Path(root) / "cells").glob("*.parquet")) for r in upgraded(cell_meta(f))["rows"]]
+
+
 def read_samples(root: Path, columns: Iterable[str] | None = None) -> list[dict]:
     """Every sample record of the results folder `root` (its finished cells, in file-name order), or only `columns`
     of them. For a large folder, read cell by cell (`cell_samples` over `cells/*.parquet`) or query the Parquet files

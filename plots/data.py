@@ -100,10 +100,11 @@ def load(dirs: list[Path]) -> Results:
         path = Path(d) / "summary.csv"
         if not Path(d).is_dir():
             raise ResultsError(f"{d} is not a directory; give a results directory written by run_bench.py --output")
-        if not path.is_file():
+        cells = sorted((Path(d) / "cells").glob("*.parquet"))
+        if not path.is_file() and not cells:
             raise ResultsError(f"{d} holds no summary.csv; run `python run_bench.py --output {d}` first")
         try:
-            df = pd.read_csv(path)
+            df = pd.read_csv(path) if path.is_file() else _summary_from_cells(cells)
         except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
             raise ResultsError(f"{path} is not a run_bench.py summary ({e}); rerun run_bench.py --output {d}") from None
         missing = [c for c in REQUIRED if c not in df.columns]
@@ -153,6 +154,21 @@ def load(dirs: list[Path]) -> Results:
 
 SAMPLE_COLUMNS = ("task", "conversation", "method", "budget", "doc_id", "visual_tokens_per_layer", "kept_indices")
 CELL_META = b"run_bench.cell"  # a cell file's metadata key (benchmarks/store.py); its `json_columns` are JSON text
+
+
+def _summary_from_cells(cells: list[Path]) -> pd.DataFrame:
+    """summary.csv's rows rebuilt from the cell files' metadata (a folder whose summary.csv is missing, e.g. cells
+    copied together from the parts of a sharded sweep); a file that cannot be read is skipped with a warning."""
+    rows, skipped = [], []
+    for f in cells:
+        try:
+            rows += json.loads(pq.read_schema(f).metadata[CELL_META])["rows"]
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+            skipped.append(f.name)
+    if skipped:
+        print(f"warning: {len(skipped)} cell file(s) cannot be read ({', '.join(skipped[:5])}): left out",
+              file=sys.stderr)
+    return pd.DataFrame(rows)
 
 
 def _sample_records(folder: Path) -> Iterator[tuple[str, int, dict | None]]:

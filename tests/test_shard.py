@@ -4,6 +4,7 @@ run, sharing one output folder under a shared lock."""
 from __future__ import annotations
 
 import csv
+import shutil
 
 import pytest
 
@@ -11,7 +12,8 @@ import run_bench
 from benchmarks.distributed import current_world
 from benchmarks.plan import RunSpec, make_plan, plan_costs
 from benchmarks.records import MEASURED_COLUMNS
-from benchmarks.store import OutputBusyError, ResultStore, read_samples
+from benchmarks.store import OutputBusyError, ResultStore, read_samples, read_summary
+from plots.data import load
 
 SWEEP = ["--methods", "full", "random", "fastv", "divprune", "--budgets", "16", "36", "--tasks", "synth_vqa",
          "synth_scenes", "--limit", "12", "--batch-size", "6"]
@@ -89,3 +91,12 @@ def test_three_parts_in_one_folder_equal_the_whole_run(tmp_path, capsys):
     assert run_bench.main([*SWEEP, "--output", str(parts)]) == 0
     assert "14 of 14 cells already in" in capsys.readouterr().out
     assert (parts / "comparisons.csv").read_text() == (whole / "comparisons.csv").read_text()
+    stored = list(csv.DictReader(open(parts / "summary.csv")))  # the package's reader gives summary.csv's rows
+    assert sorted((r["cell_id"], r["metric"]) for r in read_summary(parts)) == sorted(
+        (r["cell_id"], r["metric"]) for r in stored)
+    copied = tmp_path / "copied" / "cells"  # parts in separate folders: their cell files copied together
+    copied.mkdir(parents=True)
+    for f in (parts / "cells").glob("*.parquet"):
+        shutil.copy(f, copied)
+    drawn = load([copied.parent]).summary  # python -m plots rebuilds the rows from the cell files' metadata
+    assert len(drawn) == len(load([parts]).summary) and set(drawn["method"]) == {"full", "random", "fastv", "divprune"}

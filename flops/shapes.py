@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LlavaConfig, Qwen2_5_VLConfig
+from transformers import LlavaConfig, Qwen2_5_VLConfig, Qwen3VLConfig
 
 from methods import create_reducer, get_reducer_class
 from methods.base import Site, TokenReducer, Tokens
@@ -25,15 +25,16 @@ from methods.families import family_of
 from methods.signals import Dims, signal_macs, stand_ins
 from methods.trace import LlavaLayout, QwenLayout
 
-CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b
+CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b, qwen3-vl-8b
 
 
-FAMILIES = {"llava": ("LLaVA", LlavaConfig), "qwen2_5_vl": ("Qwen2.5-VL", Qwen2_5_VLConfig)}  # model_type -> ...
+FAMILIES = {"llava": ("LLaVA", LlavaConfig), "qwen2_5_vl": ("Qwen2.5-VL", Qwen2_5_VLConfig),
+            "qwen3_vl": ("Qwen3-VL", Qwen3VLConfig)}  # model_type -> (family, config class)
 
 
 def load_config(name_or_path: str | Path):
-    """A `LlavaConfig` or `Qwen2_5_VLConfig` from a named shape (``llava-1.5-7b``, ``llava-1.5-13b``,
-    ``qwen2.5-vl-7b``), a config.json, or a checkpoint folder.
+    """A `LlavaConfig`, `Qwen2_5_VLConfig` or `Qwen3VLConfig` from a named shape (``llava-1.5-7b``, ``llava-1.5-13b``,
+    ``qwen2.5-vl-7b``, ``qwen3-vl-8b``), a config.json, or a checkpoint folder.
 
     Raises:
         FileNotFoundError: neither a known name nor an existing path.
@@ -47,7 +48,7 @@ def load_config(name_or_path: str | Path):
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
         raise FileNotFoundError(f"{name_or_path}: no such config; give one of {known}, a config.json or a checkpoint "
-                                "folder (llava-hf or Qwen2.5-VL)")
+                                "folder (llava-hf, Qwen2.5-VL or Qwen3-VL)")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -55,8 +56,8 @@ def load_config(name_or_path: str | Path):
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     if kind not in FAMILIES:
         got = kind if isinstance(raw, dict) else type(raw).__name__
-        raise ValueError(f"{path} is not a LLaVA or Qwen2.5-VL config (needs model_type 'llava' or 'qwen2_5_vl'; "
-                         f"got {got!r})")
+        raise ValueError(f"{path} is not a LLaVA, Qwen2.5-VL or Qwen3-VL config (needs model_type "
+                         f"{', '.join(map(repr, FAMILIES))}; got {got!r})")
     family, config_class = FAMILIES[kind]
     missing = [k for k in ("vision_config", "text_config") if not isinstance(raw.get(k), dict)]
     if missing:
@@ -75,8 +76,11 @@ SIZES = {"llava": {"vision_config": ("image_size", "patch_size", "hidden_size", 
                                      "num_hidden_layers", "num_attention_heads"), "text_config": TEXT_SIZES},
          "qwen2_5_vl": {"vision_config": ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size",
                                           "spatial_merge_size", "temporal_patch_size", "window_size",
-                                          "out_hidden_size", "in_channels"), "text_config": TEXT_SIZES}}
-VISION_HEADS = {"llava": "num_attention_heads", "qwen2_5_vl": "num_heads"}
+                                          "out_hidden_size", "in_channels"), "text_config": TEXT_SIZES},
+         "qwen3_vl": {"vision_config": ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size",
+                                        "spatial_merge_size", "temporal_patch_size", "out_hidden_size", "in_channels",
+                                        "num_position_embeddings"), "text_config": TEXT_SIZES}}
+VISION_HEADS = {"llava": "num_attention_heads", "qwen2_5_vl": "num_heads", "qwen3_vl": "num_heads"}
 
 
 def check_shapes(config, path: Path | str = "config") -> None:
@@ -101,9 +105,14 @@ def check_shapes(config, path: Path | str = "config") -> None:
         if not all(isinstance(b, int) and 0 <= b < vc.depth for b in blocks):
             raise ValueError(f"{path}: vision_config.fullatt_block_indexes {blocks} must be blocks of the "
                              f"{vc.depth}-block encoder")
-        if vc.out_hidden_size != tc.hidden_size:
-            raise ValueError(f"{path}: vision_config.out_hidden_size {vc.out_hidden_size} must equal "
-                             f"text_config.hidden_size {tc.hidden_size} (the merger feeds the LLM)")
+    if config.model_type == "qwen3_vl":
+        taps = list(vc.deepstack_visual_indexes or [])
+        if not all(isinstance(b, int) and 0 <= b < vc.depth for b in taps) or len(taps) > tc.num_hidden_layers:
+            raise ValueError(f"{path}: vision_config.deepstack_visual_indexes {taps} must be blocks of the "
+                             f"{vc.depth}-block encoder, at most one per decoder layer")
+    if config.model_type in ("qwen2_5_vl", "qwen3_vl") and vc.out_hidden_size != tc.hidden_size:
+        raise ValueError(f"{path}: vision_config.out_hidden_size {vc.out_hidden_size} must equal "
+                         f"text_config.hidden_size {tc.hidden_size} (the merger feeds the LLM)")
 
 
 def stand_in_reducer(method: str, budget: int | str | None, config, **kwargs) -> TokenReducer:

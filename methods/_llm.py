@@ -141,6 +141,15 @@ class Seq:
         return replace(out, pos=pos.unsqueeze(-1).expand_as(out.pos).contiguous())
 
 
+def add_deepstack(seq: Seq, level: Tensor) -> Tensor:
+    """(B, T', D) the hidden states `seq.x` with `level` (B, N, D), one row per image token, added at the visual tokens
+    that have a source image token (`seq.src`), each its own row (what HF's `_deepstack_process` adds at every visual
+    position of the unpruned prompt)."""
+    has = seq.visual & (seq.src >= 0)  # (B, T')
+    rows = gather_tokens(level.to(seq.x.dtype), seq.src.clamp(min=0))  # (B, T', D)
+    return seq.x + rows * has.unsqueeze(-1)
+
+
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding as in LLaMA: x (B, H, T, hd), cos/sin (B, T, hd)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -159,6 +168,10 @@ class ImageSide:
         projector_tokens: (B,) tokens through the projector (the trace's).
         image_tokens: (B,) visual tokens of each image when images differ in size (`Tokens.image_tokens`).
         image_grid: (B, 3) each image's patch grid (t, h, w) then, for the trace.
+        deepstack: Qwen3-VL's DeepStack features, one (B, N, D) tensor per level (N: the batch's largest image's
+            tokens, by each token's index in its image): level j is added to the visual tokens' hidden states after
+            decoder layer j, to each token its own image token's row (`Seq.src`), so whatever a reduction kept, before
+            the LLM or inside it, gets its own features (a merged token, with no source, gets none).
     """
 
     grid: tuple[int, int]
@@ -167,6 +180,7 @@ class ImageSide:
     projector_tokens: Tensor
     image_tokens: Tensor | None = None
     image_grid: Tensor | None = None
+    deepstack: tuple[Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -378,6 +392,8 @@ class LLMSide:
             h_prev = seq.x
             seq.x = layer(seq.x, attention_mask=mask, position_ids=None, past_key_values=cache, use_cache=True,
                           position_embeddings=cos_sin)  # (B, T', D)
+            if j < len(image.deepstack):  # Qwen3-VL: the vision tower's level-j features join the visual tokens
+                seq.x = add_deepstack(seq, image.deepstack[j])
             log.finite.watch(f"LLM layer {j}'s output", seq.x, seq.real)
         logits = self.model.lm_head(lm.norm(seq.x[:, -tail:]))  # (B, tail, V): the last position(s) only
         log.finite.watch("the prefill's logits", logits)
@@ -443,13 +459,15 @@ class LLMSide:
         att = layer.self_attn
         b, t, _ = h_in.shape
         cos, sin = cos_sin
+        q_norm, k_norm = (getattr(att, n, None) or (lambda v: v) for n in ("q_norm", "k_norm"))  # Qwen3-VL: per head
         if keys is None:
             hn = layer.input_layernorm(h_in)  # (B, T, D)
-            keys = rope(att.k_proj(hn).view(b, t, -1, att.head_dim).transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
+            keys = k_norm(att.k_proj(hn).view(b, t, -1, att.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
+            keys = rope(keys, cos, sin)
             hq = gather_tokens(hn, rows)
         else:
             hq = layer.input_layernorm(gather_tokens(h_in, rows))  # (B, R, D)
-        q = att.q_proj(hq).view(b, rows.size(1), -1, att.head_dim).transpose(1, 2)  # (B, H, R, hd)
+        q = q_norm(att.q_proj(hq).view(b, rows.size(1), -1, att.head_dim)).transpose(1, 2)  # (B, H, R, hd)
         q = rope(q, gather_tokens(cos, rows), gather_tokens(sin, rows))
         k = keys.repeat_interleave(q.size(1) // keys.size(1), dim=1)  # (B, H, T, hd)
         scores = (q @ k.transpose(-1, -2)).float() * att.scaling  # (B, H, R, T)

@@ -32,12 +32,14 @@ attention (not ported).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers import Qwen2_5_VLForConditionalGeneration
+from torch.nn.utils.rnn import pad_sequence
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 from methods import signals
 from methods._llm import LLM_PROVIDERS, DecodeState, ImageSide, LLMSide, ReducerLog, Seq
@@ -77,6 +79,12 @@ def load_qwen(path: str | Path, device: str = "cpu", dtype: str = "auto"):
     return load_pretrained(path, Qwen2_5_VLForConditionalGeneration, device, dtype)
 
 
+def load_qwen3(path: str | Path, device: str = "cpu", dtype: str = "auto"):
+    """Load a local Qwen3-VL checkpoint folder (e.g. Qwen/Qwen3-VL-8B-Instruct) and its processor, offline.
+    Returns (model, processor)."""
+    return load_pretrained(path, Qwen3VLForConditionalGeneration, device, dtype)
+
+
 def _question(seq: Seq) -> dict[str, Tensor]:
     """(B, M, D) the LLM input embeddings of the text after the image (the spliced sequence holds them) and their
     (B, M) valid mask."""
@@ -107,10 +115,11 @@ class ReducedQwen(LLMSide):
     def __init__(self, model: nn.Module, reducer: TokenReducer) -> None:
         inner = getattr(model, "model", None)
         if not (hasattr(inner, "visual") and hasattr(inner, "language_model") and hasattr(inner, "get_rope_index")):
-            raise TypeError("expected a Qwen2_5_VLForConditionalGeneration (model.model.visual, .language_model)")
+            raise TypeError(f"expected a {self.provides.family} model (model.model.visual, .language_model)")
         self.model, self.reducer = model, reducer
         self.layout = QwenLayout.from_config(model.config)
-        check_reducer(reducer, self.layout)  # images vary in size: budgets a stage cannot meet are refused per batch
+        # images vary in size: budgets a stage cannot meet are refused per batch
+        check_reducer(reducer, self.layout, provides=self.provides)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
@@ -140,7 +149,11 @@ class ReducedQwen(LLMSide):
         pos, _ = m.model.get_rope_index(input_ids, is_img.int(), image_grid_thw=grid,
                                         attention_mask=attention_mask)  # (3, B, T) M-RoPE positions
         pixel_values = pixel_values.to(device, m.model.visual.dtype)
-        feats = m.model.visual(pixel_values, grid_thw=grid).pooler_output  # (sum of tokens, D), image after image
+        out = m.model.visual(pixel_values, grid_thw=grid)
+        feats = out.pooler_output  # (sum of tokens, D), image after image
+        counts = want.tolist()
+        deepstack = tuple(pad_sequence(level.split(counts), batch_first=True)  # Qwen3-VL: (B, N, D) per level
+                          for level in getattr(out, "deepstack_features", None) or ())
         lm = m.model.language_model
         x = lm.embed_tokens(input_ids.masked_fill(is_img, 0))  # (B, T, D); image ids are placeholders only
         x = x.masked_scatter(is_img.unsqueeze(-1), feats.to(x.dtype))  # each image's tokens in its run, in order
@@ -150,7 +163,7 @@ class ReducedQwen(LLMSide):
         patches = grid.prod(-1)  # (B,) patches through every vision block and the merger
         image = ImageSide(grid=(1, int(want.max())), num_patches=int(want.max()),
                           vision_tokens=patches.unsqueeze(1).expand(-1, lay.vision_layers), projector_tokens=patches,
-                          image_tokens=want, image_grid=grid)
+                          image_tokens=want, image_grid=grid, deepstack=deepstack)
         key = torch.cat([pixel_key(p.reshape(1, -1, 1, 1)) for p in pixel_values.split(patches.tolist())])  # (B,)
         log = ReducerLog(macs=torch.zeros(input_ids.size(0), dtype=torch.long, device=device))
         log.finite.watch("the vision tower's output (after the merger)", feats)
@@ -172,7 +185,8 @@ class ReducedQwen(LLMSide):
         if red.keep is None:
             return seq
         if bool((red.keep < 0).any()):
-            raise NotImplementedError(f"{r.name} merges tokens; merged tokens are not placed on Qwen2.5-VL yet")
+            raise NotImplementedError(f"{r.name} merges tokens; merged tokens are not placed on "
+                                      f"{self.provides.family} yet")
         kvalid = (red.valid if red.valid is not None else torch.ones_like(red.keep, dtype=torch.bool))
         kvalid = kvalid & vvalid.gather(1, red.keep)
         limit = counts.clamp(max=r.budget if budgets is None else budgets.clamp(min=1)) if r.uses_budget else counts
@@ -191,13 +205,31 @@ def fraction_counts(fraction: float, tokens: Tensor) -> Tensor:
     return torch.tensor([share.tokens(n) for n in tokens.tolist()], device=tokens.device)
 
 
-def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1) -> None:
-    """Raise (saying why, in one line) unless reducer `r` runs on Qwen2.5-VL of layout `lay` with images of
-    `image_tokens` visual tokens (1: any size, the budgets are checked per batch): the signals' check
-    (`methods.signals.check`), then what is Qwen2.5-VL's own."""
-    signals.check(r, ReducedQwen.provides, lay.llm_layers, image_tokens)
+def check_reducer(r: TokenReducer, lay: QwenLayout, image_tokens: int = 1, provides: Provides | None = None) -> None:
+    """Raise (saying why, in one line) unless reducer `r` runs on Qwen2.5-VL or Qwen3-VL (what both provide is the
+    same) of layout `lay` with images of `image_tokens` visual tokens (1: any size, the budgets are checked per
+    batch): the signals' check (`methods.signals.check`, against `provides`, default Qwen2.5-VL's), then what is this
+    family's own."""
+    signals.check(r, provides or ReducedQwen.provides, lay.llm_layers, image_tokens)
     if r.site is Site.LLM and r.positions == "renumber":
         raise ValueError(f"{r.name}.positions=renumber renumbers 1-D positions as its reference code does on "
-                         "LLaVA; Qwen2.5-VL's M-RoPE positions have no such numbering: leave it unset (original "
+                         f"LLaVA; {(provides or ReducedQwen.provides).family}'s M-RoPE positions have no such "
+                         "numbering: leave it unset (original "
                          f"positions on this family) or pass {r.name}.positions=original")
     r.check_model(None, lay.feature_width)  # a learned controller must be one for images of any size
+
+
+class ReducedQwen3(ReducedQwen):
+    """A Qwen3-VL model (`Qwen3VLForConditionalGeneration`) and one reducer, run as `ReducedQwen` runs Qwen2.5-VL.
+
+    What differs is the model's own and comes from its modules: a vision tower without window attention, 16 px patches
+    (32 px per LLM token), per-head q/k norms in the decoder (`LLMSide._query_attention` applies them), interleaved
+    M-RoPE (the model's `rotary_emb`), and DeepStack: the vision tower's outputs after blocks
+    `deepstack_visual_indexes` (8, 16, 24 on the 8B), each through its own merger, are added to the visual tokens after
+    decoder layers 0, 1 and 2. Pruning keeps them consistent by construction: each visual token carries its image
+    token's index (`Seq.src`) through every reduction, before the LLM or inside it, and each level is added by that
+    index (`_llm.add_deepstack`), so the kept tokens get exactly their own rows of every level and a reduction before
+    layer 3 leaves the later levels' other rows unused.
+    """
+
+    provides: ClassVar[Provides] = replace(ReducedQwen.provides, family="Qwen3-VL")

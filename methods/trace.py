@@ -92,9 +92,12 @@ class QwenLayout:
         image_token_id: id of the image placeholder token in `input_ids` (one per visual token after the merger).
         patch_size: side of a vision patch in pixels (14).
         merge: the merger's side (2: each 2 x 2 group of patches is one LLM token).
-        vision_layers: encoder blocks; full_attention_blocks: the ones that attend over the whole image.
+        vision_layers: encoder blocks; full_attention_blocks: the ones that attend over the whole image (Qwen3-VL:
+            every one).
         llm_layers: decoder layers of the language model.
         width: the LLM's hidden size (the merger's output).
+        deepstack: Qwen3-VL's DeepStack taps: the encoder blocks whose outputs, each through its own merger, are
+            added to the visual tokens after decoder layers 0, 1, ... (empty on Qwen2.5-VL).
     """
 
     image_token_id: int
@@ -104,13 +107,16 @@ class QwenLayout:
     full_attention_blocks: tuple[int, ...]
     llm_layers: int
     width: int
+    deepstack: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, config) -> QwenLayout:
         vc, tc = config.vision_config, config.text_config
+        full = getattr(vc, "fullatt_block_indexes", None)
         return cls(image_token_id=config.image_token_id, patch_size=vc.patch_size, merge=vc.spatial_merge_size,
-                   vision_layers=vc.depth, full_attention_blocks=tuple(vc.fullatt_block_indexes),
-                   llm_layers=tc.num_hidden_layers, width=tc.hidden_size)
+                   vision_layers=vc.depth, full_attention_blocks=tuple(range(vc.depth) if full is None else full),
+                   llm_layers=tc.num_hidden_layers, width=tc.hidden_size,
+                   deepstack=tuple(getattr(vc, "deepstack_visual_indexes", None) or ()))
 
     @property
     def feature_width(self) -> int:

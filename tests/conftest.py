@@ -124,7 +124,7 @@ def qwen_prompts(model, grids: list[tuple[int, int, int]], seed: int = 0):
     for i, r in enumerate(rows):
         ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
     grid = torch.tensor(grids)
-    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * lay.patch_size ** 2, generator=g)
     return ids, mask, pixels, grid
 
 

@@ -1,4 +1,4 @@
-"""Print MACs and FLOPs per method and budget for a LLaVA or Qwen2.5-VL config, from shapes alone (no weights, no
+"""Print FLOPs per method and budget for a LLaVA, Qwen2.5-VL or Qwen3-VL config, from shapes alone (no weights, no
 data).
 
     python -m flops --model-config llava-1.5-7b --text-tokens 64 --methods full fastv --budgets 64 576
@@ -7,11 +7,13 @@ data).
     python -m flops --model-config /ckpt/llava-1.5-13b-hf --methods prumerge adaptive --budgets 32 144 --json
     python -m flops --model-config qwen2.5-vl-7b --image-size 640x480 --methods full fastv --budgets 0.25 64
     python -m flops --model-config qwen2.5-vl-7b --image-tokens 16x16 --methods divprune --budgets 0.111
+    python -m flops --model-config qwen3-vl-8b --image-size 640x480 --methods full fastv divprune --budgets 0.111
     python -m flops --model-config llava-1.5-7b --methods full fastv --budgets 64 --device-profile h100 --batch-size 8
 
-A Qwen2.5-VL image has no fixed size: --image-size W x H pixels is resized as the model's processor does (sides
-rounded to multiples of 28 px, 4 to 1,280 visual tokens; default 448x448, 256 tokens), or --image-tokens gives the
-grid of visual tokens after the merger (R x C, or N for N x N). A budget is a count of visual tokens or a fraction
+A Qwen2.5-VL or Qwen3-VL image has no fixed size: --image-size W x H pixels is resized as the model's processor does
+(sides rounded to multiples of 28 px, 4 to 1,280 visual tokens, on Qwen2.5-VL; of 32 px, 64 to 16,384 tokens, on
+Qwen3-VL; default 448x448: 256 and 196 tokens), or --image-tokens gives the grid of visual tokens after the merger
+(R x C, or N for N x N). A budget is a count of visual tokens or a fraction
 of the image's (0.25 keeps 25 %).
 
 --device-profile (h100, h200, a100, l40s, or cpu: this machine, calibrated first in a few seconds) adds the roofline
@@ -29,7 +31,7 @@ from tabulate import tabulate
 
 from flops.analytic import count, model_shape
 from flops.roofline import PROFILES, device_profile, predict
-from flops.shapes import load_config, qwen_grid, shape_record, stand_in_reducer
+from flops.shapes import QWEN_PIXELS, load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import check_arguments, create_reducer, expand_methods, get_reducer_class, method_budgets
 from methods.budget import AUTO, parse_budget
 from methods.cli import OneLineParser, parse_method_arg, wrap
@@ -55,8 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-config", default="llava-1.5-7b",
                    help="llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b, a config.json or a checkpoint folder")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--image-size", type=pair, metavar="WxH", help="Qwen2.5-VL: the image's pixels (default 448x448)")
-    size.add_argument("--image-tokens", type=pair, metavar="RxC", help="Qwen2.5-VL: the image's grid of visual tokens")
+    size.add_argument("--image-size", type=pair, metavar="WxH", help="Qwen: the image's pixels (default 448x448)")
+    size.add_argument("--image-tokens", type=pair, metavar="RxC", help="Qwen: the image's grid of visual tokens")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt tokens besides the image (default 64)")
     p.add_argument("--generated-tokens", type=int, default=1, help="answer length for the end-to-end column")
     p.add_argument("--methods", nargs="+", default=["full"], metavar="NAME")
@@ -85,11 +87,11 @@ def pair(text: str) -> tuple[int, int]:
 
 
 def image_grid(args: argparse.Namespace, config) -> tuple[int, int, int] | None:
-    """The Qwen2.5-VL image's patch grid (t, h, w) from --image-size or --image-tokens; None for LLaVA."""
-    if config.model_type != "qwen2_5_vl":
+    """A Qwen2.5-VL or Qwen3-VL image's patch grid (t, h, w) from --image-size or --image-tokens; None for LLaVA."""
+    if config.model_type not in QWEN_PIXELS:
         if args.image_size or args.image_tokens:
-            raise ValueError("--image-size and --image-tokens apply to Qwen2.5-VL; a LLaVA image is resized to the "
-                             "vision encoder's size")
+            raise ValueError("--image-size and --image-tokens apply to Qwen2.5-VL and Qwen3-VL; a LLaVA image is "
+                             "resized to the vision encoder's size")
         return None
     if args.image_tokens:
         merge = config.vision_config.spatial_merge_size

@@ -1,6 +1,6 @@
-"""Closed-form MACs of the two model families, driven by a token trace: LLaVA (CLIP ViT + MLP projector + LLaMA
-decoder, `ModelShape`) and Qwen2.5-VL (windowed ViT + patch merger + Qwen2 decoder, `QwenShape`); `model_shape`
-picks the one for a config.
+"""Closed-form MACs of the model families, driven by a token trace: LLaVA (CLIP ViT + MLP projector + LLaMA
+decoder, `ModelShape`), Qwen2.5-VL (windowed ViT + patch merger + Qwen2 decoder) and Qwen3-VL (ViT + patch merger and
+DeepStack mergers + Qwen3 decoder), both `QwenShape`; `model_shape` picks the one for a config.
 
 Conventions (one place, tested):
 
@@ -16,6 +16,10 @@ Conventions (one place, tested):
   attention 2 d sum(w_i^2) over the block's attention groups: each frame's h w patches in a full-attention block
   (`fullatt_block_indexes`), the windows of (window_size / patch)^2 patches (clipped at the image's edges)
   elsewhere. Merger: n / s^2 tokens x (s^2 d x s^2 d + s^2 d x D), s = spatial_merge_size.
+* Qwen3-VL vision: as Qwen2.5-VL's with every block attending over each whole frame, a GELU MLP of two matrices
+  (2 n d m), and one more merger per DeepStack tap (`deepstack_visual_indexes`), each over every patch of the image
+  (the taps run before any reduction); the learned position embedding's interpolation and the DeepStack additions
+  in the LLM are elementwise (not counted). Its decoder's per-head q/k norms are norms (not counted).
 * LLM prefill, per layer over n tokens: 2 n d^2 + 2 n d d_kv (q, o; k, v with grouped-query attention)
   + 2 n^2 d (QK^T, PV) + 3 n d m (SwiGLU: gate, up, down). n is the layer's own token count (FastV drops at K).
 * lm_head: d x vocab on the last position in prefill (what `generate` computes) and on every decode step.
@@ -48,8 +52,11 @@ def _llm_fields(tc) -> dict:
 
 
 def model_shape(config) -> ModelShape | QwenShape:
-    """The counter's shape of a checkpoint's config: `QwenShape` for Qwen2.5-VL, `ModelShape` for LLaVA."""
-    return QwenShape.from_config(config) if config.model_type == "qwen2_5_vl" else ModelShape.from_config(config)
+    """The counter's shape of a checkpoint's config: `QwenShape` for Qwen2.5-VL and Qwen3-VL, `ModelShape` for
+    LLaVA."""
+    if config.model_type in ("qwen2_5_vl", "qwen3_vl"):
+        return QwenShape.from_config(config)
+    return ModelShape.from_config(config)
 
 
 @dataclass(frozen=True)
@@ -101,8 +108,8 @@ class ModelShape(LLMShape):
 
 @dataclass(frozen=True)
 class QwenShape(LLMShape):
-    """The widths and depths that determine the MACs, read from a Qwen2.5-VL config; the image's own size comes
-    with each record (`image_grid_thw`)."""
+    """The widths and depths that determine the MACs, read from a Qwen2.5-VL or Qwen3-VL config; the image's own size
+    comes with each record (`image_grid_thw`)."""
 
     vision_width: int
     vision_mlp: int
@@ -110,22 +117,30 @@ class QwenShape(LLMShape):
     patch: int
     temporal_patch: int
     merge: int
-    window: int  # side of an attention window, in patches
+    window: int | None  # side of an attention window, in patches (None: no windows, Qwen3-VL)
     full_blocks: tuple[int, ...]
+    vision_mlp_matrices: int = 3  # Qwen2.5-VL's SwiGLU (gate, up, down); Qwen3-VL's GELU MLP has 2
+    mergers: int = 1  # the patch merger, and Qwen3-VL's DeepStack mergers
 
     @classmethod
     def from_config(cls, config) -> QwenShape:
         vc = config.vision_config
+        if config.model_type == "qwen3_vl":
+            geometry = {"window": None, "full_blocks": tuple(range(vc.depth)), "vision_mlp_matrices": 2,
+                        "mergers": 1 + len(vc.deepstack_visual_indexes or ())}
+        else:
+            geometry = {"window": vc.window_size // vc.patch_size, "full_blocks": tuple(vc.fullatt_block_indexes)}
         return cls(vision_width=vc.hidden_size, vision_mlp=vc.intermediate_size, vision_channels=vc.in_channels,
                    patch=vc.patch_size, temporal_patch=vc.temporal_patch_size, merge=vc.spatial_merge_size,
-                   window=vc.window_size // vc.patch_size, full_blocks=tuple(vc.fullatt_block_indexes),
-                   **_llm_fields(config.text_config))
+                   **geometry, **_llm_fields(config.text_config))
 
     def attention_groups(self, grid_thw) -> tuple[list[int], list[int]]:
         """Patches per attention group of an image: (each frame whole, each window); windows are whole merge
         units, clipped at the image's bottom and right edges."""
         t, h, w = grid_thw
         frames = [h * w] * t
+        if self.window is None:
+            return frames, frames
         side = self.window // self.merge  # window side in merged tokens
         rows, cols = h // self.merge, w // self.merge
         sizes = [min(side, rows - i) * min(side, cols - j) * self.merge ** 2
@@ -141,10 +156,10 @@ class QwenShape(LLMShape):
         blocks = []
         for block, n in enumerate(record["vision_tokens_per_layer"]):
             if n != t * h * w:
-                raise ValueError(f"the counter prices Qwen2.5-VL vision blocks over the whole image ({t * h * w} "
+                raise ValueError(f"the counter prices Qwen vision blocks over the whole image ({t * h * w} "
                                  f"patches), not {n}")
             groups = frames if block in self.full_blocks else windows
-            blocks.append(4 * n * d * d + 3 * n * d * m + 2 * d * sum(g * g for g in groups))
+            blocks.append(4 * n * d * d + self.vision_mlp_matrices * n * d * m + 2 * d * sum(g * g for g in groups))
         return embed, blocks
 
     def vision_macs(self, record: dict) -> int:
@@ -153,7 +168,7 @@ class QwenShape(LLMShape):
 
     def projector_macs(self, record: dict) -> int:
         wide = self.merge ** 2 * self.vision_width  # s^2 patches side by side per merged token
-        return record["projector_tokens"] // self.merge ** 2 * (wide * wide + wide * self.width)
+        return self.mergers * (record["projector_tokens"] // self.merge ** 2 * (wide * wide + wide * self.width))
 
     def image_tokens(self, record: dict) -> int:
         t, h, w = record["image_grid_thw"]

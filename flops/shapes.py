@@ -30,6 +30,10 @@ CONFIGS = Path(__file__).parent / "configs"  # named shapes: llava-1.5-7b, llava
 
 FAMILIES = {"llava": ("LLaVA", LlavaConfig), "qwen2_5_vl": ("Qwen2.5-VL", Qwen2_5_VLConfig),
             "qwen3_vl": ("Qwen3-VL", Qwen3VLConfig)}  # model_type -> (family, config class)
+# the Qwen families (images of any size, a patch grid per image) and their image processors' default pixel limits
+# (min, max): Qwen2.5-VL's 56 x 56 to 28 x 28 x 1280 (4 to 1,280 tokens); Qwen3-VL's preprocessor_config.json,
+# shortest_edge 65,536 and longest_edge 16,777,216 (64 to 16,384 tokens of 32 x 32 px)
+QWEN_PIXELS = {"qwen2_5_vl": (56 * 56, 28 * 28 * 1280), "qwen3_vl": (65536, 16777216)}
 
 
 def load_config(name_or_path: str | Path):
@@ -232,9 +236,10 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
         raise ValueError(f"{reducer.name}: an 'auto' budget depends on the image; give a number of visual tokens")
     g = torch.Generator().manual_seed(seed)
     m = max(1, text_tokens // 2) if text_after is None else text_after  # the text tokens after the image
-    if config.model_type == "qwen2_5_vl":
+    if config.model_type in QWEN_PIXELS:
         if image_grid is None:
-            raise ValueError("a Qwen2.5-VL image has no fixed size: give its patch grid (t, h, w)")
+            raise ValueError(f"a {FAMILIES[config.model_type][0]} image has no fixed size: give its patch grid "
+                             "(t, h, w)")
         image = _qwen_image(config, reducer, tuple(image_grid), g, m)
     else:
         image = _llava_image(config, reducer, g, m)
@@ -267,13 +272,15 @@ def shape_record(config, reducer: TokenReducer, text_tokens: int, generated_toke
     }
 
 
-def qwen_grid(config, width: int, height: int, min_pixels: int = 56 * 56,
-              max_pixels: int = 28 * 28 * 1280) -> tuple[int, int, int]:
-    """The patch grid (t, h, w) Qwen2.5-VL's image processor gives an image of `width` x `height` pixels
-    (`smart_resize`: each side rounded to a multiple of patch x merge pixels, 28 for Qwen2.5-VL, the area kept
-    within [min_pixels, max_pixels]; the defaults are the processor's own, 4 to 1,280 visual tokens)."""
+def qwen_grid(config, width: int, height: int, min_pixels: int | None = None,
+              max_pixels: int | None = None) -> tuple[int, int, int]:
+    """The patch grid (t, h, w) a Qwen2.5-VL or Qwen3-VL image processor gives an image of `width` x `height` pixels
+    (`smart_resize`: each side rounded to a multiple of patch x merge pixels, 28 for Qwen2.5-VL and 32 for Qwen3-VL,
+    the area kept within [min_pixels, max_pixels]; the defaults are the family's processor's own, `QWEN_PIXELS`)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # noqa: PLC0415
 
+    low, high = QWEN_PIXELS[config.model_type]
+    min_pixels, max_pixels = min_pixels or low, max_pixels or high
     vc = config.vision_config
     factor = vc.patch_size * vc.spatial_merge_size
     h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)

@@ -10,7 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-MODEL_TYPES = {"llava": "LLaVA-1.5", "qwen2_5_vl": "Qwen2.5-VL"}  # config model_type -> family (methods.families)
+# config model_type -> family (methods.families)
+MODEL_TYPES = {"llava": "LLaVA-1.5", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 CONSOLE_WIDTH = 120  # columns the command-line tools' messages and tables fit
 
 

@@ -1,9 +1,9 @@
 """The model families the harness runs, chosen from a checkpoint's config: what the runner, the lmms-eval model class
 and the FLOPs counter need to know about one, in one place, so that none of them assumes LLaVA.
 
-    family = family_of(config)            # LLAVA or QWEN, from config.model_type
+    family = family_of(config)            # LLAVA, QWEN or QWEN3, from config.model_type
     model, processor = family.load(path, device="cpu", dtype="auto")
-    runner = family.runner(model, reducer)    # ReducedLlava / ReducedQwen
+    runner = family.runner(model, reducer)    # ReducedLlava / ReducedQwen / ReducedQwen3
     inputs = processor(images=..., text=[family.prompt(processor, q) for q in questions], padding=True,
                        return_tensors="pt")
     gen = runner.generate(*(inputs[k] for k in family.inputs), max_new_tokens=16)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from methods import llava, qwen, signals
 from methods._registry import get_reducer_class
@@ -77,7 +78,11 @@ QWEN = Family(name="Qwen2.5-VL", model_type="qwen2_5_vl", layout=QwenLayout.from
               prompt=qwen.qwen_prompt, follow_up=qwen.qwen_follow_up, runner=qwen.ReducedQwen,
               check_reducer=qwen.check_reducer,
               inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False)
-FAMILIES = {f.model_type: f for f in (LLAVA, QWEN)}
+QWEN3 = Family(name="Qwen3-VL", model_type="qwen3_vl", layout=QwenLayout.from_config, load=qwen.load_qwen3,
+               prompt=qwen.qwen_prompt, follow_up=qwen.qwen_follow_up, runner=qwen.ReducedQwen3,
+               check_reducer=partial(qwen.check_reducer, provides=qwen.ReducedQwen3.provides),
+               inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False)
+FAMILIES = {f.model_type: f for f in (LLAVA, QWEN, QWEN3)}
 assert {k: f.name for k, f in FAMILIES.items()} == MODEL_TYPES  # the torch-free copy the command lines read
 
 

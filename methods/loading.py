@@ -47,7 +47,7 @@ def check_processor_files(path: Path) -> None:
                                     "processor beside the weights (processor.save_pretrained(PATH))")
 
 
-LLAVA_WEIGHTS, QWEN_WEIGHTS = "a LLaVA (llava-hf) model's", "a Qwen2.5-VL model's"
+LLAVA_WEIGHTS, QWEN_WEIGHTS = "a LLaVA (llava-hf) model's", "a Qwen2.5-VL or Qwen3-VL model's"
 WEIGHT_FAMILIES = (("vision_tower.", LLAVA_WEIGHTS), ("multi_modal_projector.", LLAVA_WEIGHTS),
                    ("visual.blocks.", QWEN_WEIGHTS), ("visual.merger.", QWEN_WEIGHTS))
 

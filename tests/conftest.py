@@ -18,10 +18,12 @@ from transformers import (
     LlavaForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
 )
 
 from benchmarks.smoke_model.build import build_model, build_processor
 from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor, save_qwen
+from flops.shapes import load_config
 from methods.trace import QwenLayout
 
 SLOW_PROGRAMS = ("python", "accelerate", "lmms-eval", "lmms_eval", "torchrun", "ruff")  # what a quick test never starts
@@ -104,6 +106,26 @@ def tiny_qwen(seed: int = 0, attn: str = "sdpa", llm_layers: int = 2) -> Qwen2_5
     config._attn_implementation = attn
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     for p in model.parameters():  # larger random weights so greedy outputs vary with the input
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def tiny_qwen3(seed: int = 0, llm_layers: int = 3, deepstack: tuple[int, ...] = (1, 2, 3)):
+    """Qwen3-VL-8B's real config (token ids, vision patch 16 and merge 2, 2304 learned positions, GELU vision MLP,
+    interleaved M-RoPE, untied head) with small widths, 4 vision blocks whose last three are the DeepStack taps (the
+    8B's are 8, 16 and 24 of 27) and `llm_layers` decoder layers; random weights large enough that greedy outputs
+    vary with the input."""
+    config = load_config("qwen3-vl-8b")
+    vc, tc = config.vision_config, config.text_config
+    vc.depth, vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.out_hidden_size = 4, 32, 64, 4, 64
+    vc.deepstack_visual_indexes = list(deepstack)
+    tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size = llm_layers, 64, 128
+    tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim = 4, 2, 16
+    tc.rope_parameters = {**tc.rope_parameters, "mrope_section": [4, 2, 2]}  # 24/20/20 of 64 frequencies, as 8
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
+    for p in model.parameters():
         p.data.normal_(0, 0.2)
     return model
 

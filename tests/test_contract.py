@@ -19,27 +19,27 @@ from flops.shapes import shape_record
 from methods import create_reducer, get_reducer_class, list_reducers
 from methods.adaptive import ControllerConfig
 from methods.base import Site, TokenReducer, Tokens
-from methods.families import LLAVA, QWEN
-from methods.qwen import ReducedQwen
+from methods.families import LLAVA, QWEN, QWEN3
 from methods.signals import Dims, stand_ins
 from tests.cases import build, takes_budget
-from tests.conftest import IMAGE_TOKEN, QWEN_IMAGE, llava_runner, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen
+from tests.conftest import IMAGE_TOKEN, llava_runner, qwen_prompts, tiny_batch, tiny_llava, tiny_qwen, tiny_qwen3
 
-FAMILIES = (LLAVA, QWEN)
+FAMILIES = (LLAVA, QWEN, QWEN3)
 RUNS = [pytest.param(f, m, id=f"{f.model_type}-{m}") for f in FAMILIES for m in list_reducers() if f.runs(m)]
 QWEN_GRID = (1, 10, 14)  # 35 merged tokens, windows clipped at the edges
 
 
 @pytest.fixture(scope="module")
 def models() -> dict:
-    """The test models of each family: a tiny LLaVA (grouped-query attention, 16 patches, 3 LLM layers) and a tiny
-    Qwen2.5-VL (2 vision blocks, one windowed; 2 LLM layers)."""
-    return {LLAVA: tiny_llava(kv_heads=2, seed=1), QWEN: tiny_qwen(seed=1)}
+    """The test models of each family: a tiny LLaVA (grouped-query attention, 16 patches, 3 LLM layers), a tiny
+    Qwen2.5-VL (2 vision blocks, one windowed; 2 LLM layers) and a tiny Qwen3-VL (the 8B's config, narrow: 4 vision
+    blocks, 3 of them DeepStack taps, 4 LLM layers)."""
+    return {LLAVA: tiny_llava(kv_heads=2, seed=1), QWEN: tiny_qwen(seed=1), QWEN3: tiny_qwen3(seed=1)}
 
 
 def runner(family, model, reducer):
     """The family's adapter; on LLaVA one that hands `oracle` a fixed relevant-patch mask when a call gives none."""
-    return llava_runner(model, reducer) if family is LLAVA else ReducedQwen(model, reducer)
+    return llava_runner(model, reducer) if family is LLAVA else family.runner(model, reducer)
 
 
 def one_prompt(family, model) -> tuple[tuple, int]:
@@ -213,7 +213,7 @@ def test_shape_only_record_equals_the_real_trace(models, family, name):
     with torch.no_grad():
         rec = runner(family, model, reducer).prefill(*inputs).trace.sample(0, n)
     ids, mask = inputs[0], inputs[1]
-    last_image = int((ids[0] == (IMAGE_TOKEN if family is LLAVA else QWEN_IMAGE)).nonzero()[-1])
+    last_image = int((ids[0] == (IMAGE_TOKEN if family is LLAVA else model.config.image_token_id)).nonzero()[-1])
     after = ids.size(1) - 1 - last_image  # the text after the image (no padding)
     shaped = shape_record(model.config, reducer, text_tokens=int(mask.sum()) - n, text_after=after,
                           image_grid=None if family is LLAVA else QWEN_GRID)

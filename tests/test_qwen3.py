@@ -5,33 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen3VLForConditionalGeneration
 
+from flops.analytic import count, model_shape
+from flops.measured import flop_counter_macs, fvcore_prefill_macs
 from flops.shapes import load_config
 from methods import create_reducer
 from methods.qwen import ReducedQwen3
 from methods.trace import QwenLayout
-from tests.conftest import qwen_prompts
-
-
-def tiny_qwen3(seed: int = 0, llm_layers: int = 4, deepstack: tuple[int, ...] = (1, 2, 3)):
-    """Qwen3-VL-8B's real config (token ids, vision patch 16 and merge 2, 2304 learned positions, GELU vision MLP,
-    interleaved M-RoPE, untied head) with small widths, 4 vision blocks whose last three are the DeepStack taps (the
-    8B's are 8, 16 and 24 of 27) and `llm_layers` decoder layers; random weights large enough that greedy outputs
-    vary with the input."""
-    config = load_config("qwen3-vl-8b")
-    vc, tc = config.vision_config, config.text_config
-    vc.depth, vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.out_hidden_size = 4, 32, 64, 4, 64
-    vc.deepstack_visual_indexes = list(deepstack)
-    tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size = llm_layers, 64, 128
-    tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim = 4, 2, 16
-    tc.rope_parameters = {**tc.rope_parameters, "mrope_section": [4, 2, 2]}  # 24/20/20 of 64 frequencies, as 8
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    return model
+from tests.conftest import qwen_prompts, tiny_qwen3
 
 
 @pytest.mark.parametrize("grids", [[(1, 4, 4)], [(1, 4, 4), (1, 6, 4)]], ids=["batch1", "padded2"])
@@ -78,7 +59,7 @@ def test_a_reduction_before_the_llm_keeps_every_deepstack_level_consistent():
     """`random` at 8 of an image's 16 tokens, before the LLM: the prefill's logits equal HF's own language model run on
     the kept tokens only with every DeepStack level gathered at them; and a level left ungathered changes them (the
     check would fail)."""
-    model = tiny_qwen3(seed=5)
+    model = tiny_qwen3(seed=5, llm_layers=4)  # level 2 joins after layer 2: a fourth layer reads it
     ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8)], seed=7)
     state = ReducedQwen3(model, create_reducer("random", 8)).prefill(ids, mask, pixels, grid)
     kept = state.trace.kept[0][state.trace.kept_valid[0]]
@@ -87,3 +68,53 @@ def test_a_reduction_before_the_llm_keeps_every_deepstack_level_consistent():
     assert torch.allclose(ours, hf_kept_logits(model, ids, pixels, grid, kept), atol=1e-4, rtol=1e-4)
     for level in range(3):
         assert not torch.allclose(ours, hf_kept_logits(model, ids, pixels, grid, kept, level), atol=1e-3), level
+
+
+@pytest.mark.parametrize(("method", "budget"), [("full", None), ("random", 5), ("fastv", 5)])
+def test_analytic_flops_equal_fvcore_and_flop_counter(method, budget):
+    """The counter's prefill MACs of a Qwen3-VL trace (GELU vision MLP, full attention in every block, the merger and
+    the three DeepStack mergers) equal FlopCounterMode's and fvcore's on the real computation."""
+    model = tiny_qwen3(seed=2)
+    inputs = qwen_prompts(model, [(1, 6, 8)], seed=4)
+    run = ReducedQwen3(model, create_reducer(method, budget) if budget else create_reducer(method))
+    with torch.no_grad():
+        measured, state = flop_counter_macs(lambda: run.prefill(*inputs))
+        traced = fvcore_prefill_macs(run, *inputs)
+    assert count(state.trace.sample(0, 12), model_shape(model.config)).prefill == measured == traced
+
+
+def test_a_reduction_inside_the_llm_before_the_last_deepstack_level_gathers_it():
+    """FastV at layer 2 (its default) drops image tokens after DeepStack levels 0 and 1 joined every one of them and
+    before level 2 joins: the prefill's logits equal a restatement over HF's own decoder layers (the whole prompt
+    through layers 0-1 with levels 0 and 1 added by HF's `_deepstack_process`, then only the text and FastV's kept
+    tokens, level 2 gathered at them); level 2 left ungathered changes them."""
+    model = tiny_qwen3(seed=6, llm_layers=4)
+    ids, mask, pixels, grid = qwen_prompts(model, [(1, 8, 8)], seed=8)
+    state = ReducedQwen3(model, create_reducer("fastv", 8)).prefill(ids, mask, pixels, grid)
+    kept = state.trace.kept[0][state.trace.kept_valid[0]]
+    assert state.trace.visual_tokens[0].tolist() == [16, 16, 8, 8] and kept.tolist() != list(range(8))
+    m, lm = model.model, model.model.language_model
+
+    def restated(wrong: bool) -> torch.Tensor:
+        with torch.no_grad():
+            out = m.get_image_features(pixel_values=pixels, image_grid_thw=grid)
+            feats, levels = out.pooler_output[0], [level[0] for level in out.deepstack_features]
+            img = ids[0] == model.config.image_token_id
+            pos, _ = m.get_rope_index(ids, img[None].int(), image_grid_thw=grid)  # (3, 1, T)
+            h = lm.embed_tokens(ids[0].masked_fill(img, 0))
+            h[img] = feats
+            h = h[None]
+            for j, layer in enumerate(lm.layers[:2]):  # every token
+                h = layer(h, attention_mask=None, position_embeddings=lm.rotary_emb(h, pos))
+                h = lm._deepstack_process(h, img[None], levels[j])
+            keep = ~img | torch.isin(torch.cumsum(img.long(), 0) - 1, kept)
+            h, pos, img = h[:, keep], pos[:, :, keep], img[keep]
+            level2 = levels[2][kept] if not wrong else levels[2][: len(kept)]
+            for j, layer in enumerate(lm.layers[2:], 2):  # the text and the kept image tokens
+                h = layer(h, attention_mask=None, position_embeddings=lm.rotary_emb(h, pos))
+                if j == 2:
+                    h = lm._deepstack_process(h, img[None], level2)
+            return model.lm_head(lm.norm(h[0, -1]))
+
+    assert torch.allclose(state.logits[0], restated(False), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(state.logits[0], restated(True), atol=1e-3)

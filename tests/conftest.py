@@ -22,7 +22,13 @@ from transformers import (
 )
 
 from benchmarks.smoke_model.build import build_model, build_processor
-from benchmarks.smoke_model.build_qwen import build_qwen_model, build_qwen_processor, save_qwen
+from benchmarks.smoke_model.build_qwen import (
+    build_qwen3_model,
+    build_qwen3_processor,
+    build_qwen_model,
+    build_qwen_processor,
+    save_qwen,
+)
 from flops.shapes import load_config
 from methods.trace import QwenLayout
 
@@ -205,6 +211,14 @@ def qwen_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_qwen")
     return save_qwen(build_qwen_model(vision_hidden=32, text_hidden=64, text_layers=3, seed=1),
                      build_qwen_processor(), path)
+
+
+@pytest.fixture(scope="module")
+def qwen3_ckpt(tmp_path_factory):
+    """A tiny random Qwen3-VL checkpoint folder (Qwen3-VL processor, the Qwen tokenizer and chat template; 4 px
+    patches merged 2 x 2, so a 96 px image is 144 visual tokens; 4 vision blocks, 3 DeepStack taps; 4 LLM layers)."""
+    path = tmp_path_factory.mktemp("tiny_qwen3")
+    return save_qwen(build_qwen3_model(seed=1), build_qwen3_processor(), path)
 
 
 def llava_runner(model, reducer):

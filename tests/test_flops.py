@@ -195,7 +195,7 @@ def test_cli_table_and_errors(capsys, tmp_path):
     assert max(map(len, lines)) <= 120
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    for args, message in [(["--model-config", str(bad)], "not a LLaVA or Qwen2.5-VL config"),
+    for args, message in [(["--model-config", str(bad)], "not a LLaVA, Qwen2.5-VL or Qwen3-VL config"),
                           (["--model-config", "llava-9b"], "no such config"),
                           (["--methods", "prumerge", "--budgets", "auto"], "depends on the image"),
                           (["--methods", "fastvv", "--budgets", "8"], "Did you mean fastv")]:
@@ -232,7 +232,8 @@ def test_cli_rejects_what_run_bench_rejects(argv, phrase, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("content", "phrase"), [
-    ("[1, 2]", "is not a LLaVA or Qwen2.5-VL config (needs model_type 'llava' or 'qwen2_5_vl'; got 'list')"),
+    ("[1, 2]", "is not a LLaVA, Qwen2.5-VL or Qwen3-VL config (needs model_type 'llava', 'qwen2_5_vl', 'qwen3_vl'; "
+               "got 'list')"),
     ('{"model_type": "llava", "text_config": {}}', "a LLaVA config needs vision_config"),
     ("not json", "is not valid JSON"),
 ])
@@ -308,7 +309,7 @@ def test_qwen_cli_prices_the_7b_by_hand(capsys):
 @pytest.mark.parametrize(("argv", "phrase"), [
     (["--model-config", "qwen2.5-vl-7b", "--methods", "prumerge", "--budgets", "64"],
      "prumerge does not run on Qwen2.5-VL: it needs cls_attn and keys, which require a vision CLS token"),
-    (["--image-size", "640x480"], "--image-size and --image-tokens apply to Qwen2.5-VL"),
+    (["--image-size", "640x480"], "--image-size and --image-tokens apply to Qwen2.5-VL and Qwen3-VL"),
     (["--model-config", "qwen2.5-vl-7b", "--methods", "pdrop", "--budgets", "0.25"],
      "cannot be met by its stages at layers [7, 14, 21] of 28"),
 ])

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
+import run_bench
+from benchmarks.store import read_samples
+from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, generate_sample
+from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from flops.analytic import count, model_shape
 from flops.measured import flop_counter_macs, fvcore_prefill_macs
 from flops.shapes import load_config
 from methods import create_reducer
-from methods.qwen import ReducedQwen3
+from methods.families import QWEN3
+from methods.qwen import ReducedQwen3, qwen_prompt
 from methods.trace import QwenLayout
 from tests.conftest import qwen_prompts, tiny_qwen3
 
@@ -118,3 +124,33 @@ def test_a_reduction_inside_the_llm_before_the_last_deepstack_level_gathers_it()
 
     assert torch.allclose(state.logits[0], restated(False), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(state.logits[0], restated(True), atol=1e-3)
+
+
+def test_run_bench_on_a_qwen3_folder(qwen3_ckpt, tmp_path, capsys):
+    """The sweep on a Qwen3-VL folder: the family from its config, counts and fractions per image, a method that needs
+    a CLS token refused in one line, and `full`'s predictions equal to Hugging Face's generate on the processor's
+    inputs."""
+    out = tmp_path / "run"
+    argv = ["--model", str(qwen3_ckpt), "--methods", "full", "divprune", "fastv", "--budgets", "0.25", "16",
+            "--limit", "6", "--batch-size", "4", "--output", str(out)]
+    assert run_bench.main(argv) == 0
+    assert "Qwen3-VL" in capsys.readouterr().out
+    samples = read_samples(out)
+    by = {(s["method"], str(s["budget"])): s for s in samples if s["doc_id"] == 0}
+    assert by["full", "1.0"]["image_grid_thw"] == [1, 24, 24] and by["full", "1.0"]["visual_tokens"] == 144
+    assert by["divprune", "0.25"]["visual_tokens"] == 36 and by["divprune", "16"]["visual_tokens"] == 16
+    assert by["fastv", "0.25"]["visual_tokens_per_layer"] == [144, 144, 36, 36]
+    assert by["divprune", "0.25"]["prefill_gflops"] < by["full", "1.0"]["prefill_gflops"]
+    assert run_bench.main([*argv[:2], "--methods", "prumerge", "--limit", "2", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "prumerge does not run on Qwen3-VL" in err
+    model, processor = QWEN3.load(qwen3_ckpt, device="cpu", dtype="float32")
+    docs = [generate_sample(SPLIT_SEEDS["test"], i) for i in range(6)]  # the test split's first docs
+    texts = [qwen_prompt(processor, doc_to_text({"question": d.question})) for d in docs]
+    inputs = processor(images=[Image.fromarray(d.image) for d in docs], text=texts, padding=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        hf = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].size(1):]
+    words = [processor.tokenizer.decode(h, skip_special_tokens=True).strip() for h in hf]
+    ours = {s["doc_id"]: s["prediction"] for s in samples if s["method"] == "full"}
+    assert [ours[i] for i in range(6)] == words

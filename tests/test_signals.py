@@ -13,7 +13,7 @@ from methods import UnknownReducerError, expand_methods, get_reducer_class, list
 from methods._llm import LLM_PROVIDERS
 from methods._registry import register_reducer
 from methods.base import Reduced, Site, TokenReducer, Tokens
-from methods.families import FAMILIES, LLAVA, QWEN
+from methods.families import FAMILIES, LLAVA, QWEN, QWEN3
 from methods.llava import EMBEDDING_PROVIDERS, FEATURE_PROVIDERS, ReducedLlava
 from methods.qwen import ReducedQwen
 from methods.signals import SIGNALS, Dims, refusal, refuse, sees_question, signal_macs, stand_ins
@@ -47,7 +47,8 @@ def test_which_family_runs_which_method_follows_from_the_table():
     assert [m for m in list_reducers() if QWEN.runs(m)] == ["adaptive_b", "adaptive_q", "budget_blind", "cdpruner",
                                                            "dart", "divprune", "fastv", "full", "pdrop", "random",
                                                            "sparsevlm"]
-    assert set(FAMILIES.values()) == {LLAVA, QWEN}
+    assert [m for m in list_reducers() if QWEN3.runs(m)] == [m for m in list_reducers() if QWEN.runs(m)]
+    assert set(FAMILIES.values()) == {LLAVA, QWEN, QWEN3}
 
 
 def test_refusals_name_the_signal_and_why():

@@ -26,6 +26,10 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 from benchmarks.smoke_model.build import vocabulary
@@ -112,6 +116,48 @@ def build_qwen_model(*, patch_size: int = 4, merge: int = 2, window_tokens: int 
         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["<|im_end|>"], ids["<|endoftext|>"], None
+    gen.do_sample, gen.max_new_tokens = False, 4
+    return model.eval()
+
+
+def build_qwen3_processor(patch_size: int = 4, merge: int = 2, min_pixels: int = 32 * 32,
+                          max_pixels: int = 128 * 128) -> Qwen3VLProcessor:
+    """Qwen3-VL processor (`build_qwen_processor`'s image processor, tokenizer and template in Qwen3-VL's processor,
+    which also returns `mm_token_type_ids`)."""
+    kwargs = {"patch_size": patch_size, "merge_size": merge, "temporal_patch_size": 2, "image_mean": [0.5] * 3,
+              "image_std": [0.5] * 3, "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**kwargs), tokenizer=build_qwen_tokenizer(),
+                            video_processor=Qwen3VLVideoProcessor(**kwargs), chat_template=QWEN_TEMPLATE)
+
+
+def build_qwen3_model(*, patch_size: int = 4, merge: int = 2, vision_hidden: int = 32, vision_depth: int = 4,
+                      deepstack: tuple[int, ...] = (1, 2, 3), vision_heads: int = 4, text_hidden: int = 64,
+                      text_layers: int = 4, text_heads: int = 4, kv_heads: int = 2,
+                      seed: int = 0) -> Qwen3VLForConditionalGeneration:
+    """Randomly initialised Qwen3-VL-format model (ViT with DeepStack taps `deepstack`, 2 x 2 patch merger, Qwen3
+    decoder with per-head q/k norms and interleaved M-RoPE) for `build_qwen3_processor`'s tokenizer."""
+    ids = {t: i for i, t in enumerate(qwen_vocabulary())}
+    head_dim = text_hidden // text_heads
+    side = head_dim * 5 // 32  # interleaved M-RoPE: Qwen3-VL's 24 / 20 / 20 of 64 frequencies (t, h, w)
+    section = [head_dim // 2 - 2 * side, side, side]
+    config = Qwen3VLConfig(
+        text_config={"vocab_size": len(ids), "hidden_size": text_hidden, "intermediate_size": 2 * text_hidden,
+                     "num_hidden_layers": text_layers, "num_attention_heads": text_heads, "head_dim": head_dim,
+                     "num_key_value_heads": kv_heads, "max_position_embeddings": 2048,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section,
+                                         "mrope_interleaved": True},
+                     "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
+        vision_config={"depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden,
+                       "num_heads": vision_heads, "out_hidden_size": text_hidden, "patch_size": patch_size,
+                       "spatial_merge_size": merge, "temporal_patch_size": 2, "num_position_embeddings": 64,
+                       "deepstack_visual_indexes": list(deepstack)},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.float32)
     gen = model.generation_config
     gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["<|im_end|>"], ids["<|endoftext|>"], None
     gen.do_sample, gen.max_new_tokens = False, 4

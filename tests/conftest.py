@@ -216,9 +216,9 @@ def qwen_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen3_ckpt(tmp_path_factory):
     """A tiny random Qwen3-VL checkpoint folder (Qwen3-VL processor, the Qwen tokenizer and chat template; 4 px
-    patches merged 2 x 2, so a 96 px image is 144 visual tokens; 4 vision blocks, 3 DeepStack taps; 4 LLM layers)."""
+    patches merged 2 x 2, so a 96 px image is 144 visual tokens; 4 vision blocks, 3 DeepStack taps; 3 LLM layers)."""
     path = tmp_path_factory.mktemp("tiny_qwen3")
-    return save_qwen(build_qwen3_model(seed=1), build_qwen3_processor(), path)
+    return save_qwen(build_qwen3_model(text_layers=3, seed=1), build_qwen3_processor(), path)
 
 
 def llava_runner(model, reducer):

@@ -67,10 +67,11 @@ def test_the_task_follows_lmms_evals_multi_round_protocol():
 # ------------------------------------------------------------------ the model: every method, both modes
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen"])
+@pytest.fixture(scope="module", params=["llava", "qwen", "qwen3"])
 def lm(request):
-    """The model of each family (a tiny random checkpoint folder) with a task of four conversations."""
-    ckpt = request.getfixturevalue("tiny_ckpt" if request.param == "llava" else "qwen_ckpt")
+    """The model of each family (a tiny random checkpoint folder), through lmms-eval's model class, with a task of
+    four conversations."""
+    ckpt = request.getfixturevalue({"llava": "tiny_ckpt", "qwen": "qwen_ckpt", "qwen3": "qwen3_ckpt"}[request.param])
     out = ReducedLMM(pretrained=str(ckpt), method="full", batch_size=1)
     docs = make_samples("test", 4, gen=followup_utils.SYNTH_SCENES_FOLLOWUP)
     for d in docs:

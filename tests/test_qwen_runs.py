@@ -78,7 +78,7 @@ def test_families_come_from_the_config(qwen_ckpt, tiny_ckpt):
     llava = make_plan(RunSpec(model=tiny_ckpt, methods=("divprune",), budgets=(0.25,), tasks=("synth_vqa",)))
     assert llava.family is LLAVA
     assert [(str(c.budget), r.budget) for c, r in zip(llava.cells, llava.reducers, strict=True)] == [("0.25", 36)]
-    with pytest.raises(ValueError, match="not a model family this harness runs; it runs LLaVA-1.5 .'llava'., Qwen2.5-VL"):
+    with pytest.raises(ValueError, match="not a model family this harness runs; it runs LLaVA-1.5 .'llava'., "):
         family_of(type("C", (), {"model_type": "idefics3"})())
 
 

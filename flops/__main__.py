@@ -31,13 +31,11 @@ from tabulate import tabulate
 
 from flops.analytic import count, model_shape
 from flops.roofline import PROFILES, device_profile, predict
-from flops.shapes import QWEN_PIXELS, load_config, qwen_grid, shape_record, stand_in_reducer
+from flops.shapes import QWEN_DEFAULT_SIZE, QWEN_PIXELS, load_config, qwen_grid, shape_record, stand_in_reducer
 from methods import check_arguments, create_reducer, expand_methods, get_reducer_class, method_budgets
 from methods.budget import AUTO, parse_budget
-from methods.cli import OneLineParser, parse_method_arg, wrap
+from methods.cli import OneLineParser, pair, parse_method_arg, wrap
 from methods.families import family_of
-
-QWEN_DEFAULT_SIZE = (448, 448)
 
 # the console table's columns and headers (--json has every field); fits 120 columns. FLOPs in GFLOPs, the one unit of
 # every column of this project (MACs, which some papers call "FLOPs", are half)
@@ -74,16 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
-
-
-def pair(text: str) -> tuple[int, int]:
-    """An argparse type: AxB (or N for N x N), whole numbers >= 1."""
-    parts = text.lower().split("x")
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r}: write AxB with whole numbers >= 1 (e.g. 640x480), or N for NxN")
-    return int(parts[0]), int(parts[1])
 
 
 def image_grid(args: argparse.Namespace, config) -> tuple[int, int, int] | None:

@@ -34,6 +34,7 @@ FAMILIES = {"llava": ("LLaVA", LlavaConfig), "qwen2_5_vl": ("Qwen2.5-VL", Qwen2_
 # (min, max): Qwen2.5-VL's 56 x 56 to 28 x 28 x 1280 (4 to 1,280 tokens); Qwen3-VL's preprocessor_config.json,
 # shortest_edge 65,536 and longest_edge 16,777,216 (64 to 16,384 tokens of 32 x 32 px)
 QWEN_PIXELS = {"qwen2_5_vl": (56 * 56, 28 * 28 * 1280), "qwen3_vl": (65536, 16777216)}
+QWEN_DEFAULT_SIZE = (448, 448)  # the image a Qwen cost is quoted for when none is given (pixels, width x height)
 
 
 def load_config(name_or_path: str | Path):

@@ -83,6 +83,16 @@ def at_least(low: int):
     return parse
 
 
+def pair(text: str) -> tuple[int, int]:
+    """An argparse type: AxB (or N for N x N), whole numbers >= 1."""
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: write AxB with whole numbers >= 1 (e.g. 640x480), or N for NxN")
+    return int(parts[0]), int(parts[1])
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """An argparse type: I/N -> (I, N), the I-th of N parts, 1 <= I <= N."""
     index, sep, count = text.partition("/")

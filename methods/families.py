@@ -15,6 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from transformers import (
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
+
 from methods import llava, qwen, signals
 from methods._registry import get_reducer_class
 from methods.adaptive import ControllerConfig
@@ -39,6 +45,7 @@ class Family:
         inputs: the processor outputs the adapter's `generate` takes, in order.
         fixed_tokens: whether every image has the same number of visual tokens (the layout's `num_patches`); when
             not, budgets are per image (a count is an upper bound, a fraction is each image's share).
+        model_class: the Hugging Face class of its checkpoints (a random-weight model is built from a config with it).
 
     Which methods it runs follows from what its adapter provides (`runner.provides`, `methods/signals.py`).
     """
@@ -53,6 +60,7 @@ class Family:
     check_reducer: Callable[[TokenReducer, object], None]
     inputs: tuple[str, ...]
     fixed_tokens: bool
+    model_class: type
 
     def runs(self, method: str) -> bool:
         """Whether this family runs the registered `method` (at some budget and layers)."""
@@ -73,15 +81,18 @@ class Family:
 LLAVA = Family(name="LLaVA-1.5", model_type="llava", layout=LlavaLayout.from_config, load=llava.load_llava,
                prompt=llava.llava_prompt, follow_up=llava.llava_follow_up, runner=llava.ReducedLlava,
                check_reducer=llava.check_reducer,
-               inputs=("input_ids", "attention_mask", "pixel_values"), fixed_tokens=True)
+               inputs=("input_ids", "attention_mask", "pixel_values"), fixed_tokens=True,
+               model_class=LlavaForConditionalGeneration)
 QWEN = Family(name="Qwen2.5-VL", model_type="qwen2_5_vl", layout=QwenLayout.from_config, load=qwen.load_qwen,
               prompt=qwen.qwen_prompt, follow_up=qwen.qwen_follow_up, runner=qwen.ReducedQwen,
               check_reducer=qwen.check_reducer,
-              inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False)
+              inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False,
+              model_class=Qwen2_5_VLForConditionalGeneration)
 QWEN3 = Family(name="Qwen3-VL", model_type="qwen3_vl", layout=QwenLayout.from_config, load=qwen.load_qwen3,
                prompt=qwen.qwen_prompt, follow_up=qwen.qwen_follow_up, runner=qwen.ReducedQwen3,
                check_reducer=partial(qwen.check_reducer, provides=qwen.ReducedQwen3.provides),
-               inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False)
+               inputs=("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), fixed_tokens=False,
+               model_class=Qwen3VLForConditionalGeneration)
 FAMILIES = {f.model_type: f for f in (LLAVA, QWEN, QWEN3)}
 assert {k: f.name for k, f in FAMILIES.items()} == MODEL_TYPES  # the torch-free copy the command lines read
 

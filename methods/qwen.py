@@ -232,4 +232,7 @@ class ReducedQwen3(ReducedQwen):
     layer 3 leaves the later levels' other rows unused.
     """
 
-    provides: ClassVar[Provides] = replace(ReducedQwen.provides, family="Qwen3-VL")
+    provides: ClassVar[Provides] = replace(
+        ReducedQwen.provides, family="Qwen3-VL",
+        extra_vision_tokens="appends tokens to the vision encoder's input, which would have to join its resampled "
+                            "position embeddings and per-image attention (not ported)")

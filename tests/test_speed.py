@@ -222,3 +222,26 @@ def test_the_sweep_runs_every_entry_in_bfloat16(tmp_path, capsys):
     assert all("layer-averaged budget" in line for line in skipped), skipped  # a budget's floor, never the dtype
     rows = json.loads(out.read_text())["rows"]
     assert {"adaptive_a", "adaptive_b", "fastv", "divprune", "dart"} <= {r["method"] for r in rows}
+
+
+def test_sweep_on_a_tiny_qwen3_config(tmp_path, capsys):
+    """The batch sweep on a Qwen family (a tiny Qwen3-VL config: its vision depth cut with the DeepStack taps moved
+    inside it): the image sized as the processor sizes it, methods that need a CLS token skipped with their reason,
+    rows with the FLOPs of the image's tokens."""
+    import json  # noqa: PLC0415
+
+    from tests.conftest import tiny_qwen3  # noqa: PLC0415
+
+    tiny_qwen3(seed=1).config.to_json_file(tmp_path / "config.json")
+    out = tmp_path / "speed.json"
+    assert main(["speedup", "--model-config", str(tmp_path / "config.json"), "--vision-layers", "2", "--llm-layers",
+                 "3", "--batch-sizes", "1", "--repeats", "1", "--budgets", "16", "--methods", "random", "fastv",
+                 "prumerge", "--answer-tokens", "2", "--text-tokens", "12", "--image-size", "128x128", "--output",
+                 str(out), "--allocator", "system"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "a 128 x 128 px image (64 tokens)" in printed and "2 vision / 3 LLM layers" in printed
+    assert "prumerge 16: skipped (prumerge does not run on Qwen3-VL" in printed
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"full", "random", "fastv"} and rows["full"]["budget"] == 64
+    assert rows["random"]["prefill_gflops"] < rows["full"]["prefill_gflops"]
+    assert rows["full"]["prefill_realised_over_predicted"] == 1

@@ -6,7 +6,8 @@ harness itself cost?
     python -m benchmarks.tools.speed gpu       # on a CUDA machine: the prepared check (full-depth 7B, bfloat16)
 
 `speedup` builds LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches; or
-`--model-config`) with the depths cut (`--vision-layers`, `--llm-layers`) and random weights, and for each batch size
+`--model-config`, any family's: `qwen2.5-vl-7b`, `qwen3-vl-8b`, whose image is `--image-size` pixels sized as its
+processor sizes it) with the depths cut (`--vision-layers`, `--llm-layers`) and random weights, and for each batch size
 of `--batch-sizes` times every plan entry's prefill, decoding steps (`--answer-tokens` per sample, no early stop) and
 end to end: median and spread of `--repeats` rounds after a warm-up round, the entries interleaved within each round
 (slow drifts of a shared machine hit all alike). Per entry it prints the KV cache per sample (analytic), the peak
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import platform
 import statistics
 import sys
@@ -40,7 +42,7 @@ from benchmarks.runner import load_model, run
 from benchmarks.tasks.manager import task_manager
 from benchmarks.tasks.synthetic.generate import make_samples
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
-from flops.analytic import ModelShape, count, kv_cache_bytes
+from flops.analytic import ModelShape, QwenShape, count, kv_cache_bytes, model_shape
 from flops.roofline import (
     CALIBRATION_ROWS,
     DTYPE_BYTES,
@@ -52,11 +54,12 @@ from flops.roofline import (
     predict,
     profile_for,
 )
-from flops.shapes import load_config, stand_in_reducer
+from flops.shapes import QWEN_DEFAULT_SIZE, load_config, qwen_grid, stand_in_reducer
 from methods import get_reducer_class, list_reducers
-from methods.cli import OneLineParser, at_least, check_device, first_line
+from methods.cli import OneLineParser, at_least, check_device, first_line, pair
+from methods.families import family_of
 from methods.llava import ReducedLlava, llava_prompt, load_llava
-from methods.trace import LlavaLayout
+from methods.trace import LlavaLayout, QwenLayout
 
 COUNTS = (64, 192)  # the visual tokens every method is timed at (of LLaVA-1.5's 576)
 
@@ -112,31 +115,84 @@ def machine() -> str:
 
 
 def sweep_config(args: argparse.Namespace):
-    """`--model-config` with its depths cut as asked (SDPA attention)."""
+    """`--model-config` with its depths cut as asked (SDPA attention). A Qwen vision tower keeps its special blocks
+    inside the cut: Qwen2.5-VL's full-attention blocks (the last block if none is left), Qwen3-VL's DeepStack taps at
+    the same relative depths (8, 16 and 24 of 27 become 1, 2 and 3 of 4)."""
     config = load_config(args.model_config)
-    if config.model_type != "llava":
-        raise ValueError(f"--model-config {args.model_config}: the speed sweep builds LLaVA-1.5 shapes")
+    if args.what == "gpu" and config.model_type != "llava":
+        raise ValueError(f"--model-config {args.model_config}: the GPU check builds LLaVA-1.5-7B; time other families "
+                         "with `speedup`")
+    vc = config.vision_config
     if args.vision_layers:
-        config.vision_config.num_hidden_layers = args.vision_layers
+        if config.model_type == "llava":
+            vc.num_hidden_layers = args.vision_layers
+        else:
+            depth, vc.depth = vc.depth, args.vision_layers
+            if config.model_type == "qwen2_5_vl":
+                vc.fullatt_block_indexes = [b for b in vc.fullatt_block_indexes if b < vc.depth] or [vc.depth - 1]
+            else:
+                taps = vc.deepstack_visual_indexes or []
+                vc.deepstack_visual_indexes = sorted({min(round(t * vc.depth / depth), vc.depth - 1) for t in taps})
     if args.llm_layers:
         config.text_config.num_hidden_layers = args.llm_layers
     config._attn_implementation = "sdpa"
     return config
 
 
+def vision_depth(config) -> int:
+    """The vision tower's blocks (LLaVA: encoder layers)."""
+    vc = config.vision_config
+    return vc.num_hidden_layers if config.model_type == "llava" else vc.depth
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """A batch of the sweep's prompts for a family: `bs` copies of one prompt (text, the image, text), each with its
+    own random image; `image_tokens` visual tokens per image. `inputs(bs, seed)` gives the adapter's `generate`
+    arguments (LLaVA: ids, mask, pixels; Qwen: also the image grid)."""
+
+    config: object
+    text_tokens: int
+    grid: tuple[int, int, int] | None  # a Qwen image's patch grid (t, h, w); None on LLaVA
+
+    @property
+    def image_tokens(self) -> int:
+        if self.grid is None:
+            return LlavaLayout.from_config(self.config).num_patches
+        return QwenLayout.from_config(self.config).tokens(torch.tensor([self.grid])).item()
+
+    def inputs(self, bs: int, seed: int) -> tuple:
+        g, c, n = torch.Generator().manual_seed(seed), self.config, self.image_tokens
+        if self.grid is None:
+            ids = torch.tensor([[1] + [7] * 5 + [c.image_token_id] * n + [9] * (self.text_tokens - 6)] * bs)
+            side = c.vision_config.image_size
+            return ids, torch.ones_like(ids), torch.randn(bs, 3, side, side, generator=g)
+        image = [c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id]
+        ids = torch.tensor([[1] + [7] * 4 + image + [9] * (self.text_tokens - 7)] * bs)
+        patch = c.vision_config.patch_size
+        pixels = torch.randn(bs * math.prod(self.grid), 3 * c.vision_config.temporal_patch_size * patch ** 2,
+                             generator=g)  # a different random image per sample
+        return ids, torch.ones_like(ids), pixels, torch.tensor([self.grid] * bs)
+
+
+def prompts_for(args: argparse.Namespace, config) -> Prompts:
+    """The sweep's prompts: LLaVA's image at its encoder's size; a Qwen image at `--image-size` pixels, resized as the
+    family's processor does (`flops.shapes.qwen_grid`)."""
+    grid = None if config.model_type == "llava" else qwen_grid(config, *args.image_size)
+    return Prompts(config, args.text_tokens, grid)
+
+
 def memory_needed(args: argparse.Namespace, config) -> tuple[int, str]:
     """Bytes the sweep needs on its device at least, before activations: the weights (parameters counted on the meta
     device, at `--dtype`) and the KV cache of the largest batch (prompt and answer); and a line that says so."""
-    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415
-
     with torch.device("meta"):
-        params = sum(p.numel() for p in LlavaForConditionalGeneration(config).parameters())
+        params = sum(p.numel() for p in family_of(config).model_class(config).parameters())
     size, layers, batch = DTYPE_BYTES[args.dtype], config.text_config.num_hidden_layers, max(args.batch_sizes)
-    prompt = LlavaLayout.from_config(config).num_patches + args.text_tokens  # as the sweep's prompts are built
+    prompt = prompts_for(args, config).image_tokens + args.text_tokens  # as the sweep's prompts are built
     sample = {"llm_tokens_per_layer": [prompt] * layers, "generated_tokens": args.answer_tokens}
-    kv = kv_cache_bytes(sample, ModelShape.from_config(config), size) * batch
+    kv = kv_cache_bytes(sample, model_shape(config), size) * batch
     need = params * size + kv
-    return need, (f"{args.model_config} at {config.vision_config.num_hidden_layers} vision / "
+    return need, (f"{args.model_config} at {vision_depth(config)} vision / "
                   f"{layers} LLM layers in {args.dtype} needs at least {need / 2**30:.1f} GiB on "
                   f"{args.device}: {params * size / 2**30:.1f} GiB of weights ({params / 1e9:.2f} B parameters) and "
                   f"{kv / 2**30:.2f} GiB of KV cache at batch {batch}, before activations")
@@ -166,9 +222,8 @@ def check_memory(args: argparse.Namespace, config) -> None:
 
 
 def build(args: argparse.Namespace):
-    """The random-weight LLaVA of `--model-config` with its depths cut, on `--device` in `--dtype`."""
-    from transformers import LlavaForConditionalGeneration  # noqa: PLC0415 - Hugging Face imports follow go_offline()
-
+    """The random-weight model of `--model-config` (its family's class) with its depths cut, on `--device` in
+    `--dtype`."""
     config = sweep_config(args)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -176,7 +231,7 @@ def build(args: argparse.Namespace):
     try:
         config.dtype = args.dtype  # the shipped configs say float16; build in the dtype asked for
         with torch.device(args.device):
-            model = LlavaForConditionalGeneration(config).to(getattr(torch, args.dtype)).eval()
+            model = family_of(config).model_class(config).to(getattr(torch, args.dtype)).eval()
     finally:
         torch.set_default_dtype(default)
     return config, model
@@ -188,7 +243,7 @@ def gpu(args: argparse.Namespace, out: RowsFile) -> bool:
     t0 = time.perf_counter()
     config, model = build(args)
     n, side = LlavaLayout.from_config(config).num_patches, config.vision_config.image_size
-    print(f"built {args.model_config} at {config.vision_config.num_hidden_layers} vision / "
+    print(f"built {args.model_config} at {vision_depth(config)} vision / "
           f"{config.text_config.num_hidden_layers} LLM layers, {args.dtype} on "
           f"{machine()} in {time.perf_counter() - t0:.0f} s")
     ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * 10], device=args.device)
@@ -242,14 +297,15 @@ def speedup(args: argparse.Namespace, out: RowsFile, built: tuple | None = None)
     `out` as each batch size finishes (batch sizes it holds are not measured again). `built`: (config, model)
     already built by `build`."""
     config, model = built or build(args)
-    layout, shape = LlavaLayout.from_config(config), ModelShape.from_config(config)
-    n, side = layout.num_patches, layout.image_size
+    family, shape, prompts = family_of(config), model_shape(config), prompts_for(args, config)
+    n = prompts.image_tokens
     profile = args.roofline or roofline_profile(args.device)
     dev = None if profile == "cpu" else device_profile(profile, args.dtype)  # None: calibrated in every round
     roof = (f"{dev.name} ({dev.source})" if dev else f"this CPU, calibrated in every round ({shape.width}-wide "
             f"{args.dtype} matmuls and a copy, interleaved with the methods; the median over the rounds)")
-    print(f"{args.model_config} shapes, {config.vision_config.num_hidden_layers} vision / "
-          f"{config.text_config.num_hidden_layers} LLM layers, random weights, "
+    image = "" if prompts.grid is None else f"a {args.image_size[0]} x {args.image_size[1]} px image ({n} tokens), "
+    print(f"{args.model_config} shapes, {vision_depth(config)} vision / "
+          f"{config.text_config.num_hidden_layers} LLM layers, random weights, {image}"
           f"{args.text_tokens} text tokens, answers of {args.answer_tokens} tokens, {args.dtype} on {machine()}; "
           f"median of {args.repeats} rounds after 1 warm-up round, methods interleaved within each round; roofline "
           f"on {roof}; allocator: {args.allocator_note}")
@@ -257,7 +313,9 @@ def speedup(args: argparse.Namespace, out: RowsFile, built: tuple | None = None)
     for method, budget, kw in plan_for(args):
         try:
             reducer = stand_in_reducer(method, budget if isinstance(budget, int) else None, config, **kw)
-            runs.append(ReducedLlava(model, reducer.to(args.device)))
+            if not family.fixed_tokens:  # images vary in size: the stages are checked on this one
+                family.check_reducer(reducer, family.layout(config), image_tokens=n)
+            runs.append(family.runner(model, reducer.to(args.device)))
             entries.append((method, budget if budget is not None else n))
         except (ValueError, NotImplementedError) as e:
             print(f"  {method} {budget}: skipped ({first_line(e)})")
@@ -266,13 +324,9 @@ def speedup(args: argparse.Namespace, out: RowsFile, built: tuple | None = None)
         if bs in out.measured():
             print(f"batch {bs}: in {out.path} already, kept")
             continue
-        g = torch.Generator().manual_seed(bs)
-        ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * (args.text_tokens - 6)] * bs)
-        mask = torch.ones_like(ids)
-        pixels = torch.randn(bs, 3, side, side, generator=g)  # a different random image per sample
         try:
             done = [r | {"allocator": args.allocator_note}
-                    for r in _time_batch(args, runs, entries, (ids, mask, pixels), Pricing(shape, dev, n))]
+                    for r in _time_batch(args, runs, entries, prompts.inputs(bs, bs), Pricing(shape, dev, n))]
             rows += done
             out.add(done)
         except torch.OutOfMemoryError:
@@ -347,7 +401,7 @@ class Pricing:
     """What the sweep prices its runs with: the counter's shape, the roofline's device (None: this CPU, calibrated
     once in every measured round, so its peaks see the conditions of the times they price), the image's tokens."""
 
-    shape: ModelShape
+    shape: ModelShape | QwenShape
     device: Device | None
     image_tokens: int
 
@@ -510,7 +564,10 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"the sweep's batch sizes (default {sizes})")
         q.add_argument("--answer-tokens", type=at_least(2), default=8,
                        help="tokens generated per sample (no early stop), for decode and end-to-end times")
-        q.add_argument("--model-config", default="llava-1.5-7b", help="a LLaVA config: name, config.json or folder")
+        q.add_argument("--model-config", default="llava-1.5-7b",
+                       help="a LLaVA-1.5, Qwen2.5-VL or Qwen3-VL config: name (qwen3-vl-8b), config.json or folder")
+        q.add_argument("--image-size", type=pair, default=QWEN_DEFAULT_SIZE, metavar="WxH",
+                       help="Qwen families: the image's pixels, resized as the processor does (default 448x448)")
         q.add_argument("--roofline", choices=PROFILES, default=None,
                        help="device profile for the roofline columns (default: this CPU calibrated, or the GPU's own)")
         q.add_argument("--output", type=Path, default=None,

@@ -20,12 +20,13 @@ Conventions (one place, tested):
   (2 n d m), and one more merger per DeepStack tap (`deepstack_visual_indexes`), each over every patch of the image
   (the taps run before any reduction); the learned position embedding's interpolation and the DeepStack additions
   in the LLM are elementwise (not counted). Its decoder's per-head q/k norms are norms (not counted).
-* LLM prefill, per layer over n tokens: 2 n d^2 + 2 n d d_kv (q, o; k, v with grouped-query attention)
-  + 2 n^2 d (QK^T, PV) + 3 n d m (SwiGLU: gate, up, down). n is the layer's own token count (FastV drops at K).
+* LLM prefill, per layer over n tokens: 2 n d d_q + 2 n d d_kv (q, o; k, v with grouped-query attention)
+  + 2 n^2 d_q (QK^T, PV) + 3 n d m (SwiGLU: gate, up, down); d_q = heads x head_dim, d itself on most models (not on
+  Qwen3-VL-4B: 4,096 of 2,560). n is the layer's own token count (FastV drops at K).
 * lm_head: d x vocab on the last position in prefill (what `generate` computes) and on every decode step.
 * Decode: a sample that generated G tokens ran G - 1 decode steps (the first token comes from the prefill logits).
   Step i feeds one token per layer attending over c_l + i keys, c_l = that layer's prefill length:
-  2 d^2 + 2 d d_kv + 2 (c_l + i) d + 3 d m, plus lm_head.
+  2 d d_q + 2 d d_kv + 2 (c_l + i) d_q + 3 d m, plus lm_head.
 * A follow-up turn on the cache (`ask_again`, "prune once"): the cache holds, per layer, c_l + G - 1 keys after a
   first answer of G tokens; the follow-up's T tokens (the last answer token, then the new text) run as one chunk:
   per layer T x (the layer's weights) + 2 T (c_l + G - 1 + T) d (the dense rectangle of T queries over every key),
@@ -37,7 +38,7 @@ Conventions (one place, tested):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from methods.trace import LlavaLayout
 
@@ -48,7 +49,7 @@ def _llm_fields(tc) -> dict:
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     kv_heads = getattr(tc, "num_key_value_heads", None) or heads
     return {"width": tc.hidden_size, "mlp": tc.intermediate_size, "kv_width": kv_heads * head_dim,
-            "layers": tc.num_hidden_layers, "vocab": tc.vocab_size}
+            "layers": tc.num_hidden_layers, "vocab": tc.vocab_size, "q_width": heads * head_dim}
 
 
 def model_shape(config) -> ModelShape | QwenShape:
@@ -68,6 +69,12 @@ class LLMShape:
     kv_width: int
     layers: int
     vocab: int
+    q_width: int = field(default=0, kw_only=True)  # heads x head_dim (0: the width; Qwen3-VL-4B: 4096 of 2560)
+
+    @property
+    def queries(self) -> int:
+        """The queries' width (q and o projections, QK^T and PV): heads x head_dim, most often the hidden width."""
+        return self.q_width or self.width
 
 
 @dataclass(frozen=True)
@@ -204,11 +211,11 @@ def vision_layer_macs(n: int, s: ModelShape) -> int:
 def llm_layer_weights(s: LLMShape) -> int:
     """Weights of one decoder layer's matrices (q, o; k, v; gate, up, down), = its MACs per token outside attention."""
     d = s.width
-    return 2 * d * d + 2 * d * s.kv_width + 3 * d * s.mlp
+    return 2 * d * s.queries + 2 * d * s.kv_width + 3 * d * s.mlp
 
 
 def llm_layer_macs(n: int, s: LLMShape) -> int:
-    return n * llm_layer_weights(s) + 2 * n * n * s.width
+    return n * llm_layer_weights(s) + 2 * n * n * s.queries
 
 
 def kv_cache_bytes(record: dict, s: LLMShape, bytes_per_value: int,
@@ -232,7 +239,7 @@ def count(record: dict, s: ModelShape | QwenShape) -> MacReport:
     prefill = sum(llm_layer_macs(n, s) for n in lengths)
     head = s.width * s.vocab
     steps = max((record.get("generated_tokens") or 1) - 1, 0)
-    d = s.width
+    d = s.queries
     per_step_fixed = s.layers * llm_layer_weights(s) + head
     attention = sum(2 * d * (c + i) for c in lengths for i in range(1, steps + 1))
     return MacReport(vision=vision, reducer=int(record.get("reducer_macs") or 0), projector=projector,
@@ -246,7 +253,7 @@ def follow_up(record: dict, s: LLMShape, tokens: int, generated: int,
     tokens answered. `record` is the first turn's (`llm_tokens_per_layer`, `generated_tokens`); `before`, the (T, G)
     of follow-ups asked before this one on the same cache (each left T + G - 1 more keys per layer); vision, reducer
     and projector do not run again (0)."""
-    d, head = s.width, s.width * s.vocab
+    d, head = s.queries, s.width * s.vocab
     earlier = max((record.get("generated_tokens") or 1) - 1, 0) + sum(t + max(g - 1, 0) for t, g in before)
     cached = [c + earlier for c in record["llm_tokens_per_layer"]]
     prefill = sum(tokens * llm_layer_weights(s) + 2 * tokens * (c + tokens) * d for c in cached)

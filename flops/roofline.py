@@ -225,7 +225,7 @@ def predict(records: list[dict], s: ModelShape | QwenShape, dev: Device, dtype: 
     for i in range(1, steps + 1):
         for j in range(s.layers):
             keys = sum(r["llm_tokens_per_layer"][j] + i for r in records)
-            flops = 2 * (b * llm_layer_weights(s) + 2 * keys * d)
+            flops = 2 * (b * llm_layer_weights(s) + 2 * keys * s.queries)
             nbytes = e * (llm_layer_weights(s) + b * (9 * d + 4 * kv + 3 * mlp) + 6 * kv * keys)  # cat, attention
             decode += _part(flops, nbytes, b, dev, dtype)[0]
         decode += _part(*head, dev, dtype)[0]

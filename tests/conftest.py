@@ -11,6 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
+from PIL import Image
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -116,7 +117,7 @@ def tiny_qwen(seed: int = 0, attn: str = "sdpa", llm_layers: int = 2) -> Qwen2_5
     return model
 
 
-def tiny_qwen3(seed: int = 0, llm_layers: int = 3, deepstack: tuple[int, ...] = (1, 2, 3)):
+def tiny_qwen3(seed: int = 0, llm_layers: int = 3, deepstack: tuple[int, ...] = (1, 2, 3), head_dim: int = 16):
     """Qwen3-VL-8B's real config (token ids, vision patch 16 and merge 2, 2304 learned positions, GELU vision MLP,
     interleaved M-RoPE, untied head) with small widths, 4 vision blocks whose last three are the DeepStack taps (the
     8B's are 8, 16 and 24 of 27) and `llm_layers` decoder layers; random weights large enough that greedy outputs
@@ -126,8 +127,9 @@ def tiny_qwen3(seed: int = 0, llm_layers: int = 3, deepstack: tuple[int, ...] = 
     vc.depth, vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.out_hidden_size = 4, 32, 64, 4, 64
     vc.deepstack_visual_indexes = list(deepstack)
     tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size = llm_layers, 64, 128
-    tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim = 4, 2, 16
-    tc.rope_parameters = {**tc.rope_parameters, "mrope_section": [4, 2, 2]}  # 24/20/20 of 64 frequencies, as 8
+    tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim = 4, 2, head_dim
+    half = head_dim // 2  # rotary frequencies per head: the 8B's 24 / 20 / 20 of 64, scaled
+    tc.rope_parameters = {**tc.rope_parameters, "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
@@ -219,6 +221,22 @@ def qwen3_ckpt(tmp_path_factory):
     patches merged 2 x 2, so a 96 px image is 144 visual tokens; 4 vision blocks, 3 DeepStack taps; 3 LLM layers)."""
     path = tmp_path_factory.mktemp("tiny_qwen3")
     return save_qwen(build_qwen3_model(text_layers=3, seed=1), build_qwen3_processor(), path)
+
+
+def hf_answers(family, ckpt, n: int) -> list[str]:
+    """Hugging Face's own greedy answers (4 tokens) to the synthetic task's first `n` test questions, through the
+    checkpoint folder's processor and chat template: what a run's `full` predictions must equal."""
+    from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, generate_sample  # noqa: PLC0415
+    from benchmarks.tasks.synthetic.tasks.utils import doc_to_text  # noqa: PLC0415
+
+    model, processor = family.load(ckpt, device="cpu", dtype="float32")
+    docs = [generate_sample(SPLIT_SEEDS["test"], i) for i in range(n)]
+    texts = [family.prompt(processor, doc_to_text({"question": d.question})) for d in docs]
+    inputs = processor(images=[Image.fromarray(d.image) for d in docs], text=texts, padding=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].size(1):]
+    return [processor.tokenizer.decode(h, skip_special_tokens=True).strip() for h in out]
 
 
 def llava_runner(model, reducer):

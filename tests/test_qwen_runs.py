@@ -29,13 +29,13 @@ from benchmarks.smoke_model.train_qwen import (
     train,
 )
 from benchmarks.store import read_samples
-from benchmarks.tasks.synthetic.generate import SPLIT_SEEDS, SYNTH_VQA, generate_sample
+from benchmarks.tasks.synthetic.generate import SYNTH_VQA
 from benchmarks.tasks.synthetic.tasks.utils import doc_to_text
 from methods import create_reducer
 from methods.adaptive import ControllerConfig
 from methods.families import LLAVA, QWEN, family_of
 from methods.qwen import QWEN_TURN, ReducedQwen, fraction_counts, qwen_prompt
-from tests.conftest import interrupted_on_call, qwen_prompts, tiny_qwen
+from tests.conftest import hf_answers, interrupted_on_call, qwen_prompts, tiny_qwen
 
 pytestmark = pytest.mark.slow  # sweeps and training runs on Qwen2.5-VL folders
 
@@ -112,16 +112,8 @@ def test_run_bench_on_a_qwen_folder(qwen_ckpt, tmp_path):
     assert by["divprune", "0.25"]["kv_cache_mb"] < full["kv_cache_mb"]
     assert all(float(r["kv_cache_mb_mean"]) > 0 for r in rows)
     # full's predictions are Hugging Face's own
-    model, processor = QWEN.load(qwen_ckpt, device="cpu", dtype="float32")
-    docs = [generate_sample(SPLIT_SEEDS["test"], i) for i in range(6)]  # the test split's first docs
-    texts = [qwen_prompt(processor, doc_to_text({"question": d.question})) for d in docs]
-    inputs = processor(images=[Image.fromarray(d.image) for d in docs], text=texts, padding=True,
-                       return_tensors="pt")
-    with torch.no_grad():
-        hf = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].size(1):]  # the task's
-    words = [processor.tokenizer.decode(h, skip_special_tokens=True).strip() for h in hf]
     ours = {s["doc_id"]: s["prediction"] for s in samples if s["method"] == "full"}
-    assert [ours[i] for i in range(6)] == words
+    assert [ours[i] for i in range(6)] == hf_answers(QWEN, qwen_ckpt, 6)
 
 
 def test_trainer_inputs_are_the_processors_and_get_rope_index():

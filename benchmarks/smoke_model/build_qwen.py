@@ -114,12 +114,7 @@ def build_qwen_model(*, patch_size: int = 4, merge: int = 2, window_tokens: int 
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
-    gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["<|im_end|>"], ids["<|endoftext|>"], None
-    gen.do_sample, gen.max_new_tokens = False, 4
-    return model.eval()
+    return _random_model(Qwen2_5_VLForConditionalGeneration, config, ids, seed)
 
 
 def build_qwen3_processor(patch_size: int = 4, merge: int = 2, min_pixels: int = 32 * 32,
@@ -156,8 +151,14 @@ def build_qwen3_model(*, patch_size: int = 4, merge: int = 2, vision_hidden: int
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False)
+    return _random_model(Qwen3VLForConditionalGeneration, config, ids, seed)
+
+
+def _random_model(model_class, config, ids: dict[str, int], seed: int):
+    """`model_class` from `config` with random weights (seeded), greedy generation ending at `<|im_end|>`, in eval
+    mode."""
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+    model = model_class._from_config(config, dtype=torch.float32)
     gen = model.generation_config
     gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["<|im_end|>"], ids["<|endoftext|>"], None
     gen.do_sample, gen.max_new_tokens = False, 4

@@ -177,6 +177,24 @@ def test_gpu_check_runs_on_a_tiny_config(tmp_path, capsys):
     assert result["full_equals_generate"] and {r["batch_size"] for r in result["rows"]} == {1, 8}
 
 
+def test_gpu_check_runs_on_a_tiny_qwen3_config(tmp_path, capsys):
+    """The GPU check on another family (here on the CPU, a tiny Qwen3-VL config at its full depth): `full` equals HF
+    generate on a Qwen image (M-RoPE positions, DeepStack), then the sweep."""
+    import json  # noqa: PLC0415
+
+    from tests.conftest import tiny_qwen3  # noqa: PLC0415
+
+    tiny_qwen3(seed=3).config.to_json_file(tmp_path / "config.json")
+    out = tmp_path / "gpu.json"
+    assert main(["gpu", "--device", "cpu", "--dtype", "float32", "--model-config", str(tmp_path / "config.json"),
+                 "--repeats", "1", "--budgets", "16", "--methods", "random", "--batch-sizes", "1",
+                 "--answer-tokens", "3", "--text-tokens", "12", "--image-size", "128x128", "--output", str(out),
+                 "--allocator", "system"]) == 0
+    printed = capsys.readouterr().out
+    assert "full vs HF generate (3 tokens, greedy): identical" in printed and "gpu check done" in printed
+    assert json.loads(out.read_text())["full_equals_generate"]
+
+
 REUSE = """
 import resource
 import torch

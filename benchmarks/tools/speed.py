@@ -4,6 +4,7 @@ harness itself cost?
     python -m benchmarks.tools.speed speedup   # LLaVA-1.5-7B-shaped random model, reduced depth: realised vs predicted
     python -m benchmarks.tools.speed overhead  # run_bench.py `full` vs a bare HF generate loop on the smoke model
     python -m benchmarks.tools.speed gpu       # on a CUDA machine: the prepared check (full-depth 7B, bfloat16)
+    python -m benchmarks.tools.speed gpu --model-config qwen3-vl-8b   # the same check on another family
 
 `speedup` builds LLaVA-1.5-7B's real config (4096-wide LLM, 1024-wide CLIP at 336 px, 576 patches; or
 `--model-config`, any family's: `qwen2.5-vl-7b`, `qwen3-vl-8b`, whose image is `--image-size` pixels sized as its
@@ -58,7 +59,7 @@ from flops.shapes import QWEN_DEFAULT_SIZE, load_config, qwen_grid, stand_in_red
 from methods import get_reducer_class, list_reducers
 from methods.cli import OneLineParser, at_least, check_device, first_line, pair
 from methods.families import family_of
-from methods.llava import ReducedLlava, llava_prompt, load_llava
+from methods.llava import llava_prompt, load_llava
 from methods.trace import LlavaLayout, QwenLayout
 
 COUNTS = (64, 192)  # the visual tokens every method is timed at (of LLaVA-1.5's 576)
@@ -119,9 +120,6 @@ def sweep_config(args: argparse.Namespace):
     inside the cut: Qwen2.5-VL's full-attention blocks (the last block if none is left), Qwen3-VL's DeepStack taps at
     the same relative depths (8, 16 and 24 of 27 become 1, 2 and 3 of 4)."""
     config = load_config(args.model_config)
-    if args.what == "gpu" and config.model_type != "llava":
-        raise ValueError(f"--model-config {args.model_config}: the GPU check builds LLaVA-1.5-7B; time other families "
-                         "with `speedup`")
     vc = config.vision_config
     if args.vision_layers:
         if config.model_type == "llava":
@@ -238,23 +236,27 @@ def build(args: argparse.Namespace):
 
 
 def gpu(args: argparse.Namespace, out: RowsFile) -> bool:
-    """The prepared GPU check: LLaVA-1.5-7B at full depth with random weights, `full` against HF `generate` on a
-    short prompt, then the sweep at batch 1 and 8. Returns whether `full` matched."""
+    """The prepared GPU check: `--model-config` (LLaVA-1.5-7B by default; any family's) at full depth with random
+    weights, `full` against HF `generate` on a short prompt (a Qwen image of `--image-size`), then the sweep at batch
+    1 and 8. Returns whether `full` matched."""
     t0 = time.perf_counter()
     config, model = build(args)
-    n, side = LlavaLayout.from_config(config).num_patches, config.vision_config.image_size
+    family = family_of(config)
     print(f"built {args.model_config} at {vision_depth(config)} vision / "
           f"{config.text_config.num_hidden_layers} LLM layers, {args.dtype} on "
           f"{machine()} in {time.perf_counter() - t0:.0f} s")
-    ids = torch.tensor([[1] + [7] * 5 + [config.image_token_id] * n + [9] * 10], device=args.device)
-    mask = torch.ones_like(ids)
-    pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(args.device, model.dtype)
+    inputs = [x.to(args.device) for x in Prompts(config, 16, prompts_for(args, config).grid).inputs(1, 0)]
+    inputs[2] = inputs[2].to(model.dtype)  # the pixels
+    ids = inputs[0]
+    kw = dict(zip(("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), inputs, strict=False))
+    if not family.fixed_tokens:  # Qwen: the image's tokens by type, for its M-RoPE positions
+        kw["mm_token_type_ids"] = (ids == config.image_token_id).int()
     with torch.no_grad():
-        ours = ReducedLlava(model, stand_in_reducer("full", None, config)).generate(
-            ids, mask, pixels, max_new_tokens=args.answer_tokens, eos_token_id=None)
-        hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
-                            max_new_tokens=args.answer_tokens, min_new_tokens=args.answer_tokens)
-        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[0, -1].float()
+        ours = family.runner(model, stand_in_reducer("full", None, config)).generate(
+            *inputs, max_new_tokens=args.answer_tokens, eos_token_id=None)
+        hf = model.generate(**kw, do_sample=False, max_new_tokens=args.answer_tokens,
+                            min_new_tokens=args.answer_tokens)
+        first = model(**kw).logits[0, -1].float()
     same = ours.tokens[0].tolist() == hf[0, ids.size(1):].tolist()
     gap = (ours.first_logits[0] - first).abs().max().item()
     print(f"full vs HF generate ({args.answer_tokens} tokens, greedy): {'identical' if same else 'DIFFERENT'} "

@@ -336,10 +336,17 @@ def named_data_files(yaml: Path) -> list[Path]:
     return sorted(f for f in {(yaml.parent / Path(n).expanduser()).resolve() for n in names} if f.is_file())
 
 
-def task_data_files(tm, spec: RunSpec, task: str) -> list[Path]:
-    """The local data a task reads: the files its YAML names that exist, and its `--task-data` copy."""
+def task_yaml(tm, task: str) -> Path | None:
+    """The task's YAML file, as the task manager indexed it (None for a task without one, e.g. a Python task)."""
     where = tm.task_index.get(task, {}).get("yaml_path")
-    files = named_data_files(Path(where)) if isinstance(where, str) and Path(where).is_file() else []
+    return Path(where) if isinstance(where, str) and Path(where).is_file() else None
+
+
+def task_data_files(tm, spec: RunSpec, task: str, named: list[Path] | None = None) -> list[Path]:
+    """The local data a task reads: the files its YAML names that exist (`named`, when already found), and its
+    `--task-data` copy."""
+    yaml = task_yaml(tm, task)
+    files = named if named is not None else named_data_files(yaml) if yaml is not None else []
     local = spec.data_path(task)
     return files + ([local.expanduser().resolve()] if local is not None else [])
 
@@ -347,17 +354,17 @@ def task_data_files(tm, spec: RunSpec, task: str) -> list[Path]:
 def task_identity(tm, spec: RunSpec, task: str) -> list:
     """What a task's numbers depend on besides the model and method: the YAML and Python files of its folder (config,
     prompts, scoring), the local data files its YAML names (`data_files`), and its `--task-data` copy."""
-    for f in task_data_files(tm, spec, task):
+    yaml = task_yaml(tm, task)
+    named = named_data_files(yaml) if yaml is not None else []  # loads the YAML (runs its utils files): once
+    for f in task_data_files(tm, spec, task, named):
         if f.is_file() and f.stat().st_size == 0:
             raise ValueError(f"{task}: its data file {f} is empty (0 bytes); regenerate or replace it (the synthetic "
                              "tasks rewrite a missing file on first use: delete it)")
-    where = tm.task_index.get(task, {}).get("yaml_path")
-    code, data = [task], []
-    if isinstance(where, str) and Path(where).is_file():
-        yaml = Path(where)
+    code = [task]
+    if yaml is not None:
         code += [[f.name, hashlib.sha1(f.read_bytes()).hexdigest()] for f in sorted(yaml.parent.glob("*.yaml"))
                  + sorted(yaml.parent.glob("*.py"))]
-        data = [content_identity(f) for f in named_data_files(yaml)]
+    data = [content_identity(f) for f in named]
     local = spec.data_path(task)
     if local is not None:
         data.append([str(local.expanduser().resolve()), content_identity(local.expanduser())])

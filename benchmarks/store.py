@@ -86,18 +86,34 @@ def samples_table(samples: list[dict], meta: dict) -> pa.Table:
     return pa.table(columns).replace_schema_metadata({META_KEY: json.dumps({**meta, "json_columns": as_json})})
 
 
-def cell_meta(path: Path) -> dict:
-    """A cell file's metadata (`samples_table`), read from its footer alone. Raises ValueError, OSError or KeyError for
-    a file that is not one."""
-    return json.loads(pq.read_schema(path).metadata[META_KEY])
+def cell_meta(path: Path, schema: pa.Schema | None = None) -> dict:
+    """A cell file's metadata (`samples_table`), read from its footer alone (or from its `schema`, already read).
+    Raises ValueError, OSError or KeyError for a file that is not one."""
+    return json.loads((schema or pq.read_schema(path)).metadata[META_KEY])
+
+
+def write_cell(path: Path, samples: list[dict], meta: dict) -> None:
+    """Write a cell file (`samples_table`) atomically: a temporary file beside `path`, renamed over it."""
+    with _temporary(path) as tmp:
+        pq.write_table(samples_table(samples, meta), tmp)
+
+
+def cell_files(root: Path) -> list[Path]:
+    """The finished cells of the results folder `root`, in file-name order (not the set-aside or superseded ones)."""
+    return sorted((Path(root) / "cells").glob("*.parquet"))
 
 
 def cell_samples(path: Path, columns: Iterable[str] | None = None) -> list[dict]:
-    """A cell file's sample records, or only `columns` of them (those it has); JSON-text columns decoded."""
-    table = pq.read_table(path, columns=None if columns is None else [c for c in columns
-                                                                      if c in pq.read_schema(path).names])
+    """A cell file's sample records, or only `columns` of them (those it has); JSON-text columns decoded. A file that
+    cannot be read as a cell (truncated, foreign) is a ValueError naming it."""
+    try:
+        schema = pq.read_schema(path)
+        table = pq.read_table(path, columns=None if columns is None else [c for c in columns if c in schema.names])
+        as_json = cell_meta(path, schema).get("json_columns", ())
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        raise ValueError(f"{path} is not a readable cell file ({type(e).__name__}: {e})") from None
     records = table.to_pylist()
-    for k in set(cell_meta(path).get("json_columns", ())) & set(table.column_names):
+    for k in set(as_json) & set(table.column_names):
         for r in records:
             if r[k] is not None:
                 r[k] = json.loads(r[k])
@@ -107,14 +123,14 @@ def cell_samples(path: Path, columns: Iterable[str] | None = None) -> list[dict]
 def read_summary(root: Path) -> list[dict]:
     """The summary rows of every finished cell of the results folder `root` (what summary.csv holds), from the cell
     files' metadata alone, in file-name order."""
-    return [r for f in sorted((Path(root) / "cells").glob("*.parquet")) for r in upgraded(cell_meta(f))["rows"]]
+    return [r for f in cell_files(root) for r in cell_meta(f)["rows"]]
 
 
 def read_samples(root: Path, columns: Iterable[str] | None = None) -> list[dict]:
     """Every sample record of the results folder `root` (its finished cells, in file-name order), or only `columns`
-    of them. For a large folder, read cell by cell (`cell_samples` over `cells/*.parquet`) or query the Parquet files
+    of them. For a large folder, read cell by cell (`cell_samples` over `cell_files`) or query the Parquet files
     directly (pandas, pyarrow.dataset, DuckDB)."""
-    return [r for f in sorted((Path(root) / "cells").glob("*.parquet")) for r in cell_samples(f, columns)]
+    return [r for f in cell_files(root) for r in cell_samples(f, columns)]
 
 
 def write_samples_jsonl(root: Path, out: Path) -> int:
@@ -122,7 +138,7 @@ def write_samples_jsonl(root: Path, out: Path) -> int:
     versions kept `samples.jsonl`), one cell at a time; returns how many."""
     n = 0
     with _temporary(Path(out)) as tmp, open(tmp, "w") as f:
-        for cell in sorted((Path(root) / "cells").glob("*.parquet")):
+        for cell in cell_files(root):
             records = cell_samples(cell)
             f.writelines(json.dumps(r) + "\n" for r in records)
             n += len(records)
@@ -130,9 +146,9 @@ def write_samples_jsonl(root: Path, out: Path) -> int:
 
 
 def upgraded(data: dict) -> dict:
-    """A cell file's content in the current columns: a cell written before `budget_tokens` gets it, and one written
-    before FLOPs had one unit its GFLOPs (summary TFLOPs x 1000, samples' GMACs x 2, and no `reducer_macs`). The file
-    itself is not changed; its cell is taken as it is, like any other cell of an earlier code version."""
+    """An earlier version's JSON cell file's content in the current columns, for its conversion (`convert_old`): a
+    cell written before `budget_tokens` gets it, and one written before FLOPs had one unit its GFLOPs (summary TFLOPs
+    x 1000, samples' GMACs x 2, and no `reducer_macs`). Parquet cells are written in the current columns."""
     for r in data["rows"]:
         if "budget_tokens" not in r:
             r["budget_tokens"] = budget_tokens(Budget.of(r["budget"]), r.get("visual_tokens_mean"))
@@ -175,10 +191,11 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a temporary file beside it, renamed over it)."""
     with _temporary(path) as tmp:
         tmp.write_text(text)
 
@@ -226,7 +243,7 @@ class ResultStore:
                                               (".lock", self.root / ".lock")) if not p.exists()}
         try:
             self.cells_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.cells_dir / ".write-test", "x")
+            atomic_write(self.cells_dir / ".write-test", "x")
             (self.cells_dir / ".write-test").unlink()
             self._take_lock()
         except OSError as e:
@@ -365,8 +382,7 @@ class ResultStore:
             r["cell_id"] = fingerprint
         meta = {"cell": cell.name, "fingerprint": fingerprint, "model": str(Path(model).resolve()),
                 "conditions": conditions, "rows": rows}
-        with _temporary(self.path(cell, fingerprint)) as tmp:
-            pq.write_table(samples_table(samples, meta), tmp)
+        write_cell(self.path(cell, fingerprint), samples, meta)
         self._supersede_others(cell, fingerprint)
 
     def _supersede_others(self, cell: Cell, fingerprint: str) -> None:
@@ -380,7 +396,7 @@ class ResultStore:
         --limit, --seed) or, for the tasks in `tasks`, another version of the task; return how many moved. The folder
         then reports one set of conditions, never a stale cell beside a current one."""
         moved = 0
-        for f in sorted(self.cells_dir.glob("*.parquet")):
+        for f in cell_files(self.root):
             meta, _ = self._memo(f)
             if meta is None:
                 continue
@@ -429,7 +445,7 @@ class ResultStore:
             return None, "not a cell file of run_bench.py"
         if meta.get("cell") != name or meta.get("fingerprint") != fp:
             return None, "a cell file whose name does not match its content"
-        return upgraded(meta), ""
+        return meta, ""
 
     def convert_old(self) -> list[str]:
         """Convert the cell files of earlier versions (`.json`: rows and sample records) in cells/ and
@@ -455,8 +471,7 @@ class ResultStore:
                     continue
                 data = upgraded(data)
                 meta = {k: v for k, v in data.items() if k != "samples"}
-                with _temporary(f.with_suffix(".parquet")) as tmp:
-                    pq.write_table(samples_table(data["samples"], meta), tmp)
+                write_cell(f.with_suffix(".parquet"), data["samples"], meta)
                 self._move(f, dest)
                 done += 1
         if done:
@@ -472,7 +487,7 @@ class ResultStore:
         model than `model`, is moved to cells/set_aside/ and named in the notes (its cell is recomputed)."""
         cells, notes = [], []
         here = None if model is None else str(Path(model).resolve())
-        for f in sorted(self.cells_dir.glob("*.parquet")):
+        for f in cell_files(self.root):
             item, why = self._memo(f)
             if item is not None and here is not None and item["model"] != here:
                 item, why = None, f"a cell of another model ({item['model']})"
@@ -520,4 +535,4 @@ class ResultStore:
             with _temporary(stem.with_suffix(".png")) as tmp:
                 Image.fromarray(pic["image"].numpy()).save(tmp, format="PNG")
             meta = {"task": task, "doc_id": doc_id, "question": pic["question"], "grid": pic["grid"]}
-            _atomic_write(stem.with_suffix(".json"), json.dumps(meta))  # last: marks the picture complete
+            atomic_write(stem.with_suffix(".json"), json.dumps(meta))  # last: marks the picture complete

@@ -132,11 +132,10 @@ def load(dirs: list[Path]) -> Results:
             df[col] = float("nan")
     df["budget"] = df["budget"].astype(str)
     same = [c for c in ("task", "conversation", "method", "method_args", "budget", "metric") if c in df.columns]
-    combined = df.sort_values("time_utc", kind="stable").drop_duplicates(same, keep="last").sort_index()
+    df = df.sort_values("time_utc", kind="stable").drop_duplicates(same, keep="last")  # the newest of each row
+    combined = df.sort_index()  # the rows as the folders hold them
     if "conversation" in df.columns:  # a conversation task's modes are tasks of their own in every figure and table
-        df["task"] = [shown_task(t, c) for t, c in zip(df["task"], df["conversation"], strict=True)]
-    df = (df.sort_values("time_utc", kind="stable")
-            .drop_duplicates(["task", "method", "method_args", "budget", "metric"], keep="last"))
+        df = df.assign(task=[shown_task(t, c) for t, c in zip(df["task"], df["conversation"], strict=True)])
     df = over_seeds(df)
     df = df.sort_values(["task", "method", "budget_tokens"], kind="stable").reset_index(drop=True)
     primary = {}

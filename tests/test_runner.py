@@ -115,7 +115,7 @@ def test_a_learned_method_runs_once_per_trained_controller(tmp_path):
     assert [c.seed for c in given.cells(144)[0]] == [None]
 
 
-def test_store_rebuild_reads_each_cell_once_and_sees_changed_files(tmp_path, monkeypatch):
+def test_store_rebuild_reads_each_cell_once_and_sees_changed_files(tmp_path, monkeypatch, capsys):
     """Rebuilding after every cell parses only new or changed cell files; a cell rewritten in place is seen."""
     store = ResultStore(tmp_path / "out")
     store.prepare()
@@ -138,6 +138,11 @@ def test_store_rebuild_reads_each_cell_once_and_sees_changed_files(tmp_path, mon
     assert export.main([str(tmp_path / "out"), "--samples-jsonl"]) == 0  # the file earlier versions kept, on demand
     with open(tmp_path / "out" / "samples.jsonl") as f:
         assert [json.loads(line) for line in f] == lines
+    (tmp_path / "out" / "cells" / "t__x__4__fp9.parquet").write_bytes(b"junk")  # a cell file that is none
+    assert export.main([str(tmp_path / "out"), "--samples-jsonl", str(tmp_path / "again.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "t__x__4__fp9.parquet is not a readable cell file" in err
+    assert not (tmp_path / "again.jsonl").exists() and not list(tmp_path.glob(".again*"))
 
 
 def test_cell_files_of_earlier_versions_are_converted_once_and_kept(tmp_path):

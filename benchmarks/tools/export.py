@@ -22,8 +22,8 @@ from pathlib import Path
 
 from lmms_eval.utils import sanitize_model_name
 
-from benchmarks.store import cell_meta, cell_samples, write_samples_jsonl
-from methods.cli import OneLineParser
+from benchmarks.store import atomic_write, cell_files, cell_meta, cell_samples, write_samples_jsonl
+from methods.cli import OneLineParser, first_line
 
 
 def lmms_eval_files(cell: Path) -> tuple[str, dict, list[dict]]:
@@ -31,8 +31,9 @@ def lmms_eval_files(cell: Path) -> tuple[str, dict, list[dict]]:
     (`sanitize_model_name` of the model path, as lmms-eval names it), the results JSON and the sample records,
     with our columns added (`run_bench` in the results: the cell's summary rows; in each sample every column of its
     record, and `score`, the primary metric, which lmms-eval's `--baseline` loader reads)."""
+    samples = cell_samples(cell)  # first: a file that is no cell is a ValueError naming it
     meta = cell_meta(cell)
-    rows, samples = meta["rows"], cell_samples(cell)
+    rows = meta["rows"]
     main = next((r for r in rows if r.get("primary") in (True, "True")), rows[0] if rows else {})
     task, method, budget = main.get("task"), main.get("method"), main.get("budget")
     args = f"pretrained={meta['model']},method={method},budget={budget}"
@@ -67,16 +68,16 @@ def write_lmms_eval(root: Path, out: Path) -> int:
     """Every cell of the results folder `root` as an lmms-eval run under `out`: `out/<cell>__<fingerprint>/<model>/
     <date>_results.json` and `<date>_samples_<task>.jsonl`, where `lmms_eval --output_path out/<cell>__<fingerprint>
     --log_samples` would have written them; one cell at a time. Returns how many cells."""
-    cells = sorted((Path(root) / "cells").glob("*.parquet"))
+    cells = cell_files(root)
     for cell in cells:
         model, results, records = lmms_eval_files(cell)
         task = next(iter(results["results"]))
         folder = Path(out) / cell.stem / model
         folder.mkdir(parents=True, exist_ok=True)
         stamp = str(results["date"] or "").replace("-", "").replace(":", "").replace("T", "_").rstrip("Z") or "0"
-        (folder / f"{stamp}_results.json").write_text(json.dumps(results, indent=2, default=str))
-        (folder / f"{stamp}_samples_{task}.jsonl").write_text("".join(json.dumps(r, default=str) + "\n"
-                                                                     for r in records))
+        atomic_write(folder / f"{stamp}_results.json", json.dumps(results, indent=2, default=str))
+        atomic_write(folder / f"{stamp}_samples_{task}.jsonl", "".join(json.dumps(r, default=str) + "\n"
+                                                                       for r in records))
     return len(cells)
 
 
@@ -89,15 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lmms-eval", type=Path, default=None, metavar="OUT",
                    help="write each cell as an lmms-eval run (results JSON and samples JSONL) under OUT")
     args = p.parse_args(argv)
-    if not sorted((args.folder / "cells").glob("*.parquet")):
+    if not cell_files(args.folder):
         p.error(f"{args.folder} holds no cells/*.parquet; give a folder run_bench.py wrote (its --output)")
     if args.samples_jsonl is None and args.lmms_eval is None:
         p.error("say what to write: --samples-jsonl and/or --lmms-eval OUT")
-    if args.samples_jsonl is not None:
-        out = Path(args.samples_jsonl) if args.samples_jsonl else args.folder / "samples.jsonl"
-        print(f"wrote {write_samples_jsonl(args.folder, out)} sample records to {out}")
-    if args.lmms_eval is not None:
-        print(f"wrote {write_lmms_eval(args.folder, args.lmms_eval)} cells as lmms-eval runs under {args.lmms_eval}")
+    try:
+        if args.samples_jsonl is not None:
+            out = Path(args.samples_jsonl) if args.samples_jsonl else args.folder / "samples.jsonl"
+            print(f"wrote {write_samples_jsonl(args.folder, out)} sample records to {out}")
+        if args.lmms_eval is not None:
+            print(f"wrote {write_lmms_eval(args.folder, args.lmms_eval)} cells as lmms-eval runs under "
+                  f"{args.lmms_eval}")
+    except ValueError as e:  # a cell file that cannot be read: nothing half-written of it
+        print(f"error: {first_line(e)}; move it aside or rerun its cell with run_bench.py", file=sys.stderr)
+        return 2
     return 0
 
 

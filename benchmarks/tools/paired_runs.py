@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from benchmarks.stats import paired_difference
-from benchmarks.store import cell_samples
+from benchmarks.store import cell_files, cell_samples
 
 # a learned method runs one cell per controller seed; a conversation task one per mode
 KEY = ("task", "method", "budget", "controller_seed", "conversation")
@@ -29,7 +29,7 @@ KEY = ("task", "method", "budget", "controller_seed", "conversation")
 def by_cell(folder: Path) -> dict[tuple, dict[int, dict]]:
     """{(task, method, budget, controller seed, conversation mode): {doc_id: record}} from a result folder's cells
     (the seed "" for a method without controllers, the mode "" on a single-question task)."""
-    files = sorted((folder / "cells").glob("*.parquet"))
+    files = cell_files(folder)
     if not files:
         raise SystemExit(f"error: {folder}: no cells/*.parquet there; give a folder run_bench.py wrote (its --output)")
     out: dict[tuple, dict[int, dict]] = {}

@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -245,7 +245,7 @@ def gpu(args: argparse.Namespace, out: RowsFile) -> bool:
     print(f"built {args.model_config} at {vision_depth(config)} vision / "
           f"{config.text_config.num_hidden_layers} LLM layers, {args.dtype} on "
           f"{machine()} in {time.perf_counter() - t0:.0f} s")
-    inputs = [x.to(args.device) for x in Prompts(config, 16, prompts_for(args, config).grid).inputs(1, 0)]
+    inputs = [x.to(args.device) for x in replace(prompts_for(args, config), text_tokens=16).inputs(1, 0)]
     inputs[2] = inputs[2].to(model.dtype)  # the pixels
     ids = inputs[0]
     kw = dict(zip(("input_ids", "attention_mask", "pixel_values", "image_grid_thw"), inputs, strict=False))
